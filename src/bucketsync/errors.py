@@ -1,0 +1,64 @@
+"""The one error hierarchy.
+
+Every store translates its SDK's errors into these classes in one place, so the
+engine, the gate and the API reason about *what* went wrong, never about which
+backend raised it.
+"""
+
+from __future__ import annotations
+
+
+class BucketsyncError(Exception):
+    """Base of every error bucketsync raises on purpose."""
+
+
+class ConfigError(BucketsyncError):
+    """The configuration is invalid; the message names the field."""
+
+
+class LedgerLocked(BucketsyncError):
+    """Another agent holds the single-instance lock on this ledger."""
+
+
+class OrderError(BucketsyncError):
+    """A listing or snapshot was not in ascending code-point order of key."""
+
+
+class InvalidKey(BucketsyncError, ValueError):
+    """A key that could escape its folder or is otherwise unusable."""
+
+
+class StorageError(BucketsyncError):
+    """Something went wrong talking to storage.
+
+    ``key`` names the object (relative to the driver prefix) when there is one.
+    Messages never carry credentials.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class NotFound(StorageError):
+    """The object (or the driver root, or the bucket) does not exist."""
+
+
+class AlreadyExists(StorageError):
+    """A create-only write found an object already there."""
+
+
+class PreconditionFailed(StorageError):
+    """An if-match write or delete found a different etag in storage."""
+
+
+class PermissionDenied(StorageError):
+    """The credentials may not do this."""
+
+
+class NotSupported(StorageError):
+    """The provider cannot do this (for example a conditional write)."""
+
+
+class Transient(StorageError):
+    """A retryable failure: throttling, 5xx, timeouts, connection resets."""

@@ -1,0 +1,91 @@
+"""Plain records shared by stores, the diff, the ledger and the gate."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object as a listing (or head, or put) reports it.
+
+    ``key`` is relative to the driver's prefix. ``modified`` is POSIX seconds (UTC)
+    as a float: cheap to compare and store, converted to ISO 8601 only at the edges.
+    ``etag`` is normalised (no quotes); ``version`` is the S3/Azure version id or
+    the GCS generation, when the provider has one.
+    """
+
+    key: str
+    size: int
+    modified: float
+    etag: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutMode:
+    """How a put treats an object that may already be there.
+
+    ``OVERWRITE`` replaces anything; ``CREATE`` fails with ``AlreadyExists`` when
+    the key exists; ``PutMode.matching(etag)`` fails with ``PreconditionFailed``
+    unless the stored etag is ``etag``.
+    """
+
+    create: bool = False
+    if_match: str | None = None
+
+    @classmethod
+    def matching(cls, etag: str) -> PutMode:
+        return cls(if_match=etag)
+
+    def __post_init__(self) -> None:
+        if self.create and self.if_match is not None:
+            raise ValueError("a put is create-only or if-match, not both")
+
+
+OVERWRITE = PutMode()
+CREATE = PutMode(create=True)
+
+
+class ItemState(enum.StrEnum):
+    LIVE = "live"
+    TOMBSTONE = "tombstone"
+
+
+@dataclass(frozen=True, slots=True)
+class Indexed:
+    """One row of a dataset's ledger snapshot: what was last seen under a key."""
+
+    id: int
+    key: str
+    size: int
+    modified: float
+    etag: str | None
+    version: str | None
+    state: ItemState
+
+
+class ChangeKind(enum.StrEnum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    REMOVED = "removed"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One step of the diff. ``new`` is None for removals, ``old`` for additions."""
+
+    kind: ChangeKind
+    key: str
+    new: ObjectInfo | None
+    old: Indexed | None
+
+
+def iso(ts: float | None) -> str | None:
+    """POSIX seconds -> ISO 8601 UTC, for JSON and humans."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,86 @@
+"""The Store protocol and the registry from URL scheme to store.
+
+A store is bound to one driver location (bucket + prefix, or folder). Every key it
+takes or yields is relative to that prefix. ``list`` yields indexable objects only
+(see ``keys.indexable``) in ascending code-point order of key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from bucketsync.model import OVERWRITE, ObjectInfo, PutMode
+
+if TYPE_CHECKING:
+    from bucketsync.config import DriverConfig, Settings
+
+
+@runtime_checkable
+class Store(Protocol):
+    #: the driver URL, for messages and logs (never carries credentials)
+    url: str
+    #: whether ``put`` honours ``PutMode.matching`` / ``delete(if_match=...)`` natively
+    conditional_writes: bool
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every indexable object whose key starts with ``prefix``, ascending.
+
+        Raises ``NotFound`` when the driver root (bucket, container, folder) does
+        not exist: an absent root is an error, never an empty listing.
+        """
+        ...
+
+    async def head(self, key: str) -> ObjectInfo:
+        """The object's info, or ``NotFound``."""
+        ...
+
+    def open(self, key: str) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks; ``NotFound`` on the first iteration."""
+        ...
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        mode: PutMode = OVERWRITE,
+        content_type: str | None = None,
+    ) -> ObjectInfo:
+        """Write the object; return what storage now has (etag as ``list`` reports it)."""
+        ...
+
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        """Delete the object. Idempotent: a missing key is not an error."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# scheme -> "module:function"; cloud SDKs are imported only when a driver needs them.
+_FACTORIES = {
+    "mem": "bucketsync.stores.memory:open_memory",
+    "file": "bucketsync.stores.local:open_local",
+    "s3": "bucketsync.stores.s3:open_s3",
+    "gs": "bucketsync.stores.gcs:open_gcs",
+    "az": "bucketsync.stores.azure:open_azure",
+}
+
+
+def open_store(driver: DriverConfig, settings: Settings) -> Store:
+    """Build the store for ``driver``; the integration (credentials) comes from ``settings``."""
+    loc = driver.location
+    module, _, func = _FACTORIES[loc.scheme].partition(":")
+    factory = getattr(importlib.import_module(module), func)
+    integration = settings.integrations.get(driver.integration) if driver.integration else None
+    store: Store = factory(loc, driver, integration)
+    return store
+
+
+async def read_all(store: Store, key: str) -> bytes:
+    """Convenience for tests and small files: the whole object as bytes."""
+    return b"".join([chunk async for chunk in store.open(key)])
+
+
+async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -1,0 +1,123 @@
+"""In-memory store: a sorted key list plus a dict, etags from a counter.
+
+For fast unit tests and benchmarks; never a stand-in for the emulator tests.
+Stores are shared per name within a process, so ``mem://x`` means one store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+
+from bucketsync.errors import AlreadyExists, NotFound, PreconditionFailed
+from bucketsync.keys import indexable
+from bucketsync.location import Location
+from bucketsync.model import OVERWRITE, ObjectInfo, PutMode
+
+_BUCKETS: dict[str, _Bucket] = {}
+
+
+class _Bucket:
+    def __init__(self) -> None:
+        self.keys: list[str] = []  # sorted, code-point order
+        self.objects: dict[str, tuple[ObjectInfo, bytes]] = {}
+        self.counter = 0
+
+    def next_etag(self) -> str:
+        self.counter += 1
+        return f"{self.counter:x}"
+
+
+class MemoryStore:
+    conditional_writes = True
+
+    def __init__(self, name: str, prefix: str = "") -> None:
+        self.url = f"mem://{name}/{prefix}"
+        self.prefix = prefix
+        self._b = _BUCKETS.setdefault(name, _Bucket())
+
+    @classmethod
+    def drop(cls, name: str) -> None:
+        """Forget a named store (tests)."""
+        _BUCKETS.pop(name, None)
+
+    def load(self, items: Iterable[tuple[str, bytes, float]]) -> int:
+        """Bulk-add ``(key, data, modified)`` without per-put sorting; for benchmarks."""
+        b = self._b
+        n = 0
+        for key, data, modified in items:
+            full = self.prefix + key
+            b.objects[full] = (ObjectInfo(key, len(data), modified, b.next_etag()), data)
+            n += 1
+        b.keys = sorted(b.objects)
+        return n
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        b = self._b
+        full = self.prefix + prefix
+        lo = bisect.bisect_left(b.keys, full)
+        hi = bisect.bisect_left(b.keys, full + "\U0010ffff") if full else len(b.keys)
+        plen = len(self.prefix)
+        for n, k in enumerate(b.keys[lo:hi]):  # a copy: puts during the listing are safe
+            if n % 4096 == 4095:
+                await asyncio.sleep(0)
+            entry = b.objects.get(k)
+            if entry is not None and indexable(k[plen:]):
+                yield entry[0]
+
+    async def head(self, key: str) -> ObjectInfo:
+        entry = self._b.objects.get(self.prefix + key)
+        if entry is None:
+            raise NotFound(f"{self.url}{key} not found", key=key)
+        return entry[0]
+
+    async def open(self, key: str) -> AsyncIterator[bytes]:
+        entry = self._b.objects.get(self.prefix + key)
+        if entry is None:
+            raise NotFound(f"{self.url}{key} not found", key=key)
+        data = entry[1]
+        for i in range(0, len(data), 1 << 20):
+            yield data[i : i + (1 << 20)]
+        if not data:
+            yield b""
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        mode: PutMode = OVERWRITE,
+        content_type: str | None = None,
+    ) -> ObjectInfo:
+        data = b"".join([c async for c in chunks])
+        b = self._b
+        full = self.prefix + key
+        current = b.objects.get(full)
+        if mode.create and current is not None:
+            raise AlreadyExists(f"{self.url}{key} already exists", key=key)
+        if mode.if_match is not None and (current is None or current[0].etag != mode.if_match):
+            raise PreconditionFailed(f"{self.url}{key} changed in storage (etag mismatch)", key=key)
+        info = ObjectInfo(key, len(data), time.time(), b.next_etag())
+        if current is None:
+            bisect.insort(b.keys, full)
+        b.objects[full] = (info, data)
+        return info
+
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        b = self._b
+        full = self.prefix + key
+        current = b.objects.get(full)
+        if current is None:
+            return
+        if if_match is not None and current[0].etag != if_match:
+            raise PreconditionFailed(f"{self.url}{key} changed in storage (etag mismatch)", key=key)
+        del b.objects[full]
+        del b.keys[bisect.bisect_left(b.keys, full)]
+
+    async def aclose(self) -> None:
+        return None
+
+
+def open_memory(loc: Location, driver: object, integration: object) -> MemoryStore:
+    return MemoryStore(loc.bucket, loc.prefix)
