@@ -89,3 +89,18 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def normalize_etag(raw: str | None) -> str | None:
+    """The one place ETags are normalised: no surrounding quotes, no weak ``W/`` marker.
+
+    Azure lists ETags unquoted but returns them quoted elsewhere; S3 quotes them
+    everywhere, and ``copy_object`` on some servers does not. Multipart S3 ETags
+    (``md5-N``) are kept as they are: they identify a version, they are not MD5s.
+    """
+    if raw is None:
+        return None
+    etag = raw.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"') or None
