@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,87 @@ class Change:
     key: str
     new: ObjectInfo | None
     old: Indexed | None
+
+
+@dataclass(slots=True)
+class Counts:
+    """What a run did; the live progress of a running one."""
+
+    listed: int = 0
+    added: int = 0
+    modified: int = 0
+    removed: int = 0
+    renamed: int = 0
+    unchanged: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: int
+    dataset: str
+    started: float
+    ended: float | None
+    status: RunStatus
+    counts: Counts
+    error: str | None
+    forced: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "dataset": self.dataset,
+            "status": str(self.status),
+            "started": iso(self.started),
+            "ended": iso(self.ended),
+            **self.counts.as_dict(),
+            "error": self.error,
+            "forced": self.forced,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """An item as the ledger holds it, for the CLI and the API."""
+
+    id: int
+    key: str
+    size: int
+    modified: float
+    etag: str | None
+    version: str | None
+    state: ItemState
+    content_type: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    updated: float | None = None
+
+    def as_json(self, full: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "key": self.key,
+            "size": self.size,
+            "etag": self.etag,
+            "modified": iso(self.modified),
+            "state": str(self.state),
+        }
+        if full:
+            out |= {
+                "version": self.version,
+                "content_type": self.content_type,
+                "metadata": self.meta,
+                "updated": iso(self.updated),
+            }
+        return out
 
 
 def iso(ts: float | None) -> str | None:

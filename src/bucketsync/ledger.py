@@ -1,0 +1,431 @@
+"""The ledger: datasets, items and runs in one SQLite file (aiosqlite).
+
+Durability (invariant 8): WAL, ``synchronous=FULL``, one transaction per batch.
+Item ids are stable (a rename updates the key of the same row). Reads that stream
+a whole dataset use their own read-only connection, so the snapshot a run diffs
+against is a consistent view while the same run writes through the main one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bucketsync.errors import LedgerLocked
+from bucketsync.model import Counts, Indexed, Item, ItemState, ObjectInfo, RunRecord, RunStatus
+
+SNAPSHOT_BATCH = 8192
+
+# Append-only: each entry moves the schema one version forward (PRAGMA user_version).
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE datasets (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL
+    );
+    CREATE TABLE items (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        key TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        modified REAL NOT NULL,
+        etag TEXT,
+        version TEXT,
+        state TEXT NOT NULL DEFAULT 'live',
+        content_type TEXT,
+        meta TEXT,
+        first_run INTEGER,
+        updated REAL NOT NULL,
+        UNIQUE (dataset_id, key)
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        started REAL NOT NULL,
+        ended REAL,
+        status TEXT NOT NULL,
+        forced INTEGER NOT NULL DEFAULT 0,
+        listed INTEGER NOT NULL DEFAULT 0,
+        added INTEGER NOT NULL DEFAULT 0,
+        modified INTEGER NOT NULL DEFAULT 0,
+        removed INTEGER NOT NULL DEFAULT 0,
+        renamed INTEGER NOT NULL DEFAULT 0,
+        unchanged INTEGER NOT NULL DEFAULT 0,
+        errors INTEGER NOT NULL DEFAULT 0,
+        error TEXT
+    );
+    CREATE INDEX runs_by_dataset ON runs (dataset_id, id);
+    """,
+]
+
+_ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
+_RUN_COLS = (
+    "r.id, d.name, r.started, r.ended, r.status, r.listed, r.added, r.modified, r.removed, "
+    "r.renamed, r.unchanged, r.errors, r.error, r.forced"
+)
+
+
+def _item(row: Sequence[Any]) -> Item:
+    return Item(
+        id=row[0],
+        key=row[1],
+        size=row[2],
+        modified=row[3],
+        etag=row[4],
+        version=row[5],
+        state=ItemState(row[6]),
+        content_type=row[7],
+        meta=json.loads(row[8]) if row[8] else {},
+        updated=row[9],
+    )
+
+
+def _run(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        id=row[0],
+        dataset=row[1],
+        started=row[2],
+        ended=row[3],
+        status=RunStatus(row[4]),
+        counts=Counts(*row[5:12]),
+        error=row[12],
+        forced=bool(row[13]),
+    )
+
+
+class InstanceLock:
+    """One agent per ledger (invariant 10): an exclusive ``flock`` on ``LEDGER.lock``.
+
+    The kernel drops the lock when the process dies, even by ``kill -9``, so a
+    crash never leaves a stale lock behind.
+    """
+
+    def __init__(self, ledger: Path) -> None:
+        self.path = Path(f"{ledger}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LedgerLocked(
+                f"another bucketsync agent (pid {holder}) is using the ledger {self.path.with_suffix('')}; "
+                "stop it first, or talk to it through its HTTP API"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def held_by_other(self) -> bool:
+        """True when another process holds the lock (used to route the CLI to the daemon)."""
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+class Ledger:
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path, *, readonly: bool = False) -> Ledger:
+        if readonly:
+            if not path.exists():
+                raise FileNotFoundError(f"ledger {path} does not exist yet (run a sync first)")
+            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, isolation_level=None)
+            await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=10000")
+        ledger = cls(db, path)
+        if not readonly:
+            await ledger._migrate()
+        return ledger
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"ledger {self.path} has schema version {version}, newer than this bucketsync "
+                f"({len(MIGRATIONS)}); upgrade bucketsync"
+            )
+        for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first; the version bump is part of the script's transaction.
+            await self.db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={n}; COMMIT;")
+
+    # -- datasets ---------------------------------------------------------
+
+    async def dataset_id(self, name: str) -> int:
+        async with self.db.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        if row:
+            return int(row[0])
+        await self.db.execute(
+            "INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time())
+        )
+        return await self.dataset_id(name)
+
+    async def find_dataset(self, name: str) -> int | None:
+        async with self.db.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else None
+
+    async def counts_by_state(self, dataset_id: int) -> dict[str, int]:
+        out = {str(s): 0 for s in ItemState}
+        async with self.db.execute(
+            "SELECT state, count(*) FROM items WHERE dataset_id = ? GROUP BY state", (dataset_id,)
+        ) as cur:
+            async for state, n in cur:
+                out[state] = n
+        return out
+
+    async def live_count(self, dataset_id: int) -> int:
+        async with self.db.execute(
+            "SELECT count(*) FROM items WHERE dataset_id = ? AND state = 'live'", (dataset_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- the snapshot a run diffs against -----------------------------------
+
+    async def snapshot(self, dataset_id: int) -> AsyncIterator[Indexed]:
+        """Every item of the dataset (live and tombstoned), ascending by key.
+
+        A separate read-only connection holds one read transaction for the whole
+        walk: the run's own writes (committed meanwhile) cannot shift the cursor.
+        """
+        reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            await reader.execute("BEGIN")
+            async with reader.execute(
+                "SELECT id, key, size, modified, etag, version, state FROM items "
+                "WHERE dataset_id = ? ORDER BY key",
+                (dataset_id,),
+            ) as cur:
+                while rows := await cur.fetchmany(SNAPSHOT_BATCH):
+                    for r in rows:
+                        yield Indexed(*r)
+        finally:
+            await reader.close()
+
+    # -- runs ---------------------------------------------------------------
+
+    async def begin_run(self, dataset_id: int, forced: bool) -> int:
+        cur = await self.db.execute(
+            "INSERT INTO runs (dataset_id, started, status, forced) VALUES (?, ?, 'running', ?)",
+            (dataset_id, time.time(), int(forced)),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def finish_run(self, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
+        await self.db.execute(
+            "UPDATE runs SET ended = ?, status = ?, listed = ?, added = ?, modified = ?, removed = ?, "
+            "renamed = ?, unchanged = ?, errors = ?, error = ? WHERE id = ?",
+            (
+                time.time(),
+                str(status),
+                counts.listed,
+                counts.added,
+                counts.modified,
+                counts.removed,
+                counts.renamed,
+                counts.unchanged,
+                counts.errors,
+                error,
+                run_id,
+            ),
+        )
+
+    async def fail_stale_runs(self) -> int:
+        """Runs left 'running' by a crash are failed on start-up; their batches stay committed."""
+        cur = await self.db.execute(
+            "UPDATE runs SET status = 'failed', ended = ?, error = 'the agent stopped during this run' "
+            "WHERE status = 'running'",
+            (time.time(),),
+        )
+        return cur.rowcount
+
+    async def runs(self, dataset_id: int, limit: int = 20) -> list[RunRecord]:
+        async with self.db.execute(
+            f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
+            "WHERE r.dataset_id = ? ORDER BY r.id DESC LIMIT ?",
+            (dataset_id, limit),
+        ) as cur:
+            return [_run(r) for r in await cur.fetchall()]
+
+    async def run(self, run_id: int) -> RunRecord | None:
+        async with self.db.execute(
+            f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id WHERE r.id = ?", (run_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return _run(row) if row else None
+
+    async def last_ok_run(self, dataset_id: int) -> RunRecord | None:
+        async with self.db.execute(
+            f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
+            "WHERE r.dataset_id = ? AND r.status = 'ok' ORDER BY r.id DESC LIMIT 1",
+            (dataset_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return _run(row) if row else None
+
+    # -- writes from a run (one transaction per batch) ------------------------
+
+    async def write_batch(
+        self,
+        dataset_id: int,
+        run_id: int,
+        adds: Sequence[ObjectInfo],
+        updates: Sequence[tuple[int, ObjectInfo]],
+        counts: Counts,
+    ) -> None:
+        """Insert new items and update changed ones, with the run's progress, atomically."""
+        now = time.time()
+        async with self._transaction():
+            if adds:
+                await self.db.executemany(
+                    "INSERT INTO items (dataset_id, key, size, modified, etag, version, first_run, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(dataset_id, o.key, o.size, o.modified, o.etag, o.version, run_id, now) for o in adds],
+                )
+            if updates:
+                await self.db.executemany(
+                    "UPDATE items SET size = ?, modified = ?, etag = ?, version = ?, updated = ? WHERE id = ?",
+                    [(o.size, o.modified, o.etag, o.version, now, item_id) for item_id, o in updates],
+                )
+            await self._progress(run_id, counts)
+
+    async def added_in_run(self, dataset_id: int, run_id: int) -> list[tuple[int, str, str | None, int]]:
+        """(id, key, etag, size) of the items this run inserted: rename candidates."""
+        async with self.db.execute(
+            "SELECT id, key, etag, size FROM items WHERE dataset_id = ? AND first_run = ? AND state = 'live'",
+            (dataset_id, run_id),
+        ) as cur:
+            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+
+    async def rename(self, run_id: int, pairs: Iterable[tuple[int, int, str]], counts: Counts) -> None:
+        """Each (old_id, new_id, new_key): the old row takes the new key and the fresh row's
+        info, and the fresh row goes, so the item keeps its id and user metadata."""
+        now = time.time()
+        async with self._transaction():
+            for old_id, new_id, _key in pairs:
+                async with self.db.execute(
+                    "SELECT key, size, modified, etag, version FROM items WHERE id = ?", (new_id,)
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    continue
+                await self.db.execute("DELETE FROM items WHERE id = ?", (new_id,))
+                await self.db.execute(
+                    "UPDATE items SET key = ?, size = ?, modified = ?, etag = ?, version = ?, updated = ? "
+                    "WHERE id = ?",
+                    (*row, now, old_id),
+                )
+            await self._progress(run_id, counts)
+
+    async def remove(self, run_id: int | None, ids: Sequence[int], counts: Counts | None = None) -> None:
+        async with self._transaction():
+            await self.db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in ids])
+            if run_id is not None and counts is not None:
+                await self._progress(run_id, counts)
+
+    async def _progress(self, run_id: int, c: Counts) -> None:
+        await self.db.execute(
+            "UPDATE runs SET listed = ?, added = ?, modified = ?, removed = ?, renamed = ?, unchanged = ?, "
+            "errors = ? WHERE id = ?",
+            (c.listed, c.added, c.modified, c.removed, c.renamed, c.unchanged, c.errors, run_id),
+        )
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self.db)
+
+    # -- reads for the CLI and API ------------------------------------------
+
+    async def items(
+        self,
+        dataset_id: int,
+        *,
+        prefix: str = "",
+        after: str | None = None,
+        limit: int | None = None,
+        state: ItemState | None = ItemState.LIVE,
+    ) -> list[Item]:
+        sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?"
+        args: list[Any] = [dataset_id]
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(str(state))
+        if prefix:
+            # A range scan on the (dataset_id, key) index; LIKE would not use it.
+            sql += " AND key >= ? AND key < ?"
+            args += [prefix, prefix + "\U0010ffff"]
+        if after is not None:
+            sql += " AND key > ?"
+            args.append(after)
+        sql += " ORDER BY key"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        async with self.db.execute(sql, args) as cur:
+            return [_item(r) for r in await cur.fetchall()]
+
+    async def iter_items(self, dataset_id: int, prefix: str = "", page: int = 5000) -> AsyncIterator[Item]:
+        after: str | None = None
+        while batch := await self.items(dataset_id, prefix=prefix, after=after, limit=page):
+            for item in batch:
+                yield item
+            after = batch[-1].key
+
+
+class _Tx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error (cancellation included)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def __aenter__(self) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            await self.db.execute("COMMIT")
+        else:
+            try:
+                await self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass

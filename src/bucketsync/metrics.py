@@ -1,0 +1,69 @@
+"""Prometheus metrics, on one registry served at ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from bucketsync.model import Counts
+
+REGISTRY = CollectorRegistry()
+
+RUNS = Counter("bucketsync_runs_total", "Upstream sync runs, by dataset and status.", ["dataset", "status"], registry=REGISTRY)
+ITEMS = Counter(
+    "bucketsync_items_total",
+    "Items seen by upstream runs, by dataset and what happened (listed, added, modified, removed, renamed).",
+    ["dataset", "change"],
+    registry=REGISTRY,
+)
+RUN_SECONDS = Histogram(
+    "bucketsync_run_duration_seconds",
+    "Wall time of upstream sync runs.",
+    ["dataset"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
+LAST_SUCCESS = Gauge(
+    "bucketsync_last_success_timestamp_seconds",
+    "When the dataset's last successful run ended (POSIX seconds).",
+    ["dataset"],
+    registry=REGISTRY,
+)
+DATASET_ITEMS = Gauge(
+    "bucketsync_dataset_items", "Items in the ledger, by dataset and state.", ["dataset", "state"], registry=REGISTRY
+)
+GUARD_ABORTS = Counter(
+    "bucketsync_guard_aborts_total",
+    "Runs stopped by the mass-delete guard, by dataset and reason.",
+    ["dataset", "reason"],
+    registry=REGISTRY,
+)
+RUN_ERRORS = Counter(
+    "bucketsync_run_errors_total", "Errors met by upstream runs (failed listings).", ["dataset"], registry=REGISTRY
+)
+LOOP_ERRORS = Counter(
+    "bucketsync_loop_errors_total", "Unexpected errors in a dataset's sync loop.", ["dataset"], registry=REGISTRY
+)
+
+
+def record_run(dataset: str, status: str, counts: Counts, seconds: float) -> None:
+    RUNS.labels(dataset, status).inc()
+    RUN_SECONDS.labels(dataset).observe(seconds)
+    for change in ("listed", "added", "modified", "removed", "renamed"):
+        if n := getattr(counts, change):
+            ITEMS.labels(dataset, change).inc(n)
+    if counts.errors:
+        RUN_ERRORS.labels(dataset).inc(counts.errors)
+    if status == "ok":
+        LAST_SUCCESS.labels(dataset).set(time.time())
+
+
+def set_dataset_items(dataset: str, by_state: dict[str, int]) -> None:
+    for state, n in by_state.items():
+        DATASET_ITEMS.labels(dataset, state).set(n)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

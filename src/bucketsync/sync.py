@@ -1,0 +1,283 @@
+"""Upstream sync: one ``SyncLoop`` per dataset.
+
+A run lists the store, diffs it against the ledger's snapshot, writes additions
+and modifications in batches as it goes, and holds removals until the listing is
+complete: only then are renames matched (same etag and size) and the remaining
+removals put through the guard. A failed listing therefore never removes anything
+(invariant 1), and a run past the mass-delete limits removes nothing (invariant 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from bucketsync import metrics
+from bucketsync.config import DatasetConfig
+from bucketsync.diff import diff
+from bucketsync.errors import BucketsyncError
+from bucketsync.gate import removal_guard
+from bucketsync.keys import KeyFilter
+from bucketsync.ledger import Ledger
+from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ObjectInfo, RunStatus
+from bucketsync.stores import Store
+
+log = structlog.get_logger("bucketsync.sync")
+
+BATCH = 5000
+LIVE = ItemState.LIVE
+
+
+class Interrupted(BucketsyncError):
+    """The agent is shutting down; the run stops after its current batch."""
+
+
+@dataclass(slots=True)
+class RunResult:
+    dataset: str
+    run: int | None
+    status: RunStatus
+    counts: Counts
+    error: str | None = None
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "dataset": self.dataset,
+            "run": self.run,
+            "status": str(self.status),
+            **self.counts.as_dict(),
+            "error": self.error,
+            "dry_run": self.dry_run,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What a run holds until its listing is complete."""
+
+    adds: list[ObjectInfo] = field(default_factory=list)
+    updates: list[tuple[int, ObjectInfo]] = field(default_factory=list)
+    removals: list[Indexed] = field(default_factory=list)  # live items missing from the listing
+    purges: list[int] = field(default_factory=list)  # tombstones whose object is gone
+    dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
+
+
+async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bool]) -> AsyncIterator[ObjectInfo]:
+    async for obj in listing:
+        if keep(obj.key):
+            yield obj
+
+
+class SyncLoop:
+    def __init__(self, name: str, config: DatasetConfig, store: Store, ledger: Ledger) -> None:
+        self.name = name
+        self.config = config
+        self.store = store
+        self.ledger = ledger
+        self.filter = KeyFilter(config.include, config.exclude)
+        #: live counts of the run in progress (the API and the CLI show them)
+        self.progress: Counts | None = None
+        self.current_run: int | None = None
+        self.next_run_at: float | None = None
+        self._lock = asyncio.Lock()  # one run at a time per dataset
+        self.wake = asyncio.Event()  # set to start a run now
+
+    async def run_once(
+        self, *, dry_run: bool = False, force: bool = False, stop: asyncio.Event | None = None
+    ) -> RunResult:
+        async with self._lock:
+            return await self._run(dry_run=dry_run, force=force, stop=stop)
+
+    async def _run(self, *, dry_run: bool, force: bool, stop: asyncio.Event | None) -> RunResult:
+        started = time.monotonic()
+        ds_id = await self.ledger.dataset_id(self.name)
+        live_before = await self.ledger.live_count(ds_id)
+        run_id = None if dry_run else await self.ledger.begin_run(ds_id, force)
+        counts = self.progress = Counts()
+        self.current_run = run_id
+        structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
+        log.info("run started", dry_run=dry_run, force=force, items=live_before)
+        pending = _Pending()
+        status, error = RunStatus.OK, None
+        try:
+            try:
+                await self._walk(ds_id, run_id, counts, pending, stop)
+                complete = True
+            except Exception as exc:  # any failure mid-listing: no removals (invariant 1)
+                complete, status, error = False, RunStatus.FAILED, _describe(exc)
+                counts.errors += 1
+            await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
+            if complete:
+                await self._match_renames(ds_id, run_id, counts, pending)
+                decision = removal_guard(
+                    removals=len(pending.removals),
+                    live_before=live_before,
+                    listing_complete=complete,
+                    max_delete_ratio=self.config.max_delete_ratio,
+                    max_delete_count=self.config.max_delete_count,
+                    force=force,
+                )
+                if decision.allowed:
+                    await self._remove(run_id, counts, pending)
+                else:
+                    status, error = RunStatus.ABORTED, decision.message
+                    metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
+        except BaseException as exc:  # cancelled or crashed mid-run: record it, then propagate
+            status, error = RunStatus.FAILED, _describe(exc) if isinstance(exc, Exception) else "cancelled"
+            raise
+        finally:
+            seconds = time.monotonic() - started
+            if run_id is not None:
+                await asyncio.shield(self.ledger.finish_run(run_id, counts, status, error))
+            self.progress = self.current_run = None
+            self._record(status, counts, seconds, dry_run, error)
+            structlog.contextvars.unbind_contextvars("dataset", "run")
+        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds)
+
+    async def _walk(
+        self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None
+    ) -> None:
+        listing = self.store.list()
+        if not self.filter.trivial:
+            listing = _filtered(listing, self.filter)
+        added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
+        async for ch in diff(listing, self.ledger.snapshot(ds_id)):
+            kind, new, old = ch.kind, ch.new, ch.old
+            if new is not None:
+                counts.listed += 1
+            if kind is added:
+                assert new is not None
+                counts.added += 1
+                p.adds.append(new)
+            elif old is not None and old.state != LIVE:
+                # A tombstone: upstream never brings it back (invariant 3). Keep its info
+                # current for a later restore; forget it once the object itself is gone.
+                if kind is modified and new is not None:
+                    p.updates.append((old.id, new))
+                elif kind is removed:
+                    p.purges.append(old.id)
+            elif kind is modified:
+                assert new is not None and old is not None
+                counts.modified += 1
+                p.updates.append((old.id, new))
+            elif kind is removed:
+                assert old is not None
+                p.removals.append(old)
+            else:
+                counts.unchanged += 1
+            if len(p.adds) + len(p.updates) >= BATCH:
+                await self._flush(ds_id, run_id, counts, p)
+                if stop is not None and stop.is_set():
+                    raise Interrupted("interrupted by shutdown; nothing was removed")
+                await asyncio.sleep(0)
+
+    async def _flush(self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending) -> None:
+        if not p.adds and not p.updates:
+            return
+        if run_id is None:  # dry run: remember the additions' signatures for rename matching
+            p.dry_adds.extend((o.etag, o.size, o.key) for o in p.adds)
+        else:
+            await self.ledger.write_batch(ds_id, run_id, p.adds, p.updates, counts)
+        p.adds.clear()
+        p.updates.clear()
+
+    async def _match_renames(self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending) -> None:
+        """A removed key and an added key with the same etag and size are one item, moved."""
+        if not p.removals or counts.added == 0:
+            return
+        by_sig: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
+        if run_id is None:
+            candidates = [(0, key, etag, size) for etag, size, key in p.dry_adds]
+        else:
+            candidates = await self.ledger.added_in_run(ds_id, run_id)
+        for new_id, key, etag, size in candidates:
+            if etag is not None:
+                by_sig[(etag, size)].append((new_id, key))
+        pairs: list[tuple[int, int, str]] = []
+        still_removed: list[Indexed] = []
+        for old in p.removals:
+            matches = by_sig.get((old.etag, old.size)) if old.etag is not None else None
+            if matches:
+                new_id, key = matches.pop(0)
+                pairs.append((old.id, new_id, key))
+            else:
+                still_removed.append(old)
+        if not pairs:
+            return
+        counts.renamed += len(pairs)
+        counts.added -= len(pairs)
+        p.removals = still_removed
+        if run_id is not None:
+            await self.ledger.rename(run_id, pairs, counts)
+        for old_id, _, key in pairs:
+            log.debug("renamed", item=old_id, key=key)
+
+    async def _remove(self, run_id: int | None, counts: Counts, p: _Pending) -> None:
+        ids = [o.id for o in p.removals]
+        counts.removed += len(ids)
+        if run_id is None:
+            return
+        for i in range(0, len(ids), BATCH):
+            await self.ledger.remove(run_id, ids[i : i + BATCH], counts)
+        if p.purges:
+            await self.ledger.remove(None, p.purges)
+
+    def _record(self, status: RunStatus, counts: Counts, seconds: float, dry_run: bool, error: str | None) -> None:
+        fields = counts.as_dict()
+        if status is RunStatus.OK:
+            log.info("run finished", status=str(status), seconds=round(seconds, 3), **fields)
+        else:
+            log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **fields)
+        if dry_run:
+            return
+        metrics.record_run(self.name, str(status), counts, seconds)
+
+    async def run(self, stop: asyncio.Event, on_error: Callable[[Exception], None] | None = None) -> None:
+        """Loop ``run_once`` until ``stop``: every ``interval`` (with jitter) for ``poll``
+        datasets, only when woken for ``manual`` ones. A failing run backs off and the
+        loop goes on; it never takes the other datasets down with it."""
+        failures = 0
+        while not stop.is_set():
+            if self.config.sync == "manual":
+                delay = None
+            elif failures:
+                delay = min(self.config.interval, 5.0 * 2 ** min(failures - 1, 8)) * random.uniform(0.8, 1.0)
+            else:
+                delay = self.config.interval * random.uniform(0.9, 1.1)
+            self.next_run_at = time.time() + delay if delay is not None else None
+            await _wait_any(stop, self.wake, delay)
+            self.wake.clear()
+            if stop.is_set():
+                break
+            try:
+                result = await self.run_once(stop=stop)
+                failures = failures + 1 if result.status is RunStatus.FAILED else 0
+            except Exception as exc:  # a bug or the ledger failing: log, count, back off, go on
+                failures += 1
+                metrics.LOOP_ERRORS.labels(self.name).inc()
+                log.exception("sync loop error", dataset=self.name)
+                if on_error is not None:
+                    on_error(exc)
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | None) -> None:
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, BucketsyncError) else f"{type(exc).__name__}: {text}"
