@@ -154,7 +154,7 @@ class DriverConfig(_Strict):
 
 class DatasetConfig(_Strict):
     driver: str
-    sync: Literal["poll", "events", "manual"] = "poll"
+    sync: Literal["poll", "manual"] = "poll"  # "events" comes with event sources
     interval: Duration = 60.0
     include: list[str] = []
     exclude: list[str] = []

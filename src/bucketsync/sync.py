@@ -91,19 +91,33 @@ class SyncLoop:
         self._lock = asyncio.Lock()  # one run at a time per dataset
         self.wake = asyncio.Event()  # set to start a run now
 
-    async def run_once(
-        self, *, dry_run: bool = False, force: bool = False, stop: asyncio.Event | None = None
-    ) -> RunResult:
-        async with self._lock:
-            return await self._run(dry_run=dry_run, force=force, stop=stop)
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
 
-    async def _run(self, *, dry_run: bool, force: bool, stop: asyncio.Event | None) -> RunResult:
-        started = time.monotonic()
+    async def run_once(
+        self,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        stop: asyncio.Event | None = None,
+        started: asyncio.Future[int | None] | None = None,
+    ) -> RunResult:
+        """One run. ``started`` (if given) gets the run id (None for a dry run) once it begins."""
+        async with self._lock:
+            return await self._run(dry_run=dry_run, force=force, stop=stop, started=started)
+
+    async def _run(
+        self, *, dry_run: bool, force: bool, stop: asyncio.Event | None, started: asyncio.Future[int | None] | None
+    ) -> RunResult:
+        t0 = time.monotonic()
         ds_id = await self.ledger.dataset_id(self.name)
         live_before = await self.ledger.live_count(ds_id)
         run_id = None if dry_run else await self.ledger.begin_run(ds_id, force)
         counts = self.progress = Counts()
         self.current_run = run_id
+        if started is not None and not started.done():
+            started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
         log.info("run started", dry_run=dry_run, force=force, items=live_before)
         pending = _Pending()
@@ -135,13 +149,17 @@ class SyncLoop:
             status, error = RunStatus.FAILED, _describe(exc) if isinstance(exc, Exception) else "cancelled"
             raise
         finally:
-            seconds = time.monotonic() - started
+            seconds = time.monotonic() - t0
             if run_id is not None:
-                await asyncio.shield(self.ledger.finish_run(run_id, counts, status, error))
+                await asyncio.shield(self._finish(ds_id, run_id, counts, status, error))
             self.progress = self.current_run = None
             self._record(status, counts, seconds, dry_run, error)
             structlog.contextvars.unbind_contextvars("dataset", "run")
         return RunResult(self.name, run_id, status, counts, error, dry_run, seconds)
+
+    async def _finish(self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
+        await self.ledger.finish_run(run_id, counts, status, error)
+        metrics.set_dataset_items(self.name, await self.ledger.counts_by_state(ds_id))
 
     async def _walk(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None

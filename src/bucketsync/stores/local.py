@@ -149,7 +149,7 @@ class LocalStore:
             st = os.stat(self._path(key))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return _etag(st)
+        return _etag(st) if stat.S_ISREG(st.st_mode) else None  # a folder is no object
 
     async def put(
         self,

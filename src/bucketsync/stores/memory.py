@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
@@ -17,6 +18,17 @@ from bucketsync.location import Location
 from bucketsync.model import OVERWRITE, ObjectInfo, PutMode
 
 _BUCKETS: dict[str, _Bucket] = {}
+
+
+def _after(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``; None when there is none."""
+    head = prefix.rstrip("\U0010ffff")
+    return head[:-1] + chr(ord(head[-1]) + 1) if head else None
+
+
+def _rekey(info: ObjectInfo, key: str) -> ObjectInfo:
+    """``info`` with ``key`` relative to this store's prefix (another prefix's store may have written it)."""
+    return info if info.key == key else dataclasses.replace(info, key=key)
 
 
 class _Bucket:
@@ -58,20 +70,21 @@ class MemoryStore:
         b = self._b
         full = self.prefix + prefix
         lo = bisect.bisect_left(b.keys, full)
-        hi = bisect.bisect_left(b.keys, full + "\U0010ffff") if full else len(b.keys)
+        after = _after(full)
+        hi = bisect.bisect_left(b.keys, after) if after is not None else len(b.keys)
         plen = len(self.prefix)
         for n, k in enumerate(b.keys[lo:hi]):  # a copy: puts during the listing are safe
             if n % 4096 == 4095:
                 await asyncio.sleep(0)
             entry = b.objects.get(k)
             if entry is not None and indexable(k[plen:]):
-                yield entry[0]
+                yield _rekey(entry[0], k[plen:])
 
     async def head(self, key: str) -> ObjectInfo:
         entry = self._b.objects.get(self.prefix + key)
         if entry is None:
             raise NotFound(f"{self.url}{key} not found", key=key)
-        return entry[0]
+        return _rekey(entry[0], key)
 
     async def open(self, key: str) -> AsyncIterator[bytes]:
         entry = self._b.objects.get(self.prefix + key)

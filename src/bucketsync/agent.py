@@ -1,0 +1,106 @@
+"""The agent: the single-instance lock, the ledger, one store per driver, one loop per dataset.
+
+The daemon (``bucketsync run``) and the CLI's in-process commands share it, so a
+one-off ``bucketsync sync`` does exactly what the daemon's loop does.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from bucketsync import metrics
+from bucketsync.config import Settings
+from bucketsync.errors import ConfigError
+from bucketsync.ledger import InstanceLock, Ledger
+from bucketsync.model import ItemState, iso
+from bucketsync.stores import Store, open_store
+from bucketsync.sync import SyncLoop
+
+log = structlog.get_logger("bucketsync.agent")
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lock = InstanceLock(settings.agent.ledger)
+        self.ledger: Ledger | None = None
+        self.stores: dict[str, Store] = {}
+        self.loops: dict[str, SyncLoop] = {}
+        #: dataset -> why it is not ready (failed permission probe, ...); absent when ready
+        self.not_ready: dict[str, str] = {}
+
+    async def __aenter__(self) -> Agent:
+        self.lock.acquire()
+        try:
+            self.ledger = await Ledger.open(self.settings.agent.ledger)
+            if n := await self.ledger.fail_stale_runs():
+                log.warning("marked runs left running by a previous agent as failed", runs=n)
+            for name, driver in self.settings.drivers.items():
+                self.stores[name] = open_store(driver, self.settings)
+            for name, ds in self.settings.datasets.items():
+                self.loops[name] = SyncLoop(name, ds, self.stores[ds.driver], self.ledger)
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        for store in self.stores.values():
+            try:
+                await store.aclose()
+            except Exception:
+                log.exception("closing a store failed", store=store.url)
+        if self.ledger is not None:
+            await self.ledger.close()
+        self.lock.release()
+
+    def loop(self, dataset: str) -> SyncLoop:
+        try:
+            return self.loops[dataset]
+        except KeyError:
+            self.settings.dataset(dataset)  # raises ConfigError naming the known datasets
+            raise ConfigError(f"no dataset named {dataset!r}") from None
+
+    async def refresh_item_gauges(self, dataset: str) -> None:
+        assert self.ledger is not None
+        ds_id = await self.ledger.dataset_id(dataset)
+        metrics.set_dataset_items(dataset, await self.ledger.counts_by_state(ds_id))
+
+
+async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, loop: SyncLoop | None) -> dict[str, Any]:
+    """One dataset's status: the same shape for ``bucketsync status --json`` and ``GET /datasets``."""
+    ds = settings.datasets[name]
+    driver = settings.drivers[ds.driver]
+    items = {str(s): 0 for s in ItemState}
+    last = None
+    if ledger is not None and (ds_id := await ledger.find_dataset(name)) is not None:
+        items = await ledger.counts_by_state(ds_id)
+        runs = await ledger.runs(ds_id, limit=1)
+        last = runs[0].as_json() if runs else None
+    out: dict[str, Any] = {
+        "dataset": name,
+        "driver": ds.driver,
+        "url": driver.url,
+        "sync": ds.sync,
+        "interval": ds.interval,
+        "read_only": ds.read_only,
+        "allow_delete": driver.allow_delete,
+        "items": items,
+        "last_run": last,
+        "next_run": None,
+        "running": None,
+    }
+    if loop is not None:
+        out["next_run"] = iso(loop.next_run_at) if loop.next_run_at and loop.next_run_at > time.time() else None
+        if loop.progress is not None:
+            out["running"] = {"run": loop.current_run, **loop.progress.as_dict()}
+    return out

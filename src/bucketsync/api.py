@@ -1,0 +1,282 @@
+"""The HTTP server: ``/metrics``, ``/healthz``, ``/readyz`` and the JSON API under ``/api/v1``.
+
+Errors are ``{"error": {"code", "message"}}`` with a status that says what kind of
+wrong it is. Every ``/api/`` route wants ``Authorization: Bearer TOKEN`` when a
+token is configured (compared in constant time); the health and metrics routes
+stay open for probes and scrapers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from bucketsync import metrics
+from bucketsync.agent import Agent, dataset_status
+from bucketsync.errors import (
+    AlreadyExists,
+    BucketsyncError,
+    ConfigError,
+    InvalidKey,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
+from bucketsync.model import ItemState
+
+log = structlog.get_logger("bucketsync.api")
+AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
+STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
+TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+# The one mapping from our error hierarchy to HTTP.
+_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidKey, 400, "invalid_key"),
+    (ConfigError, 404, "not_found"),
+    (NotFound, 404, "not_found"),
+    (AlreadyExists, 409, "already_exists"),
+    (PreconditionFailed, 412, "precondition_failed"),
+    (PermissionDenied, 502, "storage_permission_denied"),
+    (Transient, 503, "storage_unavailable"),
+    (StorageError, 502, "storage_error"),
+]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except BucketsyncError as exc:
+        for cls, status, code in _STATUS:
+            if isinstance(exc, cls):
+                return error_response(status, code, str(exc))
+        return error_response(500, "internal", str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/api/"):
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+        raise
+    except Exception:
+        log.exception("request failed", method=request.method, path=request.path)
+        return error_response(500, "internal", "internal error; see the agent's log")
+
+
+def auth_middleware(token: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path.startswith("/api/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(401, "unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    return check
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _agent(request: web.Request) -> Agent:
+    return request.app[AGENT]
+
+
+def _dataset(request: web.Request) -> str:
+    name = request.match_info["ds"]
+    _agent(request).settings.dataset(name)  # ConfigError -> 404 naming the known datasets
+    return name
+
+
+def _bool(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no", ""):
+        return False
+    raise ApiError(400, "invalid_parameter", f"query parameter {name!r} must be true or false, not {raw!r}")
+
+
+def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", f"query parameter {name!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, "invalid_parameter", f"query parameter {name!r} must be between {lo} and {hi}")
+    return value
+
+
+def encode_cursor(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "invalid_parameter", "cursor is not one this API handed out") from None
+
+
+async def _ledger_ds(request: web.Request, name: str) -> int:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    return await ledger.dataset_id(name)
+
+
+# -- health and metrics ----------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    if agent.not_ready:
+        return web.json_response({"status": "not ready", "datasets": agent.not_ready}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    resp = web.Response(body=metrics.render())
+    resp.content_type = "text/plain"
+    resp.charset = "utf-8"
+    resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    return resp
+
+
+# -- datasets, items, runs ---------------------------------------------------------
+
+
+async def list_datasets(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    out = []
+    for name in agent.settings.datasets:
+        status = await dataset_status(agent.settings, agent.ledger, name, agent.loops.get(name))
+        status["ready"] = name not in agent.not_ready
+        status["not_ready_reason"] = agent.not_ready.get(name)
+        out.append(status)
+    return web.json_response({"datasets": out})
+
+
+async def list_items(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    limit = _int(request, "limit", 100, 1, 1000)
+    raw_state = request.query.get("state", "live")
+    if raw_state not in ("live", "tombstone", "all"):
+        raise ApiError(400, "invalid_parameter", "state must be live, tombstone or all")
+    state = None if raw_state == "all" else ItemState(raw_state)
+    cursor = request.query.get("cursor")
+    items = await ledger.items(
+        await _ledger_ds(request, name),
+        prefix=request.query.get("prefix", ""),
+        after=decode_cursor(cursor) if cursor else None,
+        limit=limit + 1,
+        state=state,
+    )
+    more = len(items) > limit
+    items = items[:limit]
+    return web.json_response(
+        {
+            "items": [i.as_json(full=True) for i in items],
+            "next_cursor": encode_cursor(items[-1].key) if more and items else None,
+        }
+    )
+
+
+async def start_sync(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    loop = _agent(request).loop(name)
+    dry_run, force, wait = _bool(request, "dry_run"), _bool(request, "force"), _bool(request, "wait")
+    if loop.busy:
+        raise ApiError(409, "run_in_progress", f"dataset {name!r} has a run in progress (run {loop.current_run})")
+    started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(loop.run_once(dry_run=dry_run, force=force, stop=request.app[STOP], started=started))
+    request.app[TASKS].add(task)
+    task.add_done_callback(request.app[TASKS].discard)
+    if wait or dry_run:
+        result = await asyncio.shield(task)
+        return web.json_response(result.as_json())
+    await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+    if task.done() and not started.done():
+        task.result()  # raises what went wrong before the run began
+    return web.json_response({"dataset": name, "run": started.result(), "status": "running"}, status=202)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    limit = _int(request, "limit", 20, 1, 1000)
+    runs = await ledger.runs(await _ledger_ds(request, name), limit=limit)
+    loop = _agent(request).loops.get(name)
+    return web.json_response({"runs": [_with_live(r.as_json(), loop) for r in runs]})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    try:
+        run_id = int(request.match_info["run"])
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", "run id must be an integer") from None
+    run = await ledger.run(run_id)
+    if run is None or run.dataset != name:
+        raise ApiError(404, "not_found", f"dataset {name!r} has no run {run_id}")
+    return web.json_response(_with_live(run.as_json(), _agent(request).loops.get(name)))
+
+
+def _with_live(run: dict[str, Any], loop: Any) -> dict[str, Any]:
+    """A running run's counts from memory: fresher than the last committed batch."""
+    if loop is not None and loop.current_run == run["id"] and loop.progress is not None:
+        run |= loop.progress.as_dict()
+    return run
+
+
+def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware(agent.settings.agent.token())],
+        client_max_size=1024**2,
+    )
+    app[AGENT] = agent
+    app[STOP] = stop
+    app[TASKS] = set()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    v1 = "/api/v1"
+    app.router.add_get(f"{v1}/datasets", list_datasets)
+    app.router.add_get(f"{v1}/datasets/{{ds}}/items", list_items)
+    app.router.add_post(f"{v1}/datasets/{{ds}}/sync", start_sync)
+    app.router.add_get(f"{v1}/datasets/{{ds}}/runs", list_runs)
+    app.router.add_get(f"{v1}/datasets/{{ds}}/runs/{{run}}", get_run)
+    return app

@@ -1,0 +1,259 @@
+"""The ``bucketsync`` command.
+
+Commands that write the ledger (``sync``) run in-process when no agent is
+running, and through the running agent's HTTP API when one holds the ledger's
+lock. ``items`` reads the ledger directly (SQLite WAL allows it beside a daemon).
+Exit codes: 0 success, 1 a run or check that failed, 2 bad config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bucketsync import __version__
+from bucketsync.agent import Agent, dataset_status
+from bucketsync.client import AgentClient, ApiCallFailed
+from bucketsync.config import Settings, load_settings
+from bucketsync.errors import BucketsyncError, ConfigError, LedgerLocked
+from bucketsync.ledger import InstanceLock, Ledger
+from bucketsync.logs import configure
+from bucketsync.model import ItemState
+from bucketsync.probe import probe
+from bucketsync.stores import open_store
+from bucketsync.sync import RunResult, SyncLoop
+
+Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def _human_counts(d: dict[str, Any]) -> str:
+    keys = ("listed", "added", "modified", "removed", "renamed", "unchanged", "errors")
+    return ", ".join(f"{k} {d.get(k, 0)}" for k in keys)
+
+
+SYNC_KEYS = ("dataset", "run", "status", "listed", "added", "modified", "removed", "renamed", "unchanged", "errors", "error")
+
+
+def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
+    """The documented shape of ``sync --json``, whether the run was local or the daemon's."""
+    return {k: raw.get(k) for k in SYNC_KEYS} | {"dry_run": bool(raw.get("dry_run"))}
+
+
+def _daemon_running(settings: Settings) -> bool:
+    return InstanceLock(settings.agent.ledger).held_by_other()
+
+
+# -- sync ------------------------------------------------------------------------
+
+
+async def _with_progress(loop: SyncLoop | None, work: Awaitable[RunResult], show: bool, label: str) -> RunResult:
+    if not show or loop is None:
+        return await work
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    task = asyncio.ensure_future(work)
+    with Live(console=console, refresh_per_second=8, transient=True) as live:
+        while not task.done():
+            p = loop.progress
+            live.update(f"[bold]{label}[/] " + (_human_counts(p.as_dict()) if p else "starting..."))
+            await asyncio.wait([task], timeout=0.125)
+    return task.result()
+
+
+async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
+    settings.dataset(args.dataset)
+    show = sys.stderr.isatty() and not args.json
+    if _daemon_running(settings):
+        out = await _remote_sync(settings, args, show)
+    else:
+        try:
+            async with Agent(settings) as agent:
+                loop = agent.loop(args.dataset)
+                work = loop.run_once(dry_run=args.dry_run, force=args.force)
+                out = (await _with_progress(loop, work, show, f"syncing {args.dataset}:")).as_json()
+        except LedgerLocked:  # an agent started meanwhile
+            out = await _remote_sync(settings, args, show)
+    out = _sync_json(out)
+    if args.json:
+        _print_json(out)
+    else:
+        run = f"run {out['run']}" if out.get("run") is not None else "dry run, nothing written"
+        print(f"{out['dataset']}: {out['status']} - {_human_counts(out)} ({run})")
+        if out.get("error"):
+            print(f"error: {out['error']}", file=sys.stderr)
+    return 0 if out["status"] == "ok" else 1
+
+
+async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool) -> dict[str, Any]:
+    params = {"dry_run": str(args.dry_run).lower(), "force": str(args.force).lower()}
+    async with AgentClient(settings) as client:
+        while True:
+            try:
+                started = await client.call("POST", f"/datasets/{args.dataset}/sync", params=params)
+                break
+            except ApiCallFailed as exc:
+                if exc.code != "run_in_progress":
+                    raise
+                await asyncio.sleep(0.5)  # the daemon's own run is going; ours follows it
+        if started.get("status") != "running":
+            return dict(started)  # a dry run answers with its result
+        run_id = started["run"]
+        while True:
+            run = await client.call("GET", f"/datasets/{args.dataset}/runs/{run_id}")
+            if run["status"] != "running":
+                return {**run, "dataset": args.dataset, "run": run_id}
+            if show:
+                print(f"\rsyncing {args.dataset}: {_human_counts(run)}", end="", file=sys.stderr)
+            await asyncio.sleep(0.25)
+
+
+# -- items and status ----------------------------------------------------------------
+
+
+async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
+    settings.dataset(args.dataset)
+    if not settings.agent.ledger.exists():
+        return 0
+    ledger = await Ledger.open(settings.agent.ledger, readonly=True)
+    try:
+        ds_id = await ledger.find_dataset(args.dataset)
+        if ds_id is None:
+            return 0
+        async for item in ledger.iter_items(ds_id, prefix=args.prefix):
+            if args.json:
+                _print_json(item.as_json())
+            else:
+                print(f"{item.size:>12}  {item.as_json()['modified']}  {item.key}")
+    finally:
+        await ledger.close()
+    return 0
+
+
+async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    if _daemon_running(settings):
+        async with AgentClient(settings) as client:
+            rows = (await client.call("GET", "/datasets"))["datasets"]
+    else:
+        ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+        try:
+            rows = [await dataset_status(settings, ledger, name, None) for name in settings.datasets]
+        finally:
+            if ledger is not None:
+                await ledger.close()
+    if args.json:
+        _print_json({"datasets": rows})
+        return 0
+    if not rows:
+        print("no datasets configured")
+    for r in rows:
+        last = r["last_run"]
+        last_s = f"{last['status']} at {last['ended'] or last['started']} ({_human_counts(last)})" if last else "never"
+        print(f"{r['dataset']}  {r['url']}")
+        print(f"  items: {r['items'].get(ItemState.LIVE, 0)} live, {r['items'].get(ItemState.TOMBSTONE, 0)} tombstoned")
+        print(f"  last run: {last_s}")
+        if r.get("last_run") and r["last_run"].get("error"):
+            print(f"  error: {r['last_run']['error']}")
+        nxt = r["next_run"] or ("when asked (manual)" if r["sync"] == "manual" else "when the agent runs")
+        print(f"  next run: {nxt}")
+        if r.get("running"):
+            print(f"  running: {_human_counts(r['running'])}")
+        if r.get("not_ready_reason"):
+            print(f"  not ready: {r['not_ready_reason']}")
+    return 0
+
+
+# -- check and run ---------------------------------------------------------------------
+
+
+async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    driver = settings.drivers.get(args.driver)
+    if driver is None:
+        known = ", ".join(sorted(settings.drivers)) or "none configured"
+        raise ConfigError(f"no driver named {args.driver!r} (drivers: {known})")
+    store = open_store(driver, settings)
+    try:
+        result = await probe(store, args.driver, driver.allow_delete)
+    finally:
+        await store.aclose()
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        for name, c in result.checks.items():
+            mark = "ok" if c.ok else ("MISSING" if c.required else "missing (not required)")
+            print(f"{name:<7} {mark}" + (f"  {c.error}" if c.error and not c.ok else ""))
+        print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
+async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.supervisor import serve
+
+    return await serve(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bucketsync", description="Keep dataset catalogs in sync with object storage.")
+    p.add_argument("-c", "--config", help="TOML config (default: $BUCKETSYNC_CONFIG, else ./bucketsync.toml)")
+    p.add_argument("--version", action="version", version=f"bucketsync {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the agent: sync loops, HTTP API, /metrics").set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sync", help="run one upstream sync of a dataset now")
+    s.add_argument("dataset")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
+    s.add_argument("--force", action="store_true", help="let the run pass the mass-delete guard")
+    s.set_defaults(func=cmd_sync)
+
+    i = sub.add_parser("items", help="list a dataset's live items")
+    i.add_argument("dataset")
+    i.add_argument("--prefix", default="", help="only keys starting with this")
+    i.add_argument("--json", action="store_true", help="one JSON object per line")
+    i.set_defaults(func=cmd_items)
+
+    st = sub.add_parser("status", help="every dataset: items, last run, next run")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("check", help="probe a driver's permissions (list, get, put, delete)")
+    c.add_argument("driver")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        conf = settings.agent
+        # One-off commands keep stderr for warnings and the progress line.
+        configure(conf.log_level if args.command == "run" else "warning", conf.log_format)
+        func: Command = args.func
+        return asyncio.run(func(settings, args))
+    except ConfigError as exc:
+        print(f"bucketsync: {exc}", file=sys.stderr)
+        return 2
+    except ApiCallFailed as exc:
+        print(f"bucketsync: {exc} ({exc.status} {exc.code})", file=sys.stderr)
+        return 2 if 400 <= exc.status < 500 else 1
+    except BucketsyncError as exc:
+        print(f"bucketsync: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

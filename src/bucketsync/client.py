@@ -1,0 +1,59 @@
+"""A small client for a running agent's HTTP API: the CLI goes through it while a
+daemon holds the ledger's lock."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from bucketsync.config import Settings
+from bucketsync.errors import BucketsyncError
+
+
+class ApiCallFailed(BucketsyncError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class AgentClient:
+    def __init__(self, settings: Settings) -> None:
+        conf = settings.agent
+        host = conf.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
+        if ":" in host:
+            host = f"[{host}]"
+        self.base = f"http://{host}:{conf.port}/api/v1"
+        token = conf.token()
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AgentClient:
+        self._session = aiohttp.ClientSession(headers=self._headers, timeout=aiohttp.ClientTimeout(total=None))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        assert self._session is not None
+        try:
+            async with self._session.request(method, self.base + path, **kwargs) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                if resp.status >= 400:
+                    err = body.get("error", {}) if isinstance(body, dict) else {}
+                    raise ApiCallFailed(resp.status, err.get("code", "error"), err.get("message", resp.reason or ""))
+                return body
+        except aiohttp.ClientConnectionError as exc:
+            raise BucketsyncError(
+                f"the agent holds the ledger lock but its API at {self.base} does not answer: {exc}"
+            ) from None
