@@ -17,6 +17,7 @@ from bucketsync.config import Settings
 from bucketsync.errors import ConfigError
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.model import ItemState, iso
+from bucketsync.outbox import Outbox
 from bucketsync.stores import Store, open_store
 from bucketsync.sync import SyncLoop
 
@@ -32,6 +33,7 @@ class Agent:
         self.loops: dict[str, SyncLoop] = {}
         #: dataset -> why it is not ready (failed permission probe, ...); absent when ready
         self.not_ready: dict[str, str] = {}
+        self.outbox = Outbox(self)
 
     async def __aenter__(self) -> Agent:
         self.lock.acquire()

@@ -28,15 +28,19 @@ from bucketsync.errors import (
     NotFound,
     PermissionDenied,
     PreconditionFailed,
+    Refused,
     StorageError,
     Transient,
 )
-from bucketsync.model import ItemState
+from bucketsync.downstream import Downstream
+from bucketsync.keys import check_key
+from bucketsync.model import ItemState, OpState
 
 log = structlog.get_logger("bucketsync.api")
 AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
 TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set)
+DOWNSTREAM: web.AppKey[Downstream] = web.AppKey("downstream", Downstream)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -69,6 +73,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
+    except Refused as exc:
+        return error_response(403, exc.reason, str(exc))
     except BucketsyncError as exc:
         for cls, status, code in _STATUS:
             if isinstance(exc, cls):
@@ -195,12 +201,17 @@ async def list_items(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_parameter", "state must be live, tombstone or all")
     state = None if raw_state == "all" else ItemState(raw_state)
     cursor = request.query.get("cursor")
+    meta = {k[5:]: v for k, v in request.query.items() if k.startswith("meta.")}
+    unknown = set(request.query) - {"prefix", "limit", "cursor", "state"} - {f"meta.{k}" for k in meta}
+    if unknown:
+        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     items = await ledger.items(
         await _ledger_ds(request, name),
         prefix=request.query.get("prefix", ""),
         after=decode_cursor(cursor) if cursor else None,
         limit=limit + 1,
         state=state,
+        meta=meta,
     )
     more = len(items) > limit
     items = items[:limit]
@@ -262,6 +273,121 @@ def _with_live(run: dict[str, Any], loop: Any) -> dict[str, Any]:
     return run
 
 
+# -- one item -------------------------------------------------------------------------
+
+
+def _key(request: web.Request) -> str:
+    return check_key(request.match_info["key"])  # InvalidKey -> 400, before anything is touched
+
+
+async def get_item(request: web.Request) -> web.Response:
+    name, key = _dataset(request), _key(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    item = await ledger.item(await _ledger_ds(request, name), key)
+    if item is None:
+        raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
+    return web.json_response(item.as_json(full=True))
+
+
+async def get_content(request: web.Request) -> web.StreamResponse:
+    name, key = _dataset(request), _key(request)
+    agent = _agent(request)
+    assert agent.ledger is not None
+    item = await agent.ledger.item(await _ledger_ds(request, name), key)
+    if item is None or item.state is not ItemState.LIVE:
+        raise ApiError(404, "not_found", f"dataset {name!r} has no live item {key!r}")
+    store = agent.stores[agent.settings.datasets[name].driver]
+    chunks = store.open(key)
+    first = await anext(chunks, b"")  # NotFound surfaces here, before the headers go out
+    resp = web.StreamResponse()
+    resp.content_type = item.content_type or _guess_type(key)
+    if item.etag:
+        resp.headers["ETag"] = f'"{item.etag}"'
+    await resp.prepare(request)
+    await resp.write(first)
+    async for chunk in chunks:
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+def _guess_type(key: str) -> str:
+    import mimetypes
+
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+async def put_item(request: web.Request) -> web.Response:
+    name, key = _dataset(request), _key(request)
+    overwrite = _bool(request, "overwrite")
+    ctype = request.headers.get("Content-Type")
+    if ctype is None or ctype.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        ctype = _guess_type(key)  # curl's default for --data-binary says nothing about the file
+    out = await request.app[DOWNSTREAM].put(
+        name, key, request.content.iter_chunked(1 << 20), overwrite=overwrite, content_type=ctype
+    )
+    status = {"created": 201, "overwritten": 200, "pending": 202}[out.result]
+    return web.json_response(out.as_json(), status=status)
+
+
+async def patch_item(request: web.Request) -> web.Response:
+    name, key = _dataset(request), _key(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the body must be JSON: {\"metadata\": {...}}") from None
+    if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
+        raise ApiError(
+            400, "invalid_request", "the body must be {\"metadata\": {...}}; system metadata is read-only"
+        )
+    try:
+        out = await request.app[DOWNSTREAM].patch_meta(name, key, body["metadata"])
+    except ValueError as exc:
+        raise ApiError(400, "invalid_metadata", str(exc)) from None
+    return web.json_response(out.as_json())
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    name, key = _dataset(request), _key(request)
+    out = await request.app[DOWNSTREAM].delete(name, key)
+    return web.json_response(out.as_json(), status=202 if out.result == "pending" else 200)
+
+
+async def restore_item(request: web.Request) -> web.Response:
+    name, key = _dataset(request), _key(request)
+    out = await request.app[DOWNSTREAM].restore(name, key)
+    return web.json_response(out.as_json())
+
+
+async def list_ops(request: web.Request) -> web.Response:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    raw = request.query.get("state")
+    if raw is not None and raw not in {str(s) for s in OpState}:
+        raise ApiError(400, "invalid_parameter", "state must be pending, done or failed")
+    ops = await ledger.ops(state=OpState(raw) if raw else None, limit=_int(request, "limit", 100, 1, 1000))
+    return web.json_response({"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()})
+
+
+async def get_op(request: web.Request) -> web.Response:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    try:
+        op = await ledger.op(int(request.match_info["op"]))
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", "op id must be an integer") from None
+    if op is None:
+        raise ApiError(404, "not_found", "no such op")
+    return web.json_response(op.as_json())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from bucketsync.openapi import SPEC
+
+    return web.json_response(SPEC)
+
+
 def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware(agent.settings.agent.token())],
@@ -270,6 +396,7 @@ def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app[AGENT] = agent
     app[STOP] = stop
     app[TASKS] = set()
+    app[DOWNSTREAM] = Downstream(agent, agent.outbox)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
@@ -279,4 +406,16 @@ def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app.router.add_post(f"{v1}/datasets/{{ds}}/sync", start_sync)
     app.router.add_get(f"{v1}/datasets/{{ds}}/runs", list_runs)
     app.router.add_get(f"{v1}/datasets/{{ds}}/runs/{{run}}", get_run)
+    # Keys may contain '/'; encode it as %2F (routes match the raw path, so a key
+    # ending in /content or /restore is unambiguous once encoded).
+    item = f"{v1}/datasets/{{ds}}/items/{{key:.+}}"
+    app.router.add_get(f"{item}/content", get_content)
+    app.router.add_post(f"{item}/restore", restore_item)
+    app.router.add_get(item, get_item)
+    app.router.add_put(item, put_item)
+    app.router.add_patch(item, patch_item)
+    app.router.add_delete(item, delete_item)
+    app.router.add_get(f"{v1}/ops", list_ops)
+    app.router.add_get(f"{v1}/ops/{{op}}", get_op)
+    app.router.add_get(f"{v1}/openapi.json", openapi)
     return app

@@ -19,7 +19,7 @@ from bucketsync import __version__
 from bucketsync.agent import Agent, dataset_status
 from bucketsync.client import AgentClient, ApiCallFailed
 from bucketsync.config import Settings, load_settings
-from bucketsync.errors import BucketsyncError, ConfigError, LedgerLocked
+from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerLocked
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
@@ -39,7 +39,19 @@ def _human_counts(d: dict[str, Any]) -> str:
     return ", ".join(f"{k} {d.get(k, 0)}" for k in keys)
 
 
-SYNC_KEYS = ("dataset", "run", "status", "listed", "added", "modified", "removed", "renamed", "unchanged", "errors", "error")
+SYNC_KEYS = (
+    "dataset",
+    "run",
+    "status",
+    "listed",
+    "added",
+    "modified",
+    "removed",
+    "renamed",
+    "unchanged",
+    "errors",
+    "error",
+)
 
 
 def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +184,115 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- downstream: put, rm, restore, meta ------------------------------------------------
+
+
+async def _file_chunks(path: str) -> Any:
+    with open(path, "rb") as f:  # noqa: ASYNC230 - small reads between awaits; the CLI has nothing else to do
+        while chunk := f.read(1 << 20):
+            yield chunk
+
+
+async def _downstream(
+    settings: Settings, local: Callable[[Any], Awaitable[Any]], remote: Callable[[AgentClient], Awaitable[Any]]
+) -> dict[str, Any]:
+    """Through the running agent when there is one, else in this process."""
+    if not _daemon_running(settings):
+        from bucketsync.downstream import Downstream
+
+        try:
+            async with Agent(settings) as agent:
+                out = await local(Downstream(agent, agent.outbox, in_process=True))
+                return dict(out.as_json())
+        except LedgerLocked:
+            pass  # an agent started meanwhile
+    async with AgentClient(settings) as client:
+        return dict(await remote(client))
+
+
+def _item_path(dataset: str, key: str) -> str:
+    from urllib.parse import quote
+
+    return f"/datasets/{quote(dataset, safe='')}/items/{quote(key, safe='')}"
+
+
+def _report(args: argparse.Namespace, out: dict[str, Any], line: str) -> int:
+    if args.json:
+        _print_json(out)
+    else:
+        print(line)
+    return 0
+
+
+async def cmd_put(settings: Settings, args: argparse.Namespace) -> int:
+    import mimetypes
+    import os
+
+    settings.dataset(args.dataset)
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file}: no such file")
+    key = args.key or os.path.basename(args.file)
+    ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    out = await _downstream(
+        settings,
+        lambda d: d.put(args.dataset, key, _file_chunks(args.file), overwrite=args.overwrite, content_type=ctype),
+        lambda c: c.call(
+            "PUT",
+            _item_path(args.dataset, key),
+            params={"overwrite": str(args.overwrite).lower()},
+            data=_file_chunks(args.file),
+            headers={"Content-Type": ctype},
+        ),
+    )
+    item = out.get("item") or {}
+    return _report(args, out, f"{out['result']}: {key} ({item.get('size', '?')} bytes, id {item.get('id', '?')})")
+
+
+async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
+    settings.dataset(args.dataset)
+    out = await _downstream(
+        settings,
+        lambda d: d.delete(args.dataset, args.key),
+        lambda c: c.call("DELETE", _item_path(args.dataset, args.key)),
+    )
+    if out["result"] == "tombstoned":
+        line = f"tombstoned: {args.key} (the driver does not allow deletes; the object stays in storage)"
+    else:
+        line = f"{out['result']}: {args.key}"
+    return _report(args, out, line)
+
+
+async def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    settings.dataset(args.dataset)
+    out = await _downstream(
+        settings,
+        lambda d: d.restore(args.dataset, args.key),
+        lambda c: c.call("POST", _item_path(args.dataset, args.key) + "/restore"),
+    )
+    return _report(args, out, f"{out['result']}: {args.key}")
+
+
+async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
+    settings.dataset(args.dataset)
+    patch: dict[str, Any] = {}
+    for pair in args.pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{pair!r}: expected NAME=VALUE")
+        patch[name] = value
+    for name in args.unset:
+        patch[name] = None
+    if not patch:
+        raise UsageError("nothing to change: give NAME=VALUE pairs or --unset NAME")
+    out = await _downstream(
+        settings,
+        lambda d: d.patch_meta(args.dataset, args.key, patch),
+        lambda c: c.call("PATCH", _item_path(args.dataset, args.key), json={"metadata": patch}),
+    )
+    meta = (out.get("item") or {}).get("metadata", {})
+    return _report(args, out, f"{args.key}: " + (json.dumps(meta, ensure_ascii=False) if meta else "no metadata"))
+
+
 # -- check and run ---------------------------------------------------------------------
 
 
@@ -199,6 +320,10 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.supervisor import serve
 
     return await serve(settings)
+
+
+class UsageError(BucketsyncError):
+    """Bad arguments on the command line (exit 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +355,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("driver")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_check)
+
+    pu = sub.add_parser("put", help="write a file to the dataset's bucket and index it")
+    pu.add_argument("dataset")
+    pu.add_argument("file")
+    pu.add_argument("--key", help="the item's key (default: the file's name)")
+    pu.add_argument("--overwrite", action="store_true", help="replace an existing item (if unchanged in storage)")
+    pu.add_argument("--json", action="store_true")
+    pu.set_defaults(func=cmd_put)
+
+    rm = sub.add_parser("rm", help="delete an item (a tombstone unless the driver allows deletes)")
+    rm.add_argument("dataset")
+    rm.add_argument("key")
+    rm.add_argument("--json", action="store_true")
+    rm.set_defaults(func=cmd_rm)
+
+    rs = sub.add_parser("restore", help="bring a tombstoned item back")
+    rs.add_argument("dataset")
+    rs.add_argument("key")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_restore)
+
+    me = sub.add_parser("meta", help="set user metadata on an item: NAME=VALUE ...")
+    me.add_argument("dataset")
+    me.add_argument("key")
+    me.add_argument("pairs", nargs="*", metavar="NAME=VALUE")
+    me.add_argument("--unset", action="append", default=[], metavar="NAME", help="remove a metadata name")
+    me.add_argument("--json", action="store_true")
+    me.set_defaults(func=cmd_meta)
     return p
 
 
@@ -242,12 +395,20 @@ def main(argv: list[str] | None = None) -> int:
         configure(conf.log_level if args.command == "run" else "warning", conf.log_format)
         func: Command = args.func
         return asyncio.run(func(settings, args))
-    except ConfigError as exc:
+    except (ConfigError, InvalidKey, UsageError) as exc:
+        print(f"bucketsync: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad metadata names or values
         print(f"bucketsync: {exc}", file=sys.stderr)
         return 2
     except ApiCallFailed as exc:
         print(f"bucketsync: {exc} ({exc.status} {exc.code})", file=sys.stderr)
-        return 2 if 400 <= exc.status < 500 else 1
+        return (
+            2
+            if exc.status in (400, 404)
+            and exc.code in ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter")
+            else 1
+        )
     except BucketsyncError as exc:
         print(f"bucketsync: {exc}", file=sys.stderr)
         return 1

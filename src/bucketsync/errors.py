@@ -28,6 +28,14 @@ class InvalidKey(BucketsyncError, ValueError):
     """A key that could escape its folder or is otherwise unusable."""
 
 
+class Refused(BucketsyncError):
+    """The gate refused a downstream operation; ``reason`` is its stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StorageError(BucketsyncError):
     """Something went wrong talking to storage.
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bucketsync.keys import HIDDEN
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -56,3 +58,41 @@ def removal_guard(
             "(re-run with --force if this is intended)",
         )
     return ALLOW
+
+
+# -- downstream: every write and delete a user asks for ------------------------------
+
+#: what a permitted delete does
+DELETE_OBJECT = "delete"
+TOMBSTONE = "tombstone"
+
+
+@dataclass(frozen=True, slots=True)
+class OpDecision(Decision):
+    #: for deletes: DELETE_OBJECT (storage and ledger) or TOMBSTONE (ledger only)
+    action: str = ""
+
+
+def decide_put(*, read_only: bool, quota: int | None, live_items: int, new_key: bool) -> OpDecision:
+    """May a user write this key? ``new_key`` is False for an overwrite of a live item."""
+    if read_only:
+        return OpDecision(False, "read_only", "the dataset is read-only: writes are refused")
+    if quota is not None and new_key and live_items >= quota:
+        return OpDecision(False, "quota", f"the dataset is at its quota of {quota} items: new items are refused")
+    return OpDecision(True, action="put")
+
+
+def decide_delete(*, key: str, read_only: bool, allow_delete: bool) -> OpDecision:
+    """What deleting an item does (invariants 2 and 3).
+
+    Storage objects are deleted only when the driver has ``allow_delete``; otherwise
+    the item becomes a tombstone and the object stays. bucketsync's own files in the
+    hidden folder (the probe's test-file) are always its to delete.
+    """
+    if key.startswith(HIDDEN):
+        return OpDecision(True, action=DELETE_OBJECT)
+    if read_only:
+        return OpDecision(False, "read_only", "the dataset is read-only: deletes are refused")
+    if allow_delete:
+        return OpDecision(True, action=DELETE_OBJECT)
+    return OpDecision(True, action=TOMBSTONE)

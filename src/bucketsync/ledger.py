@@ -20,7 +20,18 @@ from typing import Any
 import aiosqlite
 
 from bucketsync.errors import LedgerLocked
-from bucketsync.model import Counts, Indexed, Item, ItemState, ObjectInfo, RunRecord, RunStatus
+from bucketsync.model import (
+    Counts,
+    Indexed,
+    Item,
+    ItemState,
+    ObjectInfo,
+    Op,
+    OpKind,
+    OpState,
+    RunRecord,
+    RunStatus,
+)
 
 SNAPSHOT_BATCH = 8192
 
@@ -65,9 +76,35 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX runs_by_dataset ON runs (dataset_id, id);
     """,
+    # v2: the downstream outbox.
+    """
+    CREATE TABLE ops (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        create_only INTEGER NOT NULL DEFAULT 0,
+        if_match TEXT,
+        staged TEXT,
+        sha256 TEXT,
+        content_type TEXT,
+        error TEXT,
+        error_code TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        next_at REAL NOT NULL
+    );
+    CREATE INDEX ops_pending ON ops (state, next_at);
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
+_OP_COLS = (
+    "o.id, d.name, o.kind, o.key, o.state, o.attempts, o.create_only, o.if_match, o.staged, o.sha256, "
+    "o.content_type, o.error, o.error_code, o.created, o.updated, o.next_at"
+)
 _RUN_COLS = (
     "r.id, d.name, r.started, r.ended, r.status, r.listed, r.added, r.modified, r.removed, "
     "r.renamed, r.unchanged, r.errors, r.error, r.forced"
@@ -86,6 +123,27 @@ def _item(row: Sequence[Any]) -> Item:
         content_type=row[7],
         meta=json.loads(row[8]) if row[8] else {},
         updated=row[9],
+    )
+
+
+def _op(row: Sequence[Any]) -> Op:
+    return Op(
+        id=row[0],
+        dataset=row[1],
+        kind=OpKind(row[2]),
+        key=row[3],
+        state=OpState(row[4]),
+        attempts=row[5],
+        create_only=bool(row[6]),
+        if_match=row[7],
+        staged=row[8],
+        sha256=row[9],
+        content_type=row[10],
+        error=row[11],
+        error_code=row[12],
+        created=row[13],
+        updated=row[14],
+        next_at=row[15],
     )
 
 
@@ -320,7 +378,9 @@ class Ledger:
             if adds:
                 await self.db.executemany(
                     "INSERT INTO items (dataset_id, key, size, modified, etag, version, first_run, updated) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO UPDATE SET "
+                    "size = excluded.size, modified = excluded.modified, etag = excluded.etag, "
+                    "version = excluded.version, updated = excluded.updated",
                     [(dataset_id, o.key, o.size, o.modified, o.etag, o.version, run_id, now) for o in adds],
                 )
             if updates:
@@ -376,6 +436,140 @@ class Ledger:
 
     # -- reads for the CLI and API ------------------------------------------
 
+    async def item(self, dataset_id: int, key: str) -> Item | None:
+        async with self.db.execute(
+            f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key)
+        ) as cur:
+            row = await cur.fetchone()
+        return _item(row) if row else None
+
+    async def set_state(self, item_id: int, state: ItemState) -> None:
+        await self.db.execute(
+            "UPDATE items SET state = ?, updated = ? WHERE id = ?", (str(state), time.time(), item_id)
+        )
+
+    async def merge_meta(self, item_id: int, patch: dict[str, Any]) -> None:
+        """Merge user metadata; a ``None`` value removes the key (JSON merge-patch)."""
+        async with self._transaction():
+            async with self.db.execute("SELECT meta FROM items WHERE id = ?", (item_id,)) as cur:
+                row = await cur.fetchone()
+            meta = json.loads(row[0]) if row and row[0] else {}
+            for k, v in patch.items():
+                if v is None:
+                    meta.pop(k, None)
+                else:
+                    meta[k] = v
+            await self.db.execute(
+                "UPDATE items SET meta = ?, updated = ? WHERE id = ?",
+                (json.dumps(meta, ensure_ascii=False) if meta else None, time.time(), item_id),
+            )
+
+    # -- the outbox ---------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        dataset_id: int,
+        kind: OpKind,
+        key: str,
+        *,
+        create_only: bool = False,
+        if_match: str | None = None,
+        staged: str | None = None,
+        sha256: str | None = None,
+        content_type: str | None = None,
+    ) -> int:
+        now = time.time()
+        cur = await self.db.execute(
+            "INSERT INTO ops (dataset_id, kind, key, create_only, if_match, staged, sha256, content_type, "
+            "created, updated, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (dataset_id, str(kind), key, int(create_only), if_match, staged, sha256, content_type, now, now, now),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def op(self, op_id: int) -> Op | None:
+        async with self.db.execute(
+            f"SELECT {_OP_COLS} FROM ops o JOIN datasets d ON d.id = o.dataset_id WHERE o.id = ?", (op_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return _op(row) if row else None
+
+    async def ops(self, *, state: OpState | None = None, dataset_id: int | None = None, limit: int = 100) -> list[Op]:
+        sql = f"SELECT {_OP_COLS} FROM ops o JOIN datasets d ON d.id = o.dataset_id WHERE 1 = 1"
+        args: list[Any] = []
+        if state is not None:
+            sql += " AND o.state = ?"
+            args.append(str(state))
+        if dataset_id is not None:
+            sql += " AND o.dataset_id = ?"
+            args.append(dataset_id)
+        sql += " ORDER BY o.id LIMIT ?"
+        args.append(limit)
+        async with self.db.execute(sql, args) as cur:
+            return [_op(r) for r in await cur.fetchall()]
+
+    async def due_ops(self, now: float, limit: int = 16) -> list[Op]:
+        async with self.db.execute(
+            f"SELECT {_OP_COLS} FROM ops o JOIN datasets d ON d.id = o.dataset_id "
+            "WHERE o.state = 'pending' AND o.next_at <= ? ORDER BY o.id LIMIT ?",
+            (now, limit),
+        ) as cur:
+            return [_op(r) for r in await cur.fetchall()]
+
+    async def backlog(self) -> int:
+        async with self.db.execute("SELECT count(*) FROM ops WHERE state = 'pending'") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def start_attempt(self, op_id: int) -> None:
+        """Counted *before* storage is touched: after a crash, attempts > 0 says the op may
+        already have reached storage, and its retry checks for its own earlier write."""
+        await self.db.execute("UPDATE ops SET attempts = attempts + 1, updated = ? WHERE id = ?", (time.time(), op_id))
+
+    async def retry_later(self, op_id: int, error: str, next_at: float) -> None:
+        await self.db.execute(
+            "UPDATE ops SET error = ?, updated = ?, next_at = ? WHERE id = ?",
+            (error, time.time(), next_at, op_id),
+        )
+
+    async def fail_op(self, op_id: int, code: str, error: str) -> None:
+        await self.db.execute(
+            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ?, "
+            "staged = NULL WHERE id = ?",
+            (error, code, time.time(), op_id),
+        )
+
+    async def complete_put(self, op: Op, dataset_id: int, info: ObjectInfo) -> Item:
+        """Index what the put wrote and close the op, atomically. An existing row (an
+        overwrite, or a tombstone written over) keeps its id and user metadata and is live."""
+        now = time.time()
+        async with self._transaction():
+            await self.db.execute(
+                "INSERT INTO items (dataset_id, key, size, modified, etag, version, content_type, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO UPDATE SET "
+                "size = excluded.size, modified = excluded.modified, etag = excluded.etag, "
+                "version = excluded.version, content_type = excluded.content_type, state = 'live', "
+                "updated = excluded.updated",
+                (dataset_id, op.key, info.size, info.modified, info.etag, info.version, op.content_type, now),
+            )
+            await self.db.execute(
+                "UPDATE ops SET state = 'done', error = NULL, updated = ?, staged = NULL "
+                "WHERE id = ?",
+                (now, op.id),
+            )
+        item = await self.item(dataset_id, op.key)
+        assert item is not None
+        return item
+
+    async def complete_delete(self, op: Op, dataset_id: int) -> None:
+        now = time.time()
+        async with self._transaction():
+            await self.db.execute("DELETE FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, op.key))
+            await self.db.execute(
+                "UPDATE ops SET state = 'done', error = NULL, updated = ? WHERE id = ?",
+                (now, op.id),
+            )
+
     async def items(
         self,
         dataset_id: int,
@@ -384,9 +578,14 @@ class Ledger:
         after: str | None = None,
         limit: int | None = None,
         state: ItemState | None = ItemState.LIVE,
+        meta: dict[str, str] | None = None,
     ) -> list[Item]:
         sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?"
         args: list[Any] = [dataset_id]
+        for name, value in (meta or {}).items():
+            # The JSON path is a bound parameter with the name quoted: no injection.
+            sql += " AND CAST(json_extract(meta, ?) AS TEXT) = ?"
+            args += ['$."' + name.replace('"', '""') + '"', value]
         if state is not None:
             sql += " AND state = ?"
             args.append(str(state))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
 from bucketsync.model import Counts
 
+disable_created_metrics()  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()
 
 RUNS = Counter("bucketsync_runs_total", "Upstream sync runs, by dataset and status.", ["dataset", "status"], registry=REGISTRY)
@@ -46,6 +47,28 @@ RUN_ERRORS = Counter(
 LOOP_ERRORS = Counter(
     "bucketsync_loop_errors_total", "Unexpected errors in a dataset's sync loop.", ["dataset"], registry=REGISTRY
 )
+
+QUOTA_SKIPPED = Counter(
+    "bucketsync_quota_skipped_total",
+    "New objects an upstream run did not add because the dataset was at its quota.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+DOWNSTREAM_OPS = Counter(
+    "bucketsync_downstream_ops_total",
+    "Downstream operations (put, delete) by result (ok, retry, or the error code).",
+    ["op", "result"],
+    registry=REGISTRY,
+)
+TOMBSTONES = Counter(
+    "bucketsync_tombstones_total", "Items tombstoned because the driver does not allow deletes.", ["dataset"],
+    registry=REGISTRY,
+)
+GATE_REFUSALS = Counter(
+    "bucketsync_gate_refusals_total", "Downstream operations the gate refused, by reason.", ["reason"],
+    registry=REGISTRY,
+)
+OUTBOX_BACKLOG = Gauge("bucketsync_outbox_backlog", "Pending downstream operations in the outbox.", registry=REGISTRY)
 
 
 def record_run(dataset: str, status: str, counts: Counts, seconds: float) -> None:

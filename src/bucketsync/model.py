@@ -166,6 +166,53 @@ class Item:
         return out
 
 
+class OpKind(enum.StrEnum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+class OpState(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One durable downstream operation in the outbox."""
+
+    id: int
+    dataset: str
+    kind: OpKind
+    key: str
+    state: OpState
+    attempts: int
+    create_only: bool
+    if_match: str | None
+    staged: str | None  # the uploaded body, fsynced on disk until the op completes
+    sha256: str | None
+    content_type: str | None
+    error: str | None
+    error_code: str | None
+    created: float
+    updated: float
+    next_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "dataset": self.dataset,
+            "kind": str(self.kind),
+            "key": self.key,
+            "state": str(self.state),
+            "attempts": self.attempts,
+            "error": self.error,
+            "error_code": self.error_code,
+            "created": iso(self.created),
+            "updated": iso(self.updated),
+        }
+
+
 def iso(ts: float | None) -> str | None:
     """POSIX seconds -> ISO 8601 UTC, for JSON and humans."""
     if ts is None:

@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from bucketsync.gate import DELETE_OBJECT, decide_delete
 from bucketsync.keys import HIDDEN
 from bucketsync.model import CREATE
 from bucketsync.stores import Store, one_chunk, read_all
@@ -83,6 +84,9 @@ async def probe(store: Store, driver: str, allow_delete: bool) -> ProbeResult:
     except Exception as exc:
         result.checks["get"] = Check(False, True, _err(exc))
     try:
+        # The test-file is bucketsync's own (hidden folder): the gate always lets it go.
+        if decide_delete(key=key, read_only=False, allow_delete=allow_delete).action != DELETE_OBJECT:
+            raise AssertionError("the gate must allow deleting the probe's own test-file")
         await store.delete(key)
         result.checks["delete"] = Check(True, allow_delete)
     except Exception as exc:

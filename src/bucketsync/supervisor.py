@@ -75,6 +75,7 @@ async def serve(settings: Settings) -> int:
         for name in agent.settings.datasets:
             agent.not_ready[name] = "permission probe not run yet"
         tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
+        tasks["outbox"] = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         log.info("agent started", listen=conf.listen, datasets=sorted(tasks), pid=os.getpid(), ledger=str(conf.ledger))
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)

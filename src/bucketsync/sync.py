@@ -69,6 +69,7 @@ class _Pending:
     removals: list[Indexed] = field(default_factory=list)  # live items missing from the listing
     purges: list[int] = field(default_factory=list)  # tombstones whose object is gone
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
+    over_quota: int = 0  # new objects not added because the dataset is at its quota
 
 
 async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bool]) -> AsyncIterator[ObjectInfo]:
@@ -88,6 +89,11 @@ class SyncLoop:
         self.progress: Counts | None = None
         self.current_run: int | None = None
         self.next_run_at: float | None = None
+        #: keys the outbox is writing now, and when it last finished one: a run leaves
+        #: those alone, so it neither removes a key being written nor reports an
+        #: upload's own object as a foreign change
+        self.in_flight: set[str] = set()
+        self.touched: dict[str, float] = {}
         self._lock = asyncio.Lock()  # one run at a time per dataset
         self.wake = asyncio.Event()  # set to start a run now
 
@@ -130,6 +136,12 @@ class SyncLoop:
                 complete, status, error = False, RunStatus.FAILED, _describe(exc)
                 counts.errors += 1
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
+            if pending.over_quota and status is RunStatus.OK:
+                error = (
+                    f"over quota: the dataset is at its quota of {self.config.quota} items; "
+                    f"{pending.over_quota} new objects were not added"
+                )
+                metrics.QUOTA_SKIPPED.labels(self.name).inc(pending.over_quota)
             if complete:
                 await self._match_renames(ds_id, run_id, counts, pending)
                 decision = removal_guard(
@@ -168,11 +180,22 @@ class SyncLoop:
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
         added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
+        t0 = time.monotonic()
+        self.touched = {k: t for k, t in self.touched.items() if t >= t0}
+        quota = self.config.quota
+        live = await self.ledger.live_count(ds_id) if quota is not None else 0
         async for ch in diff(listing, self.ledger.snapshot(ds_id)):
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
                 counts.listed += 1
+            if (self.in_flight or self.touched) and (
+                ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0
+            ):
+                continue  # downstream owns this key right now; the next run sees it settled
             if kind is added:
+                if quota is not None and live + counts.added >= quota:
+                    p.over_quota += 1
+                    continue
                 assert new is not None
                 counts.added += 1
                 p.adds.append(new)
