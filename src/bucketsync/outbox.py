@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bucketsync import gate, metrics
+from bucketsync import failpoints, gate, metrics
 from bucketsync.errors import (
     AlreadyExists,
     NotFound,
@@ -35,7 +35,7 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.model import OVERWRITE, CREATE, Item, Op, OpKind, OpState, PutMode
+from bucketsync.model import CREATE, OVERWRITE, Item, Op, OpKind, OpState, PutMode
 from bucketsync.retry import backoff
 
 if TYPE_CHECKING:
@@ -201,6 +201,7 @@ class Outbox:
             await self._fail(op, "staged_body_missing", "the staged upload is gone; upload again")
             return
         mode: PutMode = CREATE if op.create_only else PutMode.matching(op.if_match) if op.if_match else OVERWRITE
+        failpoints.hit("outbox.before_storage")
         try:
             info = await store.put(op.key, _file_chunks(op.staged), mode, op.content_type)
         except (AlreadyExists, PreconditionFailed):
@@ -208,6 +209,7 @@ class Outbox:
             if op.attempts == 0 or op.sha256 is None or not await self._holds_our_bytes(op):
                 raise
             info = await store.head(op.key)
+        failpoints.hit("outbox.after_storage")
         item = await self.ledger.complete_put(op, ds_id, info)
         self.results[op.id] = item
         await asyncio.to_thread(_unlink, op.staged)
@@ -234,6 +236,7 @@ class Outbox:
             metrics.GATE_REFUSALS.labels(reason).inc()
             await self._fail(op, reason, decision.message or "the driver no longer allows deletes; nothing deleted")
             return
+        failpoints.hit("outbox.before_storage")
         try:
             if op.if_match is not None and not store.conditional_writes:
                 # No native conditional delete: reconcile against storage first.
@@ -252,6 +255,7 @@ class Outbox:
                 pass  # our own earlier attempt deleted it
             else:
                 raise
+        failpoints.hit("outbox.after_storage")
         await self.ledger.complete_delete(op, ds_id)
         metrics.DOWNSTREAM_OPS.labels("delete", "ok").inc()
         log.info("delete done", op=op.id, dataset=op.dataset, key=op.key)

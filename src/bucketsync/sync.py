@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from bucketsync import metrics
+from bucketsync import failpoints, metrics
 from bucketsync.config import DatasetConfig
 from bucketsync.diff import diff
 from bucketsync.errors import BucketsyncError
@@ -228,6 +228,7 @@ class SyncLoop:
             p.dry_adds.extend((o.etag, o.size, o.key) for o in p.adds)
         else:
             await self.ledger.write_batch(ds_id, run_id, p.adds, p.updates, counts)
+            failpoints.hit("sync.after_batch")
         p.adds.clear()
         p.updates.clear()
 
