@@ -110,6 +110,14 @@ class GcpIntegration(_Integration):
     service_account_json_file: Path | None = None
     project: str | None = None
 
+    @model_validator(mode="after")
+    def _one_key_source(self) -> GcpIntegration:
+        if self.service_account_file is not None and (
+            self.service_account_json is not None or self.service_account_json_file is not None
+        ):
+            raise ValueError("set service_account_file or service_account_json(_file), not both")
+        return self
+
 
 class AzureIntegration(_Integration):
     SECRETS = ("connection_string", "account_key", "sas_token")

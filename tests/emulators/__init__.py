@@ -59,14 +59,14 @@ def start(
     argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, what: str, log: Path
 ) -> subprocess.Popen[bytes]:
     """Start a server in its own process group, logging to ``log``, and wait for its port."""
-    out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        list(argv),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
+    with open(log, "wb") as out:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     try:
         wait_for_port(port, proc, what=what)
     except RuntimeError as exc:

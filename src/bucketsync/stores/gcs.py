@@ -177,17 +177,27 @@ def service_file(integration: GcpIntegration | None, name: str) -> str | IO[str]
     return io.StringIO(raw)
 
 
-def _make_token(source: str | IO[str] | None, session: Any, name: str | None) -> Token:
+def _make_token(source: str | IO[str] | None, session: Any, field: str) -> Token:
     # ``session`` is our aiohttp.ClientSession; the library annotates it as a union
     # that mypy resolves to requests' Session, hence Any.
     try:
         return _Token(service_file=source, scopes=SCOPES, session=session)
     except (OSError, ValueError, KeyError) as exc:
-        where = f"integrations.{name}" if name else "application default credentials"
-        what = f"{where}: cannot use the credentials"
-        if isinstance(source, str):
-            what += f" in {source!r}"
-        raise ConfigError(f"{what} ({type(exc).__name__}: {getattr(exc, 'strerror', None) or 'invalid'})") from None
+        where = f" {source!r}" if isinstance(source, str) else ""
+        reason = getattr(exc, "strerror", None) or "not a usable Google credentials file"
+        # Only the path and the reason: the exception text could quote the file.
+        raise ConfigError(f"{field}: cannot use the credentials{where}: {type(exc).__name__}: {reason}") from None
+
+
+def _credentials_field(integration: GcpIntegration | None, name: str | None) -> str:
+    """Which setting the credentials came from, for error messages."""
+    if integration is None or name is None:
+        return "application default credentials"
+    if integration.service_account_file is not None:
+        return f"integrations.{name}.service_account_file"
+    if integration.service_account_json is not None or integration.service_account_json_file is not None:
+        return f"integrations.{name}.service_account_json"
+    return f"integrations.{name} (application default credentials)"
 
 
 def _token_error(exc: BaseException, token: Token, what: str) -> StorageError:
@@ -285,7 +295,8 @@ class GcsStore:
             try:
                 if not self._emulator:
                     source = service_file(self._integration, self._integration_name or "")
-                    self._token = _make_token(source, session, self._integration_name)
+                    field = _credentials_field(self._integration, self._integration_name)
+                    self._token = _make_token(source, session, field)
             except BaseException:
                 await session.close()
                 raise
@@ -347,7 +358,11 @@ class GcsStore:
         headers: Mapping[str, str] | None = None,
         data: bytes | str | None = None,
     ) -> aiohttp.ClientResponse:
-        """A raw request on the store's session (uploads); raises like the SDK does."""
+        """A raw request on the store's session (uploads); raises like the SDK does.
+
+        Bytes go in a fresh BytesIO per request: aiohttp then writes large bodies
+        without blocking the loop, and a retried request re-reads from the start.
+        """
         await self._client()
         assert self._session is not None
         resp = await self._session.request(
@@ -355,7 +370,7 @@ class GcsStore:
             url,
             params=params,
             headers={**(await self._auth()), **(headers or {})},
-            data=data,
+            data=io.BytesIO(data) if isinstance(data, bytes) else data,
             # A resumable chunk answers 308 "Resume Incomplete"; it is not a redirect.
             allow_redirects=False,
         )
@@ -496,25 +511,23 @@ class GcsStore:
         try:
             res = await self._call(upload, what, key=key, create=mode.create)
         except (AlreadyExists, PreconditionFailed):
-            if attempts < 2 or generation is None:
-                raise
-            return await self._lost_response(key, data)
+            if attempts > 1 and (ours := await self._landed(key, data)) is not None:
+                return ours
+            raise
         return object_info(key, res)
 
-    async def _lost_response(self, key: str, data: bytes) -> ObjectInfo:
-        """A retried conditional put failed its precondition: maybe our first attempt landed.
+    async def _landed(self, key: str, data: bytes) -> ObjectInfo | None:
+        """After a retried conditional put failed its precondition: did our first attempt land?
 
-        When an attempt succeeds but its response is lost, the retry finds the
-        object already written (by us). If storage holds exactly our bytes, that
-        is success; otherwise the conflict is real.
+        When an attempt succeeds but its response is lost (a reset, a timeout), the
+        retry finds the object already written, by us. If storage holds exactly our
+        bytes, the put succeeded; otherwise the conflict is real.
         """
         try:
             current = await self.head(key)
         except NotFound:
-            current = None
-        if current is not None and current.etag == _md5(data):
-            return current
-        raise PreconditionFailed(f"put {self._where(key)}: changed in storage", key=key)
+            return None
+        return current if current.etag == _md5(data) else None
 
     async def _put_resumable(
         self,

@@ -1,0 +1,406 @@
+"""GcsStore against a real fake-gcs-server, plus unit tests of its error translation.
+
+fake-gcs-server has no auth, so it cannot produce 401/403 (or throttling, or 5xx):
+those cases are tested by handing ``translate`` constructed aiohttp errors. Every
+other test talks to the running server.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import gcloud.aio.auth.token as gcloud_token
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+import bucketsync.retry
+from bucketsync.config import GcpIntegration, Settings
+from bucketsync.errors import (
+    AlreadyExists,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
+from bucketsync.model import CREATE, PutMode
+from bucketsync.stores import Store, open_store, read_all
+from bucketsync.stores.gcs import UPLOAD_CHUNK, GcsStore, endpoint, translate
+from conformance import CHECKS, Check, check_missing_root
+from emulators import free_port
+from emulators.gcs import PREFIX, FakeGcs
+
+MiB = 1 << 20
+
+
+async def chunks_of(data: bytes, size: int = MiB) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def body(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def listed(store: GcsStore, prefix: str = "") -> list[str]:
+    return [info.key async for info in store.list(prefix)]
+
+
+async def raw_metadata(store: GcsStore, key: str) -> dict[str, Any]:
+    """The object resource as the server has it, bypassing the store's mapping."""
+    storage = await store._client()
+    meta: dict[str, Any] = await storage.download_metadata(store.bucket, store.prefix + key)
+    return meta
+
+
+def md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+# --- the Store contract, end to end -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+async def test_conformance(check: Check, gcs_store: GcsStore) -> None:
+    await check(gcs_store)
+
+
+async def test_conformance_missing_root(fake_gcs: FakeGcs) -> None:
+    store = GcsStore("no-such-bucket-here", PREFIX, endpoint_url=fake_gcs.url, page_size=10)
+    try:
+        await check_missing_root(store)
+        with pytest.raises(NotFound, match="bucket 'no-such-bucket-here' does not exist"):
+            await listed(store)
+        await store.delete("x")  # idempotent, even here
+    finally:
+        await store.aclose()
+
+
+# check_permission_denied is not run: fake-gcs-server has no auth and allows everything.
+# The 401/403 mapping is covered by the translate() unit tests at the end of this file.
+
+
+async def test_put_head_list_open_agree(gcs_store: GcsStore) -> None:
+    put = await gcs_store.put("a/b.txt", body(b"hello"), content_type="text/plain")
+    assert (put.key, put.size, put.etag) == ("a/b.txt", 5, md5_b64(b"hello"))
+    assert await gcs_store.head("a/b.txt") == put
+    assert [i async for i in gcs_store.list()] == [put]
+    assert await read_all(gcs_store, "a/b.txt") == b"hello"
+    meta = await raw_metadata(gcs_store, "a/b.txt")
+    assert meta["name"] == PREFIX + "a/b.txt"
+    assert meta["contentType"] == "text/plain"
+    assert put.version == str(meta["generation"])
+
+
+async def test_list_pages_in_code_point_order_and_skips_non_items(fake_gcs: FakeGcs, gcs_store: GcsStore) -> None:
+    keys = [f"k{i:02d}" for i in range(23)] + ["a-c", "a/b", "a0", "é", "z/\u4e2d", "\U0001f600"]
+    for key in keys:
+        await gcs_store.put(key, body(key.encode()))
+    # Written around the store: a folder marker, the hidden folder, a key outside the prefix.
+    root = GcsStore(gcs_store.bucket, "", endpoint_url=fake_gcs.url)
+    try:
+        for name in (PREFIX + "folder/", PREFIX + ".bucketsync/perm-test", "other/outside", PREFIX[:-1]):
+            await root.put(name, body(b"x"))
+    finally:
+        await root.aclose()
+    got = await listed(gcs_store)  # page_size=10: several pages
+    assert got == sorted(keys)
+    assert "a-c" < "a/b" < "a0"  # code-point order, as a bucket lists
+    assert await listed(gcs_store, "k1") == [f"k1{i}" for i in range(10)]
+    assert await listed(gcs_store, "nothing-here") == []
+
+
+async def test_empty_prefix_store_lists_the_whole_bucket(fake_gcs: FakeGcs) -> None:
+    store = GcsStore(fake_gcs.create_bucket(), endpoint_url=fake_gcs.url, page_size=2)
+    try:
+        for key in ("b", "a", "c/d", "c/"):
+            await store.put(key, body(b""))
+        assert await listed(store) == ["a", "b", "c/d"]
+        assert (await store.head("a")).size == 0
+        assert await read_all(store, "a") == b""
+    finally:
+        await store.aclose()
+
+
+async def test_generation_is_the_version_and_changes_on_overwrite(gcs_store: GcsStore) -> None:
+    first = await gcs_store.put("k", body(b"same"))
+    second = await gcs_store.put("k", body(b"same"))
+    assert first.version and second.version
+    assert first.version != second.version
+    assert second.version == str((await raw_metadata(gcs_store, "k"))["generation"])
+    # The etag names the content: rewriting the same bytes keeps it (renames match by it).
+    assert first.etag == second.etag
+    assert [i.version async for i in gcs_store.list()] == [second.version]
+
+
+@pytest.mark.parametrize("mode", ["create", "if-match"])
+async def test_retried_conditional_put_whose_first_attempt_landed(
+    gcs_store: GcsStore, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """The response to a landed write is lost; the retry's 412 must not turn it into a conflict."""
+    monkeypatch.setattr(bucketsync.retry, "backoff", lambda *a, **k: 0.0)
+    old = await gcs_store.put("k", body(b"old")) if mode == "if-match" else None
+    put_mode = CREATE if old is None else PutMode.matching(old.etag or "")
+    real = GcsStore._request
+    lost: list[int] = []
+
+    async def flaky(store: GcsStore, method: str, url: str, **kw: Any) -> Any:
+        resp = await real(store, method, url, **kw)
+        if method == "POST" and not lost:
+            lost.append(resp.status)
+            resp.release()
+            raise aiohttp.ServerDisconnectedError()
+        return resp
+
+    monkeypatch.setattr(GcsStore, "_request", flaky)
+    info = await gcs_store.put("k", body(b"new"), put_mode)
+    assert lost == [200]
+    assert info == await gcs_store.head("k")
+    assert await read_all(gcs_store, "k") == b"new"
+    # And a real conflict is still reported as one.
+    lost.clear()
+    with pytest.raises(AlreadyExists if old is None else PreconditionFailed):
+        await gcs_store.put("k", body(b"other"), put_mode)
+
+
+async def test_storage_class_is_applied(fake_gcs: FakeGcs) -> None:
+    store = GcsStore(fake_gcs.create_bucket(), PREFIX, endpoint_url=fake_gcs.url, storage_class="NEARLINE")
+    try:
+        await store.put("k", body(b"x"))
+        assert (await raw_metadata(store, "k"))["storageClass"] == "NEARLINE"
+    finally:
+        await store.aclose()
+
+
+# --- large bodies: resumable, streamed ----------------------------------------------------------
+
+
+class ChunkSpy:
+    """Counts resumable chunk PUTs and remembers their sizes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = GcsStore._send_chunk
+
+        async def spy(store: GcsStore, uri: str, data: bytes, *args: Any) -> Any:
+            self.sizes.append(len(data))
+            return await real(store, uri, data, *args)
+
+        monkeypatch.setattr(GcsStore, "_send_chunk", spy)
+
+
+async def test_large_put_is_a_resumable_upload_in_chunks(gcs_store: GcsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = ChunkSpy(monkeypatch)
+    data = hashlib.sha256(b"seed").digest() * ((2 * UPLOAD_CHUNK + 12345) // 32 + 1)
+    info = await gcs_store.put("big.bin", chunks_of(data, MiB + 7))
+    assert spy.sizes == [UPLOAD_CHUNK, UPLOAD_CHUNK, len(data) - 2 * UPLOAD_CHUNK]
+    assert (info.size, info.etag) == (len(data), md5_b64(data))
+    assert await gcs_store.head("big.bin") == info
+    assert [i async for i in gcs_store.list()] == [info]
+    assert hashlib.md5(b"".join([c async for c in gcs_store.open("big.bin")])).digest() == hashlib.md5(data).digest()
+
+
+async def test_body_of_exactly_one_chunk_is_a_single_upload(
+    gcs_store: GcsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = ChunkSpy(monkeypatch)
+    data = b"\x01" * UPLOAD_CHUNK
+    info = await gcs_store.put("k", chunks_of(data))
+    assert spy.sizes == []
+    assert info.size == UPLOAD_CHUNK
+
+
+async def test_large_conditional_puts(gcs_store: GcsStore) -> None:
+    data = b"\x02" * (UPLOAD_CHUNK + 1)
+    first = await gcs_store.put("k", chunks_of(data), CREATE)
+    with pytest.raises(AlreadyExists):
+        await gcs_store.put("k", chunks_of(data), CREATE)
+    second = await gcs_store.put("k", chunks_of(data), PutMode.matching(first.etag or ""))
+    assert second.version != first.version
+    with pytest.raises(PreconditionFailed):
+        await gcs_store.put("k", chunks_of(data), PutMode.matching("stale"))
+
+
+async def test_a_failing_body_abandons_the_upload(gcs_store: GcsStore) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"\x03" * (UPLOAD_CHUNK + 1)
+        yield b"\x03" * UPLOAD_CHUNK
+        raise OSError("source went away")
+
+    with pytest.raises(OSError, match="source went away"):
+        await gcs_store.put("k", broken())
+    assert await listed(gcs_store) == []
+
+
+# --- configuration, endpoint, credentials -------------------------------------------------------
+
+
+async def test_gcs_config_works_through_settings_without_emulator_env(
+    gcs_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    settings = Settings(integrations=gcs_config["integrations"], drivers={"photos": gcs_config["driver"]})
+    store = open_store(settings.drivers["photos"], settings)
+    try:
+        assert isinstance(store, GcsStore)
+        assert isinstance(store, Store)
+        assert store.url == gcs_config["driver"]["url"]
+        await store.put("x.jpg", body(b"jpeg"))
+        assert [i.key async for i in store.list()] == ["x.jpg"]
+    finally:
+        await store.aclose()
+
+
+def test_gcs_scheme_alias(fake_gcs: FakeGcs) -> None:
+    settings = Settings(drivers={"d": {"url": "gcs://bkt/p", "endpoint_url": fake_gcs.url}})
+    store = open_store(settings.drivers["d"], settings)
+    assert isinstance(store, GcsStore)
+    assert (store.bucket, store.prefix, store.url) == ("bkt", "p/", "gs://bkt/p/")
+
+
+def test_endpoint_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    assert endpoint(None) == ("https://storage.googleapis.com", False)
+    assert endpoint("http://127.0.0.1:4443/") == ("http://127.0.0.1:4443", True)  # no token over http
+    assert endpoint("https://storage.example.internal") == ("https://storage.example.internal", False)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
+    assert endpoint(None) == ("http://127.0.0.1:9", True)
+    assert endpoint("https://x.example") == ("https://x.example", False)  # the driver's setting wins
+
+
+async def test_emulator_never_reads_credentials(fake_gcs: FakeGcs, tmp_path: Path) -> None:
+    integ = GcpIntegration(kind="gcp", service_account_file=tmp_path / "missing.json")
+    store = GcsStore(fake_gcs.create_bucket(), endpoint_url=fake_gcs.url, integration=integ, integration_name="g")
+    try:
+        assert await listed(store) == []
+    finally:
+        await store.aclose()
+
+
+async def test_unusable_credentials_are_a_config_error(tmp_path: Path) -> None:
+    secret = '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----SECRETSECRET'
+    cases = [
+        (GcpIntegration(kind="gcp", service_account_file=tmp_path / "missing.json"), "service_account_file: .*missing"),
+        (GcpIntegration(kind="gcp", service_account_json=secret), "not valid JSON"),
+        (GcpIntegration(kind="gcp", service_account_json='{"no": "type"}'), "no 'type'"),
+    ]
+    for integ, message in cases:
+        store = GcsStore("bkt", endpoint_url="https://127.0.0.1:9", integration=integ, integration_name="g")
+        try:
+            with pytest.raises(ConfigError, match=message) as exc:
+                await store.head("k")
+            assert "integrations.g" in str(exc.value)
+            assert "SECRETSECRET" not in str(exc.value)
+        finally:
+            await store.aclose()
+
+
+async def test_no_credentials_anywhere_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No integration key, no ADC file, no metadata server: a clear PermissionDenied, not a retry loop."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # an empty gcloud config folder
+    # The metadata server's address is read at import; point it at a closed port.
+    monkeypatch.setattr(gcloud_token, "GCE_ENDPOINT_TOKEN", f"http://127.0.0.1:{free_port()}/token")
+    store = GcsStore("bkt", endpoint_url="https://127.0.0.1:9")
+    try:
+        with pytest.raises(PermissionDenied, match="no credentials") as exc:
+            await store.head("k")
+        assert "gs://bkt/" in str(exc.value)
+    finally:
+        await store.aclose()
+
+
+def test_service_account_file_and_json_together_are_refused(tmp_path: Path) -> None:
+    integ = GcpIntegration(kind="gcp", service_account_file=tmp_path / "a.json", service_account_json="{}")
+    with pytest.raises(ConfigError, match="not both"):
+        GcsStore("bkt", integration=integ, integration_name="g")
+
+
+async def test_unreachable_server_is_transient_after_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bucketsync.retry, "backoff", lambda *a, **k: 0.0)
+    store = GcsStore("bkt", PREFIX, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(Transient, match="gs://bkt/some/prefix/"):
+            await listed(store)
+        with pytest.raises(Transient):
+            await store.put("k", body(b"x"))
+    finally:
+        await store.aclose()
+
+
+# --- error translation (unit: the emulator cannot produce these statuses) -----------------------
+
+TOKEN = "ya29.super-secret-token"
+
+
+def response_error(status: int, body: str = "") -> aiohttp.ClientResponseError:
+    """An error shaped like gcloud-aio-auth raises it, whose request carries a bearer token."""
+    info = aiohttp.RequestInfo(
+        URL("https://storage.googleapis.com/storage/v1/b/bkt/o"),
+        "GET",
+        CIMultiDictProxy(CIMultiDict({"Authorization": f"Bearer {TOKEN}"})),
+        URL("https://storage.googleapis.com/storage/v1/b/bkt/o"),
+    )
+    return aiohttp.ClientResponseError(info, (), status=status, message=f"Reason: {body}")
+
+
+@pytest.mark.parametrize(
+    ("status", "create", "kind"),
+    [
+        (404, False, NotFound),
+        (401, False, PermissionDenied),
+        (403, False, PermissionDenied),
+        (412, False, PreconditionFailed),
+        (412, True, AlreadyExists),
+        (409, True, AlreadyExists),
+        (409, False, StorageError),
+        (408, False, Transient),
+        (429, False, Transient),
+        (500, False, Transient),
+        (502, False, Transient),
+        (503, False, Transient),
+        (504, False, Transient),
+        (400, False, StorageError),
+    ],
+)
+def test_translate_status(status: int, create: bool, kind: type[StorageError]) -> None:
+    google = json.dumps({"error": {"code": status, "message": "sa@p.iam.gserviceaccount.com lacks access"}})
+    err = translate(response_error(status, google), "put gs://bkt/p/k", key="k", create=create)
+    assert type(err) is kind
+    assert err.key == "k"
+    assert "gs://bkt/p/k" in str(err)
+    assert TOKEN not in str(err) and TOKEN not in repr(err)
+    if kind in (NotFound, PermissionDenied, Transient, StorageError):
+        assert "lacks access" in str(err)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        TimeoutError(),
+        aiohttp.ServerTimeoutError("read timed out"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("cut short"),
+        aiohttp.ClientOSError(104, "Connection reset by peer"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_translate_network_errors_are_transient(exc: BaseException) -> None:
+    err = translate(exc, "list gs://bkt/")
+    assert isinstance(err, Transient)
+    assert "gs://bkt/" in str(err)
+
+
+def test_translate_keeps_non_json_bodies_short() -> None:
+    err = translate(response_error(502, "<html>" + "x" * 5000 + "</html>"), "head gs://bkt/k")
+    assert isinstance(err, Transient)
+    assert len(str(err)) < 400
