@@ -20,6 +20,7 @@ from aiohttp import web
 
 from bucketsync import metrics
 from bucketsync.agent import Agent, dataset_status
+from bucketsync.downstream import Downstream
 from bucketsync.errors import (
     AlreadyExists,
     BucketsyncError,
@@ -32,14 +33,13 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.downstream import Downstream
 from bucketsync.keys import check_key
 from bucketsync.model import ItemState, OpState
 
 log = structlog.get_logger("bucketsync.api")
 AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
-TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set)
+TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set[asyncio.Task[Any]])
 DOWNSTREAM: web.AppKey[Downstream] = web.AppKey("downstream", Downstream)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,7 +89,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error; see the agent's log")
 
 
-def auth_middleware(token: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(token: str | None) -> Any:
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
@@ -236,7 +236,7 @@ async def start_sync(request: web.Request) -> web.Response:
     if wait or dry_run:
         result = await asyncio.shield(task)
         return web.json_response(result.as_json())
-    await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
     if task.done() and not started.done():
         task.result()  # raises what went wrong before the run began
     return web.json_response({"dataset": name, "run": started.result(), "status": "running"}, status=202)
@@ -336,11 +336,9 @@ async def patch_item(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except ValueError:
-        raise ApiError(400, "invalid_json", "the body must be JSON: {\"metadata\": {...}}") from None
+        raise ApiError(400, "invalid_json", 'the body must be JSON: {"metadata": {...}}') from None
     if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
-        raise ApiError(
-            400, "invalid_request", "the body must be {\"metadata\": {...}}; system metadata is read-only"
-        )
+        raise ApiError(400, "invalid_request", 'the body must be {"metadata": {...}}; system metadata is read-only')
     try:
         out = await request.app[DOWNSTREAM].patch_meta(name, key, body["metadata"])
     except ValueError as exc:

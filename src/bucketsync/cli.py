@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bucketsync import __version__
@@ -27,7 +27,7 @@ from bucketsync.probe import probe
 from bucketsync.stores import open_store
 from bucketsync.sync import RunResult, SyncLoop
 
-Command = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def _print_json(obj: Any) -> None:

@@ -297,10 +297,7 @@ def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         field = _field(err["loc"])
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         lines.append(f"{field}: {msg}" if field != "config" or ":" not in msg else msg)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -315,7 +312,8 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     # A subclass per load carries the file; a missing default file reads as empty.
     bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": file}})
     try:
-        return bound()
+        settings: Settings = bound()
+        return settings
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
     except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses

@@ -8,6 +8,7 @@ against is a consistent view while the same run writes through the main one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -252,9 +253,7 @@ class Ledger:
             row = await cur.fetchone()
         if row:
             return int(row[0])
-        await self.db.execute(
-            "INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time())
-        )
+        await self.db.execute("INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time()))
         return await self.dataset_id(name)
 
     async def find_dataset(self, name: str) -> int | None:
@@ -290,8 +289,7 @@ class Ledger:
         try:
             await reader.execute("BEGIN")
             async with reader.execute(
-                "SELECT id, key, size, modified, etag, version, state FROM items "
-                "WHERE dataset_id = ? ORDER BY key",
+                "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? ORDER BY key",
                 (dataset_id,),
             ) as cur:
                 while rows := await cur.fetchmany(SNAPSHOT_BATCH):
@@ -412,8 +410,7 @@ class Ledger:
                     continue
                 await self.db.execute("DELETE FROM items WHERE id = ?", (new_id,))
                 await self.db.execute(
-                    "UPDATE items SET key = ?, size = ?, modified = ?, etag = ?, version = ?, updated = ? "
-                    "WHERE id = ?",
+                    "UPDATE items SET key = ?, size = ?, modified = ?, etag = ?, version = ?, updated = ? WHERE id = ?",
                     (*row, now, old_id),
                 )
             await self._progress(run_id, counts)
@@ -534,8 +531,7 @@ class Ledger:
 
     async def fail_op(self, op_id: int, code: str, error: str) -> None:
         await self.db.execute(
-            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ?, "
-            "staged = NULL WHERE id = ?",
+            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ?, staged = NULL WHERE id = ?",
             (error, code, time.time(), op_id),
         )
 
@@ -553,8 +549,7 @@ class Ledger:
                 (dataset_id, op.key, info.size, info.modified, info.etag, info.version, op.content_type, now),
             )
             await self.db.execute(
-                "UPDATE ops SET state = 'done', error = NULL, updated = ?, staged = NULL "
-                "WHERE id = ?",
+                "UPDATE ops SET state = 'done', error = NULL, updated = ?, staged = NULL WHERE id = ?",
                 (now, op.id),
             )
         item = await self.item(dataset_id, op.key)
@@ -624,7 +619,5 @@ class _Tx:
         if exc_type is None:
             await self.db.execute("COMMIT")
         else:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 await self.db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass

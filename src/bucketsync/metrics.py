@@ -9,10 +9,12 @@ from prometheus_client.exposition import generate_latest
 
 from bucketsync.model import Counts
 
-disable_created_metrics()  # *_created series double the scrape for no use here
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()
 
-RUNS = Counter("bucketsync_runs_total", "Upstream sync runs, by dataset and status.", ["dataset", "status"], registry=REGISTRY)
+RUNS = Counter(
+    "bucketsync_runs_total", "Upstream sync runs, by dataset and status.", ["dataset", "status"], registry=REGISTRY
+)
 ITEMS = Counter(
     "bucketsync_items_total",
     "Items seen by upstream runs, by dataset and what happened (listed, added, modified, removed, renamed).",
@@ -61,11 +63,15 @@ DOWNSTREAM_OPS = Counter(
     registry=REGISTRY,
 )
 TOMBSTONES = Counter(
-    "bucketsync_tombstones_total", "Items tombstoned because the driver does not allow deletes.", ["dataset"],
+    "bucketsync_tombstones_total",
+    "Items tombstoned because the driver does not allow deletes.",
+    ["dataset"],
     registry=REGISTRY,
 )
 GATE_REFUSALS = Counter(
-    "bucketsync_gate_refusals_total", "Downstream operations the gate refused, by reason.", ["reason"],
+    "bucketsync_gate_refusals_total",
+    "Downstream operations the gate refused, by reason.",
+    ["reason"],
     registry=REGISTRY,
 )
 OUTBOX_BACKLOG = Gauge("bucketsync_outbox_backlog", "Pending downstream operations in the outbox.", registry=REGISTRY)

@@ -17,6 +17,7 @@ Every op passes the gate again right before storage is touched: the only call to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -40,6 +41,7 @@ from bucketsync.retry import backoff
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
+    from bucketsync.ledger import Ledger
 
 log = structlog.get_logger("bucketsync.outbox")
 CHUNK = 1 << 20
@@ -70,7 +72,7 @@ class Outbox:
         self.results: dict[int, Item | None] = {}  # item written by a settled put, for its waiter
 
     @property
-    def ledger(self):  # type: ignore[no-untyped-def]
+    def ledger(self) -> Ledger:
         assert self.agent.ledger is not None
         return self.agent.ledger
 
@@ -270,7 +272,5 @@ def _code(exc: StorageError) -> str:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -48,9 +48,7 @@ class ProbeResult:
             "driver": self.driver,
             "url": self.url,
             "ok": self.ok,
-            "permissions": {
-                n: {"ok": c.ok, "required": c.required, "error": c.error} for n, c in self.checks.items()
-            },
+            "permissions": {n: {"ok": c.ok, "required": c.required, "error": c.error} for n, c in self.checks.items()},
         }
 
 

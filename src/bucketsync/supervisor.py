@@ -9,8 +9,10 @@ logged, counted and retried with backoff; it never stops the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -41,10 +43,8 @@ async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
         agent.not_ready[name] = result.summary()
         metrics.LOOP_ERRORS.labels(name).inc()
         log.error("dataset not ready: permission probe failed", dataset=name, reason=result.summary())
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=min(loop.config.interval, 5 + backoff(attempt, 5, 300)))
-        except TimeoutError:
-            pass
     if stop.is_set():
         return
     await agent.refresh_item_gauges(name)
@@ -79,7 +79,8 @@ async def serve(settings: Settings) -> int:
         log.info("agent started", listen=conf.listen, datasets=sorted(tasks), pid=os.getpid(), ledger=str(conf.ledger))
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)
-        busy = set(tasks.values()) | app[TASKS]
+        api_runs: set[asyncio.Task[Any]] = app[TASKS]
+        busy: set[asyncio.Task[Any]] = {*tasks.values(), *api_runs}
         if busy:
             _, pending = await asyncio.wait(busy, timeout=conf.grace)
             for t in pending:

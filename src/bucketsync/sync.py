@@ -188,9 +188,7 @@ class SyncLoop:
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
                 counts.listed += 1
-            if (self.in_flight or self.touched) and (
-                ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0
-            ):
+            if (self.in_flight or self.touched) and (ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0):
                 continue  # downstream owns this key right now; the next run sees it settled
             if kind is added:
                 if quota is not None and live + counts.added >= quota:
