@@ -406,7 +406,7 @@ def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app.router.add_get(f"{v1}/datasets/{{ds}}/runs/{{run}}", get_run)
     # Keys may contain '/'; encode it as %2F (routes match the raw path, so a key
     # ending in /content or /restore is unambiguous once encoded).
-    item = f"{v1}/datasets/{{ds}}/items/{{key:.+}}"
+    item = f"{v1}/datasets/{{ds}}/items/{{key:[\\s\\S]+}}"  # any character, so check_key can refuse it
     app.router.add_get(f"{item}/content", get_content)
     app.router.add_post(f"{item}/restore", restore_item)
     app.router.add_get(item, get_item)

@@ -287,9 +287,13 @@ def config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     return Path("bucketsync.toml"), False
 
 
+_KINDS = ("aws", "gcp", "azure")
+
+
 def _field(loc: tuple[int | str, ...]) -> str:
-    # Discriminated unions add the tag ("aws") to the location; it is not a field.
-    parts = [str(p) for p in loc if p not in ("aws", "gcp", "azure")]
+    # The integrations union adds its tag after the name (integrations.NAME.aws.field); it is
+    # not a field. Only there: an integration, driver or dataset may itself be called "aws".
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 2 and loc[0] == "integrations" and p in _KINDS)]
     return ".".join(parts) or "config"
 
 

@@ -143,6 +143,7 @@ class Downstream:
             if item.state is not ItemState.TOMBSTONE:
                 await ledger.set_state(item.id, ItemState.TOMBSTONE)
                 metrics.TOMBSTONES.labels(dataset).inc()
+                await self.agent.refresh_item_gauges(dataset)
                 log.info("tombstoned", dataset=dataset, key=key, item=item.id)
             return Outcome("tombstoned", await ledger.item(ds_id, key))
         op_id = await ledger.enqueue(ds_id, OpKind.DELETE, key, if_match=item.etag)
@@ -161,7 +162,14 @@ class Downstream:
         assert ledger is not None
         if item.state is ItemState.LIVE:
             return Outcome("unchanged", item)
+        ds = self.agent.settings.datasets[dataset]
+        decision = gate.decide_put(
+            read_only=False, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=True
+        )  # a restored item counts against the quota like a new one
+        if not decision.allowed:
+            raise _refuse(decision)
         await ledger.set_state(item.id, ItemState.LIVE)
+        await self.agent.refresh_item_gauges(dataset)
         log.info("restored", dataset=dataset, key=key, item=item.id)
         return Outcome("restored", await ledger.item(ds_id, key))
 

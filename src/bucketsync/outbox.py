@@ -213,6 +213,7 @@ class Outbox:
             info = await store.head(op.key)
         failpoints.hit("outbox.after_storage")
         item = await self.ledger.complete_put(op, ds_id, info)
+        await self.agent.refresh_item_gauges(op.dataset)
         self.results[op.id] = item
         await asyncio.to_thread(_unlink, op.staged)
         metrics.DOWNSTREAM_OPS.labels("put", "ok").inc()
@@ -259,6 +260,7 @@ class Outbox:
                 raise
         failpoints.hit("outbox.after_storage")
         await self.ledger.complete_delete(op, ds_id)
+        await self.agent.refresh_item_gauges(op.dataset)
         metrics.DOWNSTREAM_OPS.labels("delete", "ok").inc()
         log.info("delete done", op=op.id, dataset=op.dataset, key=op.key)
 

@@ -139,7 +139,7 @@ class _Token(Token):
     """
 
     # The library's signature, hence the timeout argument and the override.
-    async def acquire_access_token(self, timeout: int = 10) -> None:  # type: ignore[override]  # noqa: ASYNC109
+    async def acquire_access_token(self, timeout: int = 10) -> None:  # type: ignore[override]
         await getattr(Token.acquire_access_token, "__wrapped__")(self, timeout)  # noqa: B009
 
 

@@ -1,0 +1,696 @@
+"""Azure Blob store (``az://ACCOUNT/CONTAINER/prefix``) on azure-storage-blob's aio client.
+
+Listing order. Azure (and Azurite) list blob names in UTF-16 code-unit order, not
+in code-point order: a character above U+FFFF is sent as a surrogate pair
+(0xD800-0xDFFF), so it sorts *before* U+E000..U+FFFF, where code-point order puts
+it after. The two orders agree everywhere else (ASCII, accents, NFC or NFD, CJK,
+``a-c`` < ``a/b`` < ``a0``). ``CodePointOrder`` turns the server's stream into
+code-point order with bounded memory; see its docstring for why it is correct.
+
+Errors. ``translate`` is the one place azure.core exceptions become bucketsync's
+``StorageError`` hierarchy. Messages name the store URL and key, the HTTP status
+and Azure's error code, never the SDK's own text (it can carry request URLs with
+SAS tokens), and the SDK exception is not chained.
+
+Retries are ours (``bucketsync.retry``): the SDK's retry policy is switched off
+(``retry_total=0``) so a call fails fast into ``Transient`` and the backoff is in
+one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import heapq
+import re
+import uuid
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+from azure.core import MatchConditions
+from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobBlock, BlobProperties, ContentSettings, StandardBlobTier
+from azure.storage.blob.aio import BlobClient, ContainerClient
+
+from bucketsync.errors import (
+    AlreadyExists,
+    ConfigError,
+    NotFound,
+    NotSupported,
+    OrderError,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
+from bucketsync.keys import indexable
+from bucketsync.location import Location
+from bucketsync.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
+from bucketsync.retry import retrying
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+
+    from bucketsync.config import AzureIntegration, DriverConfig
+
+    Credential = AzureNamedKeyCredential | AzureSasCredential | AsyncTokenCredential
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+#: bodies up to one block go up in a single Put Blob; larger ones are staged block by block
+BLOCK_SIZE = 8 * MiB
+#: Azure's limit on blocks per blob (so 8 MiB blocks cap a put at ~390 GiB)
+MAX_BLOCKS = 50_000
+#: ``open`` reads with ranged GETs: a small first one (quick first byte, one request for small
+#: objects), then larger ones for throughput. The SDK's default first GET would buffer 32 MiB.
+FIRST_READ = 1 * MiB
+READ_CHUNK = 4 * MiB
+#: seconds to connect, and to wait for each read of a response (no limit on a whole transfer)
+CONNECT_TIMEOUT = 20
+READ_TIMEOUT = 60
+#: keys held back by ``CodePointOrder`` before it gives up with ``OrderError``
+REORDER_LIMIT = 100_000
+_TIER_LIST = (StandardBlobTier.HOT, StandardBlobTier.COOL, StandardBlobTier.COLD, StandardBlobTier.ARCHIVE)
+TIERS = {t.value.lower(): t for t in _TIER_LIST}
+
+# Errors the SDK (or aiohttp underneath it) raises for one call; anything else is a bug and propagates.
+_SDK_ERRORS = (AzureError, aiohttp.ClientError, TimeoutError, ConnectionError)
+_NETWORK_ERRORS = (
+    ServiceRequestError,
+    ServiceResponseError,
+    HttpResponseError,  # without a status: the response broke off (IncompleteReadError, DecodeError)
+    aiohttp.ClientError,
+    TimeoutError,
+    ConnectionError,
+)
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"ServerBusy", "OperationTimedOut", "InternalError"})
+# A 412 for a lease is not an etag mismatch: say what it is instead of PreconditionFailed.
+_LEASE_CODES = frozenset({"LeaseIdMissing", "LeaseIdMismatchWithBlobOperation", "LeaseNotPresentWithBlobOperation"})
+_URL_QUERY = re.compile(r"\?[^\s'\"<>)]*")  # SAS tokens travel in URL queries
+_SECRET_SETTING = re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|sig)=[^;&\s'\"]*")
+
+
+def _scrub(text: str) -> str:
+    """An exception's text without anything that can hold a credential, cut short."""
+    text = _URL_QUERY.sub("?<redacted>", text)
+    return _SECRET_SETTING.sub(r"\1=<redacted>", text)[:300]
+
+
+def _code(exc: HttpResponseError) -> str:
+    code = getattr(exc, "error_code", None)  # set by azure-storage's error processing, not by azure-core
+    return str(getattr(code, "value", code) or "")
+
+
+def translate(exc: BaseException, action: str, where: str, key: str | None = None) -> StorageError:
+    """One azure.core (or aiohttp) exception -> the bucketsync error for it.
+
+    ``action`` is a verb ("list", "read", "write", ...), ``where`` the store URL
+    plus key. HTTP errors are described by status and error code only: the SDK's
+    text quotes the request. Other errors keep a scrubbed, shortened text.
+    """
+    msg = f"cannot {action} {where}"
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None and exc.status_code >= 400:
+        return _translate_http(exc, msg, key)
+    reason = f"{type(exc).__name__}: {_scrub(str(exc)) or 'no details'}"
+    if isinstance(exc, ClientAuthenticationError):  # no HTTP status: a token credential found nothing to use
+        return PermissionDenied(f"{msg}: no usable Azure credential ({reason})", key=key)
+    if isinstance(exc, _NETWORK_ERRORS):
+        # Connection refused or reset, timeouts, a body cut short (IncompleteReadError): all retryable.
+        return Transient(f"{msg}: {reason}", key=key)
+    return StorageError(f"{msg}: {reason}", key=key)
+
+
+def _translate_http(exc: HttpResponseError, msg: str, key: str | None) -> StorageError:
+    status = exc.status_code
+    code = _code(exc)
+    detail = f"HTTP {status}{' ' + code if code else ''}"
+    if code == "ContainerNotFound":
+        return NotFound(f"{msg}: the container does not exist ({detail})", key=key)
+    if status == 404 or isinstance(exc, ResourceNotFoundError):
+        return NotFound(f"{msg}: not found ({detail})", key=key)
+    if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
+        return PermissionDenied(f"{msg}: permission denied, check the azure integration ({detail})", key=key)
+    if status == 412 and code in _LEASE_CODES:
+        return StorageError(f"{msg}: the blob is leased by another client ({detail})", key=key)
+    if status == 412 or isinstance(exc, ResourceModifiedError):
+        return PreconditionFailed(f"{msg}: changed in storage, etag mismatch ({detail})", key=key)
+    if code in ("BlobAlreadyExists", "ContainerAlreadyExists") or (isinstance(exc, ResourceExistsError) and not code):
+        return AlreadyExists(f"{msg}: already exists ({detail})", key=key)
+    if code == "BlobArchived":
+        return NotSupported(f"{msg}: the blob is in the Archive tier; rehydrate it first ({detail})", key=key)
+    if code == "SnapshotsPresent":
+        return StorageError(f"{msg}: the blob has snapshots; bucketsync does not delete them ({detail})", key=key)
+    if status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES:
+        return Transient(f"{msg}: the service is busy or failing, will retry ({detail})", key=key)
+    return StorageError(f"{msg}: {detail}", key=key)
+
+
+# --------------------------------------------------------------------------- listing order
+
+_SUPPLEMENTARY = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _guard(key: str) -> str | None:
+    """The part of ``key`` before its first character above U+FFFF (None if it has none)."""
+    if key.isascii():
+        return None
+    m = _SUPPLEMENTARY.search(key)
+    return key[: m.start()] if m else None
+
+
+class CodePointOrder:
+    """Re-order a listing that arrives in UTF-16 order into code-point order.
+
+    Why this is enough: two keys compare differently in the two orders only when,
+    at the first character where they differ, one has a character in
+    U+E000..U+FFFF and the other one above U+FFFF (a surrogate pair in UTF-16).
+    So a key ``x`` with no character above U+FFFF can never be preceded (in
+    code-point order) by a key the server sends later, and is released at once.
+    A key with one, whose text before the first such character is ``g``, can be
+    preceded later only by keys that start with ``g`` (they share the prefix and
+    then carry a U+E000..U+FFFF character); once the server has moved past every
+    key starting with ``g`` — the latest key it sent does not start with ``g`` —
+    nothing smaller can come. Held keys wait in a min-heap ordered by code point.
+
+    Memory: only keys with a character above U+FFFF (emoji, rare CJK) are held,
+    and only while the server is still listing under their ``g``. More than
+    ``limit`` held keys raise ``OrderError`` instead of growing without bound.
+    The same logic is correct when the input is already in code-point order
+    (then nothing smaller ever arrives), and every key released is checked to be
+    strictly greater than the previous one, so any other order (a hierarchical
+    namespace account lists folder by folder) fails loudly, never silently.
+    """
+
+    def __init__(self, where: str, limit: int = REORDER_LIMIT) -> None:
+        self._where = where
+        self._limit = limit
+        self._heap: list[tuple[str, int, str | None, ObjectInfo]] = []
+        self._seq = 0
+        self._last: str | None = None
+
+    def push(self, key: str, info: ObjectInfo | None) -> Iterator[ObjectInfo]:
+        """Take the server's next key (``info`` None: not an item, but it still moves the position)."""
+        if info is not None:
+            guard = _guard(key)
+            if guard is None and not self._heap:
+                yield self._release(info)
+                return
+            self._seq += 1
+            heapq.heappush(self._heap, (key, self._seq, guard, info))
+        while self._heap:
+            _, _, top_guard, top = self._heap[0]
+            if top_guard is not None and key.startswith(top_guard):
+                break
+            heapq.heappop(self._heap)
+            yield self._release(top)
+        if len(self._heap) > self._limit:
+            raise OrderError(
+                f"{self._where}: more than {self._limit} keys held back under {self._heap[0][2]!r}, where keys with "
+                "characters above U+FFFF sit; Azure lists them in UTF-16 order and they cannot be put in "
+                "code-point order within the memory bound"
+            )
+
+    def finish(self) -> Iterator[ObjectInfo]:
+        """The listing ended: everything held is safe now."""
+        while self._heap:
+            yield self._release(heapq.heappop(self._heap)[3])
+
+    def _release(self, info: ObjectInfo) -> ObjectInfo:
+        if self._last is not None and info.key <= self._last:
+            raise OrderError(
+                f"{self._where}: the listing is not in key order ({self._last!r} came before {info.key!r}); "
+                "accounts with a hierarchical namespace (Data Lake Gen2) list folder by folder and are not supported"
+            )
+        self._last = info.key
+        return info
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _info(key: str, size: int, modified: datetime, etag: str | None, version: str | None) -> ObjectInfo:
+    return ObjectInfo(key, size, modified.timestamp(), normalize_etag(etag), version)
+
+
+def _quoted(etag: str) -> str:
+    # Our etags are normalised (unquoted); If-Match wants the quoted HTTP form.
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+def _conditions(mode: PutMode) -> dict[str, Any]:
+    if mode.create:
+        return {"match_condition": MatchConditions.IfMissing}
+    if mode.if_match is not None:
+        return {"etag": _quoted(mode.if_match), "match_condition": MatchConditions.IfNotModified}
+    return {}
+
+
+async def _blocks(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
+    """Re-cut a byte stream into blocks of exactly ``size`` (the last shorter; one empty block for no data)."""
+    buf = bytearray()
+    sent = False
+    async for chunk in chunks:
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+            sent = True
+    if buf or not sent:
+        yield bytes(buf)
+
+
+class AzureStore:
+    """One container + prefix. The SDK client is created on first use, closed by ``aclose``."""
+
+    conditional_writes = True
+
+    def __init__(
+        self,
+        account: str,
+        container: str,
+        prefix: str = "",
+        *,
+        account_url: str,
+        credential: Credential,
+        tier: StandardBlobTier | None = None,
+        close_credential: bool = False,
+        page_size: int = 1000,
+        block_size: int = BLOCK_SIZE,
+        max_concurrency: int = 4,
+        retry_attempts: int = 5,
+        retry_base: float = 0.2,
+        reorder_limit: int = REORDER_LIMIT,
+    ) -> None:
+        self.url = f"az://{account}/{container}/{prefix}"
+        self.account = account
+        self.container = container
+        self.prefix = prefix
+        self.page_size = page_size
+        self.block_size = block_size
+        self.max_concurrency = max_concurrency
+        self.tier = tier
+        self._account_url = account_url.rstrip("/")
+        self._credential = credential
+        self._close_credential = close_credential
+        self._attempts = retry_attempts
+        self._retry_base = retry_base
+        self._reorder_limit = reorder_limit
+        self._client: ContainerClient | None = None
+
+    def __repr__(self) -> str:
+        return f"AzureStore({self.url!r})"
+
+    # -- plumbing
+
+    def _container(self) -> ContainerClient:
+        if self._client is None:
+            self._client = ContainerClient(
+                self._account_url,
+                self.container,
+                credential=self._credential,
+                retry_total=0,  # retries are ours (bucketsync.retry), on Transient only
+                connection_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                max_single_put_size=max(self.block_size, 1) + 1,  # our single puts never get split by the SDK
+                max_block_size=self.block_size,
+                max_single_get_size=READ_CHUNK,  # one GET per range we ask for
+            )
+        return self._client
+
+    def _blob(self, key: str) -> BlobClient:
+        return self._container().get_blob_client(self.prefix + key)
+
+    async def _call(self, action: str, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
+        """Await one SDK call, translating its errors (and dropping the SDK exception: it may quote secrets)."""
+        try:
+            return await call()
+        except _SDK_ERRORS as exc:
+            error = translate(exc, action, self.url + (key or ""), key)
+        raise error
+
+    async def _retry(self, action: str, key: str | None, call: Callable[[], Awaitable[T]]) -> T:
+        """``_call`` retried on Transient; only for idempotent calls."""
+        return await retrying(lambda: self._call(action, key, call), attempts=self._attempts, base=self._retry_base)
+
+    # -- listing
+
+    async def _page(self, start: str, token: str | None) -> tuple[list[BlobProperties], str | None]:
+        pages = (
+            self._container()
+            .list_blobs(name_starts_with=start or None, results_per_page=self.page_size)
+            .by_page(continuation_token=token)
+        )
+        page = await pages.__anext__()
+        blobs = [b async for b in page]
+        token_after: str | None = getattr(pages, "continuation_token", None)  # AsyncPageIterator's, untyped
+        return blobs, token_after or None
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        start = self.prefix + prefix
+        cut = len(self.prefix)
+        order = CodePointOrder(self.url, self._reorder_limit)
+        token: str | None = None
+        while True:
+            # Each page is retried on its own, from its continuation token: a blip never restarts the listing.
+            blobs, token = await self._retry("list", None, functools.partial(self._page, start, token))
+            for b in blobs:
+                if not b.name.startswith(start):  # never trust a page to honour the prefix
+                    raise StorageError(f"cannot list {self.url}: the service returned {b.name!r} outside {start!r}")
+                key = b.name[cut:]
+                info = _info(key, b.size, b.last_modified, b.etag, b.version_id) if indexable(key) else None
+                for out in order.push(key, info):
+                    yield out
+            if token is None:
+                break
+        for out in order.finish():
+            yield out
+
+    # -- reads
+
+    async def head(self, key: str) -> ObjectInfo:
+        props = await self._retry("read the properties of", key, self._blob(key).get_blob_properties)
+        return _info(key, props.size, props.last_modified, props.etag, props.version_id)
+
+    async def open(self, key: str) -> AsyncIterator[bytes]:
+        # Ranged GETs we drive ourselves: a small first one, then READ_CHUNK at a time, each
+        # pinned to the first response's etag (a blob rewritten mid-read fails with
+        # PreconditionFailed instead of mixing versions) and each retried on its own.
+        blob = self._blob(key)
+        data, total, etag = await self._retry("read", key, functools.partial(self._first_range, blob))
+        if data:
+            yield data
+        pos = len(data)
+        while pos < total:
+            n = min(READ_CHUNK, total - pos)
+            data = await self._retry("read", key, functools.partial(self._range, blob, pos, n, etag))
+            if not data:
+                raise Transient(f"cannot read {self.url}{key}: the service returned no data at byte {pos}", key=key)
+            pos += len(data)
+            yield data
+
+    async def _first_range(self, blob: BlobClient) -> tuple[bytes, int, str | None]:
+        """(the first FIRST_READ bytes, the blob's size, its etag)."""
+        try:
+            downloader = await blob.download_blob(offset=0, length=FIRST_READ, max_concurrency=1)
+        except HttpResponseError as exc:
+            if exc.status_code == 416:  # a range of an empty blob: Azure's way of saying "0 bytes"
+                return b"", 0, None
+            raise
+        data: bytes = await downloader.readall()
+        props = downloader.properties
+        # Content-Range is "bytes 0-1048575/3000000": the blob's size is after the slash.
+        total = int(str(props.content_range).rpartition("/")[2]) if props.content_range else len(data)
+        return data, total, props.etag
+
+    async def _range(self, blob: BlobClient, offset: int, length: int, etag: str | None) -> bytes:
+        cond: dict[str, Any] = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        downloader = await blob.download_blob(offset=offset, length=length, max_concurrency=1, **cond)
+        data: bytes = await downloader.readall()
+        return data
+
+    # -- writes
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        mode: PutMode = OVERWRITE,
+        content_type: str | None = None,
+    ) -> ObjectInfo:
+        blob = self._blob(key)
+        blocks = _blocks(chunks, self.block_size)
+        head = [await anext(blocks)]
+        more = await anext(blocks, None)
+        if more is None:
+            return await self._put_single(blob, key, head.pop(), mode, content_type)
+        head.append(more)
+        del more  # no frame keeps a block alive once it is staged
+        await self._precheck(key, mode)
+        return await self._put_blocks(blob, key, _drain(head, blocks), mode, content_type)
+
+    async def _precheck(self, key: str, mode: PutMode) -> None:
+        """Refuse a conditional block upload before sending gigabytes that the final commit would refuse.
+
+        Only an early answer: the condition itself is enforced by the commit (Put Block List).
+        """
+        if not mode.create and mode.if_match is None:
+            return
+        try:
+            current: ObjectInfo | None = await self.head(key)
+        except NotFound:
+            current = None
+        if mode.create and current is not None:
+            raise AlreadyExists(f"cannot write {self.url}{key}: already exists", key=key)
+        if mode.if_match is not None and (current is None or current.etag != normalize_etag(mode.if_match)):
+            raise PreconditionFailed(f"cannot write {self.url}{key}: changed in storage, etag mismatch", key=key)
+
+    def _settings(self, content_type: str | None, md5: bytes) -> ContentSettings:
+        # The MD5 is stored with the blob (x-ms-blob-content-md5) for block uploads too: it
+        # lets a retried conditional write recognise that its first attempt had landed.
+        return ContentSettings(content_type=content_type or "application/octet-stream", content_md5=bytearray(md5))
+
+    async def _put_single(
+        self, blob: BlobClient, key: str, data: bytes, mode: PutMode, ctype: str | None
+    ) -> ObjectInfo:
+        md5 = hashlib.md5(data).digest()
+
+        async def upload() -> dict[str, Any]:
+            return await blob.upload_blob(
+                data,
+                length=len(data),
+                overwrite=not mode.create,
+                content_settings=self._settings(ctype, md5),
+                standard_blob_tier=self.tier,
+                **_conditions(mode),
+            )
+
+        return await self._write(key, len(data), md5, mode, upload)
+
+    async def _put_blocks(
+        self, blob: BlobClient, key: str, blocks: AsyncIterator[bytes], mode: PutMode, ctype: str | None
+    ) -> ObjectInfo:
+        upload_id = uuid.uuid4().hex  # per upload: two writers of one key never mix their uncommitted blocks
+        ids: list[BlobBlock] = []
+        md5 = hashlib.md5()
+        size = 0
+        pending: deque[asyncio.Task[None]] = deque()
+        try:
+            async for block in blocks:
+                if len(ids) >= MAX_BLOCKS:
+                    raise StorageError(
+                        f"cannot write {self.url}{key}: more than {MAX_BLOCKS} blocks of {self.block_size} bytes",
+                        key=key,
+                    )
+                block_id = base64.b64encode(f"{upload_id}-{len(ids):06d}".encode()).decode()
+                ids.append(BlobBlock(block_id=block_id))
+                md5.update(block)
+                size += len(block)
+                if len(pending) >= self.max_concurrency:
+                    await pending.popleft()  # at most max_concurrency blocks in memory and in flight
+                pending.append(asyncio.create_task(self._stage(blob, key, block_id, block)))
+            while pending:
+                await pending.popleft()
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        digest = md5.digest()
+
+        async def commit() -> dict[str, Any]:
+            return await blob.commit_block_list(
+                ids, content_settings=self._settings(ctype, digest), standard_blob_tier=self.tier, **_conditions(mode)
+            )
+
+        return await self._write(key, size, digest, mode, commit)
+
+    async def _stage(self, blob: BlobClient, key: str, block_id: str, block: bytes) -> None:
+        # Staging the same id with the same bytes again is harmless, so it is retried.
+        await self._retry("write", key, lambda: blob.stage_block(block_id, block, length=len(block)))
+
+    async def _write(
+        self, key: str, size: int, md5: bytes, mode: PutMode, call: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> ObjectInfo:
+        """Run the final write call with retries; map a lost-response retry of a conditional write to success."""
+        attempt = 0
+
+        async def once() -> ObjectInfo:
+            nonlocal attempt
+            attempt += 1
+            try:
+                r = await self._call("write", key, call)
+            except (AlreadyExists, PreconditionFailed) as exc:
+                if attempt > 1 and (landed := await self._landed(key, md5)) is not None:
+                    return landed  # our earlier attempt succeeded; only its response was lost
+                if mode.create and isinstance(exc, PreconditionFailed):
+                    raise AlreadyExists(str(exc), key=key) from None
+                raise
+            return _info(key, size, r["last_modified"], r["etag"], r.get("version_id"))
+
+        return await retrying(once, attempts=self._attempts, base=self._retry_base)
+
+    async def _landed(self, key: str, md5: bytes) -> ObjectInfo | None:
+        props = await self._retry("read the properties of", key, self._blob(key).get_blob_properties)
+        stored = props.content_settings.content_md5
+        if stored is None or bytes(stored) != md5:
+            return None
+        return _info(key, props.size, props.last_modified, props.etag, props.version_id)
+
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        cond: dict[str, Any] = {}
+        if if_match is not None:
+            cond = {"etag": _quoted(if_match), "match_condition": MatchConditions.IfNotModified}
+        try:
+            # One request per blob: the batch API fails against Azurite and saves little here.
+            await self._retry("delete", key, lambda: self._blob(key).delete_blob(**cond))
+        except NotFound:
+            return  # idempotent; also what a retry after a lost 202 sees
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+        if self._close_credential:
+            close = getattr(self._credential, "close", None)
+            if close is not None:
+                await close()
+
+
+async def _drain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``head`` (emptied as it goes, so blocks are freed once staged), then ``rest``."""
+    while head:
+        yield head.pop(0)
+    async for block in rest:
+        yield block
+
+
+# --------------------------------------------------------------------------- factory: credentials and endpoint
+
+_SECRETS = ("connection_string", "account_key", "sas_token")
+
+
+def _parse_connection_string(text: str) -> dict[str, str]:
+    """``Name=Value;...`` -> {lowercased name: value}. Errors never quote the text (it holds the key)."""
+    settings: dict[str, str] = {}
+    for part in text.strip().split(";"):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(
+                "azure integration: connection_string is malformed (expected Name=Value pairs joined by ';')"
+            )
+        settings[name.strip().lower()] = value.strip()
+    return settings
+
+
+def _from_connection_string(loc: Location, driver: DriverConfig, text: str) -> tuple[str, Credential]:
+    s = _parse_connection_string(text)
+    if s.get("usedevelopmentstorage", "").lower() == "true":
+        raise ConfigError(
+            "azure integration: UseDevelopmentStorage=true is not supported; give the emulator's full connection "
+            "string (AccountName, AccountKey, BlobEndpoint)"
+        )
+    account = s.get("accountname")
+    if account is not None and account != loc.account:
+        raise ConfigError(
+            f"azure integration: the connection string is for account {account!r} but the driver URL {loc} "
+            f"names {loc.account!r}"
+        )
+    credential: Credential
+    if s.get("accountkey"):
+        credential = AzureNamedKeyCredential(loc.account, s["accountkey"])
+    elif s.get("sharedaccesssignature"):
+        credential = AzureSasCredential(s["sharedaccesssignature"].lstrip("?"))
+    else:
+        raise ConfigError("azure integration: connection_string has neither AccountKey nor SharedAccessSignature")
+    if driver.endpoint_url:
+        url = driver.endpoint_url
+    elif s.get("blobendpoint"):
+        url = s["blobendpoint"]
+    else:
+        scheme = s.get("defaultendpointsprotocol", "https")
+        url = f"{scheme}://{loc.account}.blob.{s.get('endpointsuffix', 'core.windows.net')}"
+    return url, credential
+
+
+def _default_credential() -> Credential:
+    try:
+        from azure.identity.aio import DefaultAzureCredential
+    except ImportError:
+        raise ConfigError(
+            "no Azure credentials: set connection_string, account_key or sas_token (or its *_file) in an azure "
+            "integration and name it in the driver, or install azure-identity to use DefaultAzureCredential"
+        ) from None
+    credential: AsyncTokenCredential = DefaultAzureCredential()
+    return credential
+
+
+def _is_set(integration: AzureIntegration, name: str) -> bool:
+    return getattr(integration, name) is not None or getattr(integration, f"{name}_file") is not None
+
+
+def credentials(
+    loc: Location, driver: DriverConfig, integration: AzureIntegration | None
+) -> tuple[str, Credential, bool]:
+    """(account URL, credential, whether the store owns and must close the credential)."""
+    default_url = driver.endpoint_url or f"https://{loc.account}.blob.core.windows.net"
+    given = [n for n in _SECRETS if integration is not None and _is_set(integration, n)]
+    if len(given) > 1:
+        raise ConfigError(f"azure integration: set only one of connection_string, account_key, sas_token (got {given})")
+    if integration is None or not given:
+        if not default_url.startswith("https://"):  # the SDK refuses to send bearer tokens in the clear
+            raise ConfigError(f"endpoint_url {default_url!r}: DefaultAzureCredential needs an https:// endpoint")
+        return default_url, _default_credential(), True
+    value = integration.secret(given[0]) or ""
+    if not value.strip():
+        raise ConfigError(f"azure integration: {given[0]} is empty")
+    if given[0] == "connection_string":
+        url, credential = _from_connection_string(loc, driver, value)
+        return url, credential, False
+    if given[0] == "account_key":
+        return default_url, AzureNamedKeyCredential(loc.account, value.strip()), False
+    return default_url, AzureSasCredential(value.strip().lstrip("?")), False
+
+
+def _tier(storage_class: str | None) -> StandardBlobTier | None:
+    if storage_class is None:
+        return None
+    tier = TIERS.get(storage_class.strip().lower())
+    if tier is None:
+        raise ConfigError(
+            f"storage_class {storage_class!r} is not an Azure access tier (use Hot, Cool, Cold or Archive)"
+        )
+    return tier
+
+
+def open_azure(loc: Location, driver: DriverConfig, integration: AzureIntegration | None, **options: Any) -> AzureStore:
+    """The registry's factory for ``az://`` (and ``azure://``). ``options`` go to ``AzureStore`` (tests)."""
+    tier = _tier(driver.storage_class)
+    url, credential, owned = credentials(loc, driver, integration)
+    return AzureStore(
+        loc.account,
+        loc.bucket,
+        loc.prefix,
+        account_url=url,
+        credential=credential,
+        tier=tier,
+        close_credential=owned,
+        **options,
+    )

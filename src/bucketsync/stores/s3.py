@@ -1,0 +1,837 @@
+"""AWS S3 and S3-compatible stores (``s3://bucket/prefix``) on aiobotocore.
+
+Behaviour that is ours, not the SDK's:
+
+- botocore's own retries are off (one attempt per call). Every idempotent call
+  (one list page, head, get, delete, a conditional put, one multipart part) goes
+  through ``bucketsync.retry.retrying`` on ``Transient``, so backoff is the same
+  for every store and tests can predict it.
+- ``translate`` is the one place botocore/aiohttp errors become bucketsync errors.
+- Listings are checked: ascending keys on every page and across pages (else
+  ``OrderError``), and a truncated page must carry a continuation token (else
+  ``StorageError``): an incomplete listing is never mistaken for the end.
+- ListObjectsV2 carries no version id, so ``version`` is always ``None`` here and
+  an S3 version is identified by its ETag; ``list``, ``head`` and ``put`` then
+  report the same ``ObjectInfo`` for the same object. ``modified`` is whole
+  seconds for the same reason: HEAD's ``Last-Modified`` has no fraction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import heapq
+import itertools
+import re
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote_plus
+
+import aiohttp
+import structlog
+from aiobotocore.session import AioSession
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.utils import parse_timestamp
+
+from bucketsync.errors import (
+    AlreadyExists,
+    ConfigError,
+    NotFound,
+    OrderError,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
+from bucketsync.keys import HIDDEN, indexable
+from bucketsync.location import Location
+from bucketsync.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
+from bucketsync.retry import retrying
+
+if TYPE_CHECKING:
+    from bucketsync.config import AwsIntegration, DriverConfig
+
+log = structlog.get_logger(__name__)
+
+MiB = 1 << 20
+#: Multipart part size. S3 wants >= 5 MiB for every part but the last; a body
+#: smaller than one part is sent with a single PutObject.
+PART_SIZE = 8 * MiB
+#: Parts uploaded at once: memory held by one put is about (PARTS_IN_FLIGHT + 2) * part_size.
+PARTS_IN_FLIGHT = 4
+CHUNK = 1 * MiB
+
+_NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchVersion", "NoSuchUpload"})
+_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidObjectState",  # archived (Glacier) object: not readable with these rights
+    }
+)
+_TRANSIENT = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",  # a conflicting operation is in progress; AWS says retry
+        "BadDigest",  # body corrupted in transit
+        "IncompleteBody",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+_CREDENTIALS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound)
+_RETRYABLE_EXCEPTIONS = (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError, TimeoutError)
+_LOADER: Any = None
+_USERINFO = re.compile(r"://[^/@\s]+@")
+_SIGNED_QUERY = re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
+
+
+def _session(profile: str | None) -> AioSession:
+    """A botocore session; the model loader (parsed service JSON, about 0.1 s to build)
+    is shared by every store in the process. Credentials and config stay per session."""
+    global _LOADER
+    session = AioSession(profile=profile)
+    if _LOADER is None:
+        _LOADER = session.get_component("data_loader")
+    else:
+        session.register_component("data_loader", _LOADER)
+    return session
+
+
+def _redact(text: str) -> str:
+    """Drop ``user:password@`` and presigned-URL credentials from any URL a message may quote (invariant 9)."""
+    return _SIGNED_QUERY.sub(r"\1***", _USERINFO.sub("://***@", text))
+
+
+def translate(
+    exc: BaseException, where: str, op: str, *, key: str | None = None, mode: PutMode | None = None
+) -> StorageError:
+    """The one mapping from botocore/aiohttp errors to bucketsync's hierarchy.
+
+    ``where`` names the object (``s3://bucket/prefix/key``), ``op`` what was being
+    done. ``mode`` is the put mode of a conditional write: there a 412 (or 409
+    ``ConditionalRequestConflict``) means ``AlreadyExists`` for create-only and
+    ``PreconditionFailed`` for if-match, and a missing key under if-match is a
+    failed precondition too (AWS answers 404 there, not 412).
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, ClientError):
+        return _translate_client_error(exc, where, op, key, mode)
+    if isinstance(exc, _CREDENTIALS):
+        return PermissionDenied(
+            f"{op} {where}: no usable AWS credentials ({type(exc).__name__}: {_redact(str(exc))}); set "
+            "access_key_id/secret_access_key or profile on the aws integration, or configure the default chain",
+            key=key,
+        )
+    if isinstance(exc, SSLError):  # a certificate problem does not heal by retrying
+        return StorageError(f"{op} {where}: TLS error: {_redact(str(exc))}", key=key)
+    if isinstance(exc, _RETRYABLE_EXCEPTIONS):
+        return Transient(f"{op} {where}: {type(exc).__name__}: {_redact(str(exc))}", key=key)
+    if isinstance(exc, BotoCoreError):
+        return StorageError(f"{op} {where}: {type(exc).__name__}: {_redact(str(exc))}", key=key)
+    return StorageError(f"{op} {where}: unexpected {type(exc).__name__}: {_redact(str(exc))}", key=key)
+
+
+class BucketNotFound(NotFound):
+    """The bucket itself is missing (``NoSuchBucket``), not just one key."""
+
+
+def _translate_client_error(
+    exc: ClientError, where: str, op: str, key: str | None, mode: PutMode | None
+) -> StorageError:
+    response: dict[str, Any] = exc.response or {}
+    err = response.get("Error") or {}
+    code = str(err.get("Code") or "")
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    server_msg = str(err.get("Message") or "")[:200]
+    what = f"{code or 'error'} (HTTP {status})" if status else code or "error"
+    msg = _redact(f"{op} {where}: {what}" + (f": {server_msg}" if server_msg else ""))
+
+    if code == "NoSuchBucket":
+        return BucketNotFound(msg, key=key)
+    if code == "NoSuchUpload":  # our multipart upload is gone (completed or aborted), whatever the mode
+        return NotFound(msg, key=key)
+    conflict = status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict")
+    if conflict and mode is not None and mode.create:
+        return AlreadyExists(f"{msg} (the object already exists)", key=key)
+    if conflict:
+        return PreconditionFailed(f"{msg} (the object changed in storage)", key=key)
+    if code in _NOT_FOUND or status == 404:
+        if mode is not None and mode.if_match is not None:
+            return PreconditionFailed(f"{msg} (the object no longer exists)", key=key)
+        return NotFound(msg, key=key)
+    if code in _DENIED or status in (401, 403):
+        return PermissionDenied(msg, key=key)
+    if code in _TRANSIENT or status == 429 or status >= 500:
+        return Transient(msg, key=key)
+    return StorageError(msg, key=key)
+
+
+def _entry(key: str, size: int, modified: datetime, etag: str | None) -> tuple[str, int, float, str | None]:
+    # Whole seconds: HEAD's Last-Modified has no fraction, so list and head agree.
+    return key, int(size), float(int(modified.timestamp())), normalize_etag(etag)
+
+
+def _info(key: str, size: int, modified: datetime, etag: str | None) -> ObjectInfo:
+    return ObjectInfo(*_entry(key, size, modified, etag))
+
+
+def _quoted(etag: str) -> str:
+    # ETags are stored normalised (no quotes); HTTP conditional headers want them quoted.
+    return f'"{normalize_etag(etag) or etag}"'
+
+
+def _multipart_etag(part_etags: list[str]) -> str | None:
+    """The ETag S3 gives a completed multipart upload: md5(md5(part1)..md5(partN))-N.
+
+    Only known when every part's ETag is its MD5 (not with SSE-KMS or on some
+    S3-compatible servers); ``None`` then.
+    """
+    try:
+        digests = b"".join(bytes.fromhex(etag) for etag in part_etags)
+    except ValueError:
+        return None
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(part_etags)}"
+
+
+async def _parts(chunks: AsyncIterable[bytes], size: int) -> AsyncGenerator[bytes, None]:
+    """Re-cut a stream of chunks into parts of exactly ``size`` bytes (the last may be
+    smaller). Yields at least one part (``b""`` for an empty body)."""
+    buf = bytearray()
+    yielded = False
+    async for chunk in chunks:
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+            yielded = True
+    if buf or not yielded:
+        yield bytes(buf)
+
+
+#: (key, size, modified, etag) of one listed object, key relative to the bucket
+_Entry = tuple[str, int, float, str | None]
+#: ``Server`` headers of servers that list a folder's subtree at the folder's bare
+#: name (``a/b`` before ``a-c``), not in S3 key order: listed folder by folder.
+_FOLDER_ORDERED_SERVERS = ("SeaweedFS",)
+
+
+@dataclass(slots=True)
+class _Page:
+    """One ListObjectsV2 page, reduced to what listing needs."""
+
+    entries: list[_Entry]
+    folders: list[str]
+    truncated: bool
+    token: str | None
+    server: str
+
+    @classmethod
+    def from_sdk(cls, resp: dict[str, Any]) -> _Page:
+        entries = [_entry(o["Key"], o["Size"], o["LastModified"], o.get("ETag")) for o in resp.get("Contents") or ()]
+        headers = (resp.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        return cls(
+            entries,
+            [p["Prefix"] for p in resp.get("CommonPrefixes") or ()],
+            bool(resp.get("IsTruncated")),
+            resp.get("NextContinuationToken"),
+            str(headers.get("server") or ""),
+        )
+
+
+def _parse_list(body: bytes, server: str) -> _Page:
+    """A ListObjectsV2 response body -> ``_Page``, as botocore would parse it (keys
+    url-decoded when the server says it encoded them), minus the cost."""
+    root = ET.fromstring(body)
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    decode = unquote_plus if root.findtext(f"{ns}EncodingType") == "url" else str
+    key_tag, size_tag, modified_tag, etag_tag = (f"{ns}{t}" for t in ("Key", "Size", "LastModified", "ETag"))
+    entries: list[_Entry] = []
+    for el in root.iterfind(f"{ns}Contents"):
+        fields = {child.tag: child.text for child in el}
+        entries.append(
+            (
+                decode(fields[key_tag] or ""),
+                int(fields[size_tag] or 0),
+                float(int(_timestamp(fields[modified_tag] or ""))),
+                normalize_etag(fields.get(etag_tag)),
+            )
+        )
+    folders = [decode(el.findtext(f"{ns}Prefix") or "") for el in root.iterfind(f"{ns}CommonPrefixes")]
+    truncated = (root.findtext(f"{ns}IsTruncated") or "").strip().lower() == "true"
+    return _Page(entries, folders, truncated, root.findtext(f"{ns}NextContinuationToken"), server)
+
+
+def _timestamp(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()  # 2024-05-01T12:00:00.000Z (Python >= 3.11)
+    except ValueError:
+        return float(parse_timestamp(text).timestamp())  # whatever else botocore accepts
+
+
+class S3Store:
+    """One bucket + prefix on AWS S3 or an S3-compatible server (``endpoint_url``)."""
+
+    #: AWS honours If-None-Match (since Aug 2024) and If-Match (since Nov 2024) on
+    #: PutObject/CompleteMultipartUpload and If-Match on DeleteObject. A server that
+    #: silently ignores them cannot be detected cheaply; the conformance suite tells.
+    conditional_writes = True
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        storage_class: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        profile: str | None = None,
+        page_size: int = 1000,
+        listing: Literal["auto", "flat", "walk"] = "auto",
+        fast_list: bool = True,
+        part_size: int = PART_SIZE,
+        attempts: int = 5,
+        retry_base: float = 0.2,
+    ) -> None:
+        if (access_key_id is None) != (secret_access_key is None):
+            raise ConfigError("aws integration: set both access_key_id and secret_access_key, or neither")
+        self.bucket = bucket
+        self.prefix = prefix
+        self.url = f"s3://{bucket}/{prefix}"
+        self.endpoint_url = endpoint_url
+        self.region = region or ("us-east-1" if endpoint_url else None)
+        self.storage_class = storage_class
+        self.page_size = page_size
+        #: "flat": one recursive listing (S3 order); "walk": folder by folder (any server);
+        #: "auto": flat, unless the first page comes from a server known to need "walk".
+        self._listing = listing
+        #: parse ListObjectsV2 responses ourselves (see ``_page_raw``)
+        self.fast_list = fast_list
+        self.part_size = part_size
+        self.attempts = attempts
+        self.retry_base = retry_base
+        self._profile = profile
+        self._credentials = {
+            k: v
+            for k, v in (
+                ("aws_access_key_id", access_key_id),
+                ("aws_secret_access_key", secret_access_key),
+                ("aws_session_token", session_token),
+            )
+            if v is not None
+        }
+        self._client: Any = None
+        self._http_session: aiohttp.ClientSession | None = None
+        self._client_lock = asyncio.Lock()
+        self._stack = contextlib.AsyncExitStack()
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"S3Store({self.url!r})"
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _botocore_config(self) -> Config:
+        options: dict[str, Any] = {
+            # One attempt: retries are ours (see module docstring).
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            "connect_timeout": 10,
+            "read_timeout": 60,
+            "max_pool_connections": 16,
+            "tcp_keepalive": True,
+            # SigV4 for presigned URLs too (the fast listing path); some configurations default to SigV2.
+            "signature_version": "s3v4",
+        }
+        if self.endpoint_url:
+            options["s3"] = {"addressing_style": "path"}
+            # botocore >= 1.36 adds CRC checksums to every upload by default; several
+            # S3-compatible servers reject or mishandle them, so only when required.
+            options["request_checksum_calculation"] = "when_required"
+            options["response_checksum_validation"] = "when_required"
+        return Config(**options)
+
+    async def _get_client(self) -> Any:
+        # The factory is sync, so the client (which needs a running loop) is made here.
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    try:
+                        session = _session(self._profile)
+                        self._client = await self._stack.enter_async_context(
+                            session.create_client(
+                                "s3",
+                                region_name=self.region,
+                                endpoint_url=self.endpoint_url,
+                                config=self._botocore_config(),
+                                **self._credentials,
+                            )
+                        )
+                    except (BotoCoreError, ClientError) as exc:
+                        raise translate(exc, self.url, "connect") from exc
+        return self._client
+
+    def _where(self, key: str | None) -> str:
+        return self.url if key is None else f"{self.url}{key}"
+
+    async def _call(self, method: str, op: str, key: str | None, mode: PutMode | None = None, **kwargs: Any) -> Any:
+        """One SDK call with errors translated; ``Bucket`` is filled in."""
+        client = await self._get_client()
+        try:
+            return await getattr(client, method)(Bucket=self.bucket, **kwargs)
+        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc, self._where(key), op, key=key, mode=mode) from exc
+
+    async def _retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        return await retrying(call, attempts=self.attempts, base=self.retry_base)
+
+    # -- reading ----------------------------------------------------------------
+
+    async def _page(self, prefix: str, token: str | None, delimiter: str | None = None) -> _Page:
+        """One ListObjectsV2 page (retried on its own): parsed by us when possible, else by the SDK."""
+        kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": self.page_size}
+        if token is not None:
+            kwargs["ContinuationToken"] = token
+        if delimiter is not None:
+            kwargs["Delimiter"] = delimiter
+        if self.fast_list:
+            page: _Page | None = await self._retry(lambda: self._page_raw(kwargs))
+            if page is not None:
+                return page
+        resp = await self._retry(lambda: self._call("list_objects_v2", "list", None, **kwargs))
+        return _Page.from_sdk(resp)
+
+    async def _page_raw(self, kwargs: dict[str, Any]) -> _Page | None:
+        """The fast path: botocore resolves the endpoint and signs (a presigned URL),
+        aiohttp fetches, ``_parse_list`` reads the XML (botocore's parser is most of a
+        listing's time). ``None`` hands the page to the SDK: any answer but 200
+        (errors, redirects) and TLS trouble (the SDK may know a CA bundle we do not).
+        The URL carries a signature: it is never logged.
+        """
+        client = await self._get_client()
+        params = {"Bucket": self.bucket, "EncodingType": "url", **kwargs}
+        try:
+            url = await client.generate_presigned_url("list_objects_v2", Params=params, ExpiresIn=900)
+            async with (await self._http()).get(url) as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.read()
+                server = resp.headers.get("Server", "")
+        except aiohttp.ClientSSLError as exc:
+            log.warning(
+                "fast listing disabled: TLS error; listing through the SDK", url=self.url, error=type(exc).__name__
+            )
+            self.fast_list = False
+            return None
+        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc, self.url, "list") from exc
+        try:
+            return _parse_list(body, server)
+        except (ET.ParseError, ValueError, TypeError) as exc:
+            raise StorageError(f"list {self.url}: unreadable ListObjectsV2 response ({exc})") from None
+
+    async def _http(self) -> aiohttp.ClientSession:
+        if self._http_session is None:
+            # trust_env: the same HTTP(S)_PROXY / NO_PROXY botocore honours.
+            timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=60)
+            self._http_session = aiohttp.ClientSession(timeout=timeout, trust_env=True)
+        return self._http_session
+
+    def _next_token(self, page: _Page) -> str:
+        if not page.token:
+            # Stopping here would look like a complete listing and turn every
+            # later key into a removal (invariant 1).
+            raise StorageError(f"list {self.url}: truncated page without a continuation token")
+        return page.token
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        full = self.prefix + prefix
+        plen = len(self.prefix)
+        last: str | None = None
+        async for key, size, modified, etag in self._entries(full):
+            # Every key counts for the order check, hidden ones too.
+            if last is not None and key <= last:
+                raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
+            if not key.startswith(full):
+                raise StorageError(f"list {self.url}: server returned {key!r} outside prefix {full!r}")
+            last = key
+            rel = key[plen:]
+            if indexable(rel):
+                yield ObjectInfo(rel, size, modified, etag)
+
+    async def _entries(self, prefix: str) -> AsyncIterator[_Entry]:
+        """Every object under ``prefix``: one flat listing, or folder by folder (see ``listing``)."""
+        if self._listing == "walk":
+            async for entry in self._walk(prefix):
+                yield entry
+            return
+        page = await self._page(prefix, None)
+        if self._listing == "auto":
+            self._listing = "walk" if page.server.startswith(_FOLDER_ORDERED_SERVERS) else "flat"
+            if self._listing == "walk":
+                log.info("server lists folders out of S3 key order; listing folder by folder", url=self.url)
+                async for entry in self._walk(prefix):  # the flat page is dropped, once per store
+                    yield entry
+                return
+        while True:
+            for entry in page.entries:
+                yield entry
+            if not page.truncated:
+                return
+            page = await self._page(prefix, self._next_token(page))
+
+    async def _walk(self, prefix: str) -> AsyncIterator[_Entry]:
+        """List one folder level (``Delimiter="/"``), descending into each subfolder at its
+        place in key order.
+
+        Correct whether the server orders a level by key (S3: ``a-c`` < ``a/``) or by
+        bare name (SeaweedFS: folder ``a`` first). Entries wait in a heap until the
+        server has gone past them: ``bound`` is the largest name seen so far, a folder
+        counted without its ``/``; nothing unseen can sort below it in either order.
+        The heap holds about one page per level; the hidden folder is never entered.
+        """
+        hidden = self.prefix + HIDDEN
+        heap: list[tuple[str, int, _Entry | None]] = []  # (key, arrival, entry or None for a folder)
+        arrival = itertools.count()
+        bound = ""
+        token: str | None = None
+        while True:
+            page = await self._page(prefix, token, "/")
+            for entry in page.entries:
+                heapq.heappush(heap, (entry[0], next(arrival), entry))
+                bound = max(bound, entry[0])
+            for folder in page.folders:
+                heapq.heappush(heap, (folder, next(arrival), None))
+                bound = max(bound, folder[:-1])
+            if page.truncated:
+                token = self._next_token(page)
+            while heap and (not page.truncated or heap[0][0] <= bound):
+                key, _, item = heapq.heappop(heap)
+                if item is not None:
+                    yield item
+                elif key != hidden:
+                    async for sub in self._walk(key):
+                        yield sub
+            if not page.truncated:
+                return
+
+    async def head(self, key: str) -> ObjectInfo:
+        full = self.prefix + key
+        resp = await self._retry(lambda: self._call("head_object", "head", key, Key=full))
+        return _info(key, resp["ContentLength"], resp["LastModified"], resp.get("ETag"))
+
+    async def _get(self, key: str, offset: int = 0, etag: str | None = None) -> Any:
+        """GetObject from ``offset``; when resuming, pinned to ``etag`` so two versions are never spliced."""
+        kwargs: dict[str, Any] = {"Key": self.prefix + key}
+        if offset:
+            kwargs["Range"] = f"bytes={offset}-"
+            kwargs["IfMatch"] = _quoted(etag or "")
+        try:
+            return await self._retry(lambda: self._call("get_object", "get", key, **kwargs))
+        except PreconditionFailed:
+            raise PreconditionFailed(f"get {self._where(key)}: the object changed while it was read", key=key) from None
+
+    async def open(self, key: str) -> AsyncIterator[bytes]:
+        """Stream the body in chunks; a connection lost mid-body resumes with a ranged GET."""
+        resp = await self._get(key)
+        etag = resp.get("ETag")
+        pos = failures = 0
+        while True:
+            body = resp["Body"]
+            try:
+                while chunk := await self._read(body, key):
+                    pos += len(chunk)
+                    failures = 0
+                    yield chunk
+                return
+            except Transient:
+                failures += 1
+                if failures >= self.attempts or etag is None:
+                    raise
+                log.info("resuming an interrupted download", url=self._where(key), offset=pos)
+            finally:
+                body.close()
+            resp = await self._get(key, pos, etag)
+
+    async def _read(self, body: Any, key: str) -> bytes:
+        try:
+            chunk: bytes = await body.read(CHUNK)
+        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc, self._where(key), "get", key=key) from exc
+        return chunk
+
+    # -- writing ----------------------------------------------------------------
+
+    def _write_args(self, mode: PutMode, content_type: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(arguments for the call that creates the upload, arguments for the call that commits it)."""
+        create: dict[str, Any] = {}
+        commit: dict[str, Any] = {}
+        if self.storage_class:
+            create["StorageClass"] = self.storage_class
+        if content_type:
+            create["ContentType"] = content_type
+        if mode.create:
+            commit["IfNoneMatch"] = "*"
+        elif mode.if_match is not None:
+            commit["IfMatch"] = _quoted(mode.if_match)
+        return create, commit
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        mode: PutMode = OVERWRITE,
+        content_type: str | None = None,
+    ) -> ObjectInfo:
+        async with contextlib.aclosing(_parts(chunks, self.part_size)) as parts:
+            first = await anext(parts)
+            second = await anext(parts, None)
+            if second is None:
+                etag, size = await self._put_single(key, first, mode, content_type), len(first)
+            else:
+                etag, size = await self._put_multipart(key, [first, second], parts, mode, content_type)
+        return await self._stat_written(key, etag, size)
+
+    async def _committed(
+        self, key: str, call: Callable[[], Awaitable[Any]], expected: Callable[[], str | None]
+    ) -> str | None:
+        """Run the committing call of a write (retried when that is safe) and return the new ETag.
+
+        Retries: a conditional commit is idempotent, and so in effect is an
+        unconditional one here: the body is fully buffered (one PutObject) or
+        already uploaded (CompleteMultipartUpload), so a retry writes the same
+        bytes again; OVERWRITE means "replace whatever is there" anyway.
+
+        When a retried commit then fails its precondition (or finds the multipart
+        upload gone), an earlier attempt may have succeeded with its response
+        lost; if storage now holds exactly our bytes (``expected`` ETag), it did.
+        """
+        tries = 0
+
+        async def once() -> Any:
+            nonlocal tries
+            tries += 1
+            return await call()
+
+        try:
+            resp = await self._retry(once)
+        except (AlreadyExists, PreconditionFailed, NotFound):
+            if tries > 1 and (want := expected()) is not None:
+                with contextlib.suppress(NotFound):
+                    if (await self.head(key)).etag == want:
+                        return want
+            raise
+        return normalize_etag(resp.get("ETag"))
+
+    async def _put_single(self, key: str, body: bytes, mode: PutMode, content_type: str | None) -> str | None:
+        full = self.prefix + key
+        create, commit = self._write_args(mode, content_type)
+        return await self._committed(
+            key,
+            lambda: self._call("put_object", "put", key, mode, Key=full, Body=body, **create, **commit),
+            lambda: hashlib.md5(body, usedforsecurity=False).hexdigest(),
+        )
+
+    async def _check_before_upload(self, key: str, mode: PutMode) -> None:
+        """Fail a conditional multipart put before uploading gigabytes; the
+        conditional commit stays the real guard against races."""
+        if not mode.create and mode.if_match is None:
+            return
+        try:
+            current = await self.head(key)
+        except NotFound:
+            if mode.if_match is not None:
+                raise PreconditionFailed(f"put {self._where(key)}: the object no longer exists", key=key) from None
+            return
+        if mode.create:
+            raise AlreadyExists(f"put {self._where(key)}: already exists", key=key)
+        if current.etag != normalize_etag(mode.if_match):
+            raise PreconditionFailed(f"put {self._where(key)}: changed in storage (etag mismatch)", key=key)
+
+    async def _put_multipart(
+        self, key: str, head: builtins.list[bytes], rest: AsyncIterator[bytes], mode: PutMode, content_type: str | None
+    ) -> tuple[str | None, int]:
+        full = self.prefix + key
+        await self._check_before_upload(key, mode)
+        create, commit = self._write_args(mode, content_type)
+        # Not idempotent, but a duplicate only leaves an empty upload behind (no
+        # parts, no storage cost; lifecycle rules or abort clean it up).
+        started = await self._retry(lambda: self._call("create_multipart_upload", "put", key, Key=full, **create))
+        upload_id: str = started["UploadId"]
+        try:
+            etags, size = await self._upload_parts(key, upload_id, head, rest)
+            listing = {"Parts": [{"PartNumber": n, "ETag": _quoted(e)} for n, e in enumerate(etags, 1)]}
+            etag = await self._committed(
+                key,
+                lambda: self._call(
+                    "complete_multipart_upload",
+                    "put",
+                    key,
+                    mode,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload=listing,
+                    **commit,
+                ),
+                lambda: _multipart_etag(etags),
+            )
+        except BaseException:
+            await self._abort(key, upload_id)
+            raise
+        return etag, size
+
+    async def _upload_parts(
+        self, key: str, upload_id: str, head: builtins.list[bytes], rest: AsyncIterator[bytes]
+    ) -> tuple[builtins.list[str], int]:
+        """Upload ``head`` then ``rest`` as parts 1..N, at most PARTS_IN_FLIGHT at once.
+
+        Returns the parts' ETags in order and the total size. Each part is
+        retried on its own: re-uploading a part number replaces it.
+        """
+        full = self.prefix + key
+        etags: dict[int, str] = {}
+        pending: set[asyncio.Task[None]] = set()
+        size = number = 0
+
+        async def upload(number: int, data: bytes) -> None:
+            resp = await self._retry(
+                lambda: self._call(
+                    "upload_part", "put", key, Key=full, UploadId=upload_id, PartNumber=number, Body=data
+                )
+            )
+            etags[number] = normalize_etag(resp.get("ETag")) or ""
+
+        async def submit(data: bytes) -> None:
+            nonlocal pending, size, number
+            number += 1
+            size += len(data)
+            if len(pending) >= PARTS_IN_FLIGHT:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises the first failure
+            pending.add(asyncio.create_task(upload(number, data)))
+
+        try:
+            while head:
+                await submit(head.pop(0))  # pop: do not hold the first parts for the whole upload
+            async for data in rest:
+                await submit(data)
+            if pending:
+                done, pending = await asyncio.wait(pending)
+                for task in done:
+                    task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        return [etags[n] for n in sorted(etags)], size
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        """Best effort: a failed upload must not leave parts (and their cost) behind."""
+        try:
+            await self._retry(
+                lambda: self._call("abort_multipart_upload", "abort", key, Key=self.prefix + key, UploadId=upload_id)
+            )
+        except StorageError as exc:
+            log.warning("could not abort multipart upload", url=self._where(key), error=str(exc))
+
+    async def _stat_written(self, key: str, etag: str | None, size: int) -> ObjectInfo:
+        """What a listing will report for the object just written (PutObject returns
+        no Last-Modified). If someone replaced or deleted it in between, describe
+        our write rather than theirs."""
+        try:
+            info = await self.head(key)
+        except NotFound:
+            info = None
+        if info is None or (etag is not None and info.etag != etag):
+            return ObjectInfo(key, size, float(int(time.time())), etag)
+        return info
+
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        full = self.prefix + key
+        kwargs: dict[str, Any] = {"Key": full}
+        if if_match is not None:
+            kwargs["IfMatch"] = _quoted(if_match)
+        try:
+            await self._retry(lambda: self._call("delete_object", "delete", key, **kwargs))
+        except BucketNotFound:
+            raise
+        except NotFound:
+            return  # AWS answers 404 to if-match on a missing key: already gone is fine
+        except PreconditionFailed:
+            # Some servers (SeaweedFS) answer 412 to if-match on a missing key too.
+            try:
+                await self.head(key)
+            except NotFound:
+                return
+            raise
+
+    async def aclose(self) -> None:
+        async with self._client_lock:
+            self._client = None
+            await self._stack.aclose()
+            self._stack = contextlib.AsyncExitStack()
+            if self._http_session is not None:
+                await self._http_session.close()
+                self._http_session = None
+
+
+def open_s3(loc: Location, driver: DriverConfig, integration: AwsIntegration | None) -> S3Store:
+    """The registry's factory: credentials from the aws integration, else botocore's default chain."""
+    secrets: dict[str, str | None] = {}
+    profile = None
+    if integration is not None:
+        secrets = {n: integration.secret(n) for n in ("access_key_id", "secret_access_key", "session_token")}
+        profile = integration.profile
+    return S3Store(
+        loc.bucket,
+        loc.prefix,
+        endpoint_url=driver.endpoint_url,
+        region=driver.region,
+        storage_class=driver.storage_class,
+        access_key_id=secrets.get("access_key_id"),
+        secret_access_key=secrets.get("secret_access_key"),
+        session_token=secrets.get("session_token"),
+        profile=profile,
+    )
