@@ -557,7 +557,7 @@ class AzureStore:
         if if_match is not None:
             cond = {"etag": _quoted(if_match), "match_condition": MatchConditions.IfNotModified}
         try:
-            # One request per blob: the batch API fails against Azurite and saves little here.
+            # One request per key, as the Store protocol deletes (the batch API fails against Azurite anyway).
             await self._retry("delete", key, lambda: self._blob(key).delete_blob(**cond))
         except NotFound:
             return  # idempotent; also what a retry after a lost 202 sees
