@@ -101,6 +101,14 @@ class AwsIntegration(_Integration):
     session_token_file: Path | None = None
     profile: str | None = None
 
+    @model_validator(mode="after")
+    def _key_pair(self) -> AwsIntegration:
+        has_id = self.access_key_id is not None or self.access_key_id_file is not None
+        has_secret = self.secret_access_key is not None or self.secret_access_key_file is not None
+        if has_id != has_secret:
+            raise ValueError("set access_key_id and secret_access_key together (or neither, for the default chain)")
+        return self
+
 
 class GcpIntegration(_Integration):
     SECRETS = ("service_account_json",)

@@ -387,8 +387,10 @@ class S3Store:
             options["s3"] = {"addressing_style": "path"}
             # botocore >= 1.36 adds CRC checksums to every upload by default; several
             # S3-compatible servers reject or mishandle them, so only when required.
-            options["request_checksum_calculation"] = "when_required"
-            options["response_checksum_validation"] = "when_required"
+            # (Older botocore has neither the default nor the option.)
+            if "request_checksum_calculation" in Config.OPTION_DEFAULTS:
+                options["request_checksum_calculation"] = "when_required"
+                options["response_checksum_validation"] = "when_required"
         return Config(**options)
 
     async def _get_client(self) -> Any:
