@@ -8,6 +8,7 @@ against is a consistent view while the same run writes through the main one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -211,6 +212,14 @@ class Ledger:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self.db = db
         self.path = path
+        # One connection serves every dataset's run and the outbox: a transaction must
+        # not interleave with another coroutine's, and a lone write must not join (and
+        # be rolled back with) someone else's. Every write holds this lock.
+        self.write_lock = asyncio.Lock()
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
+        async with self.write_lock:
+            return await self.db.execute(sql, params)
 
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> Ledger:
@@ -227,7 +236,11 @@ class Ledger:
         await db.execute("PRAGMA busy_timeout=10000")
         ledger = cls(db, path)
         if not readonly:
-            await ledger._migrate()
+            try:
+                await ledger._migrate()
+            except BaseException:
+                await db.close()
+                raise
         return ledger
 
     async def close(self) -> None:
@@ -253,7 +266,7 @@ class Ledger:
             row = await cur.fetchone()
         if row:
             return int(row[0])
-        await self.db.execute("INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time()))
+        await self._write("INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time()))
         return await self.dataset_id(name)
 
     async def find_dataset(self, name: str) -> int | None:
@@ -301,7 +314,7 @@ class Ledger:
     # -- runs ---------------------------------------------------------------
 
     async def begin_run(self, dataset_id: int, forced: bool) -> int:
-        cur = await self.db.execute(
+        cur = await self._write(
             "INSERT INTO runs (dataset_id, started, status, forced) VALUES (?, ?, 'running', ?)",
             (dataset_id, time.time(), int(forced)),
         )
@@ -309,7 +322,7 @@ class Ledger:
         return cur.lastrowid
 
     async def finish_run(self, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
-        await self.db.execute(
+        await self._write(
             "UPDATE runs SET ended = ?, status = ?, listed = ?, added = ?, modified = ?, removed = ?, "
             "renamed = ?, unchanged = ?, errors = ?, error = ? WHERE id = ?",
             (
@@ -329,7 +342,7 @@ class Ledger:
 
     async def fail_stale_runs(self) -> int:
         """Runs left 'running' by a crash are failed on start-up; their batches stay committed."""
-        cur = await self.db.execute(
+        cur = await self._write(
             "UPDATE runs SET status = 'failed', ended = ?, error = 'the agent stopped during this run' "
             "WHERE status = 'running'",
             (time.time(),),
@@ -388,6 +401,15 @@ class Ledger:
                 )
             await self._progress(run_id, counts)
 
+    async def added_since(self, dataset_id: int, after_run: int) -> list[tuple[int, str, str | None, int]]:
+        """(id, key, etag, size) of live items first seen after ``after_run``: rename targets,
+        including those a failed run indexed before its listing broke off."""
+        async with self.db.execute(
+            "SELECT id, key, etag, size FROM items WHERE dataset_id = ? AND first_run > ? AND state = 'live'",
+            (dataset_id, after_run),
+        ) as cur:
+            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+
     async def added_in_run(self, dataset_id: int, run_id: int) -> list[tuple[int, str, str | None, int]]:
         """(id, key, etag, size) of the items this run inserted: rename candidates."""
         async with self.db.execute(
@@ -429,7 +451,7 @@ class Ledger:
         )
 
     def _transaction(self) -> _Tx:
-        return _Tx(self.db)
+        return _Tx(self.db, self.write_lock)
 
     # -- reads for the CLI and API ------------------------------------------
 
@@ -441,9 +463,7 @@ class Ledger:
         return _item(row) if row else None
 
     async def set_state(self, item_id: int, state: ItemState) -> None:
-        await self.db.execute(
-            "UPDATE items SET state = ?, updated = ? WHERE id = ?", (str(state), time.time(), item_id)
-        )
+        await self._write("UPDATE items SET state = ?, updated = ? WHERE id = ?", (str(state), time.time(), item_id))
 
     async def merge_meta(self, item_id: int, patch: dict[str, Any]) -> None:
         """Merge user metadata; a ``None`` value removes the key (JSON merge-patch)."""
@@ -476,7 +496,7 @@ class Ledger:
         content_type: str | None = None,
     ) -> int:
         now = time.time()
-        cur = await self.db.execute(
+        cur = await self._write(
             "INSERT INTO ops (dataset_id, kind, key, create_only, if_match, staged, sha256, content_type, "
             "created, updated, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (dataset_id, str(kind), key, int(create_only), if_match, staged, sha256, content_type, now, now, now),
@@ -521,16 +541,16 @@ class Ledger:
     async def start_attempt(self, op_id: int) -> None:
         """Counted *before* storage is touched: after a crash, attempts > 0 says the op may
         already have reached storage, and its retry checks for its own earlier write."""
-        await self.db.execute("UPDATE ops SET attempts = attempts + 1, updated = ? WHERE id = ?", (time.time(), op_id))
+        await self._write("UPDATE ops SET attempts = attempts + 1, updated = ? WHERE id = ?", (time.time(), op_id))
 
     async def retry_later(self, op_id: int, error: str, next_at: float) -> None:
-        await self.db.execute(
+        await self._write(
             "UPDATE ops SET error = ?, updated = ?, next_at = ? WHERE id = ?",
             (error, time.time(), next_at, op_id),
         )
 
     async def fail_op(self, op_id: int, code: str, error: str) -> None:
-        await self.db.execute(
+        await self._write(
             "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ?, staged = NULL WHERE id = ?",
             (error, code, time.time(), op_id),
         )
@@ -609,13 +629,25 @@ class Ledger:
 class _Tx:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error (cancellation included)."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
         self.db = db
+        self.lock = lock
 
     async def __aenter__(self) -> None:
-        await self.db.execute("BEGIN IMMEDIATE")
+        await self.lock.acquire()
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            await self._end(exc_type)
+        finally:
+            self.lock.release()
+
+    async def _end(self, exc_type: object) -> None:
         if exc_type is None:
             await self.db.execute("COMMIT")
         else:

@@ -31,6 +31,9 @@ from bucketsync.stores import Store
 log = structlog.get_logger("bucketsync.sync")
 
 BATCH = 5000
+#: over-quota objects kept as possible rename targets; past this many, a rename in a
+#: full dataset is reported as a removal (memory stays bounded on huge buckets)
+MAX_DEFERRED = 50_000
 LIVE = ItemState.LIVE
 
 
@@ -67,7 +70,8 @@ class _Pending:
     adds: list[ObjectInfo] = field(default_factory=list)
     updates: list[tuple[int, ObjectInfo]] = field(default_factory=list)
     removals: list[Indexed] = field(default_factory=list)  # live items missing from the listing
-    purges: list[int] = field(default_factory=list)  # tombstones whose object is gone
+    purges: list[Indexed] = field(default_factory=list)  # tombstones whose object is gone
+    deferred: list[ObjectInfo] = field(default_factory=list)  # over quota: rename targets only
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
 
@@ -136,14 +140,14 @@ class SyncLoop:
                 complete, status, error = False, RunStatus.FAILED, _describe(exc)
                 counts.errors += 1
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
-            if pending.over_quota and status is RunStatus.OK:
-                error = (
-                    f"over quota: the dataset is at its quota of {self.config.quota} items; "
-                    f"{pending.over_quota} new objects were not added"
-                )
-                metrics.QUOTA_SKIPPED.labels(self.name).inc(pending.over_quota)
             if complete:
                 await self._match_renames(ds_id, run_id, counts, pending)
+                if pending.over_quota and status is RunStatus.OK:
+                    error = (
+                        f"over quota: the dataset is at its quota of {self.config.quota} items; "
+                        f"{pending.over_quota} new objects were not added"
+                    )
+                    metrics.QUOTA_SKIPPED.labels(self.name).inc(pending.over_quota)
                 decision = removal_guard(
                     removals=len(pending.removals),
                     live_before=live_before,
@@ -193,6 +197,9 @@ class SyncLoop:
             if kind is added:
                 if quota is not None and live + counts.added >= quota:
                     p.over_quota += 1
+                    assert new is not None
+                    if len(p.deferred) < MAX_DEFERRED:  # bounded: a rename target at quota, maybe
+                        p.deferred.append(new)
                     continue
                 assert new is not None
                 counts.added += 1
@@ -203,7 +210,7 @@ class SyncLoop:
                 if kind is modified and new is not None:
                     p.updates.append((old.id, new))
                 elif kind is removed:
-                    p.purges.append(old.id)
+                    p.purges.append(old)
             elif kind is modified:
                 assert new is not None and old is not None
                 counts.modified += 1
@@ -232,34 +239,51 @@ class SyncLoop:
 
     async def _match_renames(self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending) -> None:
         """A removed key and an added key with the same etag and size are one item, moved."""
-        if not p.removals or counts.added == 0:
+        sources = [*p.removals, *p.purges]
+        if not sources:
             return
-        by_sig: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
+        sigs = {(o.etag, o.size) for o in sources if o.etag is not None}
+        rescued = [o for o in p.deferred if (o.etag, o.size) in sigs]
+        if rescued:  # a rename at quota adds nothing: let its new key in, to be paired below
+            p.adds.extend(rescued)
+            counts.added += len(rescued)
+            p.over_quota -= len(rescued)
+            await self._flush(ds_id, run_id, counts, p)
+        by_sig: dict[tuple[str, int], list[tuple[int, str, bool]]] = defaultdict(list)
         if run_id is None:
-            candidates = [(0, key, etag, size) for etag, size, key in p.dry_adds]
+            candidates = [(0, key, etag, size, True) for etag, size, key in p.dry_adds]
         else:
-            candidates = await self.ledger.added_in_run(ds_id, run_id)
-        for new_id, key, etag, size in candidates:
+            last = await self.ledger.last_ok_run(ds_id)
+            this = {r[0] for r in await self.ledger.added_in_run(ds_id, run_id)}
+            candidates = [
+                (i, k, e, s, i in this) for i, k, e, s in await self.ledger.added_since(ds_id, last.id if last else 0)
+            ]
+        for new_id, key, etag, size, now in candidates:
             if etag is not None:
-                by_sig[(etag, size)].append((new_id, key))
+                by_sig[(etag, size)].append((new_id, key, now))
         pairs: list[tuple[int, int, str]] = []
         still_removed: list[Indexed] = []
-        for old in p.removals:
+        still_purged: list[Indexed] = []
+        for old in sources:
             matches = by_sig.get((old.etag, old.size)) if old.etag is not None else None
             if matches:
-                new_id, key = matches.pop(0)
+                new_id, key, now = matches.pop(0)
                 pairs.append((old.id, new_id, key))
-            else:
+                if now:
+                    counts.added -= 1
+                else:
+                    counts.unchanged -= 1
+                if old.state == LIVE:
+                    counts.renamed += 1
+            elif old.state == LIVE:
                 still_removed.append(old)
+            else:
+                still_purged.append(old)
         if not pairs:
             return
-        counts.renamed += len(pairs)
-        counts.added -= len(pairs)
-        p.removals = still_removed
+        p.removals, p.purges = still_removed, still_purged
         if run_id is not None:
             await self.ledger.rename(run_id, pairs, counts)
-        for old_id, _, key in pairs:
-            log.debug("renamed", item=old_id, key=key)
 
     async def _remove(self, run_id: int | None, counts: Counts, p: _Pending) -> None:
         ids = [o.id for o in p.removals]
@@ -269,7 +293,7 @@ class SyncLoop:
         for i in range(0, len(ids), BATCH):
             await self.ledger.remove(run_id, ids[i : i + BATCH], counts)
         if p.purges:
-            await self.ledger.remove(None, p.purges)
+            await self.ledger.remove(None, [o.id for o in p.purges])
 
     def _record(self, status: RunStatus, counts: Counts, seconds: float, dry_run: bool, error: str | None) -> None:
         fields = counts.as_dict()
