@@ -100,6 +100,8 @@ async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, l
         "last_run": last,
         "next_run": None,
         "running": None,
+        "ready": None,  # known only to a running agent (its permission probe)
+        "not_ready_reason": None,
     }
     if loop is not None:
         out["next_run"] = iso(loop.next_run_at) if loop.next_run_at and loop.next_run_at > time.time() else None

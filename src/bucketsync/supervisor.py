@@ -75,12 +75,14 @@ async def serve(settings: Settings) -> int:
         for name in agent.settings.datasets:
             agent.not_ready[name] = "permission probe not run yet"
         tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
-        tasks["outbox"] = asyncio.create_task(agent.outbox.run(stop), name="outbox")
-        log.info("agent started", listen=conf.listen, datasets=sorted(tasks), pid=os.getpid(), ledger=str(conf.ledger))
+        outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
+        log.info(
+            "agent started", listen=conf.listen, datasets=sorted(agent.loops), pid=os.getpid(), ledger=str(conf.ledger)
+        )
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)
         api_runs: set[asyncio.Task[Any]] = app[TASKS]
-        busy: set[asyncio.Task[Any]] = {*tasks.values(), *api_runs}
+        busy: set[asyncio.Task[Any]] = {*tasks.values(), outbox, *api_runs}
         if busy:
             _, pending = await asyncio.wait(busy, timeout=conf.grace)
             for t in pending:
