@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 import bucketsync.retry
-from bucketsync.config import GcpIntegration, Settings
+from bucketsync.config import GcpIntegration, Settings, load_settings
 from bucketsync.errors import (
     AlreadyExists,
     ConfigError,
@@ -320,9 +320,10 @@ async def test_no_credentials_anywhere_says_so(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_service_account_file_and_json_together_are_refused(tmp_path: Path) -> None:
-    integ = GcpIntegration(kind="gcp", service_account_file=tmp_path / "a.json", service_account_json="{}")
-    with pytest.raises(ConfigError, match="not both"):
-        GcsStore("bkt", integration=integ, integration_name="g")
+    config = tmp_path / "c.toml"
+    config.write_text('[integrations.g]\nkind = "gcp"\nservice_account_file = "/a.json"\nservice_account_json = "{}"\n')
+    with pytest.raises(ConfigError, match=r"integrations\.g: set service_account_file or .*not both"):
+        load_settings(config)
 
 
 async def test_unreachable_server_is_transient_after_retries(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -263,14 +263,7 @@ class GcsStore:
         storage_class: str | None = None,
         page_size: int = 1000,
     ) -> None:
-        if (
-            integration is not None
-            and integration.service_account_file is not None
-            and (integration.service_account_json is not None or integration.service_account_json_file is not None)
-        ):
-            raise ConfigError(
-                f"integrations.{integration_name}: set service_account_file or service_account_json, not both"
-            )
+        # "service_account_file and _json together" is refused by config validation.
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"gs://{bucket}/{prefix}"
