@@ -303,6 +303,17 @@ def test_cli_beside_the_daemon(tmp_path: Path) -> None:
     assert set(st) == set(offline), f"status --json changes shape with a running agent: {set(st) ^ set(offline)}"
 
 
+def test_poll_dataset_syncs_at_start_not_after_a_whole_interval(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", {"a.txt": "1", "b/c.txt": "2"})
+    cfg = write_config(tmp_path, {"in": local_driver(tmp_path / "in")}, {"slow": ds("in", interval="1h")})
+    with Daemon(cfg) as daemon:
+        daemon.wait_ready()
+        # An hour-long interval: only a start-up run can index these within the timeout.
+        poll(lambda: ledger_count(ledger_of(cfg), "slow") == 2 or None, timeout=15, what="start-up sync")
+        (listed,) = daemon.api("GET", "/datasets").body["datasets"]
+        assert listed["last_run"]["status"] == "ok"
+
+
 def test_manual_dataset_runs_only_when_asked(tmp_path: Path) -> None:
     write_files(tmp_path / "in", {"m1.txt": "1", "m2.txt": "2"})
     cfg = write_config(tmp_path, {"in": local_driver(tmp_path / "in")}, {"inbox": ds("in", sync="manual")})

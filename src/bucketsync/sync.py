@@ -310,9 +310,12 @@ class SyncLoop:
         datasets, only when woken for ``manual`` ones. A failing run backs off and the
         loop goes on; it never takes the other datasets down with it."""
         failures = 0
+        first = True
         while not stop.is_set():
             if self.config.sync == "manual":
                 delay = None
+            elif first:  # sync at start-up; a little jitter keeps many datasets from starting in lockstep
+                delay = random.uniform(0, min(1.0, self.config.interval / 10))
             elif failures:
                 delay = min(self.config.interval, 5.0 * 2 ** min(failures - 1, 8)) * random.uniform(0.8, 1.0)
             else:
@@ -320,6 +323,7 @@ class SyncLoop:
             self.next_run_at = time.time() + delay if delay is not None else None
             await _wait_any(stop, self.wake, delay)
             self.wake.clear()
+            first = False
             if stop.is_set():
                 break
             try:
