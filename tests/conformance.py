@@ -649,3 +649,32 @@ async def check_missing_root(store_on_missing_root: Store) -> None:
         await put_bytes(store, "key", b"must not create the root")
     with pytest.raises(NotFound):
         await drain(store.list())  # still missing: put did not create it
+
+
+class Delegating:
+    """Delegates the Store protocol to another store; tests subclass it to break one promise."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.conditional_writes = inner.conditional_writes
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.inner.head(key)
+
+    def open(self, key: str) -> AsyncIterator[bytes]:
+        return self.inner.open(key)
+
+    async def put(
+        self, key: str, chunks: AsyncIterable[bytes], mode: PutMode = OVERWRITE, content_type: str | None = None
+    ) -> ObjectInfo:
+        return await self.inner.put(key, chunks, mode, content_type)
+
+    async def delete(self, key: str, if_match: str | None = None) -> None:
+        await self.inner.delete(key, if_match)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

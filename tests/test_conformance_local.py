@@ -46,6 +46,7 @@ from conformance import (
     list_keys,
     listing,
 )
+from conformance import Delegating as _Wrapper
 
 # ---------------------------------------------------------------------- fixtures
 
@@ -214,36 +215,6 @@ async def test_memory_prefix_upper_bound(memory_name: str) -> None:
 # ------------------------------------------------- the suite must be able to fail
 #
 # Each wrapper breaks one promise of the Store protocol; the named checks must catch it.
-
-
-class _Wrapper:
-    """Delegates everything to a memory store."""
-
-    conditional_writes = True
-
-    def __init__(self, inner: MemoryStore) -> None:
-        self.inner = inner
-        self.url = inner.url
-
-    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    async def head(self, key: str) -> ObjectInfo:
-        return await self.inner.head(key)
-
-    def open(self, key: str) -> AsyncIterator[bytes]:
-        return self.inner.open(key)
-
-    async def put(
-        self, key: str, chunks: AsyncIterable[bytes], mode: PutMode = OVERWRITE, content_type: str | None = None
-    ) -> ObjectInfo:
-        return await self.inner.put(key, chunks, mode, content_type)
-
-    async def delete(self, key: str, if_match: str | None = None) -> None:
-        await self.inner.delete(key, if_match)
-
-    async def aclose(self) -> None:
-        return None
 
 
 class _Reversed(_Wrapper):

@@ -162,7 +162,7 @@ async def test_write_batch_and_reads(ledger: Ledger, db_path: Path) -> None:
 
     assert await ledger.live_count(ds) == len(keys)
     assert await ledger.counts_by_state(ds) == {"live": len(keys), "tombstone": 0}
-    assert sorted(k for _, k, _, _ in await ledger.added_in_run(ds, run)) == sorted(keys)
+    assert sorted(k for _, k, _, _, first in await ledger.added_since(ds, 0) if first == run) == sorted(keys)
     # The batch's progress went into the run row in the same transaction.
     assert sql(db_path, "SELECT listed, added FROM runs WHERE id = ?", (run,)) == [(len(keys), len(keys))]
 
@@ -220,7 +220,7 @@ async def test_rename_keeps_id_and_metadata(ledger: Ledger, db_path: Path) -> No
     run2 = await ledger.begin_run(ds, False)
     moved = ObjectInfo("new/name.jpg", 1, 3000.0, old.etag, "v9")
     await ledger.write_batch(ds, run2, [moved], [], Counts(added=1))
-    [(fresh_id, fresh_key, _, _)] = await ledger.added_in_run(ds, run2)
+    [(fresh_id, fresh_key, _, _)] = [r[:4] for r in await ledger.added_since(ds, 0) if r[4] == run2]
     assert fresh_key == "new/name.jpg" and fresh_id != old.id
 
     await ledger.rename(run2, [(old.id, fresh_id, fresh_key)], Counts(renamed=1))

@@ -12,7 +12,7 @@ import os
 import shutil
 import sqlite3
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,12 @@ from structlog.testing import capture_logs
 from bucketsync.config import DatasetConfig
 from bucketsync.errors import StorageError
 from bucketsync.ledger import Ledger
-from bucketsync.model import OVERWRITE, Item, ItemState, ObjectInfo, PutMode, RunStatus
+from bucketsync.model import Item, ItemState, ObjectInfo, RunStatus
 from bucketsync.stores import Store, one_chunk, read_all
 from bucketsync.stores.local import LocalStore
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.sync import BATCH, RunResult, SyncLoop
+from conformance import Delegating as Wrapper
 
 #: Every store the sync is proven on; each name has a fixture ``<name>_store`` yielding a fresh, empty
 #: store (the cloud ones come from tests/emulators/*.py). Tests whose outcome depends on what a store
@@ -392,35 +393,6 @@ async def test_max_delete_count(bucket: Bucket, ledger: Ledger) -> None:
 
 
 # ---------------------------------------------------------------------- failures never remove
-
-
-class Wrapper:
-    """Delegates the Store protocol to another store; subclasses break ``list``."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self.conditional_writes = inner.conditional_writes
-
-    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    async def head(self, key: str) -> ObjectInfo:
-        return await self.inner.head(key)
-
-    def open(self, key: str) -> AsyncIterator[bytes]:
-        return self.inner.open(key)
-
-    async def put(
-        self, key: str, chunks: AsyncIterable[bytes], mode: PutMode = OVERWRITE, content_type: str | None = None
-    ) -> ObjectInfo:
-        return await self.inner.put(key, chunks, mode, content_type)
-
-    async def delete(self, key: str, if_match: str | None = None) -> None:
-        await self.inner.delete(key, if_match)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class FailsAfter(Wrapper):

@@ -23,6 +23,7 @@ from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerLo
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
+from bucketsync.outbox import file_chunks
 from bucketsync.probe import probe
 from bucketsync.stores import open_store
 from bucketsync.sync import RunResult, SyncLoop
@@ -187,12 +188,6 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 # -- downstream: put, rm, restore, meta ------------------------------------------------
 
 
-async def _file_chunks(path: str) -> Any:
-    with open(path, "rb") as f:  # noqa: ASYNC230 - small reads between awaits; the CLI has nothing else to do
-        while chunk := f.read(1 << 20):
-            yield chunk
-
-
 async def _downstream(
     settings: Settings, local: Callable[[Any], Awaitable[Any]], remote: Callable[[AgentClient], Awaitable[Any]]
 ) -> dict[str, Any]:
@@ -235,12 +230,12 @@ async def cmd_put(settings: Settings, args: argparse.Namespace) -> int:
     ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
     out = await _downstream(
         settings,
-        lambda d: d.put(args.dataset, key, _file_chunks(args.file), overwrite=args.overwrite, content_type=ctype),
+        lambda d: d.put(args.dataset, key, file_chunks(args.file), overwrite=args.overwrite, content_type=ctype),
         lambda c: c.call(
             "PUT",
             _item_path(args.dataset, key),
             params={"overwrite": str(args.overwrite).lower()},
-            data=_file_chunks(args.file),
+            data=file_chunks(args.file),
             headers={"Content-Type": ctype},
         ),
     )

@@ -15,7 +15,7 @@ import structlog
 
 from bucketsync import gate, metrics
 from bucketsync.agent import Agent
-from bucketsync.errors import AlreadyExists, NotFound, PreconditionFailed, Refused, StorageError
+from bucketsync.errors import AlreadyExists, NotFound, PreconditionFailed, Refused, from_code
 from bucketsync.keys import check_key
 from bucketsync.model import Item, ItemState, Op, OpKind, OpState
 from bucketsync.outbox import Outbox
@@ -47,16 +47,7 @@ def _refuse(decision: gate.OpDecision) -> Refused:
 
 
 def _raise_failed(op: Op) -> None:
-    code, msg = op.error_code or "storage_error", op.error or "the operation failed"
-    if code == "already_exists":
-        raise AlreadyExists(msg, key=op.key)
-    if code == "precondition_failed":
-        raise PreconditionFailed(msg, key=op.key)
-    if code == "not_found":
-        raise NotFound(msg, key=op.key)
-    if code in ("read_only", "quota", "allow_delete_off"):
-        raise Refused(code, msg)
-    raise StorageError(msg, key=op.key)
+    raise from_code(op.error_code or "storage_error", op.error or "the operation failed", op.key)
 
 
 class Downstream:

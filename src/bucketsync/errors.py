@@ -70,3 +70,27 @@ class NotSupported(StorageError):
 
 class Transient(StorageError):
     """A retryable failure: throttling, 5xx, timeouts, connection resets."""
+
+
+# Stable codes for storage errors that cross the outbox: an op records the code of what
+# failed it, and the waiting caller gets the same error class back from it.
+_CODES: dict[type[StorageError], str] = {
+    AlreadyExists: "already_exists",
+    PreconditionFailed: "precondition_failed",
+    NotFound: "not_found",
+}
+REFUSAL_CODES = frozenset({"read_only", "quota", "allow_delete_off"})
+
+
+def code_of(exc: StorageError) -> str:
+    return _CODES.get(type(exc), "storage_error")
+
+
+def from_code(code: str, message: str, key: str | None = None) -> BucketsyncError:
+    """The error an op recorded as ``code``, rebuilt for whoever waits on it."""
+    if code in REFUSAL_CODES:
+        return Refused(code, message)
+    for cls, known in _CODES.items():
+        if known == code:
+            return cls(message, key=key)
+    return StorageError(message, key=key)

@@ -401,22 +401,15 @@ class Ledger:
                 )
             await self._progress(run_id, counts)
 
-    async def added_since(self, dataset_id: int, after_run: int) -> list[tuple[int, str, str | None, int]]:
-        """(id, key, etag, size) of live items first seen after ``after_run``: rename targets,
-        including those a failed run indexed before its listing broke off."""
+    async def added_since(self, dataset_id: int, after_run: int) -> list[tuple[int, str, str | None, int, int]]:
+        """(id, key, etag, size, first_run) of live items first seen after ``after_run``: rename
+        targets, including those a failed run indexed before its listing broke off."""
         async with self.db.execute(
-            "SELECT id, key, etag, size FROM items WHERE dataset_id = ? AND first_run > ? AND state = 'live'",
+            "SELECT id, key, etag, size, first_run FROM items WHERE dataset_id = ? AND first_run > ? "
+            "AND state = 'live'",
             (dataset_id, after_run),
         ) as cur:
-            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
-
-    async def added_in_run(self, dataset_id: int, run_id: int) -> list[tuple[int, str, str | None, int]]:
-        """(id, key, etag, size) of the items this run inserted: rename candidates."""
-        async with self.db.execute(
-            "SELECT id, key, etag, size FROM items WHERE dataset_id = ? AND first_run = ? AND state = 'live'",
-            (dataset_id, run_id),
-        ) as cur:
-            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+            return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
 
     async def rename(self, run_id: int, pairs: Iterable[tuple[int, int, str]], counts: Counts) -> None:
         """Each (old_id, new_id, new_key): the old row takes the new key and the fresh row's

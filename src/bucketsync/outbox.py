@@ -35,6 +35,7 @@ from bucketsync.errors import (
     PreconditionFailed,
     StorageError,
     Transient,
+    code_of,
 )
 from bucketsync.model import CREATE, OVERWRITE, Item, Op, OpKind, OpState, PutMode
 from bucketsync.retry import backoff
@@ -47,7 +48,8 @@ log = structlog.get_logger("bucketsync.outbox")
 CHUNK = 1 << 20
 
 
-async def _file_chunks(path: str) -> AsyncIterator[bytes]:
+async def file_chunks(path: str) -> AsyncIterator[bytes]:
+    """A file's bytes in 1 MiB chunks, read in a worker thread."""
     f = await asyncio.to_thread(open, path, "rb")
     try:
         while chunk := await asyncio.to_thread(f.read, CHUNK):
@@ -166,7 +168,7 @@ class Outbox:
             metrics.DOWNSTREAM_OPS.labels(str(op.kind), "retry").inc()
             await self.ledger.retry_later(op.id, str(exc), time.time() + delay)
         except StorageError as exc:
-            await self._fail(op, _code(exc), str(exc))
+            await self._fail(op, code_of(exc), str(exc))
         finally:
             loop.in_flight.discard(op.key)
             loop.touched[op.key] = time.monotonic()
@@ -205,7 +207,7 @@ class Outbox:
         mode: PutMode = CREATE if op.create_only else PutMode.matching(op.if_match) if op.if_match else OVERWRITE
         failpoints.hit("outbox.before_storage")
         try:
-            info = await store.put(op.key, _file_chunks(op.staged), mode, op.content_type)
+            info = await store.put(op.key, file_chunks(op.staged), mode, op.content_type)
         except (AlreadyExists, PreconditionFailed):
             # A retry after a crash may meet its own earlier write: same bytes, so done.
             if op.attempts == 0 or op.sha256 is None or not await self._holds_our_bytes(op):
@@ -263,14 +265,6 @@ class Outbox:
         await self.agent.refresh_item_gauges(op.dataset)
         metrics.DOWNSTREAM_OPS.labels("delete", "ok").inc()
         log.info("delete done", op=op.id, dataset=op.dataset, key=op.key)
-
-
-def _code(exc: StorageError) -> str:
-    return {
-        AlreadyExists: "already_exists",
-        PreconditionFailed: "precondition_failed",
-        NotFound: "not_found",
-    }.get(type(exc), "storage_error")
 
 
 def _unlink(path: str) -> None:

@@ -254,10 +254,8 @@ class SyncLoop:
             candidates = [(0, key, etag, size, True) for etag, size, key in p.dry_adds]
         else:
             last = await self.ledger.last_ok_run(ds_id)
-            this = {r[0] for r in await self.ledger.added_in_run(ds_id, run_id)}
-            candidates = [
-                (i, k, e, s, i in this) for i, k, e, s in await self.ledger.added_since(ds_id, last.id if last else 0)
-            ]
+            since = await self.ledger.added_since(ds_id, last.id if last else 0)
+            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since]
         for new_id, key, etag, size, now in candidates:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))
