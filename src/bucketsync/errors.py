@@ -72,6 +72,20 @@ class Transient(StorageError):
     """A retryable failure: throttling, 5xx, timeouts, connection resets."""
 
 
+class Unreachable(Transient):
+    """Storage could not be reached at all: a DNS failure, a refused connection, a connect timeout.
+
+    Retryable (the network may come back), but told apart from a server that answered
+    badly, so the probe can say "unreachable" rather than "lacks permission".
+    """
+
+
+class BadEndpoint(StorageError):
+    """Something answered, but not as this kind of storage does, or it says the request went to the
+    wrong place: a wrong ``endpoint_url`` or ``region``. Retrying does not help; the config must change.
+    """
+
+
 # Stable codes for storage errors that cross the outbox: an op records the code of what
 # failed it, and the waiting caller gets the same error class back from it.
 _CODES: dict[type[StorageError], str] = {
@@ -79,7 +93,7 @@ _CODES: dict[type[StorageError], str] = {
     PreconditionFailed: "precondition_failed",
     NotFound: "not_found",
 }
-REFUSAL_CODES = frozenset({"read_only", "quota", "allow_delete_off"})
+REFUSAL_CODES = frozenset({"read_only", "quota", "allow_delete_off", "storage_denied_writes"})
 
 
 def code_of(exc: StorageError) -> str:
