@@ -84,9 +84,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status >= 400 and request.path.startswith("/api/"):
             return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
         raise
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ConnectionError) and _client_gone(request):
+            # The client hung up mid-response: nothing is wrong here and nobody is left to
+            # answer. 499 (as nginx says it) goes to the access log only.
+            log.debug("client closed the connection", method=request.method, path=request.path)
+            return web.Response(status=499, reason="Client Closed Request")
         log.exception("request failed", method=request.method, path=request.path)
         return error_response(500, "internal", "internal error; see the agent's log")
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (so a ConnectionError is its hang-up, not ours)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def auth_middleware(token: str | None) -> Any:
@@ -163,10 +174,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """503 while a dataset cannot be synced. The detail names, per dataset, what is wrong:
+    not ready, downstream unavailable (storage refuses writes), or guard-blocked."""
     agent = _agent(request)
+    detail = {name: agent.health(name) for name in agent.settings.datasets}
     if agent.not_ready:
-        return web.json_response({"status": "not ready", "datasets": agent.not_ready}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "datasets": detail}, status=503)
+    return web.json_response({"status": "ready", "datasets": detail})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -185,9 +199,7 @@ async def list_datasets(request: web.Request) -> web.Response:
     out = []
     for name in agent.settings.datasets:
         status = await dataset_status(agent.settings, agent.ledger, name, agent.loops.get(name))
-        status["ready"] = name not in agent.not_ready
-        status["not_ready_reason"] = agent.not_ready.get(name)
-        out.append(status)
+        out.append(status | agent.live_status(name))
     return web.json_response({"datasets": out})
 
 

@@ -55,9 +55,16 @@ SYNC_KEYS = (
 )
 
 
+PLAN_KEYS = ("would_remove", "would_rename")
+
+
 def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
-    """The documented shape of ``sync --json``, whether the run was local or the daemon's."""
-    return {k: raw.get(k) for k in SYNC_KEYS} | {"dry_run": bool(raw.get("dry_run"))}
+    """The documented shape of ``sync --json``, whether the run was local or the daemon's.
+    A dry run adds its plan: the keys it would remove and rename (the first 1,000 of each)."""
+    out = {k: raw.get(k) for k in SYNC_KEYS} | {"dry_run": bool(raw.get("dry_run"))}
+    if out["dry_run"]:
+        out |= {k: raw[k] for k in PLAN_KEYS if k in raw}
+    return out
 
 
 def _daemon_running(settings: Settings) -> bool:
@@ -102,9 +109,32 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     else:
         run = f"run {out['run']}" if out.get("run") is not None else "dry run, nothing written"
         print(f"{out['dataset']}: {out['status']} - {_human_counts(out)} ({run})")
+        _print_plan(out)
         if out.get("error"):
             print(f"error: {out['error']}", file=sys.stderr)
     return 0 if out["status"] == "ok" else 1
+
+
+def _print_plan(out: dict[str, Any]) -> None:
+    """A dry run's removals and renames, one per line (control characters escaped)."""
+    remove, rename = out.get("would_remove"), out.get("would_rename")
+    if remove and remove["count"]:
+        print(f"would remove {remove['count']}:")
+        for key in remove["keys"]:
+            print(f"  - {_safe(key)}")
+        if remove["truncated"]:
+            print(f"  ... and {remove['count'] - len(remove['keys'])} more")
+    if rename and rename["count"]:
+        print(f"would rename {rename['count']}:")
+        for r in rename["renames"]:
+            print(f"  {_safe(r['from'])} -> {_safe(r['to'])}")
+        if rename["truncated"]:
+            print(f"  ... and {rename['count'] - len(rename['renames'])} more")
+
+
+def _safe(key: str) -> str:
+    """A key as a terminal may show it: control characters escaped, the rest as is."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in key)
 
 
 async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool) -> dict[str, Any]:
@@ -163,9 +193,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             if ledger is not None:
                 await ledger.close()
+    failing = [name for r in rows if (name := _failing(r))]
+    code = 1 if args.check and failing else 0
     if args.json:
         _print_json({"datasets": rows})
-        return 0
+        return code
     if not rows:
         print("no datasets configured")
     for r in rows:
@@ -182,7 +214,23 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  running: {_human_counts(r['running'])}")
         if r.get("not_ready_reason"):
             print(f"  not ready: {r['not_ready_reason']}")
-    return 0
+        if r.get("downstream") == "unavailable":
+            print(f"  {r['downstream_reason'] or 'downstream unavailable'} (writes through bucketsync are refused)")
+        if r.get("guard_blocked"):
+            print("  guard-blocked: the last run was stopped by the mass-delete guard; nothing is removed until")
+            print(f"    a forced run (bucketsync sync {r['dataset']} --force) or the objects come back")
+    if args.check and failing:
+        print(f"check failed: {', '.join(failing)}", file=sys.stderr)
+    return code
+
+
+def _failing(row: dict[str, Any]) -> str | None:
+    """The dataset's name when ``status --check`` should fail for it: its last run failed or
+    was guard-aborted, or the running agent says it is not ready."""
+    last = row.get("last_run") or {}
+    if last.get("status") in ("failed", "aborted") or row.get("ready") is False:
+        return str(row["dataset"])
+    return None
 
 
 # -- downstream: put, rm, restore, meta ------------------------------------------------
@@ -291,6 +339,12 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
 # -- check and run ---------------------------------------------------------------------
 
 
+def driver_takes_writes(settings: Settings, driver: str) -> bool:
+    """Whether a dataset on ``driver`` accepts writes (then ``put`` is required); True for an unused driver."""
+    using = [ds for ds in settings.datasets.values() if ds.driver == driver]
+    return not using or any(not ds.read_only for ds in using)
+
+
 async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     driver = settings.drivers.get(args.driver)
     if driver is None:
@@ -298,15 +352,16 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError(f"no driver named {args.driver!r} (drivers: {known})")
     store = open_store(driver, settings)
     try:
-        result = await probe(store, args.driver, driver.allow_delete)
+        result = await probe(store, args.driver, driver.allow_delete, writes=driver_takes_writes(settings, args.driver))
     finally:
         await store.aclose()
     if args.json:
         _print_json(result.as_json())
     else:
         for name, c in result.checks.items():
-            mark = "ok" if c.ok else ("MISSING" if c.required else "missing (not required)")
-            print(f"{name:<7} {mark}" + (f"  {c.error}" if c.error and not c.ok else ""))
+            print(f"{name:<7} {c.describe()}")
+        if result.leftover:
+            print(f"note: the test-file {result.leftover} could not be removed", file=sys.stderr)
         print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
@@ -344,9 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="every dataset: items, last run, next run")
     st.add_argument("--json", action="store_true")
+    st.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a dataset's last run failed or was stopped by the guard, or it is not ready",
+    )
     st.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("check", help="probe a driver's permissions (list, get, put, delete)")
+    c = sub.add_parser(
+        "check", help="probe a driver's permissions: list, get; put unless read-only; delete with allow_delete"
+    )
     c.add_argument("driver")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_check)

@@ -192,7 +192,18 @@ class AgentConfig(_Strict):
     api_token_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    #: the level of the one line a run that changed nothing logs ("debug" hides busy polls)
+    no_change_log_level: Literal["debug", "info"] = "info"
     grace: Duration = 10.0
+    # Retention, per dataset: the newest keep_* are kept, and anything younger than keep_*_for;
+    # older history is pruned in the background. Running runs and pending ops are never pruned.
+    keep_runs: int = Field(default=1000, ge=1)
+    keep_runs_for: Duration = 30 * 86400.0
+    keep_ops: int = Field(default=1000, ge=1)
+    keep_ops_for: Duration = 30 * 86400.0
+    prune_interval: Duration = 3600.0
+    #: how often a dataset whose storage refused writes (downstream unavailable) is probed again
+    reprobe_interval: Duration = 300.0
 
     @field_validator("listen")
     @classmethod

@@ -41,8 +41,9 @@ class Outcome:
         }
 
 
-def _refuse(decision: gate.OpDecision) -> Refused:
+def _refuse(decision: gate.OpDecision, dataset: str, key: str) -> Refused:
     metrics.GATE_REFUSALS.labels(decision.reason).inc()
+    log.info("refused by the gate", dataset=dataset, key=key, reason=decision.reason, message=decision.message)
     return Refused(decision.reason, decision.message)
 
 
@@ -86,10 +87,14 @@ class Downstream:
         store = self.agent.stores[ds.driver]
         live = item is not None and item.state is ItemState.LIVE
         decision = gate.decide_put(
-            read_only=ds.read_only, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=not live
+            read_only=ds.read_only,
+            quota=ds.quota,
+            live_items=await ledger.live_count(ds_id),
+            new_key=not live,
+            storage_denies=self.agent.storage_denies(dataset),
         )
-        if not decision.allowed:
-            raise _refuse(decision)
+        if not decision.allowed:  # before the body is staged: a refusal reads none of it
+            raise _refuse(decision, dataset, key)
         if item is not None and not overwrite:
             raise AlreadyExists(f"{key!r} already exists in dataset {dataset!r}; use overwrite to replace it", key=key)
         if_match = None
@@ -127,9 +132,14 @@ class Downstream:
         assert ledger is not None
         ds = self.agent.settings.datasets[dataset]
         driver = self.agent.settings.drivers[ds.driver]
-        decision = gate.decide_delete(key=key, read_only=ds.read_only, allow_delete=driver.allow_delete)
+        decision = gate.decide_delete(
+            key=key,
+            read_only=ds.read_only,
+            allow_delete=driver.allow_delete,
+            storage_denies=self.agent.storage_denies(dataset),
+        )
         if not decision.allowed:
-            raise _refuse(decision)
+            raise _refuse(decision, dataset, key)
         if decision.action == gate.TOMBSTONE:
             if item.state is not ItemState.TOMBSTONE:
                 await ledger.set_state(item.id, ItemState.TOMBSTONE)
@@ -158,7 +168,7 @@ class Downstream:
             read_only=False, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=True
         )  # a restored item counts against the quota like a new one
         if not decision.allowed:
-            raise _refuse(decision)
+            raise _refuse(decision, dataset, key)
         await ledger.set_state(item.id, ItemState.LIVE)
         await self.agent.refresh_item_gauges(dataset)
         log.info("restored", dataset=dataset, key=key, item=item.id)
@@ -174,7 +184,9 @@ class Downstream:
         if item is None or item.state is not ItemState.LIVE:
             raise NotFound(f"dataset {dataset!r} has no live item {key!r}", key=key)
         if self.agent.settings.datasets[dataset].read_only:
-            raise _refuse(gate.OpDecision(False, "read_only", "the dataset is read-only: writes are refused"))
+            raise _refuse(
+                gate.OpDecision(False, "read_only", "the dataset is read-only: writes are refused"), dataset, key
+            )
         ledger = self.agent.ledger
         assert ledger is not None
         await ledger.merge_meta(item.id, patch)

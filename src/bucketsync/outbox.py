@@ -138,7 +138,7 @@ class Outbox:
         while not stop.is_set():
             self.wake.clear()
             due = await self.ledger.due_ops(time.time())
-            metrics.OUTBOX_BACKLOG.set(await self.ledger.backlog())
+            metrics.set_backlog(await self.ledger.backlog_by_dataset())
             for op in due:
                 if stop.is_set():
                     break

@@ -95,9 +95,9 @@ class ProbeResult:
     def ok(self) -> bool:
         return self.upstream_ok and self.downstream_ok
 
-    def denied_ops(self) -> frozenset[str]:
-        """The downstream operations storage refused (for the gate)."""
-        return frozenset(self._failed(DOWNSTREAM))
+    def failures(self) -> tuple[tuple[str, str], ...]:
+        """(check, status) of every required check that failed: what is wrong, without the texts."""
+        return tuple((n, self.checks[n].status) for n in self._failed((*UPSTREAM, *DOWNSTREAM)))
 
     def _problems(self, names: tuple[str, ...]) -> str:
         return "; ".join(f"{n}: {self.checks[n].describe()}" for n in self._failed(names))

@@ -10,45 +10,115 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
+import time
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from bucketsync import metrics
+from bucketsync import metrics, retention
 from bucketsync.agent import Agent
 from bucketsync.api import TASKS, make_app
 from bucketsync.config import Settings
 from bucketsync.errors import ConfigError
-from bucketsync.probe import probe
+from bucketsync.logs import AccessLog
+from bucketsync.model import RunStatus
+from bucketsync.probe import ProbeResult, probe
 from bucketsync.retry import backoff
 
 log = structlog.get_logger("bucketsync.supervisor")
 
 
+#: a dataset that stays not ready warns again at most this often (and whenever the reason changes)
+NOT_READY_WARN_EVERY = 600.0
+
+
+class _NotReadyLog:
+    """Warn once when a dataset becomes not ready, then at a bounded rate; debug in between."""
+
+    def __init__(self) -> None:
+        self.last: tuple[object, float] | None = None
+
+    def __call__(self, dataset: str, result: ProbeResult, attempt: int) -> None:
+        # "The same reason" is the same checks failing the same way; message texts may vary.
+        now, kind, reason = time.monotonic(), result.failures(), result.summary()
+        if self.last is None or self.last[0] != kind or now - self.last[1] >= NOT_READY_WARN_EVERY:
+            self.last = (kind, now)
+            log.warning("dataset not ready", dataset=dataset, reason=reason, attempts=attempt)
+        else:
+            log.debug("dataset still not ready", dataset=dataset, reason=reason, attempts=attempt)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
 async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
-    """Probe the driver until it passes, then run the dataset's loop."""
+    """Probe the driver until the dataset can be synced, then run the dataset's loop.
+
+    Only list and get gate the sync. A dataset whose storage refuses writes syncs all the
+    same; its writes are refused up front until a later probe finds them allowed.
+    """
     loop = agent.loop(name)
-    driver_name = agent.settings.datasets[name].driver
+    ds = agent.settings.datasets[name]
+    driver_name = ds.driver
     driver = agent.settings.drivers[driver_name]
     attempt = 0
+    warn = _NotReadyLog()
     while not stop.is_set():
-        result = await probe(loop.store, driver_name, driver.allow_delete)
-        if result.ok:
-            agent.not_ready.pop(name, None)
+        result = await probe(loop.store, driver_name, driver.allow_delete, writes=not ds.read_only)
+        if result.upstream_ok:
             break
         attempt += 1
-        agent.not_ready[name] = result.summary()
+        agent.set_ready(name, result.summary())
         metrics.LOOP_ERRORS.labels(name).inc()
-        log.error("dataset not ready: permission probe failed", dataset=name, reason=result.summary())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=min(loop.config.interval, 5 + backoff(attempt, 5, 300)))
+        warn(name, result, attempt)
+        await _wait(stop, min(loop.config.interval, 5 + backoff(attempt, 5, 300)))
     if stop.is_set():
         return
+    agent.set_ready(name, None)
+    agent.set_downstream(name, result)
+    if attempt:
+        log.info("dataset ready", dataset=name, attempts=attempt + 1)
     await agent.refresh_item_gauges(name)
-    await loop.run(stop)
+    async with asyncio.TaskGroup() as tg:
+        if not result.downstream_ok:
+            log.warning(
+                "downstream unavailable: writes through bucketsync are refused", dataset=name, reason=result.summary()
+            )
+            tg.create_task(_reprobe_writes(agent, name, stop), name=f"reprobe:{name}")
+        await loop.run(stop)
+
+
+async def _reprobe_writes(agent: Agent, name: str, stop: asyncio.Event) -> None:
+    """Probe again now and then while storage refuses the dataset's writes; clear it once they work."""
+    loop = agent.loop(name)
+    ds = agent.settings.datasets[name]
+    driver = agent.settings.drivers[ds.driver]
+    while not stop.is_set():
+        await _wait(stop, agent.settings.agent.reprobe_interval)
+        if stop.is_set():
+            return
+        result = await probe(loop.store, ds.driver, driver.allow_delete, writes=not ds.read_only)
+        if result.upstream_ok and result.downstream_ok:
+            agent.set_downstream(name, None)
+            log.info("downstream available again: writes are accepted", dataset=name)
+            return
+        if result.upstream_ok:
+            agent.set_downstream(name, result)
+
+
+async def _guard_gauges(agent: Agent) -> None:
+    """The guard gauge from the ledger: a dataset whose last run the guard stopped stays flagged across restarts."""
+    assert agent.ledger is not None
+    for name in agent.settings.datasets:
+        ds_id = await agent.ledger.find_dataset(name)
+        last = await agent.ledger.runs(ds_id, limit=1) if ds_id is not None else []
+        agent.loop(name).set_guard_blocked(bool(last) and last[0].status is RunStatus.ABORTED)
 
 
 async def serve(settings: Settings) -> int:
@@ -63,8 +133,13 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Agent(settings) as agent:
+        # Not ready until probed, before the first request can ask (the site starts below).
+        metrics.init(agent.settings.datasets)
+        for name in agent.settings.datasets:
+            agent.set_ready(name, "permission probe not run yet")
+        await _guard_gauges(agent)
         app = make_app(agent, stop)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log_class=AccessLog, access_log=logging.getLogger("bucketsync.access"))
         await runner.setup()
         try:
             site = web.TCPSite(runner, conf.host, conf.port)
@@ -72,17 +147,17 @@ async def serve(settings: Settings) -> int:
         except OSError as exc:
             await runner.cleanup()
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
-        for name in agent.settings.datasets:
-            agent.not_ready[name] = "permission probe not run yet"
         tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
+        assert agent.ledger is not None
+        pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop), name="retention")
         log.info(
             "agent started", listen=conf.listen, datasets=sorted(agent.loops), pid=os.getpid(), ledger=str(conf.ledger)
         )
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)
         api_runs: set[asyncio.Task[Any]] = app[TASKS]
-        busy: set[asyncio.Task[Any]] = {*tasks.values(), outbox, *api_runs}
+        busy: set[asyncio.Task[Any]] = {*tasks.values(), outbox, pruner, *api_runs}
         if busy:
             _, pending = await asyncio.wait(busy, timeout=conf.grace)
             for t in pending:

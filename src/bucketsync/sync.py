@@ -10,6 +10,7 @@ removals put through the guard. A failed listing therefore never removes anythin
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import defaultdict
@@ -25,6 +26,7 @@ from bucketsync.errors import BucketsyncError
 from bucketsync.gate import removal_guard
 from bucketsync.keys import KeyFilter
 from bucketsync.ledger import Ledger
+from bucketsync.logs import debug_enabled
 from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ObjectInfo, RunStatus
 from bucketsync.stores import Store
 
@@ -50,9 +52,11 @@ class RunResult:
     error: str | None = None
     dry_run: bool = False
     seconds: float = 0.0
+    #: a dry run's plan: the keys it would remove and rename (bounded), whatever the guard says
+    plan: Plan | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "dataset": self.dataset,
             "run": self.run,
             "status": str(self.status),
@@ -60,6 +64,37 @@ class RunResult:
             "error": self.error,
             "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
+        }
+        if self.plan is not None:
+            out |= self.plan.as_json()
+        return out
+
+
+#: how many keys a dry run lists per kind (the counts are always exact)
+PLAN_KEYS = 1000
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a dry run would remove and rename: the first ``PLAN_KEYS`` keys of each, and the counts."""
+
+    removals: int = 0
+    renames: int = 0
+    remove_keys: list[str] = field(default_factory=list)
+    rename_keys: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "would_remove": {
+                "count": self.removals,
+                "keys": self.remove_keys,
+                "truncated": self.removals > len(self.remove_keys),
+            },
+            "would_rename": {
+                "count": self.renames,
+                "renames": [{"from": old, "to": new} for old, new in self.rename_keys],
+                "truncated": self.renames > len(self.rename_keys),
+            },
         }
 
 
@@ -74,6 +109,7 @@ class _Pending:
     deferred: list[ObjectInfo] = field(default_factory=list)  # over quota: rename targets only
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
+    renames: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key), for the dry-run plan
 
 
 async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bool]) -> AsyncIterator[ObjectInfo]:
@@ -83,8 +119,12 @@ async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bo
 
 
 class SyncLoop:
-    def __init__(self, name: str, config: DatasetConfig, store: Store, ledger: Ledger) -> None:
+    def __init__(
+        self, name: str, config: DatasetConfig, store: Store, ledger: Ledger, *, no_change_log_level: str = "info"
+    ) -> None:
         self.name = name
+        #: the level of the one line a run that changed nothing logs (busy polls make it noise)
+        self.no_change_log_level = no_change_log_level
         self.config = config
         self.store = store
         self.ledger = ledger
@@ -98,6 +138,8 @@ class SyncLoop:
         #: upload's own object as a foreign change
         self.in_flight: set[str] = set()
         self.touched: dict[str, float] = {}
+        #: the last finished run was stopped by the mass-delete guard (a failed run leaves it as it was)
+        self.guard_blocked = False
         self._lock = asyncio.Lock()  # one run at a time per dataset
         self.wake = asyncio.Event()  # set to start a run now
 
@@ -129,8 +171,9 @@ class SyncLoop:
         if started is not None and not started.done():
             started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
-        log.info("run started", dry_run=dry_run, force=force, items=live_before)
+        log.debug("run started", dry_run=dry_run, force=force, items=live_before)
         pending = _Pending()
+        plan = None
         status, error = RunStatus.OK, None
         try:
             try:
@@ -156,11 +199,20 @@ class SyncLoop:
                     max_delete_count=self.config.max_delete_count,
                     force=force,
                 )
+                if dry_run:
+                    plan = _plan(pending)
                 if decision.allowed:
                     await self._remove(run_id, counts, pending)
                 else:
                     status, error = RunStatus.ABORTED, decision.message
-                    metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
+                    log.warning(
+                        "removals refused by the mass-delete guard",
+                        reason=decision.reason,
+                        removals=len(pending.removals),
+                        message=decision.message,
+                    )
+                    if not dry_run:
+                        metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
         except BaseException as exc:  # cancelled or crashed mid-run: record it, then propagate
             status, error = RunStatus.FAILED, _describe(exc) if isinstance(exc, Exception) else "cancelled"
             raise
@@ -171,7 +223,7 @@ class SyncLoop:
             self.progress = self.current_run = None
             self._record(status, counts, seconds, dry_run, error)
             structlog.contextvars.unbind_contextvars("dataset", "run")
-        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds)
+        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds, plan)
 
     async def _finish(self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
         await self.ledger.finish_run(run_id, counts, status, error)
@@ -188,6 +240,7 @@ class SyncLoop:
         self.touched = {k: t for k, t in self.touched.items() if t >= t0}
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
+        keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
         async for ch in diff(listing, self.ledger.snapshot(ds_id)):
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
@@ -204,6 +257,8 @@ class SyncLoop:
                 assert new is not None
                 counts.added += 1
                 p.adds.append(new)
+                if keys:
+                    log.debug("added", key=new.key, size=new.size)
             elif old is not None and old.state != LIVE:
                 # A tombstone: upstream never brings it back (invariant 3). Keep its info
                 # current for a later restore; forget it once the object itself is gone.
@@ -215,6 +270,8 @@ class SyncLoop:
                 assert new is not None and old is not None
                 counts.modified += 1
                 p.updates.append((old.id, new))
+                if keys:
+                    log.debug("modified", key=new.key, size=new.size)
             elif kind is removed:
                 assert old is not None
                 p.removals.append(old)
@@ -273,6 +330,7 @@ class SyncLoop:
                     counts.unchanged -= 1
                 if old.state == LIVE:
                     counts.renamed += 1
+                    p.renames.append((old.key, key))
             elif old.state == LIVE:
                 still_removed.append(old)
             else:
@@ -282,8 +340,14 @@ class SyncLoop:
         p.removals, p.purges = still_removed, still_purged
         if run_id is not None:
             await self.ledger.rename(run_id, pairs, counts)
+        if debug_enabled():
+            for old_key, new_key in p.renames:
+                log.debug("renamed", key=new_key, old_key=old_key)
 
     async def _remove(self, run_id: int | None, counts: Counts, p: _Pending) -> None:
+        if debug_enabled():
+            for o in p.removals:
+                log.debug("removed", key=o.key)
         ids = [o.id for o in p.removals]
         counts.removed += len(ids)
         if run_id is None:
@@ -295,13 +359,21 @@ class SyncLoop:
 
     def _record(self, status: RunStatus, counts: Counts, seconds: float, dry_run: bool, error: str | None) -> None:
         fields = counts.as_dict()
-        if status is RunStatus.OK:
-            log.info("run finished", status=str(status), seconds=round(seconds, 3), **fields)
-        else:
+        if status is not RunStatus.OK:
             log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **fields)
+        else:
+            changed = counts.added or counts.modified or counts.removed or counts.renamed or counts.errors
+            level = "info" if changed or dry_run else self.no_change_log_level
+            log.log(_LEVELS[level], "run finished", status=str(status), seconds=round(seconds, 3), **fields)
         if dry_run:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
+        if status is not RunStatus.FAILED:  # a failed run says nothing about the guard
+            self.set_guard_blocked(status is RunStatus.ABORTED)
+
+    def set_guard_blocked(self, blocked: bool) -> None:
+        self.guard_blocked = blocked
+        metrics.GUARD_BLOCKED.labels(self.name).set(blocked)
 
     async def run(self, stop: asyncio.Event, on_error: Callable[[Exception], None] | None = None) -> None:
         """Loop ``run_once`` until ``stop``: every ``interval`` (with jitter) for ``poll``
@@ -342,6 +414,18 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | N
     finally:
         for w in waiters:
             w.cancel()
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _plan(p: _Pending) -> Plan:
+    return Plan(
+        removals=len(p.removals),
+        renames=len(p.renames),
+        remove_keys=[o.key for o in p.removals[:PLAN_KEYS]],
+        rename_keys=p.renames[:PLAN_KEYS],
+    )
 
 
 def _describe(exc: BaseException) -> str:
