@@ -109,7 +109,7 @@ class _Pending:
     deferred: list[ObjectInfo] = field(default_factory=list)  # over quota: rename targets only
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
-    renames: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key), for the dry-run plan
+    renames: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key): dry-run plan, debug log
 
 
 async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bool]) -> AsyncIterator[ObjectInfo]:
@@ -200,7 +200,7 @@ class SyncLoop:
                     force=force,
                 )
                 if dry_run:
-                    plan = _plan(pending)
+                    plan = _plan(pending, counts)
                 if decision.allowed:
                     await self._remove(run_id, counts, pending)
                 else:
@@ -317,6 +317,7 @@ class SyncLoop:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))
         pairs: list[tuple[int, int, str]] = []
+        keep_keys = run_id is None or debug_enabled()  # for the dry-run plan or the debug log; bounded otherwise
         still_removed: list[Indexed] = []
         still_purged: list[Indexed] = []
         for old in sources:
@@ -330,7 +331,8 @@ class SyncLoop:
                     counts.unchanged -= 1
                 if old.state == LIVE:
                     counts.renamed += 1
-                    p.renames.append((old.key, key))
+                    if keep_keys and (len(p.renames) < PLAN_KEYS or debug_enabled()):
+                        p.renames.append((old.key, key))
             elif old.state == LIVE:
                 still_removed.append(old)
             else:
@@ -419,10 +421,10 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | N
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
-def _plan(p: _Pending) -> Plan:
+def _plan(p: _Pending, counts: Counts) -> Plan:
     return Plan(
         removals=len(p.removals),
-        renames=len(p.renames),
+        renames=counts.renamed,
         remove_keys=[o.key for o in p.removals[:PLAN_KEYS]],
         rename_keys=p.renames[:PLAN_KEYS],
     )
