@@ -69,7 +69,7 @@ class Request:
 @dataclass
 class Rule:
     """Do ``action`` to requests matching ``method`` (any if None) and containing ``path`` in their
-    target (any if None), ``times`` times (forever if None); ``stall`` is seconds for STALL."""
+    target or body (any if None), ``times`` times (forever if None); ``stall`` is seconds for STALL."""
 
     action: Action
     method: str | None = None
@@ -84,8 +84,8 @@ class Rule:
             return False
         if self.method is not None and req.method != self.method:
             return False
-        if self.path is not None and self.path not in req.target:
-            return False
+        if self.path is not None and self.path not in req.target and self.path.encode() not in req.body:
+            return False  # GCS names the object in a multipart body, not in the URL
         return self.matches is None or self.matches(req)
 
 
@@ -116,7 +116,10 @@ class FaultProxy:
         self._rng = random.Random(self.seed)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._release = asyncio.Event()
         self.enabled = True
+        #: responses being held back right now by STALL
+        self.stalling = 0
 
     # -- lifecycle
 
@@ -148,6 +151,10 @@ class FaultProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def release(self) -> None:
+        """End every stall now, with a reset (as a server that gives up would)."""
+        self._release.set()
 
     def add(self, *rules: Rule) -> None:
         self.rules.extend(rules)
@@ -205,7 +212,15 @@ class FaultProxy:
                         writer.write(head + body[:half])
                         await writer.drain()
                         head, body = b"", body[half:]
-                    await asyncio.sleep(decision.stall)
+                    self.stalling += 1
+                    try:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._release.wait(), decision.stall)
+                    finally:
+                        self.stalling -= 1
+                    if self._release.is_set():
+                        _reset(writer)
+                        return
                 writer.write(head + body)
                 await writer.drain()
                 if _wants_close(req.headers) or _wants_close(resp_headers) or (body and _unframed(resp_headers)):
