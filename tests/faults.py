@@ -116,6 +116,7 @@ class FaultProxy:
         self._rng = random.Random(self.seed)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._transports: set[asyncio.BaseTransport] = set()
         self._release = asyncio.Event()
         self.enabled = True
         #: responses being held back right now by STALL
@@ -129,12 +130,18 @@ class FaultProxy:
         return self
 
     async def close(self) -> None:
+        """Stop listening, end stalls, abort every connection, and wait for the handlers.
+
+        Handlers are not cancelled: asyncio (3.11) logs a cancelled connection callback
+        as an error. Aborted sockets end their reads instead.
+        """
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
+        self._release.set()
+        for transport in list(self._transports):
+            transport.abort()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(self._tasks, timeout=10)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
@@ -178,6 +185,7 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._transports.add(writer.transport)
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             while True:
@@ -196,6 +204,7 @@ class FaultProxy:
                     continue
                 if upstream is None:
                     upstream = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+                    self._transports.add(upstream[1].transport)
                 up_reader, up_writer = upstream
                 up_writer.write(req.raw_head + req.body)
                 await up_writer.drain()
@@ -229,7 +238,9 @@ class FaultProxy:
             return
         finally:
             self._tasks.discard(task)
+            self._transports.discard(writer.transport)
             if upstream is not None:
+                self._transports.discard(upstream[1].transport)
                 upstream[1].close()
             with contextlib.suppress(Exception):
                 writer.close()
