@@ -100,6 +100,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ops_pending ON ops (state, next_at);
     """,
+    # v3: ops on one key run in order (due_ops asks "is an older op on this key pending?"
+    # for every candidate); without this index that question scans the whole backlog.
+    """
+    CREATE INDEX ops_pending_by_key ON ops (dataset_id, key, id) WHERE state = 'pending';
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
