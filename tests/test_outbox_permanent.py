@@ -181,6 +181,13 @@ def test_ops_through_the_api_and_the_cli(tmp_path: Path) -> None:
     out = one_json(cli(cfg, "ops", "cancel", str(cancel_me["id"]), "--json"))
     assert out["state"] == "cancelled"
     assert list((tmp_path / "var" / "staging").glob("*")) == []
+    put = cli(cfg, "put", "ds", str(_file(tmp_path, "body", b"body")), "--key", "c/f.bin")
+    assert put.returncode == 1
+    retry_me = one_json(cli(cfg, "ops", "--state", "failed", "--json"))["ops"][0]
+    (root / "c").unlink()
+    out = one_json(cli(cfg, "ops", "retry", str(retry_me["id"]), "--json"))
+    assert out["state"] == "done", out  # no daemon: the CLI runs the op itself
+    assert (root / "c" / "f.bin").read_bytes() == b"body"
 
     with Daemon(cfg) as daemon:
         r = daemon.api("PUT", "/datasets/ds/items/a%2Fb.bin", headers={"Content-Type": "application/octet-stream"})

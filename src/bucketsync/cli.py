@@ -313,17 +313,13 @@ async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, 
             return {"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()}
         finally:
             await ledger.close()
-    lock = InstanceLock(path)
-    lock.acquire()
-    try:
-        ledger = await Ledger.open(path)
-        try:
-            act = opsctl.retry if args.action == "retry" else opsctl.cancel
-            return (await act(ledger, None, args.id)).as_json()
-        finally:
-            await ledger.close()
-    finally:
-        lock.release()
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        if args.action == "cancel":
+            return (await opsctl.cancel(agent.ledger, agent.outbox, args.id)).as_json()
+        await opsctl.retry(agent.ledger, agent.outbox, args.id)
+        # No worker runs without a daemon: run the op here, as `put` does.
+        return (await agent.outbox.settle(args.id)).as_json()
 
 
 async def _ops_remote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
