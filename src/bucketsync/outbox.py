@@ -32,7 +32,8 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ from bucketsync.retry import backoff
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
     from bucketsync.ledger import Ledger
+    from bucketsync.stores import Store
 
 log = structlog.get_logger("bucketsync.outbox")
 CHUNK = 1 << 20
@@ -80,6 +82,10 @@ class Outbox:
         #: ids of the ops executing now (the API refuses to cancel one mid-flight)
         self.active: set[int] = set()
         self._busy_keys: set[tuple[str, str]] = set()
+        #: per dataset: new-key puts past the quota gate, not yet committed; and the lock
+        #: under which they are counted and committed
+        self._reserved: Counter[str] = Counter()
+        self._quota_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -233,17 +239,40 @@ class Outbox:
         ds = agent.settings.datasets[op.dataset]
         store = agent.stores[ds.driver]
         ds_id = await self.ledger.dataset_id(op.dataset)
-        existing = await self.ledger.item(ds_id, op.key)
-        decision = gate.decide_put(
-            read_only=ds.read_only,
-            quota=ds.quota,
-            live_items=await self.ledger.live_count(ds_id),
-            new_key=existing is None or existing.state != "live",
-        )
-        if not decision.allowed:
-            metrics.GATE_REFUSALS.labels(decision.reason).inc()
-            await self._fail(op, decision.reason, decision.message)
-            return
+        # Concurrent puts of new keys each see the same live count: a put that passed the
+        # gate holds a quota reservation until its item is committed (or it ends), and
+        # counting, deciding and committing happen under the dataset's lock.
+        lock = self._quota_locks.setdefault(op.dataset, asyncio.Lock())
+        async with lock:
+            existing = await self.ledger.item(ds_id, op.key)
+            new_key = existing is None or existing.state != "live"
+            decision = gate.decide_put(
+                read_only=ds.read_only,
+                quota=ds.quota,
+                live_items=await self.ledger.live_count(ds_id) + self._reserved[op.dataset],
+                new_key=new_key,
+            )
+            if not decision.allowed:
+                metrics.GATE_REFUSALS.labels(decision.reason).inc()
+                await self._fail(op, decision.reason, decision.message)
+                return
+            held = new_key
+            if held:
+                self._reserved[op.dataset] += 1
+
+        def release() -> None:  # once, whichever way the write ends
+            nonlocal held
+            if held:
+                held = False
+                self._reserved[op.dataset] -= 1
+
+        try:
+            await self._write(op, store, ds_id, lock, release)
+        finally:
+            release()
+
+    async def _write(self, op: Op, store: Store, ds_id: int, lock: asyncio.Lock, release: Callable[[], None]) -> None:
+        """Write the staged body to storage, then index it and close the op."""
         if op.staged is None or not os.path.exists(op.staged):
             await self._fail(op, "staged_body_missing", "the staged upload is gone; upload again")
             return
@@ -260,7 +289,9 @@ class Outbox:
             log.info("put found its own earlier write in storage", op=op.id, dataset=op.dataset, key=op.key)
             info = landed
         failpoints.hit("outbox.after_storage")
-        item = await self.ledger.complete_put(op, ds_id, info)
+        async with lock:  # the item counts as live from here: its reservation ends in the same step
+            item = await self.ledger.complete_put(op, ds_id, info)
+            release()
         await self.agent.refresh_item_gauges(op.dataset)
         self.results[op.id] = item
         await asyncio.to_thread(_unlink, op.staged)
