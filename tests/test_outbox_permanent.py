@@ -6,6 +6,7 @@ end-to-end ones drive a real daemon over HTTP and the real CLI.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
@@ -232,3 +233,20 @@ def _poll_done(daemon: Daemon, op_id: int) -> None:
     from e2e import poll
 
     poll(lambda: daemon.api("GET", f"/ops/{op_id}").body["state"] == "done" or None, what=f"op {op_id} done")
+
+
+async def test_a_put_waiting_for_its_op_hears_of_the_cancel(local: tuple[Agent, Downstream, Path]) -> None:
+    """No worker runs here, so the op stays pending; cancelling it answers the waiting put."""
+    agent, _down, root = local
+    ledger = agent.ledger
+    assert ledger is not None
+    waiting = Downstream(agent, agent.outbox, wait=60)
+    put = asyncio.create_task(waiting.put("ds", "w.bin", one_chunk(b"waiting")))
+    while not await ledger.ops(state=OpState.PENDING):  # noqa: ASYNC110 (the ledger has no event)
+        await asyncio.sleep(0.01)
+    [pending] = await ledger.ops(state=OpState.PENDING)
+    await opsctl.cancel(ledger, agent.outbox, pending.id)
+    with pytest.raises(OpStateError) as exc:
+        await put
+    assert exc.value.code == "op_cancelled"
+    assert not (root / "w.bin").exists() and staged(agent) == []
