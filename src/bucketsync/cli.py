@@ -288,6 +288,70 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
     return _report(args, out, f"{args.key}: " + (json.dumps(meta, ensure_ascii=False) if meta else "no metadata"))
 
 
+# -- ops: the outbox ---------------------------------------------------------------------
+
+
+def _op_line(op: dict[str, Any]) -> str:
+    error = f"  {op['error_code']}: {op['error']}" if op.get("error") else ""
+    key = json.dumps(op["key"], ensure_ascii=False)[1:-1]  # control characters escaped
+    return (
+        f"{op['id']:>6}  {op['state']:<9}  {op['kind']:<6}  {op['dataset']}  {key}  (attempts {op['attempts']}){error}"
+    )
+
+
+async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from bucketsync import opsctl
+    from bucketsync.model import OpState
+
+    path = settings.agent.ledger
+    if args.action is None:
+        if not path.exists():
+            return {"ops": [], "backlog": 0}
+        ledger = await Ledger.open(path, readonly=True)
+        try:
+            ops = await ledger.ops(state=OpState(args.state) if args.state else None, limit=args.limit)
+            return {"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()}
+        finally:
+            await ledger.close()
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        if args.action == "cancel":
+            return (await opsctl.cancel(agent.ledger, agent.outbox, args.id)).as_json()
+        await opsctl.retry(agent.ledger, agent.outbox, args.id)
+        # No worker runs without a daemon: run the op here, as `put` does.
+        return (await agent.outbox.settle(args.id)).as_json()
+
+
+async def _ops_remote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    async with AgentClient(settings) as client:
+        if args.action is None:
+            params: dict[str, str] = {"limit": str(args.limit)}
+            if args.state:
+                params["state"] = args.state
+            return dict(await client.call("GET", "/ops", params=params))
+        return dict(await client.call("POST", f"/ops/{args.id}/{args.action}"))
+
+
+async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
+    out: dict[str, Any] | None = None
+    if not _daemon_running(settings):
+        try:
+            out = await _ops_local(settings, args)
+        except LedgerLocked:
+            out = None  # an agent started meanwhile: ask it
+    if out is None:
+        out = await _ops_remote(settings, args)
+    if args.json:
+        _print_json(out)
+    elif args.action is None:
+        for op in out["ops"]:
+            print(_op_line(op))
+        print(f"{len(out['ops'])} ops shown; backlog {out['backlog']} pending")
+    else:
+        print(_op_line(out))
+    return 0
+
+
 # -- check and run ---------------------------------------------------------------------
 
 
@@ -378,6 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--unset", action="append", default=[], metavar="NAME", help="remove a metadata name")
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=cmd_meta)
+
+    op = sub.add_parser("ops", help="outbox ops (writes to storage): list, retry a failed one, cancel one")
+    op.add_argument("--state", choices=["pending", "done", "failed", "cancelled"], help="only ops in this state")
+    op.add_argument("--limit", type=int, default=100, help="at most this many ops (default 100)")
+    op.add_argument("--json", action="store_true", help="print one JSON object")
+    op.set_defaults(func=cmd_ops, action=None)
+    actions = op.add_subparsers(dest="action", metavar="ACTION")
+    for name, text in (
+        ("retry", "queue a failed op again (its uploaded body must still be staged)"),
+        ("cancel", "cancel a pending or failed op and drop its staged body (storage is not touched)"),
+    ):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("id", type=int, help="the op's id (see `bucketsync ops`)")
+        # SUPPRESS: without --json here, the value given before ACTION stands.
+        a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the op as JSON")
     return p
 
 

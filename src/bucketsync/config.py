@@ -149,6 +149,10 @@ class DriverConfig(_Strict):
     region: str | None = None
     storage_class: str | None = None
     allow_delete: bool = False
+    #: per request, seconds: to open a connection, and to wait for each read of a response
+    #: (not a whole transfer). A stall past ``read_timeout`` is a Transient error, retried.
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 30.0
 
     @field_validator("url")
     @classmethod
@@ -193,6 +197,8 @@ class AgentConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     grace: Duration = 10.0
+    #: outbox ops executed at once; ops on the same (dataset, key) always run one after another
+    outbox_concurrency: int = Field(default=8, ge=1, le=256)
 
     @field_validator("listen")
     @classmethod

@@ -100,6 +100,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ops_pending ON ops (state, next_at);
     """,
+    # v3: ops on one key run in order (due_ops asks "is an older op on this key pending?"
+    # for every candidate); without this index that question scans the whole backlog.
+    """
+    CREATE INDEX ops_pending_by_key ON ops (dataset_id, key, id) WHERE state = 'pending';
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -519,9 +524,13 @@ class Ledger:
             return [_op(r) for r in await cur.fetchall()]
 
     async def due_ops(self, now: float, limit: int = 16) -> list[Op]:
+        """Pending ops due by ``now``, oldest first; only the oldest pending op of each
+        (dataset, key): a later op on a key waits for the earlier one, even one backing off."""
         async with self.db.execute(
             f"SELECT {_OP_COLS} FROM ops o JOIN datasets d ON d.id = o.dataset_id "
-            "WHERE o.state = 'pending' AND o.next_at <= ? ORDER BY o.id LIMIT ?",
+            "WHERE o.state = 'pending' AND o.next_at <= ? AND NOT EXISTS ("
+            "SELECT 1 FROM ops e WHERE e.state = 'pending' AND e.dataset_id = o.dataset_id "
+            "AND e.key = o.key AND e.id < o.id) ORDER BY o.id LIMIT ?",
             (now, limit),
         ) as cur:
             return [_op(r) for r in await cur.fetchall()]
@@ -543,10 +552,31 @@ class Ledger:
         )
 
     async def fail_op(self, op_id: int, code: str, error: str) -> None:
+        """The op failed for good; a put's staged body stays recorded for ``retry_op``."""
         await self._write(
-            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ?, staged = NULL WHERE id = ?",
+            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ? WHERE id = ?",
             (error, code, time.time(), op_id),
         )
+
+    async def retry_op(self, op_id: int) -> bool:
+        """A failed op back to pending, due now; False if it was not failed (any more)."""
+        now = time.time()
+        cur = await self._write(
+            "UPDATE ops SET state = 'pending', error = NULL, error_code = NULL, updated = ?, next_at = ? "
+            "WHERE id = ? AND state = 'failed'",
+            (now, now, op_id),
+        )
+        return cur.rowcount == 1
+
+    async def cancel_op(self, op_id: int) -> bool:
+        """A pending or failed op to cancelled, forgetting its staged body (the caller
+        removes the file); False if it was done or cancelled already."""
+        cur = await self._write(
+            "UPDATE ops SET state = 'cancelled', error = 'cancelled by the user', error_code = 'cancelled', "
+            "updated = ?, staged = NULL WHERE id = ? AND state IN ('pending', 'failed')",
+            (time.time(), op_id),
+        )
+        return cur.rowcount == 1
 
     async def complete_put(self, op: Op, dataset_id: int, info: ObjectInfo) -> Item:
         """Index what the put wrote and close the op, atomically. An existing row (an
