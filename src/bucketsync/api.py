@@ -25,7 +25,9 @@ from bucketsync.errors import (
     AlreadyExists,
     BucketsyncError,
     ConfigError,
+    DiskFull,
     InvalidKey,
+    LedgerError,
     NotFound,
     PermissionDenied,
     PreconditionFailed,
@@ -57,6 +59,8 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 # The one mapping from our error hierarchy to HTTP.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
     (InvalidKey, 400, "invalid_key"),
+    (DiskFull, 507, "disk_full"),
+    (LedgerError, 503, "ledger_unavailable"),
     (ConfigError, 404, "not_found"),
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),
@@ -164,8 +168,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     agent = _agent(request)
-    if agent.not_ready:
-        return web.json_response({"status": "not ready", "datasets": agent.not_ready}, status=503)
+    if (unready := agent.unready()) is not None:
+        return web.json_response(unready, status=503)
     return web.json_response({"status": "ready"})
 
 
