@@ -50,6 +50,7 @@ listen = "127.0.0.1:9810"           # HTTP: /metrics, /healthz, /readyz and /api
 
 def write_starter(path: Path) -> Path:
     """Write the starter config to ``path`` (a folder gets ``bucketsync.toml`` inside)."""
+    path = path.absolute()
     if path.is_dir():
         path = path / "bucketsync.toml"
     try:

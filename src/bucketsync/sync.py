@@ -366,7 +366,10 @@ class SyncLoop:
             except Exception as exc:  # a bug or the ledger failing: log, count, back off, go on
                 failures += 1
                 metrics.LOOP_ERRORS.labels(self.name).inc()
-                log.exception("sync loop error", dataset=self.name)
+                if isinstance(exc, LedgerError):  # a full disk, say: the message says it all
+                    log.error("sync loop error", dataset=self.name, error=str(exc))
+                else:
+                    log.exception("sync loop error", dataset=self.name)
                 if on_error is not None:
                     on_error(exc)
 
