@@ -101,11 +101,12 @@ def ledger_error(path: Path, exc: BaseException, doing: str) -> LedgerError:
     return LedgerError(f"cannot {doing} the ledger {path}: {detail}")
 
 
-def record_write_failure(err: LedgerError, exc: BaseException) -> None:
+def record_write_failure(err: LedgerError, exc: BaseException, *, log_it: bool = True) -> None:
     kind = kind_of(exc)
     metrics.LEDGER_WRITE_ERRORS.labels(kind).inc()
     metrics.LEDGER_WRITABLE.set(0)
-    log.error("ledger write failed", reason=kind, error=str(err))
+    if log_it:
+        log.error("ledger write failed", reason=kind, error=str(err))
 
 
 # -- the start-up integrity check --------------------------------------------------------

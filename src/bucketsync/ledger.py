@@ -765,6 +765,7 @@ class _Tx:
 
     def _failed(self, exc: BaseException) -> LedgerError:
         err = durability.ledger_error(self.ledger.path, exc, "write")
+        first = self.ledger.fault is None  # logged once per fault, counted every time
         self.ledger.fault = str(err)
-        durability.record_write_failure(err, exc)
+        durability.record_write_failure(err, exc, log_it=first)
         return err

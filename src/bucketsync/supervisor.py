@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 from typing import Any
 
 import structlog
@@ -112,7 +113,11 @@ async def _heal_ledger(agent: Agent, stop: asyncio.Event) -> None:
 async def _check_ledger(agent: Agent) -> None:
     """The start-up ``quick_check``: damage makes the agent not ready (it keeps serving
     what it can read), and the log and a metric say what to do."""
-    result = await durability.quick_check(agent.settings.agent.ledger)
+    try:
+        result = await durability.quick_check(agent.settings.agent.ledger)
+    except (sqlite3.Error, OSError) as exc:  # the check must not stop an agent whose ledger opened
+        log.warning("ledger quick_check could not run", error=str(exc))
+        return
     if result.result == "damaged":
         agent.ledger_problem = (
             f"the ledger is damaged ({result.summary()}); {durability.damaged_hint(agent.settings.agent.ledger)}"
