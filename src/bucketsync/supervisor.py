@@ -110,18 +110,19 @@ async def _heal_ledger(agent: Agent, stop: asyncio.Event) -> None:
                 await ledger.probe_write()
 
 
-async def _check_ledger(agent: Agent) -> None:
+async def _check_ledger(agent: Agent) -> str:
     """The start-up ``quick_check``: damage makes the agent not ready (it keeps serving
-    what it can read), and the log and a metric say what to do."""
+    what it can read), and the log and a metric say what to do. Returns the result."""
     try:
         result = await durability.quick_check(agent.settings.agent.ledger)
     except (sqlite3.Error, OSError) as exc:  # the check must not stop an agent whose ledger opened
         log.warning("ledger quick_check could not run", error=str(exc))
-        return
+        return "not run"
     if result.result == "damaged":
         agent.ledger_problem = (
             f"the ledger is damaged ({result.summary()}); {durability.damaged_hint(agent.settings.agent.ledger)}"
         )
+    return result.result
 
 
 def _describe(exc: BaseException) -> str:
@@ -153,12 +154,17 @@ async def serve(settings: Settings) -> int:
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
         for name in agent.settings.datasets:
             agent.not_ready[name] = "permission probe not run yet"
-        await _check_ledger(agent)
+        check = await _check_ledger(agent)
         tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
         log.info(
-            "agent started", listen=conf.listen, datasets=sorted(agent.loops), pid=os.getpid(), ledger=str(conf.ledger)
+            "agent started",
+            listen=conf.listen,
+            datasets=sorted(agent.loops),
+            pid=os.getpid(),
+            ledger=str(conf.ledger),
+            ledger_check=check,
         )
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)
