@@ -315,6 +315,15 @@ def test_damage_in_the_middle_is_found_at_start_and_the_agent_is_not_ready(tmp_p
     assert "Task exception was never retrieved" not in daemon.log
 
 
+def test_damage_in_the_middle_read_by_the_cli_is_a_clear_error(tmp_path: Path) -> None:
+    cfg, ledger = synced_ledger(tmp_path, files=3000)
+    corrupt_middle(ledger, 0.05, 0.95)
+    for proc in parallel(lambda: cli(cfg, "status", timeout=30), lambda: cli(cfg, "items", "d", timeout=30)):
+        assert proc.returncode == 1, describe(proc)
+        no_traceback(proc)
+        assert str(ledger) in proc.stderr and "bucketsync backup" in proc.stderr, describe(proc)
+
+
 def test_a_healthy_ledger_passes_the_start_up_check(tmp_path: Path) -> None:
     cfg, _ = synced_ledger(tmp_path)
     with Daemon(cfg) as daemon:
