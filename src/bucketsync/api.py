@@ -25,10 +25,12 @@ from bucketsync.errors import (
     AlreadyExists,
     BucketsyncError,
     ConfigError,
+    DiskFull,
     FileFolderConflict,
     InvalidKey,
     KeyFiltered,
     KeyNotStorable,
+    LedgerError,
     NotFound,
     OpStateError,
     PermissionDenied,
@@ -64,6 +66,8 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
     (InvalidKey, 400, "invalid_key"),
     (KeyNotStorable, 400, "key_not_storable"),
     (FileFolderConflict, 409, "file_folder_conflict"),
+    (DiskFull, 507, "disk_full"),
+    (LedgerError, 503, "ledger_unavailable"),
     (ConfigError, 404, "not_found"),
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),
@@ -173,8 +177,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     agent = _agent(request)
-    if agent.not_ready:
-        return web.json_response({"status": "not ready", "datasets": agent.not_ready}, status=503)
+    if (unready := agent.unready()) is not None:
+        return web.json_response(unready, status=503)
     return web.json_response({"status": "ready"})
 
 

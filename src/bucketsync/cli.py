@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -19,7 +20,8 @@ from bucketsync import __version__
 from bucketsync.agent import Agent, dataset_status
 from bucketsync.client import AgentClient, ApiCallFailed
 from bucketsync.config import Settings, load_settings
-from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerLocked
+from bucketsync.durability import ledger_error
+from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
@@ -96,6 +98,9 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
                 out = (await _with_progress(loop, work, show, f"syncing {args.dataset}:")).as_json()
         except LedgerLocked:  # an agent started meanwhile
             out = await _remote_sync(settings, args, show)
+        except LedgerError as exc:  # no run could begin (a damaged ledger, a full disk): still one result
+            counts = dict.fromkeys(SYNC_KEYS[3:-1], 0)
+            out = {"dataset": args.dataset, "run": None, "status": "failed", **counts, "error": str(exc)}
     out = _sync_json(out)
     if args.json:
         _print_json(out)
@@ -375,6 +380,34 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from bucketsync.durability import backup
+
+    target = Path(args.path)
+    if target.is_dir():
+        target = target / settings.agent.ledger.name
+    if target.exists() and not args.overwrite:
+        raise UsageError(f"{target} already exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent} is not a folder")
+    if target.exists() and os.path.samefile(target, settings.agent.ledger):
+        raise UsageError(f"{target} is the ledger itself")
+    t0 = time.monotonic()
+    pages, size = await backup(settings.agent.ledger, target)
+    out = {
+        "ledger": str(settings.agent.ledger),
+        "backup": str(target),
+        "pages": pages,
+        "bytes": size,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    return _report(args, out, f"backed up {out['ledger']} to {target} ({size} bytes)")
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.supervisor import serve
 
@@ -392,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("run", help="run the agent: sync loops, HTTP API, /metrics").set_defaults(func=cmd_run)
+
+    ini = sub.add_parser("init", help="write a commented starter config (never over an existing file)")
+    ini.add_argument(
+        "path", nargs="?", default="bucketsync.toml", help="where to write it (default: ./bucketsync.toml)"
+    )
+    ini.set_defaults(func=None)
+
+    b = sub.add_parser("backup", help="copy the ledger to PATH (safe while the agent runs)")
+    b.add_argument("path", help="the copy's file name, or a folder to put it in")
+    b.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("sync", help="run one upstream sync of a dataset now")
     s.add_argument("dataset")
@@ -460,9 +505,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _init(path: str) -> int:
+    from pathlib import Path
+
+    from bucketsync.starter import write_starter
+
+    written = write_starter(Path(path))
+    print(f"wrote {written}: edit its [drivers] and [datasets], then `bucketsync -c {written} run`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
+        if args.command == "init":
+            return _init(args.path)
         settings = load_settings(args.config)
         conf = settings.agent
         # One-off commands keep stderr for warnings and the progress line.
@@ -485,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except BucketsyncError as exc:
         print(f"bucketsync: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)
+        assert settings is not None
+        print(f"bucketsync: {ledger_error(settings.agent.ledger, exc, 'read')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -13,9 +13,9 @@ from typing import Any
 
 import structlog
 
-from bucketsync import gate, metrics
+from bucketsync import durability, gate, metrics
 from bucketsync.agent import Agent
-from bucketsync.errors import AlreadyExists, KeyFiltered, NotFound, PreconditionFailed, Refused, from_code
+from bucketsync.errors import AlreadyExists, DiskFull, KeyFiltered, NotFound, PreconditionFailed, Refused, from_code
 from bucketsync.keys import check_key
 from bucketsync.model import Item, ItemState, Op, OpKind, OpState
 from bucketsync.outbox import Outbox
@@ -107,7 +107,16 @@ class Downstream:
                 current = await store.head(key)
                 if current.etag != item.etag:
                     raise PreconditionFailed(f"{key!r} changed in storage since it was indexed", key=key)
-        staged, sha, _size = await self.outbox.stage(body)
+        try:
+            staged, sha, _size = await self.outbox.stage(body)
+        except OSError as exc:
+            if durability.kind_of(exc) != "disk_full":
+                raise
+            metrics.LEDGER_WRITE_ERRORS.labels("disk_full").inc()
+            raise DiskFull(
+                f"cannot stage the upload of {key!r} in {self.outbox.staging}: the disk is full; "
+                "free space there (nothing was written; send it again)"
+            ) from None
         op_id = await ledger.enqueue(
             ds_id,
             OpKind.PUT,

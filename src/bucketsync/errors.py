@@ -20,6 +20,18 @@ class LedgerLocked(BucketsyncError):
     """Another agent holds the single-instance lock on this ledger."""
 
 
+class LedgerError(BucketsyncError):
+    """The ledger cannot be opened, read or written; the message names the file and the fix."""
+
+
+class DiskFull(LedgerError):
+    """A write to the ledger (or its staging folder) failed for lack of space.
+
+    Nothing half-written stays: the transaction rolled back. Writes work again as soon
+    as there is space, with no restart.
+    """
+
+
 class OrderError(BucketsyncError):
     """A listing or snapshot was not in ascending code-point order of key."""
 

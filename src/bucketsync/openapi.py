@@ -26,6 +26,8 @@ _KEY = {
 }
 _OP = {"name": "op", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _ERRORS = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR}
+# Writes to the ledger: 507 disk_full, 503 ledger_unavailable (see docs/operations.md).
+_LEDGER_ERRORS = {"503": _ERR, "507": _ERR}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -152,6 +154,7 @@ SPEC: dict[str, Any] = {
                     "409": _ERR,
                     "412": _ERR,
                     **_ERRORS,
+                    **_LEDGER_ERRORS,
                 },
             },
             "patch": {
@@ -167,7 +170,7 @@ SPEC: dict[str, Any] = {
                         }
                     }
                 },
-                "responses": {"200": _json(_ref("Outcome"), "updated"), **_ERRORS},
+                "responses": {"200": _json(_ref("Outcome"), "updated"), **_ERRORS, **_LEDGER_ERRORS},
             },
             "delete": {
                 "summary": "through the gate: deleted in storage when the driver allows deletes, else tombstoned",
