@@ -180,12 +180,13 @@ def test_readyz_names_the_broken_dataset_while_the_other_syncs(tmp_path: Path) -
         def only_broken_unready() -> dict[str, str] | None:
             r = daemon.get("/readyz")
             datasets = r.body.get("datasets", {}) if r.status == 503 else {}
-            unready = {name: d["reason"] for name, d in datasets.items() if not d["ready"]}
-            return unready if set(unready) == {"broken"} and datasets["fine"]["ready"] else None
+            return datasets if set(datasets) == {"broken"} else None
 
         reasons = poll(only_broken_unready, what="/readyz 503 naming only 'broken'")
         assert "driver 'gone'" in reasons["broken"]
         assert "cannot be synced: list: bucket or folder not found" in reasons["broken"]
+        detail = daemon.get("/readyz").body["detail"]
+        assert detail["broken"]["ready"] is False and detail["fine"]["ready"] is True
         # the healthy dataset syncs regardless
         poll(lambda: ledger_count(ledger, "fine") == 2, what="dataset 'fine' synced")
         assert [i["key"] for i in items(cfg, "fine")] == ["one.txt", "two.txt"]

@@ -201,11 +201,11 @@ def test_the_plan_is_bounded_and_a_guard_blocked_dataset_shows_everywhere(tmp_pa
     # the daemon knows it from the ledger at start-up: /readyz detail and the gauge
     with Daemon(cfg) as daemon:
         ready = daemon.wait_ready().body
-        assert ready["datasets"]["docs"]["guard_blocked"] is True
+        assert ready["detail"]["docs"]["guard_blocked"] is True
         assert sample(scrape(daemon), "bucketsync_guard_blocked", dataset="docs") == 1
         forced = daemon.api("POST", "/datasets/docs/sync", params={"force": "true", "wait": "true"})
         assert forced.body["status"] == "ok", forced.text
-        assert daemon.get("/readyz").body["datasets"]["docs"]["guard_blocked"] is False
+        assert daemon.get("/readyz").body["detail"]["docs"]["guard_blocked"] is False
         assert sample(scrape(daemon), "bucketsync_guard_blocked", dataset="docs") == 0
     assert cli(cfg, "status", "--check").returncode == 0
 

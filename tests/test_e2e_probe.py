@@ -85,7 +85,7 @@ def test_a_read_only_identity_catalogues_and_refuses_writes_up_front(tmp_path: P
     with Daemon(cfg) as daemon:
         ready = daemon.wait_ready(timeout=30).body
         assert ready["status"] == "ready"
-        detail = ready["datasets"]
+        detail = ready["detail"]
         assert detail["readonly"]["downstream"] == "available"
         assert detail["writable"]["downstream"] == "unavailable", (detail, daemon.log)
         assert "put: permission denied" in detail["writable"]["downstream_reason"]
@@ -220,9 +220,9 @@ def test_a_root_owned_folder_under_a_non_root_uid(nobody_home: Path) -> None:
     cfg.chmod(0o644)
     with NobodyDaemon(cfg) as daemon:
         ready = daemon.wait_ready(timeout=30).body
-        assert ready["datasets"]["readonly"]["downstream"] == "available"
-        assert ready["datasets"]["writable"]["downstream"] == "unavailable"
-        assert "put: permission denied" in ready["datasets"]["writable"]["downstream_reason"]
+        assert ready["detail"]["readonly"]["downstream"] == "available"
+        assert ready["detail"]["writable"]["downstream"] == "unavailable"
+        assert "put: permission denied" in ready["detail"]["writable"]["downstream_reason"]
         for name in ("writable", "readonly"):
             poll(lambda n=name: len(items(cfg, n)) == 2, what=f"{name} synced as uid 65534")
         status, body = raw(daemon, "PUT", item_path("writable", "new.txt"), b"x")
@@ -236,7 +236,7 @@ def test_a_root_owned_folder_under_a_non_root_uid(nobody_home: Path) -> None:
         # Writes granted later: the next probe finds them, and writes go through.
         os.chown(data, NOBODY, NOBODY)
         poll(
-            lambda: daemon.get("/readyz").body["datasets"]["writable"]["downstream"] == "available",
+            lambda: daemon.get("/readyz").body["detail"]["writable"]["downstream"] == "available",
             what="downstream available after a re-probe",
         )
         status, body = raw(daemon, "PUT", item_path("writable", "new.txt"), b"now it works")

@@ -13,26 +13,32 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import time
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from bucketsync import metrics, retention
+from bucketsync import durability, failpoints, metrics, retention
 from bucketsync.agent import Agent
 from bucketsync.api import TASKS, make_app
 from bucketsync.config import Settings
-from bucketsync.errors import ConfigError
+from bucketsync.errors import BucketsyncError, ConfigError, LedgerError
 from bucketsync.logs import AccessLog
 from bucketsync.model import RunStatus
 from bucketsync.probe import ProbeResult, probe
 from bucketsync.retry import backoff
+from bucketsync.sync import RunResult
 
 log = structlog.get_logger("bucketsync.supervisor")
 
 
-#: a dataset that stays not ready warns again at most this often (and whenever the reason changes)
+#: a dead dataset loop is restarted after a backoff that grows to this many seconds
+RESTART_CAP = 300.0
+#: while ledger writes fail (a full disk), a tiny write is tried this often to notice recovery
+HEAL_INTERVAL = 2.0
+#: a dataset that stays not ready warns again at most this often (and whenever the failure changes)
 NOT_READY_WARN_EVERY = 600.0
 
 
@@ -52,12 +58,37 @@ class _NotReadyLog:
             log.debug("dataset still not ready", dataset=dataset, reason=reason, attempts=attempt)
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
+    """Keep one dataset's loop alive. A loop that dies (any exception escaping it) is
+    logged with the dataset, counted, shown as not ready with the reason, and restarted
+    with backoff; it never takes the agent or the other datasets down."""
+    deaths = 0
+    while not stop.is_set():
+        try:
+            await _run_dataset(agent, name, stop, dead=deaths > 0)
+            return
+        except Exception as exc:
+            deaths += 1
+            delay = 1.0 + backoff(deaths, 2.0, RESTART_CAP)
+            agent.set_ready(name, f"sync loop died ({_describe(exc)}); restart {deaths} in {delay:.0f}s")
+            metrics.LOOP_RESTARTS.labels(name).inc()
+            log.error(
+                "dataset loop died; restarting it",
+                dataset=name,
+                error=_describe(exc),
+                restarts=deaths,
+                retry_in=round(delay, 1),
+                exc_info=exc,
+            )
+            await _sleep(stop, delay)
+
+
+async def _run_dataset(agent: Agent, name: str, stop: asyncio.Event, *, dead: bool) -> None:
     """Probe the driver until the dataset can be synced, then run the dataset's loop.
 
     Only list and get gate the sync. A dataset whose storage refuses writes syncs all the
@@ -67,31 +98,41 @@ async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
     ds = agent.settings.datasets[name]
     driver_name = ds.driver
     driver = agent.settings.drivers[driver_name]
+    failpoints.raises("supervisor.dataset_start")
     attempt = 0
     warn = _NotReadyLog()
     while not stop.is_set():
         result = await probe(loop.store, driver_name, driver.allow_delete, writes=not ds.read_only)
         if result.upstream_ok:
+            if not dead:  # a restarted loop is ready once a run of it completes
+                agent.set_ready(name, None)
             break
         attempt += 1
         agent.set_ready(name, result.summary())
         metrics.LOOP_ERRORS.labels(name).inc()
         warn(name, result, attempt)
-        await _wait(stop, min(loop.config.interval, 5 + backoff(attempt, 5, 300)))
+        await _sleep(stop, min(loop.config.interval, 5 + backoff(attempt, 5, 300)))
     if stop.is_set():
         return
-    agent.set_ready(name, None)
     agent.set_downstream(name, result)
     if attempt:
         log.info("dataset ready", dataset=name, attempts=attempt + 1)
     await agent.refresh_item_gauges(name)
+
+    def on_error(exc: Exception) -> None:
+        agent.set_ready(name, f"sync loop error: {_describe(exc)}")
+
+    def on_result(result: RunResult) -> None:
+        if (agent.not_ready.get(name) or "").startswith("sync loop"):
+            agent.set_ready(name, None)
+
     async with asyncio.TaskGroup() as tg:
         if not result.downstream_ok:
             log.warning(
                 "downstream unavailable: writes through bucketsync are refused", dataset=name, reason=result.summary()
             )
             tg.create_task(_reprobe_writes(agent, name, stop), name=f"reprobe:{name}")
-        await loop.run(stop)
+        await loop.run(stop, on_error=on_error, on_result=on_result)
 
 
 async def _reprobe_writes(agent: Agent, name: str, stop: asyncio.Event) -> None:
@@ -100,7 +141,7 @@ async def _reprobe_writes(agent: Agent, name: str, stop: asyncio.Event) -> None:
     ds = agent.settings.datasets[name]
     driver = agent.settings.drivers[ds.driver]
     while not stop.is_set():
-        await _wait(stop, agent.settings.agent.reprobe_interval)
+        await _sleep(stop, agent.settings.agent.reprobe_interval)
         if stop.is_set():
             return
         result = await probe(loop.store, ds.driver, driver.allow_delete, writes=not ds.read_only)
@@ -119,6 +160,38 @@ async def _guard_gauges(agent: Agent) -> None:
         ds_id = await agent.ledger.find_dataset(name)
         last = await agent.ledger.runs(ds_id, limit=1) if ds_id is not None else []
         agent.loop(name).set_guard_blocked(bool(last) and last[0].status is RunStatus.ABORTED)
+
+
+async def _heal_ledger(agent: Agent, stop: asyncio.Event) -> None:
+    """While ledger writes fail, try a tiny write now and then: the first that commits
+    clears the fault (``/readyz`` turns ready), with no restart and no waiting for the
+    next run or request to try."""
+    while not stop.is_set():
+        await _sleep(stop, HEAL_INTERVAL)
+        ledger = agent.ledger
+        if ledger is not None and ledger.fault is not None:
+            with contextlib.suppress(LedgerError):
+                await ledger.probe_write()
+
+
+async def _check_ledger(agent: Agent) -> str:
+    """The start-up ``quick_check``: damage makes the agent not ready (it keeps serving
+    what it can read), and the log and a metric say what to do. Returns the result."""
+    try:
+        result = await durability.quick_check(agent.settings.agent.ledger)
+    except (sqlite3.Error, OSError) as exc:  # the check must not stop an agent whose ledger opened
+        log.warning("ledger quick_check could not run", error=str(exc))
+        return "not run"
+    if result.result == "damaged":
+        agent.ledger_problem = (
+            f"the ledger is damaged ({result.summary()}); {durability.damaged_hint(agent.settings.agent.ledger)}"
+        )
+    return result.result
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, BucketsyncError) else f"{type(exc).__name__}: {text}"
 
 
 async def serve(settings: Settings) -> int:
@@ -146,18 +219,26 @@ async def serve(settings: Settings) -> int:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
+            agent.discard_new_ledger = True  # a start that fails leaves no ledger it created behind
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
+        check = await _check_ledger(agent)
         tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
+        heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
         assert agent.ledger is not None
         pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop), name="retention")
         log.info(
-            "agent started", listen=conf.listen, datasets=sorted(agent.loops), pid=os.getpid(), ledger=str(conf.ledger)
+            "agent started",
+            listen=conf.listen,
+            datasets=sorted(agent.loops),
+            pid=os.getpid(),
+            ledger=str(conf.ledger),
+            ledger_check=check,
         )
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)
         api_runs: set[asyncio.Task[Any]] = app[TASKS]
-        busy: set[asyncio.Task[Any]] = {*tasks.values(), outbox, pruner, *api_runs}
+        busy: set[asyncio.Task[Any]] = {*tasks.values(), outbox, heal, pruner, *api_runs}
         if busy:
             _, pending = await asyncio.wait(busy, timeout=conf.grace)
             for t in pending:
