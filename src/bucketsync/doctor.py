@@ -105,7 +105,9 @@ async def _driver(report: Report, settings: Settings, name: str) -> None:
 
 
 def _ledger(report: Report, path: Path, running: bool) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the agent creates missing folders
+        folder = folder.parent
     if path.exists():
         if not os.access(path, os.R_OK | os.W_OK):
             report.add("ledger", FAIL, f"{path}: not readable and writable by uid {os.getuid()}")
@@ -125,12 +127,12 @@ def _ledger(report: Report, path: Path, running: bool) -> None:
                 "ledger", OK, f"{path}: schema {version}, migrated" + (", in use by the agent" if running else "")
             )
     elif not _writable_folder(folder):
-        report.add("ledger", FAIL, f"{path}: cannot create it, {folder} is not writable by uid {os.getuid()}")
+        report.add("ledger", FAIL, f"{path}: cannot create it, {folder} is not a writable folder for uid {os.getuid()}")
         return
     else:
         report.add("ledger", OK, f"{path}: does not exist yet; the agent creates it (folder writable)")
     if not _writable_folder(folder):  # WAL and -shm files, the staging folder
-        report.add("ledger", FAIL, f"{folder}: not writable; SQLite needs it for the WAL and staging")
+        report.add("ledger", FAIL, f"{folder}: not a writable folder; SQLite needs it for the WAL and staging")
 
 
 def _schema_version(path: Path) -> int:
