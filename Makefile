@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Locks are resolved for the image's and CI's platform; every file of each pinned release is hashed.
-LOCK_ARGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header
+LOCK_ARGS := --generate-hashes --python-version 3.11.7 --python-platform x86_64-manylinux_2_28 --no-header
 
 .PHONY: run test lint bench clean lock system-tools
 
