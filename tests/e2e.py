@@ -363,8 +363,10 @@ class Daemon:
         cwd: Path | None = None,
         log_path: Path | None = None,
         listen: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a prctl the test wants)
         self.env = dict(env or {})
         self.cwd = cwd
         if listen is None:
@@ -396,6 +398,7 @@ class Daemon:
                 env=clean_env(self.env),
                 cwd=self.cwd,
                 start_new_session=True,  # a Ctrl-C in the test terminal does not reach it
+                preexec_fn=self.preexec_fn,
             )
         _STARTED.append(self.proc)
         if wait:

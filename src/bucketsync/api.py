@@ -13,7 +13,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -47,6 +47,15 @@ AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
 TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set[asyncio.Task[Any]])
 DOWNSTREAM: web.AppKey[Downstream] = web.AppKey("downstream", Downstream)
+
+
+class Reloader(Protocol):
+    """The supervisor's reload: re-read the config file and apply it (see reload.py)."""
+
+    async def __call__(self) -> Any: ...
+
+
+RELOAD: web.AppKey[Reloader] = web.AppKey("reload", Reloader)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -397,6 +406,19 @@ async def get_op(request: web.Request) -> web.Response:
     return web.json_response(op.as_json())
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    reload = request.app.get(RELOAD)
+    if reload is None:
+        raise ApiError(503, "unavailable", "this server cannot reload its configuration")
+    if request.app[STOP].is_set():
+        raise ApiError(503, "stopping", "the agent is stopping; nothing reloaded")
+    try:
+        plan = await reload()
+    except ConfigError as exc:
+        raise ApiError(400, "invalid_config", f"{exc}; the running configuration stays") from None
+    return web.json_response(plan.as_json())
+
+
 async def retry_op(request: web.Request) -> web.Response:
     agent = _agent(request)
     assert agent.ledger is not None
@@ -449,4 +471,5 @@ def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app.router.add_post(f"{v1}/ops/{{op}}/retry", retry_op)
     app.router.add_post(f"{v1}/ops/{{op}}/cancel", cancel_op)
     app.router.add_get(f"{v1}/openapi.json", openapi)
+    app.router.add_post(f"{v1}/reload", reload_config)
     return app

@@ -411,7 +411,47 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.supervisor import serve
 
-    return await serve(settings)
+    return await serve(settings, load=lambda: load_settings(args.config))
+
+
+# -- operations: reload, healthcheck, doctor ---------------------------------------------
+
+
+async def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
+    """What SIGHUP does, through the running agent's API (it re-reads its own config file)."""
+    if not _daemon_running(settings):
+        raise BucketsyncError(f"no agent is running on ledger {settings.agent.ledger}; nothing to reload")
+    async with AgentClient(settings) as client:
+        out = await client.call("POST", "/reload")
+    if args.json:
+        _print_json(out)
+    else:
+        for what in ("added", "removed", "changed"):
+            print(f"{what}: {', '.join(out[what]) or 'none'}")
+        print(f"untouched: {len(out['unchanged'])}")
+        if out["needs_restart"]:
+            print(f"needs a restart to apply: {', '.join(out['needs_restart'])}")
+    return 0
+
+
+async def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 if the local agent answers /healthz (or /readyz with --ready), else 1: for HEALTHCHECK and probes."""
+    from bucketsync.client import probe_health
+
+    ok, detail = await probe_health(settings, "/readyz" if args.ready else "/healthz", args.timeout)
+    print(detail, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    from bucketsync.doctor import run_doctor
+
+    report = await run_doctor(args.config)
+    if args.json:
+        _print_json(report.as_json())
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
 
 
 class UsageError(BucketsyncError):
@@ -488,6 +528,19 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=cmd_meta)
 
+    rl = sub.add_parser("reload", help="make the running agent re-read its config (as SIGHUP does)")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=cmd_reload)
+
+    hc = sub.add_parser("healthcheck", help="exit 0 if the local agent is alive (--ready: and ready), else 1")
+    hc.add_argument("--ready", action="store_true", help="check /readyz (every dataset probed) instead of /healthz")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default 3)")
+    hc.set_defaults(func=cmd_healthcheck)
+
+    dr = sub.add_parser("doctor", help="check a config end to end: parse, probes, ledger, port, clock")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=None)
+
     op = sub.add_parser("ops", help="outbox ops (writes to storage): list, retry a failed one, cancel one")
     op.add_argument("--state", choices=["pending", "done", "failed", "cancelled"], help="only ops in this state")
     op.add_argument("--limit", type=int, default=100, help="at most this many ops (default 100)")
@@ -517,6 +570,9 @@ def _init(path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":  # reports a broken config instead of stopping at it
+        configure("error", "auto")
+        return asyncio.run(cmd_doctor(args))
     settings: Settings | None = None
     try:
         if args.command == "init":

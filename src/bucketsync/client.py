@@ -18,15 +18,35 @@ class ApiCallFailed(BucketsyncError):
         self.status, self.code = status, code
 
 
+def agent_url(settings: Settings) -> str:
+    """The local agent's base URL (``http://HOST:PORT``) from ``agent.listen``."""
+    conf = settings.agent
+    host = conf.host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{conf.port}"
+
+
+async def probe_health(settings: Settings, path: str, timeout: float) -> tuple[bool, str]:
+    """(healthy?, one line): GET ``path`` on the local agent; 200 is healthy."""
+    url = agent_url(settings) + path
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url) as resp,
+        ):
+            body = await resp.text()
+            return resp.status == 200, f"{url}: {resp.status} {body.strip()[:300]}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return False, f"{url}: no answer ({type(exc).__name__}: {exc})"
+
+
 class AgentClient:
     def __init__(self, settings: Settings) -> None:
         conf = settings.agent
-        host = conf.host
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
-        if ":" in host:
-            host = f"[{host}]"
-        self.base = f"http://{host}:{conf.port}/api/v1"
+        self.base = agent_url(settings) + "/api/v1"
         token = conf.token()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None

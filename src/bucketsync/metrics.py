@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
 from bucketsync.model import Counts
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()
+# process_start_time_seconds (restart alerts), memory, CPU, open fds.
+ProcessCollector(registry=REGISTRY)
 
 RUNS = Counter(
     "bucketsync_runs_total", "Upstream sync runs, by dataset and status.", ["dataset", "status"], registry=REGISTRY
@@ -106,6 +109,34 @@ GATE_REFUSALS = Counter(
     registry=REGISTRY,
 )
 OUTBOX_BACKLOG = Gauge("bucketsync_outbox_backlog", "Pending downstream operations in the outbox.", registry=REGISTRY)
+DATASET_INTERVAL = Gauge(
+    "bucketsync_dataset_interval_seconds",
+    "The configured poll interval of each running poll dataset (alerts count missed runs in intervals).",
+    ["dataset"],
+    registry=REGISTRY,
+)
+
+
+def publish_dataset(dataset: str, interval: float | None, last_success: float | None) -> None:
+    """A dataset (re)starts: its interval, and its last success as the ledger knows it (so a restart
+    does not hide how long ago that was)."""
+    if interval is not None:
+        DATASET_INTERVAL.labels(dataset).set(interval)
+    else:
+        forget(DATASET_INTERVAL, dataset)
+    if last_success is not None:
+        LAST_SUCCESS.labels(dataset).set(last_success)
+
+
+def forget_dataset(dataset: str) -> None:
+    """A dataset left the config: its gauges go, so no alert fires for what no longer runs."""
+    for gauge in (DATASET_INTERVAL, LAST_SUCCESS):
+        forget(gauge, dataset)
+
+
+def forget(gauge: Gauge, dataset: str) -> None:
+    with contextlib.suppress(KeyError):
+        gauge.remove(dataset)
 
 
 def record_run(dataset: str, status: str, counts: Counts, seconds: float) -> None:

@@ -241,6 +241,28 @@ SPEC: dict[str, Any] = {
                 "responses": {"200": _json(_ref("Op"), "the op"), **_ERRORS},
             },
         },
+        "/api/v1/reload": {
+            "post": {
+                "summary": "re-read the agent's configuration file (as SIGHUP does): added datasets start, removed ones stop (catalog kept), changed ones restart, the others are untouched",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "array", "items": {"type": "string"}}
+                                for k in ("added", "removed", "changed", "unchanged", "needs_restart")
+                            },
+                        },
+                        "what the reload did",
+                    ),
+                    "400": _json(
+                        _ref("Error"), "invalid_config: the new configuration is invalid; the running one stays"
+                    ),
+                    "401": _ERR,
+                    "503": _json(_ref("Error"), "stopping: the agent is shutting down"),
+                },
+            }
+        },
         "/api/v1/ops/{op}/retry": {
             "parameters": [_OP],
             "post": {

@@ -111,6 +111,11 @@ class SyncLoop:
     def busy(self) -> bool:
         return self._lock.locked()
 
+    async def idle(self) -> None:
+        """Wait until no run of this dataset is in progress (a reload replaces the loop after)."""
+        async with self._lock:
+            pass
+
     async def run_once(
         self,
         *,
@@ -245,7 +250,7 @@ class SyncLoop:
             if len(p.adds) + len(p.updates) >= BATCH:
                 await self._flush(ds_id, run_id, counts, p)
                 if stop is not None and stop.is_set():
-                    raise Interrupted("interrupted by shutdown; nothing was removed")
+                    raise Interrupted("interrupted by shutdown or reload; nothing was removed")
                 await asyncio.sleep(0)
 
     async def _flush(self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending) -> None:
