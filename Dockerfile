@@ -14,6 +14,8 @@
 #
 # The base is pinned by digest; to move to a newer patch release:
 #   docker buildx imagetools inspect python:3.11-slim-bookworm   # then replace the digest below
+# (The machines this was written on reach no container registry: check the digest resolves
+# before the first build.)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 FROM ${PYTHON_IMAGE} AS build
