@@ -18,6 +18,7 @@ from bucketsync.errors import ConfigError
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.model import ItemState, RunRecord, iso
 from bucketsync.outbox import Outbox
+from bucketsync.pacing import Pacer
 from bucketsync.stores import Store, open_store
 from bucketsync.sync import SyncLoop
 
@@ -34,6 +35,7 @@ class Agent:
         #: dataset -> why it is not ready (failed permission probe, ...); absent when ready
         self.not_ready: dict[str, str] = {}
         self.outbox = Outbox(self)
+        self.pacer = Pacer()  # every dataset's runs take turns on the one event loop
 
     async def __aenter__(self) -> Agent:
         self.lock.acquire()
@@ -44,7 +46,7 @@ class Agent:
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             for name, ds in self.settings.datasets.items():
-                self.loops[name] = SyncLoop(name, ds, self.stores[ds.driver], self.ledger)
+                self.loops[name] = SyncLoop(name, ds, self.stores[ds.driver], self.ledger, self.pacer)
         except BaseException:
             await self._close()
             raise
@@ -104,6 +106,7 @@ def _status_row(
     ds = settings.datasets[name]
     driver = settings.drivers[ds.driver]
     items, last = known if known is not None else ({str(s): 0 for s in ItemState}, None)
+    items = dict(items)  # the overview is shared between requests
     out: dict[str, Any] = {
         "dataset": name,
         "driver": ds.driver,

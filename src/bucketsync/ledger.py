@@ -258,6 +258,8 @@ class Ledger:
         self._ids: dict[str, int] = {}
         #: False on a ledger older than the counts table (opened read-only, so not migrated)
         self._counts_table = True
+        #: the last overview and the reader's ``PRAGMA data_version`` it was read at
+        self._overview: tuple[int, dict[str, tuple[dict[str, int], RunRecord | None]]] | None = None
         # One connection serves every dataset's run and the outbox: a transaction must
         # not interleave with another coroutine's, and a lone write must not join (and
         # be rolled back with) someone else's. Every write holds this lock.
@@ -357,7 +359,20 @@ class Ledger:
         """Every dataset in the ledger: (items per state, its latest run), in two queries.
 
         What ``GET /datasets`` and ``status`` show; its cost does not grow with items or runs.
+        Dashboards poll it, so it is read again only when some connection (of this process
+        or another) has committed since: SQLite's ``data_version`` says so. Callers must not
+        modify what it returns.
         """
+        async with self.reader.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else -1
+        if self._overview is not None and self._overview[0] == version:
+            return self._overview[1]
+        out = await self._read_overview()
+        self._overview = (version, out)
+        return out
+
+    async def _read_overview(self) -> dict[str, tuple[dict[str, int], RunRecord | None]]:
         counts: dict[int, dict[str, int]] = {}
         sql = (
             "SELECT dataset_id, state, n FROM item_counts"
