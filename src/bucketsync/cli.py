@@ -34,9 +34,6 @@ from bucketsync.sync import RunResult, SyncLoop
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-_print_json = print_json
-
-
 def _human_counts(d: dict[str, Any]) -> str:
     keys = ("listed", "added", "modified", "removed", "renamed", "unchanged", "errors")
     return ", ".join(f"{k} {d.get(k, 0)}" for k in keys)
@@ -100,7 +97,7 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
             out = await _remote_sync(settings, args, show)
     out = _sync_json(out)
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         run = f"run {out['run']}" if out.get("run") is not None else "dry run, nothing written"
         print(f"{out['dataset']}: {out['status']} - {_human_counts(out)} ({run})")
@@ -151,7 +148,7 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
         state = None if args.state == "all" else ItemState(args.state)
         async for item in ledger.iter_items(ds_id, prefix=args.prefix, state=state):
             if args.json:
-                _print_json(item.as_json(full=True))
+                print_json(item.as_json(full=True))
             elif state is None:
                 print(f"{item.size:>12}  {item.as_json()['modified']}  {item.state:<9}  {shown(item.key)}")
             else:
@@ -173,7 +170,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             if ledger is not None:
                 await ledger.close()
     if args.json:
-        _print_json({"datasets": rows})
+        print_json({"datasets": rows})
         return 0
     if not rows:
         print("no datasets configured")
@@ -222,7 +219,7 @@ def _item_path(dataset: str, key: str) -> str:
 
 def _report(args: argparse.Namespace, out: dict[str, Any], line: str) -> int:
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(line)
     return 0
@@ -335,7 +332,7 @@ async def _show_meta(settings: Settings, args: argparse.Namespace) -> int:
     if item is None:
         raise NotFound(f"dataset {args.dataset!r} has no item {args.key!r}", key=args.key)
     if args.json:
-        _print_json(item.as_json(full=True))
+        print_json(item.as_json(full=True))
     elif not item.meta:
         print(f"{shown(args.key)}: no metadata")
     else:
@@ -358,12 +355,12 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await store.aclose()
     if args.json:
-        _print_json(result.as_json())
+        print_json(result.as_json())
     else:
         for name, c in result.checks.items():
             mark = "ok" if c.ok else ("MISSING" if c.required else "missing (not required)")
-            print(f"{name:<7} {mark}" + (f"  {c.error}" if c.error and not c.ok else ""))
-        print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+            print(f"{name:<7} {mark}" + (f"  {safe_text(c.error)}" if c.error and not c.ok else ""))
+        print(safe_text(result.summary()), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
 
