@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -22,7 +23,8 @@ from bucketsync.agent import Agent, datasets_status
 from bucketsync.client import AgentClient, ApiCallFailed
 from bucketsync.config import Settings, load_settings
 from bucketsync.display import ProgressLine, dumps, print_json, safe_text, shown
-from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerLocked, NotFound
+from bucketsync.durability import ledger_error
+from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
@@ -95,6 +97,9 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
                 out = (await _with_progress(loop, work, show, f"syncing {args.dataset}:")).as_json()
         except LedgerLocked:  # an agent started meanwhile
             out = await _remote_sync(settings, args, show)
+        except LedgerError as exc:  # no run could begin (a damaged ledger, a full disk): still one result
+            counts = dict.fromkeys(SYNC_KEYS[3:-1], 0)
+            out = {"dataset": args.dataset, "run": None, "status": "failed", **counts, "error": str(exc)}
     out = _sync_json(out)
     if args.json:
         print_json(out)
@@ -341,6 +346,70 @@ async def _show_meta(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- ops: the outbox ---------------------------------------------------------------------
+
+
+def _op_line(op: dict[str, Any]) -> str:
+    error = f"  {op['error_code']}: {safe_text(op['error'])}" if op.get("error") else ""
+    return (
+        f"{op['id']:>6}  {op['state']:<9}  {op['kind']:<6}  {op['dataset']}  {shown(op['key'])}  "
+        f"(attempts {op['attempts']}){error}"
+    )
+
+
+async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from bucketsync import opsctl
+    from bucketsync.model import OpState
+
+    path = settings.agent.ledger
+    if args.action is None:
+        if not path.exists():
+            return {"ops": [], "backlog": 0}
+        ledger = await Ledger.open(path, readonly=True)
+        try:
+            ops = await ledger.ops(state=OpState(args.state) if args.state else None, limit=args.limit)
+            return {"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()}
+        finally:
+            await ledger.close()
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        if args.action == "cancel":
+            return (await opsctl.cancel(agent.ledger, agent.outbox, args.id)).as_json()
+        await opsctl.retry(agent.ledger, agent.outbox, args.id)
+        # No worker runs without a daemon: run the op here, as `put` does.
+        return (await agent.outbox.settle(args.id)).as_json()
+
+
+async def _ops_remote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    async with AgentClient(settings) as client:
+        if args.action is None:
+            params: dict[str, str] = {"limit": str(args.limit)}
+            if args.state:
+                params["state"] = args.state
+            return dict(await client.call("GET", "/ops", params=params))
+        return dict(await client.call("POST", f"/ops/{args.id}/{args.action}"))
+
+
+async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
+    out: dict[str, Any] | None = None
+    if not _daemon_running(settings):
+        try:
+            out = await _ops_local(settings, args)
+        except LedgerLocked:
+            out = None  # an agent started meanwhile: ask it
+    if out is None:
+        out = await _ops_remote(settings, args)
+    if args.json:
+        print_json(out)
+    elif args.action is None:
+        for op in out["ops"]:
+            print(_op_line(op))
+        print(f"{len(out['ops'])} ops shown; backlog {out['backlog']} pending")
+    else:
+        print(_op_line(out))
+    return 0
+
+
 # -- check and run ---------------------------------------------------------------------
 
 
@@ -362,6 +431,34 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{name:<7} {mark}" + (f"  {safe_text(c.error)}" if c.error and not c.ok else ""))
         print(safe_text(result.summary()), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
+
+
+async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from bucketsync.durability import backup
+
+    target = Path(args.path)
+    if target.is_dir():
+        target = target / settings.agent.ledger.name
+    if target.exists() and not args.overwrite:
+        raise UsageError(f"{target} already exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent} is not a folder")
+    if target.exists() and os.path.samefile(target, settings.agent.ledger):
+        raise UsageError(f"{target} is the ledger itself")
+    t0 = time.monotonic()
+    pages, size = await backup(settings.agent.ledger, target)
+    out = {
+        "ledger": str(settings.agent.ledger),
+        "backup": str(target),
+        "pages": pages,
+        "bytes": size,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    return _report(args, out, f"backed up {out['ledger']} to {target} ({size} bytes)")
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -389,6 +486,18 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
     command("run", "run the agent: sync loops, HTTP API, /metrics").set_defaults(func=cmd_run)
+
+    ini = command("init", "write a commented starter config (never over an existing file)")
+    ini.add_argument(
+        "path", nargs="?", default="bucketsync.toml", help="where to write it (default: ./bucketsync.toml)"
+    )
+    ini.set_defaults(func=None)
+
+    b = command("backup", "copy the ledger to PATH (safe while the agent runs)")
+    b.add_argument("path", help="the copy's file name, or a folder to put it in")
+    b.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_backup)
 
     s = command("sync", "run one upstream sync of a dataset now")
     s.add_argument("dataset", help="the dataset's name in the config")
@@ -451,7 +560,32 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--string", action="store_true", help="store every VALUE as a string, exactly as typed")
     me.add_argument("--json", action="store_true", help="print one JSON object")
     me.set_defaults(func=cmd_meta)
+
+    op = command("ops", "outbox ops (writes to storage): list, retry a failed one, cancel one")
+    op.add_argument("--state", choices=["pending", "done", "failed", "cancelled"], help="only ops in this state")
+    op.add_argument("--limit", type=int, default=100, help="at most this many ops (default 100)")
+    op.add_argument("--json", action="store_true", help="print one JSON object")
+    op.set_defaults(func=cmd_ops, action=None)
+    actions = op.add_subparsers(dest="action", metavar="ACTION")
+    for name, text in (
+        ("retry", "queue a failed op again (its uploaded body must still be staged)"),
+        ("cancel", "cancel a pending or failed op and drop its staged body (storage is not touched)"),
+    ):
+        a = actions.add_parser(name, help=text, description=text, parents=[common])
+        a.add_argument("id", type=int, help="the op's id (see `bucketsync ops`)")
+        # SUPPRESS: without --json here, the value given before ACTION stands.
+        a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the op as JSON")
     return p
+
+
+def _init(path: str) -> int:
+    from pathlib import Path
+
+    from bucketsync.starter import write_starter
+
+    written = write_starter(Path(path))
+    print(f"wrote {written}: edit its [drivers] and [datasets], then `bucketsync -c {written} run`")
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -484,7 +618,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    settings: Settings | None = None
     try:
+        if args.command == "init":
+            return _init(args.path)
         settings = load_settings(args.config)
         conf = settings.agent
         # One-off commands keep stderr for warnings and the progress line.
@@ -507,6 +644,10 @@ def _main(args: argparse.Namespace) -> int:
         )
     except BucketsyncError as exc:
         _error(exc)
+        return 1
+    except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)
+        assert settings is not None
+        print(f"bucketsync: {ledger_error(settings.agent.ledger, exc, 'read')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
