@@ -48,7 +48,9 @@ SYNC_KEYS = frozenset(
     | {"dry_run"}
 )
 #: The documented keys of one ``bucketsync items --json`` line.
-ITEM_KEYS = frozenset({"id", "key", "size", "etag", "modified", "state"})
+ITEM_KEYS = frozenset(
+    {"id", "key", "size", "etag", "modified", "state", "version", "content_type", "metadata", "updated"}
+)
 #: Defaults every test config gets unless the test says otherwise (None removes one).
 DEFAULT_INTERVAL = "1s"
 DEFAULT_GRACE = "2s"

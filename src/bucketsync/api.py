@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from bucketsync import metrics, opsctl
-from bucketsync.agent import Agent, dataset_status
+from bucketsync.agent import Agent, datasets_status
 from bucketsync.downstream import Downstream
 from bucketsync.errors import (
     AlreadyExists,
@@ -204,12 +204,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def list_datasets(request: web.Request) -> web.Response:
     agent = _agent(request)
-    out = []
-    for name in agent.settings.datasets:
-        status = await dataset_status(agent.settings, agent.ledger, name, agent.loops.get(name))
-        status["ready"] = name not in agent.not_ready
-        status["not_ready_reason"] = agent.not_ready.get(name)
-        out.append(status)
+    out = await datasets_status(agent.settings, agent.ledger, agent.loops)
+    for status in out:
+        status["ready"] = status["dataset"] not in agent.not_ready
+        status["not_ready_reason"] = agent.not_ready.get(status["dataset"])
     return web.json_response({"datasets": out})
 
 

@@ -98,7 +98,11 @@ class Downstream:
         if not decision.allowed:
             raise _refuse(decision)
         if item is not None and not overwrite:
-            raise AlreadyExists(f"{key!r} already exists in dataset {dataset!r}; use overwrite to replace it", key=key)
+            raise AlreadyExists(
+                f"{key!r} already exists in dataset {dataset!r}; "
+                "to replace it, pass --overwrite (CLI) or overwrite=true (API)",
+                key=key,
+            )
         if_match = None
         if overwrite and item is not None and item.etag is not None:
             if store.conditional_writes:
