@@ -477,7 +477,7 @@ async def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
     async with AgentClient(settings) as client:
         out = await client.call("POST", "/reload")
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         for what in ("added", "removed", "changed"):
             print(f"{what}: {', '.join(out[what]) or 'none'}")
@@ -501,7 +501,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
     report = await run_doctor(args.config)
     if args.json:
-        _print_json(report.as_json())
+        print_json(report.as_json())
     else:
         print(report.text())
     return 0 if report.ok else 1
