@@ -10,6 +10,7 @@ import aiohttp
 
 from bucketsync.config import Settings
 from bucketsync.errors import BucketsyncError
+from bucketsync.tls import client_context
 
 
 class ApiCallFailed(BucketsyncError):
@@ -26,13 +27,19 @@ class AgentClient:
             host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
         if ":" in host:
             host = f"[{host}]"
-        self.base = f"http://{host}:{conf.port}/api/v1"
+        self._ssl = client_context(conf)
+        scheme = "https" if self._ssl is not None else "http"
+        self.base = f"{scheme}://{host}:{conf.port}/api/v1"
         token = conf.token()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
-        self._session = aiohttp.ClientSession(headers=self._headers, timeout=aiohttp.ClientTimeout(total=None))
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+        )
         return self
 
     async def __aexit__(

@@ -193,6 +193,8 @@ class AgentConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     grace: Duration = 10.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @field_validator("listen")
     @classmethod
@@ -206,7 +208,13 @@ class AgentConfig(_Strict):
     def _token_once(self) -> AgentConfig:
         if self.api_token is not None and self.api_token_file is not None:
             raise ValueError("set api_token or api_token_file, not both")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set tls_cert_file and tls_key_file together (or neither, for plain HTTP)")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def host(self) -> str:
@@ -217,9 +225,17 @@ class AgentConfig(_Strict):
         return int(self.listen.rpartition(":")[2])
 
     def token(self) -> str | None:
+        """The API token, or None when none is set. An empty or blank token is no token:
+        comparing against ``Bearer `` would let anyone in who sends an empty one."""
         if self.api_token_file is not None:
-            return _read_secret_file(self.api_token_file, "agent.api_token").get_secret_value()
-        return self.api_token.get_secret_value() if self.api_token is not None else None
+            value = _read_secret_file(self.api_token_file, "agent.api_token").get_secret_value()
+        else:
+            value = self.api_token.get_secret_value() if self.api_token is not None else ""
+        return value.strip() or None
+
+    def token_field(self) -> str:
+        """The config field the token comes from, for messages."""
+        return "agent.api_token_file" if self.api_token_file is not None else "agent.api_token"
 
     def is_loopback(self) -> bool:
         if self.host == "localhost":

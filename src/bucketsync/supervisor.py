@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 from typing import Any
 
 import structlog
@@ -20,10 +21,11 @@ from aiohttp import web
 from bucketsync import metrics
 from bucketsync.agent import Agent
 from bucketsync.api import TASKS, make_app
-from bucketsync.config import Settings
+from bucketsync.config import AgentConfig, Settings
 from bucketsync.errors import ConfigError
 from bucketsync.probe import probe
 from bucketsync.retry import backoff
+from bucketsync.tls import server_context
 
 log = structlog.get_logger("bucketsync.supervisor")
 
@@ -51,13 +53,30 @@ async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
     await loop.run(stop)
 
 
+def check_listener(conf: AgentConfig) -> ssl.SSLContext | None:
+    """Refuse an open API beyond loopback; warn about a token sent in clear; build the TLS context."""
+    ssl_ctx = server_context(conf)
+    if conf.is_loopback():
+        return ssl_ctx
+    if conf.token() is None:
+        configured = conf.api_token is not None or conf.api_token_file is not None
+        why = f"{conf.token_field()} is empty" if configured else "no API token is set"
+        raise ConfigError(
+            f"agent.listen: {conf.listen} is not a loopback address and {why} (an empty or blank token is no "
+            "token); set agent.api_token or agent.api_token_file to a real token, or listen on 127.0.0.1"
+        )
+    if ssl_ctx is None:
+        log.warning(
+            "API token sent over plain HTTP beyond loopback: anyone on the network path can read it; "
+            "set agent.tls_cert_file and agent.tls_key_file, or put a TLS proxy in front",
+            listen=conf.listen,
+        )
+    return ssl_ctx
+
+
 async def serve(settings: Settings) -> int:
     conf = settings.agent
-    if not conf.is_loopback() and conf.token() is None:
-        raise ConfigError(
-            f"agent.listen: {conf.listen} is not a loopback address and no API token is set; "
-            "set agent.api_token or agent.api_token_file, or listen on 127.0.0.1"
-        )
+    ssl_ctx = check_listener(conf)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,7 +86,7 @@ async def serve(settings: Settings) -> int:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, conf.host, conf.port)
+            site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -77,7 +96,12 @@ async def serve(settings: Settings) -> int:
         tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         log.info(
-            "agent started", listen=conf.listen, datasets=sorted(agent.loops), pid=os.getpid(), ledger=str(conf.ledger)
+            "agent started",
+            listen=conf.listen,
+            tls=ssl_ctx is not None,
+            datasets=sorted(agent.loops),
+            pid=os.getpid(),
+            ledger=str(conf.ledger),
         )
         await stop.wait()
         log.info("stopping: letting running batches commit", grace=conf.grace)
