@@ -173,8 +173,8 @@ class Downstream:
         ds_id, item = await self._item(dataset, key)
         if item is None or item.state is not ItemState.LIVE:
             raise NotFound(f"dataset {dataset!r} has no live item {key!r}", key=key)
-        if self.agent.settings.datasets[dataset].read_only:
-            raise _refuse(gate.OpDecision(False, "read_only", "the dataset is read-only: writes are refused"))
+        # No read_only check: user metadata lives in the catalog only, and read_only
+        # means no writes to storage.
         ledger = self.agent.ledger
         assert ledger is not None
         await ledger.merge_meta(item.id, patch)

@@ -413,10 +413,15 @@ class GcsStore:
         )
         return object_info(key, res)
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         what = f"read {self._where(key)}"
         name = self.prefix + key
-        stream = await self._call(lambda s: s.download_stream(self.bucket, name, timeout=TIMEOUT), what, key=key)
+        headers = None
+        if offset or length is not None:
+            headers = {"Range": f"bytes={offset}-{'' if length is None else offset + length - 1}"}
+        stream = await self._call(
+            lambda s: s.download_stream(self.bucket, name, headers=headers, timeout=TIMEOUT), what, key=key
+        )
         async with stream:
             while True:
                 try:

@@ -86,11 +86,11 @@ class MemoryStore:
             raise NotFound(f"{self.url}{key} not found", key=key)
         return _rekey(entry[0], key)
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         entry = self._b.objects.get(self.prefix + key)
         if entry is None:
             raise NotFound(f"{self.url}{key} not found", key=key)
-        data = entry[1]
+        data = entry[1][offset : None if length is None else offset + length]
         for i in range(0, len(data), 1 << 20):
             yield data[i : i + (1 << 20)]
         if not data:
