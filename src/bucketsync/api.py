@@ -470,14 +470,21 @@ PATH_PARAMS = {
     "key": Param(
         "key",
         "path",
-        {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES // 4, "pattern": KEY_PATTERN},
-        "the item's key as one path segment: percent-encoded, '/' as %2F. At most 1,024 bytes of UTF-8 "
-        "(the schema says 256 characters, which always fit); "
+        {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN},
+        "the item's key as one path segment: percent-encoded, '/' as %2F. At most 1,024 bytes of UTF-8; "
         "no NUL, no empty, '.' or '..' segment, no leading or trailing '/', not in .bucketsync/",
     ),
     "run": Param("run", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "a run's id"),
     "op": Param("op", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "an op's id"),
 }
+
+
+def _path_params(datasets: list[str]) -> dict[str, Param]:
+    """The document describes this agent: ``ds`` is one of its datasets (a fuzzer then hits real ones)."""
+    if not datasets:
+        return PATH_PARAMS
+    ds = Param("ds", "path", {"type": "string", "enum": datasets}, "a dataset's name")
+    return {**PATH_PARAMS, "ds": ds}
 
 
 def _flag(name: str, description: str) -> Param:
@@ -546,7 +553,8 @@ ROUTES: list[Route] = [
         errors=_OUTCOME_ERRORS,
         params=(_flag("overwrite", "replace an existing item if it is unchanged in storage"),),
         body={
-            "required": True,
+            "required": False,  # no body is an empty object, as an empty file is
+            "description": "the object's bytes; Content-Type is stored as the item's content type",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
     ),
@@ -574,9 +582,16 @@ ROUTES: list[Route] = [
         "stream the object from storage; one Range: bytes=... gives 206 (416 when past the end)",
         {200: None, 206: None},
         errors=(416, *STORAGE),
-        ok_media="application/octet-stream",
+        ok_media="*/*",
         ok_headers=_CONTENT_HEADERS,
-        params=(Param("Range", "header", {"type": "string", "pattern": r"^bytes=(\d+-\d*|-\d+)$"}, "one byte range"),),
+        params=(
+            Param(
+                "Range",
+                "header",
+                {"type": "string"},
+                "one byte range: bytes=A-B, bytes=A- or bytes=-N; any other value is ignored (the whole object)",
+            ),
+        ),
     ),
     Route(
         "HEAD",
@@ -584,7 +599,7 @@ ROUTES: list[Route] = [
         head_content,
         "the content's headers: Content-Length, ETag, Accept-Ranges",
         {200: None},
-        ok_media="application/octet-stream",
+        ok_media="*/*",
         ok_headers={**_CONTENT_HEADERS, "Content-Length": {"schema": {"type": "integer"}}},
     ),
     Route(
@@ -613,7 +628,7 @@ def make_app(agent: Agent, stop: asyncio.Event, routes: list[Route] | None = Non
     app[TASKS] = set()
     app[DOWNSTREAM] = Downstream(agent, agent.outbox)
     table = ROUTES if routes is None else routes
-    app[SPEC] = build_spec(table, PATH_PARAMS)
+    app[SPEC] = build_spec(table, _path_params(sorted(agent.settings.datasets)))
     for route in table:
         # GET routes answer HEAD only where the table says so (HEAD .../content).
         app.router.add_route(route.method, route.aiohttp_path(), route.handler)

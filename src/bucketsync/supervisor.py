@@ -83,7 +83,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with Agent(settings) as agent:
         app = make_app(agent, stop)
-        runner = web.AppRunner(app, access_log=None)
+        # A 1,024-byte key percent-encodes to 3 KiB, and a client may send it in characters that
+        # do not fit: request lines up to 32 KiB reach the API, which names what is wrong as JSON.
+        runner = web.AppRunner(app, access_log=None, max_line_size=32768)
         await runner.setup()
         try:
             site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
