@@ -65,6 +65,20 @@ def indexable(key: str) -> bool:
     Every store's listing filters through this one predicate (invariant 5): folder
     markers, the hidden folder, and keys the API could not address are not items.
     """
+    # The common key decided in a few C-level scans (listings call this per object): no
+    # leading '.' or '/', no "/." or "//" anywhere, no NUL, short ASCII. Anything else takes
+    # the full rule.
+    if (
+        key
+        and key[0] not in "./"
+        and key[-1] != "/"
+        and len(key) <= MAX_KEY_BYTES // 4
+        and "/." not in key
+        and "//" not in key
+        and "\x00" not in key
+        and key.isascii()
+    ):
+        return True
     return key_problem(key) is None
 
 
