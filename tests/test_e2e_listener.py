@@ -58,7 +58,9 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 def config(tmp_path: Path, **agent: object) -> Path:
     folder = tmp_path / "storage"
     write_files(folder, {"a.txt": "a", "sub/b.txt": "b"})
-    return write_config(tmp_path, {"main": local_driver(folder)}, {"docs": {"driver": "main", "sync": "manual"}}, agent=agent)
+    return write_config(
+        tmp_path, {"main": local_driver(folder)}, {"docs": {"driver": "main", "sync": "manual"}}, agent=agent
+    )
 
 
 def assert_refused(cfg: Path, *expected: str) -> str:

@@ -17,15 +17,21 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from bucketsync import metrics, ranges, schemas
+from bucketsync import metrics, opsctl, ranges, schemas
 from bucketsync.agent import Agent, dataset_status
 from bucketsync.downstream import META_NAME, Downstream
 from bucketsync.errors import (
     AlreadyExists,
     BucketsyncError,
     ConfigError,
+    DiskFull,
+    FileFolderConflict,
     InvalidKey,
+    KeyFiltered,
+    KeyNotStorable,
+    LedgerError,
     NotFound,
+    OpStateError,
     PermissionDenied,
     PreconditionFailed,
     Refused,
@@ -34,7 +40,7 @@ from bucketsync.errors import (
 )
 from bucketsync.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
 from bucketsync.model import Item, ItemState, OpState
-from bucketsync.openapi import API, STORAGE, Handler, Param, Route, build_spec, schema_ref
+from bucketsync.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
 
 log = structlog.get_logger("bucketsync.api")
 AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
@@ -62,7 +68,12 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 # The one mapping from our error hierarchy to HTTP.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
+    (KeyFiltered, 400, "key_filtered"),
     (InvalidKey, 400, "invalid_key"),
+    (KeyNotStorable, 400, "key_not_storable"),
+    (FileFolderConflict, 409, "file_folder_conflict"),
+    (DiskFull, 507, "disk_full"),
+    (LedgerError, 503, "ledger_unavailable"),
     (ConfigError, 404, "not_found"),
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),
@@ -85,6 +96,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.code, exc.message)
     except Refused as exc:
         return error_response(403, exc.reason, str(exc))
+    except OpStateError as exc:
+        return error_response(404 if exc.code == "op_not_found" else 409, exc.code, str(exc))
     except BucketsyncError as exc:
         for cls, status, code in _STATUS:
             if isinstance(exc, cls):
@@ -211,8 +224,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     agent = _agent(request)
-    if agent.not_ready:
-        return web.json_response({"status": "not ready", "datasets": agent.not_ready}, status=503)
+    if (unready := agent.unready()) is not None:
+        return web.json_response(unready, status=503)
     return web.json_response({"status": "ready"})
 
 
@@ -445,7 +458,7 @@ async def list_ops(request: web.Request) -> web.Response:
     assert ledger is not None
     raw = request.query.get("state")
     if raw is not None and raw not in {str(s) for s in OpState}:
-        raise ApiError(400, "invalid_parameter", "query parameter 'state' must be pending, done or failed")
+        raise ApiError(400, "invalid_parameter", f"query parameter 'state' must be one of {', '.join(OpState)}")
     ops = await ledger.ops(state=OpState(raw) if raw else None, limit=_int(request, "limit", 100, 1, 1000))
     return web.json_response({"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()})
 
@@ -456,6 +469,20 @@ async def get_op(request: web.Request) -> web.Response:
     op = await ledger.op(_id(request, "op"))
     if op is None:
         raise ApiError(404, "not_found", "no such op")
+    return web.json_response(op.as_json())
+
+
+async def retry_op(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    assert agent.ledger is not None
+    op = await opsctl.retry(agent.ledger, agent.outbox, _id(request, "op"))
+    return web.json_response(op.as_json())
+
+
+async def cancel_op(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    assert agent.ledger is not None
+    op = await opsctl.cancel(agent.ledger, agent.outbox, _id(request, "op"))
     return web.json_response(op.as_json())
 
 
@@ -501,7 +528,7 @@ _CONTENT_HEADERS = {
     "ETag": {"schema": {"type": "string"}},
     "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
 }
-_OUTCOME_ERRORS = (403, 409, 412, *STORAGE)
+_OUTCOME_ERRORS = (403, 409, 412, *STORAGE, *LEDGER)
 
 ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, "liveness", {200: None}),
@@ -533,7 +560,7 @@ ROUTES: list[Route] = [
         start_sync,
         "start an upstream run now",
         {202: schemas.RunStarted, 200: schemas.RunResult},
-        errors=(409, *STORAGE),
+        errors=(409, *STORAGE, *LEDGER),
         params=(
             _flag("dry_run", "report what a run would do; changes nothing"),
             _flag("force", "pass the mass-delete guard"),
@@ -564,7 +591,7 @@ ROUTES: list[Route] = [
         patch_item,
         "merge user metadata (null removes a name); allowed on read-only datasets: metadata is catalog-only",
         {200: schemas.Outcome},
-        errors=(413,),
+        errors=(413, *LEDGER),
         body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MetadataPatch)}}},
     ),
     Route(
@@ -603,7 +630,12 @@ ROUTES: list[Route] = [
         ok_headers={**_CONTENT_HEADERS, "Content-Length": {"schema": {"type": "integer"}}},
     ),
     Route(
-        "POST", f"{_ITEM}/restore", restore_item, "bring a tombstoned item back", {200: schemas.Outcome}, errors=(403,)
+        "POST",
+        f"{_ITEM}/restore",
+        restore_item,
+        "bring a tombstoned item back",
+        {200: schemas.Outcome},
+        errors=(403, *LEDGER),
     ),
     Route(
         "GET",
@@ -611,9 +643,25 @@ ROUTES: list[Route] = [
         list_ops,
         "outbox ops and the backlog",
         {200: schemas.OpList},
-        params=(Param("state", "query", {"type": "string", "enum": ["pending", "done", "failed"]}), _limit(100)),
+        params=(Param("state", "query", {"type": "string", "enum": [str(s) for s in OpState]}), _limit(100)),
     ),
     Route("GET", f"{API}/ops/{{op}}", get_op, "one op: state, attempts, error", {200: schemas.Op}),
+    Route(
+        "POST",
+        f"{API}/ops/{{op}}/retry",
+        retry_op,
+        "queue a failed op again (a put needs its staged body still on disk); 409 op_not_failed or staged_body_missing",
+        {200: schemas.Op},
+        errors=(409, *LEDGER),
+    ),
+    Route(
+        "POST",
+        f"{API}/ops/{{op}}/cancel",
+        cancel_op,
+        "cancel a pending or failed op and drop its staged body; storage is not touched; 409 op_running or op_settled",
+        {200: schemas.Op},
+        errors=(409, *LEDGER),
+    ),
     Route("GET", f"{API}/openapi.json", openapi, "this document", {200: schemas.OpenApiDocument}),
 ]
 

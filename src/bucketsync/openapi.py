@@ -43,12 +43,15 @@ _MEANING = {
     413: "the body is too large",
     416: "the range cannot be satisfied",
     502: "storage refused or failed",
-    503: "storage unavailable (transient); retry later",
+    503: "storage or the ledger unavailable (storage_unavailable, ledger_unavailable); retry later",
+    507: "the ledger's disk is full (disk_full); nothing was recorded",
 }
-#: every /api/ route can answer these
-COMMON = (400, 401, 404)
+#: every /api/ route can answer these (503: the ledger may be unavailable to any of them)
+COMMON = (400, 401, 404, 503)
 #: routes that reach storage can also answer these
 STORAGE = (502, 503)
+#: routes that write to the ledger can also answer these
+LEDGER = (503, 507)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class Op(_Body):
     dataset: str
     kind: Literal["put", "delete"]
     key: str
-    state: Literal["pending", "done", "failed"]
+    state: Literal["pending", "done", "failed", "cancelled"]
     attempts: int
     error: str | None
     error_code: str | None
