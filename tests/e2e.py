@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -381,7 +382,10 @@ class Daemon:
         host = host.strip("[]")
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        cert = read_config(config).get("agent", {}).get("tls_cert_file") if config is not None else None
+        #: with agent.tls_cert_file set, requests go over HTTPS trusting that certificate
+        self.ssl = ssl.create_default_context(cafile=cert) if cert else None
+        self.url = f"{'https' if cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
         Daemon._count += 1
         base = cwd or (config.parent if config is not None else Path.cwd())
         self.log_path = log_path or base / f"daemon-{Daemon._count}.log"
@@ -504,7 +508,7 @@ class Daemon:
         hdrs.update(headers or {})
         req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl) as resp:
                 status, raw, rh = resp.status, resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as exc:
             status, raw, rh = exc.code, exc.read(), dict(exc.headers)

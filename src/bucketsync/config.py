@@ -241,6 +241,13 @@ class AgentConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = _doc("Lowest level logged.", default="info")
     log_format: Literal["auto", "json", "console"] = _doc("`auto`: console on a TTY, JSON otherwise.", default="auto")
     grace: Duration = _doc("How long SIGTERM (or a reload) waits for running batches before cancelling.", default=10.0)
+    tls_cert_file: Path | None = _doc(
+        "PEM certificate chain: serve HTTPS (with tls_key_file). The CLI trusts it when it talks to the agent.",
+        default=None,
+    )
+    tls_key_file: SecretFile | None = _doc(
+        "PEM private key of tls_cert_file (a bare name is a systemd credential).", default=None
+    )
     outbox_concurrency: int = _doc(
         "Outbox ops (writes to storage) executed at once; ops on the same dataset and key run one after another.",
         default=8,
@@ -260,7 +267,13 @@ class AgentConfig(_Strict):
     def _token_once(self) -> AgentConfig:
         if self.api_token is not None and self.api_token_file is not None:
             raise ValueError("set api_token or api_token_file, not both")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set tls_cert_file and tls_key_file together (or neither, for plain HTTP)")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def host(self) -> str:
@@ -271,9 +284,17 @@ class AgentConfig(_Strict):
         return int(self.listen.rpartition(":")[2])
 
     def token(self) -> str | None:
+        """The API token, or None when none is set. An empty or blank token is no token:
+        comparing against ``Bearer `` would let anyone in who sends an empty one."""
         if self.api_token_file is not None:
-            return _read_secret_file(self.api_token_file, "agent.api_token").get_secret_value()
-        return self.api_token.get_secret_value() if self.api_token is not None else None
+            value = _read_secret_file(self.api_token_file, "agent.api_token").get_secret_value()
+        else:
+            value = self.api_token.get_secret_value() if self.api_token is not None else ""
+        return value.strip() or None
+
+    def token_field(self) -> str:
+        """The config field the token comes from, for messages."""
+        return "agent.api_token_file" if self.api_token_file is not None else "agent.api_token"
 
     def is_loopback(self) -> bool:
         if self.host == "localhost":

@@ -85,18 +85,19 @@ class Downstream:
         assert ledger is not None
         ds = self.agent.settings.datasets[dataset]
         store = self.agent.stores[ds.driver]
-        # Refusals that need no storage, before a byte is staged: a key the next sync
-        # would drop (outside the filters), a key the store cannot hold.
-        why = self.agent.loops[dataset].filter.refusal(key)
-        if why is not None:
-            raise KeyFiltered(f"dataset {dataset!r}: {why}")
-        check_storable(store, key)
+        # Refusals that need no storage, before a byte is staged. The gate first: a read-only
+        # dataset refuses every put (403) whatever the key; then a key the next sync would
+        # drop (outside the filters), a key the store cannot hold.
         live = item is not None and item.state is ItemState.LIVE
         decision = gate.decide_put(
             read_only=ds.read_only, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=not live
         )
         if not decision.allowed:
             raise _refuse(decision)
+        why = self.agent.loops[dataset].filter.refusal(key)
+        if why is not None:
+            raise KeyFiltered(f"dataset {dataset!r}: {why}")
+        check_storable(store, key)
         if item is not None and not overwrite:
             raise AlreadyExists(
                 f"{key!r} already exists in dataset {dataset!r}; "
@@ -193,8 +194,8 @@ class Downstream:
         ds_id, item = await self._item(dataset, key)
         if item is None or item.state is not ItemState.LIVE:
             raise NotFound(f"dataset {dataset!r} has no live item {key!r}", key=key)
-        if self.agent.settings.datasets[dataset].read_only:
-            raise _refuse(gate.OpDecision(False, "read_only", "the dataset is read-only: writes are refused"))
+        # No read_only check: user metadata lives in the catalog only, and read_only
+        # means no writes to storage.
         ledger = self.agent.ledger
         assert ledger is not None
         await ledger.merge_meta(item.id, patch)

@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -28,13 +29,14 @@ from aiohttp import web
 from bucketsync import durability, failpoints, metrics
 from bucketsync.agent import Agent
 from bucketsync.api import RELOAD, TASKS, make_app
-from bucketsync.config import Settings
+from bucketsync.config import AgentConfig, Settings
 from bucketsync.errors import BucketsyncError, ConfigError, LedgerError
 from bucketsync.notify import Notifier
 from bucketsync.probe import probe
 from bucketsync.reload import ReloadPlan, apply, driver_fingerprints
 from bucketsync.retry import backoff
 from bucketsync.sync import RunResult
+from bucketsync.tls import server_context
 
 log = structlog.get_logger("bucketsync.supervisor")
 
@@ -291,14 +293,31 @@ class _Reloader:
             await self()
 
 
+def check_listener(conf: AgentConfig) -> ssl.SSLContext | None:
+    """Refuse an open API beyond loopback; warn about a token sent in clear; build the TLS context."""
+    ssl_ctx = server_context(conf)
+    if conf.is_loopback():
+        return ssl_ctx
+    if conf.token() is None:
+        configured = conf.api_token is not None or conf.api_token_file is not None
+        why = f"{conf.token_field()} is empty" if configured else "no API token is set"
+        raise ConfigError(
+            f"agent.listen: {conf.listen} is not a loopback address and {why} (an empty or blank token is no "
+            "token); set agent.api_token or agent.api_token_file to a real token, or listen on 127.0.0.1"
+        )
+    if ssl_ctx is None:
+        log.warning(
+            "API token sent over plain HTTP beyond loopback: anyone on the network path can read it; "
+            "set agent.tls_cert_file and agent.tls_key_file, or put a TLS proxy in front",
+            listen=conf.listen,
+        )
+    return ssl_ctx
+
+
 async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT. ``load`` re-reads the configuration for a reload."""
     conf = settings.agent
-    if not conf.is_loopback() and conf.token() is None:
-        raise ConfigError(
-            f"agent.listen: {conf.listen} is not a loopback address and no API token is set; "
-            "set agent.api_token or agent.api_token_file, or listen on 127.0.0.1"
-        )
+    ssl_ctx = check_listener(conf)
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -309,10 +328,12 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         reloader = _Reloader(agent, tasks, load or (lambda: settings), notifier, stop)
         app = make_app(agent, stop)
         app[RELOAD] = reloader
-        runner = web.AppRunner(app, access_log=None)
+        # A 1,024-byte key percent-encodes to 3 KiB, and a client may send it in characters that
+        # do not fit: request lines up to 32 KiB reach the API, which names what is wrong as JSON.
+        runner = web.AppRunner(app, access_log=None, max_line_size=32768)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, conf.host, conf.port)
+            site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -328,6 +349,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         log.info(
             "agent started",
             listen=conf.listen,
+            tls=ssl_ctx is not None,
             datasets=sorted(agent.loops),
             pid=os.getpid(),
             ledger=str(conf.ledger),
