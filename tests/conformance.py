@@ -202,6 +202,24 @@ async def check_content_bytes(store: Store) -> None:
     assert (await store.head("text.txt")).size == len(text), "size of a text object"
 
 
+async def check_ranged_open(store: Store) -> None:
+    """``open(key, offset, length)`` reads exactly that byte range, natively (HTTP Range for the API)."""
+    data = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes
+    await store.put("ranged.bin", chunked(data, 3000))
+
+    async def read(offset: int, length: int | None) -> bytes:
+        return b"".join([c async for c in store.open("ranged.bin", offset, length)])
+
+    for offset, length in ((0, None), (0, 1), (1, 1), (10, 5), (255, 258), (5000, None), (10_240, 4), (10_243, 1)):
+        got = await read(offset, length)
+        want = data[offset : None if length is None else offset + length]
+        assert got == want, f"open(offset={offset}, length={length}) gave {len(got)} bytes, wanted {len(want)}"
+    assert await read(10_000, 1_000_000) == data[10_000:], "a range past the end stops at the end"
+    assert await read(0, len(data)) == data, "a range of the whole object"
+    with pytest.raises(NotFound):
+        await drain(store.open("no-such-object", 5, 10))
+
+
 async def check_empty_object(store: Store) -> None:
     """Zero-byte objects: from one empty chunk and from a stream with no chunks at all."""
     for key, chunks in (("empty-one-chunk", one_chunk(b"")), ("empty-no-chunks", no_chunks())):
@@ -580,6 +598,7 @@ CHECKS: list[Check] = [
     check_empty_listing,
     check_round_trip,
     check_content_bytes,
+    check_ranged_open,
     check_empty_object,
     check_large_object_streaming,
     check_list_sorted_awkward_keys,
@@ -665,8 +684,8 @@ class Delegating:
     async def head(self, key: str) -> ObjectInfo:
         return await self.inner.head(key)
 
-    def open(self, key: str) -> AsyncIterator[bytes]:
-        return self.inner.open(key)
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        return self.inner.open(key, offset, length)
 
     async def put(
         self, key: str, chunks: AsyncIterable[bytes], mode: PutMode = OVERWRITE, content_type: str | None = None

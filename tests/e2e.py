@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -48,7 +49,9 @@ SYNC_KEYS = frozenset(
     | {"dry_run"}
 )
 #: The documented keys of one ``bucketsync items --json`` line.
-ITEM_KEYS = frozenset({"id", "key", "size", "etag", "modified", "state"})
+ITEM_KEYS = frozenset(
+    {"id", "key", "size", "etag", "modified", "state", "version", "content_type", "metadata", "updated"}
+)
 #: Defaults every test config gets unless the test says otherwise (None removes one).
 DEFAULT_INTERVAL = "1s"
 DEFAULT_GRACE = "2s"
@@ -363,8 +366,10 @@ class Daemon:
         cwd: Path | None = None,
         log_path: Path | None = None,
         listen: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a prctl the test wants)
         self.env = dict(env or {})
         self.cwd = cwd
         if listen is None:
@@ -377,7 +382,10 @@ class Daemon:
         host = host.strip("[]")
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        cert = read_config(config).get("agent", {}).get("tls_cert_file") if config is not None else None
+        #: with agent.tls_cert_file set, requests go over HTTPS trusting that certificate
+        self.ssl = ssl.create_default_context(cafile=cert) if cert else None
+        self.url = f"{'https' if cert else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
         Daemon._count += 1
         base = cwd or (config.parent if config is not None else Path.cwd())
         self.log_path = log_path or base / f"daemon-{Daemon._count}.log"
@@ -396,6 +404,7 @@ class Daemon:
                 env=clean_env(self.env),
                 cwd=self.cwd,
                 start_new_session=True,  # a Ctrl-C in the test terminal does not reach it
+                preexec_fn=self.preexec_fn,
             )
         _STARTED.append(self.proc)
         if wait:
@@ -499,7 +508,7 @@ class Daemon:
         hdrs.update(headers or {})
         req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl) as resp:
                 status, raw, rh = resp.status, resp.read(), dict(resp.headers)
         except urllib.error.HTTPError as exc:
             status, raw, rh = exc.code, exc.read(), dict(exc.headers)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import socket
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -52,6 +53,7 @@ def http(
     json_body: Any = None,
     headers: Mapping[str, str] | None = None,
     timeout: float = 30.0,
+    context: ssl.SSLContext | None = None,
 ) -> Response:
     """One request; ``path`` is sent as given (already percent-encoded). Raises OSError if the
     connection breaks (a daemon that dies mid-request)."""
@@ -64,7 +66,7 @@ def http(
     hdrs.update(headers or {})
     req = urllib.request.Request(base + path, data=data, method=method, headers=hdrs)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             status, raw, rh = resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
         status, raw, rh = exc.code, exc.read(), dict(exc.headers)
@@ -95,7 +97,9 @@ class Api:
         """``path`` under ``/api/v1`` unless it starts with ``/healthz``, ``/readyz`` or ``/metrics``."""
         full = path if path.startswith(("/healthz", "/readyz", "/metrics")) else "/api/v1" + path
         hdrs = {**(AUTH if auth else {}), **(headers or {})}
-        resp = http(self.daemon.url, method, full, data=data, json_body=json_body, headers=hdrs)
+        resp = http(
+            self.daemon.url, method, full, data=data, json_body=json_body, headers=hdrs, context=self.daemon.ssl
+        )
         raw = resp.body if isinstance(resp.body, bytes) else json.dumps(resp.body)
         self.seen.append(f"{resp.status} {resp.headers} {raw!r}")
         return resp
@@ -326,10 +330,15 @@ def test_every_api_route_wants_the_token_and_probes_stay_open_openapi_and_ops(h:
             resp = api(method, path, data=body, headers=headers, auth=False)
             assert resp.status == 401, (method, path, headers, resp)
             assert error_code(resp) == "unauthorized"
+            assert resp.headers.get("WWW-Authenticate", "").startswith("Bearer"), resp.headers
             assert resp.headers.get("Content-Type", "").startswith("application/json")
         # ?token= in the URL is no way in either.
         sep = "&" if "?" in path else "?"
         assert api(method, f"{path}{sep}token={TOKEN}", auth=False).status == 401
+    # The scheme name is case-insensitive (RFC 7235); the token is not.
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        assert api("GET", "/datasets", headers={"Authorization": f"{scheme} {TOKEN}"}, auth=False).status == 200
+        assert api("GET", "/datasets", headers={"Authorization": f"{scheme} {TOKEN.upper()}"}, auth=False).status == 401
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert api("GET", open_path, auth=False).status == 200, open_path
     assert api("GET", "/datasets").status == 200
@@ -477,6 +486,94 @@ def test_put_get_content_overwrite_and_conflicts(h: Harness) -> None:
     h.assert_no_secrets(daemon, api)
 
 
+def test_content_honours_range_and_head(h: Harness) -> None:
+    """Issue 13.23: 206 with Content-Range by a ranged read from storage, 416 past the end, HEAD with no body."""
+    cfg = h.config({"main": {}}, {"docs": {"driver": "main"}})
+    _daemon, api = h.daemon(cfg)
+    data = bytes(range(256)) * 8 + b"end"  # 2,051 bytes
+    path = item_path("docs", "video/clip.bin")
+    item = api("PUT", path, data=data).body["item"]
+    content = path + "/content"
+
+    head = api("HEAD", content)
+    assert head.status == 200 and head.body in (b"", ""), head
+    assert head.headers["Content-Length"] == str(len(data))
+    assert head.headers["Accept-Ranges"] == "bytes"
+    if item["etag"]:
+        assert head.headers["ETag"] == f'"{item["etag"]}"'
+
+    full = api("GET", content)
+    assert full.status == 200 and full.body == data and full.headers["Accept-Ranges"] == "bytes"
+    for header, start, end in (
+        ("bytes=0-0", 0, 0),
+        ("bytes=10-19", 10, 19),
+        ("bytes=2000-", 2000, len(data) - 1),
+        ("bytes=-3", len(data) - 3, len(data) - 1),
+        ("bytes=2048-999999", 2048, len(data) - 1),
+        ("bytes=-99999", 0, len(data) - 1),
+    ):
+        resp = api("GET", content, headers={"Range": header})
+        assert resp.status == 206, (header, resp.status)
+        assert resp.body == data[start : end + 1], header
+        assert resp.headers["Content-Range"] == f"bytes {start}-{end}/{len(data)}", (header, resp.headers)
+        assert resp.headers["Content-Length"] == str(end - start + 1)
+    for header in (f"bytes={len(data)}-", "bytes=99999-100000", "bytes=-0"):
+        resp = api("GET", content, headers={"Range": header})
+        assert resp.status == 416 and error_code(resp) == "range_not_satisfiable", (header, resp)
+        assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+    # Headers we do not serve as a range (other units, several ranges, nonsense): the whole object.
+    for header in ("items=0-1", "bytes=0-1,5-6", "bytes=9-3", "bytes=abc"):
+        resp = api("GET", content, headers={"Range": header})
+        assert resp.status == 200 and resp.body == data, header
+    assert api("HEAD", item_path("docs", "missing", "/content")).status == 404
+
+
+@pytest.mark.parametrize("kind", ["local"])
+def test_every_parameter_is_validated_with_a_4xx_naming_it(h: Harness) -> None:
+    """Issue 13.6: ids beyond SQLite's range, non-ASCII or garbage cursors, bad names: 400, never 500."""
+    cfg = h.config({"main": {}}, {"docs": {"driver": "main"}})
+    daemon, api = h.daemon(cfg)
+    for k in ("a", "b", "c"):
+        assert api("PUT", item_path("docs", k), data=b"x").status == 201
+    cases = {
+        "/ops/9223372036854775808": "op",
+        "/ops/29743298472398472398472394872398472398": "op",
+        "/ops/0": "op",
+        "/ops/-1": "op",
+        "/ops/%C3%A9": "op",
+        "/datasets/docs/runs/9223372036854775808": "run",
+        "/datasets/docs/runs/1e3": "run",
+        "/datasets/docs/items?cursor=%C3%A9t%C3%A9": "cursor",
+        "/datasets/docs/items?cursor=a": "cursor",
+        "/datasets/docs/items?cursor=%2F%2F%2F%2F": "cursor",
+        "/datasets/docs/items?meta.bad%22name=x": "meta.",
+        "/datasets/docs/items?limit=99999999999999999999999": "limit",
+        "/datasets/docs/items?limit=x": "limit",
+        "/datasets/docs/runs?limit=0": "limit",
+        "/ops?limit=1001": "limit",
+        "/ops?state=x": "state",
+        "/datasets/docs/sync?wait=perhaps": "wait",
+    }
+    for path, name in cases.items():
+        method = "POST" if "/sync" in path else "GET"
+        resp = api(method, path)
+        assert resp.status == 400 and error_code(resp) == "invalid_parameter", (path, resp)
+        assert name in resp.body["error"]["message"], (path, resp.body)
+    assert api("GET", "/ops/9223372036854775807").status == 404
+    assert api("GET", "/datasets/docs/runs/9223372036854775807").status == 404
+    # A well-formed cursor we did not hand out just positions the page.
+    page = api("GET", "/datasets/docs/items?limit=1")
+    assert [i["key"] for i in page.body["items"]] == ["a"]
+    nxt = api("GET", "/datasets/docs/items?limit=5&cursor=" + page.body["next_cursor"])
+    assert [i["key"] for i in nxt.body["items"]] == ["b", "c"] and nxt.body["next_cursor"] is None
+    assert api("GET", "/datasets/docs/items?cursor=_w").status == 200  # b"\xff": not UTF-8, still a position
+    # Undeclared methods: 405 with Allow.
+    for method in ("TRACE", "OPTIONS", "PUT"):
+        resp = api(method, "/datasets")
+        assert resp.status == 405 and "GET" in resp.headers.get("Allow", ""), (method, resp)
+    assert "Traceback" not in daemon.log
+
+
 # ---------------------------------------------------------------------- bad input
 
 BAD_KEYS = {
@@ -484,9 +581,6 @@ BAD_KEYS = {
     "a%2F..%2F..%2Fescape": "a/../../escape",
     "%2Fleading": "/leading",
     "a%00b": "a\x00b",
-    "ctl%01x": "ctl\x01x",
-    "tab%09x": "tab\tx",
-    "del%7Fx": "del\x7fx",
     "k" * 1025: "k" * 1025,
     ".bucketsync%2Fx": ".bucketsync/x",
     "trailing%2F": "trailing/",
@@ -584,20 +678,74 @@ def test_bad_keys_unknown_datasets_and_metadata(h: Harness) -> None:
     h.assert_no_secrets(daemon, api)
 
 
-@pytest.mark.parametrize("kind", ["local"])
-def test_a_key_with_a_line_break_is_an_invalid_key(h: Harness) -> None:
-    """Invariant 11: a clear 400 invalid_key naming the key, not a bare 404 from the router."""
+#: keys with control characters: buckets hold them and sync indexes them, so the API must reach them
+CONTROL_KEYS = ["nl\nx", "esc\x1b[31mred", "a/\n/b", "cr\rx", "x\r\n", "tab\tand\x7fdel", "\x01"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])  # GCS forbids CR and LF in object names
+def test_keys_with_control_characters_are_addressable(h: Harness) -> None:
+    """Issue 15: every key sync can index is addressable through the API, percent-encoded."""
+    cfg = h.config({"main": {}}, {"docs": {"driver": "main"}})
+    storage = h.storage(cfg, "main")
+    storage.write("synced\x1b[0m.txt", b"written behind our back")  # indexed by sync, then addressed
+    _daemon, api = h.daemon(cfg)
+    run = api("POST", "/datasets/docs/sync?wait=true")
+    assert run.status == 200 and run.body["added"] == 1, run
+    wrong = []
+    for key in [*CONTROL_KEYS, "synced\x1b[0m.txt"]:
+        data = key.encode()
+        if key != "synced\x1b[0m.txt":
+            resp = api("PUT", item_path("docs", key), data=data)
+            if resp.status != 201:
+                wrong.append(f"PUT {key!r} -> {resp.status} {resp.body!r}")
+                continue
+        else:
+            data = b"written behind our back"
+        checks = [
+            ("GET", item_path("docs", key), None, 200),
+            ("GET", item_path("docs", key, "/content"), None, 200),
+            ("PATCH", item_path("docs", key), {"metadata": {"seen": True}}, 200),
+            ("DELETE", item_path("docs", key), None, 200),
+            ("POST", item_path("docs", key, "/restore"), None, 200),
+        ]
+        for method, path, body, want in checks:
+            resp = api(method, path, json_body=body)
+            if resp.status != want:
+                wrong.append(f"{method} {key!r} -> {resp.status} {resp.body!r}")
+        got = api("GET", item_path("docs", key))
+        if got.status == 200 and (got.body["key"], got.body["metadata"]) != (key, {"seen": True}):
+            wrong.append(f"GET {key!r} -> {got.body!r}")
+        if storage.read(key) != data:
+            wrong.append(f"storage holds {storage.read(key)!r} under {key!r}")
+    assert wrong == [], "\n".join(wrong)
+    listed = {i["key"] for i in api("GET", "/datasets/docs/items?limit=1000").body["items"]}
+    assert listed == {*CONTROL_KEYS, "synced\x1b[0m.txt"}
+
+
+@pytest.mark.parametrize("kind", ["s3"])  # a folder cannot hold a file zz and a file zz/content
+def test_one_key_is_one_path_segment(h: Harness) -> None:
+    """Issue 16: a key's '/' travels as %2F, so .../items/KEY/content is never ambiguous."""
     cfg = h.config({"main": {}}, {"docs": {"driver": "main"}})
     storage = h.storage(cfg, "main")
     _daemon, api = h.daemon(cfg)
-    wrong = []
-    for encoded in ("nl%0Ax", "%0A", "a%2F%0A%2Fb", "cr%0Dx", "x%0D%0A"):
-        for method in ("PUT", "GET", "DELETE", "PATCH"):
-            resp = api(method, "/datasets/docs/items/" + encoded, data=b"x" if method == "PUT" else None)
-            if resp.status != 400 or error_code(resp) != "invalid_key":
-                wrong.append(f"{method} {encoded} -> {resp.status} {resp.body!r}")
-    assert storage.keys() == set() and storage.files() == set()
-    assert wrong == [], "\n".join(wrong)
+    assert api("PUT", "/datasets/docs/items/zz", data=b"the zz object").status == 201
+    # A raw '/' after the key is a sub-resource, never part of the key: PUT has no such route.
+    resp = api("PUT", "/datasets/docs/items/zz/content", data=b"would have been key zz/content")
+    assert resp.status == 405 and error_code(resp) == "method_not_allowed", resp
+    assert "GET" in resp.headers.get("Allow", ""), resp.headers
+    assert storage.keys() == {"zz"}
+    # Encoded, the same characters are one key, with its own content.
+    assert api("PUT", "/datasets/docs/items/zz%2Fcontent", data=b"key zz/content").status == 201
+    assert storage.keys() == {"zz", "zz/content"}
+    assert api("GET", "/datasets/docs/items/zz/content").body == b"the zz object"
+    assert api("GET", "/datasets/docs/items/zz%2Fcontent/content").body == b"key zz/content"
+    assert api("GET", "/datasets/docs/items/zz%2Fcontent").body["key"] == "zz/content"
+    assert api("GET", "/datasets/docs/items/zz%2Frestore").status == 404
+    assert api("POST", "/datasets/docs/items/zz%2Fcontent/restore").body["result"] == "unchanged"
+    # Any raw '/' inside what would be the key: not the key, so no route.
+    assert api("GET", "/datasets/docs/items/a/b").status == 404
+    assert api("DELETE", "/datasets/docs/items/zz/content").status == 405
+    assert storage.keys() == {"zz", "zz/content"}
 
 
 # ---------------------------------------------------------------------- delete
@@ -691,19 +839,24 @@ def test_read_only_quota_and_metrics(h: Harness) -> None:
     daemon, api = h.daemon(cfg)
     assert api("POST", "/datasets/frozen/sync?wait=true").body["added"] == 1
 
-    # read_only: PUT, DELETE, PATCH are 403 read_only; storage untouched.
+    # read_only: PUT and DELETE are 403 read_only; storage untouched.
     for method, path, kw in (
         ("PUT", item_path("frozen", "new.txt"), {"data": b"x"}),
         ("PUT", item_path("frozen", "r.txt") + "?overwrite=true", {"data": b"x"}),
         ("DELETE", item_path("frozen", "r.txt"), {}),
-        ("PATCH", item_path("frozen", "r.txt"), {"json_body": {"metadata": {"a": "b"}}}),
     ):
         resp = api(method, path, **kw)
         assert resp.status == 403 and error_code(resp) == "read_only", (method, path, resp)
+    # ... but user metadata is catalog-only, so PATCH works on a read-only dataset (issue 13.24).
+    resp = api("PATCH", item_path("frozen", "r.txt"), json_body={"metadata": {"label": "cat", "score": 0.9}})
+    assert resp.status == 200 and resp.body["result"] == "updated", resp
+    assert resp.body["op"] is None  # no storage operation
     assert ro.keys() == {"r.txt"}
     assert ro.read("r.txt") == b"read me"
     item = api("GET", item_path("frozen", "r.txt")).body
-    assert item["state"] == "live" and item["metadata"] == {}
+    assert item["state"] == "live" and item["metadata"] == {"label": "cat", "score": 0.9}
+    assert api("POST", "/datasets/frozen/sync?wait=true").body["status"] == "ok"
+    assert api("GET", item_path("frozen", "r.txt")).body["metadata"] == {"label": "cat", "score": 0.9}
 
     # quota = 3: two PUTs, then an upstream sync over four more objects adds one and says so.
     for k in ("a", "b"):
@@ -738,7 +891,7 @@ def test_read_only_quota_and_metrics(h: Harness) -> None:
         return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
     assert value("bucketsync_downstream_ops_total", op="put", result="ok") >= 3
-    assert value("bucketsync_gate_refusals_total", reason="read_only") >= 4
+    assert value("bucketsync_gate_refusals_total", reason="read_only") >= 3
     assert value("bucketsync_gate_refusals_total", reason="quota") >= 1
     backlog = {dict(labels)["dataset"]: v for (name, labels), v in m.items() if name == "bucketsync_outbox_backlog"}
     assert backlog and set(backlog.values()) == {0}, backlog  # one series per dataset

@@ -520,7 +520,7 @@ async def test_shutdown_stops_after_a_batch_without_removals(memory_store: Memor
     stop.set()
     result = await loop_for(memory_store, ledger).run_once(stop=stop, force=True)
     assert result.status is RunStatus.FAILED
-    assert result.error == "interrupted by shutdown; nothing was removed"
+    assert result.error == "interrupted by shutdown or reload; nothing was removed"
     assert result.counts.removed == 0
     assert result.counts.added == BATCH, "the batch written before the stop is kept"
     got = await items(ledger)

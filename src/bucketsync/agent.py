@@ -15,11 +15,12 @@ from typing import Any
 import structlog
 
 from bucketsync import metrics
-from bucketsync.config import Settings
+from bucketsync.config import DatasetConfig, Settings
 from bucketsync.errors import ConfigError
 from bucketsync.ledger import InstanceLock, Ledger
-from bucketsync.model import ItemState, iso
+from bucketsync.model import ItemState, RunRecord, RunStatus, iso
 from bucketsync.outbox import Outbox
+from bucketsync.pacing import Pacer
 from bucketsync.probe import ProbeResult
 from bucketsync.stores import Store, open_store
 from bucketsync.sync import SyncLoop
@@ -42,6 +43,7 @@ class Agent:
         #: the start-up quick_check's finding when the ledger is damaged (not ready until fixed)
         self.ledger_problem: str | None = None
         self.outbox = Outbox(self)
+        self.pacer = Pacer()  # every dataset's runs take turns on the one event loop
         #: set when a start fails: a ledger this agent created is removed when it closes
         self.discard_new_ledger = False
         self._created_ledger = self._created_folder = False
@@ -64,13 +66,7 @@ class Agent:
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             for name, ds in self.settings.datasets.items():
-                loop = self.loops[name] = SyncLoop(
-                    name,
-                    ds,
-                    self.stores[ds.driver],
-                    self.ledger,
-                    no_change_log_level=self.settings.agent.no_change_log_level,
-                )
+                loop = self.loops[name] = self.make_loop(name, ds, self.stores[ds.driver])
                 loop.resync = name in resync
         except BaseException:
             self.discard_new_ledger = True
@@ -108,6 +104,13 @@ class Agent:
         if fault is not None:
             out["ledger"] = fault
         return out
+
+    def make_loop(self, name: str, ds: DatasetConfig, store: Store) -> SyncLoop:
+        """A dataset's loop, the same whether built at start or by a reload: the shared pacer and log level."""
+        assert self.ledger is not None
+        return SyncLoop(
+            name, ds, store, self.ledger, self.pacer, no_change_log_level=self.settings.agent.no_change_log_level
+        )
 
     def loop(self, dataset: str) -> SyncLoop:
         try:
@@ -180,14 +183,31 @@ def remove_ledger_files(ledger: Path, *, folder: bool) -> None:
 
 async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, loop: SyncLoop | None) -> dict[str, Any]:
     """One dataset's status: the same shape for ``bucketsync status --json`` and ``GET /datasets``."""
+    return (await datasets_status(settings, ledger, {name: loop} if loop is not None else {}, [name]))[0]
+
+
+async def datasets_status(
+    settings: Settings, ledger: Ledger | None, loops: dict[str, SyncLoop], names: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The status of ``names`` (default: every configured dataset) from one ledger overview.
+
+    Two queries whatever the number of datasets, items or runs: ``GET /datasets`` is
+    polled by dashboards, and recounting every dataset per request saturated the agent.
+    """
+    overview = await ledger.overview() if ledger is not None else {}
+    return [
+        _status_row(settings, name, overview.get(name), loops.get(name))
+        for name in (names if names is not None else settings.datasets)
+    ]
+
+
+def _status_row(
+    settings: Settings, name: str, known: tuple[dict[str, int], RunRecord | None] | None, loop: SyncLoop | None
+) -> dict[str, Any]:
     ds = settings.datasets[name]
     driver = settings.drivers[ds.driver]
-    items = {str(s): 0 for s in ItemState}
-    last = None
-    if ledger is not None and (ds_id := await ledger.find_dataset(name)) is not None:
-        items = await ledger.counts_by_state(ds_id)
-        runs = await ledger.runs(ds_id, limit=1)
-        last = runs[0].as_json() if runs else None
+    items, last = known if known is not None else ({str(s): 0 for s in ItemState}, None)
+    items = dict(items)  # the overview is shared between requests
     out: dict[str, Any] = {
         "dataset": name,
         "driver": ds.driver,
@@ -197,7 +217,7 @@ async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, l
         "read_only": ds.read_only,
         "allow_delete": driver.allow_delete,
         "items": items,
-        "last_run": last,
+        "last_run": last.as_json() if last is not None else None,
         "next_run": None,
         "running": None,
         "ready": None,  # known only to a running agent (its permission probe)
@@ -205,7 +225,7 @@ async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, l
         "downstream": None,  # "available" | "unavailable": known only to a running agent
         "downstream_reason": None,
         # the last run was stopped by the mass-delete guard: nothing is removed until a forced run
-        "guard_blocked": bool(last and last["status"] == "aborted"),
+        "guard_blocked": last is not None and last.status is RunStatus.ABORTED,
     }
     if loop is not None:
         out["next_run"] = iso(loop.next_run_at) if loop.next_run_at and loop.next_run_at > time.time() else None

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hmac
-from collections.abc import Awaitable, Callable
-from typing import Any
+import re
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
-from bucketsync import metrics, opsctl
-from bucketsync.agent import Agent, dataset_status
-from bucketsync.downstream import Downstream
+from bucketsync import metrics, opsctl, ranges, schemas
+from bucketsync.agent import Agent, datasets_status
+from bucketsync.downstream import META_NAME, Downstream
 from bucketsync.errors import (
     AlreadyExists,
     BucketsyncError,
@@ -39,21 +38,37 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.keys import check_key
-from bucketsync.model import ItemState, OpState
+from bucketsync.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
+from bucketsync.model import Item, ItemState, OpState
+from bucketsync.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
 
 log = structlog.get_logger("bucketsync.api")
 AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
 STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
 TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set[asyncio.Task[Any]])
 DOWNSTREAM: web.AppKey[Downstream] = web.AppKey("downstream", Downstream)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SPEC: web.AppKey[dict[str, Any]] = web.AppKey("spec", dict[str, Any])
+
+
+class Reloader(Protocol):
+    """The supervisor's reload: re-read the config file and apply it (see reload.py)."""
+
+    async def __call__(self) -> Any: ...
+
+
+RELOAD: web.AppKey[Reloader] = web.AppKey("reload", Reloader)
 
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+class RangeNotSatisfiable(ApiError):
+    def __init__(self, size: int) -> None:
+        super().__init__(416, "range_not_satisfiable", f"the Range header asks for bytes beyond the item's {size}")
+        self.size = size
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -82,6 +97,10 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except RangeNotSatisfiable as exc:
+        resp = error_response(exc.status, exc.code, exc.message)
+        resp.headers["Content-Range"] = f"bytes */{exc.size}"
+        return resp
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except Refused as exc:
@@ -95,7 +114,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", str(exc))
     except web.HTTPException as exc:
         if exc.status >= 400 and request.path.startswith("/api/"):
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+            resp = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+            if "Allow" in exc.headers:  # 405 says what is allowed
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
         raise
     except Exception as exc:
         if isinstance(exc, ConnectionError) and _client_gone(request):
@@ -113,15 +135,23 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def auth_middleware(token: str | None) -> Any:
-    expected = f"Bearer {token}".encode() if token else None
+def bearer_ok(header: str, token: str) -> bool:
+    """``Authorization: Bearer TOKEN``; the scheme is case-insensitive (RFC 7235), the token
+    is compared in constant time."""
+    scheme, _, given = header.partition(" ")
+    ok_scheme = scheme.lower() == "bearer"
+    same = hmac.compare_digest(given.strip(" ").encode("utf-8", "surrogateescape"), token.encode())
+    return ok_scheme and same
 
+
+def auth_middleware(token: str | None) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and request.path.startswith("/api/"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(401, "unauthorized", "missing or wrong bearer token")
+        guarded = token is not None and request.path.startswith("/api/")
+        if guarded and not bearer_ok(request.headers.get("Authorization", ""), token or ""):
+            resp = error_response(401, "unauthorized", "missing or wrong bearer token")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="bucketsync"'
+            return resp
         return await handler(request)
 
     return check
@@ -162,15 +192,41 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
     return value
 
 
+#: SQLite's integers are signed 64-bit: a larger id can name nothing
+MAX_ID = 2**63 - 1
+
+
+def _id(request: web.Request, name: str) -> int:
+    """A path id: a positive integer SQLite can hold, else 400 naming the parameter."""
+    raw = request.match_info[name]
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_ID:
+        raise ApiError(400, "invalid_parameter", f"{name} id must be an integer from 1 to {MAX_ID}, not {raw!r}")
+    return int(raw)
+
+
+def _text(request: web.Request, name: str, default: str = "") -> str:
+    """A free-text query parameter; bytes that were not UTF-8 are refused, not passed to SQL."""
+    raw = request.query.get(name, default)
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in raw):
+        raise ApiError(400, "invalid_parameter", f"query parameter {name!r} is not valid UTF-8")
+    return raw
+
+
+#: what a cursor looks like (unpadded URL-safe base64); the document declares it
+CURSOR_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(key: str) -> str:
     return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_parameter", "cursor is not one this API handed out") from None
+    """The key to continue after. Any well-formed cursor positions the page (bytes that are not
+    UTF-8 decode with replacement characters); a malformed one is a 400 naming ``cursor``."""
+    if not _CURSOR.match(cursor):
+        raise ApiError(400, "invalid_parameter", "query parameter 'cursor' is not one this API handed out")
+    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8", "replace")
 
 
 async def _ledger_ds(request: web.Request, name: str) -> int:
@@ -210,10 +266,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def list_datasets(request: web.Request) -> web.Response:
     agent = _agent(request)
-    out = []
-    for name in agent.settings.datasets:
-        status = await dataset_status(agent.settings, agent.ledger, name, agent.loops.get(name))
-        out.append(status | agent.live_status(name))
+    out = await datasets_status(agent.settings, agent.ledger, agent.loops)
+    for status in out:
+        status.update(agent.live_status(status["dataset"]))
     return web.json_response({"datasets": out})
 
 
@@ -224,16 +279,22 @@ async def list_items(request: web.Request) -> web.Response:
     limit = _int(request, "limit", 100, 1, 1000)
     raw_state = request.query.get("state", "live")
     if raw_state not in ("live", "tombstone", "all"):
-        raise ApiError(400, "invalid_parameter", "state must be live, tombstone or all")
+        raise ApiError(400, "invalid_parameter", "query parameter 'state' must be live, tombstone or all")
     state = None if raw_state == "all" else ItemState(raw_state)
     cursor = request.query.get("cursor")
     meta = {k[5:]: v for k, v in request.query.items() if k.startswith("meta.")}
     unknown = set(request.query) - {"prefix", "limit", "cursor", "state"} - {f"meta.{k}" for k in meta}
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    for meta_name in meta:
+        if not META_NAME.match(meta_name):
+            raise ApiError(
+                400, "invalid_parameter", f"query parameter 'meta.{meta_name}': {meta_name!r} is no metadata name"
+            )
+        _text(request, f"meta.{meta_name}")
     items = await ledger.items(
         await _ledger_ds(request, name),
-        prefix=request.query.get("prefix", ""),
+        prefix=_text(request, "prefix"),
         after=decode_cursor(cursor) if cursor else None,
         limit=limit + 1,
         state=state,
@@ -282,10 +343,7 @@ async def get_run(request: web.Request) -> web.Response:
     name = _dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
-    try:
-        run_id = int(request.match_info["run"])
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", "run id must be an integer") from None
+    run_id = _id(request, "run")
     run = await ledger.run(run_id)
     if run is None or run.dataset != name:
         raise ApiError(404, "not_found", f"dataset {name!r} has no run {run_id}")
@@ -303,6 +361,7 @@ def _with_live(run: dict[str, Any], loop: Any) -> dict[str, Any]:
 
 
 def _key(request: web.Request) -> str:
+    # The route matched one raw path segment, so a key's '/' arrived as %2F (see docs/api.md).
     return check_key(request.match_info["key"])  # InvalidKey -> 400, before anything is touched
 
 
@@ -316,20 +375,51 @@ async def get_item(request: web.Request) -> web.Response:
     return web.json_response(item.as_json(full=True))
 
 
-async def get_content(request: web.Request) -> web.StreamResponse:
+async def _live_item(request: web.Request) -> tuple[str, str, Item]:
     name, key = _dataset(request), _key(request)
-    agent = _agent(request)
-    assert agent.ledger is not None
-    item = await agent.ledger.item(await _ledger_ds(request, name), key)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    item = await ledger.item(await _ledger_ds(request, name), key)
     if item is None or item.state is not ItemState.LIVE:
         raise ApiError(404, "not_found", f"dataset {name!r} has no live item {key!r}")
-    store = agent.stores[agent.settings.datasets[name].driver]
-    chunks = store.open(key)
-    first = await anext(chunks, b"")  # NotFound surfaces here, before the headers go out
-    resp = web.StreamResponse()
-    resp.content_type = item.content_type or _guess_type(key)
+    return name, key, item
+
+
+def _content_headers(key: str, item: Item) -> dict[str, str]:
+    headers = {"Accept-Ranges": "bytes", "Content-Type": item.content_type or _guess_type(key)}
     if item.etag:
-        resp.headers["ETag"] = f'"{item.etag}"'
+        headers["ETag"] = f'"{item.etag}"'
+    return headers
+
+
+async def head_content(request: web.Request) -> web.StreamResponse:
+    """The content's headers without the body: size, type, etag, and that ranges work."""
+    _name, key, item = await _live_item(request)
+    resp = web.StreamResponse(headers=_content_headers(key, item))
+    resp.content_length = item.size
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
+async def get_content(request: web.Request) -> web.StreamResponse:
+    """Stream the object; a single ``Range: bytes=...`` is served as 206 by a ranged read."""
+    name, key, item = await _live_item(request)
+    headers = _content_headers(key, item)
+    wanted = ranges.parse(request.headers.get("Range"), item.size)
+    if isinstance(wanted, ranges.Unsatisfiable):
+        raise RangeNotSatisfiable(item.size)
+    store = _agent(request).stores[_agent(request).settings.datasets[name].driver]
+    if wanted is None:
+        resp = web.StreamResponse(headers=headers)
+        chunks = store.open(key)
+    else:
+        start, length = wanted
+        resp = web.StreamResponse(status=206, headers=headers)
+        resp.headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{item.size}"
+        resp.content_length = length
+        chunks = store.open(key, offset=start, length=length)
+    first = await anext(chunks, b"")  # NotFound surfaces here, before the headers go out
     await resp.prepare(request)
     await resp.write(first)
     async for chunk in chunks:
@@ -389,48 +479,237 @@ async def list_ops(request: web.Request) -> web.Response:
     assert ledger is not None
     raw = request.query.get("state")
     if raw is not None and raw not in {str(s) for s in OpState}:
-        raise ApiError(400, "invalid_parameter", f"state must be one of {', '.join(OpState)}")
+        raise ApiError(400, "invalid_parameter", f"query parameter 'state' must be one of {', '.join(OpState)}")
     ops = await ledger.ops(state=OpState(raw) if raw else None, limit=_int(request, "limit", 100, 1, 1000))
     return web.json_response({"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()})
-
-
-def _op_id(request: web.Request) -> int:
-    raw = request.match_info["op"]
-    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**63:
-        raise ApiError(400, "invalid_parameter", "op id must be a positive integer")
-    return int(raw)
 
 
 async def get_op(request: web.Request) -> web.Response:
     ledger = _agent(request).ledger
     assert ledger is not None
-    op = await ledger.op(_op_id(request))
+    op = await ledger.op(_id(request, "op"))
     if op is None:
         raise ApiError(404, "not_found", "no such op")
     return web.json_response(op.as_json())
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    reload = request.app.get(RELOAD)
+    if reload is None:
+        raise ApiError(503, "unavailable", "this server cannot reload its configuration")
+    if request.app[STOP].is_set():
+        raise ApiError(503, "stopping", "the agent is stopping; nothing reloaded")
+    try:
+        plan = await reload()
+    except ConfigError as exc:
+        raise ApiError(400, "invalid_config", f"{exc}; the running configuration stays") from None
+    return web.json_response(plan.as_json())
+
+
 async def retry_op(request: web.Request) -> web.Response:
     agent = _agent(request)
     assert agent.ledger is not None
-    op = await opsctl.retry(agent.ledger, agent.outbox, _op_id(request))
+    op = await opsctl.retry(agent.ledger, agent.outbox, _id(request, "op"))
     return web.json_response(op.as_json())
 
 
 async def cancel_op(request: web.Request) -> web.Response:
     agent = _agent(request)
     assert agent.ledger is not None
-    op = await opsctl.cancel(agent.ledger, agent.outbox, _op_id(request))
+    op = await opsctl.cancel(agent.ledger, agent.outbox, _id(request, "op"))
     return web.json_response(op.as_json())
 
 
 async def openapi(request: web.Request) -> web.Response:
-    from bucketsync.openapi import SPEC
-
-    return web.json_response(SPEC)
+    return web.json_response(request.app[SPEC])
 
 
-def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
+# -- the route table: the router and the OpenAPI document are both built from it ------------
+
+PATH_PARAMS = {
+    "ds": Param("ds", "path", {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"}, "a dataset's name"),
+    "key": Param(
+        "key",
+        "path",
+        {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN},
+        "the item's key as one path segment: percent-encoded, '/' as %2F. At most 1,024 bytes of UTF-8; "
+        "no NUL, no empty, '.' or '..' segment, no leading or trailing '/', not in .bucketsync/",
+    ),
+    "run": Param("run", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "a run's id"),
+    "op": Param("op", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "an op's id"),
+}
+
+
+def _path_params(datasets: list[str]) -> dict[str, Param]:
+    """The document describes this agent: ``ds`` is one of its datasets (a fuzzer then hits real ones)."""
+    if not datasets:
+        return PATH_PARAMS
+    ds = Param("ds", "path", {"type": "string", "enum": datasets}, "a dataset's name")
+    return {**PATH_PARAMS, "ds": ds}
+
+
+def _flag(name: str, description: str) -> Param:
+    return Param(name, "query", {"type": "boolean"}, description)
+
+
+def _limit(default: int) -> Param:
+    return Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000, "default": default})
+
+
+_DS = f"{API}/datasets/{{ds}}"
+_ITEM = f"{_DS}/items/{{key}}"
+_CONTENT_HEADERS = {
+    "ETag": {"schema": {"type": "string"}},
+    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
+}
+_OUTCOME_ERRORS = (403, 409, 412, *STORAGE, *LEDGER)
+
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", healthz, "liveness", {200: None}),
+    Route("GET", "/readyz", readyz, "readiness", {200: None}),
+    Route("GET", "/metrics", metrics_handler, "Prometheus metrics", {200: None}),
+    Route(
+        "GET",
+        f"{API}/datasets",
+        list_datasets,
+        "every dataset: item counts, last run, readiness",
+        {200: schemas.DatasetList},
+    ),
+    Route(
+        "GET",
+        f"{_DS}/items",
+        list_items,
+        "a page of items ordered by key; meta.NAME=VALUE query parameters filter on user metadata",
+        {200: schemas.ItemPage},
+        params=(
+            Param("prefix", "query", {"type": "string"}, "only keys that start with this"),
+            _limit(100),
+            Param("cursor", "query", {"type": "string", "pattern": CURSOR_PATTERN}, "next_cursor of the last page"),
+            Param("state", "query", {"type": "string", "enum": ["live", "tombstone", "all"], "default": "live"}),
+        ),
+    ),
+    Route(
+        "POST",
+        f"{_DS}/sync",
+        start_sync,
+        "start an upstream run now",
+        {202: schemas.RunStarted, 200: schemas.RunResult},
+        errors=(409, *STORAGE, *LEDGER),
+        params=(
+            _flag("dry_run", "report what a run would do; changes nothing"),
+            _flag("force", "pass the mass-delete guard"),
+            _flag("wait", "answer when the run has finished"),
+        ),
+    ),
+    Route("GET", f"{_DS}/runs", list_runs, "run history, newest first", {200: schemas.RunList}, params=(_limit(20),)),
+    Route("GET", f"{_DS}/runs/{{run}}", get_run, "one run, with live counts while it runs", {200: schemas.Run}),
+    Route("GET", _ITEM, get_item, "one item with all its metadata", {200: schemas.Item}),
+    Route(
+        "PUT",
+        _ITEM,
+        put_item,
+        "write the body to storage under the key, then index it; create-only unless overwrite=true "
+        "(then conditional on the known etag)",
+        {201: schemas.Outcome, 200: schemas.Outcome, 202: schemas.Outcome},
+        errors=_OUTCOME_ERRORS,
+        params=(_flag("overwrite", "replace an existing item if it is unchanged in storage"),),
+        body={
+            "required": False,  # no body is an empty object, as an empty file is
+            "description": "the object's bytes; Content-Type is stored as the item's content type",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+    ),
+    Route(
+        "PATCH",
+        _ITEM,
+        patch_item,
+        "merge user metadata (null removes a name); allowed on read-only datasets: metadata is catalog-only",
+        {200: schemas.Outcome},
+        errors=(413, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MetadataPatch)}}},
+    ),
+    Route(
+        "DELETE",
+        _ITEM,
+        delete_item,
+        "through the gate: deleted in storage when the driver allows deletes, else tombstoned",
+        {200: schemas.Outcome, 202: schemas.Outcome},
+        errors=_OUTCOME_ERRORS,
+    ),
+    Route(
+        "GET",
+        f"{_ITEM}/content",
+        get_content,
+        "stream the object from storage; one Range: bytes=... gives 206 (416 when past the end)",
+        {200: None, 206: None},
+        errors=(416, *STORAGE),
+        ok_media="*/*",
+        ok_headers=_CONTENT_HEADERS,
+        params=(
+            Param(
+                "Range",
+                "header",
+                {"type": "string"},
+                "one byte range: bytes=A-B, bytes=A- or bytes=-N; any other value is ignored (the whole object)",
+            ),
+        ),
+    ),
+    Route(
+        "HEAD",
+        f"{_ITEM}/content",
+        head_content,
+        "the content's headers: Content-Length, ETag, Accept-Ranges",
+        {200: None},
+        ok_media="*/*",
+        ok_headers={**_CONTENT_HEADERS, "Content-Length": {"schema": {"type": "integer"}}},
+    ),
+    Route(
+        "POST",
+        f"{_ITEM}/restore",
+        restore_item,
+        "bring a tombstoned item back",
+        {200: schemas.Outcome},
+        errors=(403, *LEDGER),
+    ),
+    Route(
+        "GET",
+        f"{API}/ops",
+        list_ops,
+        "outbox ops and the backlog",
+        {200: schemas.OpList},
+        params=(Param("state", "query", {"type": "string", "enum": [str(s) for s in OpState]}), _limit(100)),
+    ),
+    Route("GET", f"{API}/ops/{{op}}", get_op, "one op: state, attempts, error", {200: schemas.Op}),
+    Route(
+        "POST",
+        f"{API}/ops/{{op}}/retry",
+        retry_op,
+        "queue a failed op again (a put needs its staged body still on disk); 409 op_not_failed or staged_body_missing",
+        {200: schemas.Op},
+        errors=(409, *LEDGER),
+    ),
+    Route(
+        "POST",
+        f"{API}/ops/{{op}}/cancel",
+        cancel_op,
+        "cancel a pending or failed op and drop its staged body; storage is not touched; 409 op_running or op_settled",
+        {200: schemas.Op},
+        errors=(409, *LEDGER),
+    ),
+    Route("GET", f"{API}/openapi.json", openapi, "this document", {200: schemas.OpenApiDocument}),
+    Route(
+        "POST",
+        f"{API}/reload",
+        reload_config,
+        "re-read the config file, as SIGHUP does: added datasets start, removed ones stop (catalog kept), "
+        "changed ones restart; 400 invalid_config leaves the running configuration as it is",
+        {200: schemas.ReloadPlan},
+        errors=(503,),
+    ),
+]
+
+
+def make_app(agent: Agent, stop: asyncio.Event, routes: list[Route] | None = None) -> web.Application:
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware(agent.settings.agent.token())],
         client_max_size=1024**2,
@@ -439,27 +718,9 @@ def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app[STOP] = stop
     app[TASKS] = set()
     app[DOWNSTREAM] = Downstream(agent, agent.outbox)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    v1 = "/api/v1"
-    app.router.add_get(f"{v1}/datasets", list_datasets)
-    app.router.add_get(f"{v1}/datasets/{{ds}}/items", list_items)
-    app.router.add_post(f"{v1}/datasets/{{ds}}/sync", start_sync)
-    app.router.add_get(f"{v1}/datasets/{{ds}}/runs", list_runs)
-    app.router.add_get(f"{v1}/datasets/{{ds}}/runs/{{run}}", get_run)
-    # Keys may contain '/'; encode it as %2F (routes match the raw path, so a key
-    # ending in /content or /restore is unambiguous once encoded).
-    item = f"{v1}/datasets/{{ds}}/items/{{key:[\\s\\S]+}}"  # any character, so check_key can refuse it
-    app.router.add_get(f"{item}/content", get_content)
-    app.router.add_post(f"{item}/restore", restore_item)
-    app.router.add_get(item, get_item)
-    app.router.add_put(item, put_item)
-    app.router.add_patch(item, patch_item)
-    app.router.add_delete(item, delete_item)
-    app.router.add_get(f"{v1}/ops", list_ops)
-    app.router.add_get(f"{v1}/ops/{{op}}", get_op)
-    app.router.add_post(f"{v1}/ops/{{op}}/retry", retry_op)
-    app.router.add_post(f"{v1}/ops/{{op}}/cancel", cancel_op)
-    app.router.add_get(f"{v1}/openapi.json", openapi)
+    table = ROUTES if routes is None else routes
+    app[SPEC] = build_spec(table, _path_params(sorted(agent.settings.datasets)))
+    for route in table:
+        # GET routes answer HEAD only where the table says so (HEAD .../content).
+        app.router.add_route(route.method, route.aiohttp_path(), route.handler)
     return app

@@ -11,17 +11,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bucketsync import __version__
-from bucketsync.agent import Agent, dataset_status
+from bucketsync.agent import Agent, datasets_status
 from bucketsync.client import AgentClient, ApiCallFailed
 from bucketsync.config import Settings, load_settings
+from bucketsync.display import ProgressLine, dumps, print_json, safe_text, shown
 from bucketsync.durability import ledger_error
-from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked
+from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
@@ -31,10 +34,6 @@ from bucketsync.stores import open_store
 from bucketsync.sync import RunResult, SyncLoop
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def _human_counts(d: dict[str, Any]) -> str:
@@ -110,13 +109,13 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
             out = {"dataset": args.dataset, "run": None, "status": "failed", **counts, "error": str(exc)}
     out = _sync_json(out)
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         run = f"run {out['run']}" if out.get("run") is not None else "dry run, nothing written"
         print(f"{out['dataset']}: {out['status']} - {_human_counts(out)} ({run})")
         _print_plan(out)
         if out.get("error"):
-            print(f"error: {out['error']}", file=sys.stderr)
+            print(f"error: {safe_text(out['error'])}", file=sys.stderr)
     return 0 if out["status"] == "ok" else 1
 
 
@@ -126,20 +125,15 @@ def _print_plan(out: dict[str, Any]) -> None:
     if remove and remove["count"]:
         print(f"would remove {remove['count']}:")
         for key in remove["keys"]:
-            print(f"  - {_safe(key)}")
+            print(f"  - {shown(key)}")
         if remove["truncated"]:
             print(f"  ... and {remove['count'] - len(remove['keys'])} more")
     if rename and rename["count"]:
         print(f"would rename {rename['count']}:")
         for r in rename["renames"]:
-            print(f"  {_safe(r['from'])} -> {_safe(r['to'])}")
+            print(f"  {shown(r['from'])} -> {shown(r['to'])}")
         if rename["truncated"]:
             print(f"  ... and {rename['count'] - len(rename['renames'])} more")
-
-
-def _safe(key: str) -> str:
-    """A key as a terminal may show it: control characters escaped, the rest as is."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in key)
 
 
 async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool) -> dict[str, Any]:
@@ -156,13 +150,17 @@ async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool)
         if started.get("status") != "running":
             return dict(started)  # a dry run answers with its result
         run_id = started["run"]
-        while True:
-            run = await client.call("GET", f"/datasets/{args.dataset}/runs/{run_id}")
-            if run["status"] != "running":
-                return {**run, "dataset": args.dataset, "run": run_id}
-            if show:
-                print(f"\rsyncing {args.dataset}: {_human_counts(run)}", end="", file=sys.stderr)
-            await asyncio.sleep(0.25)
+        progress = ProgressLine()
+        try:
+            while True:
+                run = await client.call("GET", f"/datasets/{args.dataset}/runs/{run_id}")
+                if run["status"] != "running":
+                    return {**run, "dataset": args.dataset, "run": run_id}
+                if show:
+                    progress.update(f"syncing {args.dataset}: {_human_counts(run)}")
+                await asyncio.sleep(0.25)
+        finally:
+            progress.clear()  # the summary (or an error) starts on a clean line
 
 
 # -- items and status ----------------------------------------------------------------
@@ -177,11 +175,14 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
         ds_id = await ledger.find_dataset(args.dataset)
         if ds_id is None:
             return 0
-        async for item in ledger.iter_items(ds_id, prefix=args.prefix):
+        state = None if args.state == "all" else ItemState(args.state)
+        async for item in ledger.iter_items(ds_id, prefix=args.prefix, state=state):
             if args.json:
-                _print_json(item.as_json())
+                print_json(item.as_json(full=True))
+            elif state is None:
+                print(f"{item.size:>12}  {item.as_json()['modified']}  {item.state:<9}  {shown(item.key)}")
             else:
-                print(f"{item.size:>12}  {item.as_json()['modified']}  {item.key}")
+                print(f"{item.size:>12}  {item.as_json()['modified']}  {shown(item.key)}")
     finally:
         await ledger.close()
     return 0
@@ -194,14 +195,14 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     else:
         ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
         try:
-            rows = [await dataset_status(settings, ledger, name, None) for name in settings.datasets]
+            rows = await datasets_status(settings, ledger, {})
         finally:
             if ledger is not None:
                 await ledger.close()
     failing = [name for r in rows if (name := _failing(r))]
     code = 1 if args.check and failing else 0
     if args.json:
-        _print_json({"datasets": rows})
+        print_json({"datasets": rows})
         return code
     if not rows:
         print("no datasets configured")
@@ -212,15 +213,16 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  items: {r['items'].get(ItemState.LIVE, 0)} live, {r['items'].get(ItemState.TOMBSTONE, 0)} tombstoned")
         print(f"  last run: {last_s}")
         if r.get("last_run") and r["last_run"].get("error"):
-            print(f"  error: {r['last_run']['error']}")
+            print(f"  error: {safe_text(r['last_run']['error'])}")
         nxt = r["next_run"] or ("when asked (manual)" if r["sync"] == "manual" else "when the agent runs")
         print(f"  next run: {nxt}")
         if r.get("running"):
             print(f"  running: {_human_counts(r['running'])}")
         if r.get("not_ready_reason"):
-            print(f"  not ready: {r['not_ready_reason']}")
+            print(f"  not ready: {safe_text(r['not_ready_reason'])}")
         if r.get("downstream") == "unavailable":
-            print(f"  {r['downstream_reason'] or 'downstream unavailable'} (writes through bucketsync are refused)")
+            why = safe_text(r["downstream_reason"] or "downstream unavailable")
+            print(f"  {why} (writes through bucketsync are refused)")
         if r.get("guard_blocked"):
             print("  guard-blocked: the last run was stopped by the mass-delete guard; nothing is removed until")
             print(f"    a forced run (bucketsync sync {r['dataset']} --force) or the objects come back")
@@ -266,7 +268,7 @@ def _item_path(dataset: str, key: str) -> str:
 
 def _report(args: argparse.Namespace, out: dict[str, Any], line: str) -> int:
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(line)
     return 0
@@ -293,7 +295,8 @@ async def cmd_put(settings: Settings, args: argparse.Namespace) -> int:
         ),
     )
     item = out.get("item") or {}
-    return _report(args, out, f"{out['result']}: {key} ({item.get('size', '?')} bytes, id {item.get('id', '?')})")
+    line = f"{out['result']}: {shown(key)} ({item.get('size', '?')} bytes, id {item.get('id', '?')})"
+    return _report(args, out, line)
 
 
 async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
@@ -304,9 +307,9 @@ async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
         lambda c: c.call("DELETE", _item_path(args.dataset, args.key)),
     )
     if out["result"] == "tombstoned":
-        line = f"tombstoned: {args.key} (the driver does not allow deletes; the object stays in storage)"
+        line = f"tombstoned: {shown(args.key)} (the driver does not allow deletes; the object stays in storage)"
     else:
-        line = f"{out['result']}: {args.key}"
+        line = f"{out['result']}: {shown(args.key)}"
     return _report(args, out, line)
 
 
@@ -317,7 +320,31 @@ async def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         lambda d: d.restore(args.dataset, args.key),
         lambda c: c.call("POST", _item_path(args.dataset, args.key) + "/restore"),
     )
-    return _report(args, out, f"{out['result']}: {args.key}")
+    return _report(args, out, f"{out['result']}: {shown(args.key)}")
+
+
+def meta_value(raw: str, as_string: bool) -> Any:
+    """``NAME=VALUE`` stores what the API would store for that JSON value: ``0.9`` a
+    number, ``true``/``false`` a boolean, ``null`` a removal, ``"0.9"`` (quoted) a
+    string; anything that is not JSON is the string as typed. ``--string`` stores
+    every value verbatim as a string."""
+    if as_string:
+        return raw
+    try:
+        value = json.loads(raw, parse_constant=_not_json)
+    except ValueError:
+        return raw
+    if isinstance(value, float) and not math.isfinite(value):
+        return raw  # 1e999: JSON has no infinity; keep what was typed
+    if isinstance(value, dict | list):
+        raise UsageError(
+            f"{raw!r}: metadata values are strings, numbers, booleans or null (--string stores it as text)"
+        )
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
@@ -327,28 +354,50 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise UsageError(f"{pair!r}: expected NAME=VALUE")
-        patch[name] = value
+        patch[name] = meta_value(value, args.string)
     for name in args.unset:
         patch[name] = None
     if not patch:
-        raise UsageError("nothing to change: give NAME=VALUE pairs or --unset NAME")
+        return await _show_meta(settings, args)
     out = await _downstream(
         settings,
         lambda d: d.patch_meta(args.dataset, args.key, patch),
         lambda c: c.call("PATCH", _item_path(args.dataset, args.key), json={"metadata": patch}),
     )
     meta = (out.get("item") or {}).get("metadata", {})
-    return _report(args, out, f"{args.key}: " + (json.dumps(meta, ensure_ascii=False) if meta else "no metadata"))
+    return _report(args, out, f"{shown(args.key)}: " + (dumps(meta) if meta else "no metadata"))
+
+
+async def _show_meta(settings: Settings, args: argparse.Namespace) -> int:
+    """``meta DATASET KEY`` alone: the item's user metadata, read from the ledger (beside a
+    running agent too, as ``items`` does)."""
+    ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+    try:
+        ds_id = await ledger.find_dataset(args.dataset) if ledger is not None else None
+        item = await ledger.item(ds_id, args.key) if ledger is not None and ds_id is not None else None
+    finally:
+        if ledger is not None:
+            await ledger.close()
+    if item is None:
+        raise NotFound(f"dataset {args.dataset!r} has no item {args.key!r}", key=args.key)
+    if args.json:
+        print_json(item.as_json(full=True))
+    elif not item.meta:
+        print(f"{shown(args.key)}: no metadata")
+    else:
+        for name, value in sorted(item.meta.items()):
+            print(f"{name}={dumps(value)}")
+    return 0
 
 
 # -- ops: the outbox ---------------------------------------------------------------------
 
 
 def _op_line(op: dict[str, Any]) -> str:
-    error = f"  {op['error_code']}: {op['error']}" if op.get("error") else ""
-    key = json.dumps(op["key"], ensure_ascii=False)[1:-1]  # control characters escaped
+    error = f"  {op['error_code']}: {safe_text(op['error'])}" if op.get("error") else ""
     return (
-        f"{op['id']:>6}  {op['state']:<9}  {op['kind']:<6}  {op['dataset']}  {key}  (attempts {op['attempts']}){error}"
+        f"{op['id']:>6}  {op['state']:<9}  {op['kind']:<6}  {op['dataset']}  {shown(op['key'])}  "
+        f"(attempts {op['attempts']}){error}"
     )
 
 
@@ -395,7 +444,7 @@ async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
     if out is None:
         out = await _ops_remote(settings, args)
     if args.json:
-        _print_json(out)
+        print_json(out)
     elif args.action is None:
         for op in out["ops"]:
             print(_op_line(op))
@@ -425,13 +474,13 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await store.aclose()
     if args.json:
-        _print_json(result.as_json())
+        print_json(result.as_json())
     else:
         for name, c in result.checks.items():
-            print(f"{name:<7} {c.describe()}")
+            print(f"{name:<7} {safe_text(c.describe())}")
         if result.leftover:
-            print(f"note: the test-file {result.leftover} could not be removed", file=sys.stderr)
-        print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+            print(f"note: the test-file {shown(result.leftover)} could not be removed", file=sys.stderr)
+        print(safe_text(result.summary()), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
 
@@ -466,7 +515,47 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.supervisor import serve
 
-    return await serve(settings)
+    return await serve(settings, load=lambda: load_settings(args.config))
+
+
+# -- operations: reload, healthcheck, doctor ---------------------------------------------
+
+
+async def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
+    """What SIGHUP does, through the running agent's API (it re-reads its own config file)."""
+    if not _daemon_running(settings):
+        raise BucketsyncError(f"no agent is running on ledger {settings.agent.ledger}; nothing to reload")
+    async with AgentClient(settings) as client:
+        out = await client.call("POST", "/reload")
+    if args.json:
+        print_json(out)
+    else:
+        for what in ("added", "removed", "changed"):
+            print(f"{what}: {', '.join(out[what]) or 'none'}")
+        print(f"untouched: {len(out['unchanged'])}")
+        if out["needs_restart"]:
+            print(f"needs a restart to apply: {', '.join(out['needs_restart'])}")
+    return 0
+
+
+async def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 if the local agent answers /healthz (or /readyz with --ready), else 1: for HEALTHCHECK and probes."""
+    from bucketsync.client import probe_health
+
+    ok, detail = await probe_health(settings, "/readyz" if args.ready else "/healthz", args.timeout)
+    print(detail, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    from bucketsync.doctor import run_doctor
+
+    report = await run_doctor(args.config)
+    if args.json:
+        print_json(report.as_json())
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
 
 
 class UsageError(BucketsyncError):
@@ -475,39 +564,52 @@ class UsageError(BucketsyncError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bucketsync", description="Keep dataset catalogs in sync with object storage.")
-    p.add_argument("-c", "--config", help="TOML config (default: $BUCKETSYNC_CONFIG, else ./bucketsync.toml)")
+    config_help = "TOML config (default: $BUCKETSYNC_CONFIG, else ./bucketsync.toml)"
+    p.add_argument("-c", "--config", help=config_help)
     p.add_argument("--version", action="version", version=f"bucketsync {__version__}")
+    # -c also after the subcommand (``bucketsync items photos -c prod.toml``); SUPPRESS
+    # keeps a subcommand that was not given -c from resetting the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", help="run the agent: sync loops, HTTP API, /metrics").set_defaults(func=cmd_run)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    ini = sub.add_parser("init", help="write a commented starter config (never over an existing file)")
+    command("run", "run the agent: sync loops, HTTP API, /metrics").set_defaults(func=cmd_run)
+
+    ini = command("init", "write a commented starter config (never over an existing file)")
     ini.add_argument(
         "path", nargs="?", default="bucketsync.toml", help="where to write it (default: ./bucketsync.toml)"
     )
     ini.set_defaults(func=None)
 
-    b = sub.add_parser("backup", help="copy the ledger to PATH (safe while the agent runs)")
+    b = command("backup", "copy the ledger to PATH (safe while the agent runs)")
     b.add_argument("path", help="the copy's file name, or a folder to put it in")
     b.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=cmd_backup)
 
-    s = sub.add_parser("sync", help="run one upstream sync of a dataset now")
-    s.add_argument("dataset")
+    s = command("sync", "run one upstream sync of a dataset now")
+    s.add_argument("dataset", help="the dataset's name in the config")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
     s.add_argument("--force", action="store_true", help="let the run pass the mass-delete guard")
     s.set_defaults(func=cmd_sync)
 
-    i = sub.add_parser("items", help="list a dataset's live items")
-    i.add_argument("dataset")
+    i = command("items", "list a dataset's items (live ones unless --state says otherwise)")
+    i.add_argument("dataset", help="the dataset's name in the config")
     i.add_argument("--prefix", default="", help="only keys starting with this")
-    i.add_argument("--json", action="store_true", help="one JSON object per line")
+    i.add_argument(
+        "--state", choices=["live", "tombstone", "all"], default="live", help="which items to list (default: live)"
+    )
+    i.add_argument(
+        "--json", action="store_true", help="one JSON object per line, with metadata, content type and version"
+    )
     i.set_defaults(func=cmd_items)
 
-    st = sub.add_parser("status", help="every dataset: items, last run, next run")
-    st.add_argument("--json", action="store_true")
+    st = command("status", "every dataset: items, last run, next run")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
     st.add_argument(
         "--check",
         action="store_true",
@@ -515,42 +617,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(func=cmd_status)
 
-    c = sub.add_parser(
-        "check", help="probe a driver's permissions: list, get; put unless read-only; delete with allow_delete"
-    )
-    c.add_argument("driver")
-    c.add_argument("--json", action="store_true")
+    c = command("check", "probe a driver's permissions: list, get; put unless read-only; delete with allow_delete")
+    c.add_argument("driver", help="the driver's name in the config")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=cmd_check)
 
-    pu = sub.add_parser("put", help="write a file to the dataset's bucket and index it")
-    pu.add_argument("dataset")
-    pu.add_argument("file")
+    pu = command("put", "write a file to the dataset's bucket and index it")
+    pu.add_argument("dataset", help="the dataset's name in the config")
+    pu.add_argument("file", help="the local file to upload")
     pu.add_argument("--key", help="the item's key (default: the file's name)")
     pu.add_argument("--overwrite", action="store_true", help="replace an existing item (if unchanged in storage)")
-    pu.add_argument("--json", action="store_true")
+    pu.add_argument("--json", action="store_true", help="print one JSON object")
     pu.set_defaults(func=cmd_put)
 
-    rm = sub.add_parser("rm", help="delete an item (a tombstone unless the driver allows deletes)")
-    rm.add_argument("dataset")
-    rm.add_argument("key")
-    rm.add_argument("--json", action="store_true")
+    rm = command("rm", "delete an item (a tombstone unless the driver allows deletes)")
+    rm.add_argument("dataset", help="the dataset's name in the config")
+    rm.add_argument("key", help="the item's key")
+    rm.add_argument("--json", action="store_true", help="print one JSON object")
     rm.set_defaults(func=cmd_rm)
 
-    rs = sub.add_parser("restore", help="bring a tombstoned item back")
-    rs.add_argument("dataset")
-    rs.add_argument("key")
-    rs.add_argument("--json", action="store_true")
+    rs = command("restore", "bring a tombstoned item back")
+    rs.add_argument("dataset", help="the dataset's name in the config")
+    rs.add_argument("key", help="the item's key")
+    rs.add_argument("--json", action="store_true", help="print one JSON object")
     rs.set_defaults(func=cmd_restore)
 
-    me = sub.add_parser("meta", help="set user metadata on an item: NAME=VALUE ...")
-    me.add_argument("dataset")
-    me.add_argument("key")
-    me.add_argument("pairs", nargs="*", metavar="NAME=VALUE")
+    me = command("meta", "show an item's user metadata, or set and remove names")
+    me.add_argument("dataset", help="the dataset's name in the config")
+    me.add_argument("key", help="the item's key")
+    me.add_argument(
+        "pairs",
+        nargs="*",
+        metavar="NAME=VALUE",
+        help='set NAME to the JSON value VALUE (0.9, true, null removes, "text"); '
+        "a VALUE that is not JSON is a string; none given: show the metadata",
+    )
     me.add_argument("--unset", action="append", default=[], metavar="NAME", help="remove a metadata name")
-    me.add_argument("--json", action="store_true")
+    me.add_argument("--string", action="store_true", help="store every VALUE as a string, exactly as typed")
+    me.add_argument("--json", action="store_true", help="print one JSON object")
     me.set_defaults(func=cmd_meta)
 
-    op = sub.add_parser("ops", help="outbox ops (writes to storage): list, retry a failed one, cancel one")
+    rl = command("reload", "make the running agent re-read its config (as SIGHUP does)")
+    rl.add_argument("--json", action="store_true", help="print one JSON object")
+    rl.set_defaults(func=cmd_reload)
+
+    hc = command("healthcheck", "exit 0 if the local agent is alive (--ready: and ready), else 1")
+    hc.add_argument("--ready", action="store_true", help="check /readyz (every dataset probed) instead of /healthz")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default 3)")
+    hc.set_defaults(func=cmd_healthcheck)
+
+    dr = command("doctor", "check a config end to end: parse, probes, ledger, port, clock")
+    dr.add_argument("--json", action="store_true", help="print one JSON object")
+    dr.set_defaults(func=None)
+
+    op = command("ops", "outbox ops (writes to storage): list, retry a failed one, cancel one")
     op.add_argument("--state", choices=["pending", "done", "failed", "cancelled"], help="only ops in this state")
     op.add_argument("--limit", type=int, default=100, help="at most this many ops (default 100)")
     op.add_argument("--json", action="store_true", help="print one JSON object")
@@ -560,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("retry", "queue a failed op again (its uploaded body must still be staged)"),
         ("cancel", "cancel a pending or failed op and drop its staged body (storage is not touched)"),
     ):
-        a = actions.add_parser(name, help=text)
+        a = actions.add_parser(name, help=text, description=text, parents=[common])
         a.add_argument("id", type=int, help="the op's id (see `bucketsync ops`)")
         # SUPPRESS: without --json here, the value given before ACTION stands.
         a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the op as JSON")
@@ -577,8 +697,39 @@ def _init(path: str) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives NAME=VALUE pairs that follow an option (``meta DS KEY --string a=1``)
+    # to nobody: they belong to ``meta``'s pairs wherever they stand.
+    if extra and args.command == "meta" and all("=" in e and not e.startswith("-") for e in extra):
+        args.pairs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.command == "doctor":  # reports a broken config instead of stopping at it
+        configure("error", "auto")
+        return asyncio.run(cmd_doctor(args))
+    try:
+        try:
+            return _main(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe surfaces here, not at exit
+    except BrokenPipeError:
+        # ``bucketsync items DS | head -1``: the reader has all it wanted. Exit like a
+        # program killed by SIGPIPE would (128 + 13), without a traceback; the null
+        # device takes the rest of the buffered output so the exit itself stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(args: argparse.Namespace) -> int:
     settings: Settings | None = None
     try:
         if args.command == "init":
@@ -590,13 +741,13 @@ def main(argv: list[str] | None = None) -> int:
         func: Command = args.func
         return asyncio.run(func(settings, args))
     except (ConfigError, InvalidKey, UsageError) as exc:
-        print(f"bucketsync: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except ValueError as exc:  # bad metadata names or values
-        print(f"bucketsync: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except ApiCallFailed as exc:
-        print(f"bucketsync: {exc} ({exc.status} {exc.code})", file=sys.stderr)
+        _error(f"{exc} ({exc.status} {exc.code})")
         return (
             2
             if exc.status in (400, 404)
@@ -604,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             else 1
         )
     except BucketsyncError as exc:
-        print(f"bucketsync: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
     except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)
         assert settings is not None
@@ -612,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _error(exc: object) -> None:
+    print(f"bucketsync: {safe_text(str(exc))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import aiohttp
 
 from bucketsync.config import Settings
 from bucketsync.errors import BucketsyncError
+from bucketsync.tls import client_context
 
 
 class ApiCallFailed(BucketsyncError):
@@ -18,21 +19,51 @@ class ApiCallFailed(BucketsyncError):
         self.status, self.code = status, code
 
 
+def agent_url(settings: Settings) -> str:
+    """The local agent's base URL (``http(s)://HOST:PORT``) from ``agent.listen`` and its TLS settings."""
+    conf = settings.agent
+    host = conf.host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if conf.tls_cert_file is not None else "http"
+    return f"{scheme}://{host}:{conf.port}"
+
+
+async def probe_health(settings: Settings, path: str, timeout: float) -> tuple[bool, str]:
+    """(healthy?, one line): GET ``path`` on the local agent; 200 is healthy."""
+    url = agent_url(settings) + path
+    ssl_ctx = client_context(settings.agent)
+    try:
+        async with (
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                connector=aiohttp.TCPConnector(ssl=ssl_ctx if ssl_ctx is not None else True),
+            ) as session,
+            session.get(url) as resp,
+        ):
+            body = await resp.text()
+            return resp.status == 200, f"{url}: {resp.status} {body.strip()[:300]}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return False, f"{url}: no answer ({type(exc).__name__}: {exc})"
+
+
 class AgentClient:
     def __init__(self, settings: Settings) -> None:
         conf = settings.agent
-        host = conf.host
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"  # a wildcard listen address is reachable on loopback
-        if ":" in host:
-            host = f"[{host}]"
-        self.base = f"http://{host}:{conf.port}/api/v1"
+        self._ssl = client_context(conf)
+        self.base = agent_url(settings) + "/api/v1"
         token = conf.token()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
-        self._session = aiohttp.ClientSession(headers=self._headers, timeout=aiohttp.ClientTimeout(total=None))
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+        )
         return self
 
     async def __aexit__(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -58,6 +59,24 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 
 
+def credential_path(path: Path) -> Path:
+    """A ``*_file`` given as a bare name (no ``/``) is a systemd credential when the agent runs with
+    ``LoadCredential=``: it resolves to ``$CREDENTIALS_DIRECTORY/NAME``. Anything else is a path as given."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and "/" not in str(path) and str(path) not in (".", ".."):
+        return Path(creds) / path
+    return path
+
+
+#: A path to a file holding a secret; a bare name means a systemd credential (see ``credential_path``).
+SecretFile = Annotated[Path, AfterValidator(credential_path)]
+
+
+def _doc(description: str, **kw: Any) -> Any:
+    """``Field(description=...)``: the text docs/configuration.md is generated from."""
+    return Field(description=description, **kw)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,14 +111,18 @@ class _Integration(_Strict):
 
 class AwsIntegration(_Integration):
     SECRETS = ("access_key_id", "secret_access_key", "session_token")
-    kind: Literal["aws"]
-    access_key_id: SecretStr | None = None
-    access_key_id_file: Path | None = None
-    secret_access_key: SecretStr | None = None
-    secret_access_key_file: Path | None = None
-    session_token: SecretStr | None = None
-    session_token_file: Path | None = None
-    profile: str | None = None
+    kind: Literal["aws"] = _doc("`aws`: credentials for S3 and S3-compatible stores.")
+    access_key_id: SecretStr | None = _doc(
+        "Access key id; with `secret_access_key`, or neither for the default chain.", default=None
+    )
+    access_key_id_file: SecretFile | None = _doc(
+        "File holding the access key id (a bare name is a systemd credential).", default=None
+    )
+    secret_access_key: SecretStr | None = _doc("Secret access key.", default=None)
+    secret_access_key_file: SecretFile | None = _doc("File holding the secret access key.", default=None)
+    session_token: SecretStr | None = _doc("Session token for temporary credentials.", default=None)
+    session_token_file: SecretFile | None = _doc("File holding the session token.", default=None)
+    profile: str | None = _doc("A profile of the AWS shared config/credentials files.", default=None)
 
     @model_validator(mode="after")
     def _key_pair(self) -> AwsIntegration:
@@ -112,11 +135,13 @@ class AwsIntegration(_Integration):
 
 class GcpIntegration(_Integration):
     SECRETS = ("service_account_json",)
-    kind: Literal["gcp"]
-    service_account_file: Path | None = None
-    service_account_json: SecretStr | None = None
-    service_account_json_file: Path | None = None
-    project: str | None = None
+    kind: Literal["gcp"] = _doc("`gcp`: credentials for Google Cloud Storage.")
+    service_account_file: SecretFile | None = _doc(
+        "Service-account key file (JSON); else the default chain.", default=None
+    )
+    service_account_json: SecretStr | None = _doc("The service-account key itself, as JSON text.", default=None)
+    service_account_json_file: SecretFile | None = _doc("File holding the service-account JSON.", default=None)
+    project: str | None = _doc("Google Cloud project id.", default=None)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> GcpIntegration:
@@ -129,13 +154,13 @@ class GcpIntegration(_Integration):
 
 class AzureIntegration(_Integration):
     SECRETS = ("connection_string", "account_key", "sas_token")
-    kind: Literal["azure"]
-    connection_string: SecretStr | None = None
-    connection_string_file: Path | None = None
-    account_key: SecretStr | None = None
-    account_key_file: Path | None = None
-    sas_token: SecretStr | None = None
-    sas_token_file: Path | None = None
+    kind: Literal["azure"] = _doc("`azure`: credentials for Azure Blob Storage.")
+    connection_string: SecretStr | None = _doc("A storage account connection string.", default=None)
+    connection_string_file: SecretFile | None = _doc("File holding the connection string.", default=None)
+    account_key: SecretStr | None = _doc("The storage account key.", default=None)
+    account_key_file: SecretFile | None = _doc("File holding the account key.", default=None)
+    sas_token: SecretStr | None = _doc("A shared access signature token.", default=None)
+    sas_token_file: SecretFile | None = _doc("File holding the SAS token.", default=None)
 
 
 Integration = Annotated[AwsIntegration | GcpIntegration | AzureIntegration, Field(discriminator="kind")]
@@ -143,16 +168,25 @@ _KIND_FOR_SCHEME = {"s3": "aws", "gs": "gcp", "az": "azure"}
 
 
 class DriverConfig(_Strict):
-    url: str
-    integration: str | None = None
-    endpoint_url: str | None = None
-    region: str | None = None
-    storage_class: str | None = None
-    allow_delete: bool = False
-    #: per request, seconds: to open a connection, and to wait for each read of a response
-    #: (not a whole transfer). A stall past ``read_timeout`` is a Transient error, retried.
-    connect_timeout: Duration = 5.0
-    read_timeout: Duration = 30.0
+    url: str = _doc(
+        "Where the objects are: `s3://bucket/prefix`, `gs://` (`gcs://`), `az://account/container/prefix` "
+        "(`azure://`), `file:///abs/path` or `mem://name`."
+    )
+    integration: str | None = _doc(
+        "Name of the `[integrations.NAME]` with its credentials; none: the default chain.", default=None
+    )
+    endpoint_url: str | None = _doc("http(s) endpoint of an S3-compatible store (MinIO, SeaweedFS, ...).", default=None)
+    region: str | None = _doc("The bucket's region.", default=None)
+    storage_class: str | None = _doc("Storage class for objects written through bucketsync.", default=None)
+    allow_delete: bool = _doc(
+        "Let deletes through bucketsync delete objects in storage; off: items become tombstones.", default=False
+    )
+    connect_timeout: Duration = _doc("Seconds to open a connection to storage, per request.", default=5.0)
+    read_timeout: Duration = _doc(
+        "Seconds to wait for each read of a storage response (not a whole transfer); a stall past it is "
+        "a transient error, retried.",
+        default=30.0,
+    )
 
     @field_validator("url")
     @classmethod
@@ -173,15 +207,21 @@ class DriverConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    driver: str
-    sync: Literal["poll", "manual"] = "poll"  # "events" comes with event sources
-    interval: Duration = 60.0
-    include: list[str] = []
-    exclude: list[str] = []
-    read_only: bool = False
-    quota: int | None = Field(default=None, ge=1)
-    max_delete_ratio: float = Field(default=0.5, gt=0, le=1)
-    max_delete_count: int = Field(default=0, ge=0)
+    driver: str = _doc("Name of the `[drivers.NAME]` this dataset catalogs.")
+    sync: Literal["poll", "manual"] = _doc("`poll`: every `interval`; `manual`: only when asked.", default="poll")
+    interval: Duration = _doc("Time between polls (`500ms`, `30s`, `5m`, `1h`; jittered by ±10%).", default=60.0)
+    include: list[str] = _doc(
+        "Globs of keys to index; a pattern without `/` matches at any depth. Empty: all.", default=[]
+    )
+    exclude: list[str] = _doc("Globs of keys never to index.", default=[])
+    read_only: bool = _doc("Refuse every write through bucketsync (metadata stays editable).", default=False)
+    quota: int | None = _doc("Max items; writes and upstream additions stop there.", default=None, ge=1)
+    max_delete_ratio: float = _doc(
+        "A run that would remove more than this share of the items aborts.", default=0.5, gt=0, le=1
+    )
+    max_delete_count: int = _doc(
+        "A run that would remove more than this many items aborts (0: no cap).", default=0, ge=0
+    )
 
     @field_validator("include", "exclude")
     @classmethod
@@ -190,26 +230,49 @@ class DatasetConfig(_Strict):
 
 
 class AgentConfig(_Strict):
-    ledger: Path = Path("var/bucketsync.db")
-    listen: str = "127.0.0.1:9810"
-    api_token: SecretStr | None = None
-    api_token_file: Path | None = None
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
-    #: the level of the one line a run that changed nothing logs ("debug" hides busy polls)
-    no_change_log_level: Literal["debug", "info"] = "info"
-    grace: Duration = 10.0
+    ledger: Path = _doc("The SQLite ledger file (WAL, synchronous=FULL).", default=Path("var/bucketsync.db"))
+    listen: str = _doc("HOST:PORT of the HTTP server: /metrics, /healthz, /readyz, /api/v1.", default="127.0.0.1:9810")
+    api_token: SecretStr | None = _doc(
+        "Bearer token for /api/v1; required when `listen` is not loopback.", default=None
+    )
+    api_token_file: SecretFile | None = _doc(
+        "File holding the API token (a bare name is a systemd credential).", default=None
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = _doc("Lowest level logged.", default="info")
+    log_format: Literal["auto", "json", "console"] = _doc("`auto`: console on a TTY, JSON otherwise.", default="auto")
+    no_change_log_level: Literal["debug", "info"] = _doc(
+        "Level of the one line a run that changed nothing logs (`debug` hides busy polls).", default="info"
+    )
+    grace: Duration = _doc("How long SIGTERM (or a reload) waits for running batches before cancelling.", default=10.0)
     # Retention, per dataset: the newest keep_* are kept, and anything younger than keep_*_for;
     # older history is pruned in the background. Running runs and pending ops are never pruned.
-    keep_runs: int = Field(default=1000, ge=1)
-    keep_runs_for: Duration = 30 * 86400.0
-    keep_ops: int = Field(default=1000, ge=1)
-    keep_ops_for: Duration = 30 * 86400.0
-    prune_interval: Duration = 3600.0
-    #: how often a dataset whose storage refused writes (downstream unavailable) is probed again
-    reprobe_interval: Duration = 300.0
-    #: outbox ops executed at once; ops on the same (dataset, key) always run one after another
-    outbox_concurrency: int = Field(default=8, ge=1, le=256)
+    keep_runs: int = _doc("Runs kept per dataset however old (the newest ones).", default=1000, ge=1)
+    keep_runs_for: Duration = _doc("Runs younger than this are kept whatever their number.", default=30 * 86400.0)
+    keep_ops: int = _doc("Done/failed outbox ops kept per dataset however old (the newest ones).", default=1000, ge=1)
+    keep_ops_for: Duration = _doc(
+        "Done/failed ops younger than this are kept whatever their number.", default=30 * 86400.0
+    )
+    prune_interval: Duration = _doc(
+        "How often old runs and ops are pruned in the background (never running runs or pending ops).",
+        default=3600.0,
+    )
+    reprobe_interval: Duration = _doc(
+        "How often a dataset whose storage refused writes (downstream unavailable) is probed again.",
+        default=300.0,
+    )
+    tls_cert_file: Path | None = _doc(
+        "PEM certificate chain: serve HTTPS (with tls_key_file). The CLI trusts it when it talks to the agent.",
+        default=None,
+    )
+    tls_key_file: SecretFile | None = _doc(
+        "PEM private key of tls_cert_file (a bare name is a systemd credential).", default=None
+    )
+    outbox_concurrency: int = _doc(
+        "Outbox ops (writes to storage) executed at once; ops on the same dataset and key run one after another.",
+        default=8,
+        ge=1,
+        le=256,
+    )
 
     @field_validator("listen")
     @classmethod
@@ -223,7 +286,13 @@ class AgentConfig(_Strict):
     def _token_once(self) -> AgentConfig:
         if self.api_token is not None and self.api_token_file is not None:
             raise ValueError("set api_token or api_token_file, not both")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set tls_cert_file and tls_key_file together (or neither, for plain HTTP)")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def host(self) -> str:
@@ -234,9 +303,17 @@ class AgentConfig(_Strict):
         return int(self.listen.rpartition(":")[2])
 
     def token(self) -> str | None:
+        """The API token, or None when none is set. An empty or blank token is no token:
+        comparing against ``Bearer `` would let anyone in who sends an empty one."""
         if self.api_token_file is not None:
-            return _read_secret_file(self.api_token_file, "agent.api_token").get_secret_value()
-        return self.api_token.get_secret_value() if self.api_token is not None else None
+            value = _read_secret_file(self.api_token_file, "agent.api_token").get_secret_value()
+        else:
+            value = self.api_token.get_secret_value() if self.api_token is not None else ""
+        return value.strip() or None
+
+    def token_field(self) -> str:
+        """The config field the token comes from, for messages."""
+        return "agent.api_token_file" if self.api_token_file is not None else "agent.api_token"
 
     def is_loopback(self) -> bool:
         if self.host == "localhost":
@@ -255,10 +332,10 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    agent: AgentConfig = AgentConfig()
-    integrations: dict[Name, Integration] = {}
-    drivers: dict[Name, DriverConfig] = {}
-    datasets: dict[Name, DatasetConfig] = {}
+    agent: AgentConfig = _doc("The agent itself: ledger, HTTP server, logs.", default=AgentConfig())
+    integrations: dict[Name, Integration] = _doc("Credentials for one cloud account each, by name.", default={})
+    drivers: dict[Name, DriverConfig] = _doc("Storage locations, by name.", default={})
+    datasets: dict[Name, DatasetConfig] = _doc("Catalogs, one per driver location, by name.", default={})
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

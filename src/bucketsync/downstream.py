@@ -86,12 +86,9 @@ class Downstream:
         assert ledger is not None
         ds = self.agent.settings.datasets[dataset]
         store = self.agent.stores[ds.driver]
-        # Refusals that need no storage, before a byte is staged: a key the next sync
-        # would drop (outside the filters), a key the store cannot hold.
-        why = self.agent.loops[dataset].filter.refusal(key)
-        if why is not None:
-            raise KeyFiltered(f"dataset {dataset!r}: {why}")
-        check_storable(store, key)
+        # Refusals that need no storage, before a byte is staged. The gate first: a read-only
+        # dataset refuses every put (403) whatever the key; then a key the next sync would
+        # drop (outside the filters), a key the store cannot hold.
         live = item is not None and item.state is ItemState.LIVE
         decision = gate.decide_put(
             read_only=ds.read_only,
@@ -102,8 +99,16 @@ class Downstream:
         )
         if not decision.allowed:  # before the body is staged: a refusal reads none of it
             raise _refuse(decision, dataset, key)
+        why = self.agent.loops[dataset].filter.refusal(key)
+        if why is not None:
+            raise KeyFiltered(f"dataset {dataset!r}: {why}")
+        check_storable(store, key)
         if item is not None and not overwrite:
-            raise AlreadyExists(f"{key!r} already exists in dataset {dataset!r}; use overwrite to replace it", key=key)
+            raise AlreadyExists(
+                f"{key!r} already exists in dataset {dataset!r}; "
+                "to replace it, pass --overwrite (CLI) or overwrite=true (API)",
+                key=key,
+            )
         if_match = None
         if overwrite and item is not None and item.etag is not None:
             if store.conditional_writes:
@@ -199,10 +204,8 @@ class Downstream:
         ds_id, item = await self._item(dataset, key)
         if item is None or item.state is not ItemState.LIVE:
             raise NotFound(f"dataset {dataset!r} has no live item {key!r}", key=key)
-        if self.agent.settings.datasets[dataset].read_only:
-            raise _refuse(
-                gate.OpDecision(False, "read_only", "the dataset is read-only: writes are refused"), dataset, key
-            )
+        # No read_only check: user metadata lives in the catalog only, and read_only
+        # means no writes to storage.
         ledger = self.agent.ledger
         assert ledger is not None
         await ledger.merge_meta(item.id, patch)

@@ -47,7 +47,7 @@ def removal_guard(
             False,
             "max_delete_count",
             f"the run would remove {removals} items, more than max_delete_count={max_delete_count}; "
-            "nothing was removed (re-run with --force if this is intended)",
+            "nothing was removed (re-run with --force, or force=true through the API, if this is intended)",
         )
     if live_before and removals / live_before > max_delete_ratio:
         return Decision(
@@ -55,7 +55,7 @@ def removal_guard(
             "max_delete_ratio",
             f"the run would remove {removals} of {live_before} items ({removals / live_before:.0%}), "
             f"more than max_delete_ratio={max_delete_ratio:g}; nothing was removed "
-            "(re-run with --force if this is intended)",
+            "(re-run with --force, or force=true through the API, if this is intended)",
         )
     return ALLOW
 

@@ -113,6 +113,32 @@ MIGRATIONS: list[str] = [
     INSERT INTO commit_seq (id, seq) VALUES (1, 0);
     CREATE TABLE resync (dataset TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL);
     """,
+    # v5: per-dataset item counts, kept by triggers in the writing transaction itself, so
+    # every write path (sync batches, renames, tombstones, puts, pruning) keeps them exact
+    # and a status read is one indexed lookup instead of a scan of the dataset's items.
+    """
+    CREATE TABLE item_counts (
+        dataset_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (dataset_id, state)
+    ) WITHOUT ROWID;
+    INSERT INTO item_counts (dataset_id, state, n)
+        SELECT dataset_id, state, count(*) FROM items GROUP BY dataset_id, state;
+    CREATE TRIGGER item_counts_insert AFTER INSERT ON items BEGIN
+        INSERT INTO item_counts (dataset_id, state, n) VALUES (NEW.dataset_id, NEW.state, 1)
+            ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER item_counts_delete AFTER DELETE ON items BEGIN
+        UPDATE item_counts SET n = n - 1 WHERE dataset_id = OLD.dataset_id AND state = OLD.state;
+    END;
+    CREATE TRIGGER item_counts_update AFTER UPDATE OF dataset_id, state ON items
+    WHEN OLD.dataset_id IS NOT NEW.dataset_id OR OLD.state IS NOT NEW.state BEGIN
+        UPDATE item_counts SET n = n - 1 WHERE dataset_id = OLD.dataset_id AND state = OLD.state;
+        INSERT INTO item_counts (dataset_id, state, n) VALUES (NEW.dataset_id, NEW.state, 1)
+            ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + 1;
+    END;
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -126,6 +152,10 @@ _RUN_COLS = (
 )
 
 
+#: a dict lookup: calling an Enum by value costs a microsecond, per row of every item page
+_STATES = {str(s): s for s in ItemState}
+
+
 def _item(row: Sequence[Any]) -> Item:
     return Item(
         id=row[0],
@@ -134,7 +164,7 @@ def _item(row: Sequence[Any]) -> Item:
         modified=row[3],
         etag=row[4],
         version=row[5],
-        state=ItemState(row[6]),
+        state=_STATES[row[6]],
         content_type=row[7],
         meta=json.loads(row[8]) if row[8] else {},
         updated=row[9],
@@ -227,10 +257,32 @@ class InstanceLock:
         return False
 
 
+async def _connect_readonly(path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        await db.execute("PRAGMA busy_timeout=10000")
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
 class Ledger:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self.db = db
         self.path = path
+        # Reads for the API and the CLI (status, counts, runs, item pages) go through their
+        # own read-only connection, which has its own aiosqlite thread: under WAL they see
+        # the last commit without waiting for the writers, and a page of items never queues
+        # behind a 5,000-row batch on the writers' thread. A read-only ledger reads through
+        # its one connection. Reads run in autocommit, so each sees every commit before it.
+        self.reader = db
+        #: dataset name -> id; a dataset's row is never deleted or renamed, so this never goes stale
+        self._ids: dict[str, int] = {}
+        #: False on a ledger older than the counts table (opened read-only, so not migrated)
+        self._counts_table = True
+        #: the last overview and the reader's ``PRAGMA data_version`` it was read at
+        self._overview: tuple[int, dict[str, tuple[dict[str, int], RunRecord | None]]] | None = None
         # One connection serves every dataset's run and the outbox: a transaction must
         # not interleave with another coroutine's, and a lone write must not join (and
         # be rolled back with) someone else's. Every write holds this lock.
@@ -270,9 +322,11 @@ class Ledger:
             if readonly:
                 # The first read is where a damaged header or an unreadable file shows.
                 await (await db.execute("SELECT count(*) FROM sqlite_master")).close()
+                ledger._counts_table = await ledger._has_table("item_counts")
             else:
                 await ledger._migrate()
                 await ledger._check_seq()
+                ledger.reader = await _connect_readonly(path)
             return ledger
         except BaseException as exc:
             if db is not None:
@@ -286,7 +340,15 @@ class Ledger:
         try:
             await self.mirror.close()
         finally:
-            await self.db.close()
+            try:
+                if self.reader is not self.db:
+                    await self.reader.close()
+            finally:
+                await self.db.close()
+
+    async def _has_table(self, name: str) -> bool:
+        async with self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) as cur:
+            return await cur.fetchone() is not None
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
@@ -351,33 +413,78 @@ class Ledger:
     # -- datasets ---------------------------------------------------------
 
     async def dataset_id(self, name: str) -> int:
+        if (found := await self.find_dataset(name)) is not None:
+            return found
+        await self._write("INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time()))
         async with self.db.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
             row = await cur.fetchone()
-        if row:
-            return int(row[0])
-        await self._write("INSERT OR IGNORE INTO datasets (name, created) VALUES (?, ?)", (name, time.time()))
-        return await self.dataset_id(name)
+        assert row is not None
+        self._ids[name] = int(row[0])
+        return self._ids[name]
 
     async def find_dataset(self, name: str) -> int | None:
-        async with self.db.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
+        if (known := self._ids.get(name)) is not None:
+            return known
+        async with self.reader.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
             row = await cur.fetchone()
-        return int(row[0]) if row else None
+        if row is None:
+            return None
+        self._ids[name] = int(row[0])
+        return self._ids[name]
 
     async def counts_by_state(self, dataset_id: int) -> dict[str, int]:
+        """Items per state, from the trigger-kept counts table: one indexed lookup, however
+        large the dataset (a ``count(*)`` per request saturated the agent under load)."""
         out = {str(s): 0 for s in ItemState}
-        async with self.db.execute(
-            "SELECT state, count(*) FROM items WHERE dataset_id = ? GROUP BY state", (dataset_id,)
-        ) as cur:
+        sql = (
+            "SELECT state, n FROM item_counts WHERE dataset_id = ?"
+            if self._counts_table
+            else "SELECT state, count(*) FROM items WHERE dataset_id = ? GROUP BY state"
+        )
+        async with self.reader.execute(sql, (dataset_id,)) as cur:
             async for state, n in cur:
                 out[state] = n
         return out
 
     async def live_count(self, dataset_id: int) -> int:
-        async with self.db.execute(
-            "SELECT count(*) FROM items WHERE dataset_id = ? AND state = 'live'", (dataset_id,)
-        ) as cur:
+        return (await self.counts_by_state(dataset_id))[ItemState.LIVE]
+
+    async def overview(self) -> dict[str, tuple[dict[str, int], RunRecord | None]]:
+        """Every dataset in the ledger: (items per state, its latest run), in two queries.
+
+        What ``GET /datasets`` and ``status`` show; its cost does not grow with items or runs.
+        Dashboards poll it, so it is read again only when some connection (of this process
+        or another) has committed since: SQLite's ``data_version`` says so. Callers must not
+        modify what it returns.
+        """
+        async with self.reader.execute("PRAGMA data_version") as cur:
             row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        version = int(row[0]) if row else -1
+        if self._overview is not None and self._overview[0] == version:
+            return self._overview[1]
+        out = await self._read_overview()
+        self._overview = (version, out)
+        return out
+
+    async def _read_overview(self) -> dict[str, tuple[dict[str, int], RunRecord | None]]:
+        counts: dict[int, dict[str, int]] = {}
+        sql = (
+            "SELECT dataset_id, state, n FROM item_counts"
+            if self._counts_table
+            else "SELECT dataset_id, state, count(*) FROM items GROUP BY dataset_id, state"
+        )
+        async with self.reader.execute(sql) as cur:
+            async for ds_id, state, n in cur:
+                counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
+        out: dict[str, tuple[dict[str, int], RunRecord | None]] = {}
+        async with self.reader.execute(
+            f"SELECT d.id, {_RUN_COLS} FROM datasets d "
+            "LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE dataset_id = d.id)"
+        ) as cur:
+            async for row in cur:
+                last = _run(row[1:]) if row[1] is not None else None
+                out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
+        return out
 
     # -- the snapshot a run diffs against -----------------------------------
 
@@ -439,7 +546,7 @@ class Ledger:
         return cur.rowcount
 
     async def runs(self, dataset_id: int, limit: int = 20) -> list[RunRecord]:
-        async with self.db.execute(
+        async with self.reader.execute(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
             "WHERE r.dataset_id = ? ORDER BY r.id DESC LIMIT ?",
             (dataset_id, limit),
@@ -447,7 +554,7 @@ class Ledger:
             return [_run(r) for r in await cur.fetchall()]
 
     async def run(self, run_id: int) -> RunRecord | None:
-        async with self.db.execute(
+        async with self.reader.execute(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id WHERE r.id = ?", (run_id,)
         ) as cur:
             row = await cur.fetchone()
@@ -577,7 +684,7 @@ class Ledger:
     # -- reads for the CLI and API ------------------------------------------
 
     async def item(self, dataset_id: int, key: str) -> Item | None:
-        async with self.db.execute(
+        async with self.reader.execute(
             f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key)
         ) as cur:
             row = await cur.fetchone()
@@ -769,12 +876,14 @@ class Ledger:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        async with self.db.execute(sql, args) as cur:
+        async with self.reader.execute(sql, args) as cur:
             return [_item(r) for r in await cur.fetchall()]
 
-    async def iter_items(self, dataset_id: int, prefix: str = "", page: int = 5000) -> AsyncIterator[Item]:
+    async def iter_items(
+        self, dataset_id: int, prefix: str = "", page: int = 5000, state: ItemState | None = ItemState.LIVE
+    ) -> AsyncIterator[Item]:
         after: str | None = None
-        while batch := await self.items(dataset_id, prefix=prefix, after=after, limit=page):
+        while batch := await self.items(dataset_id, prefix=prefix, after=after, limit=page, state=state):
             for item in batch:
                 yield item
             after = batch[-1].key

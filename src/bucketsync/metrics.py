@@ -8,17 +8,12 @@ The README lists every metric; a test compares that list with a running agent.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Iterable
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -172,6 +167,13 @@ PRUNED = Counter(
     registry=REGISTRY,
 )
 
+DATASET_INTERVAL = Gauge(
+    "bucketsync_dataset_interval_seconds",
+    "The configured poll interval of each running poll dataset (alerts count missed runs in intervals).",
+    ["dataset"],
+    registry=REGISTRY,
+)
+
 #: label values known up front (see ``init``)
 GUARD_REASONS = ("listing_incomplete", "max_delete_count", "max_delete_ratio")
 REFUSAL_REASONS = ("read_only", "quota", "allow_delete_off", "storage_denied_writes")
@@ -222,6 +224,28 @@ def set_backlog(by_dataset: dict[str, int]) -> None:
                 OUTBOX_BACKLOG.labels(name).set(0)
     for name, n in by_dataset.items():
         OUTBOX_BACKLOG.labels(name).set(n)
+
+
+def publish_dataset(dataset: str, interval: float | None, last_success: float | None) -> None:
+    """A dataset (re)starts: its interval, and its last success as the ledger knows it (so a restart
+    does not hide how long ago that was)."""
+    if interval is not None:
+        DATASET_INTERVAL.labels(dataset).set(interval)
+    else:
+        forget(DATASET_INTERVAL, dataset)
+    if last_success is not None:
+        LAST_SUCCESS.labels(dataset).set(last_success)
+
+
+def forget_dataset(dataset: str) -> None:
+    """A dataset left the config: its gauges go, so no alert fires for what no longer runs."""
+    for gauge in (DATASET_INTERVAL, LAST_SUCCESS, OUTBOX_BACKLOG, DATASET_READY, DOWNSTREAM_AVAILABLE, GUARD_BLOCKED):
+        forget(gauge, dataset)
+
+
+def forget(gauge: Gauge, dataset: str) -> None:
+    with contextlib.suppress(KeyError):
+        gauge.remove(dataset)
 
 
 def record_run(dataset: str, status: str, counts: Counts, seconds: float) -> None:

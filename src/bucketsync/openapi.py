@@ -1,267 +1,144 @@
-"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json``."""
+"""Routes as data, and the OpenAPI 3.1 document generated from them.
+
+``make_app`` registers exactly the routes in its table and ``build_spec`` describes
+exactly those routes, so the router and ``/api/v1/openapi.json`` cannot drift. Bodies
+come from the pydantic models in schemas.py (``model_json_schema``); every route lists
+every status it can answer with, each with a typed body.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
 from bucketsync import __version__
+from bucketsync.schemas import MODELS, Error
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+API = "/api/v1"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # "path" | "query"
+    schema: Mapping[str, Any]
+    description: str = ""
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-_ERR = _json(_ref("Error"), "error")
-_DS = {"name": "ds", "in": "path", "required": True, "schema": {"type": "string"}}
-_KEY = {
-    "name": "key",
-    "in": "path",
-    "required": True,
-    "description": "the item's key, URL-encoded ('/' as %2F); at most 1024 bytes, no '..' segments",
-    "schema": {"type": "string"},
+# What a status means on any route, for the document's descriptions.
+_MEANING = {
+    400: "a parameter, key or body is invalid (the error names it)",
+    401: "missing or wrong bearer token",
+    403: "refused by the gate (read_only, quota, allow_delete_off); nothing was touched",
+    404: "no such dataset, item, run or op",
+    405: "method not allowed on this path (see Allow)",
+    409: "conflict: the key exists, or a run is in progress",
+    412: "the object changed in storage since it was indexed",
+    413: "the body is too large",
+    416: "the range cannot be satisfied",
+    502: "storage refused or failed",
+    503: "storage or the ledger unavailable (storage_unavailable, ledger_unavailable); retry later",
+    507: "the ledger's disk is full (disk_full); nothing was recorded",
 }
-_OP = {"name": "op", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
-_ERRORS = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR}
-# Writes to the ledger: 507 disk_full, 503 ledger_unavailable (see docs/operations.md).
-_LEDGER_ERRORS = {"503": _ERR, "507": _ERR}
+#: every /api/ route can answer these (503: the ledger may be unavailable to any of them)
+COMMON = (400, 401, 404, 503)
+#: routes that reach storage can also answer these
+STORAGE = (502, 503)
+#: routes that write to the ledger can also answer these
+LEDGER = (503, 507)
 
-SPEC: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "bucketsync", "version": __version__},
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "properties": {
-                    "error": {
-                        "type": "object",
-                        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                        "required": ["code", "message"],
-                    }
-                },
-            },
-            "Item": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "integer"},
-                    "key": {"type": "string"},
-                    "size": {"type": "integer"},
-                    "etag": {"type": ["string", "null"]},
-                    "modified": {"type": "string", "format": "date-time"},
-                    "state": {"enum": ["live", "tombstone"]},
-                    "version": {"type": ["string", "null"]},
-                    "content_type": {"type": ["string", "null"]},
-                    "metadata": {"type": "object"},
-                    "updated": {"type": ["string", "null"], "format": "date-time"},
-                },
-            },
-            "Op": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "integer"},
-                    "dataset": {"type": "string"},
-                    "kind": {"enum": ["put", "delete"]},
-                    "key": {"type": "string"},
-                    "state": {"enum": ["pending", "done", "failed", "cancelled"]},
-                    "attempts": {"type": "integer"},
-                    "error": {"type": ["string", "null"]},
-                    "error_code": {"type": ["string", "null"]},
-                },
-            },
-            "Outcome": {
-                "type": "object",
-                "properties": {
-                    "result": {
-                        "enum": [
-                            "created",
-                            "overwritten",
-                            "deleted",
-                            "tombstoned",
-                            "restored",
-                            "unchanged",
-                            "updated",
-                            "pending",
-                        ]
-                    },
-                    "item": {"oneOf": [_ref("Item"), {"type": "null"}]},
-                    "op": {"oneOf": [_ref("Op"), {"type": "null"}]},
-                },
-            },
-            "Run": {
-                "type": "object",
-                "properties": {
-                    k: {"type": "integer"}
-                    for k in ("id", "listed", "added", "modified", "removed", "renamed", "unchanged", "errors")
-                }
-                | {"status": {"enum": ["running", "ok", "failed", "aborted"]}, "error": {"type": ["string", "null"]}},
-            },
+
+@dataclass(frozen=True)
+class Route:
+    """One method on one path: the handler and everything the document says about it.
+
+    ``path`` is in OpenAPI form (``/api/v1/datasets/{ds}``); every ``{name}`` is one path
+    segment (a ``/`` inside a value is sent as ``%2F``). ``ok`` maps success statuses to
+    their body model (None: a non-JSON body, described by ``ok_media``).
+    """
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    ok: Mapping[int, type[BaseModel] | None]
+    errors: tuple[int, ...] = ()
+    params: tuple[Param, ...] = ()
+    body: Mapping[str, Any] | None = None  # requestBody object
+    ok_media: str = "application/json"
+    ok_headers: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def path_params(self) -> list[str]:
+        return [seg[1:-1] for seg in self.path.split("/") if seg.startswith("{")]
+
+    def aiohttp_path(self) -> str:
+        """Each ``{name}`` matches exactly one raw segment (aiohttp matches the raw path, %2F stays inside)."""
+        return "/".join(f"{{{seg[1:-1]}:[^/]+}}" if seg.startswith("{") else seg for seg in self.path.split("/"))
+
+
+def schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _response(status: int, route: Route) -> dict[str, Any]:
+    if status in route.ok:
+        model = route.ok[status]
+        out: dict[str, Any] = {"description": "success"}
+        if model is not None:
+            out["content"] = {"application/json": {"schema": schema_ref(model)}}
+        else:
+            out["content"] = {route.ok_media: {"schema": {"type": "string", "format": "binary"}}}
+        if route.ok_headers:
+            out["headers"] = dict(route.ok_headers)
+        return out
+    out = {"description": _MEANING.get(status, "error"), "content": {"application/json": {"schema": schema_ref(Error)}}}
+    if status == 401:
+        out["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}
+    return out
+
+
+def _operation(route: Route, path_params: Mapping[str, Param]) -> dict[str, Any]:
+    statuses = sorted({*route.ok, *COMMON, *route.errors})
+    op: dict[str, Any] = {
+        "operationId": route.handler.__name__,
+        "summary": route.summary,
+        "parameters": [_param(path_params[n], True) for n in route.path_params]
+        + [_param(p, False) for p in route.params],
+        "responses": {str(s): _response(s, route) for s in statuses},
+    }
+    if route.body is not None:
+        op["requestBody"] = dict(route.body)
+    return op
+
+
+def _param(p: Param, required: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": p.name, "in": p.where, "required": required, "schema": dict(p.schema)}
+    if p.description:
+        out["description"] = p.description
+    return out
+
+
+def build_spec(routes: list[Route], path_params: Mapping[str, Param]) -> dict[str, Any]:
+    _, defs = models_json_schema([(m, "serialization") for m in MODELS], ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if not route.path.startswith(API):
+            continue  # health and metrics are for probes and scrapers, outside the API
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, path_params)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bucketsync", "version": __version__},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": defs.get("$defs", {}),
         },
-    },
-    "security": [{"bearer": []}],
-    "paths": {
-        "/api/v1/datasets": {
-            "get": {
-                "summary": "every dataset with item counts and its last run",
-                "responses": {"200": _json({"type": "object"}, "datasets")},
-            }
-        },
-        "/api/v1/datasets/{ds}/items": {
-            "get": {
-                "summary": "a page of items ordered by key; meta.NAME=VALUE filters on user metadata",
-                "parameters": [
-                    _DS,
-                    {"name": "prefix", "in": "query", "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    {"name": "state", "in": "query", "schema": {"enum": ["live", "tombstone", "all"]}},
-                ],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {
-                                "items": {"type": "array", "items": _ref("Item")},
-                                "next_cursor": {"type": ["string", "null"]},
-                            },
-                        },
-                        "a page",
-                    ),
-                    **_ERRORS,
-                },
-            }
-        },
-        "/api/v1/datasets/{ds}/items/{key}": {
-            "parameters": [_DS, _KEY],
-            "get": {
-                "summary": "one item with all its metadata",
-                "responses": {"200": _json(_ref("Item"), "the item"), **_ERRORS},
-            },
-            "put": {
-                "summary": "write the body to storage under the key, then index it; create-only unless overwrite=true (then conditional on the known etag)",
-                "parameters": [{"name": "overwrite", "in": "query", "schema": {"type": "boolean"}}],
-                "requestBody": {
-                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-                },
-                "responses": {
-                    "201": _json(_ref("Outcome"), "created"),
-                    "200": _json(_ref("Outcome"), "overwritten"),
-                    "202": _json(_ref("Outcome"), "accepted; the op is still pending"),
-                    "409": _ERR,
-                    "412": _ERR,
-                    **_ERRORS,
-                    **_LEDGER_ERRORS,
-                },
-            },
-            "patch": {
-                "summary": "merge user metadata (null removes a name); system metadata is read-only",
-                "requestBody": {
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"metadata": {"type": "object"}},
-                                "required": ["metadata"],
-                            }
-                        }
-                    }
-                },
-                "responses": {"200": _json(_ref("Outcome"), "updated"), **_ERRORS, **_LEDGER_ERRORS},
-            },
-            "delete": {
-                "summary": "through the gate: deleted in storage when the driver allows deletes, else tombstoned",
-                "responses": {"200": _json(_ref("Outcome"), "deleted or tombstoned"), "412": _ERR, **_ERRORS},
-            },
-        },
-        "/api/v1/datasets/{ds}/items/{key}/content": {
-            "parameters": [_DS, _KEY],
-            "get": {
-                "summary": "stream the object from storage",
-                "responses": {"200": {"description": "the bytes"}, **_ERRORS},
-            },
-        },
-        "/api/v1/datasets/{ds}/items/{key}/restore": {
-            "parameters": [_DS, _KEY],
-            "post": {
-                "summary": "bring a tombstoned item back",
-                "responses": {"200": _json(_ref("Outcome"), "restored"), **_ERRORS},
-            },
-        },
-        "/api/v1/datasets/{ds}/sync": {
-            "parameters": [_DS],
-            "post": {
-                "summary": "start an upstream run now",
-                "parameters": [
-                    {"name": n, "in": "query", "schema": {"type": "boolean"}} for n in ("dry_run", "force", "wait")
-                ],
-                "responses": {
-                    "202": _json({"type": "object"}, "started"),
-                    "200": _json({"type": "object"}, "finished (wait or dry_run)"),
-                    "409": _ERR,
-                    **_ERRORS,
-                },
-            },
-        },
-        "/api/v1/datasets/{ds}/runs": {
-            "parameters": [_DS],
-            "get": {
-                "summary": "run history, newest first",
-                "responses": {
-                    "200": _json(
-                        {"type": "object", "properties": {"runs": {"type": "array", "items": _ref("Run")}}}, "runs"
-                    ),
-                    **_ERRORS,
-                },
-            },
-        },
-        "/api/v1/datasets/{ds}/runs/{run}": {
-            "parameters": [_DS, {"name": "run", "in": "path", "required": True, "schema": {"type": "integer"}}],
-            "get": {
-                "summary": "one run, with live counts while it runs",
-                "responses": {"200": _json(_ref("Run"), "the run"), **_ERRORS},
-            },
-        },
-        "/api/v1/ops": {
-            "get": {
-                "summary": "outbox ops and the backlog",
-                "parameters": [
-                    {"name": "state", "in": "query", "schema": {"enum": ["pending", "done", "failed", "cancelled"]}}
-                ],
-                "responses": {"200": _json({"type": "object"}, "ops"), **_ERRORS},
-            }
-        },
-        "/api/v1/ops/{op}": {
-            "parameters": [_OP],
-            "get": {
-                "summary": "one op: state, attempts, error",
-                "responses": {"200": _json(_ref("Op"), "the op"), **_ERRORS},
-            },
-        },
-        "/api/v1/ops/{op}/retry": {
-            "parameters": [_OP],
-            "post": {
-                "summary": "queue a failed op again (a put needs its staged body still on disk)",
-                "responses": {
-                    "200": _json(_ref("Op"), "the op, pending again"),
-                    "409": _json(_ref("Error"), "not failed (op_not_failed), or staged_body_missing"),
-                    **_ERRORS,
-                },
-            },
-        },
-        "/api/v1/ops/{op}/cancel": {
-            "parameters": [_OP],
-            "post": {
-                "summary": "cancel a pending or failed op and drop its staged body; storage is not touched",
-                "responses": {
-                    "200": _json(_ref("Op"), "the op, cancelled"),
-                    "409": _json(_ref("Error"), "running now (op_running), or done/cancelled already (op_settled)"),
-                    **_ERRORS,
-                },
-            },
-        },
-    },
-}
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

@@ -4,6 +4,11 @@ SIGTERM/SIGINT set one stop event. Runs notice it after their current batch
 commits and end (nothing removed), the server stops, and anything still busy
 after ``agent.grace`` seconds is cancelled. A dataset whose probe or runs fail is
 logged, counted and retried with backoff; it never stops the others.
+
+SIGHUP reloads the configuration (see ``reload.py``): each dataset's task has its
+own stop event, so a reload stops and starts only the datasets that changed.
+Under systemd (``Type=notify``) the agent reports READY/RELOADING/STOPPING, a
+one-line STATUS, and watchdog pings (see ``notify.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import logging
 import os
 import signal
 import sqlite3
+import ssl
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -22,16 +30,26 @@ from aiohttp import web
 
 from bucketsync import durability, failpoints, metrics, retention
 from bucketsync.agent import Agent
-from bucketsync.api import TASKS, make_app
-from bucketsync.config import Settings
+from bucketsync.api import RELOAD, TASKS, make_app
+from bucketsync.config import AgentConfig, Settings
 from bucketsync.errors import BucketsyncError, ConfigError, LedgerError
 from bucketsync.logs import AccessLog
 from bucketsync.model import RunStatus
+from bucketsync.notify import Notifier
 from bucketsync.probe import ProbeResult, probe
+from bucketsync.reload import ReloadPlan, apply, driver_fingerprints
 from bucketsync.retry import backoff
 from bucketsync.sync import RunResult
+from bucketsync.tls import server_context
 
 log = structlog.get_logger("bucketsync.supervisor")
+
+
+#: READY=1 waits for every dataset's first probe, but no longer than this: an unreachable
+#: store must not fail the unit's start (``/readyz`` and STATUS say which dataset waits).
+READY_WAIT = 60.0
+#: how often STATUS= is refreshed
+STATUS_EVERY = 10.0
 
 
 #: a dead dataset loop is restarted after a backoff that grows to this many seconds
@@ -63,14 +81,14 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
-async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
+async def _dataset(agent: Agent, name: str, stop: asyncio.Event, probed: asyncio.Event | None = None) -> None:
     """Keep one dataset's loop alive. A loop that dies (any exception escaping it) is
     logged with the dataset, counted, shown as not ready with the reason, and restarted
     with backoff; it never takes the agent or the other datasets down."""
     deaths = 0
     while not stop.is_set():
         try:
-            await _run_dataset(agent, name, stop, dead=deaths > 0)
+            await _run_dataset(agent, name, stop, dead=deaths > 0, probed=probed)
             return
         except Exception as exc:
             deaths += 1
@@ -88,13 +106,17 @@ async def _dataset(agent: Agent, name: str, stop: asyncio.Event) -> None:
             await _sleep(stop, delay)
 
 
-async def _run_dataset(agent: Agent, name: str, stop: asyncio.Event, *, dead: bool) -> None:
+async def _run_dataset(
+    agent: Agent, name: str, stop: asyncio.Event, *, dead: bool, probed: asyncio.Event | None = None
+) -> None:
     """Probe the driver until the dataset can be synced, then run the dataset's loop.
+    ``probed`` is set after the first probe.
 
     Only list and get gate the sync. A dataset whose storage refuses writes syncs all the
     same; its writes are refused up front until a later probe finds them allowed.
     """
     loop = agent.loop(name)
+    await _publish(agent, name)
     ds = agent.settings.datasets[name]
     driver_name = ds.driver
     driver = agent.settings.drivers[driver_name]
@@ -103,6 +125,8 @@ async def _run_dataset(agent: Agent, name: str, stop: asyncio.Event, *, dead: bo
     warn = _NotReadyLog()
     while not stop.is_set():
         result = await probe(loop.store, driver_name, driver.allow_delete, writes=not ds.read_only)
+        if probed is not None:
+            probed.set()
         if result.upstream_ok:
             if not dead:  # a restarted loop is ready once a run of it completes
                 agent.set_ready(name, None)
@@ -155,11 +179,15 @@ async def _reprobe_writes(agent: Agent, name: str, stop: asyncio.Event) -> None:
 
 async def _guard_gauges(agent: Agent) -> None:
     """The guard gauge from the ledger: a dataset whose last run the guard stopped stays flagged across restarts."""
-    assert agent.ledger is not None
     for name in agent.settings.datasets:
-        ds_id = await agent.ledger.find_dataset(name)
-        last = await agent.ledger.runs(ds_id, limit=1) if ds_id is not None else []
-        agent.loop(name).set_guard_blocked(bool(last) and last[0].status is RunStatus.ABORTED)
+        await _guard_gauge(agent, name)
+
+
+async def _guard_gauge(agent: Agent, name: str) -> None:
+    assert agent.ledger is not None
+    ds_id = await agent.ledger.find_dataset(name)
+    last = await agent.ledger.runs(ds_id, limit=1) if ds_id is not None else []
+    agent.loop(name).set_guard_blocked(bool(last) and last[0].status is RunStatus.ABORTED)
 
 
 async def _heal_ledger(agent: Agent, stop: asyncio.Event) -> None:
@@ -194,13 +222,173 @@ def _describe(exc: BaseException) -> str:
     return text if isinstance(exc, BucketsyncError) else f"{type(exc).__name__}: {text}"
 
 
-async def serve(settings: Settings) -> int:
-    conf = settings.agent
-    if not conf.is_loopback() and conf.token() is None:
+async def _publish(agent: Agent, name: str) -> None:
+    assert agent.ledger is not None
+    ds = agent.settings.datasets[name]
+    ds_id = await agent.ledger.find_dataset(name)
+    last = await agent.ledger.last_ok_run(ds_id) if ds_id is not None else None
+    metrics.publish_dataset(name, ds.interval if ds.sync == "poll" else None, last.ended if last else None)
+    await _guard_gauge(agent, name)  # a loop a reload started is a new one: the ledger says if the guard stopped it
+
+
+class _DatasetTasks:
+    """One task per dataset, each with its own stop event: a reload stops one and leaves the rest running."""
+
+    def __init__(self, agent: Agent, stop: asyncio.Event) -> None:
+        self.agent = agent
+        self.all_stop = stop
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.stops: dict[str, asyncio.Event] = {}
+        self.probed: dict[str, asyncio.Event] = {}
+
+    def start(self, name: str) -> None:
+        stop, probed = asyncio.Event(), asyncio.Event()
+        if self.all_stop.is_set():
+            stop.set()
+        self.stops[name], self.probed[name] = stop, probed
+        self.tasks[name] = asyncio.create_task(self._run(name, stop, probed), name=f"dataset:{name}")
+
+    async def _run(self, name: str, stop: asyncio.Event, probed: asyncio.Event) -> None:
+        try:
+            await _dataset(self.agent, name, stop, probed)
+        finally:
+            probed.set()
+
+    async def stop(self, name: str) -> None:
+        """Stop one dataset: its run ends after the current batch; cancelled after ``agent.grace``."""
+        stop, task = self.stops.pop(name, None), self.tasks.pop(name, None)
+        self.probed.pop(name, None)
+        if stop is not None:
+            stop.set()
+        if task is None:
+            return
+        _, pending = await asyncio.wait({task}, timeout=self.agent.settings.agent.grace)
+        if pending:
+            task.cancel()
+            log.warning("grace period over: cancelled", tasks=[task.get_name()])
+        await asyncio.gather(task, return_exceptions=True)
+
+    def stop_all(self) -> None:
+        for stop in self.stops.values():
+            stop.set()
+
+    async def first_probes(self, timeout: float) -> None:
+        """Until every dataset's first probe has answered, the agent stops, or ``timeout``."""
+        probed: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in self.probed.values())))
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self.all_stop.wait())
+        try:
+            await asyncio.wait([probed, stopping], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (probed, stopping):
+                w.cancel()
+
+
+async def status_line(agent: Agent) -> str:
+    """The one-line summary systemd shows (``systemctl status``): datasets, last runs, backlog."""
+    names = sorted(agent.loops)
+    ready = sum(1 for n in names if n not in agent.not_ready)
+    running = sum(1 for n in names if agent.loops[n].busy)
+    last: Counter[str] = Counter()
+    backlog = 0
+    if agent.ledger is not None:
+        for name in names:
+            ds_id = await agent.ledger.find_dataset(name)
+            runs = await agent.ledger.runs(ds_id, limit=1) if ds_id is not None else []
+            last[str(runs[0].status) if runs else "never"] += 1
+        backlog = await agent.ledger.backlog()
+    runs_s = ", ".join(f"{k} {v}" for k, v in sorted(last.items())) or "none"
+    return f"{len(names)} datasets, {ready} ready, {running} running; last runs: {runs_s}; outbox backlog {backlog}"
+
+
+async def _watchdog(notifier: Notifier, interval: float, stop: asyncio.Event) -> None:
+    """WATCHDOG=1 every ``interval``: this task only gets to run while the event loop is not stuck."""
+    while not stop.is_set():
+        notifier.ping()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def _status_updates(agent: Agent, notifier: Notifier, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=STATUS_EVERY)
+        if not stop.is_set():
+            try:
+                notifier.status(await status_line(agent))
+            except Exception:
+                log.exception("status line failed")
+
+
+class _Reloader:
+    """SIGHUP and ``POST /api/v1/reload``: one reload at a time; an invalid config leaves the running one."""
+
+    def __init__(
+        self, agent: Agent, tasks: _DatasetTasks, load: Callable[[], Settings], notifier: Notifier, stop: asyncio.Event
+    ) -> None:
+        self.agent, self.tasks, self.load, self.notifier, self.stop = agent, tasks, load, notifier, stop
+        #: what the running stores were opened with (secret contents included), to see rotations
+        self.fingerprints = driver_fingerprints(agent.settings, strict=False)
+        self._lock = asyncio.Lock()
+        self._signalled: set[asyncio.Task[Any]] = set()
+
+    async def __call__(self) -> ReloadPlan:
+        async with self._lock:
+            if self.stop.is_set():
+                raise ConfigError("the agent is stopping; nothing reloaded")
+            self.notifier.reloading()
+            log.info("reloading the configuration")
+            try:
+                new = await asyncio.to_thread(self.load)
+                plan = await apply(self.agent, self.tasks, new, self.fingerprints)
+            except ConfigError as exc:
+                log.error("reload refused: the new configuration is invalid; the running one stays", error=str(exc))
+                raise
+            except Exception:
+                log.exception("reload failed; the running configuration stays")
+                raise
+            finally:
+                self.notifier.ready(await status_line(self.agent))
+            log.info("configuration reloaded", **plan.as_json())
+            if plan.needs_restart:
+                log.warning("some changes need a restart to take effect", options=list(plan.needs_restart))
+            return plan
+
+    def on_signal(self) -> None:
+        task = asyncio.create_task(self._quiet(), name="reload")
+        self._signalled.add(task)
+        task.add_done_callback(self._signalled.discard)
+
+    async def _quiet(self) -> None:
+        with contextlib.suppress(Exception):  # already logged; a signal has nobody to answer
+            await self()
+
+
+def check_listener(conf: AgentConfig) -> ssl.SSLContext | None:
+    """Refuse an open API beyond loopback; warn about a token sent in clear; build the TLS context."""
+    ssl_ctx = server_context(conf)
+    if conf.is_loopback():
+        return ssl_ctx
+    if conf.token() is None:
+        configured = conf.api_token is not None or conf.api_token_file is not None
+        why = f"{conf.token_field()} is empty" if configured else "no API token is set"
         raise ConfigError(
-            f"agent.listen: {conf.listen} is not a loopback address and no API token is set; "
-            "set agent.api_token or agent.api_token_file, or listen on 127.0.0.1"
+            f"agent.listen: {conf.listen} is not a loopback address and {why} (an empty or blank token is no "
+            "token); set agent.api_token or agent.api_token_file to a real token, or listen on 127.0.0.1"
         )
+    if ssl_ctx is None:
+        log.warning(
+            "API token sent over plain HTTP beyond loopback: anyone on the network path can read it; "
+            "set agent.tls_cert_file and agent.tls_key_file, or put a TLS proxy in front",
+            listen=conf.listen,
+        )
+    return ssl_ctx
+
+
+async def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT. ``load`` re-reads the configuration for a reload."""
+    conf = settings.agent
+    ssl_ctx = check_listener(conf)
+    notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -211,18 +399,29 @@ async def serve(settings: Settings) -> int:
         for name in agent.settings.datasets:
             agent.set_ready(name, "permission probe not run yet")
         await _guard_gauges(agent)
+        tasks = _DatasetTasks(agent, stop)
+        reloader = _Reloader(agent, tasks, load or (lambda: settings), notifier, stop)
         app = make_app(agent, stop)
-        runner = web.AppRunner(app, access_log_class=AccessLog, access_log=logging.getLogger("bucketsync.access"))
+        app[RELOAD] = reloader
+        # A 1,024-byte key percent-encodes to 3 KiB, and a client may send it in characters that
+        # do not fit: request lines up to 32 KiB reach the API, which names what is wrong as JSON.
+        runner = web.AppRunner(
+            app,
+            access_log_class=AccessLog,
+            access_log=logging.getLogger("bucketsync.access"),
+            max_line_size=32768,
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, conf.host, conf.port)
+            site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
             await site.start()
         except OSError as exc:
             await runner.cleanup()
             agent.discard_new_ledger = True  # a start that fails leaves no ledger it created behind
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
         check = await _check_ledger(agent)
-        tasks = {name: asyncio.create_task(_dataset(agent, name, stop), name=f"dataset:{name}") for name in agent.loops}
+        for name in agent.loops:
+            tasks.start(name)
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
         assert agent.ledger is not None
@@ -230,15 +429,28 @@ async def serve(settings: Settings) -> int:
         log.info(
             "agent started",
             listen=conf.listen,
+            tls=ssl_ctx is not None,
             datasets=sorted(agent.loops),
             pid=os.getpid(),
             ledger=str(conf.ledger),
             ledger_check=check,
         )
+        loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
+        helpers = await _tell_systemd(agent, tasks, notifier, stop)
         await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        notifier.stopping()
+        tasks.stop_all()
         log.info("stopping: letting running batches commit", grace=conf.grace)
         api_runs: set[asyncio.Task[Any]] = app[TASKS]
-        busy: set[asyncio.Task[Any]] = {*tasks.values(), outbox, heal, pruner, *api_runs}
+        busy: set[asyncio.Task[Any]] = {
+            *tasks.tasks.values(),
+            outbox,
+            heal,
+            pruner,
+            *api_runs,
+            *reloader._signalled,
+        }
         if busy:
             _, pending = await asyncio.wait(busy, timeout=conf.grace)
             for t in pending:
@@ -246,6 +458,28 @@ async def serve(settings: Settings) -> int:
             if pending:
                 log.warning("grace period over: cancelled", tasks=sorted(t.get_name() for t in pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
         await runner.cleanup()
+    notifier.close()
     log.info("agent stopped")
     return 0
+
+
+async def _tell_systemd(
+    agent: Agent, tasks: _DatasetTasks, notifier: Notifier, stop: asyncio.Event
+) -> list[asyncio.Task[None]]:
+    """READY=1 once the HTTP server is up and every dataset's first probe has answered; then
+    the watchdog and STATUS tasks. Nothing to do outside systemd."""
+    if not notifier.enabled:
+        return []
+    helpers = []
+    if notifier.watchdog is not None:  # start pinging at once: the first probes may take a while
+        helpers.append(asyncio.create_task(_watchdog(notifier, notifier.watchdog, stop), name="watchdog"))
+    await tasks.first_probes(READY_WAIT)
+    if not stop.is_set():
+        notifier.ready(await status_line(agent))
+        log.info("told systemd we are ready")
+    helpers.append(asyncio.create_task(_status_updates(agent, notifier, stop), name="status"))
+    return helpers

@@ -10,6 +10,7 @@ removals put through the guard. A failed listing therefore never removes anythin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -28,11 +29,15 @@ from bucketsync.keys import KeyFilter
 from bucketsync.ledger import Ledger
 from bucketsync.logs import debug_enabled
 from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ObjectInfo, RunStatus
+from bucketsync.pacing import Pacer
 from bucketsync.stores import Store
 
 log = structlog.get_logger("bucketsync.sync")
 
 BATCH = 5000
+#: a run checks every this many keys whether its slice of the event loop is used up
+#: (pacing.py: the API, /healthz and the other datasets' runs share the loop)
+CHECK_EVERY = 32
 #: over-quota objects kept as possible rename targets; past this many, a rename in a
 #: full dataset is reported as a removal (memory stays bounded on huge buckets)
 MAX_DEFERRED = 50_000
@@ -122,9 +127,17 @@ async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bo
 
 class SyncLoop:
     def __init__(
-        self, name: str, config: DatasetConfig, store: Store, ledger: Ledger, *, no_change_log_level: str = "info"
+        self,
+        name: str,
+        config: DatasetConfig,
+        store: Store,
+        ledger: Ledger,
+        pacer: Pacer | None = None,
+        *,
+        no_change_log_level: str = "info",
     ) -> None:
         self.name = name
+        self.pacer = pacer or Pacer()  # an agent's runs share one
         #: the level of the one line a run that changed nothing logs (busy polls make it noise)
         self.no_change_log_level = no_change_log_level
         self.config = config
@@ -152,6 +165,11 @@ class SyncLoop:
     @property
     def busy(self) -> bool:
         return self._lock.locked()
+
+    async def idle(self) -> None:
+        """Wait until no run of this dataset is in progress (a reload replaces the loop after)."""
+        async with self._lock:
+            pass
 
     async def run_once(
         self,
@@ -254,6 +272,12 @@ class SyncLoop:
     async def _walk(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None
     ) -> None:
+        async with _Turns(self.pacer) as turns:
+            await self._diff(ds_id, run_id, counts, p, stop, turns)
+
+    async def _diff(
+        self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
+    ) -> None:
         listing = self.store.list()
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
@@ -264,6 +288,7 @@ class SyncLoop:
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
         async for ch in diff(listing, self.ledger.snapshot(ds_id)):
+            await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
                 counts.listed += 1
@@ -300,10 +325,10 @@ class SyncLoop:
             else:
                 counts.unchanged += 1
             if len(p.adds) + len(p.updates) >= BATCH:
-                await self._flush(ds_id, run_id, counts, p)
+                async with turns.paused():  # a commit waits for the disk, not for the CPU
+                    await self._flush(ds_id, run_id, counts, p)
                 if stop is not None and stop.is_set():
-                    raise Interrupted("interrupted by shutdown; nothing was removed")
-                await asyncio.sleep(0)
+                    raise Interrupted("interrupted by shutdown or reload; nothing was removed")
 
     async def _flush(self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending) -> None:
         if not p.adds and not p.updates:
@@ -446,6 +471,50 @@ class SyncLoop:
                     log.exception("sync loop error", dataset=self.name)
                 if on_error is not None:
                     on_error(exc)
+
+
+class _Turns:
+    """A run's turns on the event loop (see ``Pacer``): held while it diffs, given up
+    when its slice is used up and while it waits for a commit."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self.pacer = pacer
+        self.held = False
+        self.since = 0.0
+        self.steps = CHECK_EVERY
+
+    async def __aenter__(self) -> _Turns:
+        self.since = await self.pacer.acquire()
+        self.held = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._give_up()
+
+    def _give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self.pacer.release()
+
+    async def tick(self) -> None:
+        self.steps -= 1
+        if self.steps:
+            return
+        self.steps = CHECK_EVERY
+        if self.pacer.due(self.since):
+            self._give_up()
+            await asyncio.sleep(0)
+            self.since = await self.pacer.acquire()
+            self.held = True
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        self._give_up()
+        try:
+            yield
+        finally:
+            self.since = await self.pacer.acquire()
+            self.held = True
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | None) -> None:

@@ -36,8 +36,13 @@ class Store(Protocol):
         """The object's info, or ``NotFound``."""
         ...
 
-    def open(self, key: str) -> AsyncIterator[bytes]:
-        """The object's bytes in chunks; ``NotFound`` on the first iteration."""
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks; ``NotFound`` on the first iteration.
+
+        ``offset``/``length`` read one byte range natively (an HTTP Range, a seek):
+        ``0 <= offset < size`` (or 0 for an empty object); ``length`` None means to
+        the end, and a range past the end stops at the end.
+        """
         ...
 
     async def put(

@@ -410,15 +410,17 @@ class AzureStore:
         info = _info(key, props.size, props.last_modified, props.etag, props.version_id)
         return info, bytes(stored) if stored else None
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         # Ranged GETs we drive ourselves: a small first one, then READ_CHUNK at a time, each
         # pinned to the first response's etag (a blob rewritten mid-read fails with
         # PreconditionFailed instead of mixing versions) and each retried on its own.
         blob = self._blob(key)
-        data, total, etag = await self._retry("read", key, functools.partial(self._first_range, blob))
+        first = FIRST_READ if length is None else min(FIRST_READ, length)
+        data, size, etag = await self._retry("read", key, functools.partial(self._first_range, blob, offset, first))
         if data:
             yield data
-        pos = len(data)
+        total = size if length is None else min(size, offset + length)
+        pos = offset + len(data)
         while pos < total:
             n = min(READ_CHUNK, total - pos)
             data = await self._retry("read", key, functools.partial(self._range, blob, pos, n, etag))
@@ -427,10 +429,10 @@ class AzureStore:
             pos += len(data)
             yield data
 
-    async def _first_range(self, blob: BlobClient) -> tuple[bytes, int, str | None]:
-        """(the first FIRST_READ bytes, the blob's size, its etag)."""
+    async def _first_range(self, blob: BlobClient, offset: int, length: int) -> tuple[bytes, int, str | None]:
+        """(``length`` bytes from ``offset``, the blob's size, its etag)."""
         try:
-            downloader = await blob.download_blob(offset=0, length=FIRST_READ, max_concurrency=1)
+            downloader = await blob.download_blob(offset=offset, length=length, max_concurrency=1)
         except HttpResponseError as exc:
             if exc.status_code == 416:  # a range of an empty blob: Azure's way of saying "0 bytes"
                 return b"", 0, None
@@ -438,7 +440,7 @@ class AzureStore:
         data: bytes = await downloader.readall()
         props = downloader.properties
         # Content-Range is "bytes 0-1048575/3000000": the blob's size is after the slash.
-        total = int(str(props.content_range).rpartition("/")[2]) if props.content_range else len(data)
+        total = int(str(props.content_range).rpartition("/")[2]) if props.content_range else offset + len(data)
         return data, total, props.etag
 
     async def _range(self, blob: BlobClient, offset: int, length: int, etag: str | None) -> bytes:

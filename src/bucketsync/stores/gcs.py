@@ -462,10 +462,15 @@ class GcsStore:
             digest = None
         return object_info(key, res), digest if digest is not None and len(digest) == 16 else None
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         what = f"read {self._where(key)}"
         name = self.prefix + key
-        stream = await self._call(lambda s: s.download_stream(self.bucket, name, timeout=self.timeout), what, key=key)
+        headers = None
+        if offset or length is not None:
+            headers = {"Range": f"bytes={offset}-{'' if length is None else offset + length - 1}"}
+        stream = await self._call(
+            lambda s: s.download_stream(self.bucket, name, headers=headers, timeout=self.timeout), what, key=key
+        )
         async with stream:
             while True:
                 try:

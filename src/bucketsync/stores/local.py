@@ -154,12 +154,14 @@ class LocalStore:
                 if key.startswith(prefix) or prefix.startswith(key):
                     stack.append((key, await scan(key), 0))
                 continue
-            if not key.startswith(prefix) or not indexable(key):
+            if not key.startswith(prefix):
                 continue
             try:
                 key.encode("utf-8")
             except UnicodeEncodeError:
                 log.warning("skipping file whose name is not UTF-8", folder=rel, name=repr(name))
+                continue
+            if not indexable(key):
                 continue
             yield ObjectInfo(key, size, mtime_ns / 1e9, f"{size:x}-{mtime_ns:x}-{ino:x}")
         await asyncio.to_thread(self._check_root)  # a root that vanished mid-walk is an error
@@ -178,7 +180,7 @@ class LocalStore:
 
         return await asyncio.to_thread(_head)
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         try:
             f = await asyncio.to_thread(open, self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -186,7 +188,11 @@ class LocalStore:
         except PermissionError:
             raise PermissionDenied(f"cannot read {key} in {self.root}", key=key) from None
         try:
-            while chunk := await asyncio.to_thread(f.read, CHUNK):
+            if offset:
+                f.seek(offset)
+            left = -1 if length is None else length
+            while left and (chunk := await asyncio.to_thread(f.read, CHUNK if left < 0 else min(CHUNK, left))):
+                left -= len(chunk) if left > 0 else 0
                 yield chunk
         finally:
             f.close()

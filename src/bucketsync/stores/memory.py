@@ -91,11 +91,11 @@ class MemoryStore:
         info = await self.head(key)
         return info, hashlib.md5(self._b.objects[self.prefix + key][1], usedforsecurity=False).digest()
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         entry = self._b.objects.get(self.prefix + key)
         if entry is None:
             raise NotFound(f"{self.url}{key} not found", key=key)
-        data = entry[1]
+        data = entry[1][offset : None if length is None else offset + length]
         for i in range(0, len(data), 1 << 20):
             yield data[i : i + (1 << 20)]
         if not data:

@@ -599,22 +599,25 @@ class S3Store:
             return info, None
         return info, bytes.fromhex(info.etag)
 
-    async def _get(self, key: str, offset: int = 0, etag: str | None = None) -> Any:
-        """GetObject from ``offset``; when resuming, pinned to ``etag`` so two versions are never spliced."""
+    async def _get(self, key: str, offset: int = 0, etag: str | None = None, end: int | None = None) -> Any:
+        """GetObject of bytes ``offset..end`` (inclusive; None: to the end); when resuming, pinned
+        to ``etag`` so two versions are never spliced."""
         kwargs: dict[str, Any] = {"Key": self.prefix + key}
-        if offset:
-            kwargs["Range"] = f"bytes={offset}-"
-            kwargs["IfMatch"] = _quoted(etag or "")
+        if offset or end is not None:
+            kwargs["Range"] = f"bytes={offset}-{'' if end is None else end}"
+        if etag is not None:
+            kwargs["IfMatch"] = _quoted(etag)
         try:
             return await self._retry(lambda: self._call("get_object", "get", key, **kwargs))
         except PreconditionFailed:
             raise PreconditionFailed(f"get {self._where(key)}: the object changed while it was read", key=key) from None
 
-    async def open(self, key: str) -> AsyncIterator[bytes]:
+    async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         """Stream the body in chunks; a connection lost mid-body resumes with a ranged GET."""
-        resp = await self._get(key)
+        end = None if length is None else offset + length - 1
+        resp = await self._get(key, offset, None, end)
         etag = resp.get("ETag")
-        pos = failures = 0
+        pos, failures = offset, 0
         while True:
             body = resp["Body"]
             try:
@@ -630,7 +633,7 @@ class S3Store:
                 log.info("resuming an interrupted download", url=self._where(key), offset=pos)
             finally:
                 body.close()
-            resp = await self._get(key, pos, etag)
+            resp = await self._get(key, pos, etag, end)
 
     async def _read(self, body: Any, key: str) -> bytes:
         try:

@@ -1,0 +1,215 @@
+"""The API's bodies as typed models: the OpenAPI document is generated from these.
+
+The handlers still build plain dicts (``as_json``) on the hot paths; these models are
+the contract those dicts keep, and the fuzzer in the test suite checks every response
+against the schemas generated from them. Field names and shapes here must match the
+``as_json`` methods in model.py, sync.py, downstream.py and agent.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Timestamp = str  # ISO 8601 UTC, "2024-05-01T12:00:00Z"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Body):
+    code: str = Field(description="stable, machine-readable: invalid_key, not_found, read_only, ...")
+    message: str = Field(description="for humans; names what is wrong")
+
+
+class Error(_Body):
+    """Every 4xx and 5xx of the API."""
+
+    error: ErrorDetail
+
+
+class Item(_Body):
+    id: int
+    key: str
+    size: int
+    etag: str | None
+    modified: Timestamp | None
+    state: Literal["live", "tombstone"]
+    version: str | None
+    content_type: str | None
+    metadata: dict[str, str | int | float | bool]
+    updated: Timestamp | None
+
+
+class ItemPage(_Body):
+    items: list[Item]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class Op(_Body):
+    id: int
+    dataset: str
+    kind: Literal["put", "delete"]
+    key: str
+    state: Literal["pending", "done", "failed", "cancelled"]
+    attempts: int
+    error: str | None
+    error_code: str | None
+    created: Timestamp | None
+    updated: Timestamp | None
+
+
+class OpList(_Body):
+    ops: list[Op]
+    backlog: int = Field(description="ops still pending")
+
+
+class Outcome(_Body):
+    """What a write did; ``op`` is null when no storage operation was needed."""
+
+    result: Literal["created", "overwritten", "deleted", "tombstoned", "restored", "unchanged", "updated", "pending"]
+    item: Item | None
+    op: Op | None
+
+
+class _Counts(_Body):
+    listed: int
+    added: int
+    modified: int
+    removed: int
+    renamed: int
+    unchanged: int
+    errors: int
+
+
+RunState = Literal["running", "ok", "failed", "aborted"]
+
+
+class Run(_Counts):
+    id: int
+    dataset: str
+    status: RunState
+    started: Timestamp | None
+    ended: Timestamp | None
+    error: str | None
+    forced: bool
+
+
+class RunList(_Body):
+    runs: list[Run]
+
+
+class WouldRemove(_Body):
+    count: int = Field(description="every key the run would remove")
+    keys: list[str] = Field(description="the first 1,000 of them")
+    truncated: bool = Field(description="true when keys lists fewer than count")
+
+
+class Rename(_Body):
+    # "from" is a Python keyword: the field is declared by alias
+    old: str = Field(alias="from")
+    to: str
+
+
+class WouldRename(_Body):
+    count: int = Field(description="every rename the run would record")
+    renames: list[Rename] = Field(description="the first 1,000 of them")
+    truncated: bool = Field(description="true when renames lists fewer than count")
+
+
+class RunResult(_Counts):
+    """A finished run (``wait=true`` or ``dry_run=true``)."""
+
+    dataset: str
+    run: int | None = Field(description="null for a dry run, which records nothing")
+    status: RunState
+    error: str | None
+    dry_run: bool
+    seconds: float
+    would_remove: WouldRemove | None = Field(default=None, description="dry runs only: the keys a run would remove")
+    would_rename: WouldRename | None = Field(default=None, description="dry runs only: the renames a run would record")
+
+
+class RunStarted(_Body):
+    dataset: str
+    run: int | None
+    status: Literal["running"]
+
+
+class Running(_Counts):
+    run: int | None
+
+
+class DatasetStatus(_Body):
+    dataset: str
+    driver: str
+    url: str
+    sync: str
+    interval: float
+    read_only: bool
+    allow_delete: bool
+    items: dict[str, int] = Field(description="item counts by state")
+    last_run: Run | None
+    next_run: Timestamp | None
+    running: Running | None
+    ready: bool | None
+    not_ready_reason: str | None
+    downstream: Literal["available", "unavailable"] | None = Field(
+        description="whether storage takes the dataset's writes (its probe's put, and delete with allow_delete); "
+        "null when no agent runs"
+    )
+    downstream_reason: str | None
+    guard_blocked: bool = Field(description="the last run was stopped by the mass-delete guard")
+
+
+class DatasetList(_Body):
+    datasets: list[DatasetStatus]
+
+
+class MetadataPatch(_Body):
+    """User metadata to merge; null removes a name. Names are 1-64 of [A-Za-z0-9_.-]."""
+
+    metadata: dict[str, str | int | float | bool | None] = Field(
+        json_schema_extra={"propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"}}
+    )
+
+
+class ReloadPlan(_Body):
+    """What a reload did, by dataset name."""
+
+    added: list[str] = Field(description="datasets that started")
+    removed: list[str] = Field(description="datasets that stopped; their catalog is kept")
+    changed: list[str] = Field(description="datasets restarted with their new settings")
+    unchanged: list[str] = Field(description="datasets left running untouched")
+    needs_restart: list[str] = Field(description="[agent] options that changed and take effect only after a restart")
+
+
+class OpenApiDocument(BaseModel):
+    """This document: OpenAPI 3.1."""
+
+    model_config = ConfigDict(extra="allow")
+    openapi: str
+    info: dict[str, str]
+    paths: dict[str, dict[str, object]]
+    components: dict[str, dict[str, object]]
+
+
+#: every model that appears in the document, so each gets a component schema
+MODELS: tuple[type[BaseModel], ...] = (
+    Error,
+    Item,
+    ItemPage,
+    Op,
+    OpList,
+    Outcome,
+    Run,
+    RunList,
+    RunResult,
+    RunStarted,
+    DatasetList,
+    MetadataPatch,
+    ReloadPlan,
+    OpenApiDocument,
+)
