@@ -95,7 +95,23 @@ SPEC: dict[str, Any] = {
                     k: {"type": "integer"}
                     for k in ("id", "listed", "added", "modified", "removed", "renamed", "unchanged", "errors")
                 }
-                | {"status": {"enum": ["running", "ok", "failed", "aborted"]}, "error": {"type": ["string", "null"]}},
+                | {
+                    "status": {"enum": ["running", "ok", "failed", "aborted", "partial"]},
+                    "error": {"type": ["string", "null"]},
+                    "gaps": {
+                        "type": "array",
+                        "description": "the parts of storage the run could not list (status partial); "
+                        "their items kept their last known state",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "prefix": {"type": "string"},
+                                "exact": {"type": "boolean", "description": "the gap is the one key prefix"},
+                                "error": {"type": "string"},
+                            },
+                        },
+                    },
+                },
             },
         },
     },
