@@ -149,6 +149,9 @@ class DriverConfig(_Strict):
     region: str | None = None
     storage_class: str | None = None
     allow_delete: bool = False
+    #: how a local folder's changes are detected: "stat" (size, mtime, inode and change
+    #: time) or "hash" (a content hash, re-read only when the change time moves)
+    verify: Literal["stat", "hash"] = "stat"
 
     @field_validator("url")
     @classmethod
@@ -162,6 +165,15 @@ class DriverConfig(_Strict):
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"endpoint_url {v!r} must be an http:// or https:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _verify_local_only(self) -> DriverConfig:
+        if self.verify == "hash" and self.location.scheme != "file":
+            raise ValueError(
+                "verify = 'hash' applies to local folders (file://) only; cloud stores already "
+                "compare the provider's own etag or version"
+            )
+        return self
 
     @property
     def location(self) -> Location:
