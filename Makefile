@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml tests/azurite/package-lock.json | $(BIN)/python
+	@# The local-change matrix runs rsync for real; the listing-gap tests run the agent as an
+	@# unprivileged user through setpriv (util-linux).
+	@command -v rsync >/dev/null && command -v setpriv >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq rsync util-linux; } || \
+		{ echo "the tests need rsync and setpriv: apt-get install rsync util-linux" >&2; exit 1; }
 	$(BIN)/pip install -q -e '.[test]'
 	npm ci --prefix tests/azurite --no-audit --no-fund --loglevel=error
 	touch $@ $(VENV)/.installed
