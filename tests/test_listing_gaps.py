@@ -230,3 +230,28 @@ def test_an_unreadable_sub_folder_no_longer_blocks_the_dataset(shared_dir: Path)
         assert (healed["status"], healed["removed"], healed["gaps"]) == ("ok", 1, [])
         assert f'bucketsync_listing_gaps{{dataset="{DATASET}"}} 0.0' in daemon.get("/metrics").text
     assert "b/2.txt" not in keys_of(cfg)
+
+
+def test_a_file_that_cannot_be_hashed_is_a_gap_of_one_key(shared_dir: Path) -> None:
+    """With ``verify = "hash"`` the agent must read each changed file; one it may not read keeps its
+    last known state (an exact gap), and the rest of the folder syncs."""
+    data = shared_dir / "data"
+    write_files(data, {"a.txt": "a", "secret.txt": "secret", "secret.txt.bak": "bak", "z.txt": "z", "zz.txt": "zz"})
+    cfg = write_config(shared_dir, {"d": local_driver(data, verify="hash")}, {DATASET: {"driver": "d"}})
+    (shared_dir / "var").mkdir()
+    chown_tree(shared_dir, NOBODY)
+    first = one_json(cli(cfg, "sync", DATASET, "--json", run_as=NOBODY))
+    assert (first["status"], first["added"]) == ("ok", 5)
+    assert any((shared_dir / "var" / "ledger.db.hashes").iterdir()), "the memo lives beside the ledger"
+    assert sorted(os.listdir(data)) == ["a.txt", "secret.txt", "secret.txt.bak", "z.txt", "zz.txt"]
+
+    (data / "secret.txt").write_text("rewritten, unreadable")
+    (data / "secret.txt").chmod(0)
+    (data / "z.txt").write_text("z, changed")
+    (data / "a.txt").unlink()
+    out = one_json(cli(cfg, "sync", DATASET, "--json", run_as=NOBODY))
+    assert out["status"] == "partial", out
+    (gap,) = out["gaps"]
+    assert gap["prefix"] == "secret.txt" and gap["exact"] is True and "permission denied" in gap["error"]
+    assert (out["removed"], out["modified"], out["unchanged"]) == (1, 1, 2), "secret.txt.bak is not in the gap"
+    assert keys_of(cfg) == {"secret.txt", "secret.txt.bak", "z.txt", "zz.txt"}
