@@ -189,15 +189,17 @@ def keys_of(cfg: Path) -> set[str]:
 def test_an_unreadable_sub_folder_no_longer_blocks_the_dataset(shared_dir: Path) -> None:
     data = shared_dir / "data"
     write_files(data, {"a/1.txt": "a1", "b/1.txt": "b1", "b/2.txt": "b2", "c/1.txt": "c1", "c/2.txt": "c2", "z": "z"})
+    write_files(data, {"0-private/x.txt": "x"})  # sorts first: the permission probe's listing meets it first
     cfg = write_config(shared_dir, {"d": local_driver(data)}, {DATASET: {"driver": "d", "sync": "manual"}})
     (shared_dir / "var").mkdir()
     chown_tree(shared_dir, NOBODY)
 
     first = one_json(cli(cfg, "sync", DATASET, "--json", run_as=NOBODY))
-    assert (first["status"], first["added"], first["gaps"]) == ("ok", 6, [])
+    assert (first["status"], first["added"], first["gaps"]) == ("ok", 7, [])
 
-    # The agent's user loses access to b/; the rest changes, before and after b/ in key order.
+    # The agent's user loses access to b/ and 0-private/; the rest changes, before and after b/.
     (data / "b").chmod(0)
+    (data / "0-private").chmod(0)
     (data / "a" / "1.txt").write_text("a1, longer now")
     (data / "b" / "2.txt").unlink()  # root may; the agent cannot see it
     (data / "c" / "2.txt").unlink()
@@ -208,24 +210,25 @@ def test_an_unreadable_sub_folder_no_longer_blocks_the_dataset(shared_dir: Path)
     out = one_json(proc)
     assert proc.returncode == 1, "a partial run is not a success"
     assert out["status"] == "partial", out
-    assert (out["added"], out["modified"], out["removed"], out["unchanged"], out["errors"]) == (1, 1, 1, 2, 1)
-    (gap,) = out["gaps"]
-    assert gap["prefix"] == "b/" and gap["exact"] is False and "permission denied" in gap["error"]
-    assert "b/" in out["error"]
-    assert keys_of(cfg) == {"a/1.txt", "b/1.txt", "b/2.txt", "c/1.txt", "d/1.txt", "z"}
+    assert (out["added"], out["modified"], out["removed"], out["unchanged"], out["errors"]) == (1, 1, 1, 2, 2)
+    assert [g["prefix"] for g in out["gaps"]] == ["0-private/", "b/"]
+    gap = out["gaps"][1]
+    assert gap["exact"] is False and "permission denied" in gap["error"] and "b/" in out["error"]
+    assert keys_of(cfg) == {"0-private/x.txt", "a/1.txt", "b/1.txt", "b/2.txt", "c/1.txt", "d/1.txt", "z"}
 
     with Daemon(cfg, run_as=NOBODY) as daemon:
-        daemon.wait_ready()
+        daemon.wait_ready()  # the permission probe lists too: an unreadable first folder is no failed list
         run = daemon.api("POST", f"/datasets/{DATASET}/sync", params={"wait": "true"})
         assert run.status == 200 and run.body["status"] == "partial", run.body
-        assert [g["prefix"] for g in run.body["gaps"]] == ["b/"]
+        assert [g["prefix"] for g in run.body["gaps"]] == ["0-private/", "b/"]
         runs = daemon.api("GET", f"/datasets/{DATASET}/runs").body["runs"]
-        assert runs[0]["status"] == "partial" and [g["prefix"] for g in runs[0]["gaps"]] == ["b/"]
+        assert runs[0]["status"] == "partial" and [g["prefix"] for g in runs[0]["gaps"]] == ["0-private/", "b/"]
         assert runs[1]["status"] == "partial" and runs[2]["gaps"] == []
-        metric = f'bucketsync_listing_gaps{{dataset="{DATASET}"}} 1.0'
+        metric = f'bucketsync_listing_gaps{{dataset="{DATASET}"}} 2.0'
         assert metric in daemon.get("/metrics").text
 
-        (data / "b").chmod(0o755)  # access restored: the run is whole again, and b/2.txt goes
+        for folder in ("b", "0-private"):  # access restored: the run is whole again, and b/2.txt goes
+            (data / folder).chmod(0o755)
         healed = daemon.api("POST", f"/datasets/{DATASET}/sync", params={"wait": "true"}).body
         assert (healed["status"], healed["removed"], healed["gaps"]) == ("ok", 1, [])
         assert f'bucketsync_listing_gaps{{dataset="{DATASET}"}} 0.0' in daemon.get("/metrics").text
