@@ -83,10 +83,12 @@ async def _next_listed(
     seen: list[ListingGap],
 ) -> ObjectInfo | None:
     """The listing's next object; gaps on the way are checked for order and recorded."""
-    while True:
-        nxt = await anext(it, None)
-        if nxt is None:
-            return None
+    nxt = await anext(it, None)
+    if type(nxt) is ObjectInfo and type(prev) is ObjectInfo:  # the hot path: one key after another
+        if nxt.key <= prev.key:
+            _check_listing_order(prev, nxt)
+        return nxt
+    while nxt is not None:
         if prev is not None:
             _check_listing_order(prev, nxt)
         if not isinstance(nxt, ListingGap):
@@ -94,6 +96,8 @@ async def _next_listed(
         open_gaps.append(nxt)
         seen.append(nxt)
         prev = nxt
+        nxt = await anext(it, None)
+    return None
 
 
 def _check_listing_order(prev: ObjectInfo | ListingGap, nxt: ObjectInfo | ListingGap) -> None:
