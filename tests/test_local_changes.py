@@ -339,6 +339,17 @@ async def test_hash_mode_put_head_and_if_match(root: Path, ledger: Ledger) -> No
     assert (root / "k.bin").read_bytes() == NEW
 
 
+@pytest.mark.parametrize("verify", MODES)
+@pytest.mark.parametrize("mode", [PutMode(), PutMode(create=True)], ids=["overwrite", "create-only"])
+async def test_a_put_reports_what_a_listing_will(verify: str, mode: PutMode, root: Path, ledger: Ledger) -> None:
+    """The outbox indexes what ``put`` returns; a different version (change time) than the next
+    listing's would make every upload look modified by someone else."""
+    store = store_for(root, ledger, verify)
+    put = await store.put("new/k.bin", one_chunk(OLD), mode)
+    assert [o async for o in store.list()] == [put]
+    assert await store.head("new/k.bin") == put
+
+
 async def test_items_indexed_before_the_change_time_was_recorded(root: Path, ledger: Ledger) -> None:
     """A ledger from before this change holds (size-mtime-inode) etags and no version: the
     first run re-records every file once; from then on the five changes are seen."""

@@ -343,6 +343,8 @@ class LocalStore:
                     os.link(tmp, dest)
                 except FileExistsError:
                     raise AlreadyExists(f"{key} already exists in {self.root}", key=key) from None
+                # Dropping the temp name changes the link count, and so the change time: before the stat.
+                os.unlink(tmp)
             else:
                 if mode.if_match is not None and self._current_etag(key) != mode.if_match:
                     raise PreconditionFailed(f"{key} changed in {self.root} (etag mismatch)", key=key)
