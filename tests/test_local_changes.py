@@ -17,6 +17,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -366,3 +367,14 @@ async def test_items_indexed_before_the_change_time_was_recorded(root: Path, led
     assert (await sync(root, ledger, "stat")).counts.modified == 0
     os.chmod(path, 0o600)
     assert (await sync(root, ledger, "stat")).counts.modified == 1
+
+
+def test_hashing_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    """A file swapped for a named pipe after the listing saw it must be skipped, not wait for a writer
+    forever (the child process would hang; the timeout only turns a hang into a failure)."""
+    fifo = tmp_path / "was-a-file"
+    os.mkfifo(fifo)
+    code = "import sys; from bucketsync.stores.contenthash import hash_file\n"
+    code += "try:\n    hash_file(sys.argv[1])\nexcept FileNotFoundError:\n    print('skipped')\n"
+    proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "skipped", proc.stderr

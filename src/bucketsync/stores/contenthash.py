@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -63,13 +64,17 @@ def hash_file(path: str, tries: int = 3) -> tuple[str, os.stat_result]:
     ``tries`` times; after that the stat from before the last read is returned with
     its hash, which is safe: the write moved the change time past that stat, so the
     next listing sees a new fingerprint and hashes the file again. Raises
-    ``FileNotFoundError`` when the file is gone, ``PermissionError`` when it cannot be read.
+    ``FileNotFoundError`` when the file is gone (or is no regular file any more),
+    ``PermissionError`` when it cannot be read.
     """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    # O_NONBLOCK: a file swapped for a FIFO since it was listed must not hang the listing.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     for attempt in range(tries):
         fd = os.open(path, flags)
         try:
             before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise FileNotFoundError(f"{path} is no longer a regular file")
             h = xxhash.xxh3_128()
             while chunk := os.read(fd, CHUNK):
                 h.update(chunk)
