@@ -378,3 +378,12 @@ def test_hashing_never_blocks_on_a_fifo(tmp_path: Path) -> None:
     code += "try:\n    hash_file(sys.argv[1])\nexcept FileNotFoundError:\n    print('skipped')\n"
     proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "skipped", proc.stderr
+
+
+async def test_switching_verify_reports_every_file_once(root: Path, ledger: Ledger) -> None:
+    write(root / "a.bin", OLD)
+    write(root / "b.bin", NEW)
+    await sync(root, ledger, "stat")
+    for verify in ("hash", "stat"):
+        assert (await sync(root, ledger, verify)).counts.modified == 2, "the etags' kind changed"
+        assert (await sync(root, ledger, verify)).counts.modified == 0
