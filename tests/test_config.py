@@ -14,7 +14,6 @@ from bucketsync.config import (
     AwsIntegration,
     AzureIntegration,
     GcpIntegration,
-    Settings,
     load_settings,
     parse_duration,
 )
@@ -473,9 +472,13 @@ def test_default_file_in_working_directory(tmp_path: Path) -> None:
     assert list(load_settings().datasets) == ["photos"]
 
 
-def test_missing_default_file_is_an_empty_config() -> None:
-    s = load_settings()
-    assert isinstance(s, Settings) and s.datasets == {}
+def test_no_config_anywhere_is_an_error_naming_where_it_looked() -> None:
+    # Starting anyway used to run an empty agent writing var/bucketsync.db in the cwd.
+    with pytest.raises(ConfigError, match="no config file found") as exc:
+        load_settings()
+    text = str(exc.value)
+    for place in ("-c/--config", "$BUCKETSYNC_CONFIG", "bucketsync.toml", str(Path.cwd()), "bucketsync init"):
+        assert place in text
 
 
 def test_missing_named_file(tmp_path: Path) -> None:

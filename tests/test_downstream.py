@@ -476,13 +476,26 @@ async def test_retried_create_only_put_meeting_foreign_bytes_is_a_conflict(env: 
     assert await env.ledger.item(await env.ds_id("main"), "r.bin") is None
 
 
-async def test_first_attempt_meeting_identical_bytes_is_still_a_conflict(env: Env) -> None:
-    """Only a retry may claim an existing object as its own; a first attempt never does."""
+async def test_first_attempt_meeting_identical_bytes_is_done(env: Env) -> None:
+    """Even a first attempt may meet its own write: HTTP clients (aiohttp under every cloud
+    SDK) resend a PUT once behind our back when a reused connection resets. Storage then
+    holds exactly the op's bytes, so the op is done and the item indexed (issue 14.1)."""
     await env.foreign_put("main", "r.bin", b"same")
     op_id = await _queued_put(env, "r.bin", b"same")
     await _run(env, op_id)
     op = await env.ledger.op(op_id)
+    assert op is not None and op.state is OpState.DONE and op.attempts == 1, op
+    item = await env.ledger.item(await env.ds_id("main"), "r.bin")
+    assert item is not None and item.size == 4
+
+
+async def test_first_attempt_meeting_same_size_other_bytes_is_a_conflict(env: Env) -> None:
+    await env.foreign_put("main", "r.bin", b"theirs")
+    op_id = await _queued_put(env, "r.bin", b"ours!!")
+    await _run(env, op_id)
+    op = await env.ledger.op(op_id)
     assert op is not None and op.state is OpState.FAILED and op.error_code == "already_exists"
+    assert await env.read("main", "r.bin") == b"theirs"
 
 
 async def test_put_executed_twice_after_a_crash_before_the_ledger_commit(

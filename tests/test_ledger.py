@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bucketsync.config import DatasetConfig
-from bucketsync.errors import LedgerLocked
+from bucketsync.errors import LedgerError, LedgerLocked
 from bucketsync.ledger import MIGRATIONS, SNAPSHOT_BATCH, InstanceLock, Ledger
 from bucketsync.model import Counts, ItemState, ObjectInfo, RunStatus
 from bucketsync.stores.local import LocalStore
@@ -86,7 +86,7 @@ async def test_newer_schema_is_refused(db_path: Path) -> None:
     sql(db_path, f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(RuntimeError, match="newer than this bucketsync") as exc:
+        with pytest.raises(LedgerError, match="newer than this bucketsync") as exc:
             await Ledger.open(db_path)
         del exc  # its traceback holds the connection Ledger.open made
         gc.collect()
@@ -117,9 +117,10 @@ async def test_readonly_open(ledger: Ledger, db_path: Path, tmp_path: Path) -> N
         assert [i.key for i in await ro.items(ds)] == ["a", "b"]
         async with ro.db.execute("PRAGMA synchronous") as cur:
             assert await cur.fetchone() == (2,)
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        # A write through it is a LedgerError naming the file and the fix, not a raw sqlite3 error.
+        with pytest.raises(LedgerError, match=r"readonly.*writable"):
             await ro.remove(None, [1])
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(LedgerError, match=r"readonly.*writable"):
             await ro.begin_run(ds, False)
     finally:
         await ro.close()

@@ -405,3 +405,37 @@ def test_translate_keeps_non_json_bodies_short() -> None:
     err = translate(response_error(502, "<html>" + "x" * 5000 + "</html>"), "head gs://bkt/k")
     assert isinstance(err, Transient)
     assert len(str(err)) < 400
+
+
+# --- md5Hash values that look like weak ETags (issue 13 point 12) --------------------------------
+
+
+def _body_whose_md5_starts_with_weak_prefix() -> bytes:
+    """Bytes whose base64 MD5 begins with ``W/`` (about 1 in 4,096 bodies do)."""
+    for n in range(1_000_000):
+        data = f"body {n}".encode()
+        if md5_b64(data).startswith("W/"):
+            return data
+    raise AssertionError("no such body in the first million")
+
+
+def test_normalize_etag_strips_weak_prefix_only_from_http_etags() -> None:
+    from bucketsync.model import normalize_etag
+
+    value = "W/3fJ7aQ0b3v7cGm0t2m2R0Q=="
+    assert normalize_etag(value, origin="hash") == value
+    assert normalize_etag(f" {value}\n", origin="hash") == value
+    assert normalize_etag('W/"abc"') == "abc"  # a real weak HTTP ETag
+    assert normalize_etag('"abc"') == "abc"
+    assert normalize_etag("", origin="hash") is None
+
+
+async def test_md5_hash_starting_with_w_slash_is_kept_whole(gcs_store: GcsStore) -> None:
+    data = _body_whose_md5_starts_with_weak_prefix()
+    want = md5_b64(data)
+    written = await gcs_store.put("weak.bin", body(data))
+    assert written.etag == want
+    assert (await gcs_store.head("weak.bin")).etag == want
+    assert [(o.key, o.etag) async for o in gcs_store.list()] == [("weak.bin", want)]
+    info, md5 = await gcs_store.content_md5("weak.bin")
+    assert info.etag == want and md5 == hashlib.md5(data).digest()

@@ -6,7 +6,9 @@ one-off ``bucketsync sync`` does exactly what the daemon's loop does.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,19 +35,35 @@ class Agent:
         self.loops: dict[str, SyncLoop] = {}
         #: dataset -> why it is not ready (failed permission probe, ...); absent when ready
         self.not_ready: dict[str, str] = {}
+        #: the start-up quick_check's finding when the ledger is damaged (not ready until fixed)
+        self.ledger_problem: str | None = None
         self.outbox = Outbox(self)
+        #: set when a start fails: a ledger this agent created is removed when it closes
+        self.discard_new_ledger = False
+        self._created_ledger = self._created_folder = False
 
     async def __aenter__(self) -> Agent:
+        created_folder = not self.settings.agent.ledger.parent.exists()
         self.lock.acquire()
+        self._created_ledger = not self.settings.agent.ledger.exists()
+        self._created_folder = created_folder
         try:
             self.ledger = await Ledger.open(self.settings.agent.ledger)
+            if self.ledger.rolled_back is not None:
+                seq, mirrored = self.ledger.rolled_back
+                await self.ledger.mark_resync(
+                    self.settings.datasets, f"the ledger lost committed transactions (seq {seq} < sidecar {mirrored})"
+                )
             if n := await self.ledger.fail_stale_runs():
                 log.warning("marked runs left running by a previous agent as failed", runs=n)
+            resync = await self.ledger.resync_pending()
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             for name, ds in self.settings.datasets.items():
-                self.loops[name] = SyncLoop(name, ds, self.stores[ds.driver], self.ledger)
+                loop = self.loops[name] = SyncLoop(name, ds, self.stores[ds.driver], self.ledger)
+                loop.resync = name in resync
         except BaseException:
+            self.discard_new_ledger = True
             await self._close()
             raise
         return self
@@ -61,9 +79,25 @@ class Agent:
                 await store.aclose()
             except Exception:
                 log.exception("closing a store failed", store=store.url)
-        if self.ledger is not None:
-            await self.ledger.close()
-        self.lock.release()
+        try:
+            if self.ledger is not None:
+                await self.ledger.close()
+        finally:
+            if self.discard_new_ledger and self._created_ledger:
+                remove_ledger_files(self.settings.agent.ledger, folder=self._created_folder)
+            self.lock.release()
+
+    def unready(self) -> dict[str, Any] | None:
+        """The ``/readyz`` body when the agent is not ready: the datasets that are not, and
+        ``ledger`` while ledger writes fail (a full disk); None when all is ready."""
+        fault = self.ledger.fault if self.ledger is not None else None
+        fault = fault or self.ledger_problem
+        if not self.not_ready and fault is None:
+            return None
+        out: dict[str, Any] = {"status": "not ready", "datasets": dict(self.not_ready)}
+        if fault is not None:
+            out["ledger"] = fault
+        return out
 
     def loop(self, dataset: str) -> SyncLoop:
         try:
@@ -76,6 +110,17 @@ class Agent:
         assert self.ledger is not None
         ds_id = await self.ledger.dataset_id(dataset)
         metrics.set_dataset_items(dataset, await self.ledger.counts_by_state(ds_id))
+
+
+def remove_ledger_files(ledger: Path, *, folder: bool) -> None:
+    """Remove a ledger this process created (and its companions) after a failed start,
+    and its folder too when this process created that (and it is empty)."""
+    for suffix in ("", "-wal", "-shm", "-journal", ".seq", ".lock"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{ledger}{suffix}").unlink()
+    for path in (ledger.parent / "staging", ledger.parent) if folder else ():
+        with contextlib.suppress(OSError):  # only when empty: never anything of the user's
+            path.rmdir()
 
 
 async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, loop: SyncLoop | None) -> dict[str, Any]:

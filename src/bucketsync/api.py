@@ -18,15 +18,21 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from bucketsync import metrics
+from bucketsync import metrics, opsctl
 from bucketsync.agent import Agent, dataset_status
 from bucketsync.downstream import Downstream
 from bucketsync.errors import (
     AlreadyExists,
     BucketsyncError,
     ConfigError,
+    DiskFull,
+    FileFolderConflict,
     InvalidKey,
+    KeyFiltered,
+    KeyNotStorable,
+    LedgerError,
     NotFound,
+    OpStateError,
     PermissionDenied,
     PreconditionFailed,
     Refused,
@@ -56,7 +62,12 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 # The one mapping from our error hierarchy to HTTP.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
+    (KeyFiltered, 400, "key_filtered"),
     (InvalidKey, 400, "invalid_key"),
+    (KeyNotStorable, 400, "key_not_storable"),
+    (FileFolderConflict, 409, "file_folder_conflict"),
+    (DiskFull, 507, "disk_full"),
+    (LedgerError, 503, "ledger_unavailable"),
     (ConfigError, 404, "not_found"),
     (NotFound, 404, "not_found"),
     (AlreadyExists, 409, "already_exists"),
@@ -75,6 +86,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.code, exc.message)
     except Refused as exc:
         return error_response(403, exc.reason, str(exc))
+    except OpStateError as exc:
+        return error_response(404 if exc.code == "op_not_found" else 409, exc.code, str(exc))
     except BucketsyncError as exc:
         for cls, status, code in _STATUS:
             if isinstance(exc, cls):
@@ -164,8 +177,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     agent = _agent(request)
-    if agent.not_ready:
-        return web.json_response({"status": "not ready", "datasets": agent.not_ready}, status=503)
+    if (unready := agent.unready()) is not None:
+        return web.json_response(unready, status=503)
     return web.json_response({"status": "ready"})
 
 
@@ -363,20 +376,38 @@ async def list_ops(request: web.Request) -> web.Response:
     assert ledger is not None
     raw = request.query.get("state")
     if raw is not None and raw not in {str(s) for s in OpState}:
-        raise ApiError(400, "invalid_parameter", "state must be pending, done or failed")
+        raise ApiError(400, "invalid_parameter", f"state must be one of {', '.join(OpState)}")
     ops = await ledger.ops(state=OpState(raw) if raw else None, limit=_int(request, "limit", 100, 1, 1000))
     return web.json_response({"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()})
+
+
+def _op_id(request: web.Request) -> int:
+    raw = request.match_info["op"]
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**63:
+        raise ApiError(400, "invalid_parameter", "op id must be a positive integer")
+    return int(raw)
 
 
 async def get_op(request: web.Request) -> web.Response:
     ledger = _agent(request).ledger
     assert ledger is not None
-    try:
-        op = await ledger.op(int(request.match_info["op"]))
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", "op id must be an integer") from None
+    op = await ledger.op(_op_id(request))
     if op is None:
         raise ApiError(404, "not_found", "no such op")
+    return web.json_response(op.as_json())
+
+
+async def retry_op(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    assert agent.ledger is not None
+    op = await opsctl.retry(agent.ledger, agent.outbox, _op_id(request))
+    return web.json_response(op.as_json())
+
+
+async def cancel_op(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    assert agent.ledger is not None
+    op = await opsctl.cancel(agent.ledger, agent.outbox, _op_id(request))
     return web.json_response(op.as_json())
 
 
@@ -415,5 +446,7 @@ def make_app(agent: Agent, stop: asyncio.Event) -> web.Application:
     app.router.add_delete(item, delete_item)
     app.router.add_get(f"{v1}/ops", list_ops)
     app.router.add_get(f"{v1}/ops/{{op}}", get_op)
+    app.router.add_post(f"{v1}/ops/{{op}}/retry", retry_op)
+    app.router.add_post(f"{v1}/ops/{{op}}/cancel", cancel_op)
     app.router.add_get(f"{v1}/openapi.json", openapi)
     return app

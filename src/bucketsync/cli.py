@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -19,7 +20,8 @@ from bucketsync import __version__
 from bucketsync.agent import Agent, dataset_status
 from bucketsync.client import AgentClient, ApiCallFailed
 from bucketsync.config import Settings, load_settings
-from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerLocked
+from bucketsync.durability import ledger_error
+from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked
 from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
@@ -96,6 +98,9 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
                 out = (await _with_progress(loop, work, show, f"syncing {args.dataset}:")).as_json()
         except LedgerLocked:  # an agent started meanwhile
             out = await _remote_sync(settings, args, show)
+        except LedgerError as exc:  # no run could begin (a damaged ledger, a full disk): still one result
+            counts = dict.fromkeys(SYNC_KEYS[3:-1], 0)
+            out = {"dataset": args.dataset, "run": None, "status": "failed", **counts, "error": str(exc)}
     out = _sync_json(out)
     if args.json:
         _print_json(out)
@@ -288,6 +293,70 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
     return _report(args, out, f"{args.key}: " + (json.dumps(meta, ensure_ascii=False) if meta else "no metadata"))
 
 
+# -- ops: the outbox ---------------------------------------------------------------------
+
+
+def _op_line(op: dict[str, Any]) -> str:
+    error = f"  {op['error_code']}: {op['error']}" if op.get("error") else ""
+    key = json.dumps(op["key"], ensure_ascii=False)[1:-1]  # control characters escaped
+    return (
+        f"{op['id']:>6}  {op['state']:<9}  {op['kind']:<6}  {op['dataset']}  {key}  (attempts {op['attempts']}){error}"
+    )
+
+
+async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from bucketsync import opsctl
+    from bucketsync.model import OpState
+
+    path = settings.agent.ledger
+    if args.action is None:
+        if not path.exists():
+            return {"ops": [], "backlog": 0}
+        ledger = await Ledger.open(path, readonly=True)
+        try:
+            ops = await ledger.ops(state=OpState(args.state) if args.state else None, limit=args.limit)
+            return {"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()}
+        finally:
+            await ledger.close()
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        if args.action == "cancel":
+            return (await opsctl.cancel(agent.ledger, agent.outbox, args.id)).as_json()
+        await opsctl.retry(agent.ledger, agent.outbox, args.id)
+        # No worker runs without a daemon: run the op here, as `put` does.
+        return (await agent.outbox.settle(args.id)).as_json()
+
+
+async def _ops_remote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    async with AgentClient(settings) as client:
+        if args.action is None:
+            params: dict[str, str] = {"limit": str(args.limit)}
+            if args.state:
+                params["state"] = args.state
+            return dict(await client.call("GET", "/ops", params=params))
+        return dict(await client.call("POST", f"/ops/{args.id}/{args.action}"))
+
+
+async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
+    out: dict[str, Any] | None = None
+    if not _daemon_running(settings):
+        try:
+            out = await _ops_local(settings, args)
+        except LedgerLocked:
+            out = None  # an agent started meanwhile: ask it
+    if out is None:
+        out = await _ops_remote(settings, args)
+    if args.json:
+        _print_json(out)
+    elif args.action is None:
+        for op in out["ops"]:
+            print(_op_line(op))
+        print(f"{len(out['ops'])} ops shown; backlog {out['backlog']} pending")
+    else:
+        print(_op_line(out))
+    return 0
+
+
 # -- check and run ---------------------------------------------------------------------
 
 
@@ -311,6 +380,34 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    from bucketsync.durability import backup
+
+    target = Path(args.path)
+    if target.is_dir():
+        target = target / settings.agent.ledger.name
+    if target.exists() and not args.overwrite:
+        raise UsageError(f"{target} already exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise UsageError(f"{target.parent} is not a folder")
+    if target.exists() and os.path.samefile(target, settings.agent.ledger):
+        raise UsageError(f"{target} is the ledger itself")
+    t0 = time.monotonic()
+    pages, size = await backup(settings.agent.ledger, target)
+    out = {
+        "ledger": str(settings.agent.ledger),
+        "backup": str(target),
+        "pages": pages,
+        "bytes": size,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    return _report(args, out, f"backed up {out['ledger']} to {target} ({size} bytes)")
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.supervisor import serve
 
@@ -328,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("run", help="run the agent: sync loops, HTTP API, /metrics").set_defaults(func=cmd_run)
+
+    ini = sub.add_parser("init", help="write a commented starter config (never over an existing file)")
+    ini.add_argument(
+        "path", nargs="?", default="bucketsync.toml", help="where to write it (default: ./bucketsync.toml)"
+    )
+    ini.set_defaults(func=None)
+
+    b = sub.add_parser("backup", help="copy the ledger to PATH (safe while the agent runs)")
+    b.add_argument("path", help="the copy's file name, or a folder to put it in")
+    b.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=cmd_backup)
 
     s = sub.add_parser("sync", help="run one upstream sync of a dataset now")
     s.add_argument("dataset")
@@ -378,12 +487,40 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--unset", action="append", default=[], metavar="NAME", help="remove a metadata name")
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=cmd_meta)
+
+    op = sub.add_parser("ops", help="outbox ops (writes to storage): list, retry a failed one, cancel one")
+    op.add_argument("--state", choices=["pending", "done", "failed", "cancelled"], help="only ops in this state")
+    op.add_argument("--limit", type=int, default=100, help="at most this many ops (default 100)")
+    op.add_argument("--json", action="store_true", help="print one JSON object")
+    op.set_defaults(func=cmd_ops, action=None)
+    actions = op.add_subparsers(dest="action", metavar="ACTION")
+    for name, text in (
+        ("retry", "queue a failed op again (its uploaded body must still be staged)"),
+        ("cancel", "cancel a pending or failed op and drop its staged body (storage is not touched)"),
+    ):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("id", type=int, help="the op's id (see `bucketsync ops`)")
+        # SUPPRESS: without --json here, the value given before ACTION stands.
+        a.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the op as JSON")
     return p
+
+
+def _init(path: str) -> int:
+    from pathlib import Path
+
+    from bucketsync.starter import write_starter
+
+    written = write_starter(Path(path))
+    print(f"wrote {written}: edit its [drivers] and [datasets], then `bucketsync -c {written} run`")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings: Settings | None = None
     try:
+        if args.command == "init":
+            return _init(args.path)
         settings = load_settings(args.config)
         conf = settings.agent
         # One-off commands keep stderr for warnings and the progress line.
@@ -406,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except BucketsyncError as exc:
         print(f"bucketsync: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)
+        assert settings is not None
+        print(f"bucketsync: {ledger_error(settings.agent.ledger, exc, 'read')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -153,6 +153,11 @@ class DriverConfig(_Strict):
     #: time) or "hash" (a content hash, re-read only when the change time moves)
     verify: Literal["stat", "hash"] = "stat"
 
+    #: per request, seconds: to open a connection, and to wait for each read of a response
+    #: (not a whole transfer). A stall past ``read_timeout`` is a Transient error, retried.
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 30.0
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
@@ -205,6 +210,8 @@ class AgentConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     grace: Duration = 10.0
+    #: outbox ops executed at once; ops on the same (dataset, key) always run one after another
+    outbox_concurrency: int = Field(default=8, ge=1, le=256)
 
     @field_validator("listen")
     @classmethod
@@ -298,13 +305,25 @@ class Settings(BaseSettings):
         return self.drivers[self.dataset(dataset).driver]
 
 
+DEFAULT_CONFIG = Path("bucketsync.toml")
+
+
 def config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     """Where the config comes from, and whether the user named it (then it must exist)."""
     if explicit is not None:
         return Path(explicit), True
     if env := os.environ.get("BUCKETSYNC_CONFIG"):
         return Path(env), True
-    return Path("bucketsync.toml"), False
+    return DEFAULT_CONFIG, False
+
+
+def _not_found() -> ConfigError:
+    # Starting anyway would run an empty agent writing a ledger wherever it was started.
+    return ConfigError(
+        "no config file found; looked for: -c/--config (not given), $BUCKETSYNC_CONFIG (not set), "
+        f"{DEFAULT_CONFIG} in {Path.cwd()} (no such file). "
+        "Write a starter config with `bucketsync init`, or name one with -c PATH"
+    )
 
 
 _KINDS = ("aws", "gcp", "azure")
@@ -331,9 +350,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     file, named = config_path(path)
     if file.exists() and not file.is_file():
         raise ConfigError(f"config {str(file)!r} is not a file")
-    if named and not file.exists():
-        raise ConfigError(f"config file {str(file)!r} does not exist")
-    # A subclass per load carries the file; a missing default file reads as empty.
+    if not file.exists():
+        raise ConfigError(f"config file {str(file)!r} does not exist") if named else _not_found()
+    # A subclass per load carries the file.
     bound = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": file}})
     try:
         settings: Settings = bound()

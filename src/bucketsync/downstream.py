@@ -13,12 +13,13 @@ from typing import Any
 
 import structlog
 
-from bucketsync import gate, metrics
+from bucketsync import durability, gate, metrics
 from bucketsync.agent import Agent
-from bucketsync.errors import AlreadyExists, NotFound, PreconditionFailed, Refused, from_code
+from bucketsync.errors import AlreadyExists, DiskFull, KeyFiltered, NotFound, PreconditionFailed, Refused, from_code
 from bucketsync.keys import check_key
 from bucketsync.model import Item, ItemState, Op, OpKind, OpState
 from bucketsync.outbox import Outbox
+from bucketsync.stores import check_storable
 
 log = structlog.get_logger("bucketsync.downstream")
 META_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -84,6 +85,12 @@ class Downstream:
         assert ledger is not None
         ds = self.agent.settings.datasets[dataset]
         store = self.agent.stores[ds.driver]
+        # Refusals that need no storage, before a byte is staged: a key the next sync
+        # would drop (outside the filters), a key the store cannot hold.
+        why = self.agent.loops[dataset].filter.refusal(key)
+        if why is not None:
+            raise KeyFiltered(f"dataset {dataset!r}: {why}")
+        check_storable(store, key)
         live = item is not None and item.state is ItemState.LIVE
         decision = gate.decide_put(
             read_only=ds.read_only, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=not live
@@ -100,7 +107,16 @@ class Downstream:
                 current = await store.head(key)
                 if current.etag != item.etag:
                     raise PreconditionFailed(f"{key!r} changed in storage since it was indexed", key=key)
-        staged, sha, _size = await self.outbox.stage(body)
+        try:
+            staged, sha, _size = await self.outbox.stage(body)
+        except OSError as exc:
+            if durability.kind_of(exc) != "disk_full":
+                raise
+            metrics.LEDGER_WRITE_ERRORS.labels("disk_full").inc()
+            raise DiskFull(
+                f"cannot stage the upload of {key!r} in {self.outbox.staging}: the disk is full; "
+                "free space there (nothing was written; send it again)"
+            ) from None
         op_id = await ledger.enqueue(
             ds_id,
             OpKind.PUT,
@@ -114,7 +130,7 @@ class Downstream:
         op = await self._settle(op_id)
         if op is None:
             return Outcome("pending", item, await ledger.op(op_id))
-        if op.state is OpState.FAILED:
+        if op.state in (OpState.FAILED, OpState.CANCELLED):
             _raise_failed(op)
         written = self.outbox.results.pop(op_id, None) or await ledger.item(ds_id, key)
         return Outcome("overwritten" if item is not None else "created", written, op)
@@ -141,7 +157,7 @@ class Downstream:
         op = await self._settle(op_id)
         if op is None:
             return Outcome("pending", item, await ledger.op(op_id))
-        if op.state is OpState.FAILED:
+        if op.state in (OpState.FAILED, OpState.CANCELLED):
             _raise_failed(op)
         return Outcome("deleted", None, op)
 

@@ -20,6 +20,18 @@ class LedgerLocked(BucketsyncError):
     """Another agent holds the single-instance lock on this ledger."""
 
 
+class LedgerError(BucketsyncError):
+    """The ledger cannot be opened, read or written; the message names the file and the fix."""
+
+
+class DiskFull(LedgerError):
+    """A write to the ledger (or its staging folder) failed for lack of space.
+
+    Nothing half-written stays: the transaction rolled back. Writes work again as soon
+    as there is space, with no restart.
+    """
+
+
 class OrderError(BucketsyncError):
     """A listing or snapshot was not in ascending code-point order of key."""
 
@@ -72,12 +84,39 @@ class Transient(StorageError):
     """A retryable failure: throttling, 5xx, timeouts, connection resets."""
 
 
+class KeyNotStorable(StorageError):
+    """The store cannot hold this key (a segment too long for a local filesystem, ...).
+
+    Permanent: retrying cannot help. Refused up front where the store can tell
+    (``check_key``), else it fails the op.
+    """
+
+
+class FileFolderConflict(StorageError):
+    """A file where a folder is needed, or a folder where a file is (local folders:
+    ``a/b`` when ``a`` is a file, ``a`` when ``a/`` holds files). Permanent."""
+
+
+class KeyFiltered(InvalidKey):
+    """The key is outside the dataset's include/exclude filters: a sync would drop it."""
+
+
+class OpStateError(BucketsyncError):
+    """An op cannot be retried or cancelled in its state; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 # Stable codes for storage errors that cross the outbox: an op records the code of what
 # failed it, and the waiting caller gets the same error class back from it.
 _CODES: dict[type[StorageError], str] = {
     AlreadyExists: "already_exists",
     PreconditionFailed: "precondition_failed",
     NotFound: "not_found",
+    KeyNotStorable: "key_not_storable",
+    FileFolderConflict: "file_folder_conflict",
 }
 REFUSAL_CODES = frozenset({"read_only", "quota", "allow_delete_off"})
 
@@ -88,6 +127,8 @@ def code_of(exc: StorageError) -> str:
 
 def from_code(code: str, message: str, key: str | None = None) -> BucketsyncError:
     """The error an op recorded as ``code``, rebuilt for whoever waits on it."""
+    if code == "cancelled":
+        return OpStateError("op_cancelled", message)
     if code in REFUSAL_CODES:
         return Refused(code, message)
     for cls, known in _CODES.items():

@@ -12,6 +12,13 @@ import os
 import sys
 
 POINTS = ("outbox.before_storage", "outbox.after_storage", "sync.after_batch")
+#: points where ``BUCKETSYNC_RAISEPOINT=name:N`` raises instead, the first N times
+RAISE_POINTS = ("supervisor.dataset_start",)
+_raised: dict[str, int] = {}
+
+
+class FailpointError(RuntimeError):
+    """Raised at a raise point: stands for a bug that escapes a task."""
 
 
 def hit(name: str) -> None:
@@ -19,3 +26,14 @@ def hit(name: str) -> None:
         sys.stderr.write(f"failpoint {name}: exiting as if killed\n")
         sys.stderr.flush()
         os._exit(137)
+
+
+def raises(name: str) -> None:
+    """Raise ``FailpointError`` the first N times ``name`` is reached (``BUCKETSYNC_RAISEPOINT=name:N``)."""
+    spec = os.environ.get("BUCKETSYNC_RAISEPOINT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    limit = int(spec.partition(":")[2] or 1)
+    n = _raised[name] = _raised.get(name, 0) + 1
+    if n <= limit:
+        raise FailpointError(f"raise point {name} ({n} of {limit})")

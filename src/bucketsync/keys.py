@@ -93,6 +93,7 @@ class KeyFilter:
     def __init__(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
         inc = list(include)
         exc = list(exclude)
+        self._include_globs, self._exclude_globs = inc, exc
         self._include = re.compile("|".join(f"(?:{_glob_to_regex(p)})" for p in inc)) if inc else None
         self._exclude = re.compile("|".join(f"(?:{_glob_to_regex(p)})" for p in exc)) if exc else None
         self.trivial = self._include is None and self._exclude is None
@@ -101,6 +102,15 @@ class KeyFilter:
         if self._include is not None and self._include.fullmatch(key) is None:
             return False
         return self._exclude is None or self._exclude.fullmatch(key) is None
+
+    def refusal(self, key: str) -> str | None:
+        """Why ``key`` is outside the filters, naming the filter; None when it is inside."""
+        if self._include is not None and self._include.fullmatch(key) is None:
+            return f"key {key!r} matches none of the include patterns {self._include_globs}"
+        for pattern in self._exclude_globs:
+            if re.fullmatch(_glob_to_regex(pattern), key):
+                return f"key {key!r} matches the exclude pattern {pattern!r}"
+        return None
 
 
 def validate_glob(pattern: str) -> str:

@@ -21,7 +21,8 @@ from typing import Any
 
 import aiosqlite
 
-from bucketsync.errors import LedgerLocked
+from bucketsync import durability, metrics
+from bucketsync.errors import LedgerError, LedgerLocked
 from bucketsync.model import (
     Counts,
     Indexed,
@@ -101,7 +102,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ops_pending ON ops (state, next_at);
     """,
-    # The sub-trees a partial run could not list: a JSON list of {"prefix", "error"}.
+    # v3: ops on one key run in order (due_ops asks "is an older op on this key pending?"
+    # for every candidate); without this index that question scans the whole backlog.
+    """
+    CREATE INDEX ops_pending_by_key ON ops (dataset_id, key, id) WHERE state = 'pending';
+    """,
+    # v4: the commit sequence (mirrored in LEDGER.seq to detect a lost -wal) and the
+    # datasets that must be re-synced in full because the ledger lost commits.
+    """
+    CREATE TABLE commit_seq (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+    INSERT INTO commit_seq (id, seq) VALUES (1, 0);
+    CREATE TABLE resync (dataset TEXT PRIMARY KEY, reason TEXT NOT NULL, since REAL NOT NULL);
+    """,
+    # v5: the sub-trees a partial run could not list: a JSON list of {"prefix", "error"}.
     """
     ALTER TABLE runs ADD COLUMN gaps TEXT;
     """,
@@ -182,8 +195,11 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise durability.ledger_error(self.path.with_suffix(""), exc, "create the lock file of") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -206,7 +222,10 @@ class InstanceLock:
         """True when another process holds the lock (used to route the CLI to the daemon)."""
         if not self.path.exists():
             return False
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise durability.ledger_error(self.path.with_suffix(""), exc, "read the lock file of") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -224,48 +243,118 @@ class Ledger:
         # not interleave with another coroutine's, and a lone write must not join (and
         # be rolled back with) someone else's. Every write holds this lock.
         self.write_lock = asyncio.Lock()
+        #: the last committed commit-sequence number (every write transaction bumps it)
+        self.seq = 0
+        self.mirror = durability.SeqMirror(path)
+        #: why writes are failing (a full disk, ...); None once a write commits again
+        self.fault: str | None = None
+        #: (ledger seq, sidecar seq) when start-up found the ledger behind its sidecar
+        self.rolled_back: tuple[int, int] | None = None
 
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
-        async with self.write_lock:
+        async with self._transaction():
             return await self.db.execute(sql, params)
 
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> Ledger:
-        if readonly:
-            if not path.exists():
-                raise FileNotFoundError(f"ledger {path} does not exist yet (run a sync first)")
-            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path, isolation_level=None)
-            await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=10000")
-        ledger = cls(db, path)
-        if not readonly:
-            try:
+        """Open (and migrate) the ledger. Any failure closes what was opened, so a damaged
+        or unwritable file is an error naming the file and the fix, never a hung process
+        (aiosqlite's thread keeps the interpreter alive until its connection closes)."""
+        doing = "read" if readonly else "open"
+        db: aiosqlite.Connection | None = None
+        try:
+            if readonly:
+                if not path.exists():
+                    raise FileNotFoundError(f"ledger {path} does not exist yet (run a sync first)")
+                db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                db = await aiosqlite.connect(path, isolation_level=None)
+                await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=10000")
+            ledger = cls(db, path)
+            if readonly:
+                # The first read is where a damaged header or an unreadable file shows.
+                await (await db.execute("SELECT count(*) FROM sqlite_master")).close()
+            else:
                 await ledger._migrate()
-            except BaseException:
-                await db.close()
-                raise
-        return ledger
+                await ledger._check_seq()
+            return ledger
+        except BaseException as exc:
+            if db is not None:
+                with contextlib.suppress(Exception):
+                    await db.close()
+            if isinstance(exc, sqlite3.Error) or (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)):
+                raise durability.ledger_error(path, exc, doing) from None
+            raise
 
     async def close(self) -> None:
-        await self.db.close()
+        try:
+            await self.mirror.close()
+        finally:
+            await self.db.close()
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = row[0] if row else 0
         if version > len(MIGRATIONS):
-            raise RuntimeError(
+            raise LedgerError(
                 f"ledger {self.path} has schema version {version}, newer than this bucketsync "
                 f"({len(MIGRATIONS)}); upgrade bucketsync"
             )
         for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
             # executescript commits first; the version bump is part of the script's transaction.
             await self.db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={n}; COMMIT;")
+
+    async def _check_seq(self) -> None:
+        """Compare the commit sequence with its sidecar: a ledger *behind* its sidecar lost
+        commits it had made durable (its -wal was deleted after a crash, or an older copy
+        was put in its place). That is loud, counted, and every dataset is re-synced."""
+        async with self.db.execute("SELECT seq FROM commit_seq WHERE id = 1") as cur:
+            row = await cur.fetchone()
+        self.seq = int(row[0]) if row else 0
+        mirrored = await asyncio.to_thread(self.mirror.read)
+        if mirrored is not None and mirrored > self.seq:
+            self.rolled_back = (self.seq, mirrored)
+            metrics.LEDGER_ROLLBACKS.inc()
+            durability.log.error(
+                "the ledger lost committed transactions: it is older than its commit-sequence sidecar "
+                "(its -wal was deleted after a crash, or an older copy replaced it); every dataset is re-synced "
+                "in full, and user metadata or ops written in the lost transactions are gone",
+                ledger=str(self.path),
+                ledger_seq=self.seq,
+                sidecar_seq=mirrored,
+                sidecar=str(self.mirror.path),
+            )
+        try:
+            await asyncio.to_thread(self.mirror.write_now, self.seq)
+        except OSError as exc:
+            raise durability.ledger_error(self.mirror.path, exc, "write the commit-sequence sidecar of") from None
+
+    async def probe_write(self) -> None:
+        """An empty write transaction (it only bumps the commit sequence): the cheapest
+        way to learn whether the ledger takes writes again after a fault."""
+        async with self._transaction():
+            pass
+
+    # -- re-sync after lost commits -----------------------------------------------
+
+    async def mark_resync(self, datasets: Iterable[str], reason: str) -> None:
+        async with self._transaction():
+            await self.db.executemany(
+                "INSERT OR REPLACE INTO resync (dataset, reason, since) VALUES (?, ?, ?)",
+                [(name, reason, time.time()) for name in datasets],
+            )
+
+    async def resync_pending(self) -> set[str]:
+        async with self.db.execute("SELECT dataset FROM resync") as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    async def resync_done(self, dataset: str) -> None:
+        await self._write("DELETE FROM resync WHERE dataset = ?", (dataset,))
 
     # -- datasets ---------------------------------------------------------
 
@@ -461,7 +550,7 @@ class Ledger:
         )
 
     def _transaction(self) -> _Tx:
-        return _Tx(self.db, self.write_lock)
+        return _Tx(self)
 
     # -- reads for the CLI and API ------------------------------------------
 
@@ -536,9 +625,13 @@ class Ledger:
             return [_op(r) for r in await cur.fetchall()]
 
     async def due_ops(self, now: float, limit: int = 16) -> list[Op]:
+        """Pending ops due by ``now``, oldest first; only the oldest pending op of each
+        (dataset, key): a later op on a key waits for the earlier one, even one backing off."""
         async with self.db.execute(
             f"SELECT {_OP_COLS} FROM ops o JOIN datasets d ON d.id = o.dataset_id "
-            "WHERE o.state = 'pending' AND o.next_at <= ? ORDER BY o.id LIMIT ?",
+            "WHERE o.state = 'pending' AND o.next_at <= ? AND NOT EXISTS ("
+            "SELECT 1 FROM ops e WHERE e.state = 'pending' AND e.dataset_id = o.dataset_id "
+            "AND e.key = o.key AND e.id < o.id) ORDER BY o.id LIMIT ?",
             (now, limit),
         ) as cur:
             return [_op(r) for r in await cur.fetchall()]
@@ -560,10 +653,31 @@ class Ledger:
         )
 
     async def fail_op(self, op_id: int, code: str, error: str) -> None:
+        """The op failed for good; a put's staged body stays recorded for ``retry_op``."""
         await self._write(
-            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ?, staged = NULL WHERE id = ?",
+            "UPDATE ops SET state = 'failed', error = ?, error_code = ?, updated = ? WHERE id = ?",
             (error, code, time.time(), op_id),
         )
+
+    async def retry_op(self, op_id: int) -> bool:
+        """A failed op back to pending, due now; False if it was not failed (any more)."""
+        now = time.time()
+        cur = await self._write(
+            "UPDATE ops SET state = 'pending', error = NULL, error_code = NULL, updated = ?, next_at = ? "
+            "WHERE id = ? AND state = 'failed'",
+            (now, now, op_id),
+        )
+        return cur.rowcount == 1
+
+    async def cancel_op(self, op_id: int) -> bool:
+        """A pending or failed op to cancelled, forgetting its staged body (the caller
+        removes the file); False if it was done or cancelled already."""
+        cur = await self._write(
+            "UPDATE ops SET state = 'cancelled', error = 'cancelled by the user', error_code = 'cancelled', "
+            "updated = ?, staged = NULL WHERE id = ? AND state IN ('pending', 'failed')",
+            (time.time(), op_id),
+        )
+        return cur.rowcount == 1
 
     async def complete_put(self, op: Op, dataset_id: int, info: ObjectInfo) -> Item:
         """Index what the put wrote and close the op, atomically. An existing row (an
@@ -636,30 +750,69 @@ class Ledger:
             after = batch[-1].key
 
 
-class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error (cancellation included)."""
+def _operational(exc: BaseException) -> bool:
+    """A fault of the file or the disk (full, read-only, damaged, I/O), not a bug such as
+    a constraint violation: only those become a ``LedgerError`` and mark the ledger's fault."""
+    return isinstance(exc, sqlite3.Error) and durability.kind_of(exc) != "other"
 
-    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
-        self.db = db
-        self.lock = lock
+
+class _Tx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error (cancellation included).
+
+    Each commit bumps the commit sequence in the same transaction (one single-row
+    UPDATE) and hands the new value to the sidecar mirror. A SQLite failure becomes a
+    ``LedgerError`` (``DiskFull`` for a full disk) naming the file and the fix, and
+    marks the ledger's ``fault`` until a later write commits.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.db = ledger.db
+        self.lock = ledger.write_lock
 
     async def __aenter__(self) -> None:
         await self.lock.acquire()
         try:
             await self.db.execute("BEGIN IMMEDIATE")
-        except BaseException:
+        except BaseException as exc:
             self.lock.release()
+            if _operational(exc):
+                raise self._failed(exc) from exc
             raise
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
-            await self._end(exc_type)
+            if exc is None:
+                await self._commit()
+            else:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.execute("ROLLBACK")
+                if _operational(exc):
+                    raise self._failed(exc) from exc
         finally:
             self.lock.release()
 
-    async def _end(self, exc_type: object) -> None:
-        if exc_type is None:
+    async def _commit(self) -> None:
+        seq = self.ledger.seq + 1
+        try:
+            await self.db.execute("UPDATE commit_seq SET seq = ? WHERE id = 1", (seq,))
             await self.db.execute("COMMIT")
-        else:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 await self.db.execute("ROLLBACK")
+            if _operational(exc):
+                raise self._failed(exc) from exc
+            raise
+        self.ledger.seq = seq
+        self.ledger.mirror.committed(seq)
+        if self.ledger.fault is not None:
+            self.ledger.fault = None
+            metrics.LEDGER_WRITABLE.set(1)
+            durability.log.info("ledger writes work again", ledger=str(self.ledger.path))
+
+    def _failed(self, exc: BaseException) -> LedgerError:
+        err = durability.ledger_error(self.ledger.path, exc, "write")
+        first = self.ledger.fault is None  # logged once per fault, counted every time
+        self.ledger.fault = str(err)
+        durability.record_write_failure(err, exc, log_it=first)
+        return err

@@ -57,6 +57,39 @@ LISTING_GAPS = Gauge(
     registry=REGISTRY,
 )
 
+
+LOOP_RESTARTS = Counter(
+    "bucketsync_loop_restarts_total",
+    "Dataset loops that died (an exception escaped them) and were restarted with backoff.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+LEDGER_WRITE_ERRORS = Counter(
+    "bucketsync_ledger_write_errors_total",
+    "Ledger writes that failed, by reason (disk_full, permission, damaged, io, busy, other).",
+    ["reason"],
+    registry=REGISTRY,
+)
+LEDGER_WRITABLE = Gauge(
+    "bucketsync_ledger_writable",
+    "1 while ledger writes succeed, 0 since the last one failed (a full disk, for example).",
+    registry=REGISTRY,
+)
+LEDGER_CHECK = Gauge(
+    "bucketsync_ledger_quick_check",
+    "Result of the start-up PRAGMA quick_check: 1 for the result it had (ok, damaged, incomplete).",
+    ["result"],
+    registry=REGISTRY,
+)
+LEDGER_ROLLBACKS = Counter(
+    "bucketsync_ledger_rollbacks_detected_total",
+    "Start-ups that found the ledger older than its commit-sequence sidecar (a lost -wal or a restored copy).",
+    registry=REGISTRY,
+)
+for _reason in ("disk_full", "permission", "damaged", "io", "busy", "other"):
+    LEDGER_WRITE_ERRORS.labels(_reason)
+LEDGER_WRITABLE.set(1)
+
 QUOTA_SKIPPED = Counter(
     "bucketsync_quota_skipped_total",
     "New objects an upstream run did not add because the dataset was at its quota.",

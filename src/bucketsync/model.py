@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +207,7 @@ class OpState(enum.StrEnum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,16 +253,24 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def normalize_etag(raw: str | None) -> str | None:
-    """The one place ETags are normalised: no surrounding quotes, no weak ``W/`` marker.
+def normalize_etag(raw: str | None, *, origin: Literal["http", "hash"] = "http") -> str | None:
+    """The one place ETags are normalised; ``origin`` says what the value is.
 
-    Azure lists ETags unquoted but returns them quoted elsewhere; S3 quotes them
-    everywhere, and ``copy_object`` on some servers does not. Multipart S3 ETags
-    (``md5-N``) are kept as they are: they identify a version, they are not MD5s.
+    ``"http"``: an HTTP ETag (a header, or an S3/Azure XML field holding one): no
+    surrounding quotes, no weak ``W/`` marker. Azure lists ETags unquoted but
+    returns them quoted elsewhere; S3 quotes them everywhere, and ``copy_object``
+    on some servers does not. Multipart S3 ETags (``md5-N``) are kept as they are:
+    they identify a version, they are not MD5s.
+
+    ``"hash"``: a provider's hash or version field (GCS ``md5Hash``, the JSON
+    ``etag``), base64 text that may itself begin with ``W/`` (1 MD5 in 4,096):
+    only surrounding whitespace goes, never a character of the value.
     """
     if raw is None:
         return None
     etag = raw.strip()
+    if origin == "hash":
+        return etag or None
     if etag.startswith("W/"):
         etag = etag[2:]
     return etag.strip('"') or None

@@ -24,7 +24,10 @@ _KEY = {
     "description": "the item's key, URL-encoded ('/' as %2F); at most 1024 bytes, no '..' segments",
     "schema": {"type": "string"},
 }
+_OP = {"name": "op", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _ERRORS = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR}
+# Writes to the ledger: 507 disk_full, 503 ledger_unavailable (see docs/operations.md).
+_LEDGER_ERRORS = {"503": _ERR, "507": _ERR}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -64,7 +67,7 @@ SPEC: dict[str, Any] = {
                     "dataset": {"type": "string"},
                     "kind": {"enum": ["put", "delete"]},
                     "key": {"type": "string"},
-                    "state": {"enum": ["pending", "done", "failed"]},
+                    "state": {"enum": ["pending", "done", "failed", "cancelled"]},
                     "attempts": {"type": "integer"},
                     "error": {"type": ["string", "null"]},
                     "error_code": {"type": ["string", "null"]},
@@ -167,6 +170,7 @@ SPEC: dict[str, Any] = {
                     "409": _ERR,
                     "412": _ERR,
                     **_ERRORS,
+                    **_LEDGER_ERRORS,
                 },
             },
             "patch": {
@@ -182,7 +186,7 @@ SPEC: dict[str, Any] = {
                         }
                     }
                 },
-                "responses": {"200": _json(_ref("Outcome"), "updated"), **_ERRORS},
+                "responses": {"200": _json(_ref("Outcome"), "updated"), **_ERRORS, **_LEDGER_ERRORS},
             },
             "delete": {
                 "summary": "through the gate: deleted in storage when the driver allows deletes, else tombstoned",
@@ -240,15 +244,39 @@ SPEC: dict[str, Any] = {
         "/api/v1/ops": {
             "get": {
                 "summary": "outbox ops and the backlog",
-                "parameters": [{"name": "state", "in": "query", "schema": {"enum": ["pending", "done", "failed"]}}],
+                "parameters": [
+                    {"name": "state", "in": "query", "schema": {"enum": ["pending", "done", "failed", "cancelled"]}}
+                ],
                 "responses": {"200": _json({"type": "object"}, "ops"), **_ERRORS},
             }
         },
         "/api/v1/ops/{op}": {
-            "parameters": [{"name": "op", "in": "path", "required": True, "schema": {"type": "integer"}}],
+            "parameters": [_OP],
             "get": {
                 "summary": "one op: state, attempts, error",
                 "responses": {"200": _json(_ref("Op"), "the op"), **_ERRORS},
+            },
+        },
+        "/api/v1/ops/{op}/retry": {
+            "parameters": [_OP],
+            "post": {
+                "summary": "queue a failed op again (a put needs its staged body still on disk)",
+                "responses": {
+                    "200": _json(_ref("Op"), "the op, pending again"),
+                    "409": _json(_ref("Error"), "not failed (op_not_failed), or staged_body_missing"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/api/v1/ops/{op}/cancel": {
+            "parameters": [_OP],
+            "post": {
+                "summary": "cancel a pending or failed op and drop its staged body; storage is not touched",
+                "responses": {
+                    "200": _json(_ref("Op"), "the op, cancelled"),
+                    "409": _json(_ref("Error"), "running now (op_running), or done/cancelled already (op_settled)"),
+                    **_ERRORS,
+                },
             },
         },
     },

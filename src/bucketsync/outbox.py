@@ -5,10 +5,20 @@ storage is touched; the worker then writes to storage and, in one transaction,
 indexes the result and closes the op. A crash between any two steps leaves a
 pending op that the next start finishes (invariant 8):
 
-- a retried create-only or if-match put that meets its *own* earlier write (the
-  stored bytes hash to the staged body's sha256) counts as done, not as a conflict;
+- a create-only or if-match put that meets its *own* earlier write (same size and
+  content: ``ownwrite.landed``) counts as done, not as a conflict, on any attempt:
+  an HTTP client may have resent it behind our back;
 - deletes are idempotent, and a retried if-match delete of an object already gone
   is done.
+
+Only ``Transient`` errors are retried (with backoff); any other error fails the op
+with its code, keeping a put's staged body so ``ops retry`` can run it again, until
+the op is cancelled.
+
+Ops run concurrently, up to ``agent.outbox_concurrency`` at once, so one stalled
+request holds one slot, not the queue; ops on the same (dataset, key) still run one
+after another in the order they were queued (``Ledger.due_ops`` offers only the
+oldest pending op of a key, and a running op's key is not offered twice).
 
 Every op passes the gate again right before storage is touched: the only call to
 ``Store.delete`` on user data is in this module, behind ``gate.decide_delete``.
@@ -22,13 +32,14 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from bucketsync import failpoints, gate, metrics
+from bucketsync import failpoints, gate, metrics, ownwrite
 from bucketsync.errors import (
     AlreadyExists,
     NotFound,
@@ -43,9 +54,12 @@ from bucketsync.retry import backoff
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
     from bucketsync.ledger import Ledger
+    from bucketsync.stores import Store
 
 log = structlog.get_logger("bucketsync.outbox")
 CHUNK = 1 << 20
+#: attempts after which an op that keeps crashing (not a storage error) is failed
+CRASH_ATTEMPTS = 5
 
 
 async def file_chunks(path: str) -> AsyncIterator[bytes]:
@@ -58,13 +72,6 @@ async def file_chunks(path: str) -> AsyncIterator[bytes]:
         f.close()
 
 
-async def _sha256_of(chunks: AsyncIterable[bytes]) -> str:
-    h = hashlib.sha256()
-    async for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()
-
-
 class Outbox:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -72,6 +79,13 @@ class Outbox:
         self.wake = asyncio.Event()
         self._settled: dict[int, asyncio.Future[Op]] = {}
         self.results: dict[int, Item | None] = {}  # item written by a settled put, for its waiter
+        #: ids of the ops executing now (the API refuses to cancel one mid-flight)
+        self.active: set[int] = set()
+        self._busy_keys: set[tuple[str, str]] = set()
+        #: per dataset: new-key puts past the quota gate, not yet committed; and the lock
+        #: under which they are counted and committed
+        self._reserved: Counter[str] = Counter()
+        self._quota_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -134,27 +148,57 @@ class Outbox:
     # -- the worker ------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Execute due ops until ``stop``; the current op finishes before it returns."""
-        while not stop.is_set():
-            self.wake.clear()
-            due = await self.ledger.due_ops(time.time())
-            metrics.OUTBOX_BACKLOG.set(await self.ledger.backlog())
-            for op in due:
-                if stop.is_set():
-                    break
-                try:
-                    await self.execute(op)
-                except Exception:
-                    log.exception("outbox op crashed; it stays pending", op=op.id)
-                    await self.ledger.retry_later(op.id, "internal error; see the agent's log", time.time() + 30)
-            if not due:
-                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        """Execute due ops until ``stop``, up to ``outbox_concurrency`` at once.
+
+        Ops already running when ``stop`` is set finish before it returns.
+        """
+        limit = self.agent.settings.agent.outbox_concurrency
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                if len(running) < limit:
+                    # Running ops are still pending in the ledger: ask for enough to see past them.
+                    due = await self.ledger.due_ops(time.time(), limit=len(running) + limit)
+                    metrics.OUTBOX_BACKLOG.set(await self.ledger.backlog())
+                    for op in due:
+                        if len(running) >= limit or stop.is_set():
+                            break
+                        if op.id in self.active or (op.dataset, op.key) in self._busy_keys:
+                            continue
+                        running.add(asyncio.create_task(self._guarded(op), name=f"outbox-op-{op.id}"))
+                waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())}
+                done, _ = await asyncio.wait(waiters | running, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 for w in waiters:
                     w.cancel()
+                running -= done
+        finally:
+            if running:
+                await asyncio.wait(running)
+
+    async def _guarded(self, op: Op) -> None:
+        """One op in its own task: a crash there never stops the worker or the other ops.
+
+        An unexpected error (a bug, the ledger in trouble, the staged body unreadable)
+        is retried a few times, then fails the op: nothing is retried forever.
+        """
+        try:
+            await self.execute(op)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                if op.attempts + 1 >= CRASH_ATTEMPTS:
+                    log.exception("outbox op crashed again; failing it", op=op.id, attempts=op.attempts + 1)
+                    await self._fail(op, "internal", f"internal error ({type(exc).__name__}); see the agent's log")
+                    await self.notify(op.id)
+                else:
+                    log.exception("outbox op crashed; it stays pending", op=op.id)
+                    await self.ledger.retry_later(op.id, "internal error; see the agent's log", time.time() + 30)
 
     async def execute(self, op: Op) -> None:
         loop = self.agent.loops[op.dataset]
+        slot = (op.dataset, op.key)
+        self.active.add(op.id)
+        self._busy_keys.add(slot)
         loop.in_flight.add(op.key)
         try:
             await self.ledger.start_attempt(op.id)
@@ -168,39 +212,67 @@ class Outbox:
             metrics.DOWNSTREAM_OPS.labels(str(op.kind), "retry").inc()
             await self.ledger.retry_later(op.id, str(exc), time.time() + delay)
         except StorageError as exc:
-            await self._fail(op, code_of(exc), str(exc))
+            await self._fail(op, code_of(exc), str(exc))  # permanent: retrying cannot help
         finally:
             loop.in_flight.discard(op.key)
             loop.touched[op.key] = time.monotonic()
-        settled = await self.ledger.op(op.id)
+            self.active.discard(op.id)
+            self._busy_keys.discard(slot)
+        await self.notify(op.id)
+
+    async def notify(self, op_id: int) -> None:
+        """Hand a settled (done, failed, cancelled) op to whoever waits for it."""
+        settled = await self.ledger.op(op_id)
         if settled is not None and settled.state is not OpState.PENDING:
-            fut = self._settled.pop(op.id, None)
+            fut = self._settled.pop(op_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(settled)
 
     async def _fail(self, op: Op, code: str, message: str) -> None:
+        """Fail the op; a put keeps its staged body, so ``ops retry`` can run it again."""
         log.warning("outbox op failed", op=op.id, kind=str(op.kind), key=op.key, code=code, error=message)
         metrics.DOWNSTREAM_OPS.labels(str(op.kind), code).inc()
         await self.ledger.fail_op(op.id, code, message)
-        if op.staged:
-            await asyncio.to_thread(_unlink, op.staged)
 
     async def _put(self, op: Op) -> None:
         agent = self.agent
         ds = agent.settings.datasets[op.dataset]
         store = agent.stores[ds.driver]
         ds_id = await self.ledger.dataset_id(op.dataset)
-        existing = await self.ledger.item(ds_id, op.key)
-        decision = gate.decide_put(
-            read_only=ds.read_only,
-            quota=ds.quota,
-            live_items=await self.ledger.live_count(ds_id),
-            new_key=existing is None or existing.state != "live",
-        )
-        if not decision.allowed:
-            metrics.GATE_REFUSALS.labels(decision.reason).inc()
-            await self._fail(op, decision.reason, decision.message)
-            return
+        # Concurrent puts of new keys each see the same live count: a put that passed the
+        # gate holds a quota reservation until its item is committed (or it ends), and
+        # counting, deciding and committing happen under the dataset's lock.
+        lock = self._quota_locks.setdefault(op.dataset, asyncio.Lock())
+        async with lock:
+            existing = await self.ledger.item(ds_id, op.key)
+            new_key = existing is None or existing.state != "live"
+            decision = gate.decide_put(
+                read_only=ds.read_only,
+                quota=ds.quota,
+                live_items=await self.ledger.live_count(ds_id) + self._reserved[op.dataset],
+                new_key=new_key,
+            )
+            if not decision.allowed:
+                metrics.GATE_REFUSALS.labels(decision.reason).inc()
+                await self._fail(op, decision.reason, decision.message)
+                return
+            held = new_key
+            if held:
+                self._reserved[op.dataset] += 1
+
+        def release() -> None:  # once, whichever way the write ends
+            nonlocal held
+            if held:
+                held = False
+                self._reserved[op.dataset] -= 1
+
+        try:
+            await self._write(op, store, ds_id, lock, release)
+        finally:
+            release()
+
+    async def _write(self, op: Op, store: Store, ds_id: int, lock: asyncio.Lock, release: Callable[[], None]) -> None:
+        """Write the staged body to storage, then index it and close the op."""
         if op.staged is None or not os.path.exists(op.staged):
             await self._fail(op, "staged_body_missing", "the staged upload is gone; upload again")
             return
@@ -209,24 +281,22 @@ class Outbox:
         try:
             info = await store.put(op.key, file_chunks(op.staged), mode, op.content_type)
         except (AlreadyExists, PreconditionFailed):
-            # A retry after a crash may meet its own earlier write: same bytes, so done.
-            if op.attempts == 0 or op.sha256 is None or not await self._holds_our_bytes(op):
+            # Maybe our own earlier write, whose answer was lost (a crash, a reset, a
+            # resend by the HTTP client): on ANY attempt, same bytes means done.
+            landed = await ownwrite.landed(store, op.key, op.staged)
+            if landed is None:
                 raise
-            info = await store.head(op.key)
+            log.info("put found its own earlier write in storage", op=op.id, dataset=op.dataset, key=op.key)
+            info = landed
         failpoints.hit("outbox.after_storage")
-        item = await self.ledger.complete_put(op, ds_id, info)
+        async with lock:  # the item counts as live from here: its reservation ends in the same step
+            item = await self.ledger.complete_put(op, ds_id, info)
+            release()
         await self.agent.refresh_item_gauges(op.dataset)
         self.results[op.id] = item
         await asyncio.to_thread(_unlink, op.staged)
         metrics.DOWNSTREAM_OPS.labels("put", "ok").inc()
         log.info("put done", op=op.id, dataset=op.dataset, key=op.key, size=info.size)
-
-    async def _holds_our_bytes(self, op: Op) -> bool:
-        store = self.agent.stores[self.agent.settings.datasets[op.dataset].driver]
-        try:
-            return await _sha256_of(store.open(op.key)) == op.sha256
-        except NotFound:
-            return False
 
     async def _delete(self, op: Op) -> None:
         agent = self.agent

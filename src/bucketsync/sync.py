@@ -18,14 +18,14 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
 from bucketsync import failpoints, metrics
 from bucketsync.config import DatasetConfig
 from bucketsync.diff import diff
-from bucketsync.errors import BucketsyncError
+from bucketsync.errors import BucketsyncError, LedgerError
 from bucketsync.gate import removal_guard
 from bucketsync.keys import KeyFilter
 from bucketsync.ledger import Ledger
@@ -81,6 +81,8 @@ class _Pending:
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
     gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
+    #: the counts as of the run's last committed write: what a run that fails to write records
+    committed: Counts = field(default_factory=Counts)
 
 
 async def _filtered(
@@ -109,6 +111,10 @@ class SyncLoop:
         self.touched: dict[str, float] = {}
         self._lock = asyncio.Lock()  # one run at a time per dataset
         self.wake = asyncio.Event()  # set to start a run now
+        #: the ledger lost commits: run at start-up even when manual, until a run completes ok
+        self.resync = False
+        #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
+        self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -130,6 +136,9 @@ class SyncLoop:
         self, *, dry_run: bool, force: bool, stop: asyncio.Event | None, started: asyncio.Future[int | None] | None
     ) -> RunResult:
         t0 = time.monotonic()
+        if self._unfinished is not None:
+            await self.ledger.finish_run(*self._unfinished)
+            self._unfinished = None
         ds_id = await self.ledger.dataset_id(self.name)
         live_before = await self.ledger.live_count(ds_id)
         run_id = None if dry_run else await self.ledger.begin_run(ds_id, force)
@@ -145,6 +154,8 @@ class SyncLoop:
             try:
                 await self._walk(ds_id, run_id, counts, pending, stop)
                 complete = True
+            except LedgerError:
+                raise  # the ledger, not the listing, failed: nothing more can be written
             except Exception as exc:  # any failure mid-listing: no removals (invariant 1)
                 complete, status, error = False, RunStatus.FAILED, _describe(exc)
                 counts.errors += 1
@@ -176,13 +187,20 @@ class SyncLoop:
                     metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
                 if not dry_run:
                     metrics.LISTING_GAPS.labels(self.name).set(len(pending.gaps))
+        except LedgerError as exc:  # a full disk, say: the run fails, recording only what committed
+            status, error = RunStatus.FAILED, str(exc)
+            counts = replace(pending.committed, errors=pending.committed.errors + 1)
         except BaseException as exc:  # cancelled or crashed mid-run: record it, then propagate
             status, error = RunStatus.FAILED, _describe(exc) if isinstance(exc, Exception) else "cancelled"
             raise
         finally:
             seconds = time.monotonic() - t0
             if run_id is not None:
-                await asyncio.shield(self._finish(ds_id, run_id, counts, status, error, pending.gaps))
+                try:
+                    await asyncio.shield(self._finish(ds_id, run_id, counts, status, error, pending.gaps))
+                except LedgerError as exc:
+                    self._unfinished = (run_id, counts, status, error, pending.gaps)
+                    log.error("could not record the end of the run; recorded at the next one", error=str(exc))
             self.progress = self.current_run = None
             self._record(status, counts, seconds, dry_run, error, pending.gaps)
             structlog.contextvars.unbind_contextvars("dataset", "run")
@@ -192,6 +210,10 @@ class SyncLoop:
         self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None, gaps: list[ListingGap]
     ) -> None:
         await self.ledger.finish_run(run_id, counts, status, error, gaps)
+        if self.resync and status is RunStatus.OK:  # not partial: the gaps were not listed
+            await self.ledger.resync_done(self.name)
+            self.resync = False
+            log.info("full re-sync after lost ledger commits done")
         metrics.set_dataset_items(self.name, await self.ledger.counts_by_state(ds_id))
 
     async def _walk(
@@ -250,6 +272,7 @@ class SyncLoop:
             p.dry_adds.extend((o.etag, o.size, o.key) for o in p.adds)
         else:
             await self.ledger.write_batch(ds_id, run_id, p.adds, p.updates, counts)
+            p.committed = replace(counts)
             failpoints.hit("sync.after_batch")
         p.adds.clear()
         p.updates.clear()
@@ -299,6 +322,7 @@ class SyncLoop:
         p.removals, p.purges = still_removed, still_purged
         if run_id is not None:
             await self.ledger.rename(run_id, pairs, counts)
+            p.committed = replace(counts)
 
     async def _remove(self, run_id: int | None, counts: Counts, p: _Pending) -> None:
         ids = [o.id for o in p.removals]
@@ -306,7 +330,10 @@ class SyncLoop:
         if run_id is None:
             return
         for i in range(0, len(ids), BATCH):
-            await self.ledger.remove(run_id, ids[i : i + BATCH], counts)
+            # The run's row counts each batch as it commits; a failure leaves what committed.
+            done = replace(counts, removed=counts.removed - len(ids) + min(len(ids), i + BATCH))
+            await self.ledger.remove(run_id, ids[i : i + BATCH], done)
+            p.committed = done
         if p.purges:
             await self.ledger.remove(None, [o.id for o in p.purges])
 
@@ -329,14 +356,21 @@ class SyncLoop:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
 
-    async def run(self, stop: asyncio.Event, on_error: Callable[[Exception], None] | None = None) -> None:
+    async def run(
+        self,
+        stop: asyncio.Event,
+        on_error: Callable[[Exception], None] | None = None,
+        on_result: Callable[[RunResult], None] | None = None,
+    ) -> None:
         """Loop ``run_once`` until ``stop``: every ``interval`` (with jitter) for ``poll``
         datasets, only when woken for ``manual`` ones. A failing run backs off and the
         loop goes on; it never takes the other datasets down with it."""
         failures = 0
         first = True
         while not stop.is_set():
-            if self.config.sync == "manual":
+            if first and self.resync:  # lost ledger commits: a full re-sync now, even for manual
+                delay = 0.0
+            elif self.config.sync == "manual":
                 delay = None
             elif first:  # sync at start-up; a little jitter keeps many datasets from starting in lockstep
                 delay = random.uniform(0, min(1.0, self.config.interval / 10))
@@ -353,10 +387,15 @@ class SyncLoop:
             try:
                 result = await self.run_once(stop=stop)
                 failures = failures + 1 if result.status is RunStatus.FAILED else 0
+                if on_result is not None:
+                    on_result(result)
             except Exception as exc:  # a bug or the ledger failing: log, count, back off, go on
                 failures += 1
                 metrics.LOOP_ERRORS.labels(self.name).inc()
-                log.exception("sync loop error", dataset=self.name)
+                if isinstance(exc, LedgerError):  # a full disk, say: the message says it all
+                    log.error("sync loop error", dataset=self.name, error=str(exc))
+                else:
+                    log.exception("sync loop error", dataset=self.name)
                 if on_error is not None:
                     on_error(exc)
 

@@ -82,6 +82,31 @@ class PartialListing(Protocol):
     def list_with_gaps(self, prefix: str = "") -> AsyncIterator[ObjectInfo | ListingGap]: ...
 
 
+@runtime_checkable
+class ChecksKeys(Protocol):
+    """A store with limits of its own on keys (a local filesystem's name length)."""
+
+    def check_key(self, key: str) -> None:
+        """Raise ``KeyNotStorable`` naming the reason when this store cannot hold ``key``."""
+        ...
+
+
+@runtime_checkable
+class KnowsContentMd5(Protocol):
+    """A store that can say what MD5 the provider vouches for, for an object's content."""
+
+    async def content_md5(self, key: str) -> tuple[ObjectInfo, bytes | None]:
+        """The object's info and its content MD5, or None where the provider has none it
+        vouches for (an S3 multipart or SSE-KMS ETag, a GCS composite object); ``NotFound``."""
+        ...
+
+
+def check_storable(store: Store, key: str) -> None:
+    """Refuse, before anything is staged, a key the store cannot hold."""
+    if isinstance(store, ChecksKeys):
+        store.check_key(key)
+
+
 # scheme -> "module:function"; cloud SDKs are imported only when a driver needs them.
 _FACTORIES = {
     "mem": "bucketsync.stores.memory:open_memory",

@@ -81,9 +81,10 @@ MAX_BLOCKS = 50_000
 #: objects), then larger ones for throughput. The SDK's default first GET would buffer 32 MiB.
 FIRST_READ = 1 * MiB
 READ_CHUNK = 4 * MiB
-#: seconds to connect, and to wait for each read of a response (no limit on a whole transfer)
-CONNECT_TIMEOUT = 20
-READ_TIMEOUT = 60
+#: default seconds to connect, and to wait for each read of a response (no limit on a whole
+#: transfer); a driver's ``connect_timeout`` / ``read_timeout`` override them
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
 #: keys held back by ``CodePointOrder`` before it gives up with ``OrderError``
 REORDER_LIMIT = 100_000
 _TIER_LIST = (StandardBlobTier.HOT, StandardBlobTier.COOL, StandardBlobTier.COLD, StandardBlobTier.ARCHIVE)
@@ -297,6 +298,8 @@ class AzureStore:
         retry_attempts: int = 5,
         retry_base: float = 0.2,
         reorder_limit: int = REORDER_LIMIT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self.url = f"az://{account}/{container}/{prefix}"
         self.account = account
@@ -312,6 +315,8 @@ class AzureStore:
         self._attempts = retry_attempts
         self._retry_base = retry_base
         self._reorder_limit = reorder_limit
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._client: ContainerClient | None = None
 
     def __repr__(self) -> str:
@@ -326,8 +331,8 @@ class AzureStore:
                 self.container,
                 credential=self._credential,
                 retry_total=0,  # retries are ours (bucketsync.retry), on Transient only
-                connection_timeout=CONNECT_TIMEOUT,
-                read_timeout=READ_TIMEOUT,
+                connection_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout,
                 max_single_put_size=max(self.block_size, 1) + 1,  # our single puts never get split by the SDK
                 max_block_size=self.block_size,
                 max_single_get_size=READ_CHUNK,  # one GET per range we ask for
@@ -387,6 +392,14 @@ class AzureStore:
     async def head(self, key: str) -> ObjectInfo:
         props = await self._retry("read the properties of", key, self._blob(key).get_blob_properties)
         return _info(key, props.size, props.last_modified, props.etag, props.version_id)
+
+    async def content_md5(self, key: str) -> tuple[ObjectInfo, bytes | None]:
+        """The blob and its Content-MD5: set by Azure for single puts, and by bucketsync
+        on block commits (``_settings``); absent on blobs others committed without one."""
+        props = await self._retry("read the properties of", key, self._blob(key).get_blob_properties)
+        stored = props.content_settings.content_md5
+        info = _info(key, props.size, props.last_modified, props.etag, props.version_id)
+        return info, bytes(stored) if stored else None
 
     async def open(self, key: str) -> AsyncIterator[bytes]:
         # Ranged GETs we drive ourselves: a small first one, then READ_CHUNK at a time, each
@@ -692,5 +705,5 @@ def open_azure(loc: Location, driver: DriverConfig, integration: AzureIntegratio
         credential=credential,
         tier=tier,
         close_credential=owned,
-        **options,
+        **({"connect_timeout": driver.connect_timeout, "read_timeout": driver.read_timeout} | options),
     )

@@ -62,9 +62,15 @@ DEFAULT_API_ROOT = "https://storage.googleapis.com"
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 UPLOAD_CHUNK = 8 << 20  # a multiple of 256 KiB, as resumable uploads require
 READ_CHUNK = 1 << 20
-# No total timeout: a multi-GB download or upload may take as long as it takes;
-# a stalled connection is caught by the connect and per-read timeouts instead.
-TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+
+
+def client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    """No total timeout: a multi-GB download or upload may take as long as it takes;
+    a stalled connection is caught by the per-request connect and per-read timeouts."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+
+
+TIMEOUT = client_timeout(5.0, 30.0)  # the defaults of a driver's connect_timeout / read_timeout
 _FIELDS = "name,size,updated,md5Hash,etag,generation"
 _LIST_FIELDS = f"items({_FIELDS}),nextPageToken"
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -228,7 +234,8 @@ def object_info(key: str, res: Mapping[str, Any]) -> ObjectInfo:
         key=key,
         size=int(res.get("size", 0)),
         modified=_ts(res["updated"]),
-        etag=normalize_etag(res.get("md5Hash") or res.get("etag")),
+        # Resource fields, not HTTP headers: base64 that may start with "W/" (see normalize_etag).
+        etag=normalize_etag(res.get("md5Hash") or res.get("etag"), origin="hash"),
         version=str(generation) if generation is not None else None,
     )
 
@@ -262,6 +269,7 @@ class GcsStore:
         integration_name: str | None = None,
         storage_class: str | None = None,
         page_size: int = 1000,
+        timeout: aiohttp.ClientTimeout = TIMEOUT,
     ) -> None:
         # "service_account_file and _json together" is refused by config validation.
         self.bucket = bucket
@@ -269,6 +277,7 @@ class GcsStore:
         self.url = f"gs://{bucket}/{prefix}"
         self.page_size = page_size
         self.storage_class = storage_class
+        self.timeout = timeout
         self._api_root, self._emulator = endpoint(endpoint_url)
         self._integration = integration
         self._integration_name = integration_name
@@ -284,7 +293,7 @@ class GcsStore:
     async def _client(self) -> Any:
         """The Storage client, created on first use (the factory is sync; aiohttp needs a loop)."""
         if self._storage is None:
-            session = aiohttp.ClientSession(timeout=TIMEOUT)
+            session = aiohttp.ClientSession(timeout=self.timeout)
             try:
                 if not self._emulator:
                     source = service_file(self._integration, self._integration_name or "")
@@ -399,7 +408,7 @@ class GcsStore:
     async def _list_page(self, params: dict[str, str]) -> dict[str, Any]:
         try:
             page: dict[str, Any] = await self._call(
-                lambda s: s.list_objects(self.bucket, params=params, timeout=TIMEOUT), f"list {self.url}"
+                lambda s: s.list_objects(self.bucket, params=params, timeout=self.timeout), f"list {self.url}"
             )
         except NotFound:
             # objects.list answers 404 only when the bucket is missing: an error, never an empty listing.
@@ -409,14 +418,27 @@ class GcsStore:
     async def head(self, key: str) -> ObjectInfo:
         name = self.prefix + key
         res: dict[str, Any] = await self._call(
-            lambda s: s.download_metadata(self.bucket, name, timeout=TIMEOUT), f"head {self._where(key)}", key=key
+            lambda s: s.download_metadata(self.bucket, name, timeout=self.timeout), f"head {self._where(key)}", key=key
         )
         return object_info(key, res)
+
+    async def content_md5(self, key: str) -> tuple[ObjectInfo, bytes | None]:
+        """The object and its ``md5Hash`` (composite objects have none)."""
+        name = self.prefix + key
+        res: dict[str, Any] = await self._call(
+            lambda s: s.download_metadata(self.bucket, name, timeout=self.timeout), f"head {self._where(key)}", key=key
+        )
+        md5 = res.get("md5Hash")
+        try:
+            digest = base64.b64decode(md5, validate=True) if md5 else None
+        except ValueError:
+            digest = None
+        return object_info(key, res), digest if digest is not None and len(digest) == 16 else None
 
     async def open(self, key: str) -> AsyncIterator[bytes]:
         what = f"read {self._where(key)}"
         name = self.prefix + key
-        stream = await self._call(lambda s: s.download_stream(self.bucket, name, timeout=TIMEOUT), what, key=key)
+        stream = await self._call(lambda s: s.download_stream(self.bucket, name, timeout=self.timeout), what, key=key)
         async with stream:
             while True:
                 try:
@@ -626,7 +648,7 @@ class GcsStore:
             params["ifGenerationMatch"] = current.version
         name = self.prefix + key
         try:
-            await self._call(lambda s: s.delete(self.bucket, name, params=params, timeout=TIMEOUT), what, key=key)
+            await self._call(lambda s: s.delete(self.bucket, name, params=params, timeout=self.timeout), what, key=key)
         except NotFound:
             return  # idempotent: already gone (also after a retry whose first attempt landed)
 
@@ -648,4 +670,5 @@ def open_gcs(loc: Location, driver: DriverConfig, integration: GcpIntegration | 
         integration=integration,
         integration_name=driver.integration,
         storage_class=driver.storage_class,
+        timeout=client_timeout(driver.connect_timeout, driver.read_timeout),
     )

@@ -30,6 +30,7 @@ bucketsync's own writers, best effort against other processes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 import uuid
@@ -39,7 +40,16 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, cast
 
 import structlog
 
-from bucketsync.errors import AlreadyExists, NotFound, PermissionDenied, PreconditionFailed, StorageError
+from bucketsync.errors import (
+    AlreadyExists,
+    FileFolderConflict,
+    KeyNotStorable,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
 from bucketsync.keys import HIDDEN, indexable
 from bucketsync.location import Location
 from bucketsync.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
@@ -155,6 +165,25 @@ def _reason(exc: OSError) -> str:
     return _DENIED if isinstance(exc, PermissionError) else (exc.strerror or type(exc).__name__)
 
 
+def _limit(root: str, name: str, default: int) -> int:
+    try:
+        return os.pathconf(root, name)
+    except (OSError, ValueError):
+        return default
+
+
+def _os_error(exc: OSError, key: str, root: str) -> StorageError:
+    """A write's OSError as the permanent or transient error it is (only Transient is retried)."""
+    what = f"cannot write {key} in {root}: {exc.strerror}"
+    if exc.errno == errno.ENAMETOOLONG:
+        return KeyNotStorable(f"{what} (a name is longer than this filesystem allows)", key=key)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Transient(f"{what} (will retry when there is space)", key=key)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(what, key=key)
+    return StorageError(what, key=key)
+
+
 class LocalStore:
     conditional_writes = True
 
@@ -168,6 +197,24 @@ class LocalStore:
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *key.split("/"))
+
+    def check_key(self, key: str) -> None:
+        """Refuse keys the filesystem cannot hold, before anything is staged: a segment over
+        NAME_MAX bytes (255 on most), or a path over PATH_MAX (``File name too long``)."""
+        name_max = _limit(self.root, "PC_NAME_MAX", 255)
+        for part in key.split("/"):
+            if len(os.fsencode(part)) > name_max:
+                raise KeyNotStorable(
+                    f"key {key!r}: segment {part[:40]!r}... is {len(os.fsencode(part))} bytes; the local "
+                    f"filesystem under {self.root} allows at most {name_max} bytes per file or folder name",
+                    key=key,
+                )
+        path_max = _limit(self.root, "PC_PATH_MAX", 4096)
+        if len(os.fsencode(self._path(key))) >= path_max:
+            raise KeyNotStorable(
+                f"key {key!r}: the path under {self.root} would be longer than the filesystem's {path_max} bytes",
+                key=key,
+            )
 
     def _check_root(self) -> None:
         if not os.path.isdir(self.root):
@@ -320,6 +367,8 @@ class LocalStore:
             fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except PermissionError:
             raise PermissionDenied(f"cannot write under {self.root}", key=key) from None
+        except OSError as exc:
+            raise _os_error(exc, key, self.root) from None
         hasher = Hasher() if self.verify == "hash" else None
         try:
             with os.fdopen(fd, "wb") as f:
@@ -331,29 +380,44 @@ class LocalStore:
                 info = await asyncio.to_thread(self._commit, key, tmp, dest, mode)
             # The etag of what was written: hashed on the way, never read back.
             return info if hasher is None else ObjectInfo(key, info.size, info.modified, hasher.etag())
+        except OSError as exc:  # writing the temp file: disk full, I/O error
+            raise _os_error(exc, key, self.root) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     def _commit(self, key: str, tmp: str, dest: str, mode: PutMode) -> ObjectInfo:
         try:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise self._conflict(key, "a file is where the key needs a folder") from None
+            if os.path.isdir(dest):
+                raise self._conflict(key, "a folder is where the key needs a file")
             if mode.create:
                 try:
                     os.link(tmp, dest)
                 except FileExistsError:
+                    if os.path.isdir(dest):
+                        raise self._conflict(key, "a folder is where the key needs a file") from None
                     raise AlreadyExists(f"{key} already exists in {self.root}", key=key) from None
                 # Dropping the temp name changes the link count, and so the change time: before the stat.
                 os.unlink(tmp)
             else:
                 if mode.if_match is not None and self._current_etag(key) != mode.if_match:
                     raise PreconditionFailed(f"{key} changed in {self.root} (etag mismatch)", key=key)
-                os.replace(tmp, dest)
+                try:
+                    os.replace(tmp, dest)
+                except IsADirectoryError:
+                    raise self._conflict(key, "a folder is where the key needs a file") from None
             return _stat_info(key, os.stat(dest))
         except PermissionError:
             raise PermissionDenied(f"cannot write {key} in {self.root}", key=key) from None
-        except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
-            raise StorageError(f"cannot write {key} in {self.root}: {exc.strerror}", key=key) from None
+        except OSError as exc:
+            raise _os_error(exc, key, self.root) from None
+
+    def _conflict(self, key: str, why: str) -> FileFolderConflict:
+        return FileFolderConflict(f"cannot write {key} in {self.root}: {why}", key=key)
 
     async def delete(self, key: str, if_match: str | None = None) -> None:
         async with self._lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import hashlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
@@ -85,6 +86,10 @@ class MemoryStore:
         if entry is None:
             raise NotFound(f"{self.url}{key} not found", key=key)
         return _rekey(entry[0], key)
+
+    async def content_md5(self, key: str) -> tuple[ObjectInfo, bytes | None]:
+        info = await self.head(key)
+        return info, hashlib.md5(self._b.objects[self.prefix + key][1], usedforsecurity=False).digest()
 
     async def open(self, key: str) -> AsyncIterator[bytes]:
         entry = self._b.objects.get(self.prefix + key)

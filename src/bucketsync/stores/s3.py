@@ -120,6 +120,7 @@ _TRANSIENT = frozenset(
 _CREDENTIALS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound)
 _RETRYABLE_EXCEPTIONS = (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError, TimeoutError)
 _LOADER: Any = None
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
 _USERINFO = re.compile(r"://[^/@\s]+@")
 _SIGNED_QUERY = re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
 
@@ -334,6 +335,8 @@ class S3Store:
         part_size: int = PART_SIZE,
         attempts: int = 5,
         retry_base: float = 0.2,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
     ) -> None:
         if (access_key_id is None) != (secret_access_key is None):
             raise ConfigError("aws integration: set both access_key_id and secret_access_key, or neither")
@@ -352,6 +355,8 @@ class S3Store:
         self.part_size = part_size
         self.attempts = attempts
         self.retry_base = retry_base
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._profile = profile
         self._credentials = {
             k: v
@@ -376,8 +381,10 @@ class S3Store:
         options: dict[str, Any] = {
             # One attempt: retries are ours (see module docstring).
             "retries": {"total_max_attempts": 1, "mode": "standard"},
-            "connect_timeout": 10,
-            "read_timeout": 60,
+            # Per request (a read timeout is per socket read, not per transfer): a
+            # stalled server costs seconds, then a Transient and our retry.
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
             "max_pool_connections": 16,
             "tcp_keepalive": True,
             # SigV4 for presigned URLs too (the fast listing path); some configurations default to SigV2.
@@ -475,7 +482,7 @@ class S3Store:
     async def _http(self) -> aiohttp.ClientSession:
         if self._http_session is None:
             # trust_env: the same HTTP(S)_PROXY / NO_PROXY botocore honours.
-            timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=60)
+            timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=self.read_timeout)
             self._http_session = aiohttp.ClientSession(timeout=timeout, trust_env=True)
         return self._http_session
 
@@ -561,6 +568,19 @@ class S3Store:
         full = self.prefix + key
         resp = await self._retry(lambda: self._call("head_object", "head", key, Key=full))
         return _info(key, resp["ContentLength"], resp["LastModified"], resp.get("ETag"))
+
+    async def content_md5(self, key: str) -> tuple[ObjectInfo, bytes | None]:
+        """HEAD, and the ETag as an MD5 where S3 vouches that it is one: a single-part
+        upload without SSE-KMS or SSE-C (a multipart ETag ``md5-N`` is not a content MD5)."""
+        full = self.prefix + key
+        resp = await self._retry(lambda: self._call("head_object", "head", key, Key=full))
+        info = _info(key, resp["ContentLength"], resp["LastModified"], resp.get("ETag"))
+        encrypted = str(resp.get("ServerSideEncryption") or "").startswith("aws:kms") or resp.get(
+            "SSECustomerAlgorithm"
+        )
+        if info.etag is None or encrypted or not _MD5_HEX.fullmatch(info.etag):
+            return info, None
+        return info, bytes.fromhex(info.etag)
 
     async def _get(self, key: str, offset: int = 0, etag: str | None = None) -> Any:
         """GetObject from ``offset``; when resuming, pinned to ``etag`` so two versions are never spliced."""
@@ -836,4 +856,6 @@ def open_s3(loc: Location, driver: DriverConfig, integration: AwsIntegration | N
         secret_access_key=secrets.get("secret_access_key"),
         session_token=secrets.get("session_token"),
         profile=profile,
+        connect_timeout=driver.connect_timeout,
+        read_timeout=driver.read_timeout,
     )
