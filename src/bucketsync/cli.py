@@ -58,7 +58,7 @@ SYNC_KEYS = (
 
 def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
     """The documented shape of ``sync --json``, whether the run was local or the daemon's."""
-    return {k: raw.get(k) for k in SYNC_KEYS} | {"dry_run": bool(raw.get("dry_run"))}
+    return {k: raw.get(k) for k in SYNC_KEYS} | {"gaps": raw.get("gaps") or [], "dry_run": bool(raw.get("dry_run"))}
 
 
 def _daemon_running(settings: Settings) -> bool:

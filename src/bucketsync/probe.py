@@ -14,7 +14,7 @@ from typing import Any
 from bucketsync.gate import DELETE_OBJECT, decide_delete
 from bucketsync.keys import HIDDEN
 from bucketsync.model import CREATE
-from bucketsync.stores import Store, one_chunk, read_all
+from bucketsync.stores import Store, listing_with_gaps, one_chunk, read_all
 
 
 @dataclass(slots=True)
@@ -59,7 +59,7 @@ def _err(exc: Exception) -> str:
 async def probe(store: Store, driver: str, allow_delete: bool) -> ProbeResult:
     result = ProbeResult(driver, store.url)
     try:
-        async for _ in store.list():
+        async for _ in listing_with_gaps(store):  # an unreadable sub-folder is a gap, not a failed list
             break
         result.checks["list"] = Check(True, True)
     except Exception as exc:

@@ -5,6 +5,10 @@ and modifications in batches as it goes, and holds removals until the listing is
 complete: only then are renames matched (same etag and size) and the remaining
 removals put through the guard. A failed listing therefore never removes anything
 (invariant 1), and a run past the mass-delete limits removes nothing (invariant 4).
+
+A store that can scope a failure to a sub-tree (``stores.PartialListing``) reports it
+as a ``ListingGap``: the diff leaves every ledger key under it alone, the rest of the
+run (removals included) goes on, and the run ends ``partial`` with the gaps named.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from bucketsync.errors import BucketsyncError, LedgerError
 from bucketsync.gate import removal_guard
 from bucketsync.keys import KeyFilter
 from bucketsync.ledger import Ledger
-from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ObjectInfo, RunStatus
+from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.pacing import Pacer
-from bucketsync.stores import Store
+from bucketsync.stores import Store, listing_with_gaps
 
 log = structlog.get_logger("bucketsync.sync")
 
@@ -55,6 +59,7 @@ class RunResult:
     error: str | None = None
     dry_run: bool = False
     seconds: float = 0.0
+    gaps: list[ListingGap] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -63,6 +68,7 @@ class RunResult:
             "status": str(self.status),
             **self.counts.as_dict(),
             "error": self.error,
+            "gaps": [g.as_json() for g in self.gaps],
             "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
         }
@@ -79,13 +85,16 @@ class _Pending:
     deferred: list[ObjectInfo] = field(default_factory=list)  # over quota: rename targets only
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
+    gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
     #: the counts as of the run's last committed write: what a run that fails to write records
     committed: Counts = field(default_factory=Counts)
 
 
-async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bool]) -> AsyncIterator[ObjectInfo]:
+async def _filtered(
+    listing: AsyncIterable[ObjectInfo | ListingGap], keep: Callable[[str], bool]
+) -> AsyncIterator[ObjectInfo | ListingGap]:
     async for obj in listing:
-        if keep(obj.key):
+        if isinstance(obj, ListingGap) or keep(obj.key):  # a gap may hide kept keys: it always passes
             yield obj
 
 
@@ -113,7 +122,7 @@ class SyncLoop:
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
         #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
-        self._unfinished: tuple[int, Counts, RunStatus, str | None] | None = None
+        self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -166,11 +175,15 @@ class SyncLoop:
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
             if complete:
                 await self._match_renames(ds_id, run_id, counts, pending)
-                if pending.over_quota and status is RunStatus.OK:
-                    error = (
+                if pending.gaps:  # complete but for these sub-trees: removals elsewhere go on
+                    status, error = RunStatus.PARTIAL, _describe_gaps(pending.gaps)
+                    counts.errors += len(pending.gaps)
+                if pending.over_quota and status in (RunStatus.OK, RunStatus.PARTIAL):
+                    quota = (
                         f"over quota: the dataset is at its quota of {self.config.quota} items; "
                         f"{pending.over_quota} new objects were not added"
                     )
+                    error = f"{error}; {quota}" if error else quota
                     metrics.QUOTA_SKIPPED.labels(self.name).inc(pending.over_quota)
                 decision = removal_guard(
                     removals=len(pending.removals),
@@ -185,6 +198,8 @@ class SyncLoop:
                 else:
                     status, error = RunStatus.ABORTED, decision.message
                     metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
+                if not dry_run:
+                    metrics.LISTING_GAPS.labels(self.name).set(len(pending.gaps))
         except LedgerError as exc:  # a full disk, say: the run fails, recording only what committed
             status, error = RunStatus.FAILED, str(exc)
             counts = replace(pending.committed, errors=pending.committed.errors + 1)
@@ -195,18 +210,20 @@ class SyncLoop:
             seconds = time.monotonic() - t0
             if run_id is not None:
                 try:
-                    await asyncio.shield(self._finish(ds_id, run_id, counts, status, error))
+                    await asyncio.shield(self._finish(ds_id, run_id, counts, status, error, pending.gaps))
                 except LedgerError as exc:
-                    self._unfinished = (run_id, counts, status, error)
+                    self._unfinished = (run_id, counts, status, error, pending.gaps)
                     log.error("could not record the end of the run; recorded at the next one", error=str(exc))
             self.progress = self.current_run = None
-            self._record(status, counts, seconds, dry_run, error)
+            self._record(status, counts, seconds, dry_run, error, pending.gaps)
             structlog.contextvars.unbind_contextvars("dataset", "run")
-        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds)
+        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds, pending.gaps)
 
-    async def _finish(self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
-        await self.ledger.finish_run(run_id, counts, status, error)
-        if self.resync and status is RunStatus.OK:
+    async def _finish(
+        self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None, gaps: list[ListingGap]
+    ) -> None:
+        await self.ledger.finish_run(run_id, counts, status, error, gaps)
+        if self.resync and status is RunStatus.OK:  # not partial: the gaps were not listed
             await self.ledger.resync_done(self.name)
             self.resync = False
             log.info("full re-sync after lost ledger commits done")
@@ -221,7 +238,7 @@ class SyncLoop:
     async def _diff(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
     ) -> None:
-        listing = self.store.list()
+        listing = listing_with_gaps(self.store)
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
         added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
@@ -229,7 +246,7 @@ class SyncLoop:
         self.touched = {k: t for k, t in self.touched.items() if t >= t0}
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
-        async for ch in diff(listing, self.ledger.snapshot(ds_id)):
+        async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
             await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
@@ -340,12 +357,21 @@ class SyncLoop:
         if p.purges:
             await self.ledger.remove(None, [o.id for o in p.purges])
 
-    def _record(self, status: RunStatus, counts: Counts, seconds: float, dry_run: bool, error: str | None) -> None:
+    def _record(
+        self,
+        status: RunStatus,
+        counts: Counts,
+        seconds: float,
+        dry_run: bool,
+        error: str | None,
+        gaps: list[ListingGap],
+    ) -> None:
         fields = counts.as_dict()
         if status is RunStatus.OK:
             log.info("run finished", status=str(status), seconds=round(seconds, 3), **fields)
         else:
-            log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **fields)
+            extra = {"gaps": [g.prefix for g in gaps]} if gaps else {}
+            log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **extra, **fields)
         if dry_run:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
@@ -445,6 +471,20 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | N
     finally:
         for w in waiters:
             w.cancel()
+
+
+#: how many gaps a run's error message names (the run record's ``gaps`` has them all)
+NAMED_GAPS = 5
+
+
+def _describe_gaps(gaps: list[ListingGap]) -> str:
+    named = "; ".join(g.error for g in gaps[:NAMED_GAPS])
+    more = f"; and {len(gaps) - NAMED_GAPS} more" if len(gaps) > NAMED_GAPS else ""
+    what = "part" if len(gaps) == 1 else "parts"
+    return (
+        f"{len(gaps)} {what} of the listing could not be read and kept their last known state "
+        f"(nothing there was removed or changed): {named}{more}"
+    )
 
 
 def _describe(exc: BaseException) -> str:
