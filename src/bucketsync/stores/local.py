@@ -260,10 +260,12 @@ class LocalStore:
                         continue
                     stack.append((key, sub, 0))
                     continue
-                if not key.startswith(prefix) or not indexable(key):
+                if not key.startswith(prefix):
                     continue
-                if not _utf8(key):
+                if not _utf8(key):  # before indexable(), which refuses such names silently
                     log.warning("skipping file whose name is not UTF-8", folder=rel, name=repr(name))
+                    continue
+                if not indexable(key):
                     continue
                 if error is not None:
                     message = f"cannot read {key} under {self.root}: {error}"
