@@ -26,10 +26,13 @@ $(VENV)/.test-installed: pyproject.toml requirements-test.lock tests/azurite/pac
 	$(MAKE) system-tools
 	touch $@ $(VENV)/.installed
 
-## Tools the tests run that come from Debian, not PyPI: systemd-analyze (the unit's verify and
+## Tools the tests run that come from Debian, not PyPI: rsync and setpriv, systemd-analyze (the unit's verify and
 ## security score) and promtool (the alert rules). promtool is unpacked from Debian's prometheus
 ## package into the venv, so no Prometheus server gets installed or started.
 system-tools: | $(BIN)/python
+	@# The local-change matrix runs rsync for real; the non-root tests run the agent through setpriv.
+	@command -v rsync >/dev/null && command -v setpriv >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends rsync util-linux; }
 	@command -v systemd-analyze >/dev/null || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd; }
 	@test -x $(BIN)/promtool || { \

@@ -46,8 +46,10 @@ CLI = (sys.executable, "-m", "bucketsync.cli")
 #: The documented keys of ``bucketsync sync --json``.
 SYNC_KEYS = frozenset(
     {"dataset", "run", "status", "listed", "added", "modified", "removed", "renamed", "unchanged", "errors", "error"}
-    | {"dry_run"}
+    | {"gaps", "dry_run"}
 )
+#: An unprivileged uid and gid for tests where file modes must apply (root ignores them).
+NOBODY = 65534
 #: The documented keys of one ``bucketsync items --json`` line.
 ITEM_KEYS = frozenset(
     {"id", "key", "size", "etag", "modified", "state", "version", "content_type", "metadata", "updated"}
@@ -208,6 +210,11 @@ def many_files(root: Path, folders: int, per_folder: int, *, links: bool = False
 # ---------------------------------------------------------------------- processes
 
 
+def as_user(uid: int | None) -> tuple[str, ...]:
+    """The argv prefix that runs a command as ``uid`` (and gid ``uid``, no other groups)."""
+    return () if uid is None else ("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups")
+
+
 def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The test process's environment without any ``BUCKETSYNC_*``, plus ``env``."""
     out = {k: v for k, v in os.environ.items() if not k.upper().startswith("BUCKETSYNC_")}
@@ -222,13 +229,15 @@ def cli(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float = 60,
+    run_as: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``bucketsync [-c config] ARGS`` and return the finished process (text output).
 
     ``config=None`` leaves ``-c`` out, so ``$BUCKETSYNC_CONFIG`` or ``./bucketsync.toml``
-    is used.
+    is used. ``run_as`` runs it under that uid (see ``as_user``).
     """
-    argv = [*CLI, *(["-c", os.fspath(config)] if config is not None else []), *map(os.fspath, args)]
+    argv = [*as_user(run_as), *CLI, *(["-c", os.fspath(config)] if config is not None else [])]
+    argv += map(os.fspath, args)
     return subprocess.run(
         argv, capture_output=True, text=True, env=clean_env(env), cwd=cwd, timeout=timeout, check=False
     )
@@ -367,9 +376,11 @@ class Daemon:
         log_path: Path | None = None,
         listen: str | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        run_as: int | None = None,
     ) -> None:
         self.config = config
         self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. a prctl the test wants)
+        self.run_as = run_as
         self.env = dict(env or {})
         self.cwd = cwd
         if listen is None:
@@ -394,7 +405,12 @@ class Daemon:
     # -- life cycle
 
     def start(self, *, wait: bool = True, timeout: float = 20.0) -> Daemon:
-        argv = [*CLI, *(["-c", os.fspath(self.config)] if self.config is not None else []), "run"]
+        argv = [
+            *as_user(self.run_as),
+            *CLI,
+            *(["-c", os.fspath(self.config)] if self.config is not None else []),
+            "run",
+        ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 argv,

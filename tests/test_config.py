@@ -249,6 +249,18 @@ def test_bad_endpoint_url(tmp_path: Path) -> None:
     assert "drivers.d.endpoint_url:" in msg and "http://" in msg
 
 
+def test_verify(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[drivers.d]\nurl = 'file:///srv/photos'\nverify = 'hash'\n")
+    assert load_settings(path).drivers["d"].verify == "hash"
+    path.write_text("[drivers.d]\nurl = 'file:///srv/photos'\n")
+    assert load_settings(path).drivers["d"].verify == "stat"
+    msg = error_of(tmp_path, "[drivers.d]\nurl = 'file:///srv/photos'\nverify = 'md5'\n")
+    assert "drivers.d.verify:" in msg and "'stat' or 'hash'" in msg
+    msg = error_of(tmp_path, "[drivers.d]\nurl = 's3://bucket'\nverify = 'hash'\n")
+    assert "drivers.d:" in msg and "file://" in msg
+
+
 def test_dataset_naming_a_missing_driver(tmp_path: Path) -> None:
     msg = error_of(tmp_path, MINIMAL + "\n[datasets.docs]\ndriver = 'nowhere'\n")
     assert "datasets.docs.driver: no driver named 'nowhere' (drivers: disk)" in msg

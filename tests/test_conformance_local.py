@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import stat
 import unicodedata
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
@@ -22,9 +23,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from bucketsync.errors import NotFound, PermissionDenied, StorageError
-from bucketsync.model import OVERWRITE, ObjectInfo, PutMode
+from bucketsync.model import CREATE, OVERWRITE, ObjectInfo, PutMode
 from bucketsync.stores import Store, one_chunk, read_all
-from bucketsync.stores.local import LocalStore
+from bucketsync.stores.contenthash import HashMemo
+from bucketsync.stores.local import LocalStore, Verify
 from bucketsync.stores.memory import MemoryStore
 from conformance import (
     CHECKS,
@@ -65,8 +67,8 @@ def local_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture(params=["memory", "memory-prefixed", "local"])
-def store(request: pytest.FixtureRequest, memory_name: str, local_root: Path) -> Store:
+@pytest.fixture(params=["memory", "memory-prefixed", "local", "local-hash"])
+def store(request: pytest.FixtureRequest, memory_name: str, local_root: Path, tmp_path: Path) -> Store:
     """A fresh, empty store of each kind."""
     if request.param == "memory":
         return MemoryStore(memory_name)
@@ -77,6 +79,8 @@ def store(request: pytest.FixtureRequest, memory_name: str, local_root: Path) ->
         )
         MemoryStore(memory_name, "pre0/").load([("x", b"neighbour", 1.0)])
         return MemoryStore(memory_name, "pre/")
+    if request.param == "local-hash":  # content-hash etags (verify = "hash"), with the memo
+        return LocalStore(str(local_root), "hash", HashMemo(tmp_path / "memo.sqlite"))
     return LocalStore(str(local_root))
 
 
@@ -124,8 +128,9 @@ def _write_raw_names(root: bytes, names: list[bytes]) -> None:
             f.write(b"a name that is not UTF-8")
 
 
-async def test_local_non_utf8_names_skipped(local_root: Path) -> None:
-    store = LocalStore(str(local_root))
+@pytest.mark.parametrize("verify", ["stat", "hash"])
+async def test_local_non_utf8_names_skipped(local_root: Path, tmp_path: Path, verify: Verify) -> None:
+    store = LocalStore(str(local_root), verify, HashMemo(tmp_path / "memo.sqlite"))
     await store.put("good", one_chunk(b"g"))
     await store.put("zz/ok", one_chunk(b"o"))
     _write_raw_names(os.fsencode(local_root), [b"bad\xff", b"dir\xfe/inner", b"zz/bad\xc3("])
@@ -186,6 +191,21 @@ async def test_local_delete_leaves_foreign_folders(local_root: Path) -> None:
     await store.put("x/y/z", one_chunk(b"z"))
     await store.delete("x/y/z")
     assert os.listdir(local_root) == [".bucketsync"], "x/ and x/y/ are gone; the root and its hidden folder stay"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+@pytest.mark.parametrize("create", [False, True], ids=["overwrite", "create-only"])
+async def test_local_written_files_get_the_usual_mode(local_root: Path, umask: int, mode: int, create: bool) -> None:
+    """A file bucketsync writes gets 0666 less the umask, like any program's (not mkstemp's 0600)."""
+    store = LocalStore(str(local_root))
+    old = os.umask(umask)
+    try:
+        await store.put("new/file.jpg", one_chunk(b"jpg"), CREATE if create else OVERWRITE)
+        await store.put("new/file.jpg", one_chunk(b"jpg, again"))  # an overwrite of an existing file too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((local_root / "new" / "file.jpg").stat().st_mode) == mode
+    assert stat.S_IMODE((local_root / "new").stat().st_mode) == 0o777 & ~umask
 
 
 # ----------------------------------------------------------- memory-store specifics

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from bucketsync.diff import changed, diff
 from bucketsync.errors import OrderError
-from bucketsync.model import Change, ChangeKind, Indexed, ItemState, ObjectInfo
+from bucketsync.model import Change, ChangeKind, Indexed, ItemState, ListingGap, ObjectInfo
 
-T = TypeVar("T", ObjectInfo, Indexed)
+T = TypeVar("T", ObjectInfo, Indexed, ObjectInfo | ListingGap)
 
 # Keys from a small alphabet, so both sides share many keys; it includes characters whose
 # code-point order differs from their UTF-8/UTF-16 order, and '/', '-' and '0' around it.
@@ -293,3 +293,101 @@ async def test_diff_stops_pulling_when_the_consumer_stops() -> None:
         listing.received = i + 1
     await changes.aclose()  # type: ignore[attr-defined]
     assert listing.produced <= 11
+
+
+# ---------------------------------------------------------------- gaps (a part of the listing could not be read)
+
+
+def gap(prefix: str, exact: bool = False) -> ListingGap:
+    return ListingGap(prefix, f"cannot read {prefix}", exact)
+
+
+async def collect_gaps(
+    listing: Sequence[ObjectInfo | ListingGap], snapshot: Sequence[Indexed]
+) -> tuple[list[Change], list[ListingGap]]:
+    seen: list[ListingGap] = []
+    changes = [c async for c in diff(agen(listing), agen(snapshot), seen)]
+    return changes, seen
+
+
+async def test_ledger_keys_under_a_gap_keep_their_state_and_the_rest_syncs() -> None:
+    """The unreadable folder b/ sorts between a and c: a key after it still syncs, removals included."""
+    snapshot = [idx("a"), idx("b/1"), idx("b/2"), idx("b0"), idx("c"), idx("d")]
+    listing: list[ObjectInfo | ListingGap] = [
+        obj("a", (2, 1.0, "e", None)),  # modified before the gap
+        gap("b/"),
+        obj("b1"),  # added right after it
+        obj("c"),  # unchanged after it
+    ]  # b0 and d are gone: removed; b/1 and b/2 are under the gap: no change at all
+    changes, seen = await collect_gaps(listing, snapshot)
+    assert [(c.kind, c.key) for c in changes] == [
+        (ChangeKind.MODIFIED, "a"),
+        (ChangeKind.REMOVED, "b0"),
+        (ChangeKind.ADDED, "b1"),
+        (ChangeKind.UNCHANGED, "c"),
+        (ChangeKind.REMOVED, "d"),
+    ]
+    assert seen == [gap("b/")]
+
+
+async def test_an_exact_gap_covers_one_key() -> None:
+    snapshot = [idx("a.jpg"), idx("a.jpg.bak"), idx("b")]
+    changes, seen = await collect_gaps([gap("a.jpg", exact=True), obj("b")], snapshot)
+    assert [(c.kind, c.key) for c in changes] == [(ChangeKind.REMOVED, "a.jpg.bak"), (ChangeKind.UNCHANGED, "b")]
+    assert seen == [gap("a.jpg", exact=True)]
+
+
+async def test_gaps_at_the_edges_and_in_a_row() -> None:
+    snapshot = [idx("a/1"), idx("m/1"), idx("n/1"), idx("z/1"), idx("zz")]
+    listing: list[ObjectInfo | ListingGap] = [gap("a/"), gap("m/"), gap("n/"), gap("z/")]
+    changes, seen = await collect_gaps(listing, snapshot)
+    assert [(c.kind, c.key) for c in changes] == [(ChangeKind.REMOVED, "zz")]
+    assert [g.prefix for g in seen] == ["a/", "m/", "n/", "z/"]
+    changes, seen = await collect_gaps([gap("")], snapshot)  # a gap over everything removes nothing
+    assert changes == [] and seen == [gap("")]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        [obj("b"), gap("a/")],  # a gap before a key it sorts before
+        [gap("a/"), obj("a/x")],  # a key inside the gap reported before it
+        [gap("a/"), gap("a/b/")],  # a gap inside a gap
+        [gap("a/"), gap("a/")],  # the same gap twice
+        [obj("a/x"), gap("a/")],  # a key that the gap covers, before it
+        [gap("k", exact=True), obj("k")],  # an exact gap's own key listed too
+    ],
+    ids=["gap-after-key", "key-in-gap", "gap-in-gap", "duplicate-gap", "covered-key-first", "exact-then-key"],
+)
+async def test_gaps_are_checked_for_order(listing: list[ObjectInfo | ListingGap]) -> None:
+    with pytest.raises(OrderError, match="listing is not in ascending key order"):
+        await collect_gaps(listing, [idx("a/x"), idx("k")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    old=st.dictionaries(keys_st, sigs, max_size=25),
+    new=st.dictionaries(keys_st, sigs, max_size=25),
+    prefix=st.text(alphabet=KEY_CHARS, min_size=1, max_size=2),
+)
+async def test_applying_changes_outside_a_gap_yields_the_new_listing_there(
+    old: dict[str, Sig], new: dict[str, Sig], prefix: str
+) -> None:
+    """With a gap at ``prefix``: keys under it are untouched, every other key ends as listed."""
+    listed = {k: v for k, v in new.items() if not k.startswith(prefix)}
+    listing: list[ObjectInfo | ListingGap] = [obj(k, listed[k]) for k in sorted(listed)]
+    listing.insert(sum(1 for k in listed if k < prefix), gap(prefix))  # in key order, where b/ would be
+    snapshot = [idx(k, old[k], id_=i) for i, k in enumerate(sorted(old))]
+    changes, seen = await collect_gaps(listing, snapshot)
+    assert seen == [gap(prefix)]
+    assert not any(c.key.startswith(prefix) for c in changes), "a key under the gap changed"
+    state = dict(old)
+    for c in changes:
+        if c.kind is ChangeKind.REMOVED:
+            del state[c.key]
+        elif c.new is not None:
+            state[c.key] = sig_of(c.new)
+    assert {k for k in state if not k.startswith(prefix)} == set(listed)
+    assert {k: v for k, v in state.items() if k.startswith(prefix)} == {
+        k: v for k, v in old.items() if k.startswith(prefix)
+    }

@@ -25,6 +25,7 @@ from bucketsync.errors import StorageError
 from bucketsync.ledger import Ledger
 from bucketsync.model import Item, ItemState, ObjectInfo, RunStatus
 from bucketsync.stores import Store, one_chunk, read_all
+from bucketsync.stores.contenthash import HashMemo
 from bucketsync.stores.local import LocalStore
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.sync import BATCH, RunResult, SyncLoop
@@ -34,7 +35,7 @@ from conformance import Delegating as Wrapper
 #: store (the cloud ones come from tests/emulators/*.py). Tests whose outcome depends on what a store
 #: reports (etags and modified times that are stable across listings and change on a rewrite, renames,
 #: folder markers, the hidden folder) run on all of them.
-STORES = ["memory", "local", "s3", "gcs", "azure"]
+STORES = ["memory", "local", "local_hash", "s3", "gcs", "azure"]
 #: The engine's own logic (the guard, failed listings, dry runs, tombstones, quota, run records, logs)
 #: sees a store only through its listing, so it runs on the two fast stores; adding a name here is all
 #: it takes to run it on another.
@@ -61,6 +62,14 @@ def local_store(tmp_path: Path) -> LocalStore:
     return LocalStore(str(root))
 
 
+@pytest.fixture
+def local_hash_store(tmp_path: Path) -> LocalStore:
+    """A local folder with ``verify = "hash"``: content-hash etags, kept in a memo between runs."""
+    root = tmp_path / "root"
+    root.mkdir()
+    return LocalStore(str(root), "hash", HashMemo(tmp_path / "memo" / "root.sqlite"))
+
+
 class Bucket:
     """One store under test, plus the means to change it as another program would."""
 
@@ -73,7 +82,7 @@ class Bucket:
         #: its original. Memory etags are a counter and Azure ETags an opaque version id that
         #: every write changes: there a copy never matches, and a rename is indistinguishable
         #: from a removal plus an addition.
-        self.renames_detected = kind in ("local", "s3", "gcs")
+        self.renames_detected = kind in ("local", "local_hash", "s3", "gcs")
 
     def _path(self, key: str) -> Path:
         assert self.root is not None

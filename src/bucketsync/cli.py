@@ -62,7 +62,7 @@ PLAN_KEYS = ("would_remove", "would_rename")
 def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
     """The documented shape of ``sync --json``, whether the run was local or the daemon's.
     A dry run adds its plan: the keys it would remove and rename (the first 1,000 of each)."""
-    out = {k: raw.get(k) for k in SYNC_KEYS} | {"dry_run": bool(raw.get("dry_run"))}
+    out = {k: raw.get(k) for k in SYNC_KEYS} | {"gaps": raw.get("gaps") or [], "dry_run": bool(raw.get("dry_run"))}
     if out["dry_run"]:
         out |= {k: raw[k] for k in PLAN_KEYS if k in raw}
     return out

@@ -181,6 +181,11 @@ class DriverConfig(_Strict):
     allow_delete: bool = _doc(
         "Let deletes through bucketsync delete objects in storage; off: items become tombstones.", default=False
     )
+    verify: Literal["stat", "hash"] = _doc(
+        "How a local folder's changes are detected: `stat` (size, mtime, inode and change time) or `hash` "
+        "(a content hash, re-read only when the change time moves); `file://` drivers only.",
+        default="stat",
+    )
     connect_timeout: Duration = _doc("Seconds to open a connection to storage, per request.", default=5.0)
     read_timeout: Duration = _doc(
         "Seconds to wait for each read of a storage response (not a whole transfer); a stall past it is "
@@ -200,6 +205,15 @@ class DriverConfig(_Strict):
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"endpoint_url {v!r} must be an http:// or https:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _verify_local_only(self) -> DriverConfig:
+        if self.verify == "hash" and self.location.scheme != "file":
+            raise ValueError(
+                "verify = 'hash' applies to local folders (file://) only; cloud stores already "
+                "compare the provider's own etag or version"
+            )
+        return self
 
     @property
     def location(self) -> Location:

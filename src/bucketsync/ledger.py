@@ -28,6 +28,7 @@ from bucketsync.model import (
     Indexed,
     Item,
     ItemState,
+    ListingGap,
     ObjectInfo,
     Op,
     OpKind,
@@ -139,6 +140,10 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + 1;
     END;
     """,
+    # v6: the sub-trees a partial run could not list: a JSON list of {"prefix", "error"}.
+    """
+    ALTER TABLE runs ADD COLUMN gaps TEXT;
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -148,7 +153,7 @@ _OP_COLS = (
 )
 _RUN_COLS = (
     "r.id, d.name, r.started, r.ended, r.status, r.listed, r.added, r.modified, r.removed, "
-    "r.renamed, r.unchanged, r.errors, r.error, r.forced"
+    "r.renamed, r.unchanged, r.errors, r.error, r.forced, r.gaps"
 )
 
 
@@ -202,6 +207,9 @@ def _run(row: Sequence[Any]) -> RunRecord:
         counts=Counts(*row[5:12]),
         error=row[12],
         forced=bool(row[13]),
+        gaps=tuple(ListingGap(g["prefix"], g["error"], g.get("exact", False)) for g in json.loads(row[14]))
+        if row[14]
+        else (),
     )
 
 
@@ -517,10 +525,17 @@ class Ledger:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    async def finish_run(self, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
+    async def finish_run(
+        self,
+        run_id: int,
+        counts: Counts,
+        status: RunStatus,
+        error: str | None,
+        gaps: Sequence[ListingGap] = (),
+    ) -> None:
         await self._write(
             "UPDATE runs SET ended = ?, status = ?, listed = ?, added = ?, modified = ?, removed = ?, "
-            "renamed = ?, unchanged = ?, errors = ?, error = ? WHERE id = ?",
+            "renamed = ?, unchanged = ?, errors = ?, error = ?, gaps = ? WHERE id = ?",
             (
                 time.time(),
                 str(status),
@@ -532,6 +547,7 @@ class Ledger:
                 counts.unchanged,
                 counts.errors,
                 error,
+                json.dumps([g.as_json() for g in gaps], ensure_ascii=False) if gaps else None,
                 run_id,
             ),
         )
@@ -561,9 +577,10 @@ class Ledger:
         return _run(row) if row else None
 
     async def last_ok_run(self, dataset_id: int) -> RunRecord | None:
+        """The last run whose listing completed: ``ok``, or ``partial`` (complete outside its gaps)."""
         async with self.db.execute(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
-            "WHERE r.dataset_id = ? AND r.status = 'ok' ORDER BY r.id DESC LIMIT 1",
+            "WHERE r.dataset_id = ? AND r.status IN ('ok', 'partial') ORDER BY r.id DESC LIMIT 1",
             (dataset_id,),
         ) as cur:
             row = await cur.fetchone()

@@ -80,6 +80,15 @@ RUN_ERRORS = Counter(
 LOOP_ERRORS = Counter(
     "bucketsync_loop_errors_total", "Unexpected errors in a dataset's sync loop.", ["dataset"], registry=REGISTRY
 )
+LISTING_GAPS = Gauge(
+    "bucketsync_listing_gaps",
+    "Parts of the dataset's storage (sub-folders, prefixes) its last completed listing could not read; "
+    "their items kept their last known state. Non-zero means the run ended partial.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+
+
 LOOP_RESTARTS = Counter(
     "bucketsync_loop_restarts_total",
     "Dataset loops that died (an exception escaped them) and were restarted with backoff.",
@@ -199,7 +208,7 @@ def init(datasets: Iterable[str]) -> None:
         for result in OP_RESULTS:
             DOWNSTREAM_OPS.labels(str(op), result)
     for ds in datasets:
-        for status in (RunStatus.OK, RunStatus.FAILED, RunStatus.ABORTED):
+        for status in (RunStatus.OK, RunStatus.PARTIAL, RunStatus.FAILED, RunStatus.ABORTED):
             RUNS.labels(ds, str(status))
         for change in CHANGES:
             ITEMS.labels(ds, change)

@@ -26,6 +26,28 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ListingGap:
+    """A part of a listing that could not be read, reported in place of its objects.
+
+    It covers every key that starts with ``prefix`` (a sub-folder ``a/b/``, or one
+    prefix of a parallel cloud listing), or, when ``exact``, the one key ``prefix``
+    (an object that was seen but could not be read). A store yields it in key order
+    at ``prefix``, where the covered keys would have been. What the ledger holds
+    under a gap keeps its last known state: nothing there is removed or changed.
+    """
+
+    prefix: str
+    error: str
+    exact: bool = False
+
+    def covers(self, key: str) -> bool:
+        return key == self.prefix if self.exact else key.startswith(self.prefix)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "exact": self.exact, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
 class PutMode:
     """How a put treats an object that may already be there.
 
@@ -120,6 +142,9 @@ class RunStatus(enum.StrEnum):
     OK = "ok"
     FAILED = "failed"
     ABORTED = "aborted"
+    #: the listing completed except for sub-trees it could not read (``RunRecord.gaps``):
+    #: everything else was synced, removals included; keys under a gap kept their state
+    PARTIAL = "partial"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +157,8 @@ class RunRecord:
     counts: Counts
     error: str | None
     forced: bool
+    #: the sub-trees the run could not list (status ``partial``)
+    gaps: tuple[ListingGap, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -143,6 +170,7 @@ class RunRecord:
             **self.counts.as_dict(),
             "error": self.error,
             "forced": self.forced,
+            "gaps": [g.as_json() for g in self.gaps],
         }
 
 

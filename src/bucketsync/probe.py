@@ -27,8 +27,8 @@ from typing import Any
 from bucketsync.errors import BadEndpoint, NotFound, PermissionDenied, Unreachable
 from bucketsync.gate import DELETE_OBJECT, decide_delete
 from bucketsync.keys import HIDDEN
-from bucketsync.model import CREATE
-from bucketsync.stores import Store, one_chunk, read_all
+from bucketsync.model import CREATE, ObjectInfo
+from bucketsync.stores import Store, listing_with_gaps, one_chunk, read_all
 
 # What a check found: "ok", one of the failure kinds, or why it was not run.
 OK = "ok"
@@ -52,6 +52,7 @@ _WORDS = {
 UPSTREAM = ("list", "get")
 DOWNSTREAM = ("put", "delete")
 PEEK = 64 << 10  # get reads at most about this much of an existing object
+MAX_GAPS = 100  # listing entries looked at for an object get can read
 
 
 @dataclass(slots=True)
@@ -173,8 +174,15 @@ async def probe(store: Store, driver: str, allow_delete: bool, *, writes: bool =
     checks = result.checks
     first: str | None = None
     try:
-        async for obj in store.list():
-            first = obj.key
+        # An unreadable sub-folder is a gap, not a failed list; get peeks at the first object
+        # listed, but a listing that starts with many gaps is not read to its end for one.
+        seen = 0
+        async for entry in listing_with_gaps(store):
+            seen += 1
+            if isinstance(entry, ObjectInfo):
+                first = entry.key
+            elif seen < MAX_GAPS:
+                continue
             break
         checks["list"] = Check(OK, True)
     except Exception as exc:

@@ -84,7 +84,15 @@ class _Counts(_Body):
     errors: int
 
 
-RunState = Literal["running", "ok", "failed", "aborted"]
+RunState = Literal["running", "ok", "partial", "failed", "aborted"]
+
+
+class Gap(_Body):
+    """A part of storage a listing could not read; its items kept their last known state."""
+
+    prefix: str = Field(description="the sub-tree (or, when exact, the one key) that could not be listed")
+    exact: bool = Field(description="the gap is exactly this key, not a prefix")
+    error: str
 
 
 class Run(_Counts):
@@ -95,6 +103,7 @@ class Run(_Counts):
     ended: Timestamp | None
     error: str | None
     forced: bool
+    gaps: list[Gap] = Field(description="what a partial run could not list")
 
 
 class RunList(_Body):
@@ -126,6 +135,7 @@ class RunResult(_Counts):
     run: int | None = Field(description="null for a dry run, which records nothing")
     status: RunState
     error: str | None
+    gaps: list[Gap] = Field(description="what a partial run could not list")
     dry_run: bool
     seconds: float
     would_remove: WouldRemove | None = Field(default=None, description="dry runs only: the keys a run would remove")

@@ -5,6 +5,10 @@ and modifications in batches as it goes, and holds removals until the listing is
 complete: only then are renames matched (same etag and size) and the remaining
 removals put through the guard. A failed listing therefore never removes anything
 (invariant 1), and a run past the mass-delete limits removes nothing (invariant 4).
+
+A store that can scope a failure to a sub-tree (``stores.PartialListing``) reports it
+as a ``ListingGap``: the diff leaves every ledger key under it alone, the rest of the
+run (removals included) goes on, and the run ends ``partial`` with the gaps named.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from bucketsync.gate import removal_guard
 from bucketsync.keys import KeyFilter
 from bucketsync.ledger import Ledger
 from bucketsync.logs import debug_enabled
-from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ObjectInfo, RunStatus
+from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.pacing import Pacer
-from bucketsync.stores import Store
+from bucketsync.stores import Store, listing_with_gaps
 
 log = structlog.get_logger("bucketsync.sync")
 
@@ -57,6 +61,7 @@ class RunResult:
     error: str | None = None
     dry_run: bool = False
     seconds: float = 0.0
+    gaps: list[ListingGap] = field(default_factory=list)
     #: a dry run's plan: the keys it would remove and rename (bounded), whatever the guard says
     plan: Plan | None = None
 
@@ -67,6 +72,7 @@ class RunResult:
             "status": str(self.status),
             **self.counts.as_dict(),
             "error": self.error,
+            "gaps": [g.as_json() for g in self.gaps],
             "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
         }
@@ -115,13 +121,16 @@ class _Pending:
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
     renames: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key): dry-run plan, debug log
+    gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
     #: the counts as of the run's last committed write: what a run that fails to write records
     committed: Counts = field(default_factory=Counts)
 
 
-async def _filtered(listing: AsyncIterable[ObjectInfo], keep: Callable[[str], bool]) -> AsyncIterator[ObjectInfo]:
+async def _filtered(
+    listing: AsyncIterable[ObjectInfo | ListingGap], keep: Callable[[str], bool]
+) -> AsyncIterator[ObjectInfo | ListingGap]:
     async for obj in listing:
-        if keep(obj.key):
+        if isinstance(obj, ListingGap) or keep(obj.key):  # a gap may hide kept keys: it always passes
             yield obj
 
 
@@ -160,7 +169,7 @@ class SyncLoop:
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
         #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
-        self._unfinished: tuple[int, Counts, RunStatus, str | None] | None = None
+        self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -214,11 +223,15 @@ class SyncLoop:
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
             if complete:
                 await self._match_renames(ds_id, run_id, counts, pending)
-                if pending.over_quota and status is RunStatus.OK:
-                    error = (
+                if pending.gaps:  # complete but for these sub-trees: removals elsewhere go on
+                    status, error = RunStatus.PARTIAL, _describe_gaps(pending.gaps)
+                    counts.errors += len(pending.gaps)
+                if pending.over_quota and status in (RunStatus.OK, RunStatus.PARTIAL):
+                    quota = (
                         f"over quota: the dataset is at its quota of {self.config.quota} items; "
                         f"{pending.over_quota} new objects were not added"
                     )
+                    error = f"{error}; {quota}" if error else quota
                     metrics.QUOTA_SKIPPED.labels(self.name).inc(pending.over_quota)
                 decision = removal_guard(
                     removals=len(pending.removals),
@@ -242,6 +255,8 @@ class SyncLoop:
                     )
                     if not dry_run:
                         metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
+                if not dry_run:
+                    metrics.LISTING_GAPS.labels(self.name).set(len(pending.gaps))
         except LedgerError as exc:  # a full disk, say: the run fails, recording only what committed
             status, error = RunStatus.FAILED, str(exc)
             counts = replace(pending.committed, errors=pending.committed.errors + 1)
@@ -252,18 +267,20 @@ class SyncLoop:
             seconds = time.monotonic() - t0
             if run_id is not None:
                 try:
-                    await asyncio.shield(self._finish(ds_id, run_id, counts, status, error))
+                    await asyncio.shield(self._finish(ds_id, run_id, counts, status, error, pending.gaps))
                 except LedgerError as exc:
-                    self._unfinished = (run_id, counts, status, error)
+                    self._unfinished = (run_id, counts, status, error, pending.gaps)
                     log.error("could not record the end of the run; recorded at the next one", error=str(exc))
             self.progress = self.current_run = None
-            self._record(status, counts, seconds, dry_run, error)
+            self._record(status, counts, seconds, dry_run, error, pending.gaps)
             structlog.contextvars.unbind_contextvars("dataset", "run")
-        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds, plan)
+        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds, pending.gaps, plan)
 
-    async def _finish(self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None) -> None:
-        await self.ledger.finish_run(run_id, counts, status, error)
-        if self.resync and status is RunStatus.OK:
+    async def _finish(
+        self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None, gaps: list[ListingGap]
+    ) -> None:
+        await self.ledger.finish_run(run_id, counts, status, error, gaps)
+        if self.resync and status is RunStatus.OK:  # not partial: the gaps were not listed
             await self.ledger.resync_done(self.name)
             self.resync = False
             log.info("full re-sync after lost ledger commits done")
@@ -278,7 +295,7 @@ class SyncLoop:
     async def _diff(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
     ) -> None:
-        listing = self.store.list()
+        listing = listing_with_gaps(self.store)
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
         added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
@@ -287,7 +304,7 @@ class SyncLoop:
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
-        async for ch in diff(listing, self.ledger.snapshot(ds_id)):
+        async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
             await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
@@ -411,14 +428,23 @@ class SyncLoop:
         if p.purges:
             await self.ledger.remove(None, [o.id for o in p.purges])
 
-    def _record(self, status: RunStatus, counts: Counts, seconds: float, dry_run: bool, error: str | None) -> None:
+    def _record(
+        self,
+        status: RunStatus,
+        counts: Counts,
+        seconds: float,
+        dry_run: bool,
+        error: str | None,
+        gaps: list[ListingGap],
+    ) -> None:
         fields = counts.as_dict()
-        if status is not RunStatus.OK:
-            log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **fields)
-        else:
+        if status is RunStatus.OK:
             changed = counts.added or counts.modified or counts.removed or counts.renamed or counts.errors
             level = "info" if changed or dry_run else self.no_change_log_level
             log.log(_LEVELS[level], "run finished", status=str(status), seconds=round(seconds, 3), **fields)
+        else:
+            extra = {"gaps": [g.prefix for g in gaps]} if gaps else {}
+            log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **extra, **fields)
         if dry_run:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
@@ -535,6 +561,20 @@ def _plan(p: _Pending, counts: Counts) -> Plan:
         renames=counts.renamed,
         remove_keys=[o.key for o in p.removals[:PLAN_KEYS]],
         rename_keys=p.renames[:PLAN_KEYS],
+    )
+
+
+#: how many gaps a run's error message names (the run record's ``gaps`` has them all)
+NAMED_GAPS = 5
+
+
+def _describe_gaps(gaps: list[ListingGap]) -> str:
+    named = "; ".join(g.error for g in gaps[:NAMED_GAPS])
+    more = f"; and {len(gaps) - NAMED_GAPS} more" if len(gaps) > NAMED_GAPS else ""
+    what = "part" if len(gaps) == 1 else "parts"
+    return (
+        f"{len(gaps)} {what} of the listing could not be read and kept their last known state "
+        f"(nothing there was removed or changed): {named}{more}"
     )
 
 

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from bucketsync.model import OVERWRITE, ObjectInfo, PutMode
+from bucketsync.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
 
 if TYPE_CHECKING:
     from bucketsync.config import DriverConfig, Settings
@@ -63,6 +63,31 @@ class Store(Protocol):
 
 
 @runtime_checkable
+class PartialListing(Protocol):
+    """Optional: a store that can scope a listing failure to the part it affects.
+
+    ``list_with_gaps`` is ``list`` (same objects, same order, same errors for the
+    driver root), except that when one part of the listing cannot be read (a local
+    sub-folder the agent may not open, a file it cannot hash, or later one prefix of a
+    parallel cloud listing that keeps failing), the store yields a ``ListingGap`` for
+    that part *in key order*, at the position of its prefix, and goes on with the
+    rest. The contract:
+
+    - a gap covers every key starting with ``gap.prefix`` (or, with ``exact``, that
+      one key); the listing never yields a key the gap covers;
+    - gaps are ordered with the keys by their prefix, like a key;
+    - an error that is not confined to a part (the root is gone, credentials are
+      refused, the connection is down) still ends the listing with an exception.
+
+    The sync then keeps every ledger key under a gap as it was (no removal, no
+    change), syncs everything else (removals included), and ends the run
+    ``partial``, naming the gaps.
+    """
+
+    def list_with_gaps(self, prefix: str = "") -> AsyncIterator[ObjectInfo | ListingGap]: ...
+
+
+@runtime_checkable
 class ChecksKeys(Protocol):
     """A store with limits of its own on keys (a local filesystem's name length)."""
 
@@ -97,14 +122,27 @@ _FACTORIES = {
 }
 
 
+#: stores that keep a cache of their own beside the ledger (the local content-hash memo)
+_KEEP_STATE = {"file"}
+
+
 def open_store(driver: DriverConfig, settings: Settings) -> Store:
     """Build the store for ``driver``; the integration (credentials) comes from ``settings``."""
     loc = driver.location
     module, _, func = _FACTORIES[loc.scheme].partition(":")
     factory = getattr(importlib.import_module(module), func)
     integration = settings.integrations.get(driver.integration) if driver.integration else None
-    store: Store = factory(loc, driver, integration)
+    extra = {"ledger": settings.agent.ledger} if loc.scheme in _KEEP_STATE else {}
+    store: Store = factory(loc, driver, integration, **extra)
     return store
+
+
+def listing_with_gaps(store: Store, prefix: str = "") -> AsyncIterator[ObjectInfo | ListingGap]:
+    """The store's listing with failures scoped to sub-trees (``PartialListing``) where the
+    store can do that; otherwise its plain ``list``, where any failure ends the listing."""
+    if isinstance(store, PartialListing):
+        return store.list_with_gaps(prefix)
+    return store.list(prefix)
 
 
 async def read_all(store: Store, key: str) -> bytes:
