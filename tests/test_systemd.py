@@ -139,7 +139,12 @@ def test_memory_deny_write_execute_holds_for_the_agent(tmp_path: Path) -> None:
         daemon.wait_ready()
         poll(lambda: daemon.api("GET", "/datasets/photos/items").body.get("items"), what="items")
         assert daemon.get("/metrics").status == 200
-        assert daemon.api("POST", "/datasets/photos/sync", params={"wait": "true"}).body["status"] == "ok"
+        # The poll loop (1 s interval) may be mid-run: a 409 run_in_progress means try again.
+        def synced() -> dict[str, object] | None:
+            r = daemon.api("POST", "/datasets/photos/sync", params={"wait": "true"})
+            return r.body if r.status == 200 else None
+
+        assert poll(synced, what="a sync through the API")["status"] == "ok"
         proc = cli(cfg, "status", "--json")
         assert proc.returncode == 0, describe(proc)
         assert daemon.stop() == 0, daemon.log
