@@ -29,7 +29,7 @@ from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
 from bucketsync.outbox import file_chunks
-from bucketsync.probe import probe
+from bucketsync.probe import driver_takes_writes, probe
 from bucketsync.stores import open_store
 from bucketsync.sync import RunResult, SyncLoop
 
@@ -455,12 +455,6 @@ async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # -- check and run ---------------------------------------------------------------------
-
-
-def driver_takes_writes(settings: Settings, driver: str) -> bool:
-    """Whether a dataset on ``driver`` accepts writes (then ``put`` is required); True for an unused driver."""
-    using = [ds for ds in settings.datasets.values() if ds.driver == driver]
-    return not using or any(not ds.read_only for ds in using)
 
 
 async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:

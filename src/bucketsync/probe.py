@@ -22,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bucketsync.errors import BadEndpoint, NotFound, PermissionDenied, Unreachable
 from bucketsync.gate import DELETE_OBJECT, decide_delete
 from bucketsync.keys import HIDDEN
 from bucketsync.model import CREATE, ObjectInfo
 from bucketsync.stores import Store, listing_with_gaps, one_chunk, read_all
+
+if TYPE_CHECKING:
+    from bucketsync.config import Settings
 
 # What a check found: "ok", one of the failure kinds, or why it was not run.
 OK = "ok"
@@ -166,6 +169,12 @@ async def _peek(store: Store, key: str) -> None:
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+def driver_takes_writes(settings: Settings, driver: str) -> bool:
+    """Whether a dataset on ``driver`` accepts writes (then ``put`` is required); True for an unused driver."""
+    using = [ds for ds in settings.datasets.values() if ds.driver == driver]
+    return not using or any(not ds.read_only for ds in using)
 
 
 async def probe(store: Store, driver: str, allow_delete: bool, *, writes: bool = True) -> ProbeResult:
