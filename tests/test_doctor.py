@@ -67,7 +67,9 @@ def test_missing_permissions_busy_port_and_unwritable_ledger_fail(tmp_path: Path
         code, report = doctor(cfg)
     assert code == 1
     checks = by_check(report)
-    assert checks["driver local"]["status"] == "FAIL" and "lacks permission" in checks["driver local"]["detail"]
+    # A folder that is not there is named as such, not as a missing permission.
+    assert checks["driver local"]["status"] == "FAIL"
+    assert "list: bucket or folder not found" in checks["driver local"]["detail"]
     assert checks["listen"]["status"] == "FAIL" and "in use" in checks["listen"]["detail"]
     assert checks["ledger"]["status"] == "FAIL" and "not a writable folder" in checks["ledger"]["detail"]
 

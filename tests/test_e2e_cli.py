@@ -115,7 +115,7 @@ def test_sync_json_counts_initial_then_add_modify_delete_rename(config: Path, fo
 def test_dry_run_writes_nothing(config: Path, folder: Path) -> None:
     code, out, proc = sync(config, "photos", "--dry-run")
     assert code == 0, describe(proc)
-    assert set(out) == SYNC_KEYS
+    assert set(out) == SYNC_KEYS | {"would_remove", "would_rename"}, "a dry run adds its plan"
     assert out["dry_run"] is True
     assert out["run"] is None
     assert (out["status"], out["listed"], out["added"]) == ("ok", 5, 5)
@@ -362,8 +362,9 @@ def test_check_local_folder(config: Path, folder: Path) -> None:
     assert out["ok"] is True
     assert set(out["permissions"]) == {"list", "put", "get", "delete"}
     for name in ("list", "put", "get"):
-        assert out["permissions"][name] == {"ok": True, "required": True, "error": None}
+        assert out["permissions"][name] == {"ok": True, "status": "ok", "required": True, "error": None}
     assert out["permissions"]["delete"]["required"] is False, "allow_delete is off by default"
+    assert out["permissions"]["delete"]["status"] == "not_required", "delete is not probed without allow_delete"
     # the probe's test-file does not stay behind, and the probe indexes nothing
     leftovers = [p for p in (folder / ".bucketsync").rglob("*") if p.is_file()]
     assert leftovers == []
@@ -380,7 +381,8 @@ def test_check_missing_folder_names_driver_and_permission(tmp_path: Path) -> Non
     )
     assert proc.returncode == 1, describe(proc)
     assert "driver 'gone'" in proc.stderr, describe(proc)
-    assert re.search(r"lacks permission: list\b", proc.stderr), describe(proc)
+    assert "cannot be synced: list: bucket or folder not found" in proc.stderr, describe(proc)
+    assert "lacks permission" not in proc.stdout + proc.stderr, "a missing folder is not a permission problem"
     assert "does not exist" in proc.stdout + proc.stderr
     assert not gone.exists(), "the probe does not create the folder"
 
@@ -388,7 +390,8 @@ def test_check_missing_folder_names_driver_and_permission(tmp_path: Path) -> Non
     out = one_json(as_json)
     assert out["ok"] is False
     assert out["permissions"]["list"]["ok"] is False
-    assert out["permissions"]["put"]["ok"] is False
+    assert out["permissions"]["list"]["status"] == "not_found"
+    assert out["permissions"]["put"]["status"] == "not_tested", "nothing else is tried on a missing folder"
 
     assert unknown.returncode == 2, describe(unknown)
     assert "no driver named 'nosuch'" in unknown.stderr and "gone" in unknown.stderr

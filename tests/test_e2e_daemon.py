@@ -91,7 +91,7 @@ def test_health_ready_json_logs_and_sigterm(tmp_path: Path) -> None:
     with Daemon(cfg) as daemon:
         r = daemon.get("/healthz")
         assert (r.status, r.body) == (200, {"status": "ok"})
-        assert daemon.wait_ready().body == {"status": "ready"}
+        assert daemon.wait_ready().body["status"] == "ready"
         poll(lambda: finished_runs(daemon, "photos"), what="a first run")
         assert ledger_count(ledger_of(cfg), "photos") == 3
 
@@ -184,19 +184,21 @@ def test_readyz_names_the_broken_dataset_while_the_other_syncs(tmp_path: Path) -
 
         reasons = poll(only_broken_unready, what="/readyz 503 naming only 'broken'")
         assert "driver 'gone'" in reasons["broken"]
-        assert "lacks permission: list" in reasons["broken"]
+        assert "cannot be synced: list: bucket or folder not found" in reasons["broken"]
+        detail = daemon.get("/readyz").body["detail"]
+        assert detail["broken"]["ready"] is False and detail["fine"]["ready"] is True
         # the healthy dataset syncs regardless
         poll(lambda: ledger_count(ledger, "fine") == 2, what="dataset 'fine' synced")
         assert [i["key"] for i in items(cfg, "fine")] == ["one.txt", "two.txt"]
         listed = {d["dataset"]: d for d in daemon.api("GET", "/datasets").body["datasets"]}
         assert listed["broken"]["ready"] is False
-        assert "lacks permission" in listed["broken"]["not_ready_reason"]
+        assert "bucket or folder not found" in listed["broken"]["not_ready_reason"]
         assert listed["fine"]["ready"] is True
         assert daemon.get("/readyz").status == 503
 
         # Once the folder exists, the probe passes, the agent is ready and the dataset syncs.
         write_files(missing, {"late.txt": "late"})
-        assert daemon.wait_ready().body == {"status": "ready"}
+        assert daemon.wait_ready().body["status"] == "ready"
         poll(lambda: ledger_count(ledger, "broken") == 1, what="dataset 'broken' synced once its folder exists")
         assert daemon.stop(timeout=STOP_TIMEOUT) == 0, daemon.log
 
@@ -256,13 +258,14 @@ def test_metrics(tmp_path: Path) -> None:
         assert name in m, f"{name} missing from /metrics"
     for name, n, ok_runs in (("photos", 3, 2), ("docs", 2, 1)):
         assert sample(m, "bucketsync_runs_total", dataset=name, status="ok") == ok_runs
-        assert sample(m, "bucketsync_runs_total", dataset=name, status="failed") is None
+        assert sample(m, "bucketsync_runs_total", dataset=name, status="failed") == 0, "counters start at 0"
         assert sample(m, "bucketsync_run_duration_seconds_count", dataset=name) == ok_runs
         duration = sample(m, "bucketsync_run_duration_seconds_sum", dataset=name)
         assert duration is not None and duration > 0
         assert sample(m, "bucketsync_run_duration_seconds_bucket", dataset=name, le="+Inf") == ok_runs
         assert sample(m, "bucketsync_items_total", dataset=name, change="added") == n
-        assert sample(m, "bucketsync_items_total", dataset=name, change="listed") == n * ok_runs
+        assert sample(m, "bucketsync_items_total", dataset=name, change="listed") is None, "listing is no change"
+        assert sample(m, "bucketsync_listed_objects_total", dataset=name) == n * ok_runs
         assert sample(m, "bucketsync_dataset_items", dataset=name, state="live") == n
         assert sample(m, "bucketsync_dataset_items", dataset=name, state="tombstone") == 0
         last = sample(m, "bucketsync_last_success_timestamp_seconds", dataset=name)
@@ -285,7 +288,7 @@ def test_cli_beside_the_daemon(tmp_path: Path) -> None:
         assert out["status"] == "ok"
         assert isinstance(out["run"], int)
         assert out["listed"] == 3
-        ran_here = [r["run"] for r in daemon.events("run started")]
+        ran_here = [r["run"] for r in daemon.events("run finished")]
         assert out["run"] in ran_here, "the daemon ran the CLI's sync"
 
         assert [i["key"] for i in items(cfg, "photos")] == ["a.txt", "b.txt", "c.txt"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bucketsync.gate import DELETE_OBJECT, TOMBSTONE, OpDecision, decide_delete, decide_put
+from bucketsync.gate import DELETE_OBJECT, STORAGE_DENIED, TOMBSTONE, OpDecision, decide_delete, decide_put
 from bucketsync.keys import HIDDEN
 
 # ---------------------------------------------------------------------- decide_put
@@ -120,3 +120,21 @@ def test_invariant_2_no_object_delete_without_allow_delete(key: str, read_only: 
         assert not d.allowed and d.reason == "read_only" and d.message
     if d.allowed:
         assert d.action in (DELETE_OBJECT, TOMBSTONE)
+
+
+# ---------------------------------------------------------------------- storage that refuses writes
+
+
+def test_storage_denying_writes_refuses_puts_and_storage_deletes_only() -> None:
+    why = "put: permission denied"
+    put = decide_put(read_only=False, quota=None, live_items=0, new_key=True, storage_denies=why)
+    assert not put.allowed and put.reason == STORAGE_DENIED
+    assert "storage denied writes" in put.message and why in put.message
+    # read-only says it first: that is the dataset's own rule
+    assert decide_put(read_only=True, quota=None, live_items=0, new_key=True, storage_denies=why).reason == "read_only"
+    gone = decide_delete(key="a.jpg", read_only=False, allow_delete=True, storage_denies=why)
+    assert not gone.allowed and gone.reason == STORAGE_DENIED
+    # a tombstone never reaches storage, and the hidden folder is bucketsync's own
+    assert decide_delete(key="a.jpg", read_only=False, allow_delete=False, storage_denies=why).action == TOMBSTONE
+    hidden = decide_delete(key=f"{HIDDEN}probe-1.txt", read_only=False, allow_delete=True, storage_denies=why)
+    assert hidden.action == DELETE_OBJECT

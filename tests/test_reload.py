@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from bucketsync import metrics
+from bucketsync.agent import Agent
 from bucketsync.config import load_settings
-from bucketsync.reload import driver_fingerprints, plan
+from bucketsync.reload import apply, driver_fingerprints, plan
 from e2e import (
     Daemon,
     cli,
@@ -114,6 +116,43 @@ def _items(ledger: Path, dataset: str) -> set[str]:
         (dataset,),
     )
     return {r[0] for r in rows}
+
+
+class _Runner:
+    """Records what ``apply`` starts and stops instead of running datasets."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    def start(self, name: str) -> None:
+        self.started.append(name)
+
+    async def stop(self, name: str) -> None:
+        self.stopped.append(name)
+
+
+async def test_a_dataset_a_reload_starts_is_built_like_one_at_start(tmp_path: Path) -> None:
+    """Same pacer, same no-change log level, not ready until probed, its series at 0; a removed
+    dataset's readiness series go."""
+    before = _cfg(tmp_path, {"one": {"driver": "a"}, "two": {"driver": "b"}})
+    old = load_settings(before)
+    old = old.model_copy(update={"agent": old.agent.model_copy(update={"no_change_log_level": "debug"})})
+    async with Agent(old) as agent:
+        metrics.init(old.datasets)
+        new = load_settings(_cfg(tmp_path, {"one": {"driver": "a"}, "three": {"driver": "c"}}))
+        runner = _Runner()
+        await apply(agent, runner, new, driver_fingerprints(old))
+        assert runner.started == ["three"] and runner.stopped == ["two"]
+        loop = agent.loops["three"]
+        assert loop.pacer is agent.pacer is agent.loops["one"].pacer
+        assert loop.no_change_log_level == "debug"  # the running [agent] section, as at start
+        assert agent.not_ready["three"] == "permission probe not run yet"
+        text = metrics.render().decode()
+        assert 'bucketsync_dataset_ready{dataset="three"} 0.0' in text
+        assert 'bucketsync_runs_total{dataset="three",status="aborted"} 0.0' in text
+        assert 'bucketsync_dataset_ready{dataset="two"}' not in text
+        assert 'bucketsync_guard_blocked{dataset="two"}' not in text
 
 
 @pytest.mark.slow

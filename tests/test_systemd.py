@@ -139,6 +139,7 @@ def test_memory_deny_write_execute_holds_for_the_agent(tmp_path: Path) -> None:
         daemon.wait_ready()
         poll(lambda: daemon.api("GET", "/datasets/photos/items").body.get("items"), what="items")
         assert daemon.get("/metrics").status == 200
+
         # The poll loop (1 s interval) may be mid-run: a 409 run_in_progress means try again.
         def synced() -> dict[str, object] | None:
             r = daemon.api("POST", "/datasets/photos/sync", params={"wait": "true"})

@@ -15,12 +15,13 @@ from typing import Any
 import structlog
 
 from bucketsync import metrics
-from bucketsync.config import Settings
+from bucketsync.config import DatasetConfig, Settings
 from bucketsync.errors import ConfigError
 from bucketsync.ledger import InstanceLock, Ledger
-from bucketsync.model import ItemState, RunRecord, iso
+from bucketsync.model import ItemState, RunRecord, RunStatus, iso
 from bucketsync.outbox import Outbox
 from bucketsync.pacing import Pacer
+from bucketsync.probe import ProbeResult
 from bucketsync.stores import Store, open_store
 from bucketsync.sync import SyncLoop
 
@@ -36,6 +37,9 @@ class Agent:
         self.loops: dict[str, SyncLoop] = {}
         #: dataset -> why it is not ready (failed permission probe, ...); absent when ready
         self.not_ready: dict[str, str] = {}
+        #: dataset -> the probe that found storage refusing its writes; absent when writes work
+        #: (or are not needed). Such a dataset still syncs; the gate refuses writes up front.
+        self.downstream_unavailable: dict[str, ProbeResult] = {}
         #: the start-up quick_check's finding when the ledger is damaged (not ready until fixed)
         self.ledger_problem: str | None = None
         self.outbox = Outbox(self)
@@ -62,7 +66,7 @@ class Agent:
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             for name, ds in self.settings.datasets.items():
-                loop = self.loops[name] = SyncLoop(name, ds, self.stores[ds.driver], self.ledger, self.pacer)
+                loop = self.loops[name] = self.make_loop(name, ds, self.stores[ds.driver])
                 loop.resync = name in resync
         except BaseException:
             self.discard_new_ledger = True
@@ -101,12 +105,64 @@ class Agent:
             out["ledger"] = fault
         return out
 
+    def make_loop(self, name: str, ds: DatasetConfig, store: Store) -> SyncLoop:
+        """A dataset's loop, the same whether built at start or by a reload: the shared pacer and log level."""
+        assert self.ledger is not None
+        return SyncLoop(
+            name, ds, store, self.ledger, self.pacer, no_change_log_level=self.settings.agent.no_change_log_level
+        )
+
     def loop(self, dataset: str) -> SyncLoop:
         try:
             return self.loops[dataset]
         except KeyError:
             self.settings.dataset(dataset)  # raises ConfigError naming the known datasets
             raise ConfigError(f"no dataset named {dataset!r}") from None
+
+    def storage_denies(self, dataset: str) -> str | None:
+        """Why storage refuses writes for ``dataset`` (put, and delete with ``allow_delete``), as the
+        probe found; None when it takes them. Downstream is all or nothing: with put denied, a
+        delete could not even be tested, and half a downstream is not one a user can rely on."""
+        found = self.downstream_unavailable.get(dataset)
+        return None if found is None else found.downstream_summary()
+
+    def set_ready(self, dataset: str, reason: str | None) -> None:
+        """Record the dataset's readiness (None: ready) and its gauge."""
+        if reason is None:
+            self.not_ready.pop(dataset, None)
+        else:
+            self.not_ready[dataset] = reason
+        metrics.DATASET_READY.labels(dataset).set(reason is None)
+
+    def set_downstream(self, dataset: str, found: ProbeResult | None) -> None:
+        """Record whether writes through the dataset reach storage (None: they do) and its gauge."""
+        if found is None or found.downstream_ok:
+            self.downstream_unavailable.pop(dataset, None)
+        else:
+            self.downstream_unavailable[dataset] = found
+        metrics.DOWNSTREAM_AVAILABLE.labels(dataset).set(dataset not in self.downstream_unavailable)
+
+    def health(self, dataset: str) -> dict[str, Any]:
+        """What a running agent knows of the dataset beyond the ledger (``/readyz`` detail)."""
+        loop = self.loops.get(dataset)
+        down = self.downstream_unavailable.get(dataset)
+        return {
+            "ready": dataset not in self.not_ready,
+            "reason": self.not_ready.get(dataset),
+            "downstream": "available" if down is None else "unavailable",
+            "downstream_reason": down.downstream_summary() if down is not None else None,
+            "guard_blocked": bool(loop and loop.guard_blocked),
+        }
+
+    def live_status(self, dataset: str) -> dict[str, Any]:
+        """The fields of ``dataset_status`` only a running agent can fill in."""
+        h = self.health(dataset)
+        return {
+            "ready": h["ready"],
+            "not_ready_reason": h["reason"],
+            "downstream": h["downstream"],
+            "downstream_reason": h["downstream_reason"],
+        }
 
     async def refresh_item_gauges(self, dataset: str) -> None:
         assert self.ledger is not None
@@ -166,6 +222,10 @@ def _status_row(
         "running": None,
         "ready": None,  # known only to a running agent (its permission probe)
         "not_ready_reason": None,
+        "downstream": None,  # "available" | "unavailable": known only to a running agent
+        "downstream_reason": None,
+        # the last run was stopped by the mass-delete guard: nothing is removed until a forced run
+        "guard_blocked": last is not None and last.status is RunStatus.ABORTED,
     }
     if loop is not None:
         out["next_run"] = iso(loop.next_run_at) if loop.next_run_at and loop.next_run_at > time.time() else None

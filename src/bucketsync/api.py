@@ -119,9 +119,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 resp.headers["Allow"] = exc.headers["Allow"]
             return resp
         raise
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ConnectionError) and _client_gone(request):
+            # The client hung up mid-response: nothing is wrong here and nobody is left to
+            # answer. 499 (as nginx says it) goes to the access log only.
+            log.debug("client closed the connection", method=request.method, path=request.path)
+            return web.Response(status=499, reason="Client Closed Request")
         log.exception("request failed", method=request.method, path=request.path)
         return error_response(500, "internal", "internal error; see the agent's log")
+
+
+def _client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (so a ConnectionError is its hang-up, not ours)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def bearer_ok(header: str, token: str) -> bool:
@@ -232,10 +243,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """503 while a dataset cannot be synced (or the ledger cannot be written)."""
     agent = _agent(request)
+    # "datasets" names the datasets that are not ready (with why); "detail" says, for every
+    # dataset, whether it is ready, whether storage takes its writes, and whether the guard stopped it.
+    detail = {name: agent.health(name) for name in agent.settings.datasets}
     if (unready := agent.unready()) is not None:
-        return web.json_response(unready, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response(unready | {"detail": detail}, status=503)
+    return web.json_response({"status": "ready", "datasets": {}, "detail": detail})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -253,8 +268,7 @@ async def list_datasets(request: web.Request) -> web.Response:
     agent = _agent(request)
     out = await datasets_status(agent.settings, agent.ledger, agent.loops)
     for status in out:
-        status["ready"] = status["dataset"] not in agent.not_ready
-        status["not_ready_reason"] = agent.not_ready.get(status["dataset"])
+        status.update(agent.live_status(status["dataset"]))
     return web.json_response({"datasets": out})
 
 

@@ -29,7 +29,7 @@ from bucketsync.ledger import InstanceLock, Ledger
 from bucketsync.logs import configure
 from bucketsync.model import ItemState
 from bucketsync.outbox import file_chunks
-from bucketsync.probe import probe
+from bucketsync.probe import driver_takes_writes, probe
 from bucketsync.stores import open_store
 from bucketsync.sync import RunResult, SyncLoop
 
@@ -56,9 +56,16 @@ SYNC_KEYS = (
 )
 
 
+PLAN_KEYS = ("would_remove", "would_rename")
+
+
 def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
-    """The documented shape of ``sync --json``, whether the run was local or the daemon's."""
-    return {k: raw.get(k) for k in SYNC_KEYS} | {"gaps": raw.get("gaps") or [], "dry_run": bool(raw.get("dry_run"))}
+    """The documented shape of ``sync --json``, whether the run was local or the daemon's.
+    A dry run adds its plan: the keys it would remove and rename (the first 1,000 of each)."""
+    out = {k: raw.get(k) for k in SYNC_KEYS} | {"gaps": raw.get("gaps") or [], "dry_run": bool(raw.get("dry_run"))}
+    if out["dry_run"]:
+        out |= {k: raw[k] for k in PLAN_KEYS if k in raw}
+    return out
 
 
 def _daemon_running(settings: Settings) -> bool:
@@ -106,9 +113,27 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     else:
         run = f"run {out['run']}" if out.get("run") is not None else "dry run, nothing written"
         print(f"{out['dataset']}: {out['status']} - {_human_counts(out)} ({run})")
+        _print_plan(out)
         if out.get("error"):
             print(f"error: {safe_text(out['error'])}", file=sys.stderr)
     return 0 if out["status"] == "ok" else 1
+
+
+def _print_plan(out: dict[str, Any]) -> None:
+    """A dry run's removals and renames, one per line (control characters escaped)."""
+    remove, rename = out.get("would_remove"), out.get("would_rename")
+    if remove and remove["count"]:
+        print(f"would remove {remove['count']}:")
+        for key in remove["keys"]:
+            print(f"  - {shown(key)}")
+        if remove["truncated"]:
+            print(f"  ... and {remove['count'] - len(remove['keys'])} more")
+    if rename and rename["count"]:
+        print(f"would rename {rename['count']}:")
+        for r in rename["renames"]:
+            print(f"  {shown(r['from'])} -> {shown(r['to'])}")
+        if rename["truncated"]:
+            print(f"  ... and {rename['count'] - len(rename['renames'])} more")
 
 
 async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool) -> dict[str, Any]:
@@ -174,9 +199,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             if ledger is not None:
                 await ledger.close()
+    failing = [name for r in rows if (name := _failing(r))]
+    code = 1 if args.check and failing else 0
     if args.json:
         print_json({"datasets": rows})
-        return 0
+        return code
     if not rows:
         print("no datasets configured")
     for r in rows:
@@ -193,7 +220,24 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  running: {_human_counts(r['running'])}")
         if r.get("not_ready_reason"):
             print(f"  not ready: {safe_text(r['not_ready_reason'])}")
-    return 0
+        if r.get("downstream") == "unavailable":
+            why = safe_text(r["downstream_reason"] or "downstream unavailable")
+            print(f"  {why} (writes through bucketsync are refused)")
+        if r.get("guard_blocked"):
+            print("  guard-blocked: the last run was stopped by the mass-delete guard; nothing is removed until")
+            print(f"    a forced run (bucketsync sync {r['dataset']} --force) or the objects come back")
+    if args.check and failing:
+        print(f"check failed: {', '.join(failing)}", file=sys.stderr)
+    return code
+
+
+def _failing(row: dict[str, Any]) -> str | None:
+    """The dataset's name when ``status --check`` should fail for it: its last run failed or
+    was guard-aborted, or the running agent says it is not ready."""
+    last = row.get("last_run") or {}
+    if last.get("status") in ("failed", "aborted") or row.get("ready") is False:
+        return str(row["dataset"])
+    return None
 
 
 # -- downstream: put, rm, restore, meta ------------------------------------------------
@@ -420,15 +464,16 @@ async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError(f"no driver named {args.driver!r} (drivers: {known})")
     store = open_store(driver, settings)
     try:
-        result = await probe(store, args.driver, driver.allow_delete)
+        result = await probe(store, args.driver, driver.allow_delete, writes=driver_takes_writes(settings, args.driver))
     finally:
         await store.aclose()
     if args.json:
         print_json(result.as_json())
     else:
         for name, c in result.checks.items():
-            mark = "ok" if c.ok else ("MISSING" if c.required else "missing (not required)")
-            print(f"{name:<7} {mark}" + (f"  {safe_text(c.error)}" if c.error and not c.ok else ""))
+            print(f"{name:<7} {safe_text(c.describe())}")
+        if result.leftover:
+            print(f"note: the test-file {shown(result.leftover)} could not be removed", file=sys.stderr)
         print(safe_text(result.summary()), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
@@ -559,9 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = command("status", "every dataset: items, last run, next run")
     st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a dataset's last run failed or was stopped by the guard, or it is not ready",
+    )
     st.set_defaults(func=cmd_status)
 
-    c = command("check", "probe a driver's permissions (list, get, put, delete)")
+    c = command("check", "probe a driver's permissions: list, get; put unless read-only; delete with allow_delete")
     c.add_argument("driver", help="the driver's name in the config")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=cmd_check)

@@ -254,7 +254,26 @@ class AgentConfig(_Strict):
     )
     log_level: Literal["debug", "info", "warning", "error"] = _doc("Lowest level logged.", default="info")
     log_format: Literal["auto", "json", "console"] = _doc("`auto`: console on a TTY, JSON otherwise.", default="auto")
+    no_change_log_level: Literal["debug", "info"] = _doc(
+        "Level of the one line a run that changed nothing logs (`debug` hides busy polls).", default="info"
+    )
     grace: Duration = _doc("How long SIGTERM (or a reload) waits for running batches before cancelling.", default=10.0)
+    # Retention, per dataset: the newest keep_* are kept, and anything younger than keep_*_for;
+    # older history is pruned in the background. Running runs and pending ops are never pruned.
+    keep_runs: int = _doc("Runs kept per dataset however old (the newest ones).", default=1000, ge=1)
+    keep_runs_for: Duration = _doc("Runs younger than this are kept whatever their number.", default=30 * 86400.0)
+    keep_ops: int = _doc("Done/failed outbox ops kept per dataset however old (the newest ones).", default=1000, ge=1)
+    keep_ops_for: Duration = _doc(
+        "Done/failed ops younger than this are kept whatever their number.", default=30 * 86400.0
+    )
+    prune_interval: Duration = _doc(
+        "How often old runs and ops are pruned in the background (never running runs or pending ops).",
+        default=3600.0,
+    )
+    reprobe_interval: Duration = _doc(
+        "How often a dataset whose storage refused writes (downstream unavailable) is probed again.",
+        default=300.0,
+    )
     tls_cert_file: Path | None = _doc(
         "PEM certificate chain: serve HTTPS (with tls_key_file). The CLI trusts it when it talks to the agent.",
         default=None,

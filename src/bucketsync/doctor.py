@@ -27,7 +27,7 @@ import aiohttp
 from bucketsync.config import DriverConfig, Settings, load_settings
 from bucketsync.errors import BucketsyncError, ConfigError
 from bucketsync.ledger import MIGRATIONS, InstanceLock
-from bucketsync.probe import probe
+from bucketsync.probe import driver_takes_writes, probe
 from bucketsync.stores import open_store
 
 #: clock skew beyond this fails (S3 refuses signatures more than 15 minutes off; warn well before)
@@ -92,7 +92,9 @@ async def _driver(report: Report, settings: Settings, name: str) -> None:
         report.add(f"driver {name}", FAIL, str(exc))
         return
     try:
-        result = await asyncio.wait_for(probe(store, name, driver.allow_delete), PROBE_TIMEOUT)
+        result = await asyncio.wait_for(
+            probe(store, name, driver.allow_delete, writes=driver_takes_writes(settings, name)), PROBE_TIMEOUT
+        )
         report.add(f"driver {name}", OK if result.ok else FAIL, result.summary())
     except TimeoutError:
         report.add(f"driver {name}", FAIL, f"the permission probe got no answer in {PROBE_TIMEOUT:g}s")

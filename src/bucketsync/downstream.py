@@ -42,8 +42,9 @@ class Outcome:
         }
 
 
-def _refuse(decision: gate.OpDecision) -> Refused:
+def _refuse(decision: gate.OpDecision, dataset: str, key: str) -> Refused:
     metrics.GATE_REFUSALS.labels(decision.reason).inc()
+    log.info("refused by the gate", dataset=dataset, key=key, reason=decision.reason, message=decision.message)
     return Refused(decision.reason, decision.message)
 
 
@@ -90,10 +91,14 @@ class Downstream:
         # drop (outside the filters), a key the store cannot hold.
         live = item is not None and item.state is ItemState.LIVE
         decision = gate.decide_put(
-            read_only=ds.read_only, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=not live
+            read_only=ds.read_only,
+            quota=ds.quota,
+            live_items=await ledger.live_count(ds_id),
+            new_key=not live,
+            storage_denies=self.agent.storage_denies(dataset),
         )
-        if not decision.allowed:
-            raise _refuse(decision)
+        if not decision.allowed:  # before the body is staged: a refusal reads none of it
+            raise _refuse(decision, dataset, key)
         why = self.agent.loops[dataset].filter.refusal(key)
         if why is not None:
             raise KeyFiltered(f"dataset {dataset!r}: {why}")
@@ -148,9 +153,14 @@ class Downstream:
         assert ledger is not None
         ds = self.agent.settings.datasets[dataset]
         driver = self.agent.settings.drivers[ds.driver]
-        decision = gate.decide_delete(key=key, read_only=ds.read_only, allow_delete=driver.allow_delete)
+        decision = gate.decide_delete(
+            key=key,
+            read_only=ds.read_only,
+            allow_delete=driver.allow_delete,
+            storage_denies=self.agent.storage_denies(dataset),
+        )
         if not decision.allowed:
-            raise _refuse(decision)
+            raise _refuse(decision, dataset, key)
         if decision.action == gate.TOMBSTONE:
             if item.state is not ItemState.TOMBSTONE:
                 await ledger.set_state(item.id, ItemState.TOMBSTONE)
@@ -179,7 +189,7 @@ class Downstream:
             read_only=False, quota=ds.quota, live_items=await ledger.live_count(ds_id), new_key=True
         )  # a restored item counts against the quota like a new one
         if not decision.allowed:
-            raise _refuse(decision)
+            raise _refuse(decision, dataset, key)
         await ledger.set_state(item.id, ItemState.LIVE)
         await self.agent.refresh_item_gauges(dataset)
         log.info("restored", dataset=dataset, key=key, item=item.id)

@@ -84,6 +84,20 @@ class Transient(StorageError):
     """A retryable failure: throttling, 5xx, timeouts, connection resets."""
 
 
+class Unreachable(Transient):
+    """Storage could not be reached at all: a DNS failure, a refused connection, a connect timeout.
+
+    Retryable (the network may come back), but told apart from a server that answered
+    badly, so the probe can say "unreachable" rather than "lacks permission".
+    """
+
+
+class BadEndpoint(StorageError):
+    """Something answered, but not as this kind of storage does, or it says the request went to the
+    wrong place: a wrong ``endpoint_url`` or ``region``. Retrying does not help; the config must change.
+    """
+
+
 class KeyNotStorable(StorageError):
     """The store cannot hold this key (a segment too long for a local filesystem, ...).
 
@@ -118,7 +132,7 @@ _CODES: dict[type[StorageError], str] = {
     KeyNotStorable: "key_not_storable",
     FileFolderConflict: "file_folder_conflict",
 }
-REFUSAL_CODES = frozenset({"read_only", "quota", "allow_delete_off"})
+REFUSAL_CODES = frozenset({"read_only", "quota", "allow_delete_off", "storage_denied_writes"})
 
 
 def code_of(exc: StorageError) -> str:

@@ -73,16 +73,33 @@ class OpDecision(Decision):
     action: str = ""
 
 
-def decide_put(*, read_only: bool, quota: int | None, live_items: int, new_key: bool) -> OpDecision:
-    """May a user write this key? ``new_key`` is False for an overwrite of a live item."""
+STORAGE_DENIED = "storage_denied_writes"
+
+
+def _storage_denied(op: str, why: str) -> OpDecision:
+    return OpDecision(
+        False,
+        STORAGE_DENIED,
+        f"storage denied writes, so this {op} is refused: the permission probe found {why}; grant the "
+        "permission (the agent probes again on its own) or set the dataset read_only",
+    )
+
+
+def decide_put(
+    *, read_only: bool, quota: int | None, live_items: int, new_key: bool, storage_denies: str | None = None
+) -> OpDecision:
+    """May a user write this key? ``new_key`` is False for an overwrite of a live item.
+    ``storage_denies``: why storage refuses puts (the probe's finding), None when it takes them."""
     if read_only:
         return OpDecision(False, "read_only", "the dataset is read-only: writes are refused")
+    if storage_denies is not None:
+        return _storage_denied("put", storage_denies)
     if quota is not None and new_key and live_items >= quota:
         return OpDecision(False, "quota", f"the dataset is at its quota of {quota} items: new items are refused")
     return OpDecision(True, action="put")
 
 
-def decide_delete(*, key: str, read_only: bool, allow_delete: bool) -> OpDecision:
+def decide_delete(*, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None) -> OpDecision:
     """What deleting an item does (invariants 2 and 3).
 
     Storage objects are deleted only when the driver has ``allow_delete``; otherwise
@@ -94,5 +111,7 @@ def decide_delete(*, key: str, read_only: bool, allow_delete: bool) -> OpDecisio
     if read_only:
         return OpDecision(False, "read_only", "the dataset is read-only: deletes are refused")
     if allow_delete:
+        if storage_denies is not None:  # a tombstone would not be what the user asked for either
+            return _storage_denied("delete", storage_denies)
         return OpDecision(True, action=DELETE_OBJECT)
     return OpDecision(True, action=TOMBSTONE)

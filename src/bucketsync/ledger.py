@@ -586,6 +586,45 @@ class Ledger:
             row = await cur.fetchone()
         return _run(row) if row else None
 
+    # -- retention (see retention.py) -------------------------------------------
+
+    async def dataset_ids(self) -> list[int]:
+        """Every dataset the ledger knows, configured or not any more."""
+        async with self.db.execute("SELECT id FROM datasets ORDER BY id") as cur:
+            return [int(r[0]) for r in await cur.fetchall()]
+
+    async def prune_runs(self, dataset_id: int, keep: int, before: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` of the dataset's runs past retention; how many went.
+
+        Past retention: not among the newest ``keep``, or ended before ``before``. Never a
+        running run, the newest run (what ``status`` shows), or the newest ok run (the
+        rename matcher's starting point).
+        """
+        cur = await self._write(
+            "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE dataset_id = ?1 AND status != 'running' "
+            "AND id NOT IN (SELECT max(id) FROM runs WHERE dataset_id = ?1 "
+            "UNION ALL SELECT max(id) FROM runs WHERE dataset_id = ?1 AND status = 'ok') "
+            "AND (ended < ?2 OR id < (SELECT id FROM runs WHERE dataset_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?3)) "
+            "ORDER BY id LIMIT ?4)",
+            (dataset_id, before, keep - 1, limit),
+        )
+        return max(cur.rowcount, 0)
+
+    async def prune_ops(self, dataset_id: int, keep: int, before: float, limit: int = 500) -> int:
+        """Delete up to ``limit`` of the dataset's finished ops past retention; how many went.
+
+        Only finished ops go (done, failed, ...): never one still pending or running. Past
+        retention: not among the newest ``keep`` finished ones, or last updated before ``before``.
+        """
+        finished = "dataset_id = ?1 AND state NOT IN ('pending', 'running')"
+        cur = await self._write(
+            f"DELETE FROM ops WHERE id IN (SELECT id FROM ops WHERE {finished} "
+            f"AND (updated < ?2 OR id < (SELECT id FROM ops WHERE {finished} ORDER BY id DESC LIMIT 1 OFFSET ?3)) "
+            "ORDER BY id LIMIT ?4)",
+            (dataset_id, before, keep - 1, limit),
+        )
+        return max(cur.rowcount, 0)
+
     # -- writes from a run (one transaction per batch) ------------------------
 
     async def write_batch(
@@ -747,6 +786,14 @@ class Ledger:
         async with self.db.execute("SELECT count(*) FROM ops WHERE state = 'pending'") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    async def backlog_by_dataset(self) -> dict[str, int]:
+        """Pending ops per dataset name (datasets with none are absent)."""
+        async with self.db.execute(
+            "SELECT d.name, count(*) FROM ops o JOIN datasets d ON d.id = o.dataset_id "
+            "WHERE o.state = 'pending' GROUP BY d.name"
+        ) as cur:
+            return {str(name): int(n) for name, n in await cur.fetchall()}
 
     async def start_attempt(self, op_id: int) -> None:
         """Counted *before* storage is touched: after a crash, attempts > 0 says the op may

@@ -1,27 +1,55 @@
-"""Prometheus metrics, on one registry served at ``/metrics``."""
+"""Prometheus metrics, on one registry served at ``/metrics``.
+
+Every labelled counter is created at 0 for each label value known at start
+(``init``): a series that appears only with its first increment makes ``rate()``
+and ``increase()`` miss that increment, and alerts on absence cannot be written.
+The README lists every metric; a test compares that list with a running agent.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import platform
 import time
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-from bucketsync.model import Counts
+from bucketsync import __version__
+from bucketsync.model import Counts, ItemState, OpKind, RunStatus
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()
-# process_start_time_seconds (restart alerts), memory, CPU, open fds.
+# process_* (CPU, memory, fds, start time) and python_info, on our registry rather than the global one.
 ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+BUILD_INFO = Gauge(
+    "bucketsync_build_info",
+    "Always 1; the labels say which bucketsync and which Python are running.",
+    ["version", "python"],
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 RUNS = Counter(
     "bucketsync_runs_total", "Upstream sync runs, by dataset and status.", ["dataset", "status"], registry=REGISTRY
 )
+#: the change kinds of ``bucketsync_items_total`` (listing is not a change: it has its own counter)
+CHANGES = ("added", "modified", "removed", "renamed")
 ITEMS = Counter(
     "bucketsync_items_total",
-    "Items seen by upstream runs, by dataset and what happened (listed, added, modified, removed, renamed).",
+    "Items changed by upstream runs, by dataset and change (added, modified, removed, renamed).",
     ["dataset", "change"],
+    registry=REGISTRY,
+)
+LISTED = Counter(
+    "bucketsync_listed_objects_total",
+    "Objects listed in storage by upstream runs (changed or not), by dataset.",
+    ["dataset"],
     registry=REGISTRY,
 )
 RUN_SECONDS = Histogram(
@@ -117,13 +145,94 @@ GATE_REFUSALS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-OUTBOX_BACKLOG = Gauge("bucketsync_outbox_backlog", "Pending downstream operations in the outbox.", registry=REGISTRY)
+OUTBOX_BACKLOG = Gauge(
+    "bucketsync_outbox_backlog",
+    "Pending downstream operations in the outbox, by dataset.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+DATASET_READY = Gauge(
+    "bucketsync_dataset_ready",
+    "1 when the dataset can be synced (its permission probe passed list and get), else 0.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+DOWNSTREAM_AVAILABLE = Gauge(
+    "bucketsync_downstream_available",
+    "0 when storage refuses the dataset's writes (the probe's put, or delete with allow_delete, failed), else 1.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+GUARD_BLOCKED = Gauge(
+    "bucketsync_guard_blocked",
+    "1 when the dataset's last run was stopped by the mass-delete guard (nothing removed until a forced run), else 0.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+PRUNED = Counter(
+    "bucketsync_pruned_total",
+    "Runs and finished ops deleted from the ledger by retention, by kind (runs, ops).",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 DATASET_INTERVAL = Gauge(
     "bucketsync_dataset_interval_seconds",
     "The configured poll interval of each running poll dataset (alerts count missed runs in intervals).",
     ["dataset"],
     registry=REGISTRY,
 )
+
+#: label values known up front (see ``init``)
+GUARD_REASONS = ("listing_incomplete", "max_delete_count", "max_delete_ratio")
+REFUSAL_REASONS = ("read_only", "quota", "allow_delete_off", "storage_denied_writes")
+OP_RESULTS = (
+    "ok",
+    "retry",
+    "already_exists",
+    "precondition_failed",
+    "not_found",
+    "key_not_storable",
+    "file_folder_conflict",
+    "storage_error",
+)
+
+
+def init(datasets: Iterable[str]) -> None:
+    """Create every series with a known label value at 0 (and the gauges at their start values)."""
+    for kind in ("runs", "ops"):
+        PRUNED.labels(kind)
+    for reason in REFUSAL_REASONS:
+        GATE_REFUSALS.labels(reason)
+    for op in OpKind:
+        for result in OP_RESULTS:
+            DOWNSTREAM_OPS.labels(str(op), result)
+    for ds in datasets:
+        for status in (RunStatus.OK, RunStatus.PARTIAL, RunStatus.FAILED, RunStatus.ABORTED):
+            RUNS.labels(ds, str(status))
+        for change in CHANGES:
+            ITEMS.labels(ds, change)
+        for reason in GUARD_REASONS:
+            GUARD_ABORTS.labels(ds, reason)
+        for state in ItemState:
+            DATASET_ITEMS.labels(ds, str(state))
+        for counter in (LISTED, RUN_ERRORS, LOOP_ERRORS, LOOP_RESTARTS, QUOTA_SKIPPED, TOMBSTONES):
+            counter.labels(ds)
+        RUN_SECONDS.labels(ds)
+        OUTBOX_BACKLOG.labels(ds).set(0)
+        DATASET_READY.labels(ds).set(0)  # until its probe passes
+        DOWNSTREAM_AVAILABLE.labels(ds).set(1)
+        GUARD_BLOCKED.labels(ds).set(0)
+
+
+def set_backlog(by_dataset: dict[str, int]) -> None:
+    """Pending ops per dataset; a dataset absent from ``by_dataset`` has none."""
+    for family in OUTBOX_BACKLOG.collect():
+        for sample in family.samples:
+            if (name := sample.labels["dataset"]) not in by_dataset:
+                OUTBOX_BACKLOG.labels(name).set(0)
+    for name, n in by_dataset.items():
+        OUTBOX_BACKLOG.labels(name).set(n)
 
 
 def publish_dataset(dataset: str, interval: float | None, last_success: float | None) -> None:
@@ -139,7 +248,7 @@ def publish_dataset(dataset: str, interval: float | None, last_success: float | 
 
 def forget_dataset(dataset: str) -> None:
     """A dataset left the config: its gauges go, so no alert fires for what no longer runs."""
-    for gauge in (DATASET_INTERVAL, LAST_SUCCESS):
+    for gauge in (DATASET_INTERVAL, LAST_SUCCESS, OUTBOX_BACKLOG, DATASET_READY, DOWNSTREAM_AVAILABLE, GUARD_BLOCKED):
         forget(gauge, dataset)
 
 
@@ -151,9 +260,12 @@ def forget(gauge: Gauge, dataset: str) -> None:
 def record_run(dataset: str, status: str, counts: Counts, seconds: float) -> None:
     RUNS.labels(dataset, status).inc()
     RUN_SECONDS.labels(dataset).observe(seconds)
-    for change in ("listed", "added", "modified", "removed", "renamed"):
+    if counts.listed:
+        LISTED.labels(dataset).inc(counts.listed)
+    for change in CHANGES:
         if n := getattr(counts, change):
             ITEMS.labels(dataset, change).inc(n)
+
     if counts.errors:
         RUN_ERRORS.labels(dataset).inc(counts.errors)
     if status == "ok":

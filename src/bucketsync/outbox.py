@@ -160,7 +160,7 @@ class Outbox:
                 if len(running) < limit:
                     # Running ops are still pending in the ledger: ask for enough to see past them.
                     due = await self.ledger.due_ops(time.time(), limit=len(running) + limit)
-                    metrics.OUTBOX_BACKLOG.set(await self.ledger.backlog())
+                    metrics.set_backlog(await self.ledger.backlog_by_dataset())
                     for op in due:
                         if len(running) >= limit or stop.is_set():
                             break

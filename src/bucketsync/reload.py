@@ -28,7 +28,6 @@ from bucketsync.agent import Agent
 from bucketsync.config import Settings, _Integration
 from bucketsync.errors import ConfigError
 from bucketsync.stores import open_store
-from bucketsync.sync import SyncLoop
 
 log = structlog.get_logger("bucketsync.reload")
 
@@ -167,13 +166,16 @@ async def apply(agent: Agent, runner: DatasetRunner, new: Settings, running: dic
     for name in p.removed:
         agent.loops.pop(name, None)
         agent.not_ready.pop(name, None)
+        agent.downstream_unavailable.pop(name, None)
         metrics.forget_dataset(name)
     agent.settings = new
     agent.stores = stores
+    metrics.init(p.added)  # a new dataset's series start at 0, as at start-up
     for name in (*p.added, *p.changed):
         ds = new.datasets[name]
-        agent.loops[name] = SyncLoop(name, ds, stores[ds.driver], agent.ledger)
-        agent.not_ready[name] = "permission probe not run yet"
+        agent.loops[name] = agent.make_loop(name, ds, stores[ds.driver])
+        # Until its probe says otherwise: not ready, and storage's last known answer to writes.
+        agent.set_ready(name, "permission probe not run yet")
         runner.start(name)
     for name, store in old_stores.items():
         if stores.get(name) is not store:

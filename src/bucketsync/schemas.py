@@ -110,6 +110,24 @@ class RunList(_Body):
     runs: list[Run]
 
 
+class WouldRemove(_Body):
+    count: int = Field(description="every key the run would remove")
+    keys: list[str] = Field(description="the first 1,000 of them")
+    truncated: bool = Field(description="true when keys lists fewer than count")
+
+
+class Rename(_Body):
+    # "from" is a Python keyword: the field is declared by alias
+    old: str = Field(alias="from")
+    to: str
+
+
+class WouldRename(_Body):
+    count: int = Field(description="every rename the run would record")
+    renames: list[Rename] = Field(description="the first 1,000 of them")
+    truncated: bool = Field(description="true when renames lists fewer than count")
+
+
 class RunResult(_Counts):
     """A finished run (``wait=true`` or ``dry_run=true``)."""
 
@@ -120,6 +138,8 @@ class RunResult(_Counts):
     gaps: list[Gap] = Field(description="what a partial run could not list")
     dry_run: bool
     seconds: float
+    would_remove: WouldRemove | None = Field(default=None, description="dry runs only: the keys a run would remove")
+    would_rename: WouldRename | None = Field(default=None, description="dry runs only: the renames a run would record")
 
 
 class RunStarted(_Body):
@@ -146,6 +166,12 @@ class DatasetStatus(_Body):
     running: Running | None
     ready: bool | None
     not_ready_reason: str | None
+    downstream: Literal["available", "unavailable"] | None = Field(
+        description="whether storage takes the dataset's writes (its probe's put, and delete with allow_delete); "
+        "null when no agent runs"
+    )
+    downstream_reason: str | None
+    guard_blocked: bool = Field(description="the last run was stopped by the mass-delete guard")
 
 
 class DatasetList(_Body):

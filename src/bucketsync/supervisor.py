@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sqlite3
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -26,13 +28,15 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from bucketsync import durability, failpoints, metrics
+from bucketsync import durability, failpoints, metrics, retention
 from bucketsync.agent import Agent
 from bucketsync.api import RELOAD, TASKS, make_app
 from bucketsync.config import AgentConfig, Settings
 from bucketsync.errors import BucketsyncError, ConfigError, LedgerError
+from bucketsync.logs import AccessLog
+from bucketsync.model import RunStatus
 from bucketsync.notify import Notifier
-from bucketsync.probe import probe
+from bucketsync.probe import ProbeResult, probe
 from bucketsync.reload import ReloadPlan, apply, driver_fingerprints
 from bucketsync.retry import backoff
 from bucketsync.sync import RunResult
@@ -52,6 +56,24 @@ STATUS_EVERY = 10.0
 RESTART_CAP = 300.0
 #: while ledger writes fail (a full disk), a tiny write is tried this often to notice recovery
 HEAL_INTERVAL = 2.0
+#: a dataset that stays not ready warns again at most this often (and whenever the failure changes)
+NOT_READY_WARN_EVERY = 600.0
+
+
+class _NotReadyLog:
+    """Warn once when a dataset becomes not ready, then at a bounded rate; debug in between."""
+
+    def __init__(self) -> None:
+        self.last: tuple[object, float] | None = None
+
+    def __call__(self, dataset: str, result: ProbeResult, attempt: int) -> None:
+        # "The same reason" is the same checks failing the same way; message texts may vary.
+        now, kind, reason = time.monotonic(), result.failures(), result.summary()
+        if self.last is None or self.last[0] != kind or now - self.last[1] >= NOT_READY_WARN_EVERY:
+            self.last = (kind, now)
+            log.warning("dataset not ready", dataset=dataset, reason=reason, attempts=attempt)
+        else:
+            log.debug("dataset still not ready", dataset=dataset, reason=reason, attempts=attempt)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
@@ -71,7 +93,7 @@ async def _dataset(agent: Agent, name: str, stop: asyncio.Event, probed: asyncio
         except Exception as exc:
             deaths += 1
             delay = 1.0 + backoff(deaths, 2.0, RESTART_CAP)
-            agent.not_ready[name] = f"sync loop died ({_describe(exc)}); restart {deaths} in {delay:.0f}s"
+            agent.set_ready(name, f"sync loop died ({_describe(exc)}); restart {deaths} in {delay:.0f}s")
             metrics.LOOP_RESTARTS.labels(name).inc()
             log.error(
                 "dataset loop died; restarting it",
@@ -87,38 +109,85 @@ async def _dataset(agent: Agent, name: str, stop: asyncio.Event, probed: asyncio
 async def _run_dataset(
     agent: Agent, name: str, stop: asyncio.Event, *, dead: bool, probed: asyncio.Event | None = None
 ) -> None:
-    """Probe the driver until it passes, then run the dataset's loop. ``probed`` is set after the first probe."""
+    """Probe the driver until the dataset can be synced, then run the dataset's loop.
+    ``probed`` is set after the first probe.
+
+    Only list and get gate the sync. A dataset whose storage refuses writes syncs all the
+    same; its writes are refused up front until a later probe finds them allowed.
+    """
     loop = agent.loop(name)
     await _publish(agent, name)
-    driver_name = agent.settings.datasets[name].driver
+    ds = agent.settings.datasets[name]
+    driver_name = ds.driver
     driver = agent.settings.drivers[driver_name]
     failpoints.raises("supervisor.dataset_start")
     attempt = 0
+    warn = _NotReadyLog()
     while not stop.is_set():
-        result = await probe(loop.store, driver_name, driver.allow_delete)
+        result = await probe(loop.store, driver_name, driver.allow_delete, writes=not ds.read_only)
         if probed is not None:
             probed.set()
-        if result.ok:
+        if result.upstream_ok:
             if not dead:  # a restarted loop is ready once a run of it completes
-                agent.not_ready.pop(name, None)
+                agent.set_ready(name, None)
             break
         attempt += 1
-        agent.not_ready[name] = result.summary()
+        agent.set_ready(name, result.summary())
         metrics.LOOP_ERRORS.labels(name).inc()
-        log.error("dataset not ready: permission probe failed", dataset=name, reason=result.summary())
+        warn(name, result, attempt)
         await _sleep(stop, min(loop.config.interval, 5 + backoff(attempt, 5, 300)))
     if stop.is_set():
         return
+    agent.set_downstream(name, result)
+    if attempt:
+        log.info("dataset ready", dataset=name, attempts=attempt + 1)
     await agent.refresh_item_gauges(name)
 
     def on_error(exc: Exception) -> None:
-        agent.not_ready[name] = f"sync loop error: {_describe(exc)}"
+        agent.set_ready(name, f"sync loop error: {_describe(exc)}")
 
     def on_result(result: RunResult) -> None:
         if (agent.not_ready.get(name) or "").startswith("sync loop"):
-            agent.not_ready.pop(name, None)
+            agent.set_ready(name, None)
 
-    await loop.run(stop, on_error=on_error, on_result=on_result)
+    async with asyncio.TaskGroup() as tg:
+        if not result.downstream_ok:
+            log.warning(
+                "downstream unavailable: writes through bucketsync are refused", dataset=name, reason=result.summary()
+            )
+            tg.create_task(_reprobe_writes(agent, name, stop), name=f"reprobe:{name}")
+        await loop.run(stop, on_error=on_error, on_result=on_result)
+
+
+async def _reprobe_writes(agent: Agent, name: str, stop: asyncio.Event) -> None:
+    """Probe again now and then while storage refuses the dataset's writes; clear it once they work."""
+    loop = agent.loop(name)
+    ds = agent.settings.datasets[name]
+    driver = agent.settings.drivers[ds.driver]
+    while not stop.is_set():
+        await _sleep(stop, agent.settings.agent.reprobe_interval)
+        if stop.is_set():
+            return
+        result = await probe(loop.store, ds.driver, driver.allow_delete, writes=not ds.read_only)
+        if result.upstream_ok and result.downstream_ok:
+            agent.set_downstream(name, None)
+            log.info("downstream available again: writes are accepted", dataset=name)
+            return
+        if result.upstream_ok:
+            agent.set_downstream(name, result)
+
+
+async def _guard_gauges(agent: Agent) -> None:
+    """The guard gauge from the ledger: a dataset whose last run the guard stopped stays flagged across restarts."""
+    for name in agent.settings.datasets:
+        await _guard_gauge(agent, name)
+
+
+async def _guard_gauge(agent: Agent, name: str) -> None:
+    assert agent.ledger is not None
+    ds_id = await agent.ledger.find_dataset(name)
+    last = await agent.ledger.runs(ds_id, limit=1) if ds_id is not None else []
+    agent.loop(name).set_guard_blocked(bool(last) and last[0].status is RunStatus.ABORTED)
 
 
 async def _heal_ledger(agent: Agent, stop: asyncio.Event) -> None:
@@ -159,6 +228,7 @@ async def _publish(agent: Agent, name: str) -> None:
     ds_id = await agent.ledger.find_dataset(name)
     last = await agent.ledger.last_ok_run(ds_id) if ds_id is not None else None
     metrics.publish_dataset(name, ds.interval if ds.sync == "poll" else None, last.ended if last else None)
+    await _guard_gauge(agent, name)  # a loop a reload started is a new one: the ledger says if the guard stopped it
 
 
 class _DatasetTasks:
@@ -324,13 +394,23 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with Agent(settings) as agent:
+        # Not ready until probed, before the first request can ask (the site starts below).
+        metrics.init(agent.settings.datasets)
+        for name in agent.settings.datasets:
+            agent.set_ready(name, "permission probe not run yet")
+        await _guard_gauges(agent)
         tasks = _DatasetTasks(agent, stop)
         reloader = _Reloader(agent, tasks, load or (lambda: settings), notifier, stop)
         app = make_app(agent, stop)
         app[RELOAD] = reloader
         # A 1,024-byte key percent-encodes to 3 KiB, and a client may send it in characters that
         # do not fit: request lines up to 32 KiB reach the API, which names what is wrong as JSON.
-        runner = web.AppRunner(app, access_log=None, max_line_size=32768)
+        runner = web.AppRunner(
+            app,
+            access_log_class=AccessLog,
+            access_log=logging.getLogger("bucketsync.access"),
+            max_line_size=32768,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
@@ -339,13 +419,13 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             await runner.cleanup()
             agent.discard_new_ledger = True  # a start that fails leaves no ledger it created behind
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
-        for name in agent.settings.datasets:
-            agent.not_ready[name] = "permission probe not run yet"
         check = await _check_ledger(agent)
         for name in agent.loops:
             tasks.start(name)
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
+        assert agent.ledger is not None
+        pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop), name="retention")
         log.info(
             "agent started",
             listen=conf.listen,
@@ -363,7 +443,14 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         tasks.stop_all()
         log.info("stopping: letting running batches commit", grace=conf.grace)
         api_runs: set[asyncio.Task[Any]] = app[TASKS]
-        busy: set[asyncio.Task[Any]] = {*tasks.tasks.values(), outbox, heal, *api_runs, *reloader._signalled}
+        busy: set[asyncio.Task[Any]] = {
+            *tasks.tasks.values(),
+            outbox,
+            heal,
+            pruner,
+            *api_runs,
+            *reloader._signalled,
+        }
         if busy:
             _, pending = await asyncio.wait(busy, timeout=conf.grace)
             for t in pending:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections import defaultdict
@@ -30,6 +31,7 @@ from bucketsync.errors import BucketsyncError, LedgerError
 from bucketsync.gate import removal_guard
 from bucketsync.keys import KeyFilter
 from bucketsync.ledger import Ledger
+from bucketsync.logs import debug_enabled
 from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.pacing import Pacer
 from bucketsync.stores import Store, listing_with_gaps
@@ -60,9 +62,11 @@ class RunResult:
     dry_run: bool = False
     seconds: float = 0.0
     gaps: list[ListingGap] = field(default_factory=list)
+    #: a dry run's plan: the keys it would remove and rename (bounded), whatever the guard says
+    plan: Plan | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "dataset": self.dataset,
             "run": self.run,
             "status": str(self.status),
@@ -71,6 +75,37 @@ class RunResult:
             "gaps": [g.as_json() for g in self.gaps],
             "dry_run": self.dry_run,
             "seconds": round(self.seconds, 3),
+        }
+        if self.plan is not None:
+            out |= self.plan.as_json()
+        return out
+
+
+#: how many keys a dry run lists per kind (the counts are always exact)
+PLAN_KEYS = 1000
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a dry run would remove and rename: the first ``PLAN_KEYS`` keys of each, and the counts."""
+
+    removals: int = 0
+    renames: int = 0
+    remove_keys: list[str] = field(default_factory=list)
+    rename_keys: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "would_remove": {
+                "count": self.removals,
+                "keys": self.remove_keys,
+                "truncated": self.removals > len(self.remove_keys),
+            },
+            "would_rename": {
+                "count": self.renames,
+                "renames": [{"from": old, "to": new} for old, new in self.rename_keys],
+                "truncated": self.renames > len(self.rename_keys),
+            },
         }
 
 
@@ -85,6 +120,7 @@ class _Pending:
     deferred: list[ObjectInfo] = field(default_factory=list)  # over quota: rename targets only
     dry_adds: list[tuple[str | None, int, str]] = field(default_factory=list)  # dry runs match renames here
     over_quota: int = 0  # new objects not added because the dataset is at its quota
+    renames: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key): dry-run plan, debug log
     gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
     #: the counts as of the run's last committed write: what a run that fails to write records
     committed: Counts = field(default_factory=Counts)
@@ -100,10 +136,19 @@ async def _filtered(
 
 class SyncLoop:
     def __init__(
-        self, name: str, config: DatasetConfig, store: Store, ledger: Ledger, pacer: Pacer | None = None
+        self,
+        name: str,
+        config: DatasetConfig,
+        store: Store,
+        ledger: Ledger,
+        pacer: Pacer | None = None,
+        *,
+        no_change_log_level: str = "info",
     ) -> None:
         self.name = name
         self.pacer = pacer or Pacer()  # an agent's runs share one
+        #: the level of the one line a run that changed nothing logs (busy polls make it noise)
+        self.no_change_log_level = no_change_log_level
         self.config = config
         self.store = store
         self.ledger = ledger
@@ -117,6 +162,8 @@ class SyncLoop:
         #: upload's own object as a foreign change
         self.in_flight: set[str] = set()
         self.touched: dict[str, float] = {}
+        #: the last finished run was stopped by the mass-delete guard (a failed run leaves it as it was)
+        self.guard_blocked = False
         self._lock = asyncio.Lock()  # one run at a time per dataset
         self.wake = asyncio.Event()  # set to start a run now
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
@@ -160,8 +207,9 @@ class SyncLoop:
         if started is not None and not started.done():
             started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
-        log.info("run started", dry_run=dry_run, force=force, items=live_before)
+        log.debug("run started", dry_run=dry_run, force=force, items=live_before)
         pending = _Pending()
+        plan = None
         status, error = RunStatus.OK, None
         try:
             try:
@@ -193,11 +241,20 @@ class SyncLoop:
                     max_delete_count=self.config.max_delete_count,
                     force=force,
                 )
+                if dry_run:
+                    plan = _plan(pending, counts)
                 if decision.allowed:
                     await self._remove(run_id, counts, pending)
                 else:
                     status, error = RunStatus.ABORTED, decision.message
-                    metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
+                    log.warning(
+                        "removals refused by the mass-delete guard",
+                        reason=decision.reason,
+                        removals=len(pending.removals),
+                        message=decision.message,
+                    )
+                    if not dry_run:
+                        metrics.GUARD_ABORTS.labels(self.name, decision.reason).inc()
                 if not dry_run:
                     metrics.LISTING_GAPS.labels(self.name).set(len(pending.gaps))
         except LedgerError as exc:  # a full disk, say: the run fails, recording only what committed
@@ -217,7 +274,7 @@ class SyncLoop:
             self.progress = self.current_run = None
             self._record(status, counts, seconds, dry_run, error, pending.gaps)
             structlog.contextvars.unbind_contextvars("dataset", "run")
-        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds, pending.gaps)
+        return RunResult(self.name, run_id, status, counts, error, dry_run, seconds, pending.gaps, plan)
 
     async def _finish(
         self, ds_id: int, run_id: int, counts: Counts, status: RunStatus, error: str | None, gaps: list[ListingGap]
@@ -246,6 +303,7 @@ class SyncLoop:
         self.touched = {k: t for k, t in self.touched.items() if t >= t0}
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
+        keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
         async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
             await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
@@ -263,6 +321,8 @@ class SyncLoop:
                 assert new is not None
                 counts.added += 1
                 p.adds.append(new)
+                if keys:
+                    log.debug("added", key=new.key, size=new.size)
             elif old is not None and old.state != LIVE:
                 # A tombstone: upstream never brings it back (invariant 3). Keep its info
                 # current for a later restore; forget it once the object itself is gone.
@@ -274,6 +334,8 @@ class SyncLoop:
                 assert new is not None and old is not None
                 counts.modified += 1
                 p.updates.append((old.id, new))
+                if keys:
+                    log.debug("modified", key=new.key, size=new.size)
             elif kind is removed:
                 assert old is not None
                 p.removals.append(old)
@@ -320,6 +382,7 @@ class SyncLoop:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))
         pairs: list[tuple[int, int, str]] = []
+        keep_keys = run_id is None or debug_enabled()  # for the dry-run plan or the debug log; bounded otherwise
         still_removed: list[Indexed] = []
         still_purged: list[Indexed] = []
         for old in sources:
@@ -333,6 +396,8 @@ class SyncLoop:
                     counts.unchanged -= 1
                 if old.state == LIVE:
                     counts.renamed += 1
+                    if keep_keys and (len(p.renames) < PLAN_KEYS or debug_enabled()):
+                        p.renames.append((old.key, key))
             elif old.state == LIVE:
                 still_removed.append(old)
             else:
@@ -343,8 +408,14 @@ class SyncLoop:
         if run_id is not None:
             await self.ledger.rename(run_id, pairs, counts)
             p.committed = replace(counts)
+        if debug_enabled():
+            for old_key, new_key in p.renames:
+                log.debug("renamed", key=new_key, old_key=old_key)
 
     async def _remove(self, run_id: int | None, counts: Counts, p: _Pending) -> None:
+        if debug_enabled():
+            for o in p.removals:
+                log.debug("removed", key=o.key)
         ids = [o.id for o in p.removals]
         counts.removed += len(ids)
         if run_id is None:
@@ -368,13 +439,21 @@ class SyncLoop:
     ) -> None:
         fields = counts.as_dict()
         if status is RunStatus.OK:
-            log.info("run finished", status=str(status), seconds=round(seconds, 3), **fields)
+            changed = counts.added or counts.modified or counts.removed or counts.renamed or counts.errors
+            level = "info" if changed or dry_run else self.no_change_log_level
+            log.log(_LEVELS[level], "run finished", status=str(status), seconds=round(seconds, 3), **fields)
         else:
             extra = {"gaps": [g.prefix for g in gaps]} if gaps else {}
             log.warning("run finished", status=str(status), seconds=round(seconds, 3), error=error, **extra, **fields)
         if dry_run:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
+        if status is not RunStatus.FAILED:  # a failed run says nothing about the guard
+            self.set_guard_blocked(status is RunStatus.ABORTED)
+
+    def set_guard_blocked(self, blocked: bool) -> None:
+        self.guard_blocked = blocked
+        metrics.GUARD_BLOCKED.labels(self.name).set(blocked)
 
     async def run(
         self,
@@ -471,6 +550,18 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | N
     finally:
         for w in waiters:
             w.cancel()
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _plan(p: _Pending, counts: Counts) -> Plan:
+    return Plan(
+        removals=len(p.removals),
+        renames=counts.renamed,
+        remove_keys=[o.key for o in p.removals[:PLAN_KEYS]],
+        rename_keys=p.renames[:PLAN_KEYS],
+    )
 
 
 #: how many gaps a run's error message names (the run record's ``gaps`` has them all)

@@ -49,6 +49,7 @@ from azure.storage.blob.aio import BlobClient, ContainerClient
 
 from bucketsync.errors import (
     AlreadyExists,
+    BadEndpoint,
     ConfigError,
     NotFound,
     NotSupported,
@@ -57,6 +58,7 @@ from bucketsync.errors import (
     PreconditionFailed,
     StorageError,
     Transient,
+    Unreachable,
 )
 from bucketsync.keys import indexable
 from bucketsync.location import Location
@@ -128,22 +130,29 @@ def translate(exc: BaseException, action: str, where: str, key: str | None = Non
     """
     msg = f"cannot {action} {where}"
     if isinstance(exc, HttpResponseError) and exc.status_code is not None and exc.status_code >= 400:
-        return _translate_http(exc, msg, key)
+        return _translate_http(exc, msg, key, listing=action == "list")
     reason = f"{type(exc).__name__}: {_scrub(str(exc)) or 'no details'}"
     if isinstance(exc, ClientAuthenticationError):  # no HTTP status: a token credential found nothing to use
         return PermissionDenied(f"{msg}: no usable Azure credential ({reason})", key=key)
+    if isinstance(exc, ServiceRequestError | aiohttp.ClientConnectorError):
+        # The request never left: DNS failure, connection refused, connect timeout.
+        return Unreachable(f"{msg}: storage is unreachable ({reason})", key=key)
     if isinstance(exc, _NETWORK_ERRORS):
-        # Connection refused or reset, timeouts, a body cut short (IncompleteReadError): all retryable.
+        # Connection reset, read timeouts, a body cut short (IncompleteReadError): all retryable.
         return Transient(f"{msg}: {reason}", key=key)
     return StorageError(f"{msg}: {reason}", key=key)
 
 
-def _translate_http(exc: HttpResponseError, msg: str, key: str | None) -> StorageError:
+def _translate_http(exc: HttpResponseError, msg: str, key: str | None, *, listing: bool = False) -> StorageError:
     status = exc.status_code
     code = _code(exc)
     detail = f"HTTP {status}{' ' + code if code else ''}"
     if code == "ContainerNotFound":
         return NotFound(f"{msg}: the container does not exist ({detail})", key=key)
+    if listing and not code and status in (400, 404, 405):
+        # Blob storage names every error of a listing (x-ms-error-code): a bare 4xx came from
+        # something that is not Blob storage, or from a wrong account path.
+        return BadEndpoint(f"{msg}: the endpoint does not answer as Azure Blob storage ({detail})", key=key)
     if status == 404 or isinstance(exc, ResourceNotFoundError):
         return NotFound(f"{msg}: not found ({detail})", key=key)
     if status in (401, 403) or isinstance(exc, ClientAuthenticationError):

@@ -38,6 +38,7 @@ from gcloud.aio.storage import Storage
 
 from bucketsync.errors import (
     AlreadyExists,
+    BadEndpoint,
     ConfigError,
     NotFound,
     OrderError,
@@ -45,6 +46,7 @@ from bucketsync.errors import (
     PreconditionFailed,
     StorageError,
     Transient,
+    Unreachable,
 )
 from bucketsync.keys import indexable
 from bucketsync.location import Location
@@ -95,6 +97,20 @@ def _detail(exc: aiohttp.ClientResponseError) -> str:
     return text[:300]
 
 
+def _is_google_error(exc: aiohttp.ClientResponseError) -> bool:
+    """Whether the error body is the JSON API's ``{"error": {...}}``."""
+    _, _, body = (exc.message or "").partition(": ")
+    try:
+        return isinstance(json.loads(body).get("error"), dict)
+    except (ValueError, AttributeError):
+        return False
+
+
+def _connector_reason(exc: aiohttp.ClientConnectorError) -> str:
+    # The host and port, and the OS's words (no request info: it carries the token).
+    return f"{exc.host}:{exc.port}: {exc.os_error.strerror or type(exc.os_error).__name__}"
+
+
 def translate(exc: BaseException, what: str, *, key: str | None = None, create: bool = False) -> StorageError:
     """The one mapping from aiohttp / gcloud-aio errors to bucketsync's hierarchy.
 
@@ -106,6 +122,15 @@ def translate(exc: BaseException, what: str, *, key: str | None = None, create: 
     if isinstance(exc, aiohttp.ClientResponseError):
         status = exc.status
         msg = f"{what}: HTTP {status}: {_detail(exc)}"
+        if (
+            what.startswith("list ")
+            and 400 <= status < 500
+            and status not in _TRANSIENT_STATUS
+            and not (_is_google_error(exc))
+        ):
+            # objects.list answers errors with a JSON body; anything else is not the JSON API.
+            # (Only listings: a media download's 404 may be plain text on the real service.)
+            return BadEndpoint(f"{what}: HTTP {status}: the endpoint does not answer as the GCS JSON API", key=key)
         if status == 404:
             return NotFound(msg, key=key)
         if status in (401, 403):
@@ -119,7 +144,9 @@ def translate(exc: BaseException, what: str, *, key: str | None = None, create: 
         return StorageError(msg, key=key)
     if isinstance(exc, TimeoutError):  # aiohttp's timeouts subclass it too
         return Transient(f"{what}: timed out", key=key)
-    if isinstance(exc, aiohttp.ClientError):  # connection refused/reset, payload cut short, ...
+    if isinstance(exc, aiohttp.ClientConnectorError):  # DNS failure, connection refused, connect timeout
+        return Unreachable(f"{what}: storage is unreachable ({_connector_reason(exc)})", key=key)
+    if isinstance(exc, aiohttp.ClientError):  # connection reset, payload cut short, ...
         return Transient(f"{what}: {type(exc).__name__}", key=key)
     return StorageError(f"{what}: {type(exc).__name__}", key=key)
 

@@ -40,7 +40,9 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
     CredentialRetrievalError,
+    EndpointConnectionError,
     HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
@@ -53,6 +55,7 @@ from botocore.utils import parse_timestamp
 
 from bucketsync.errors import (
     AlreadyExists,
+    BadEndpoint,
     ConfigError,
     NotFound,
     OrderError,
@@ -60,6 +63,7 @@ from bucketsync.errors import (
     PreconditionFailed,
     StorageError,
     Transient,
+    Unreachable,
 )
 from bucketsync.keys import HIDDEN, indexable
 from bucketsync.location import Location
@@ -117,6 +121,11 @@ _TRANSIENT = frozenset(
         "504",
     }
 )
+#: the request reached a server that says it belongs elsewhere (another region or endpoint)
+_WRONG_PLACE = frozenset(
+    {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "InvalidRegion"}
+)
+_UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, aiohttp.ClientConnectorError)
 _CREDENTIALS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound)
 _RETRYABLE_EXCEPTIONS = (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError, TimeoutError)
 _LOADER: Any = None
@@ -165,6 +174,8 @@ def translate(
         )
     if isinstance(exc, SSLError):  # a certificate problem does not heal by retrying
         return StorageError(f"{op} {where}: TLS error: {_redact(str(exc))}", key=key)
+    if isinstance(exc, _UNREACHABLE):  # the request never reached a server: DNS, refused, connect timeout
+        return Unreachable(f"{op} {where}: storage is unreachable ({type(exc).__name__}: {_redact(str(exc))})", key=key)
     if isinstance(exc, _RETRYABLE_EXCEPTIONS):
         return Transient(f"{op} {where}: {type(exc).__name__}: {_redact(str(exc))}", key=key)
     if isinstance(exc, BotoCoreError):
@@ -189,6 +200,12 @@ def _translate_client_error(
 
     if code == "NoSuchBucket":
         return BucketNotFound(msg, key=key)
+    if code in _WRONG_PLACE or 300 <= status < 400:
+        return BadEndpoint(f"{msg} (wrong region or endpoint: check the driver's region and endpoint_url)", key=key)
+    if op == "list" and (not code or code.isdigit()) and status in (400, 404, 405):
+        # A listing's errors always carry an S3 error code in an XML body; botocore falls back to
+        # the bare status (or nothing) when there is none: whatever answered is not an S3 API.
+        return BadEndpoint(f"{msg} (the endpoint does not answer as S3: check endpoint_url)", key=key)
     if code == "NoSuchUpload":  # our multipart upload is gone (completed or aborted), whatever the mode
         return NotFound(msg, key=key)
     conflict = status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict")
@@ -477,7 +494,7 @@ class S3Store:
         try:
             return _parse_list(body, server)
         except (ET.ParseError, ValueError, TypeError) as exc:
-            raise StorageError(f"list {self.url}: unreadable ListObjectsV2 response ({exc})") from None
+            raise BadEndpoint(f"list {self.url}: unreadable ListObjectsV2 response, not an S3 API? ({exc})") from None
 
     async def _http(self) -> aiohttp.ClientSession:
         if self._http_session is None:
