@@ -60,15 +60,6 @@ def memory() -> Iterator[MemoryStore]:
     MemoryStore.drop(name)
 
 
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    led = await Ledger.open(tmp_path / "ledger.db")
-    try:
-        yield led
-    finally:
-        await led.close()
-
-
 async def put(store: MemoryStore, *keys: str, data: bytes = b"x") -> None:
     for key in keys:
         await store.put(key, one_chunk(data))

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from bucketsync.config import AgentConfig
 from bucketsync.ledger import Ledger
 from bucketsync.model import Counts, OpKind, RunStatus
 from bucketsync.retention import prune_once
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    led = await Ledger.open(tmp_path / "ledger.db")
-    try:
-        yield led
-    finally:
-        await led.close()
 
 
 async def finished_runs(ledger: Ledger, ds: int, statuses: list[RunStatus]) -> list[int]:
