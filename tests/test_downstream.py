@@ -455,6 +455,20 @@ async def _run(env: Env, op_id: int) -> None:
     await env.outbox.execute(op)
 
 
+async def test_a_stale_copy_of_a_settled_op_does_not_run_again(env: Env) -> None:
+    """The worker reads its due ops while an earlier execution of one of them may be
+    finishing: executing that stale copy must not run the op again (and fail it with
+    staged_body_missing after it succeeded)."""
+    op_id = await _queued_put(env, "s.bin", b"once")
+    stale = await env.ledger.op(op_id)
+    assert stale is not None
+    await env.outbox.execute(stale)
+    await env.outbox.execute(stale)
+    op = await env.ledger.op(op_id)
+    assert op is not None and op.state is OpState.DONE and op.attempts == 1, op
+    assert await env.read("main", "s.bin") == b"once"
+
+
 async def test_retried_create_only_put_meeting_its_own_bytes_is_done(env: Env) -> None:
     op_id = await _queued_put(env, "r.bin", b"same bytes")
     # The first attempt reached storage, then the agent died before the ledger knew.

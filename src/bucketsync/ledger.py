@@ -795,10 +795,20 @@ class Ledger:
         ) as cur:
             return {str(name): int(n) for name, n in await cur.fetchall()}
 
-    async def start_attempt(self, op_id: int) -> None:
-        """Counted *before* storage is touched: after a crash, attempts > 0 says the op may
-        already have reached storage, and its retry checks for its own earlier write."""
-        await self._write("UPDATE ops SET attempts = attempts + 1, updated = ? WHERE id = ?", (time.time(), op_id))
+    async def start_attempt(self, op_id: int) -> Op | None:
+        """Claim one attempt of a pending op: the op as it now stands, or None if it is no
+        longer pending (another execution settled it, or it was cancelled meanwhile).
+
+        Counted *before* storage is touched: after a crash, attempts > 0 says the op may
+        already have reached storage, and its retry checks for its own earlier write.
+        """
+        cur = await self._write(
+            "UPDATE ops SET attempts = attempts + 1, updated = ? WHERE id = ? AND state = 'pending'",
+            (time.time(), op_id),
+        )
+        if cur.rowcount != 1:
+            return None
+        return await self.op(op_id)
 
     async def retry_later(self, op_id: int, error: str, next_at: float) -> None:
         await self._write(

@@ -201,13 +201,19 @@ class Outbox:
         self._busy_keys.add(slot)
         loop.in_flight.add(op.key)
         try:
-            await self.ledger.start_attempt(op.id)
+            # The op we were handed may be stale: the worker's list of due ops can be read
+            # while an earlier execution of the same op is finishing. Only a claim on a
+            # still-pending op runs; running a settled one again would undo its result.
+            claimed = await self.ledger.start_attempt(op.id)
+            if claimed is None:
+                return
+            op = claimed
             if op.kind is OpKind.PUT:
                 await self._put(op)
             else:
                 await self._delete(op)
         except Transient as exc:
-            delay = backoff(op.attempts + 1, base=1.0, cap=300.0) + 0.1
+            delay = backoff(op.attempts, base=1.0, cap=300.0) + 0.1  # attempts counts this one
             log.warning("outbox op will be retried", op=op.id, kind=str(op.kind), key=op.key, error=str(exc))
             metrics.DOWNSTREAM_OPS.labels(str(op.kind), "retry").inc()
             await self.ledger.retry_later(op.id, str(exc), time.time() + delay)
