@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bucketsync.ledger import Ledger
-from bucketsync.model import Counts, ObjectInfo
+from bucketsync.core.model import Counts, ObjectInfo
+from bucketsync.ledger.sqlite import Ledger
 
 
 async def main(batches: int, lone: int) -> None:

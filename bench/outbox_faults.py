@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bucketsync.agent import Agent  # noqa: E402
 from bucketsync.config import Settings  # noqa: E402
-from bucketsync.downstream import Downstream  # noqa: E402
+from bucketsync.core.model import OpState  # noqa: E402
+from bucketsync.downstream.ops import Downstream  # noqa: E402
 from bucketsync.logs import configure  # noqa: E402
-from bucketsync.model import OpState  # noqa: E402
 from bucketsync.stores import one_chunk, open_store  # noqa: E402
 from emulators.s3 import _port_with_grpc  # noqa: E402
 from faults import Action, FaultProxy  # noqa: E402

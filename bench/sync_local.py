@@ -104,9 +104,9 @@ def change(root: Path, n: int, how: str, rep: int, salt: str) -> int:
 
 async def child(spec: dict[str, Any]) -> dict[str, Any]:
     from bucketsync.config import DatasetConfig, DriverConfig, Settings
-    from bucketsync.ledger import Ledger
+    from bucketsync.ledger.sqlite import Ledger
     from bucketsync.stores import local, open_store
-    from bucketsync.sync import SyncLoop
+    from bucketsync.upstream.sync import SyncLoop
 
     root, ledger_path, mode = spec["root"], Path(spec["ledger"]), spec["mode"]
     read = 0

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 DATASET = "photos"
 STORE = "bench"
-BATCH = 5000  # as bucketsync.sync.BATCH: one transaction per 5000 writes
+BATCH = 5000  # as bucketsync.upstream.sync.BATCH: one transaction per 5000 writes
 TARGETS = {"initial": 8.0, "nochange": 4.0}
 RSS_TARGET_MB = 200.0
 MARK_START = "<!-- bench/sync_memory.py: start (generated, do not edit by hand) -->"
@@ -183,10 +183,10 @@ def _copy_ledger(seed: Path, dest: Path) -> None:
 
 async def child(spec: dict[str, Any]) -> dict[str, Any]:
     from bucketsync.config import DatasetConfig
-    from bucketsync.ledger import Ledger
+    from bucketsync.ledger.sqlite import Ledger
     from bucketsync.logs import configure
     from bucketsync.stores.memory import MemoryStore
-    from bucketsync.sync import SyncLoop
+    from bucketsync.upstream.sync import SyncLoop
 
     configure("warning", "json")
     gc.collect()
@@ -305,7 +305,7 @@ async def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def floors(spec: dict[str, Any]) -> dict[str, Any]:
     """Raw sqlite3 and a bare listing: what the engine cannot beat on this machine."""
-    from bucketsync.ledger import MIGRATIONS
+    from bucketsync.ledger.sqlite import MIGRATIONS
     from bucketsync.stores.memory import MemoryStore
 
     n, reps, work = spec["objects"], spec["reps"], Path(spec["work"])

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     BucketsyncError,
     NotFound,
@@ -43,7 +43,7 @@ from bucketsync.errors import (
     PermissionDenied,
     PreconditionFailed,
 )
-from bucketsync.model import CREATE, OVERWRITE, ObjectInfo, PutMode
+from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode
 from bucketsync.stores import Store, one_chunk, read_all
 
 Check = Callable[[Store], Awaitable[None]]

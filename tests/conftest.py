@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync.ledger import Ledger
+from bucketsync.ledger.sqlite import Ledger
 
 pytest_plugins = [
     "emulators.s3",

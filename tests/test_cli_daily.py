@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import bucketsync
-from bucketsync.cli import build_parser
+from bucketsync.cli.main import build_parser
 from e2e import (
     CLI,
     ITEM_KEYS,

@@ -17,7 +17,7 @@ from bucketsync.config import (
     load_settings,
     parse_duration,
 )
-from bucketsync.errors import ConfigError
+from bucketsync.core.errors import ConfigError
 
 SECRETS = ("AKIA-SECRET-ID-123", "aws-secret-key-456", "azure-conn-str-789", "api-token-abc")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from bucketsync.errors import NotFound, PermissionDenied, StorageError
-from bucketsync.model import CREATE, OVERWRITE, ObjectInfo, PutMode
+from bucketsync.core.errors import NotFound, PermissionDenied, StorageError
+from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode
 from bucketsync.stores import Store, one_chunk, read_all
 from bucketsync.stores.contenthash import HashMemo
 from bucketsync.stores.local import LocalStore, Verify

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from bucketsync.cli import build_parser
+from bucketsync.cli.main import build_parser
 from bucketsync.config import Settings, load_settings
 from e2e import Daemon, clean_env, free_port, poll
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketsync.diff import changed, diff
-from bucketsync.errors import OrderError
-from bucketsync.model import Change, ChangeKind, Indexed, ItemState, ListingGap, ObjectInfo
+from bucketsync.core.diff import changed, diff
+from bucketsync.core.errors import OrderError
+from bucketsync.core.model import Change, ChangeKind, Indexed, ItemState, ListingGap, ObjectInfo
 
 T = TypeVar("T", ObjectInfo, Indexed, ObjectInfo | ListingGap)
 

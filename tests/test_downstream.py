@@ -18,14 +18,14 @@ import pytest
 import bucketsync
 from bucketsync.agent import Agent
 from bucketsync.config import Settings
-from bucketsync.downstream import Downstream, Outcome
-from bucketsync.errors import AlreadyExists, InvalidKey, NotFound, PreconditionFailed, Refused
-from bucketsync.ledger import Ledger
-from bucketsync.model import CREATE, OVERWRITE, ItemState, OpKind, OpState, PutMode, RunStatus
-from bucketsync.outbox import Outbox
+from bucketsync.core.errors import AlreadyExists, InvalidKey, NotFound, PreconditionFailed, Refused
+from bucketsync.core.model import CREATE, OVERWRITE, ItemState, OpKind, OpState, PutMode, RunStatus
+from bucketsync.downstream.ops import Downstream, Outcome
+from bucketsync.downstream.outbox import Outbox
+from bucketsync.ledger.sqlite import Ledger
 from bucketsync.stores import Store, one_chunk, read_all
 from bucketsync.stores.memory import MemoryStore
-from bucketsync.sync import SyncLoop
+from bucketsync.upstream.sync import SyncLoop
 
 SRC = Path(bucketsync.__file__).resolve().parent
 
@@ -629,7 +629,7 @@ def _asks_the_gate(func: ast.AST) -> bool:
 
 def test_store_delete_is_called_only_from_the_outbox_and_the_probe_behind_the_gate() -> None:
     #: `.delete(` calls outside the stores that are not on a store: Downstream.delete
-    downstream_receivers = {("cli.py", "d"), ("api.py", "request.app[DOWNSTREAM]")}
+    downstream_receivers = {("cli/main.py", "d"), ("server/api.py", "request.app[DOWNSTREAM]")}
     store_calls: dict[str, int] = {}
     unexpected: list[str] = []
     for path in sorted(SRC.rglob("*.py")):
@@ -644,17 +644,17 @@ def test_store_delete_is_called_only_from_the_outbox_and_the_probe_behind_the_ga
             where = f"{rel}:{call.lineno}: {ast.unparse(call)}"
             if (rel, receiver) in downstream_receivers and f.attr == "delete":
                 continue
-            if rel in ("outbox.py", "probe.py") and receiver == "store" and f.attr == "delete":
+            if rel in ("downstream/outbox.py", "upstream/probe.py") and receiver == "store" and f.attr == "delete":
                 assert funcs and _asks_the_gate(funcs[-1]), f"{where} does not ask gate.decide_delete first"
                 store_calls[rel] = store_calls.get(rel, 0) + 1
                 continue
             unexpected.append(where)
     assert unexpected == [], "storage deletes outside the outbox/probe:\n" + "\n".join(unexpected)
-    assert set(store_calls) == {"outbox.py", "probe.py"}
+    assert set(store_calls) == {"downstream/outbox.py", "upstream/probe.py"}
 
 
 def test_the_probe_deletes_only_in_the_hidden_folder() -> None:
-    src = (SRC / "probe.py").read_text()
+    src = (SRC / "upstream" / "probe.py").read_text()
     assert 'key = f"{HIDDEN}probe-' in src
 
 

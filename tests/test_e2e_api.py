@@ -26,8 +26,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bucketsync.config import load_settings
-from bucketsync.errors import NotFound
-from bucketsync.model import OVERWRITE
+from bucketsync.core.errors import NotFound
+from bucketsync.core.model import OVERWRITE
 from bucketsync.stores import Store, one_chunk, open_store, read_all
 from e2e import Daemon, Response, cli, describe, local_driver, poll, write_config
 from emulators import free_port

@@ -114,8 +114,8 @@ def test_damaged_header_every_command_exits_naming_the_file_and_the_fix(tmp_path
 async def test_ledger_open_closes_its_connection_when_the_file_is_damaged(tmp_path: Path) -> None:
     import threading
 
-    from bucketsync.errors import LedgerError
-    from bucketsync.ledger import Ledger
+    from bucketsync.core.errors import LedgerError
+    from bucketsync.ledger.sqlite import Ledger
 
     path = tmp_path / "ledger.db"
     await (await Ledger.open(path)).close()

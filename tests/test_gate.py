@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bucketsync.gate import Decision, removal_guard
+from bucketsync.core.gate import Decision, removal_guard
 
 
 def guard(

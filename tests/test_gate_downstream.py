@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bucketsync.gate import DELETE_OBJECT, STORAGE_DENIED, TOMBSTONE, OpDecision, decide_delete, decide_put
-from bucketsync.keys import HIDDEN
+from bucketsync.core.gate import DELETE_OBJECT, STORAGE_DENIED, TOMBSTONE, OpDecision, decide_delete, decide_put
+from bucketsync.core.keys import HIDDEN
 
 # ---------------------------------------------------------------------- decide_put
 

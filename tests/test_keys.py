@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketsync.errors import InvalidKey
-from bucketsync.keys import HIDDEN, KEY_PATTERN, MAX_KEY_BYTES, KeyFilter, check_key, indexable, validate_glob
+from bucketsync.core.errors import InvalidKey
+from bucketsync.core.keys import HIDDEN, KEY_PATTERN, MAX_KEY_BYTES, KeyFilter, check_key, indexable, validate_glob
 
 # ------------------------------------------------------------------ check_key
 

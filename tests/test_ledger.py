@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from bucketsync.config import DatasetConfig
-from bucketsync.errors import LedgerError, LedgerLocked
-from bucketsync.ledger import MIGRATIONS, SNAPSHOT_BATCH, InstanceLock, Ledger
-from bucketsync.model import Counts, ItemState, ObjectInfo, RunStatus
+from bucketsync.core.errors import LedgerError, LedgerLocked
+from bucketsync.core.model import Counts, ItemState, ObjectInfo, RunStatus
+from bucketsync.ledger.sqlite import MIGRATIONS, SNAPSHOT_BATCH, InstanceLock, Ledger
 from bucketsync.stores.local import LocalStore
-from bucketsync.sync import BATCH, SyncLoop
+from bucketsync.upstream.sync import BATCH, SyncLoop
 
 
 @pytest.fixture
@@ -310,7 +310,7 @@ HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from bucketsync.ledger import InstanceLock
+    from bucketsync.ledger.sqlite import InstanceLock
     InstanceLock(Path(sys.argv[1])).acquire()
     print("locked", flush=True)
     time.sleep(120)
@@ -382,9 +382,9 @@ SYNC_IN_SUBPROCESS = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from bucketsync.config import DatasetConfig
-    from bucketsync.ledger import Ledger
+    from bucketsync.ledger.sqlite import Ledger
     from bucketsync.stores.local import LocalStore
-    from bucketsync.sync import BATCH, SyncLoop
+    from bucketsync.upstream.sync import BATCH, SyncLoop
 
     class Throttled:
         '''After the first batch, list slowly, so that the kill lands in the middle of the run.'''

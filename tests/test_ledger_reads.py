@@ -24,9 +24,9 @@ import pytest
 
 from bucketsync.agent import Agent, datasets_status
 from bucketsync.config import Settings
-from bucketsync.downstream import Downstream
-from bucketsync.ledger import MIGRATIONS, Ledger
-from bucketsync.model import Counts, ObjectInfo
+from bucketsync.core.model import Counts, ObjectInfo
+from bucketsync.downstream.ops import Downstream
+from bucketsync.ledger.sqlite import MIGRATIONS, Ledger
 from e2e import Daemon, Response, local_driver, many_files, write_config, write_files
 
 

@@ -22,11 +22,11 @@ import pytest
 
 from bucketsync import metrics
 from bucketsync.config import DatasetConfig
-from bucketsync.ledger import Ledger
-from bucketsync.model import ItemState, ListingGap, ObjectInfo, RunStatus
+from bucketsync.core.model import ItemState, ListingGap, ObjectInfo, RunStatus
+from bucketsync.ledger.sqlite import Ledger
 from bucketsync.stores import one_chunk
 from bucketsync.stores.memory import MemoryStore
-from bucketsync.sync import SyncLoop
+from bucketsync.upstream.sync import SyncLoop
 from conformance import Delegating
 from e2e import NOBODY, Daemon, cli, describe, json_lines, local_driver, one_json, write_config, write_files
 

@@ -26,14 +26,14 @@ import xxhash
 from structlog.testing import capture_logs
 
 from bucketsync.config import DatasetConfig
-from bucketsync.errors import PreconditionFailed
-from bucketsync.ledger import Ledger
-from bucketsync.model import Counts, ItemState, ObjectInfo, PutMode, RunStatus
+from bucketsync.core.errors import PreconditionFailed
+from bucketsync.core.model import Counts, ItemState, ObjectInfo, PutMode, RunStatus
+from bucketsync.ledger.sqlite import Ledger
 from bucketsync.stores import local as local_module
 from bucketsync.stores import one_chunk
 from bucketsync.stores.contenthash import HashMemo, memo_path
 from bucketsync.stores.local import LocalStore
-from bucketsync.sync import RunResult, SyncLoop
+from bucketsync.upstream.sync import RunResult, SyncLoop
 
 KEY = "photos/2024/IMG_0001.jpg"
 OLD = b"A" * 4096

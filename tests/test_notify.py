@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync.notify import Notifier, one_line, watchdog_interval
+from bucketsync.daemon.notify import Notifier, one_line, watchdog_interval
 from e2e import Daemon, local_driver, poll, write_config, write_files
 
 

@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bucketsync import ranges
 from bucketsync.agent import Agent
-from bucketsync.api import SPEC, make_app
 from bucketsync.config import Settings
-from bucketsync.keys import KEY_PATTERN, key_problem
+from bucketsync.core import ranges
+from bucketsync.core.keys import KEY_PATTERN, key_problem
+from bucketsync.server.api import SPEC, make_app
 
 
 def _app_and_spec(tmp_path: Path) -> tuple[set[tuple[str, str]], dict[str, Any]]:

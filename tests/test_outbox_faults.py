@@ -19,8 +19,8 @@ import pytest
 
 from bucketsync.agent import Agent
 from bucketsync.config import Settings
-from bucketsync.downstream import Downstream
-from bucketsync.model import ObjectInfo, OpState, RunStatus
+from bucketsync.core.model import ObjectInfo, OpState, RunStatus
+from bucketsync.downstream.ops import Downstream
 from bucketsync.stores import Store, one_chunk, open_store, read_all
 from emulators.azure import ACCOUNT, ACCOUNT_KEY, PREFIX, Azurite
 from emulators.gcs import FakeGcs

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync import opsctl
 from bucketsync.agent import Agent
 from bucketsync.config import Settings
-from bucketsync.downstream import Downstream
-from bucketsync.errors import FileFolderConflict, KeyFiltered, KeyNotStorable, OpStateError
-from bucketsync.model import OpKind, OpState
+from bucketsync.core.errors import FileFolderConflict, KeyFiltered, KeyNotStorable, OpStateError
+from bucketsync.core.model import OpKind, OpState
+from bucketsync.downstream import opsctl
+from bucketsync.downstream.ops import Downstream
 from bucketsync.stores import one_chunk
 from e2e import Daemon, cli, local_driver, one_json, write_config
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bucketsync.config import DatasetConfig
-from bucketsync.ledger import Ledger
-from bucketsync.pacing import Pacer
+from bucketsync.ledger.sqlite import Ledger
 from bucketsync.stores.memory import MemoryStore
-from bucketsync.sync import CHECK_EVERY, SyncLoop
+from bucketsync.upstream.pacing import Pacer
+from bucketsync.upstream.sync import CHECK_EVERY, SyncLoop
 
 N = 20_000
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from bucketsync.probe import BAD_ENDPOINT, DENIED, NOT_FOUND, NOT_TESTED, OK, SKIPPED, UNREACHABLE, probe
 from bucketsync.stores import Store
 from bucketsync.stores.gcs import GcsStore
 from bucketsync.stores.local import LocalStore
 from bucketsync.stores.s3 import S3Store
+from bucketsync.upstream.probe import BAD_ENDPOINT, DENIED, NOT_FOUND, NOT_TESTED, OK, SKIPPED, UNREACHABLE, probe
 from emulators import free_port
 from emulators.azure import Azurite, make_store
 from emulators.gcs import FakeGcs

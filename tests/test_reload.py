@@ -17,7 +17,7 @@ import pytest
 from bucketsync import metrics
 from bucketsync.agent import Agent
 from bucketsync.config import load_settings
-from bucketsync.reload import apply, driver_fingerprints, plan
+from bucketsync.daemon.reload import apply, driver_fingerprints, plan
 from e2e import (
     Daemon,
     cli,

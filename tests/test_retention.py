@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from bucketsync.config import AgentConfig
-from bucketsync.ledger import Ledger
-from bucketsync.model import Counts, OpKind, RunStatus
-from bucketsync.retention import prune_once
+from bucketsync.core.model import Counts, OpKind, RunStatus
+from bucketsync.ledger.retention import prune_once
+from bucketsync.ledger.sqlite import Ledger
 
 
 async def finished_runs(ledger: Ledger, ds: int, statuses: list[RunStatus]) -> list[int]:

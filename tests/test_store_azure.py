@@ -35,7 +35,7 @@ from pydantic import SecretStr
 import bucketsync.stores.azure as azure_mod
 import emulators.azure
 from bucketsync.config import AzureIntegration, DriverConfig, Settings
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
@@ -46,7 +46,7 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.model import CREATE, ObjectInfo, PutMode
+from bucketsync.core.model import CREATE, ObjectInfo, PutMode
 from bucketsync.stores import one_chunk, open_store, read_all
 from bucketsync.stores.azure import AzureStore, CodePointOrder, credentials, open_azure, translate
 from conformance import CHECKS, Check, check_missing_root, check_permission_denied, list_keys, listing

@@ -20,9 +20,9 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-import bucketsync.retry
+import bucketsync.core.retry
 from bucketsync.config import GcpIntegration, Settings, load_settings
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
@@ -31,7 +31,7 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.model import CREATE, PutMode
+from bucketsync.core.model import CREATE, PutMode
 from bucketsync.stores import Store, open_store, read_all
 from bucketsync.stores.gcs import UPLOAD_CHUNK, GcsStore, endpoint, translate
 from conformance import CHECKS, Check, check_missing_root
@@ -146,7 +146,7 @@ async def test_retried_conditional_put_whose_first_attempt_landed(
     gcs_store: GcsStore, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """The response to a landed write is lost; the retry's 412 must not turn it into a conflict."""
-    monkeypatch.setattr(bucketsync.retry, "backoff", lambda *a, **k: 0.0)
+    monkeypatch.setattr(bucketsync.core.retry, "backoff", lambda *a, **k: 0.0)
     old = await gcs_store.put("k", body(b"old")) if mode == "if-match" else None
     put_mode = CREATE if old is None else PutMode.matching(old.etag or "")
     real = GcsStore._request
@@ -327,7 +327,7 @@ def test_service_account_file_and_json_together_are_refused(tmp_path: Path) -> N
 
 
 async def test_unreachable_server_is_transient_after_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bucketsync.retry, "backoff", lambda *a, **k: 0.0)
+    monkeypatch.setattr(bucketsync.core.retry, "backoff", lambda *a, **k: 0.0)
     store = GcsStore("bkt", PREFIX, endpoint_url=f"http://127.0.0.1:{free_port()}")
     try:
         with pytest.raises(Transient, match="gs://bkt/some/prefix/"):
@@ -420,7 +420,7 @@ def _body_whose_md5_starts_with_weak_prefix() -> bytes:
 
 
 def test_normalize_etag_strips_weak_prefix_only_from_http_etags() -> None:
-    from bucketsync.model import normalize_etag
+    from bucketsync.core.model import normalize_etag
 
     value = "W/3fJ7aQ0b3v7cGm0t2m2R0Q=="
     assert normalize_etag(value, origin="hash") == value

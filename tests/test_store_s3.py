@@ -24,7 +24,7 @@ from botocore.exceptions import (
 )
 
 from bucketsync.config import AwsIntegration, DriverConfig, Settings
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
@@ -34,7 +34,7 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.model import CREATE, OVERWRITE, PutMode
+from bucketsync.core.model import CREATE, OVERWRITE, PutMode
 from bucketsync.stores import Store, one_chunk, open_store, read_all
 from bucketsync.stores.s3 import S3Store, _parse_list, open_s3, translate
 from conformance import CHECKS, Check, check_missing_root, check_permission_denied, list_keys

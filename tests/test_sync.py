@@ -21,14 +21,14 @@ import structlog
 from structlog.testing import capture_logs
 
 from bucketsync.config import DatasetConfig
-from bucketsync.errors import StorageError
-from bucketsync.ledger import Ledger
-from bucketsync.model import Item, ItemState, ObjectInfo, RunStatus
+from bucketsync.core.errors import StorageError
+from bucketsync.core.model import Item, ItemState, ObjectInfo, RunStatus
+from bucketsync.ledger.sqlite import Ledger
 from bucketsync.stores import Store, one_chunk, read_all
 from bucketsync.stores.contenthash import HashMemo
 from bucketsync.stores.local import LocalStore
 from bucketsync.stores.memory import MemoryStore
-from bucketsync.sync import BATCH, RunResult, SyncLoop
+from bucketsync.upstream.sync import BATCH, RunResult, SyncLoop
 from conformance import Delegating as Wrapper
 
 #: Every store the sync is proven on; each name has a fixture ``<name>_store`` yielding a fresh, empty

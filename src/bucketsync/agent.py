@@ -16,14 +16,14 @@ import structlog
 
 from bucketsync import metrics
 from bucketsync.config import DatasetConfig, Settings
-from bucketsync.errors import ConfigError
-from bucketsync.ledger import InstanceLock, Ledger
-from bucketsync.model import ItemState, RunRecord, RunStatus, iso
-from bucketsync.outbox import Outbox
-from bucketsync.pacing import Pacer
-from bucketsync.probe import ProbeResult
+from bucketsync.core.errors import ConfigError
+from bucketsync.core.model import ItemState, RunRecord, RunStatus, iso
+from bucketsync.downstream.outbox import Outbox
+from bucketsync.ledger.sqlite import InstanceLock, Ledger
 from bucketsync.stores import Store, open_store
-from bucketsync.sync import SyncLoop
+from bucketsync.upstream.pacing import Pacer
+from bucketsync.upstream.probe import ProbeResult
+from bucketsync.upstream.sync import SyncLoop
 
 log = structlog.get_logger("bucketsync.agent")
 

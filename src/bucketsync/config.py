@@ -32,9 +32,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from bucketsync.errors import ConfigError
-from bucketsync.keys import validate_glob
-from bucketsync.location import Location, parse_location
+from bucketsync.core.errors import ConfigError
+from bucketsync.core.keys import validate_glob
+from bucketsync.core.location import Location, parse_location
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

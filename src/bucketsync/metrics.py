@@ -19,7 +19,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from bucketsync import __version__
-from bucketsync.model import Counts, ItemState, OpKind, RunStatus
+from bucketsync.core.model import Counts, ItemState, OpKind, RunStatus
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()

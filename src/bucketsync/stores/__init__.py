@@ -11,7 +11,7 @@ import importlib
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from bucketsync.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
+from bucketsync.core.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
 
 if TYPE_CHECKING:
     from bucketsync.config import DriverConfig, Settings

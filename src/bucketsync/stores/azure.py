@@ -12,7 +12,7 @@ Errors. ``translate`` is the one place azure.core exceptions become bucketsync's
 and Azure's error code, never the SDK's own text (it can carry request URLs with
 SAS tokens), and the SDK exception is not chained.
 
-Retries are ours (``bucketsync.retry``): the SDK's retry policy is switched off
+Retries are ours (``bucketsync.core.retry``): the SDK's retry policy is switched off
 (``retry_total=0``) so a call fails fast into ``Transient`` and the backoff is in
 one place.
 """
@@ -47,7 +47,7 @@ from azure.core.exceptions import (
 from azure.storage.blob import BlobBlock, BlobProperties, ContentSettings, StandardBlobTier
 from azure.storage.blob.aio import BlobClient, ContainerClient
 
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     BadEndpoint,
     ConfigError,
@@ -60,10 +60,10 @@ from bucketsync.errors import (
     Transient,
     Unreachable,
 )
-from bucketsync.keys import indexable
-from bucketsync.location import Location
-from bucketsync.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
-from bucketsync.retry import retrying
+from bucketsync.core.keys import indexable
+from bucketsync.core.location import Location
+from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
+from bucketsync.core.retry import retrying
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -339,7 +339,7 @@ class AzureStore:
                 self._account_url,
                 self.container,
                 credential=self._credential,
-                retry_total=0,  # retries are ours (bucketsync.retry), on Transient only
+                retry_total=0,  # retries are ours (bucketsync.core.retry), on Transient only
                 connection_timeout=self._connect_timeout,
                 read_timeout=self._read_timeout,
                 max_single_put_size=max(self.block_size, 1) + 1,  # our single puts never get split by the SDK

@@ -36,7 +36,7 @@ from gcloud.aio.auth import Token
 from gcloud.aio.auth.token import Type as TokenType
 from gcloud.aio.storage import Storage
 
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     BadEndpoint,
     ConfigError,
@@ -48,10 +48,10 @@ from bucketsync.errors import (
     Transient,
     Unreachable,
 )
-from bucketsync.keys import indexable
-from bucketsync.location import Location
-from bucketsync.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
-from bucketsync.retry import retrying
+from bucketsync.core.keys import indexable
+from bucketsync.core.location import Location
+from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
+from bucketsync.core.retry import retrying
 
 if TYPE_CHECKING:
     from bucketsync.config import DriverConfig, GcpIntegration

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, cast
 
 import structlog
 
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     FileFolderConflict,
     KeyNotStorable,
@@ -50,9 +50,9 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.keys import HIDDEN, indexable
-from bucketsync.location import Location
-from bucketsync.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
+from bucketsync.core.keys import HIDDEN, indexable
+from bucketsync.core.location import Location
+from bucketsync.core.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
 from bucketsync.stores.contenthash import Fingerprint, Hasher, HashMemo, MemoSession, fingerprint, hash_file, memo_path
 
 if TYPE_CHECKING:

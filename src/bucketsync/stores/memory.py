@@ -13,10 +13,10 @@ import hashlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
-from bucketsync.errors import AlreadyExists, NotFound, PreconditionFailed
-from bucketsync.keys import indexable
-from bucketsync.location import Location
-from bucketsync.model import OVERWRITE, ObjectInfo, PutMode
+from bucketsync.core.errors import AlreadyExists, NotFound, PreconditionFailed
+from bucketsync.core.keys import indexable
+from bucketsync.core.location import Location
+from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode
 
 _BUCKETS: dict[str, _Bucket] = {}
 

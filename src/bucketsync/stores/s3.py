@@ -4,7 +4,7 @@ Behaviour that is ours, not the SDK's:
 
 - botocore's own retries are off (one attempt per call). Every idempotent call
   (one list page, head, get, delete, a conditional put, one multipart part) goes
-  through ``bucketsync.retry.retrying`` on ``Transient``, so backoff is the same
+  through ``bucketsync.core.retry.retrying`` on ``Transient``, so backoff is the same
   for every store and tests can predict it.
 - ``translate`` is the one place botocore/aiohttp errors become bucketsync errors.
 - Listings are checked: ascending keys on every page and across pages (else
@@ -53,7 +53,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import parse_timestamp
 
-from bucketsync.errors import (
+from bucketsync.core.errors import (
     AlreadyExists,
     BadEndpoint,
     ConfigError,
@@ -65,10 +65,10 @@ from bucketsync.errors import (
     Transient,
     Unreachable,
 )
-from bucketsync.keys import HIDDEN, indexable
-from bucketsync.location import Location
-from bucketsync.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
-from bucketsync.retry import retrying
+from bucketsync.core.keys import HIDDEN, indexable
+from bucketsync.core.location import Location
+from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
+from bucketsync.core.retry import retrying
 
 if TYPE_CHECKING:
     from bucketsync.config import AwsIntegration, DriverConfig

@@ -21,9 +21,9 @@ from typing import Any
 
 import aiosqlite
 
-from bucketsync import durability, metrics
-from bucketsync.errors import LedgerError, LedgerLocked
-from bucketsync.model import (
+from bucketsync import metrics
+from bucketsync.core.errors import LedgerError, LedgerLocked
+from bucketsync.core.model import (
     Counts,
     Indexed,
     Item,
@@ -36,6 +36,7 @@ from bucketsync.model import (
     RunRecord,
     RunStatus,
 )
+from bucketsync.ledger import durability
 
 SNAPSHOT_BATCH = 8192
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 
-from bucketsync.errors import OrderError
-from bucketsync.model import Change, ChangeKind, Indexed, ListingGap, ObjectInfo
+from bucketsync.core.errors import OrderError
+from bucketsync.core.model import Change, ChangeKind, Indexed, ListingGap, ObjectInfo
 
 ADDED, MODIFIED, REMOVED, UNCHANGED = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED, ChangeKind.UNCHANGED
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from bucketsync import metrics
-from bucketsync.errors import DiskFull, LedgerError
+from bucketsync.core.errors import DiskFull, LedgerError
 
 log = structlog.get_logger("bucketsync.ledger")
 

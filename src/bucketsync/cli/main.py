@@ -20,18 +20,18 @@ from typing import Any
 
 from bucketsync import __version__
 from bucketsync.agent import Agent, datasets_status
-from bucketsync.client import AgentClient, ApiCallFailed
+from bucketsync.cli.client import AgentClient, ApiCallFailed
+from bucketsync.cli.display import ProgressLine, dumps, print_json, safe_text, shown
 from bucketsync.config import Settings, load_settings
-from bucketsync.display import ProgressLine, dumps, print_json, safe_text, shown
-from bucketsync.durability import ledger_error
-from bucketsync.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
-from bucketsync.ledger import InstanceLock, Ledger
+from bucketsync.core.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
+from bucketsync.core.model import ItemState
+from bucketsync.downstream.outbox import file_chunks
+from bucketsync.ledger.durability import ledger_error
+from bucketsync.ledger.sqlite import InstanceLock, Ledger
 from bucketsync.logs import configure
-from bucketsync.model import ItemState
-from bucketsync.outbox import file_chunks
-from bucketsync.probe import driver_takes_writes, probe
 from bucketsync.stores import open_store
-from bucketsync.sync import RunResult, SyncLoop
+from bucketsync.upstream.probe import driver_takes_writes, probe
+from bucketsync.upstream.sync import RunResult, SyncLoop
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -248,7 +248,7 @@ async def _downstream(
 ) -> dict[str, Any]:
     """Through the running agent when there is one, else in this process."""
     if not _daemon_running(settings):
-        from bucketsync.downstream import Downstream
+        from bucketsync.downstream.ops import Downstream
 
         try:
             async with Agent(settings) as agent:
@@ -402,8 +402,8 @@ def _op_line(op: dict[str, Any]) -> str:
 
 
 async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    from bucketsync import opsctl
-    from bucketsync.model import OpState
+    from bucketsync.core.model import OpState
+    from bucketsync.downstream import opsctl
 
     path = settings.agent.ledger
     if args.action is None:
@@ -483,7 +483,7 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from bucketsync.durability import backup
+    from bucketsync.ledger.durability import backup
 
     target = Path(args.path)
     if target.is_dir():
@@ -507,7 +507,7 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from bucketsync.supervisor import serve
+    from bucketsync.daemon.supervisor import serve
 
     return await serve(settings, load=lambda: load_settings(args.config))
 
@@ -534,7 +534,7 @@ async def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 if the local agent answers /healthz (or /readyz with --ready), else 1: for HEALTHCHECK and probes."""
-    from bucketsync.client import probe_health
+    from bucketsync.cli.client import probe_health
 
     ok, detail = await probe_health(settings, "/readyz" if args.ready else "/healthz", args.timeout)
     print(detail, file=sys.stdout if ok else sys.stderr)
@@ -542,7 +542,7 @@ async def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_doctor(args: argparse.Namespace) -> int:
-    from bucketsync.doctor import run_doctor
+    from bucketsync.cli.doctor import run_doctor
 
     report = await run_doctor(args.config)
     if args.json:
@@ -684,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _init(path: str) -> int:
     from pathlib import Path
 
-    from bucketsync.starter import write_starter
+    from bucketsync.cli.starter import write_starter
 
     written = write_starter(Path(path))
     print(f"wrote {written}: edit its [drivers] and [datasets], then `bucketsync -c {written} run`")

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from bucketsync import metrics, opsctl, ranges, schemas
+from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
-from bucketsync.downstream import META_NAME, Downstream
-from bucketsync.errors import (
+from bucketsync.core import ranges
+from bucketsync.core.errors import (
     AlreadyExists,
     BucketsyncError,
     ConfigError,
@@ -38,9 +38,12 @@ from bucketsync.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
-from bucketsync.model import Item, ItemState, OpState
-from bucketsync.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
+from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
+from bucketsync.core.model import Item, ItemState, OpState
+from bucketsync.downstream import opsctl
+from bucketsync.downstream.ops import META_NAME, Downstream
+from bucketsync.server import schemas
+from bucketsync.server.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
 
 log = structlog.get_logger("bucketsync.api")
 AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)

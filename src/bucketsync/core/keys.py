@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from bucketsync.errors import InvalidKey
+from bucketsync.core.errors import InvalidKey
 
 HIDDEN = ".bucketsync/"
 MAX_KEY_BYTES = 1024

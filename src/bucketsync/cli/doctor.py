@@ -25,10 +25,10 @@ from typing import Any
 import aiohttp
 
 from bucketsync.config import DriverConfig, Settings, load_settings
-from bucketsync.errors import BucketsyncError, ConfigError
-from bucketsync.ledger import MIGRATIONS, InstanceLock
-from bucketsync.probe import driver_takes_writes, probe
+from bucketsync.core.errors import BucketsyncError, ConfigError
+from bucketsync.ledger.sqlite import MIGRATIONS, InstanceLock
 from bucketsync.stores import open_store
+from bucketsync.upstream.probe import driver_takes_writes, probe
 
 #: clock skew beyond this fails (S3 refuses signatures more than 15 minutes off; warn well before)
 MAX_SKEW = 60.0

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bucketsync import failpoints, gate, metrics, ownwrite
-from bucketsync.errors import (
+from bucketsync import metrics
+from bucketsync.core import failpoints, gate
+from bucketsync.core.errors import (
     AlreadyExists,
     NotFound,
     PreconditionFailed,
@@ -48,12 +49,13 @@ from bucketsync.errors import (
     Transient,
     code_of,
 )
-from bucketsync.model import CREATE, OVERWRITE, Item, Op, OpKind, OpState, PutMode
-from bucketsync.retry import backoff
+from bucketsync.core.model import CREATE, OVERWRITE, Item, Op, OpKind, OpState, PutMode
+from bucketsync.core.retry import backoff
+from bucketsync.downstream import ownwrite
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
-    from bucketsync.ledger import Ledger
+    from bucketsync.ledger.sqlite import Ledger
     from bucketsync.stores import Store
 
 log = structlog.get_logger("bucketsync.outbox")

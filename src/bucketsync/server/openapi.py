@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from bucketsync import __version__
-from bucketsync.schemas import MODELS, Error
+from bucketsync.server.schemas import MODELS, Error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API = "/api/v1"

@@ -24,17 +24,18 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from bucketsync import failpoints, metrics
+from bucketsync import metrics
 from bucketsync.config import DatasetConfig
-from bucketsync.diff import diff
-from bucketsync.errors import BucketsyncError, LedgerError
-from bucketsync.gate import removal_guard
-from bucketsync.keys import KeyFilter
-from bucketsync.ledger import Ledger
+from bucketsync.core import failpoints
+from bucketsync.core.diff import diff
+from bucketsync.core.errors import BucketsyncError, LedgerError
+from bucketsync.core.gate import removal_guard
+from bucketsync.core.keys import KeyFilter
+from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
+from bucketsync.ledger.sqlite import Ledger
 from bucketsync.logs import debug_enabled
-from bucketsync.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
-from bucketsync.pacing import Pacer
 from bucketsync.stores import Store, listing_with_gaps
+from bucketsync.upstream.pacing import Pacer
 
 log = structlog.get_logger("bucketsync.sync")
 

@@ -7,7 +7,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from bucketsync.errors import Transient
+from bucketsync.core.errors import Transient
 
 T = TypeVar("T")
 

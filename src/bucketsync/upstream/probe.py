@@ -24,10 +24,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bucketsync.errors import BadEndpoint, NotFound, PermissionDenied, Unreachable
-from bucketsync.gate import DELETE_OBJECT, decide_delete
-from bucketsync.keys import HIDDEN
-from bucketsync.model import CREATE, ObjectInfo
+from bucketsync.core.errors import BadEndpoint, NotFound, PermissionDenied, Unreachable
+from bucketsync.core.gate import DELETE_OBJECT, decide_delete
+from bucketsync.core.keys import HIDDEN
+from bucketsync.core.model import CREATE, ObjectInfo
 from bucketsync.stores import Store, listing_with_gaps, one_chunk, read_all
 
 if TYPE_CHECKING:

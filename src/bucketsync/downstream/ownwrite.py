@@ -21,8 +21,8 @@ import contextlib
 import hashlib
 import os
 
-from bucketsync.errors import NotFound
-from bucketsync.model import ObjectInfo
+from bucketsync.core.errors import NotFound
+from bucketsync.core.model import ObjectInfo
 from bucketsync.stores import KnowsContentMd5, Store
 
 CHUNK = 1 << 20

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 
 from bucketsync.config import Settings
-from bucketsync.errors import BucketsyncError
-from bucketsync.tls import client_context
+from bucketsync.core.errors import BucketsyncError
+from bucketsync.server.tls import client_context
 
 
 class ApiCallFailed(BucketsyncError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bucketsync.errors import ConfigError
+from bucketsync.core.errors import ConfigError
 
 STARTER = """\
 # bucketsync configuration (written by `bucketsync init`; see README.md and docs/drivers/).

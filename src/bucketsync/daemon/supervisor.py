@@ -28,19 +28,21 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from bucketsync import durability, failpoints, metrics, retention
+from bucketsync import metrics
 from bucketsync.agent import Agent
-from bucketsync.api import RELOAD, TASKS, make_app
 from bucketsync.config import AgentConfig, Settings
-from bucketsync.errors import BucketsyncError, ConfigError, LedgerError
+from bucketsync.core import failpoints
+from bucketsync.core.errors import BucketsyncError, ConfigError, LedgerError
+from bucketsync.core.model import RunStatus
+from bucketsync.core.retry import backoff
+from bucketsync.daemon.notify import Notifier
+from bucketsync.daemon.reload import ReloadPlan, apply, driver_fingerprints
+from bucketsync.ledger import durability, retention
 from bucketsync.logs import AccessLog
-from bucketsync.model import RunStatus
-from bucketsync.notify import Notifier
-from bucketsync.probe import ProbeResult, probe
-from bucketsync.reload import ReloadPlan, apply, driver_fingerprints
-from bucketsync.retry import backoff
-from bucketsync.sync import RunResult
-from bucketsync.tls import server_context
+from bucketsync.server.api import RELOAD, TASKS, make_app
+from bucketsync.server.tls import server_context
+from bucketsync.upstream.probe import ProbeResult, probe
+from bucketsync.upstream.sync import RunResult
 
 log = structlog.get_logger("bucketsync.supervisor")
 

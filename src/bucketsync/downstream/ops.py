@@ -13,12 +13,22 @@ from typing import Any
 
 import structlog
 
-from bucketsync import durability, gate, metrics
+from bucketsync import metrics
 from bucketsync.agent import Agent
-from bucketsync.errors import AlreadyExists, DiskFull, KeyFiltered, NotFound, PreconditionFailed, Refused, from_code
-from bucketsync.keys import check_key
-from bucketsync.model import Item, ItemState, Op, OpKind, OpState
-from bucketsync.outbox import Outbox
+from bucketsync.core import gate
+from bucketsync.core.errors import (
+    AlreadyExists,
+    DiskFull,
+    KeyFiltered,
+    NotFound,
+    PreconditionFailed,
+    Refused,
+    from_code,
+)
+from bucketsync.core.keys import check_key
+from bucketsync.core.model import Item, ItemState, Op, OpKind, OpState
+from bucketsync.downstream.outbox import Outbox
+from bucketsync.ledger import durability
 from bucketsync.stores import check_storable
 
 log = structlog.get_logger("bucketsync.downstream")

@@ -12,10 +12,10 @@ import os
 
 import structlog
 
-from bucketsync.errors import OpStateError
-from bucketsync.ledger import Ledger
-from bucketsync.model import Op, OpKind, OpState
-from bucketsync.outbox import Outbox
+from bucketsync.core.errors import OpStateError
+from bucketsync.core.model import Op, OpKind, OpState
+from bucketsync.downstream.outbox import Outbox
+from bucketsync.ledger.sqlite import Ledger
 
 log = structlog.get_logger("bucketsync.ops")
 

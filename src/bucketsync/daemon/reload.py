@@ -26,7 +26,7 @@ import structlog
 from bucketsync import metrics
 from bucketsync.agent import Agent
 from bucketsync.config import Settings, _Integration
-from bucketsync.errors import ConfigError
+from bucketsync.core.errors import ConfigError
 from bucketsync.stores import open_store
 
 log = structlog.get_logger("bucketsync.reload")

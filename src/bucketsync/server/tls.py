@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 
 from bucketsync.config import AgentConfig
-from bucketsync.errors import ConfigError
+from bucketsync.core.errors import ConfigError
 
 
 def server_context(conf: AgentConfig) -> ssl.SSLContext | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bucketsync.keys import HIDDEN
+from bucketsync.core.keys import HIDDEN
 
 
 @dataclass(frozen=True, slots=True)

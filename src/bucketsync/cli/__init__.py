@@ -1,0 +1,1 @@
+"""The ``bucketsync`` command and its client of a running agent's API."""

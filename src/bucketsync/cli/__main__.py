@@ -1,0 +1,5 @@
+"""``python -m bucketsync.cli``."""
+
+from bucketsync.cli.main import main
+
+raise SystemExit(main())

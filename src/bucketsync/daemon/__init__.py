@@ -1,0 +1,1 @@
+"""The daemon: supervision of loops and the server, reload, and systemd notifications."""

@@ -1,0 +1,1 @@
+"""Downstream: the catalog into storage (user operations, the outbox, own-write checks)."""

@@ -1,0 +1,1 @@
+"""The HTTP server: routes as data, typed bodies, the generated OpenAPI document, TLS."""
