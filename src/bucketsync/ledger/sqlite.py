@@ -145,6 +145,105 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN gaps TEXT;
     """,
+    # v7: enrichment and triggers (enrich/). One queue row per item (its system metadata and
+    # thumbnail too), item events for triggers, their deliveries, and thumbnails to delete.
+    # SQL triggers on items fill them in the transaction that commits the item itself, so every
+    # write path (sync batches, renames, puts, removals) queues its work atomically, and only
+    # for the datasets listed in enrich_datasets / trigger_datasets (kept from the config).
+    """
+    CREATE TABLE enrich_datasets (dataset_id INTEGER PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE trigger_datasets (dataset_id INTEGER PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE enrichment (
+        item_id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        etag TEXT,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        meta TEXT,
+        thumbnail TEXT,
+        thumbnail_local INTEGER NOT NULL DEFAULT 0,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX enrichment_pending ON enrichment (item_id) WHERE state = 'pending';
+    CREATE INDEX enrichment_by_dataset ON enrichment (dataset_id, state);
+    CREATE TABLE thumbnail_trash (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        local INTEGER NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE item_events (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        item_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        etag TEXT,
+        size INTEGER,
+        created REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        trigger TEXT NOT NULL,
+        event TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        next_at REAL NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
+            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
+        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
+            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
+    END;
+    CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state ON items
+    WHEN NEW.state = 'live' AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
+        OR (NEW.etag IS NULL AND OLD.modified IS NOT NEW.modified)
+        OR NOT EXISTS (SELECT 1 FROM enrichment WHERE item_id = NEW.id))
+    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
+            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
+        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
+            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
+    END;
+    CREATE TRIGGER enrich_item_delete AFTER DELETE ON items BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, OLD.updated FROM enrichment
+            WHERE item_id = OLD.id AND thumbnail IS NOT NULL;
+        DELETE FROM enrichment WHERE item_id = OLD.id;
+    END;
+    CREATE TRIGGER events_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            VALUES (NEW.dataset_id, NEW.id, 'created', NEW.key, NEW.etag, NEW.size, NEW.updated);
+    END;
+    CREATE TRIGGER events_item_update AFTER UPDATE OF etag, size, state ON items
+    WHEN (OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size OR OLD.state IS NOT NEW.state)
+    AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            SELECT NEW.dataset_id, NEW.id,
+                CASE WHEN NEW.state != 'live' THEN 'removed' WHEN OLD.state != 'live' THEN 'created'
+                ELSE 'updated' END,
+                NEW.key, NEW.etag, NEW.size, NEW.updated;
+    END;
+    CREATE TRIGGER events_item_delete AFTER DELETE ON items
+    WHEN OLD.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = OLD.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            VALUES (OLD.dataset_id, OLD.id, 'removed', OLD.key, OLD.etag, OLD.size, OLD.updated);
+    END;
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -699,6 +798,10 @@ class Ledger:
     def _transaction(self) -> _Tx:
         return _Tx(self)
 
+    def transaction(self) -> _Tx:
+        """One write transaction, for the queues that keep their SQL beside their code (enrich/)."""
+        return _Tx(self)
+
     # -- reads for the CLI and API ------------------------------------------
 
     async def item(self, dataset_id: int, key: str) -> Item | None:
@@ -883,6 +986,7 @@ class Ledger:
         limit: int | None = None,
         state: ItemState | None = ItemState.LIVE,
         meta: dict[str, str] | None = None,
+        system: dict[str, str] | None = None,
     ) -> list[Item]:
         sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?"
         args: list[Any] = [dataset_id]
@@ -890,6 +994,13 @@ class Ledger:
             # The JSON path is a bound parameter with the name quoted: no injection.
             sql += " AND CAST(json_extract(meta, ?) AS TEXT) = ?"
             args += ['$."' + name.replace('"', '""') + '"', value]
+        for name, value in (system or {}).items():  # system metadata: the enrichment's (enrich/)
+            if name == "enrichment":
+                sql += " AND id IN (SELECT item_id FROM enrichment WHERE state = ?)"
+                args.append(value)
+            else:
+                sql += " AND id IN (SELECT item_id FROM enrichment WHERE CAST(json_extract(meta, ?) AS TEXT) = ?)"
+                args += ['$."' + name.replace('"', '""') + '"', value]
         if state is not None:
             sql += " AND state = ?"
             args.append(str(state))

@@ -1,0 +1,206 @@
+"""The enrichment queue in the ledger: one ``enrichment`` row per item (see MIGRATIONS v7).
+
+SQL triggers on ``items`` queue an item (state ``pending``, with its etag) in the same
+transaction that commits it, for the datasets in ``enrich_datasets``. A result is recorded
+only while the row still holds the etag the worker read: a row re-queued for a newer version
+meanwhile is left pending, so nothing is recorded for a version that is gone, and one version
+is enriched once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bucketsync.ledger.sqlite import Ledger
+
+STATES = ("pending", "done", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One pending item: what the worker needs to read it."""
+
+    item_id: int
+    dataset: str
+    key: str
+    size: int
+    modified: float
+    etag: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Enrichment:
+    """An item's enrichment as recorded: the ``system`` block of the item in the API."""
+
+    state: str
+    error: str | None
+    meta: dict[str, Any]
+    thumbnail: str | None
+    local: bool
+    updated: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.meta, "enrichment": self.state, "enrichment_error": self.error, "thumbnail": self.thumbnail}
+
+
+@dataclass(frozen=True, slots=True)
+class Trash:
+    id: int
+    dataset_id: int
+    key: str
+    local: bool
+
+
+class EnrichQueue:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> Any:
+        async with self.ledger.transaction():
+            return await self.ledger.db.execute(sql, params)
+
+    async def set_datasets(self, enrich: Iterable[int], triggers: Iterable[int]) -> None:
+        """Which datasets queue enrichment and trigger events (the SQL triggers read these)."""
+        async with self.ledger.transaction():
+            db = self.ledger.db
+            await db.execute("DELETE FROM enrich_datasets")
+            await db.executemany("INSERT INTO enrich_datasets (dataset_id) VALUES (?)", [(i,) for i in enrich])
+            await db.execute("DELETE FROM trigger_datasets")
+            await db.executemany("INSERT INTO trigger_datasets (dataset_id) VALUES (?)", [(i,) for i in triggers])
+
+    async def due(self, limit: int, skip: Iterable[int] = ()) -> list[Job]:
+        """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now."""
+        skip = list(skip)
+        not_running = f"AND e.item_id NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        async with self.ledger.db.execute(
+            "SELECT e.item_id, d.name, i.key, i.size, i.modified, e.etag, e.attempts FROM enrichment e "
+            "JOIN items i ON i.id = e.item_id JOIN datasets d ON d.id = e.dataset_id "
+            "WHERE e.state = 'pending' AND e.dataset_id IN (SELECT dataset_id FROM enrich_datasets) "
+            f"{not_running} ORDER BY e.item_id LIMIT ?",
+            (*skip, limit),
+        ) as cur:
+            return [Job(*row) for row in await cur.fetchall()]
+
+    async def claim(self, job: Job) -> bool:
+        """Count an attempt before the work starts (a crash mid-item then counts); False when
+        the row no longer waits for this version."""
+        cur = await self._write(
+            "UPDATE enrichment SET attempts = attempts + 1 WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+            (job.item_id, job.etag),
+        )
+        return bool(cur.rowcount == 1)
+
+    async def finish(
+        self,
+        job: Job,
+        *,
+        state: str,
+        meta: dict[str, Any],
+        error: str | None,
+        thumbnail: str | None,
+        local: bool,
+    ) -> bool:
+        """Record the result if the row still waits for this version; False (and the new
+        thumbnail trashed) when a newer version was queued meanwhile. An ``enriched`` event
+        for triggers is written in the same transaction."""
+        now = time.time()
+        async with self.ledger.transaction():
+            db = self.ledger.db
+            cur = await db.execute(
+                "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
+                "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                (state, json.dumps(meta, ensure_ascii=False), error, thumbnail, int(local), now, job.item_id, job.etag),
+            )
+            if cur.rowcount != 1:
+                if thumbnail is not None:
+                    await db.execute(
+                        "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
+                        "SELECT id, ?, ?, ? FROM datasets WHERE name = ?",
+                        (thumbnail, int(local), now, job.dataset),
+                    )
+                return False
+            await db.execute(
+                "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
+                "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, ? FROM items i "
+                "WHERE i.id = ? AND i.dataset_id IN (SELECT dataset_id FROM trigger_datasets)",
+                (now, job.item_id),
+            )
+        return True
+
+    async def retry_later(self, job: Job, error: str) -> None:
+        await self._write(
+            "UPDATE enrichment SET error = ?, updated = ? WHERE item_id = ? AND etag IS ?",
+            (error, time.time(), job.item_id, job.etag),
+        )
+
+    async def requeue(self, dataset_id: int, mode: str) -> int:
+        """Backfill or re-run: ``missing`` queues live items never enriched, ``failed`` the
+        failed ones, ``all`` every live item. Returns how many were queued."""
+        now = time.time()
+        async with self.ledger.transaction():
+            db = self.ledger.db
+            if mode in ("failed", "all"):
+                where = "state = 'failed'" if mode == "failed" else "state != 'pending'"
+                cur = await db.execute(
+                    f"UPDATE enrichment SET state = 'pending', attempts = 0, error = NULL, updated = ? "
+                    f"WHERE dataset_id = ? AND {where}",
+                    (now, dataset_id),
+                )
+                changed = max(cur.rowcount, 0)
+            else:
+                changed = 0
+            cur = await db.execute(
+                "INSERT INTO enrichment (item_id, dataset_id, etag, state, updated) "
+                "SELECT id, dataset_id, etag, 'pending', ? FROM items WHERE dataset_id = ? AND state = 'live' "
+                "AND id NOT IN (SELECT item_id FROM enrichment)",
+                (now, dataset_id),
+            )
+            return changed + max(cur.rowcount, 0)
+
+    async def counts(self, dataset_id: int) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        async with self.ledger.reader.execute(
+            "SELECT state, count(*) FROM enrichment WHERE dataset_id = ? GROUP BY state", (dataset_id,)
+        ) as cur:
+            async for state, n in cur:
+                out[state] = n
+        return out
+
+    async def pending_by_dataset(self) -> dict[str, int]:
+        async with self.ledger.db.execute(
+            "SELECT d.name, count(*) FROM enrichment e JOIN datasets d ON d.id = e.dataset_id "
+            "WHERE e.state = 'pending' GROUP BY d.name"
+        ) as cur:
+            return {str(name): int(n) for name, n in await cur.fetchall()}
+
+    async def of_items(self, item_ids: list[int]) -> dict[int, Enrichment]:
+        """The enrichment of each item that has one (the API's ``system`` block)."""
+        if not item_ids:
+            return {}
+        out: dict[int, Enrichment] = {}
+        for i in range(0, len(item_ids), 500):
+            part = item_ids[i : i + 500]
+            async with self.ledger.reader.execute(
+                "SELECT item_id, state, error, meta, thumbnail, thumbnail_local, updated FROM enrichment "
+                f"WHERE item_id IN ({','.join('?' * len(part))})",
+                part,
+            ) as cur:
+                async for row in cur:
+                    meta = json.loads(row[3]) if row[3] else {}
+                    out[row[0]] = Enrichment(row[1], row[2], meta, row[4], bool(row[5]), row[6])
+        return out
+
+    async def trash(self, limit: int = 100) -> list[Trash]:
+        async with self.ledger.db.execute(
+            "SELECT id, dataset_id, key, local FROM thumbnail_trash ORDER BY id LIMIT ?", (limit,)
+        ) as cur:
+            return [Trash(r[0], r[1], r[2], bool(r[3])) for r in await cur.fetchall()]
+
+    async def trashed(self, ids: list[int]) -> None:
+        async with self.ledger.transaction():
+            await self.ledger.db.executemany("DELETE FROM thumbnail_trash WHERE id = ?", [(i,) for i in ids])
