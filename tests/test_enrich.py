@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
+from structlog.testing import capture_logs
 
 import images
 from bucketsync import metrics
@@ -21,9 +22,10 @@ from bucketsync.config import Settings
 from bucketsync.core.errors import NotFound
 from bucketsync.core.keys import HIDDEN
 from bucketsync.downstream.ops import Downstream
-from bucketsync.enrich import Enrichment, EnrichQueue
+from bucketsync.enrich import Enrichment, EnrichQueue, worker
 from bucketsync.server.api import make_app
 from bucketsync.stores import Store, one_chunk, read_all
+from faults import Action, FaultProxy, Rule
 
 DS = "photos"
 
@@ -239,3 +241,69 @@ async def test_a_dataset_that_does_not_enrich_queues_nothing(tmp_path: Path) -> 
         await agent.loop(DS).run_once()
         assert await agent.enricher.drain() == 0
         assert await enrichment(agent) == {}
+
+
+async def test_a_stalled_read_fails_the_item_at_the_time_limit(tmp_path: Path, s3_config: dict[str, Any]) -> None:
+    """A GET that stalls behind a real proxy (SeaweedFS behind it): the item fails at enrich.timeout
+    with the reason; the other items are enriched meanwhile."""
+    upstream = int(s3_config["driver"]["endpoint_url"].rsplit(":", 1)[1])
+    proxy = FaultProxy(upstream, rules=[Rule(Action.STALL, method="GET", path="slow.jpg", times=None, stall=30)])
+    await proxy.start()
+    try:
+        driver = {**s3_config["driver"], "endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+        settings = make_settings(tmp_path, driver, s3_config["integrations"])
+        settings = settings.model_copy(update={"enrich": settings.enrich.model_copy(update={"timeout": 0.5})})
+        async with Agent(settings) as agent:
+            await put_all(agent.stores["d"], {"slow.jpg": images.jpeg(), "fine.jpg": images.jpeg(seed=3)})
+            await agent.loop(DS).run_once()
+            assert await agent.enricher.drain() == 2
+            found = await enrichment(agent)
+        assert found["fine.jpg"].state == "done"
+        slow = found["slow.jpg"]
+        assert slow.state == "failed" and slow.error == "took longer than enrich.timeout=0.5s"
+    finally:
+        await proxy.close()
+
+
+class _Buggy:
+    """A store whose reads of one key hit a bug (not a storage error): what a crash looks like."""
+
+    def __init__(self, inner: Store, key: str) -> None:
+        self.inner, self.key = inner, key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> Any:
+        if key == self.key:
+            raise RuntimeError("a bug")
+        return self.inner.open(key, offset, length)
+
+
+async def test_a_crash_is_retried_then_fails_the_item_never_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "RETRY_MIN", 0.0)
+    monkeypatch.setattr(worker, "RETRY_BASE", 0.01)
+    settings = make_settings(tmp_path, local_driver(tmp_path))
+    settings = settings.model_copy(update={"enrich": settings.enrich.model_copy(update={"max_attempts": 2})})
+    async with Agent(settings) as agent:
+        await put_all(agent.stores["d"], {"bug.jpg": images.jpeg(), "ok.jpg": images.jpeg(seed=1)})
+        agent.stores["d"] = _Buggy(agent.stores["d"], "bug.jpg")  # type: ignore[assignment]
+        await agent.loop(DS).run_once()
+        assert agent.ledger is not None
+        queue = EnrichQueue(agent.ledger)
+        ds_id = await agent.ledger.dataset_id(DS)
+        with capture_logs() as logs:
+            for _ in range(300):  # the retry waits a (here tiny) backoff of its own
+                await agent.enricher.drain()
+                if (await queue.counts(ds_id))["pending"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+        found = await enrichment(agent)
+    assert found["ok.jpg"].state == "done"
+    bug = found["bug.jpg"]
+    assert bug.state == "failed"
+    assert bug.error == "internal error (RuntimeError); see the agent's log (after 2 attempts)"
+    crashes = [e for e in logs if e["event"] == "enriching an item crashed"]
+    assert len(crashes) == 2 and all(e["key"] == "bug.jpg" and e["exc_info"] for e in crashes)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bucketsync.enrich")
 #: how often the worker looks at the queue when nobody wakes it
 POLL = 1.0
+#: an item to retry waits at least RETRY_MIN, plus a jittered backoff from RETRY_BASE (seconds)
+RETRY_MIN, RETRY_BASE = 0.5, 1.0
 
 
 class Enricher:
@@ -161,7 +163,7 @@ class Enricher:
         if job.attempts + 1 >= self.agent.settings.enrich.max_attempts:
             await self._finish(job, "failed", {}, f"{error} (after {job.attempts + 1} attempts)")
             return "failed"
-        self._later[job.item_id] = time.monotonic() + 0.5 + backoff(job.attempts + 1, 1.0, 60.0)
+        self._later[job.item_id] = time.monotonic() + RETRY_MIN + backoff(job.attempts + 1, RETRY_BASE, 60.0)
         await self.queue.retry_later(job, error)
         return "retry"
 
