@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 import images
 from bucketsync import metrics
 from bucketsync.agent import Agent
+from bucketsync.cli.main import main
 from bucketsync.config import Settings
 from bucketsync.core.errors import NotFound
 from bucketsync.core.keys import HIDDEN
@@ -307,3 +308,19 @@ async def test_a_crash_is_retried_then_fails_the_item_never_the_worker(
     assert bug.error == "internal error (RuntimeError); see the agent's log (after 2 attempts)"
     crashes = [e for e in logs if e["event"] == "enriching an item crashed"]
     assert len(crashes) == 2 and all(e["key"] == "bug.jpg" and e["exc_info"] for e in crashes)
+
+
+def test_enrich_cli_refuses_bad_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bucketsync.toml"
+    cfg.write_text(
+        f'[agent]\nledger = "{tmp_path}/l.db"\n[drivers.d]\nurl = "file://{tmp_path}"\n[datasets.plain]\ndriver = "d"\n'
+    )
+    assert main(["-c", str(cfg), "enrich", "plain"]) == 2
+    assert (
+        "dataset 'plain' does not enrich: set enrich.enabled = true or datasets.plain.enrich" in capsys.readouterr().err
+    )
+    assert main(["-c", str(cfg), "enrich", "nope"]) == 2
+    assert "no dataset named 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["-c", str(cfg), "enrich", "plain", "--all", "--failed"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
