@@ -9,7 +9,7 @@ from PIL import Image
 
 import images
 from bucketsync.enrich.sniff import HEAD_STEPS, NeedMore, sniff
-from bucketsync.enrich.thumbs import FOLDER, ThumbnailError, make_thumbnail, thumbnail_key
+from bucketsync.enrich.thumbs import FOLDER, ThumbnailError, ThumbnailSkipped, make_thumbnail, thumbnail_key
 
 CAP = 10_000_000
 
@@ -132,3 +132,14 @@ def test_thumbnail_keys_are_per_version_and_hidden() -> None:
     assert a.startswith(FOLDER + "photos/cat.jpg.") and a.endswith(".jpg") and a != b
     long = thumbnail_key("d/" + "n" * 250, None, 10, 1.0, "webp")
     assert len(long.rsplit("/", 1)[1]) < 100 and long.endswith(".webp")
+
+
+def test_memory_limit_skips_the_thumbnail_after_draft_scaling() -> None:
+    """A 1500x1000 PNG needs 1500*1000*4 bytes decoded: past a 4 MiB limit it is skipped. A JPEG of
+    the same size is decoded at 1/8 scale by draft(), so it stays under the same limit."""
+    png = images.encoded("PNG", 1500, 1000)
+    with pytest.raises(ThumbnailSkipped, match=r"needs 5 MiB, more than enrich\.max_memory=4 MiB"):
+        make_thumbnail(png, 64, "jpeg", CAP, 4 << 20)
+    thumb = make_thumbnail(images.jpeg(1500, 1000), 64, "jpeg", CAP, 4 << 20)
+    with Image.open(io.BytesIO(thumb)) as im:
+        assert im.size == (64, 43)

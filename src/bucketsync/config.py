@@ -340,9 +340,20 @@ class EnrichConfig(_Strict):
         default=64_000_000,
         ge=1,
     )
+    max_memory: int = _doc(
+        "Memory limit per item for decoding (bytes): an image whose decoded pixels would need more (after "
+        "JPEG's draft scaling) gets metadata but no thumbnail. Peak memory is about "
+        "`agent.enrich_concurrency` x (`max_bytes` + `max_memory`).",
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+    )
     timeout: Duration = _doc("Time limit per item; past it the item fails with a reason.", default=60.0)
     max_attempts: int = _doc(
-        "Attempts of an item that crashes or times out before it is recorded as failed.", default=3, ge=1, le=100
+        "Attempts of an item whose enrichment crashes or meets a transient storage error before it is "
+        "recorded as failed.",
+        default=3,
+        ge=1,
+        le=100,
     )
     cache_dir: Path = _doc(
         "Where thumbnails of read-only datasets (or drivers that refuse writes) are kept, one folder per dataset.",

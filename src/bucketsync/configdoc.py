@@ -25,8 +25,10 @@ from bucketsync.config import (
     AzureIntegration,
     DatasetConfig,
     DriverConfig,
+    EnrichConfig,
     GcpIntegration,
     Settings,
+    TriggerConfig,
     credential_path,
     parse_duration,
 )
@@ -60,6 +62,22 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
     ),
     ("drivers", "[drivers.NAME]", "DRIVERS__NAME", DriverConfig, "One location in storage each."),
     ("datasets", "[datasets.NAME]", "DATASETS__NAME", DatasetConfig, "One catalog per driver location each."),
+    (
+        "datasets: triggers",
+        "[[datasets.NAME.triggers]]",
+        "DATASETS__NAME__TRIGGERS",
+        TriggerConfig,
+        "Hooks on item events, each a webhook or a local command (see docs/enrichment.md). "
+        "A list: env vars cannot address one entry, so set triggers in the file.",
+    ),
+    (
+        "enrich",
+        "[enrich]",
+        "ENRICH",
+        EnrichConfig,
+        "Enrichment: system metadata from the bytes (mimetype, encoding, dimensions, EXIF orientation) "
+        "and thumbnails (see docs/enrichment.md).",
+    ),
 ]
 
 HEADER = """\
@@ -112,6 +130,8 @@ def _type(annotation: Any) -> str:
         return "secret string"
     if annotation is Path:
         return "path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
 
 

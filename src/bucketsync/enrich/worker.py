@@ -184,11 +184,20 @@ class Enricher:
         data = head if len(head) >= job.size else await self._read(store, job, len(head), None, head)
         try:
             thumb = await asyncio.to_thread(
-                thumbs.make_thumbnail, data, conf.thumbnail_size, conf.thumbnail_format, conf.max_pixels
+                thumbs.make_thumbnail,
+                data,
+                conf.thumbnail_size,
+                conf.thumbnail_format,
+                conf.max_pixels,
+                conf.max_memory,
             )
         except thumbs.ThumbnailError as exc:
             await self._finish(job, "failed", meta, str(exc))
             return "failed"
+        except thumbs.ThumbnailSkipped as exc:
+            meta["thumbnail_skipped"] = str(exc)
+            await self._finish(job, "done", meta, None)
+            return "done"
         del data
         key = thumbs.thumbnail_key(job.key, job.etag, job.size, job.modified, conf.thumbnail_format)
         local = self._local(job.dataset)
