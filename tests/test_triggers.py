@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import importlib.util
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -20,13 +21,14 @@ from aiohttp.test_utils import TestClient, TestServer
 import images
 from bucketsync import metrics
 from bucketsync.agent import Agent
-from bucketsync.config import Settings, load_settings
+from bucketsync.config import Settings, TriggerConfig, load_settings
 from bucketsync.core.errors import ConfigError
 from bucketsync.enrich import Deliveries
 from bucketsync.server.api import make_app
 from bucketsync.stores import one_chunk
 
 DS = "photos"
+REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cret-for-tests"
 
 
@@ -242,3 +244,37 @@ def test_bad_trigger_config_names_the_culprit(tmp_path: Path, trigger: dict[str,
     with pytest.raises(ConfigError) as err:
         load_settings(cfg)
     assert "datasets.photos.triggers.0" in str(err.value) and message in str(err.value)
+
+
+async def test_the_documented_webhook_adds_a_label_through_patch(tmp_path: Path) -> None:
+    """docs/enrichment.md's worked example (examples/webhooks/label.py), run for real: an
+    ``enriched`` event reaches it signed, and it PATCHes the label into the item's user metadata."""
+    spec = importlib.util.spec_from_file_location("label_hook", REPO / "examples" / "webhooks" / "label.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    settings = make_settings(tmp_path, [])  # the webhook's URL is known once it listens: set below
+    async with Agent(settings) as agent:
+        api = TestServer(make_app(agent, asyncio.Event()))
+        await api.start_server()
+        hook = TestServer(example.make_app(SECRET, str(api.make_url("")).rstrip("/")))
+        await hook.start_server()
+        try:
+            trigger = {"name": "label", "on": ["enriched"], "url": str(hook.make_url("/hook")), "secret": SECRET}
+            conf = settings.datasets[DS].model_copy(update={"triggers": [TriggerConfig(**trigger)]})
+            agent.settings = settings.model_copy(update={"datasets": {DS: conf}})
+            await agent.enricher.sync_datasets()
+            await agent.stores["d"].put("tall.jpg", one_chunk(images.jpeg(60, 40, orientation=6)))
+            await agent.stores["d"].put("wide.jpg", one_chunk(images.jpeg(60, 40)))
+            await agent.loop(DS).run_once()
+            await agent.enricher.drain()
+            await settle(agent)
+            assert agent.ledger is not None
+            assert await Deliveries(agent.ledger).list(state="dead") == []
+            ds_id = await agent.ledger.dataset_id(DS)
+            labels = {i.key: i.meta.get("shape") for i in await agent.ledger.items(ds_id)}
+            assert labels == {"tall.jpg": "portrait", "wide.jpg": "landscape"}
+        finally:
+            await hook.close()
+            await api.close()
