@@ -34,6 +34,18 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class Result:
+    """What enriching one item found, waiting to be recorded."""
+
+    job: Job
+    state: str
+    meta: dict[str, Any]
+    error: str | None
+    thumbnail: str | None
+    local: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Enrichment:
     """An item's enrichment as recorded: the ``system`` block of the item in the API."""
 
@@ -86,51 +98,63 @@ class EnrichQueue:
         ) as cur:
             return [Job(*row) for row in await cur.fetchall()]
 
-    async def claim(self, job: Job) -> bool:
-        """Count an attempt before the work starts (a crash mid-item then counts); False when
-        the row no longer waits for this version."""
-        cur = await self._write(
-            "UPDATE enrichment SET attempts = attempts + 1 WHERE item_id = ? AND state = 'pending' AND etag IS ?",
-            (job.item_id, job.etag),
-        )
-        return bool(cur.rowcount == 1)
+    async def claim(self, jobs: list[Job]) -> list[Job]:
+        """Count an attempt of each before the work starts (a crash mid-item then counts), in one
+        transaction; the jobs whose row still waits for their version."""
+        if not jobs:
+            return []
+        claimed = []
+        async with self.ledger.transaction():
+            for job in jobs:
+                cur = await self.ledger.db.execute(
+                    "UPDATE enrichment SET attempts = attempts + 1 "
+                    "WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                    (job.item_id, job.etag),
+                )
+                if cur.rowcount == 1:
+                    claimed.append(job)
+        return claimed
 
-    async def finish(
-        self,
-        job: Job,
-        *,
-        state: str,
-        meta: dict[str, Any],
-        error: str | None,
-        thumbnail: str | None,
-        local: bool,
-    ) -> bool:
-        """Record the result if the row still waits for this version; False (and the new
-        thumbnail trashed) when a newer version was queued meanwhile. An ``enriched`` event
-        for triggers is written in the same transaction."""
+    async def finish(self, results: list[Result]) -> list[str]:
+        """Record results in one transaction, each only if its row still waits for its version;
+        returns the keys of the others (a newer version was queued meanwhile: their fresh
+        thumbnails are trashed). An ``enriched`` event for triggers goes with each recorded one."""
         now = time.time()
+        stale: list[str] = []
         async with self.ledger.transaction():
             db = self.ledger.db
-            cur = await db.execute(
-                "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
-                "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS ?",
-                (state, json.dumps(meta, ensure_ascii=False), error, thumbnail, int(local), now, job.item_id, job.etag),
-            )
-            if cur.rowcount != 1:
-                if thumbnail is not None:
-                    await db.execute(
-                        "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
-                        "SELECT id, ?, ?, ? FROM datasets WHERE name = ?",
-                        (thumbnail, int(local), now, job.dataset),
-                    )
-                return False
-            await db.execute(
-                "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
-                "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, ? FROM items i "
-                "WHERE i.id = ? AND i.dataset_id IN (SELECT dataset_id FROM trigger_datasets)",
-                (now, job.item_id),
-            )
-        return True
+            for r in results:
+                job = r.job
+                cur = await db.execute(
+                    "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
+                    "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                    (
+                        r.state,
+                        json.dumps(r.meta, ensure_ascii=False),
+                        r.error,
+                        r.thumbnail,
+                        int(r.local),
+                        now,
+                        job.item_id,
+                        job.etag,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    stale.append(job.key)
+                    if r.thumbnail is not None:
+                        await db.execute(
+                            "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
+                            "SELECT id, ?, ?, ? FROM datasets WHERE name = ?",
+                            (r.thumbnail, int(r.local), now, job.dataset),
+                        )
+                    continue
+                await db.execute(
+                    "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
+                    "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, ? FROM items i "
+                    "WHERE i.id = ? AND i.dataset_id IN (SELECT dataset_id FROM trigger_datasets)",
+                    (now, job.item_id),
+                )
+        return stale
 
     async def retry_later(self, job: Job, error: str) -> None:
         await self._write(

@@ -29,7 +29,7 @@ from bucketsync.core.model import OVERWRITE
 from bucketsync.core.retry import backoff
 from bucketsync.enrich import sniff as sniffing
 from bucketsync.enrich import thumbs
-from bucketsync.enrich.queue import EnrichQueue, Job, Trash
+from bucketsync.enrich.queue import EnrichQueue, Job, Result, Trash
 from bucketsync.stores import Store, one_chunk
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bucketsync.enrich")
 #: how often the worker looks at the queue when nobody wakes it
 POLL = 1.0
+#: results are recorded in one transaction per this many items, or every RESULT_WAIT seconds
+RESULT_BATCH, RESULT_WAIT = 128, 0.05
 #: an item to retry waits at least RETRY_MIN, plus a jittered backoff from RETRY_BASE (seconds)
 RETRY_MIN, RETRY_BASE = 0.5, 1.0
 
@@ -51,6 +53,9 @@ class Enricher:
         #: item id -> monotonic time before which a retried item is not taken again
         self._later: dict[int, float] = {}
         self._hooked: object = None
+        #: results waiting to be recorded (see ``flush``), and their item ids
+        self._results: list[Result] = []
+        self._unflushed: set[int] = set()
 
     @property
     def queue(self) -> EnrichQueue:
@@ -73,59 +78,126 @@ class Enricher:
         return self.agent.settings.enrich.cache_dir / dataset
 
     # -- the loop ------------------------------------------------------------------
+    #
+    # One pipeline for the daemon (``run``) and burst mode (``drain``): a feeder claims due items
+    # a batch at a time (one transaction), ``enrich_concurrency`` consumers enrich them, and their
+    # results are committed in groups (one transaction, one fsync, for up to RESULT_BATCH items):
+    # two fsyncs per item would cap the worker at a few dozen items a second.
 
     async def run(self, stop: asyncio.Event) -> None:
         """Enrich pending items until ``stop``; items being enriched when it is set finish first."""
-        running: set[asyncio.Task[None]] = set()
-        try:
-            while not stop.is_set():
-                self.wake.clear()
-                try:
-                    await self.sync_datasets()
-                    await self._take(running, stop)
-                    await self.empty_trash()
-                    metrics.set_per_dataset(metrics.ENRICH_QUEUE, await self.queue.pending_by_dataset())
-                except Exception:  # the ledger in trouble (a full disk): log, wait, go on
-                    log.exception("enrichment loop error")
-                waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())}
-                done, _ = await asyncio.wait(waiters | running, timeout=POLL, return_when=asyncio.FIRST_COMPLETED)
-                for w in waiters:
-                    w.cancel()
-                running -= done
-        finally:
-            if running:
-                await asyncio.wait(running)
-
-    async def _take(self, running: set[asyncio.Task[None]], stop: asyncio.Event) -> None:
-        limit = self.agent.settings.agent.enrich_concurrency
-        if len(running) >= limit:
-            return
-        now = time.monotonic()
-        self._later = {i: t for i, t in self._later.items() if t > now}
-        for job in await self.queue.due(limit * 2, skip=[*self.running, *self._later]):
-            if len(running) >= limit or stop.is_set():
-                break
-            self.running.add(job.item_id)
-            running.add(asyncio.create_task(self.process(job), name=f"enrich-{job.item_id}"))
+        await self._pipeline(stop, None, forever=True)
 
     async def drain(self, max_items: int | None = None) -> int:
         """Burst mode: enrich until nothing is due (or ``max_items`` are done); how many were.
         The CLI uses it without a daemon; tests use it as ``run_once``."""
         await self.sync_datasets()
-        limit = self.agent.settings.agent.enrich_concurrency
-        done = 0
-        while max_items is None or done < max_items:
-            want = limit if max_items is None else min(limit, max_items - done)
-            now = time.monotonic()
-            jobs = await self.queue.due(want, skip=[i for i, t in self._later.items() if t > now])
-            if not jobs:
-                break
-            for job in jobs:
-                self.running.add(job.item_id)
-            await asyncio.gather(*(self.process(j) for j in jobs))
-            done += len(jobs)
+        done = await self._pipeline(asyncio.Event(), max_items, forever=False)
         await self.empty_trash()
         return done
+
+    async def _pipeline(self, stop: asyncio.Event, max_items: int | None, *, forever: bool) -> int:
+        limit = self.agent.settings.agent.enrich_concurrency
+        jobs: asyncio.Queue[Job | None] = asyncio.Queue(maxsize=limit)
+        taken = 0
+
+        async def feed() -> None:
+            nonlocal taken
+            try:
+                while not stop.is_set() and (max_items is None or taken < max_items):
+                    self.wake.clear()
+                    batch = await self._claim(limit * 2 if max_items is None else min(limit * 2, max_items - taken))
+                    for job in batch:
+                        await jobs.put(job)
+                    taken += len(batch)
+                    if batch:
+                        continue
+                    if not forever:
+                        return
+                    await self._idle(stop)
+            finally:
+                for _ in range(limit):
+                    await jobs.put(None)
+
+        async def consume() -> None:
+            while (job := await jobs.get()) is not None:
+                await self.process(job)
+
+        # The flusher is never cancelled mid-transaction (a COMMIT whose await is cancelled may
+        # still have committed): it is told to stop, and makes the last flush itself.
+        finished = asyncio.Event()
+        flusher = asyncio.create_task(self._flush_every(finished))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(feed())
+                for _ in range(limit):
+                    tg.create_task(consume())
+        finally:
+            finished.set()
+            await asyncio.shield(flusher)
+        return taken
+
+    async def _claim(self, want: int) -> list[Job]:
+        """Due items, claimed (an attempt counted) in one transaction; [] when none are due or the
+        ledger is in trouble (logged: the daemon's worker goes on)."""
+        try:
+            await self.sync_datasets()
+            now = time.monotonic()
+            self._later = {i: t for i, t in self._later.items() if t > now}
+            due = await self.queue.due(want, skip=[*self.running, *self._later])
+            claimed = await self.queue.claim(due)
+        except Exception:
+            log.exception("enrichment could not take items from the queue")
+            return []
+        self.running.update(j.item_id for j in claimed)
+        return claimed
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Nothing due: housekeeping, then wait for a wake-up (a run or a put committed items) or POLL."""
+        try:
+            await self.empty_trash()
+            metrics.set_per_dataset(metrics.ENRICH_QUEUE, await self.queue.pending_by_dataset())
+        except Exception:  # the ledger in trouble (a full disk): log, wait, go on
+            log.exception("enrichment housekeeping failed")
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())}
+        await asyncio.wait(waiters, timeout=POLL, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+
+    async def _flush_every(self, finished: asyncio.Event) -> None:
+        """Record results every RESULT_WAIT seconds until ``finished``, then once more (a few times
+        while the ledger fails; results never recorded leave their items pending, done again later)."""
+        last_tries = 3
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), RESULT_WAIT)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("enrichment results could not be recorded; retried")
+            if finished.is_set():
+                last_tries -= 1
+                if not self._results or not last_tries:
+                    self._results.clear()
+                    self._unflushed.clear()
+                    return
+
+    async def flush(self) -> None:
+        """Record the buffered results in one transaction."""
+        if not self._results:
+            return
+        batch, self._results = self._results, []
+        try:
+            stale = await self.queue.finish(batch)
+        except BaseException:
+            self._results[:0] = batch  # kept for the next flush
+            raise
+        for r in batch:
+            self._unflushed.discard(r.job.item_id)
+            self.running.discard(r.job.item_id)
+        if stale:
+            log.debug("items changed while they were enriched; their new versions are queued", keys=stale)
+            await self.empty_trash()
 
     # -- one item ---------------------------------------------------------------------
 
@@ -134,8 +206,6 @@ class Enricher:
         t0 = time.monotonic()
         result = "failed"
         try:
-            if not await self.queue.claim(job):
-                return
             conf = self.agent.settings.enrich
             try:
                 async with asyncio.timeout(conf.timeout):
@@ -155,7 +225,8 @@ class Enricher:
             with contextlib.suppress(Exception):
                 result = await self._retry(job, f"internal error ({type(exc).__name__}); see the agent's log")
         finally:
-            self.running.discard(job.item_id)
+            if job.item_id not in self._unflushed:  # else it leaves ``running`` once recorded
+                self.running.discard(job.item_id)
             metrics.ENRICH_TOTAL.labels(job.dataset, result).inc()
             metrics.ENRICH_SECONDS.labels(job.dataset).observe(time.monotonic() - t0)
 
@@ -254,13 +325,13 @@ class Enricher:
         thumbnail: str | None = None,
         local: bool = False,
     ) -> None:
+        """Buffer the item's result; ``flush`` records it (soon, with others)."""
         if error is not None:
             log.info("item enrichment failed", dataset=job.dataset, key=job.key, error=error)
-        recorded = await self.queue.finish(job, state=state, meta=meta, error=error, thumbnail=thumbnail, local=local)
-        if not recorded:
-            log.debug("item changed while it was enriched; its new version is queued", key=job.key)
-        if thumbnail is not None and not recorded:
-            await self.empty_trash()
+        self._results.append(Result(job, state, meta, error, thumbnail, local))
+        self._unflushed.add(job.item_id)
+        if len(self._results) >= RESULT_BATCH:
+            await self.flush()
 
     def _store(self, dataset: str) -> Store:
         return self.agent.stores[self.agent.settings.datasets[dataset].driver]
