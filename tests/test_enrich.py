@@ -18,9 +18,9 @@ from structlog.testing import capture_logs
 import images
 from bucketsync import metrics
 from bucketsync.agent import Agent
-from bucketsync.cli.main import main
+from bucketsync.cli.main import cmd_enrich, parse_args
 from bucketsync.config import Settings
-from bucketsync.core.errors import NotFound
+from bucketsync.core.errors import ConfigError, NotFound
 from bucketsync.core.keys import HIDDEN
 from bucketsync.downstream.ops import Downstream
 from bucketsync.enrich import Enrichment, EnrichQueue, worker
@@ -310,17 +310,16 @@ async def test_a_crash_is_retried_then_fails_the_item_never_the_worker(
     assert len(crashes) == 2 and all(e["key"] == "bug.jpg" and e["exc_info"] for e in crashes)
 
 
-def test_enrich_cli_refuses_bad_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = tmp_path / "bucketsync.toml"
-    cfg.write_text(
-        f'[agent]\nledger = "{tmp_path}/l.db"\n[drivers.d]\nurl = "file://{tmp_path}"\n[datasets.plain]\ndriver = "d"\n'
-    )
-    assert main(["-c", str(cfg), "enrich", "plain"]) == 2
-    assert (
-        "dataset 'plain' does not enrich: set enrich.enabled = true or datasets.plain.enrich" in capsys.readouterr().err
-    )
-    assert main(["-c", str(cfg), "enrich", "nope"]) == 2
-    assert "no dataset named 'nope'" in capsys.readouterr().err
+async def test_enrich_cli_refuses_bad_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad requests are ConfigErrors (exit 2) naming the dataset and the fix; nothing is queued."""
+    settings = make_settings(tmp_path, local_driver(tmp_path), enrich=False)
+    with pytest.raises(
+        ConfigError, match=r"dataset 'photos' does not enrich: set enrich\.enabled = true or datasets\.photos\.enrich"
+    ):
+        await cmd_enrich(settings, parse_args(["enrich", DS]))
+    with pytest.raises(ConfigError, match="no dataset named 'nope'"):
+        await cmd_enrich(settings, parse_args(["enrich", "nope"]))
     with pytest.raises(SystemExit) as exc:
-        main(["-c", str(cfg), "enrich", "plain", "--all", "--failed"])
+        parse_args(["enrich", DS, "--all", "--failed"])
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    assert not settings.agent.ledger.exists()

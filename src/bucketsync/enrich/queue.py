@@ -19,6 +19,74 @@ from bucketsync.ledger.sqlite import Ledger
 
 STATES = ("pending", "done", "failed")
 
+# SQL triggers on ``items``: they queue enrichment and record item events in the transaction that
+# commits the item, so every write path (sync batches, renames, puts, removals) queues its work
+# atomically. They exist only while some dataset uses them (``set_datasets`` creates and drops
+# them), so a ledger without enrichment or triggers pays nothing on its writes.
+_SQL_TRIGGERS = {
+    "enrich_item_insert": """
+    CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
+            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
+        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
+            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
+    END;
+    """,
+    "enrich_item_update": """
+    CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state ON items
+    WHEN NEW.state = 'live' AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
+        OR (NEW.etag IS NULL AND OLD.modified IS NOT NEW.modified)
+        OR NOT EXISTS (SELECT 1 FROM enrichment WHERE item_id = NEW.id))
+    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
+            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
+        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
+            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
+    END;
+    """,
+    "enrich_item_delete": """
+    CREATE TRIGGER enrich_item_delete AFTER DELETE ON items BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, OLD.updated FROM enrichment
+            WHERE item_id = OLD.id AND thumbnail IS NOT NULL;
+        DELETE FROM enrichment WHERE item_id = OLD.id;
+    END;
+    """,
+    "events_item_insert": """
+    CREATE TRIGGER events_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            VALUES (NEW.dataset_id, NEW.id, 'created', NEW.key, NEW.etag, NEW.size, NEW.updated);
+    END;
+    """,
+    "events_item_update": """
+    CREATE TRIGGER events_item_update AFTER UPDATE OF etag, size, state ON items
+    WHEN (OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size OR OLD.state IS NOT NEW.state)
+    AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            SELECT NEW.dataset_id, NEW.id,
+                CASE WHEN NEW.state != 'live' THEN 'removed' WHEN OLD.state != 'live' THEN 'created'
+                ELSE 'updated' END,
+                NEW.key, NEW.etag, NEW.size, NEW.updated;
+    END;
+    """,
+    "events_item_delete": """
+    CREATE TRIGGER events_item_delete AFTER DELETE ON items
+    WHEN OLD.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = OLD.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            VALUES (OLD.dataset_id, OLD.id, 'removed', OLD.key, OLD.etag, OLD.size, OLD.updated);
+    END;
+    """,
+}
+#: which SQL triggers each feature needs; the delete trigger stays while enrichment rows exist
+#: (their thumbnails must go with their items even after enrichment is switched off)
+_ENRICH = ("enrich_item_insert", "enrich_item_update")
+_CLEANUP = ("enrich_item_delete",)
+_EVENTS = ("events_item_insert", "events_item_update", "events_item_delete")
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -77,13 +145,26 @@ class EnrichQueue:
             return await self.ledger.db.execute(sql, params)
 
     async def set_datasets(self, enrich: Iterable[int], triggers: Iterable[int]) -> None:
-        """Which datasets queue enrichment and trigger events (the SQL triggers read these)."""
+        """Which datasets queue enrichment and trigger events (the SQL triggers read these), and
+        the SQL triggers themselves: created as this code defines them, or dropped when unused."""
+        enrich, triggers = list(enrich), list(triggers)
         async with self.ledger.transaction():
             db = self.ledger.db
             await db.execute("DELETE FROM enrich_datasets")
             await db.executemany("INSERT INTO enrich_datasets (dataset_id) VALUES (?)", [(i,) for i in enrich])
             await db.execute("DELETE FROM trigger_datasets")
             await db.executemany("INSERT INTO trigger_datasets (dataset_id) VALUES (?)", [(i,) for i in triggers])
+            async with db.execute("SELECT EXISTS (SELECT 1 FROM enrichment)") as cur:
+                row = await cur.fetchone()
+            wanted = {
+                *(_ENRICH if enrich else ()),
+                *(_CLEANUP if enrich or (row and row[0]) else ()),
+                *(_EVENTS if triggers else ()),
+            }
+            for name, sql in _SQL_TRIGGERS.items():
+                await db.execute(f"DROP TRIGGER IF EXISTS {name}")
+                if name in wanted:
+                    await db.execute(sql)
 
     async def due(self, limit: int, skip: Iterable[int] = ()) -> list[Job]:
         """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now."""

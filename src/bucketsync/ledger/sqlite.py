@@ -147,9 +147,8 @@ MIGRATIONS: list[str] = [
     """,
     # v7: enrichment and triggers (enrich/). One queue row per item (its system metadata and
     # thumbnail too), item events for triggers, their deliveries, and thumbnails to delete.
-    # SQL triggers on items fill them in the transaction that commits the item itself, so every
-    # write path (sync batches, renames, puts, removals) queues its work atomically, and only
-    # for the datasets listed in enrich_datasets / trigger_datasets (kept from the config).
+    # SQL triggers on items fill them in the transaction that commits the item itself; they are
+    # created by enrich/queue.py (``EnrichQueue.set_datasets``) only while some dataset uses them.
     """
     CREATE TABLE enrich_datasets (dataset_id INTEGER PRIMARY KEY) WITHOUT ROWID;
     CREATE TABLE trigger_datasets (dataset_id INTEGER PRIMARY KEY) WITHOUT ROWID;
@@ -199,50 +198,6 @@ MIGRATIONS: list[str] = [
         next_at REAL NOT NULL
     );
     CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
-    CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
-    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
-        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
-            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
-            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
-        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
-            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
-    END;
-    CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state ON items
-    WHEN NEW.state = 'live' AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
-        OR (NEW.etag IS NULL AND OLD.modified IS NOT NEW.modified)
-        OR NOT EXISTS (SELECT 1 FROM enrichment WHERE item_id = NEW.id))
-    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
-        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
-            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
-            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
-        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
-            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
-    END;
-    CREATE TRIGGER enrich_item_delete AFTER DELETE ON items BEGIN
-        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
-            SELECT dataset_id, thumbnail, thumbnail_local, OLD.updated FROM enrichment
-            WHERE item_id = OLD.id AND thumbnail IS NOT NULL;
-        DELETE FROM enrichment WHERE item_id = OLD.id;
-    END;
-    CREATE TRIGGER events_item_insert AFTER INSERT ON items
-    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
-        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
-            VALUES (NEW.dataset_id, NEW.id, 'created', NEW.key, NEW.etag, NEW.size, NEW.updated);
-    END;
-    CREATE TRIGGER events_item_update AFTER UPDATE OF etag, size, state ON items
-    WHEN (OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size OR OLD.state IS NOT NEW.state)
-    AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
-        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
-            SELECT NEW.dataset_id, NEW.id,
-                CASE WHEN NEW.state != 'live' THEN 'removed' WHEN OLD.state != 'live' THEN 'created'
-                ELSE 'updated' END,
-                NEW.key, NEW.etag, NEW.size, NEW.updated;
-    END;
-    CREATE TRIGGER events_item_delete AFTER DELETE ON items
-    WHEN OLD.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = OLD.dataset_id) BEGIN
-        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
-            VALUES (OLD.dataset_id, OLD.id, 'removed', OLD.key, OLD.etag, OLD.size, OLD.updated);
-    END;
     """,
 ]
 
