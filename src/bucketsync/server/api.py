@@ -394,9 +394,12 @@ async def get_item(request: web.Request) -> web.Response:
 
 
 async def _with_system(request: web.Request, dataset: str, items: list[Item]) -> list[dict[str, Any]]:
-    """Items as JSON with their system metadata (``system``; null for a dataset that does not enrich)."""
+    """Items as JSON, with their system metadata (``system``) when the dataset enriches: an item of a
+    dataset that does not looks exactly as it did before enrichment existed."""
     agent = _agent(request)
     assert agent.ledger is not None
+    if not agent.settings.enriches(dataset):
+        return [i.as_json(full=True) for i in items]
     found = await EnrichQueue(agent.ledger).of_items([i.id for i in items])
     out = []
     for item in items:

@@ -42,7 +42,9 @@ class Item(_Body):
     metadata: dict[str, str | int | float | bool]
     updated: Timestamp | None
     system: SystemMetadata | None = Field(
-        default=None, description="read-only: what enrichment found; null when the dataset does not enrich"
+        default=None,
+        description="read-only: what enrichment found (null until the item is queued); absent when the "
+        "dataset does not enrich",
     )
 
 
