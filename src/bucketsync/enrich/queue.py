@@ -140,6 +140,11 @@ class EnrichQueue:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """A read of what is committed, run whole in one step (see ``Ledger._read``): a cursor
+        left open across an await would pin an old snapshot for every other read."""
+        return list(await self.ledger.reader.execute_fetchall(sql, params))
+
     async def _write(self, sql: str, params: tuple[Any, ...]) -> Any:
         async with self.ledger.transaction():
             return await self.ledger.db.execute(sql, params)
@@ -154,8 +159,7 @@ class EnrichQueue:
             await db.executemany("INSERT INTO enrich_datasets (dataset_id) VALUES (?)", [(i,) for i in enrich])
             await db.execute("DELETE FROM trigger_datasets")
             await db.executemany("INSERT INTO trigger_datasets (dataset_id) VALUES (?)", [(i,) for i in triggers])
-            async with db.execute("SELECT EXISTS (SELECT 1 FROM enrichment)") as cur:
-                row = await cur.fetchone()
+            (row,) = await db.execute_fetchall("SELECT EXISTS (SELECT 1 FROM enrichment)")
             wanted = {
                 *(_ENRICH if enrich else ()),
                 *(_CLEANUP if enrich or (row and row[0]) else ()),
@@ -170,14 +174,14 @@ class EnrichQueue:
         """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now."""
         skip = list(skip)
         not_running = f"AND e.item_id NOT IN ({','.join('?' * len(skip))})" if skip else ""
-        async with self.ledger.db.execute(
+        rows = await self._read(
             "SELECT e.item_id, d.name, i.key, i.size, i.modified, e.etag, e.attempts FROM enrichment e "
             "JOIN items i ON i.id = e.item_id JOIN datasets d ON d.id = e.dataset_id "
             "WHERE e.state = 'pending' AND e.dataset_id IN (SELECT dataset_id FROM enrich_datasets) "
             f"{not_running} ORDER BY e.item_id LIMIT ?",
             (*skip, limit),
-        ) as cur:
-            return [Job(*row) for row in await cur.fetchall()]
+        )
+        return [Job(*row) for row in rows]
 
     async def claim(self, jobs: list[Job]) -> list[Job]:
         """Count an attempt of each before the work starts (a crash mid-item then counts), in one
@@ -269,19 +273,18 @@ class EnrichQueue:
 
     async def counts(self, dataset_id: int) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
-        async with self.ledger.reader.execute(
+        for state, n in await self._read(
             "SELECT state, count(*) FROM enrichment WHERE dataset_id = ? GROUP BY state", (dataset_id,)
-        ) as cur:
-            async for state, n in cur:
-                out[state] = n
+        ):
+            out[state] = n
         return out
 
     async def pending_by_dataset(self) -> dict[str, int]:
-        async with self.ledger.db.execute(
+        rows = await self._read(
             "SELECT d.name, count(*) FROM enrichment e JOIN datasets d ON d.id = e.dataset_id "
             "WHERE e.state = 'pending' GROUP BY d.name"
-        ) as cur:
-            return {str(name): int(n) for name, n in await cur.fetchall()}
+        )
+        return {str(name): int(n) for name, n in rows}
 
     async def of_items(self, item_ids: list[int]) -> dict[int, Enrichment]:
         """The enrichment of each item that has one (the API's ``system`` block)."""
@@ -290,21 +293,18 @@ class EnrichQueue:
         out: dict[int, Enrichment] = {}
         for i in range(0, len(item_ids), 500):
             part = item_ids[i : i + 500]
-            async with self.ledger.reader.execute(
+            for row in await self._read(
                 "SELECT item_id, state, error, meta, thumbnail, thumbnail_local, updated FROM enrichment "
                 f"WHERE item_id IN ({','.join('?' * len(part))})",
-                part,
-            ) as cur:
-                async for row in cur:
-                    meta = json.loads(row[3]) if row[3] else {}
-                    out[row[0]] = Enrichment(row[1], row[2], meta, row[4], bool(row[5]), row[6])
+                tuple(part),
+            ):
+                meta = json.loads(row[3]) if row[3] else {}
+                out[row[0]] = Enrichment(row[1], row[2], meta, row[4], bool(row[5]), row[6])
         return out
 
     async def trash(self, limit: int = 100) -> list[Trash]:
-        async with self.ledger.db.execute(
-            "SELECT id, dataset_id, key, local FROM thumbnail_trash ORDER BY id LIMIT ?", (limit,)
-        ) as cur:
-            return [Trash(r[0], r[1], r[2], bool(r[3])) for r in await cur.fetchall()]
+        rows = await self._read("SELECT id, dataset_id, key, local FROM thumbnail_trash ORDER BY id LIMIT ?", (limit,))
+        return [Trash(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     async def trashed(self, ids: list[int]) -> None:
         async with self.ledger.transaction():

@@ -89,13 +89,17 @@ class Deliveries:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """A read of what is committed, run whole in one step (see ``Ledger._read``)."""
+        return list(await self.ledger.reader.execute_fetchall(sql, params))
+
     async def events(self, limit: int = 500) -> list[tuple[Any, ...]]:
-        async with self.ledger.db.execute(
+        rows = await self._read(
             "SELECT e.id, d.name, e.item_id, e.kind, e.key, e.etag, e.size, e.created, e.dataset_id "
             "FROM item_events e JOIN datasets d ON d.id = e.dataset_id ORDER BY e.id LIMIT ?",
             (limit,),
-        ) as cur:
-            return [tuple(r) for r in await cur.fetchall()]
+        )
+        return [tuple(r) for r in rows]
 
     async def fan_out(self, upto: int, rows: list[tuple[int, str, str, str, str]]) -> None:
         """Insert deliveries (dataset_id, trigger, event, key, body) and drop the events up to ``upto``."""
@@ -110,12 +114,12 @@ class Deliveries:
 
     async def due(self, now: float, limit: int, skip: list[int]) -> list[Delivery]:
         not_running = f"AND v.id NOT IN ({','.join('?' * len(skip))})" if skip else ""
-        async with self.ledger.db.execute(
+        rows = await self._read(
             f"SELECT {_COLS} FROM deliveries v JOIN datasets d ON d.id = v.dataset_id "
             f"WHERE v.state = 'pending' AND v.next_at <= ? {not_running} ORDER BY v.next_at, v.id LIMIT ?",
             (now, *skip, limit),
-        ) as cur:
-            return [Delivery(*r) for r in await cur.fetchall()]
+        )
+        return [Delivery(*r) for r in rows]
 
     async def list(self, *, state: str | None = None, dataset: str | None = None, limit: int = 100) -> list[Delivery]:
         sql = f"SELECT {_COLS} FROM deliveries v JOIN datasets d ON d.id = v.dataset_id WHERE 1 = 1"
@@ -128,8 +132,7 @@ class Deliveries:
             args.append(dataset)
         sql += " ORDER BY v.id DESC LIMIT ?"
         args.append(limit)
-        async with self.ledger.reader.execute(sql, args) as cur:
-            return [Delivery(*r) for r in await cur.fetchall()]
+        return [Delivery(*r) for r in await self._read(sql, tuple(args))]
 
     async def settle(self, d: Delivery, state: str, error: str | None, next_at: float) -> None:
         async with self.ledger.transaction():
@@ -142,12 +145,11 @@ class Deliveries:
     async def counts(self) -> dict[str, dict[str, int]]:
         """Deliveries per dataset and state."""
         out: dict[str, dict[str, int]] = {}
-        async with self.ledger.db.execute(
+        for name, state, n in await self._read(
             "SELECT d.name, v.state, count(*) FROM deliveries v JOIN datasets d ON d.id = v.dataset_id "
             "GROUP BY d.name, v.state"
-        ) as cur:
-            async for name, state, n in cur:
-                out.setdefault(name, dict.fromkeys(DELIVERY_STATES, 0))[state] = n
+        ):
+            out.setdefault(name, dict.fromkeys(DELIVERY_STATES, 0))[state] = n
         return out
 
 
