@@ -115,7 +115,7 @@ async def test_signed_webhook_retried_after_a_500_and_dead_lettered_after_n(tmp_
                 "max_attempts": 3,
                 "retry_base": "10ms",
             },
-            {"name": "cmd", "on": ["created"], "exec": [sys.executable, "-c", script]},
+            {"name": "cmd", "on": ["created", "updated"], "exec": [sys.executable, "-c", script]},
         ],
     )
     metrics.init_hooks(settings)
@@ -168,6 +168,13 @@ async def test_signed_webhook_retried_after_a_500_and_dead_lettered_after_n(tmp_
             assert body["counts"][DS] == {"pending": 0, "done": 4, "dead": 1}
             resp = await client.get("/api/v1/triggers/deliveries", params={"state": "nope"})
             assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_parameter"
+
+        # updated: a new version of a key (a new etag) reaches the command as `updated`.
+        await store.put("a.jpg", one_chunk(images.jpeg(seed=9)))
+        await loop.run_once()
+        await settle(agent)
+        lines = [json.loads(line) for line in out.read_text().splitlines() if line]
+        assert [(e["event"], e["item"]["key"]) for e in lines if e["event"] == "updated"] == [("updated", "a.jpg")]
 
 
 async def test_events_are_durable_across_a_restart(tmp_path: Path, hooks: Hooks) -> None:
