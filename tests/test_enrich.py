@@ -323,3 +323,24 @@ async def test_enrich_cli_refuses_bad_requests(tmp_path: Path, capsys: pytest.Ca
         parse_args(["enrich", DS, "--all", "--failed"])
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
     assert not settings.agent.ledger.exists()
+
+
+async def test_a_driver_that_refuses_writes_keeps_thumbnails_in_the_local_cache(
+    tmp_path: Path, seaweedfs: Any, s3_config: dict[str, Any]
+) -> None:
+    """Read+list-only credentials (SeaweedFS enforces them): the thumbnail put is refused, so the
+    thumbnail goes to the local cache, served by the same API, and the bucket is untouched."""
+    bucket_url = s3_config["driver"]["url"]
+    bucket = bucket_url.removeprefix("s3://").split("/", 1)[0]
+    seaweedfs.client().put_object(Bucket=bucket, Key="some/prefix/a.jpg", Body=images.jpeg(orientation=6))
+    key_id, secret = seaweedfs.readonly
+    integrations = {"ro": {"kind": "aws", "access_key_id": key_id, "secret_access_key": secret}}
+    driver = {**s3_config["driver"], "integration": "ro"}
+    async with Agent(make_settings(tmp_path, driver, integrations)) as agent:
+        await agent.loop(DS).run_once()
+        assert await agent.enricher.drain() == 1
+        a = (await enrichment(agent))["a.jpg"]
+        assert a.state == "done" and a.local and a.thumbnail is not None
+        assert (tmp_path / "cache" / DS / a.thumbnail).is_file()
+    listed = seaweedfs.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert [o["Key"] for o in listed] == ["some/prefix/a.jpg"]  # nothing written to the bucket

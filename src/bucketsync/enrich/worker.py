@@ -24,7 +24,7 @@ import structlog
 
 from bucketsync import metrics
 from bucketsync.core import gate
-from bucketsync.core.errors import NotFound, StorageError, Transient
+from bucketsync.core.errors import NotFound, PermissionDenied, StorageError, Transient
 from bucketsync.core.model import OVERWRITE
 from bucketsync.core.retry import backoff
 from bucketsync.enrich import sniff as sniffing
@@ -272,10 +272,13 @@ class Enricher:
         del data
         key = thumbs.thumbnail_key(job.key, job.etag, job.size, job.modified, conf.thumbnail_format)
         local = self._local(job.dataset)
+        if not local:
+            try:
+                await store.put(key, one_chunk(thumb), OVERWRITE, thumbs.MIME[conf.thumbnail_format])
+            except PermissionDenied:  # a read-only driver the probe has not flagged (yet): the cache
+                local = True
         if local:
             await asyncio.to_thread(_write_file, self.cache_dir(job.dataset) / key, thumb)
-        else:
-            await store.put(key, one_chunk(thumb), OVERWRITE, thumbs.MIME[conf.thumbnail_format])
         await self._finish(job, "done", meta, None, thumbnail=key, local=local)
         return "done"
 
