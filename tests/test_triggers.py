@@ -9,6 +9,7 @@ import hmac
 import importlib.util
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,3 +286,20 @@ async def test_the_documented_webhook_adds_a_label_through_patch(tmp_path: Path)
         finally:
             await hook.close()
             await api.close()
+
+
+async def test_finished_deliveries_are_pruned_pending_ones_never(tmp_path: Path, hooks: Hooks) -> None:
+    settings = make_settings(tmp_path, [{"name": "ok", "on": ["created"], "url": f"{hooks.url}/ok"}])
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        store = Deliveries(agent.ledger)
+        for i in range(3):
+            await agent.stores["d"].put(f"f{i}.txt", one_chunk(b"x"))
+        await agent.loop(DS).run_once()
+        await settle(agent)
+        await agent.stores["d"].put("late.txt", one_chunk(b"x"))
+        await agent.loop(DS).run_once()
+        await agent.triggers.dispatch()  # late.txt: pending, not delivered yet
+        assert await store.prune(time.time() + 1, keep=1) == 2  # the newest finished one is kept
+        left = sorted((d.key, d.state) for d in await store.list())
+        assert left == [("f2.txt", "done"), ("late.txt", "pending")]

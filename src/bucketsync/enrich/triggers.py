@@ -142,6 +142,17 @@ class Deliveries:
                 (state, error, time.time(), next_at, d.id),
             )
 
+    async def prune(self, before: float, keep: int) -> int:
+        """Forget finished (done, dead) deliveries last updated before ``before``, keeping the newest
+        ``keep`` of them whatever their age (the retention of ops, ``agent.keep_ops*``)."""
+        async with self.ledger.transaction():
+            cur = await self.ledger.db.execute(
+                "DELETE FROM deliveries WHERE state != 'pending' AND updated < ? AND id NOT IN "
+                "(SELECT id FROM deliveries WHERE state != 'pending' ORDER BY id DESC LIMIT ?)",
+                (before, keep),
+            )
+        return max(cur.rowcount, 0)
+
     async def counts(self) -> dict[str, dict[str, int]]:
         """Deliveries per dataset and state."""
         out: dict[str, dict[str, int]] = {}
@@ -161,6 +172,7 @@ class Triggers:
         self.wake = asyncio.Event()
         self.running: set[int] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._pruned = 0.0  # monotonic time of the last prune
 
     @property
     def store(self) -> Deliveries:
@@ -232,6 +244,7 @@ class Triggers:
                             self.running.add(d.id)
                             running.add(asyncio.create_task(self._one(d), name=f"delivery-{d.id}"))
                     await self._gauges()
+                    await self._prune()
                 except Exception:
                     log.exception("trigger loop error")
                 waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())}
@@ -257,6 +270,15 @@ class Triggers:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def _prune(self) -> None:
+        """Finished deliveries are history: pruned like ops, once per ``agent.prune_interval``."""
+        conf = self.agent.settings.agent
+        if time.monotonic() - self._pruned < conf.prune_interval and self._pruned:
+            return
+        self._pruned = time.monotonic()
+        if n := await self.store.prune(time.time() - conf.keep_ops_for, conf.keep_ops):
+            log.info("pruned finished trigger deliveries", deliveries=n)
 
     async def _gauges(self) -> None:
         counts = await self.store.counts()
