@@ -380,7 +380,12 @@ class AgentConfig(_Strict):
     # older history is pruned in the background. Running runs and pending ops are never pruned.
     keep_runs: int = _doc("Runs kept per dataset however old (the newest ones).", default=1000, ge=1)
     keep_runs_for: Duration = _doc("Runs younger than this are kept whatever their number.", default=30 * 86400.0)
-    keep_ops: int = _doc("Done/failed outbox ops kept per dataset however old (the newest ones).", default=1000, ge=1)
+    keep_ops: int = _doc(
+        "Done/failed outbox ops kept per dataset however old (the newest ones); also finished trigger deliveries "
+        "(in all).",
+        default=1000,
+        ge=1,
+    )
     keep_ops_for: Duration = _doc(
         "Done/failed ops younger than this are kept whatever their number.", default=30 * 86400.0
     )
