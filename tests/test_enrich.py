@@ -344,3 +344,20 @@ async def test_a_driver_that_refuses_writes_keeps_thumbnails_in_the_local_cache(
         assert (tmp_path / "cache" / DS / a.thumbnail).is_file()
     listed = seaweedfs.client().list_objects_v2(Bucket=bucket)["Contents"]
     assert [o["Key"] for o in listed] == ["some/prefix/a.jpg"]  # nothing written to the bucket
+
+
+async def test_thumbnail_cleanup_never_deletes_outside_the_hidden_folder(tmp_path: Path) -> None:
+    """Even with allow_delete and a trash row naming a user's object, only thumbnails are deleted."""
+    settings = make_settings(tmp_path, {**local_driver(tmp_path), "allow_delete": True})
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        store = agent.stores["d"]
+        await put_all(store, {"keep.jpg": images.jpeg()})
+        ds_id = await agent.ledger.dataset_id(DS)
+        async with agent.ledger.transaction():
+            await agent.ledger.db.execute(
+                "INSERT INTO thumbnail_trash (dataset_id, key, local, created) VALUES (?, 'keep.jpg', 0, 0)", (ds_id,)
+            )
+        await agent.enricher.empty_trash()
+        assert await exists(store, "keep.jpg")
+        assert await EnrichQueue(agent.ledger).trash() == []

@@ -363,14 +363,18 @@ class Enricher:
         if t.local:
             await asyncio.to_thread(_unlink, self.cache_dir(name) / t.key)
             return True
+        if not t.key.startswith(thumbs.FOLDER):  # only ever our own thumbnails, whatever the row says
+            log.error("refusing to delete a non-thumbnail key queued as a thumbnail", key=t.key)
+            return True
         ds = settings.datasets[name]
         driver = settings.drivers[ds.driver]
         decision = gate.decide_delete(key=t.key, read_only=ds.read_only, allow_delete=driver.allow_delete)
         if decision.action != gate.DELETE_OBJECT:  # never for the hidden folder; the gate decides all the same
             log.warning("thumbnail kept: the gate refused its delete", key=t.key, reason=decision.reason)
             return True
+        store = self._store(name)
         try:
-            await self._store(name).delete(t.key)
+            await store.delete(t.key)
         except StorageError as exc:
             log.warning("could not delete a thumbnail; retried later", key=t.key, error=str(exc))
             return False
