@@ -167,6 +167,25 @@ Integration = Annotated[AwsIntegration | GcpIntegration | AzureIntegration, Fiel
 _KIND_FOR_SCHEME = {"s3": "aws", "gs": "gcp", "az": "azure"}
 
 
+class EventsConfig(_Strict):
+    source: Literal["watch", "sqs", "azure-queue", "webhook"] = _doc(
+        "Where change events come from: `watch` (a local folder), `sqs` (S3 Event Notifications in an SQS "
+        "queue), `azure-queue` (Event Grid blob events in a Storage Queue), `webhook` (pushed to the API)."
+    )
+    queue: str | None = _doc("sqs: the queue URL; azure-queue: the queue's name.", default=None)
+    endpoint_url: str | None = _doc(
+        "http(s) endpoint of the queue service (emulators, VPC or private endpoints); default: the provider's.",
+        default=None,
+    )
+    secret_file: SecretFile | None = _doc("webhook: file holding the shared secret of this driver.", default=None)
+
+    @model_validator(mode="after")
+    def _queue_for_queues(self) -> EventsConfig:
+        if self.source in ("sqs", "azure-queue") and not self.queue:
+            raise ValueError(f"events source {self.source!r} needs `queue`")
+        return self
+
+
 class DriverConfig(_Strict):
     url: str = _doc(
         "Where the objects are: `s3://bucket/prefix`, `gs://` (`gcs://`), `az://account/container/prefix` "
@@ -185,6 +204,9 @@ class DriverConfig(_Strict):
         "How a local folder's changes are detected: `stat` (size, mtime, inode and change time) or `hash` "
         "(a content hash, re-read only when the change time moves); `file://` drivers only.",
         default="stat",
+    )
+    events: EventsConfig | None = _doc(
+        "`[drivers.NAME.events]`: where a dataset with `sync = \"events\"` gets its changes.", default=None
     )
     connect_timeout: Duration = _doc("Seconds to open a connection to storage, per request.", default=5.0)
     read_timeout: Duration = _doc(

@@ -25,6 +25,7 @@ from bucketsync.config import (
     AzureIntegration,
     DatasetConfig,
     DriverConfig,
+    EventsConfig,
     GcpIntegration,
     Settings,
     credential_path,
@@ -59,6 +60,13 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
         "(`pip install 'bucketsync[azure-identity]'`).",
     ),
     ("drivers", "[drivers.NAME]", "DRIVERS__NAME", DriverConfig, "One location in storage each."),
+    (
+        "drivers (events)",
+        "[drivers.NAME.events]",
+        "DRIVERS__NAME__EVENTS",
+        EventsConfig,
+        'Where a dataset with `sync = "events"` on this driver gets its changes; see docs/events.md.',
+    ),
     ("datasets", "[datasets.NAME]", "DATASETS__NAME", DatasetConfig, "One catalog per driver location each."),
 ]
 
@@ -108,6 +116,8 @@ def _type(annotation: Any) -> str:
         return _type(base)
     if origin is list:
         return f"list of {_type(get_args(annotation)[0])}s"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
     if annotation is SecretStr:
         return "secret string"
     if annotation is Path:
