@@ -206,7 +206,7 @@ class DriverConfig(_Strict):
         default="stat",
     )
     events: EventsConfig | None = _doc(
-        "`[drivers.NAME.events]`: where a dataset with `sync = \"events\"` gets its changes.", default=None
+        '`[drivers.NAME.events]`: where a dataset with `sync = "events"` gets its changes.', default=None
     )
     connect_timeout: Duration = _doc("Seconds to open a connection to storage, per request.", default=5.0)
     read_timeout: Duration = _doc(

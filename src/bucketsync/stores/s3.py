@@ -849,6 +849,21 @@ class S3Store:
                 return
             raise
 
+    # -- bucket notifications (``bucketsync events setup``) ------------------------
+
+    async def notification_configuration(self) -> dict[str, Any]:
+        """The bucket's event notification configuration, as PutBucketNotificationConfiguration takes it."""
+        resp = await self._retry(
+            lambda: self._call("get_bucket_notification_configuration", "read notifications", None)
+        )
+        return {k: v for k, v in resp.items() if k != "ResponseMetadata"}
+
+    async def set_notification_configuration(self, config: dict[str, Any]) -> None:
+        """Replace the bucket's notification configuration (S3 checks it can deliver to each target)."""
+        await self._call(
+            "put_bucket_notification_configuration", "configure notifications", None, NotificationConfiguration=config
+        )
+
     async def aclose(self) -> None:
         async with self._client_lock:
             self._client = None

@@ -232,8 +232,8 @@ class SqsSource:
             )
         return self._client
 
-    async def _call(self, op: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
-        """One SQS call, retried on transient errors; anything else is ``SourceFailed`` naming the queue."""
+    async def request(self, op: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``call(sqs client)``, retried on transient errors, errors translated (naming the queue)."""
 
         async def once() -> Any:
             try:
@@ -243,8 +243,12 @@ class SqsSource:
             except Exception as exc:
                 raise _translate(exc, self.queue_url, op) from exc
 
+        return await retrying(once, attempts=self.attempts, base=self.retry_base)
+
+    async def _call(self, op: str, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``request``, with any error left as ``SourceFailed``: the source cannot go on."""
         try:
-            return await retrying(once, attempts=self.attempts, base=self.retry_base)
+            return await self.request(op, call)
         except StorageError as exc:
             raise SourceFailed(f"sqs queue {self.queue_url}: {_reason(exc)}") from exc
 
