@@ -61,11 +61,12 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
     ),
     ("drivers", "[drivers.NAME]", "DRIVERS__NAME", DriverConfig, "One location in storage each."),
     (
-        "drivers (events)",
+        "drivers.NAME.events",
         "[drivers.NAME.events]",
         "DRIVERS__NAME__EVENTS",
         EventsConfig,
-        'Where a dataset with `sync = "events"` on this driver gets its changes; see docs/events.md.',
+        'Where the changes of datasets with `sync = "events"` come from (see docs/events.md). A `file://` '
+        "driver needs no table: it watches the folder.",
     ),
     ("datasets", "[datasets.NAME]", "DATASETS__NAME", DatasetConfig, "One catalog per driver location each."),
 ]
@@ -116,12 +117,12 @@ def _type(annotation: Any) -> str:
         return _type(base)
     if origin is list:
         return f"list of {_type(get_args(annotation)[0])}s"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "table"
     if annotation is SecretStr:
         return "secret string"
     if annotation is Path:
         return "path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
 
 

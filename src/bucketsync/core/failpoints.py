@@ -13,7 +13,7 @@ import sys
 
 POINTS = ("outbox.before_storage", "outbox.after_storage", "sync.after_batch")
 #: points where ``BUCKETSYNC_RAISEPOINT=name:N`` raises instead, the first N times
-RAISE_POINTS = ("supervisor.dataset_start",)
+RAISE_POINTS = ("supervisor.dataset_start", "events.source")
 _raised: dict[str, int] = {}
 
 

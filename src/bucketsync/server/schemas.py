@@ -104,6 +104,10 @@ class Run(_Counts):
     error: str | None
     forced: bool
     gaps: list[Gap] = Field(description="what a partial run could not list")
+    kind: Literal["listing", "events"] = Field(
+        description="`listing`: a full listing (a poll, or an events-mode reconcile); `events`: changes applied "
+        "from events, batched (about one run per second of activity)"
+    )
 
 
 class RunList(_Body):
