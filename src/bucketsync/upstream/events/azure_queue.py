@@ -35,14 +35,16 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from azure.storage.queue.aio import QueueClient
 
+from bucketsync.config import AzureIntegration
+from bucketsync.core import failpoints
 from bucketsync.core.errors import ConfigError, NotFound, PermissionDenied, StorageError, Transient
 from bucketsync.core.retry import retrying
 from bucketsync.stores.azure import credentials, translate
-from bucketsync.upstream.events import Batch, Event, EventKind, SourceFailed
+from bucketsync.upstream.events import Batch, Event, EventKind, SourceContext, SourceFailed
 from bucketsync.upstream.events.scope import Malformed, Scope, timestamp
 
 if TYPE_CHECKING:
-    from bucketsync.config import AzureIntegration, DriverConfig
+    from bucketsync.config import DriverConfig
     from bucketsync.stores.azure import Credential
 
 log = structlog.get_logger(__name__)
@@ -273,6 +275,7 @@ class AzureQueueSource:
             messages = await self._receive()
             if messages:
                 pause, idle = _FIRST_PAUSE, 0.0
+                failpoints.hit("events.received")  # crash tests: received, not yet acknowledged
                 yield self._batch(messages)
                 continue
             if idle >= self.idle_report:
@@ -324,3 +327,16 @@ def open_azure_queue(
         connect_timeout=driver.connect_timeout,
         read_timeout=driver.read_timeout,
     )
+
+
+def open_source(ctx: SourceContext) -> AzureQueueSource:
+    """The consumer's entry point (see ``events.open_source``): ``[drivers.X.events]`` of the dataset's driver."""
+    events = ctx.driver.events
+    assert events is not None and events.queue is not None  # the config requires both for azure-queue
+    integration = ctx.settings.integrations.get(ctx.driver.integration) if ctx.driver.integration else None
+    if integration is not None and not isinstance(integration, AzureIntegration):
+        raise SourceFailed(f"driver {ctx.driver_name!r}: integration {ctx.driver.integration!r} is not azure")
+    try:
+        return open_azure_queue(ctx.driver, integration, queue=events.queue, endpoint_url=events.endpoint_url)
+    except ConfigError as exc:
+        raise SourceFailed(str(exc)) from None

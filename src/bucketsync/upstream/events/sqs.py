@@ -34,14 +34,16 @@ from urllib.parse import unquote_plus, urlsplit
 import structlog
 from botocore.config import Config
 
+from bucketsync.config import AwsIntegration
+from bucketsync.core import failpoints
 from bucketsync.core.errors import ConfigError, NotFound, PermissionDenied, StorageError, Transient
 from bucketsync.core.retry import retrying
 from bucketsync.stores.s3 import aws_credentials, aws_session, translate
-from bucketsync.upstream.events import Batch, Event, EventKind, SourceFailed
+from bucketsync.upstream.events import Batch, Event, EventKind, SourceContext, SourceFailed
 from bucketsync.upstream.events.scope import Malformed, Scope, hex_token, timestamp
 
 if TYPE_CHECKING:
-    from bucketsync.config import AwsIntegration, DriverConfig
+    from bucketsync.config import DriverConfig
 
 log = structlog.get_logger(__name__)
 
@@ -312,6 +314,8 @@ class SqsSource:
                 item = await out.get()
                 if isinstance(item, SourceFailed):
                     raise item
+                if item.events:
+                    failpoints.hit("events.received")  # crash tests: received, not yet acknowledged
                 yield item
         finally:
             for task in tasks:
@@ -359,3 +363,16 @@ def open_sqs(
         endpoint_url=endpoint_url,
         connect_timeout=driver.connect_timeout,
     )
+
+
+def open_source(ctx: SourceContext) -> SqsSource:
+    """The consumer's entry point (see ``events.open_source``): ``[drivers.X.events]`` of the dataset's driver."""
+    events = ctx.driver.events
+    assert events is not None and events.queue is not None  # the config requires both for sqs
+    integration = ctx.settings.integrations.get(ctx.driver.integration) if ctx.driver.integration else None
+    if integration is not None and not isinstance(integration, AwsIntegration):
+        raise SourceFailed(f"driver {ctx.driver_name!r}: integration {ctx.driver.integration!r} is not aws")
+    try:
+        return open_sqs(ctx.driver, integration, queue=events.queue, endpoint_url=events.endpoint_url)
+    except ConfigError as exc:
+        raise SourceFailed(str(exc)) from None
