@@ -305,8 +305,8 @@ class SqsSource:
             await out.put(exc)
 
     async def batches(self) -> AsyncIterator[Batch]:
-        # Bounded: each receiver waits until its batch is taken, so at most about
-        # 2 * receivers * MAX_MESSAGES messages are held unacknowledged by this agent.
+        # Bounded: each receiver waits until its batch is taken, so the source holds at most
+        # 2 * receivers * MAX_MESSAGES messages the consumer has not taken yet.
         out: asyncio.Queue[Batch | SourceFailed] = asyncio.Queue(maxsize=self.receivers)
         tasks = [asyncio.create_task(self._receiver(out), name=f"sqs-receive-{i}") for i in range(self.receivers)]
         try:
