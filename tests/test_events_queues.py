@@ -418,10 +418,20 @@ async def test_azure_queue_unacknowledged_message_comes_back(
     assert azure_in_queue(azurite_queue, queue) == 0
 
 
-async def test_azure_queue_deleted_queue_fails_naming_it(
+async def test_azure_queue_deleted_queue_or_wrong_key_fails_naming_it(
     azurite_queue: AzuriteQueue, azure_source: tuple[AzureQueueSource, str]
 ) -> None:
     source, queue = azure_source
+    wrong_key = AzureIntegration(kind="azure", account_key=SecretStr(base64.b64encode(b"not the key").decode()))
+    driver = DriverConfig(url=f"az://{ACCOUNT}/c/{PREFIX}", integration="azure")
+    denied = open_azure_queue(driver, wrong_key, queue=queue, endpoint_url=azurite_queue.endpoint)
+    try:
+        with pytest.raises(SourceFailed, match="access denied") as refused:
+            await take(denied, 1)
+    finally:
+        await denied.aclose()
+    assert queue in str(refused.value)
+
     azurite_queue.queue(queue).delete_queue()
     with pytest.raises(SourceFailed, match="does not exist") as gone:
         await take(source, 1)

@@ -303,6 +303,8 @@ class SqsSource:
                 await out.put(self._batch(await self._receive()))
         except SourceFailed as exc:
             await out.put(exc)
+        except Exception as exc:  # a bug must end the source loudly, not leave batches() waiting forever
+            await out.put(SourceFailed(f"sqs queue {self.queue_url}: {type(exc).__name__}: {exc}"))
 
     async def batches(self) -> AsyncIterator[Batch]:
         # Bounded: each receiver waits until its batch is taken, so the source holds at most
