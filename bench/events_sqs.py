@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -95,9 +96,11 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="single writes (default 1000)")
     parser.add_argument("--rate", type=float, default=20.0, help="single writes per second (default 20)")
     parser.add_argument("--burst", type=int, default=10_000, help="writes in the burst (default 10000)")
-    parser.add_argument("--writers", type=int, default=8, help="threads writing the burst (default 8)")
+    parser.add_argument("--writers", type=int, default=4, help="threads writing the burst (default 4)")
     parser.add_argument("--patience", type=float, default=120.0, help="seconds after the last put to wait")
     args = parser.parse_args()
+    # SIGTERM (a stopped benchmark) unwinds through the finally below: no daemon or moto left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     root = Path(tempfile.mkdtemp(prefix="bench-events-sqs-"))
     port = free_port()
@@ -162,8 +165,10 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
 
         listings = query_ledger(ledger_of(config), "SELECT count(*) FROM runs WHERE kind = 'listing'")[0][0]
-        api = daemon.get("/api/v1/datasets/raw")
-        print(json.dumps({"listing_runs": listings, "api_dataset": api.json() if api.status == 200 else api.status}))
+        api = daemon.get("/api/v1/datasets")
+        datasets = api.body.get("datasets", []) if api.status == 200 else []
+        counts = {d["dataset"]: d.get("items") for d in datasets} or api.status
+        print(json.dumps({"listing_runs": listings, "api_items": counts}))
         print("| phase | writes | write time | p50 | p99 | max | lost |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in results:

@@ -188,10 +188,14 @@ async def apply_sqs(setup: Setup, driver: DriverConfig, integration: AwsIntegrat
     queue = driver.events.queue
     source = open_sqs(driver, integration, queue=queue, endpoint_url=driver.events.endpoint_url)
     store = open_s3(driver.location, driver, integration)
-    name = urlsplit(queue).path.rsplit("/", 1)[-1]
+    _, owner, name = urlsplit(queue).path.split("/")
     try:
         try:
-            url = (await source.request("find", lambda sqs: sqs.get_queue_url(QueueName=name)))["QueueUrl"]
+            url = (
+                await source.request(
+                    "find", lambda sqs: sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=owner)
+                )
+            )["QueueUrl"]
         except NotFound:
             url = (await source.request("create", lambda sqs: sqs.create_queue(QueueName=name)))["QueueUrl"]
             setup.applied.append(f"created the queue {url}")
