@@ -261,7 +261,6 @@ class SqsSource:
                 QueueUrl=self.queue_url,
                 MaxNumberOfMessages=MAX_MESSAGES,
                 WaitTimeSeconds=self.wait_seconds,
-                MessageSystemAttributeNames=["ApproximateReceiveCount"],
             ),
         )
         messages: list[dict[str, Any]] = resp.get("Messages") or []
