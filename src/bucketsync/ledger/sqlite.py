@@ -152,7 +152,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'listing';
     CREATE TABLE event_inbox (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the reader resumes after the last id it took
         dataset_id INTEGER NOT NULL REFERENCES datasets(id),
         key TEXT NOT NULL,
         kind TEXT NOT NULL,

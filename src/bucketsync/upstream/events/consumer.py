@@ -347,6 +347,7 @@ class Consumer:
             self.unacked.append((self.seq, b))
             events.extend(b.events)
         if events:
+            failpoints.hit("events.before_apply")  # kill -9 tests: accepted, not yet applied
             metrics.EVENTS_RECEIVED.labels(self.name).inc(len(events))
             events = self.lose.keep(events)
         async with self.loop.lock:  # never interleaved with a listing run
