@@ -1,8 +1,9 @@
 """Events mode end to end: a real daemon, real storage, changes that only events can explain.
 
-Every dataset here has a one-hour ``interval`` and ``reconcile_interval``: after the
-start-up listing, a change that reaches the catalog came through an event (the runs
-say so: kind ``events``), unless the test asks for a reconcile itself.
+Datasets here have a one-hour ``reconcile_interval`` (and, but for the one whose source is
+made to fail, ``interval``): after the start-up listing, a change that reaches the catalog
+came through an event (the runs say so: kind ``events``), unless the test asks for a
+reconcile itself.
 """
 
 from __future__ import annotations
@@ -124,38 +125,6 @@ def test_watch_applies_creates_overwrites_deletes_and_renames_without_a_poll(tmp
         assert daemon.stop() == 0
 
 
-def test_a_failing_source_falls_back_to_polling_and_comes_back(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    write_files(data, {"a.txt": "a"})
-    cfg = write_config(
-        tmp_path,
-        {"d": local_driver(data)},
-        {"p": {"driver": "d", "sync": "events", "interval": "0.5s", "reconcile_interval": "1h"}},
-        agent=AGENT,
-    )
-    # The source fails on its first batch: degraded (polling every 0.5 s) until it is opened again.
-    with Daemon(cfg, env={"BUCKETSYNC_RAISEPOINT": "events.source:1"}) as daemon:
-        daemon.wait_ready()
-        degraded = poll(
-            lambda: d if (d := daemon.get("/readyz").body["detail"]["p"]["events"])["state"] == "degraded" else None,
-            interval=0.05,
-            what="degraded",
-        )
-        assert degraded["source"] == "watch" and "events.source" in degraded["reason"]
-        assert metric(daemon, "bucketsync_event_source_up", dataset="p") == 0
-        assert daemon.get("/readyz").status == 200  # degraded is not down: it polls
-        # events may have been missed: a listing run at once (with reconcile_interval = 1h, nothing else explains it)
-        poll(lambda: len(listing_runs(daemon, "p")) >= 2 or None, what="a listing run after the source failed")
-        poll(lambda: metric(daemon, "bucketsync_event_source_up", dataset="p") == 1 or None, what="source back")
-        assert daemon.get("/readyz").body["detail"]["p"]["events"]["state"] == "up"
-        write_files(data, {"evented.txt": "e"})
-        wait_keys(daemon, "p", {"a.txt", "evented.txt"}, "an event after recovery")
-        assert runs(daemon, "p")[0]["kind"] == "events"
-        assert daemon.events("event source failed: polling at the interval until it delivers again")
-        assert daemon.events("event source delivers again: back to events mode")
-        assert daemon.stop() == 0
-
-
 # ---------------------------------------------------------------------- webhook: S3 records (SeaweedFS)
 
 
@@ -198,10 +167,11 @@ def test_webhooks_s3_records_and_gcs_push_inbox_survives_kill_9_and_events_conve
     integ = {"aws": {"kind": "aws", "access_key_id": seaweedfs.access_key_id,
                      "secret_access_key": seaweedfs.secret_access_key}}  # fmt: skip
     gdriver = {"url": f"gs://{gbucket}/{PREFIX}", "endpoint_url": fake_gcs.url, "events": {"source": "webhook"}}
+    cat = {"driver": "g", "sync": "events", "interval": "0.5s", "reconcile_interval": "1h"}  # polls while degraded
     cfg = write_config(
         tmp_path,
         {"s3": driver, "g": gdriver},
-        {"raw": {"driver": "s3", "sync": "events", **QUIET}, "cat": {"driver": "g", "sync": "events", **QUIET}},
+        {"raw": {"driver": "s3", "sync": "events", **QUIET}, "cat": cat},
         integ,
         agent=AGENT,
     )
@@ -216,9 +186,17 @@ def test_webhooks_s3_records_and_gcs_push_inbox_survives_kill_9_and_events_conve
         assert crashing.wait() == 137
     assert query_ledger(ledger, "SELECT key, kind FROM event_inbox") == [("a b.txt", "changed")]
 
-    with Daemon(cfg) as daemon:
+    # This time the GCS dataset's source fails as it first delivers: it falls back to polling, comes back.
+    with Daemon(cfg, env={"BUCKETSYNC_RAISEPOINT": "events.source.cat:1"}) as daemon:
+        daemon.wait_ready()
+        degraded = poll(
+            lambda: d if (d := daemon.get("/readyz").body["detail"]["cat"]["events"])["state"] == "degraded" else None,
+            interval=0.05,
+            what="degraded",
+        )
+        assert degraded["source"] == "webhook" and "events.source.cat" in degraded["reason"]
+        assert daemon.get("/readyz").status == 200  # degraded is not down: it polls
         started(daemon, "raw")
-        started(daemon, "cat")
         wait_keys(daemon, "raw", {"first.txt", "a b.txt"}, "start-up")
         listings = len(listing_runs(daemon, "raw"))  # the crashed daemon's start-up listing, and this one's
         poll(lambda: query_ledger(ledger, "SELECT count(*) FROM event_inbox") == [(0,)] or None, what="inbox drained")
@@ -280,6 +258,11 @@ def test_webhooks_s3_records_and_gcs_push_inbox_survives_kill_9_and_events_conve
                  for c in ("added", "modified", "removed", "renamed")}  # fmt: skip
         assert drift == {"added": 2, "modified": 1, "removed": 1, "renamed": 0}
 
+        # the failed source came back; until then the dataset was listed at once, as a poll
+        started(daemon, "cat")
+        assert len(listing_runs(daemon, "cat")) >= 2  # start-up, and one when the source failed
+        assert daemon.events("event source failed: polling at the interval until it delivers again")
+        assert daemon.events("event source delivers again: back to events mode")
         gcs_pubsub_push(daemon, fake_gcs, gbucket)
         assert daemon.stop() == 0
 

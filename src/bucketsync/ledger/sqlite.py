@@ -717,23 +717,23 @@ class Ledger:
         todo = list(keys)
         for i in range(0, len(todo), 500):  # SQLite's host-parameter limit
             part = todo[i : i + 500]
-            async with self.db.execute(
+            rows = await self.db.execute_fetchall(  # whole in one step (see ``_read``)
                 "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? "
                 f"AND key IN ({','.join('?' * len(part))})",
                 (dataset_id, *part),
-            ) as cur:
-                for r in await cur.fetchall():
-                    out[r[1]] = Indexed(*r)
+            )
+            for r in rows:
+                out[r[1]] = Indexed(*r)
         return out
 
     async def live_under(self, dataset_id: int, prefix: str, limit: int) -> list[str]:
         """Keys of live items under ``prefix`` (a removed folder's items), at most ``limit``."""
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT key FROM items WHERE dataset_id = ? AND key >= ? AND key < ? AND state = 'live' "
             "ORDER BY key LIMIT ?",
             (dataset_id, prefix, prefix + "\U0010ffff", limit),
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
+        )
+        return [r[0] for r in rows]
 
     # -- the webhook inbox (events accepted, not yet applied) ------------------------
 
@@ -749,12 +749,12 @@ class Ledger:
 
     async def inbox_take(self, dataset_id: int, after: int, limit: int) -> list[tuple[int, InboxEvent]]:
         """Up to ``limit`` inbox entries after id ``after``, oldest first: (id, event)."""
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT id, key, kind, token, etag, size, at FROM event_inbox WHERE dataset_id = ? AND id > ? "
             "ORDER BY id LIMIT ?",
             (dataset_id, after, limit),
-        ) as cur:
-            return [(r[0], (r[1], r[2], r[3], r[4], r[5], r[6])) for r in await cur.fetchall()]
+        )
+        return [(r[0], (r[1], r[2], r[3], r[4], r[5], r[6])) for r in rows]
 
     async def inbox_done(self, ids: Sequence[int]) -> None:
         """Forget entries whose effect is committed."""
