@@ -91,11 +91,11 @@ def test_s3_sqs_create_overwrite_delete_reach_the_catalog_without_a_poll(
 
 
 def test_s3_sqs_kill_9_mid_batch_loses_nothing(moto_s3: S3Emulator, s3_events_config: tuple[Path, str, str]) -> None:
-    """Killed after receiving a batch and before acknowledging it: the messages stay in the
-    queue, come back after the visibility timeout, and are applied and deleted then."""
+    """Killed with a batch taken from the queue and not yet applied (the consumer's failpoint): the
+    messages stay in the queue, come back after the visibility timeout, and are applied and deleted then."""
     config, bucket, queue = s3_events_config
     s3 = moto_s3.client()
-    with Daemon(config, env={"BUCKETSYNC_FAILPOINT": "events.received"}) as doomed:
+    with Daemon(config, env={"BUCKETSYNC_FAILPOINT": "events.before_apply"}) as doomed:
         poll(lambda: listing_runs(config) >= 1, what="the start-up reconcile")
         etag = s3.put_object(Bucket=bucket, Key=f"{PREFIX}survivor", Body=b"x")["ETag"].strip('"')
         assert doomed.wait(timeout=30) == 137, doomed.log

@@ -167,6 +167,7 @@ class Front:
 
     def _answer(self, conn: socket.socket, path: bytes) -> None:
         """Read the request's headers (so closing sends no reset), answer, close."""
+        started = time.monotonic()
         head = _read_head(conn)
         if head is None:
             conn.close()
@@ -187,12 +188,30 @@ class Front:
         ]
         payload = "\r\n".join(lines).encode() + (b"" if head.startswith(b"HEAD ") else body)
         conn.settimeout(PEEK_DEADLINE_S)
+        remote = _peer(conn)
         try:
             conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
         finally:
             conn.close()
-        log.debug("request", method=head.split(b" ", 1)[0].decode(), path=path.decode(), status=status, front=True)
+        # The same fields as aiohttp's access log (logs.AccessLog), and where it was served.
+        log.debug(
+            "request",
+            method=head.split(b" ", 1)[0].decode(),
+            path=path.decode(),
+            status=status,
+            bytes=len(payload),
+            seconds=round(time.monotonic() - started, 4),
+            remote=remote,
+            front=True,
+        )
+
+
+def _peer(conn: socket.socket) -> str | None:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return None
 
 
 def _peek_request_line(conn: socket.socket) -> bytes:

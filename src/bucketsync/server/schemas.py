@@ -12,6 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bucketsync.upstream.events.webhook import Accepted as Accepted
+from bucketsync.upstream.events.webhook import PubSubPush as PubSubPush
+from bucketsync.upstream.events.webhook import S3Notification as S3Notification
+
 Timestamp = str  # ISO 8601 UTC, "2024-05-01T12:00:00Z"
 
 
@@ -226,4 +230,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     MetadataPatch,
     ReloadPlan,
     OpenApiDocument,
+    S3Notification,
+    PubSubPush,
+    Accepted,
 )

@@ -36,7 +36,6 @@ import structlog
 from azure.storage.queue.aio import QueueClient
 
 from bucketsync.config import AzureIntegration
-from bucketsync.core import failpoints
 from bucketsync.core.errors import ConfigError, NotFound, PermissionDenied, StorageError, Transient
 from bucketsync.core.retry import retrying
 from bucketsync.stores.azure import credentials, translate
@@ -275,7 +274,6 @@ class AzureQueueSource:
             messages = await self._receive()
             if messages:
                 pause, idle = _FIRST_PAUSE, 0.0
-                failpoints.hit("events.received")  # crash tests: received, not yet acknowledged
                 yield self._batch(messages)
                 continue
             if idle >= self.idle_report:

@@ -235,8 +235,6 @@ class Consumer:
         self.holding: int | None = None
         self.sem = asyncio.Semaphore(HEAD_CONCURRENCY)
         self.lose = _Lost()
-        #: commits so far: tests and benchmarks wait on it instead of sleeping
-        self.applied = 0
 
     # -- the life of a source --------------------------------------------------
 
@@ -314,8 +312,9 @@ class Consumer:
         finally:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
+        # Stopping or failing: settle what waits (removals past no window), close the run, ack.
+        await self.step([], final=True)
         if failed is not None:
-            await self.step([], final=True)
             raise failed if isinstance(failed, SourceFailed) else SourceFailed(_describe(failed))
 
     async def _pump(self, source: EventSource, queue: asyncio.Queue[Batch | BaseException]) -> None:
@@ -323,7 +322,7 @@ class Consumer:
         try:
             async for batch in source.batches():
                 try:
-                    failpoints.raises("events.source")
+                    failpoints.raises(f"events.source.{self.name}")  # a source failing, for tests
                 except failpoints.FailpointError as exc:
                     raise SourceFailed(str(exc)) from None
                 if not delivered:
@@ -347,6 +346,7 @@ class Consumer:
             self.unacked.append((self.seq, b))
             events.extend(b.events)
         if events:
+            failpoints.hit("events.before_apply")  # kill -9 tests: accepted, not yet applied
             metrics.EVENTS_RECEIVED.labels(self.name).inc(len(events))
             events = self.lose.keep(events)
         async with self.loop.lock:  # never interleaved with a listing run
@@ -401,7 +401,6 @@ class Consumer:
             run.counts.added += len(d.adds)
             run.counts.modified += len(d.updates)
             await self.ledger.write_batch(self.ds_id, run.id, d.adds, [*d.updates, *d.keep_current], run.counts)
-            self.applied += 1
             if d.adds:
                 ids = await self.ledger.rows_for(self.ds_id, (o.key for o in d.adds))
                 for o in d.adds:
@@ -488,7 +487,6 @@ class Consumer:
                     run.counts.added -= 1
         if pairs:
             await self.ledger.rename(run.id, pairs, run.counts)
-            self.applied += 1
         removals = [r for r in rest if r.state == LIVE]
         purges = [r for r in rest if r.state != LIVE]
         if removals:
@@ -545,7 +543,6 @@ class Consumer:
             return
         run.counts.removed += len(rows)
         await self.ledger.remove(run.id, [r.id for r in rows], run.counts)
-        self.applied += 1
         self.removed_recently.append((time.monotonic(), len(rows)))
 
     # -- runs of kind "events" ---------------------------------------------------

@@ -35,7 +35,6 @@ import structlog
 from botocore.config import Config
 
 from bucketsync.config import AwsIntegration
-from bucketsync.core import failpoints
 from bucketsync.core.errors import ConfigError, NotFound, PermissionDenied, StorageError, Transient
 from bucketsync.core.retry import retrying
 from bucketsync.stores.s3 import aws_credentials, aws_session, translate
@@ -315,8 +314,6 @@ class SqsSource:
                 item = await out.get()
                 if isinstance(item, SourceFailed):
                     raise item
-                if item.events:
-                    failpoints.hit("events.received")  # crash tests: received, not yet acknowledged
                 yield item
         finally:
             for task in tasks:
