@@ -22,6 +22,7 @@ import pytest
 from pydantic import SecretStr
 
 from bucketsync.config import AwsIntegration, AzureIntegration, DriverConfig, EventsConfig, Settings, load_settings
+from bucketsync.core.errors import NotSupported
 from bucketsync.upstream.events import Batch, Event, EventKind, EventSource, SourceFailed
 from bucketsync.upstream.events import setup as events_setup
 from bucketsync.upstream.events.azure_queue import AzureQueueSource, open_azure_queue
@@ -29,7 +30,7 @@ from bucketsync.upstream.events.azure_queue import parse_message as parse_azure
 from bucketsync.upstream.events.scope import Scope
 from bucketsync.upstream.events.sqs import SqsSource, open_sqs
 from bucketsync.upstream.events.sqs import parse_message as parse_sqs
-from e2e import cli, describe, parallel, write_config
+from e2e import cli, describe, write_config
 from emulators import free_port
 from emulators.azure import ACCOUNT, AzuriteQueue
 from emulators.s3 import PREFIX, REGION, S3Emulator
@@ -447,11 +448,8 @@ def test_events_setup_prints_az_and_gcloud_commands_and_apply_says_why_not(tmp_p
         },
         datasets={"photos": {"driver": "gcs"}},
     )
-    refused, gcs = parallel(
-        lambda: cli(config, "events", "setup", "blobs", "--apply"),
-        lambda: cli(config, "events", "setup", "gcs", "--public-url", "https://agent.example.com"),
-    )
     # --apply cannot create an Event Grid subscription: it prints the way, then says why not
+    refused = cli(config, "events", "setup", "blobs", "--apply")
     assert refused.returncode == 2, describe(refused)
     assert "Azure Resource Manager" in refused.stderr
     assert "az eventgrid event-subscription create" in refused.stdout
@@ -460,6 +458,9 @@ def test_events_setup_prints_az_and_gcloud_commands_and_apply_says_why_not(tmp_p
     assert "Microsoft.Storage.BlobCreated Microsoft.Storage.BlobDeleted" in refused.stdout
     assert f"--subject-begins-with /blobServices/default/containers/c/blobs/{PREFIX}" in refused.stdout
 
-    assert gcs.returncode == 0, describe(gcs)
-    assert "gcloud storage buckets notifications create gs://bkt" in gcs.stdout
-    assert "--push-endpoint=https://agent.example.com/api/v1/events/gcs/photos" in gcs.stdout
+    # what `events setup gcs --public-url https://agent.example.com` prints (one CLI start is enough)
+    gcs = events_setup.plan(load_settings(config), "gcs", public_url="https://agent.example.com").text()
+    assert "gcloud storage buckets notifications create gs://bkt" in gcs
+    assert "--push-endpoint=https://agent.example.com/api/v1/events/gcs/photos" in gcs
+    with pytest.raises(NotSupported, match="Google Cloud project rights"):
+        asyncio.run(events_setup.apply(load_settings(config), events_setup.plan(load_settings(config), "gcs")))
