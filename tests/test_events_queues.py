@@ -22,7 +22,7 @@ import pytest
 from pydantic import SecretStr
 
 from bucketsync.config import AwsIntegration, AzureIntegration, DriverConfig, EventsConfig, Settings, load_settings
-from bucketsync.core.errors import NotSupported
+from bucketsync.core.errors import ConfigError, NotSupported
 from bucketsync.upstream.events import Batch, Event, EventKind, EventSource, SourceFailed
 from bucketsync.upstream.events import setup as events_setup
 from bucketsync.upstream.events.azure_queue import AzureQueueSource, open_azure_queue
@@ -464,3 +464,11 @@ def test_events_setup_prints_az_and_gcloud_commands_and_apply_says_why_not(tmp_p
     assert "--push-endpoint=https://agent.example.com/api/v1/events/gcs/photos" in gcs
     with pytest.raises(NotSupported, match="Google Cloud project rights"):
         asyncio.run(events_setup.apply(load_settings(config), events_setup.plan(load_settings(config), "gcs")))
+
+
+def test_a_queue_source_without_a_queue_is_a_config_error_naming_it() -> None:
+    for source, what in (("sqs", "the queue URL"), ("azure-queue", "the queue's name")):
+        with pytest.raises(ValueError, match=f"source '{source}' needs queue \\({what}\\)"):
+            EventsConfig(source=source)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="needs the queue URL"):
+        SqsSource("raw-events", Scope("b", ""))  # a name is not enough: SQS addresses queues by URL
