@@ -293,3 +293,10 @@ async def test_run_falls_back_when_the_source_fails_and_returns_when_it_delivers
         mod.RETRY_BASE = saved
     assert states[0] is not None and "queue gone" in states[0] and states[-1] is None
     assert not loop.events_degraded and loop.period == 3600.0
+
+
+async def test_applying_events_is_no_run_in_progress(root: Path, ledger: Ledger) -> None:
+    """The consumer excludes runs while it applies a batch, but the API must not answer 409 run_in_progress."""
+    _, loop = await _consumer(root, ledger)
+    async with loop.lock:
+        assert not loop.busy

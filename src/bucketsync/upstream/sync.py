@@ -166,6 +166,7 @@ class SyncLoop:
         #: the last finished run was stopped by the mass-delete guard (a failed run leaves it as it was)
         self.guard_blocked = False
         self._lock = asyncio.Lock()  # one run at a time per dataset
+        self._applying = asyncio.Lock()  # a run or an events batch writes, not both (see ``lock``)
         self.wake = asyncio.Event()  # set to start a run now
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
@@ -183,8 +184,9 @@ class SyncLoop:
 
     @property
     def lock(self) -> asyncio.Lock:
-        """Held by a run, and by the events consumer while it applies a batch: the two never interleave."""
-        return self._lock
+        """Held by a run, and by the events consumer while it applies a batch: the two never interleave.
+        (Not the run lock itself: the consumer applying a batch is no run in progress.)"""
+        return self._applying
 
     @property
     def period(self) -> float:
@@ -208,7 +210,7 @@ class SyncLoop:
         started: asyncio.Future[int | None] | None = None,
     ) -> RunResult:
         """One run. ``started`` (if given) gets the run id (None for a dry run) once it begins."""
-        async with self._lock:
+        async with self._lock, self._applying:
             return await self._run(dry_run=dry_run, force=force, stop=stop, started=started)
 
     async def _run(

@@ -141,7 +141,7 @@ class Decided:
 def decide(heads: dict[str, ObjectInfo | None], rows: dict[str, Indexed]) -> Decided:
     """Pure: what the HEADs (None: not found) mean against the ledger's rows."""
     out = Decided()
-    for key, obj in heads.items():
+    for key, obj in sorted(heads.items()):  # key order, as a listing: the quota keeps the same keys
         row = rows.get(key)
         if obj is None:
             if row is None:
