@@ -398,7 +398,11 @@ class SyncLoop:
         else:
             last = await self.ledger.last_ok_run(ds_id)
             since = await self.ledger.added_since(ds_id, last.id if last else 0)
-            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since]
+            # An item being removed is no rename target, not even of itself: one first seen after the
+            # last listing (by events, or by a failed run) and gone now would otherwise "move" onto its
+            # own key, and the rename would delete it past the guard.
+            gone = {o.id for o in sources}
+            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since if i not in gone]
         for new_id, key, etag, size, now in candidates:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))
