@@ -293,3 +293,27 @@ async def test_run_falls_back_when_the_source_fails_and_returns_when_it_delivers
         mod.RETRY_BASE = saved
     assert states[0] is not None and "queue gone" in states[0] and states[-1] is None
     assert not loop.events_degraded and loop.period == 3600.0
+
+
+async def test_applying_events_is_no_run_in_progress(root: Path, ledger: Ledger) -> None:
+    """The consumer excludes runs while it applies a batch, but the API must not answer 409 run_in_progress."""
+    _, loop = await _consumer(root, ledger)
+    async with loop.lock:
+        assert not loop.busy
+
+
+async def test_a_reconcile_never_renames_an_item_events_added_onto_itself(root: Path, ledger: Ledger) -> None:
+    """An item first seen by events (after the last listing) and gone now is a removal under the guard."""
+    for k in ("a", "b", "c"):
+        write(root, k)
+    c, loop = await _consumer(root, ledger, max_delete_ratio=0.3)
+    write(root, "new", "payload")
+    await c.step([Batch([Event("new", CHANGED)])], final=True)
+    (root / "new").unlink()
+    result = await loop.run_once()  # the events of the delete were lost: the reconcile finds it
+    assert (str(result.status), result.counts.renamed, result.counts.removed) == ("ok", 0, 1)
+    assert set(await _keys(ledger)) == {"a", "b", "c"}
+    (root / "a").unlink()
+    (root / "b").unlink()
+    blocked = await loop.run_once()  # 2 of 3: past the guard, and nothing slips through as a "rename"
+    assert (str(blocked.status), blocked.counts.renamed) == ("aborted", 0) and len(await _keys(ledger)) == 3

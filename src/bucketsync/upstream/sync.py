@@ -166,6 +166,7 @@ class SyncLoop:
         #: the last finished run was stopped by the mass-delete guard (a failed run leaves it as it was)
         self.guard_blocked = False
         self._lock = asyncio.Lock()  # one run at a time per dataset
+        self._applying = asyncio.Lock()  # a run or an events batch writes, not both (see ``lock``)
         self.wake = asyncio.Event()  # set to start a run now
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
@@ -183,8 +184,9 @@ class SyncLoop:
 
     @property
     def lock(self) -> asyncio.Lock:
-        """Held by a run, and by the events consumer while it applies a batch: the two never interleave."""
-        return self._lock
+        """Held by a run, and by the events consumer while it applies a batch: the two never interleave.
+        (Not the run lock itself: the consumer applying a batch is no run in progress.)"""
+        return self._applying
 
     @property
     def period(self) -> float:
@@ -208,7 +210,7 @@ class SyncLoop:
         started: asyncio.Future[int | None] | None = None,
     ) -> RunResult:
         """One run. ``started`` (if given) gets the run id (None for a dry run) once it begins."""
-        async with self._lock:
+        async with self._lock, self._applying:
             return await self._run(dry_run=dry_run, force=force, stop=stop, started=started)
 
     async def _run(
@@ -396,7 +398,11 @@ class SyncLoop:
         else:
             last = await self.ledger.last_ok_run(ds_id)
             since = await self.ledger.added_since(ds_id, last.id if last else 0)
-            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since]
+            # An item being removed is no rename target, not even of itself: one first seen after the
+            # last listing (by events, or by a failed run) and gone now would otherwise "move" onto its
+            # own key, and the rename would delete it past the guard.
+            gone = {o.id for o in sources}
+            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since if i not in gone]
         for new_id, key, etag, size, now in candidates:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))

@@ -141,7 +141,7 @@ class Decided:
 def decide(heads: dict[str, ObjectInfo | None], rows: dict[str, Indexed]) -> Decided:
     """Pure: what the HEADs (None: not found) mean against the ledger's rows."""
     out = Decided()
-    for key, obj in heads.items():
+    for key, obj in sorted(heads.items()):  # key order, as a listing: the quota keeps the same keys
         row = rows.get(key)
         if obj is None:
             if row is None:
@@ -328,6 +328,9 @@ class Consumer:
                 if not delivered:
                     delivered = True
                     self._up()
+                if not batch.events:  # a long poll that timed out: nothing to apply, nothing to wake for
+                    await self._ack_one(batch)
+                    continue
                 await queue.put(batch)
             raise SourceFailed(f"the {source.name} source stopped delivering")
         except asyncio.CancelledError:
@@ -340,6 +343,8 @@ class Consumer:
     async def step(self, batches: list[Batch], *, final: bool = False) -> None:
         """Apply ``batches``, settle the removals that are due (all of them when ``final``), and
         acknowledge every batch whose effect is committed. Usable directly in tests."""
+        if not batches and not self.pending and self.run_ is None and not self.unacked:
+            return  # at rest: a tick costs nothing
         events: list[Event] = []
         for b in batches:
             self.seq += 1
@@ -581,12 +586,13 @@ class Consumer:
         oldest_waiting = min((r.batch for r in self.pending), default=None)
         while self.unacked and (oldest_waiting is None or self.unacked[0][0] < oldest_waiting):
             _, batch = self.unacked.popleft()
-            try:
-                await batch.ack()
-            except Exception as exc:  # the provider redelivers; the HEAD makes that harmless
-                log.warning(
-                    "acknowledging a batch failed; it will be redelivered", dataset=self.name, error=_describe(exc)
-                )
+            await self._ack_one(batch)
+
+    async def _ack_one(self, batch: Batch) -> None:
+        try:
+            await batch.ack()
+        except Exception as exc:  # the provider redelivers; the HEAD makes that harmless
+            log.warning("acknowledging a batch failed; it will be redelivered", dataset=self.name, error=_describe(exc))
 
 
 def _describe(exc: BaseException) -> str:
