@@ -516,6 +516,22 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return await serve(settings, load=lambda: load_settings(args.config))
 
 
+async def cmd_events_setup(settings: Settings, args: argparse.Namespace) -> int:
+    """Print (``--apply``: create) the notification configuration a driver's event source needs."""
+    from bucketsync.upstream.events import setup
+
+    plan = setup.plan(settings, args.driver, public_url=args.public_url)
+    if args.apply and plan.cannot_apply is None:
+        await setup.apply(settings, plan)
+    if args.json:
+        print_json(plan.as_json())
+    else:
+        print(plan.text())
+    if args.apply and plan.cannot_apply is not None:  # the commands above are the way; say why not ours
+        raise UsageError(f"--apply cannot set up {plan.source} for driver {args.driver!r}: {plan.cannot_apply}")
+    return 0
+
+
 # -- operations: reload, healthcheck, doctor ---------------------------------------------
 
 
@@ -659,6 +675,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl = command("reload", "make the running agent re-read its config (as SIGHUP does)")
     rl.add_argument("--json", action="store_true", help="print one JSON object")
     rl.set_defaults(func=cmd_reload)
+
+    ev = command("events", 'event sources of drivers (sync = "events")')
+    ev_actions = ev.add_subparsers(dest="action", metavar="ACTION", required=True)
+    text = "print the notification configuration a driver's event source needs; --apply creates it"
+    es = ev_actions.add_parser("setup", help=text, description=text, parents=[common])
+    es.add_argument("driver", help="the driver's name in the config")
+    es.add_argument(
+        "--apply", action="store_true", help="create it (sqs: the queue, its policy, the bucket notification)"
+    )
+    es.add_argument("--public-url", help="the agent's URL as push webhooks reach it (default: from agent.listen)")
+    es.add_argument("--json", action="store_true", help="print one JSON object")
+    es.set_defaults(func=cmd_events_setup)
 
     hc = command("healthcheck", "exit 0 if the local agent is alive (--ready: and ready), else 1")
     hc.add_argument("--ready", action="store_true", help="check /readyz (every dataset probed) instead of /healthz")

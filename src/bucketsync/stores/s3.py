@@ -849,6 +849,21 @@ class S3Store:
                 return
             raise
 
+    # -- bucket notifications (``bucketsync events setup``) ------------------------
+
+    async def notification_configuration(self) -> dict[str, Any]:
+        """The bucket's event notification configuration, as PutBucketNotificationConfiguration takes it."""
+        resp = await self._retry(
+            lambda: self._call("get_bucket_notification_configuration", "read notifications", None)
+        )
+        return {k: v for k, v in resp.items() if k != "ResponseMetadata"}
+
+    async def set_notification_configuration(self, config: dict[str, Any]) -> None:
+        """Replace the bucket's notification configuration (S3 checks it can deliver to each target)."""
+        await self._call(
+            "put_bucket_notification_configuration", "configure notifications", None, NotificationConfiguration=config
+        )
+
     async def aclose(self) -> None:
         async with self._client_lock:
             self._client = None
@@ -859,22 +874,39 @@ class S3Store:
                 self._http_session = None
 
 
+def aws_credentials(integration: AwsIntegration | None) -> tuple[dict[str, str], str | None]:
+    """(botocore client keyword arguments, profile) from the aws integration; both empty: the default chain.
+
+    The one place an integration's AWS secrets are read, for the store and for the
+    SQS event source alike.
+    """
+    if integration is None:
+        return {}, None
+    secrets = {
+        f"aws_{name}": value
+        for name in ("access_key_id", "secret_access_key", "session_token")
+        if (value := integration.secret(name)) is not None
+    }
+    return secrets, integration.profile
+
+
+def aws_session(profile: str | None) -> AioSession:
+    """A botocore session sharing the process's model loader (see ``_session``), for other AWS services."""
+    return _session(profile)
+
+
 def open_s3(loc: Location, driver: DriverConfig, integration: AwsIntegration | None) -> S3Store:
     """The registry's factory: credentials from the aws integration, else botocore's default chain."""
-    secrets: dict[str, str | None] = {}
-    profile = None
-    if integration is not None:
-        secrets = {n: integration.secret(n) for n in ("access_key_id", "secret_access_key", "session_token")}
-        profile = integration.profile
+    secrets, profile = aws_credentials(integration)
     return S3Store(
         loc.bucket,
         loc.prefix,
         endpoint_url=driver.endpoint_url,
         region=driver.region,
         storage_class=driver.storage_class,
-        access_key_id=secrets.get("access_key_id"),
-        secret_access_key=secrets.get("secret_access_key"),
-        session_token=secrets.get("session_token"),
+        access_key_id=secrets.get("aws_access_key_id"),
+        secret_access_key=secrets.get("aws_secret_access_key"),
+        session_token=secrets.get("aws_session_token"),
         profile=profile,
         connect_timeout=driver.connect_timeout,
         read_timeout=driver.read_timeout,

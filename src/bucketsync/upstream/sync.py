@@ -166,15 +166,35 @@ class SyncLoop:
         #: the last finished run was stopped by the mass-delete guard (a failed run leaves it as it was)
         self.guard_blocked = False
         self._lock = asyncio.Lock()  # one run at a time per dataset
+        self._applying = asyncio.Lock()  # a run or an events batch writes, not both (see ``lock``)
         self.wake = asyncio.Event()  # set to start a run now
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
+        #: events mode: the event source failed, so the loop polls at ``interval`` until it delivers again
+        self.events_degraded = False
+        #: listing runs finished by this loop (the first one of an events-mode dataset is its start-up
+        #: catch-up, not a reconcile of missed events: it does not count as drift)
+        self.listings = 0
         #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
         self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
     @property
     def busy(self) -> bool:
         return self._lock.locked()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by a run, and by the events consumer while it applies a batch: the two never interleave.
+        (Not the run lock itself: the consumer applying a batch is no run in progress.)"""
+        return self._applying
+
+    @property
+    def period(self) -> float:
+        """Time between listing runs: ``interval`` when polling (or while the event source is failing),
+        ``reconcile_interval`` in events mode."""
+        if self.config.sync == "events" and not self.events_degraded:
+            return self.config.reconcile_interval
+        return self.config.interval
 
     async def idle(self) -> None:
         """Wait until no run of this dataset is in progress (a reload replaces the loop after)."""
@@ -190,7 +210,7 @@ class SyncLoop:
         started: asyncio.Future[int | None] | None = None,
     ) -> RunResult:
         """One run. ``started`` (if given) gets the run id (None for a dry run) once it begins."""
-        async with self._lock:
+        async with self._lock, self._applying:
             return await self._run(dry_run=dry_run, force=force, stop=stop, started=started)
 
     async def _run(
@@ -378,7 +398,11 @@ class SyncLoop:
         else:
             last = await self.ledger.last_ok_run(ds_id)
             since = await self.ledger.added_since(ds_id, last.id if last else 0)
-            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since]
+            # An item being removed is no rename target, not even of itself: one first seen after the
+            # last listing (by events, or by a failed run) and gone now would otherwise "move" onto its
+            # own key, and the rename would delete it past the guard.
+            gone = {o.id for o in sources}
+            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since if i not in gone]
         for new_id, key, etag, size, now in candidates:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))
@@ -449,6 +473,9 @@ class SyncLoop:
         if dry_run:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
+        if self.config.sync == "events" and self.listings and status is not RunStatus.FAILED:
+            _record_drift(self.name, counts)
+        self.listings += 1
         if status is not RunStatus.FAILED:  # a failed run says nothing about the guard
             self.set_guard_blocked(status is RunStatus.ABORTED)
 
@@ -473,11 +500,11 @@ class SyncLoop:
             elif self.config.sync == "manual":
                 delay = None
             elif first:  # sync at start-up; a little jitter keeps many datasets from starting in lockstep
-                delay = random.uniform(0, min(1.0, self.config.interval / 10))
+                delay = random.uniform(0, min(1.0, self.period / 10))
             elif failures:
-                delay = min(self.config.interval, 5.0 * 2 ** min(failures - 1, 8)) * random.uniform(0.8, 1.0)
+                delay = min(self.period, 5.0 * 2 ** min(failures - 1, 8)) * random.uniform(0.8, 1.0)
             else:
-                delay = self.config.interval * random.uniform(0.9, 1.1)
+                delay = self.period * random.uniform(0.9, 1.1)
             self.next_run_at = time.time() + delay if delay is not None else None
             await _wait_any(stop, self.wake, delay)
             self.wake.clear()
@@ -551,6 +578,15 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | N
     finally:
         for w in waiters:
             w.cancel()
+
+
+def _record_drift(dataset: str, counts: Counts) -> None:
+    """What a reconcile changed is what the events missed (or what they had not applied yet)."""
+    for change in metrics.CHANGES:
+        if n := getattr(counts, change):
+            metrics.RECONCILE_DRIFT.labels(dataset, change).inc(n)
+    if counts.added or counts.modified or counts.removed or counts.renamed:
+        log.info("reconcile found drift", **{c: getattr(counts, c) for c in metrics.CHANGES})
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
