@@ -349,7 +349,7 @@ class StubClient:
 
 
 def stub_store(client: StubClient, prefix: str = "p/") -> S3Store:
-    store = S3Store("bkt", prefix, page_size=2, retry_base=0.0001, fast_list=False)
+    store = S3Store("bkt", prefix, page_size=2, retry_base=0.0001, fast_list=False, list_concurrency=1)
     store._client = client  # skip the lazy real client
     return store
 

@@ -35,6 +35,7 @@ from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, Listin
 from bucketsync.ledger.sqlite import Ledger
 from bucketsync.logs import debug_enabled
 from bucketsync.stores import Store, listing_with_gaps
+from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.pacing import Pacer
 
 log = structlog.get_logger("bucketsync.sync")
@@ -125,6 +126,8 @@ class _Pending:
     gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
     #: the counts as of the run's last committed write: what a run that fails to write records
     committed: Counts = field(default_factory=Counts)
+    #: listed keys sampled for the next run's split points
+    sample: Quantiles = field(default_factory=lambda: Quantiles(0))
 
 
 async def _filtered(
@@ -169,6 +172,9 @@ class SyncLoop:
         self.wake = asyncio.Event()  # set to start a run now
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
+        #: where the last complete listing's keys fall (``stores.parallel.Quantiles``): the next
+        #: listing is cut there into parts listed in parallel
+        self.splits: list[str] = []
         #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
         self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
@@ -209,7 +215,7 @@ class SyncLoop:
             started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
         log.debug("run started", dry_run=dry_run, force=force, items=live_before)
-        pending = _Pending()
+        pending = _Pending(sample=Quantiles(live_before))
         plan = None
         status, error = RunStatus.OK, None
         try:
@@ -223,6 +229,7 @@ class SyncLoop:
                 counts.errors += 1
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
             if complete:
+                self.splits = pending.sample.keys
                 await self._match_renames(ds_id, run_id, counts, pending)
                 if pending.gaps:  # complete but for these sub-trees: removals elsewhere go on
                     status, error = RunStatus.PARTIAL, _describe_gaps(pending.gaps)
@@ -296,7 +303,7 @@ class SyncLoop:
     async def _diff(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
     ) -> None:
-        listing = listing_with_gaps(self.store)
+        listing = listing_with_gaps(self.store, "", self.splits)
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
         added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
@@ -305,11 +312,13 @@ class SyncLoop:
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
+        sample = p.sample
         async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
             await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
                 counts.listed += 1
+                sample.see(new.key)
             if (self.in_flight or self.touched) and (ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0):
                 continue  # downstream owns this key right now; the next run sees it settled
             if kind is added:
