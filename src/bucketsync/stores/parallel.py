@@ -35,6 +35,10 @@ Part = Callable[[], AsyncIterator[list[T]]]
 
 #: pages buffered per running part (the one being read included)
 DEPTH = 2
+#: parts per lister when split points are known: uneven parts still keep every lister busy
+PARTS_PER_LISTER = 4
+#: folder levels looked into for split points (no history) or parts (folder by folder)
+SPLIT_LEVELS = 3
 
 
 class _Feed(Generic[T]):

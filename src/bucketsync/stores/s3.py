@@ -71,7 +71,7 @@ from bucketsync.core.keys import HIDDEN, indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
-from bucketsync.stores.parallel import Part, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, Part, in_order, ranges, usable_splits
 
 if TYPE_CHECKING:
     from bucketsync.config import AwsIntegration, DriverConfig
@@ -85,10 +85,6 @@ PART_SIZE = 8 * MiB
 #: Parts uploaded at once: memory held by one put is about (PARTS_IN_FLIGHT + 2) * part_size.
 PARTS_IN_FLIGHT = 4
 CHUNK = 1 * MiB
-#: parts per lister when split points are known: uneven parts still keep every lister busy
-PARTS_PER_LISTER = 4
-#: folder levels looked into for split points (no history) or parts (``walk``)
-SPLIT_LEVELS = 3
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchVersion", "NoSuchUpload"})
 _DENIED = frozenset(
