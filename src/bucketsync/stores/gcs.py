@@ -20,7 +20,6 @@ an if-match put or delete reads the generation that goes with the etag first.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import builtins
 import contextlib
@@ -55,7 +54,7 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
-from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, gather_bounded, in_order, ranges, usable_splits
 
 if TYPE_CHECKING:
     from bucketsync.config import DriverConfig, GcpIntegration
@@ -486,8 +485,14 @@ class GcsStore:
         found: builtins.list[str] = []
         want = self.list_concurrency * PARTS_PER_LISTER
         for _ in range(SPLIT_LEVELS):
-            pages = await asyncio.gather(
-                *(self._list_page(self._list_params(p, delimiter="/", fields="prefixes,nextPageToken")) for p in level)
+            pages = await gather_bounded(
+                [
+                    functools.partial(
+                        self._list_page, self._list_params(p, delimiter="/", fields="prefixes,nextPageToken")
+                    )
+                    for p in level
+                ],
+                self.list_concurrency,
             )
             found = sorted({f for page in pages for f in page.get("prefixes") or ()})
             if len(found) >= want // 2 or not found:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: a part: a factory of its pages (lists of entries, ascending), started when its turn comes
 Part = Callable[[], AsyncIterator[list[T]]]
@@ -135,6 +136,17 @@ async def _get(queue: asyncio.Queue[list[T] | None], failed: asyncio.Future[Base
     if getter.done() and not getter.cancelled():
         return getter.result()  # a page that arrived with a failure elsewhere: the failure wins next time
     raise failed.result()
+
+
+async def gather_bounded(calls: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R]:
+    """``asyncio.gather`` of ``calls``, at most ``limit`` running at once (a level of folder listings)."""
+    gate = asyncio.Semaphore(max(1, limit))
+
+    async def one(call: Callable[[], Awaitable[R]]) -> R:
+        async with gate:
+            return await call()
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
 
 
 def ranges(splits: Sequence[str]) -> list[tuple[str | None, str | None]]:

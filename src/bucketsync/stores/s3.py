@@ -71,7 +71,15 @@ from bucketsync.core.keys import HIDDEN, indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
-from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, Part, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import (
+    PARTS_PER_LISTER,
+    SPLIT_LEVELS,
+    Part,
+    gather_bounded,
+    in_order,
+    ranges,
+    usable_splits,
+)
 
 if TYPE_CHECKING:
     from bucketsync.config import AwsIntegration, DriverConfig
@@ -685,7 +693,9 @@ class S3Store:
         level = [prefix]
         found: builtins.list[str] = []
         for _ in range(SPLIT_LEVELS):
-            pages = await asyncio.gather(*(self._page(p, None, "/") for p in level))
+            pages = await gather_bounded(
+                [functools.partial(self._page, p, None, "/") for p in level], self.list_concurrency
+            )
             found = sorted({f for page in pages for f in page.folders if f != self.prefix + HIDDEN})
             if len(found) >= self.list_concurrency * PARTS_PER_LISTER // 2 or not found:
                 break
