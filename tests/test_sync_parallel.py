@@ -18,6 +18,7 @@ from bucketsync.core.errors import PermissionDenied
 from bucketsync.core.model import RunStatus
 from bucketsync.ledger.sqlite import Ledger
 from bucketsync.stores.s3 import S3Store, _Page
+from bucketsync.upstream import sync
 from bucketsync.upstream.sync import SyncLoop
 from emulators.s3 import PREFIX, S3Emulator
 
@@ -87,3 +88,20 @@ async def test_a_failing_part_fails_the_run_with_no_removals(
     assert result.counts.removed == 0
     ds = await ledger.dataset_id(DATASET)
     assert sorted(i.key for i in await ledger.items(ds)) == KEYS  # nothing removed, listed or not
+
+
+async def test_a_new_process_cuts_its_first_listing_at_the_ledgers_keys(
+    store: S3Store, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No run of this process sampled the keys yet: the split points come from the ledger."""
+    assert (await SyncLoop(DATASET, DatasetConfig(driver="d"), store, ledger).run_once()).status is RunStatus.OK
+    monkeypatch.setattr(sync, "SPLITS_FROM_LEDGER", 0)  # the real threshold is a few pages
+    fresh = SyncLoop(DATASET, DatasetConfig(driver="d"), store, ledger)  # as after a restart
+    starts = record_starts(store)
+    result = await fresh.run_once()
+    assert result.status is RunStatus.OK and result.counts.unchanged == len(KEYS)
+    parts = [s for s in starts if s is not None]
+    # cut at ledger keys, not at folders found by a delimiter listing (``some/prefix/b/``)
+    assert len(parts) >= 3 and all(s.removeprefix(PREFIX) in KEYS for s in parts)
+    ds = await ledger.dataset_id(DATASET)
+    assert await ledger.key_quantiles(ds, 4, len(KEYS)) == KEYS[3::4]  # every 4th key: 24 // (4 + 1)

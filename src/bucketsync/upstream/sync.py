@@ -34,7 +34,7 @@ from bucketsync.core.keys import KeyFilter
 from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.ledger.sqlite import Ledger
 from bucketsync.logs import debug_enabled
-from bucketsync.stores import Store, listing_with_gaps
+from bucketsync.stores import SplitListing, Store, listing_with_gaps
 from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.pacing import Pacer
 
@@ -47,6 +47,11 @@ CHECK_EVERY = 32
 #: over-quota objects kept as possible rename targets; past this many, a rename in a
 #: full dataset is reported as a removal (memory stays bounded on huge buckets)
 MAX_DEFERRED = 50_000
+#: a run with no split points of its own (the first of this process) reads them from the ledger
+#: when the dataset has more items than this (a few pages: a smaller listing is one or two requests)
+SPLITS_FROM_LEDGER = 2000
+#: split points kept from one listing for the next (``stores.parallel.Quantiles``)
+SPLIT_SAMPLES = 64
 LIVE = ItemState.LIVE
 
 
@@ -215,7 +220,9 @@ class SyncLoop:
             started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
         log.debug("run started", dry_run=dry_run, force=force, items=live_before)
-        pending = _Pending(sample=Quantiles(live_before))
+        pending = _Pending(sample=Quantiles(live_before, SPLIT_SAMPLES))
+        if not self.splits and live_before > SPLITS_FROM_LEDGER and isinstance(self.store, SplitListing):
+            self.splits = await self.ledger.key_quantiles(ds_id, SPLIT_SAMPLES, live_before)
         plan = None
         status, error = RunStatus.OK, None
         try:
