@@ -308,6 +308,17 @@ class Ledger:
         async with self._transaction():
             return await self.db.execute(sql, params)
 
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One read on the reader connection, run to its end in one step of its thread.
+
+        A statement left open across an ``await`` (a cursor being iterated, or fetched
+        after a separate execute) keeps the connection's read transaction, and with it
+        an old snapshot, for every other coroutine's read in between: a put that had
+        just committed then read its own item back as missing. Run whole, each read
+        sees every commit before it.
+        """
+        return list(await self.reader.execute_fetchall(sql, params))
+
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> Ledger:
         """Open (and migrate) the ledger. Any failure closes what was opened, so a damaged
@@ -434,8 +445,8 @@ class Ledger:
     async def find_dataset(self, name: str) -> int | None:
         if (known := self._ids.get(name)) is not None:
             return known
-        async with self.reader.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
-            row = await cur.fetchone()
+        rows = await self._read("SELECT id FROM datasets WHERE name = ?", (name,))
+        row = rows[0] if rows else None
         if row is None:
             return None
         self._ids[name] = int(row[0])
@@ -450,9 +461,8 @@ class Ledger:
             if self._counts_table
             else "SELECT state, count(*) FROM items WHERE dataset_id = ? GROUP BY state"
         )
-        async with self.reader.execute(sql, (dataset_id,)) as cur:
-            async for state, n in cur:
-                out[state] = n
+        for state, n in await self._read(sql, (dataset_id,)):
+            out[state] = n
         return out
 
     async def key_quantiles(self, dataset_id: int, count: int, total: int) -> list[str]:
@@ -478,9 +488,8 @@ class Ledger:
         or another) has committed since: SQLite's ``data_version`` says so. Callers must not
         modify what it returns.
         """
-        async with self.reader.execute("PRAGMA data_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else -1
+        rows = await self._read("PRAGMA data_version")
+        version = int(rows[0][0]) if rows else -1
         if self._overview is not None and self._overview[0] == version:
             return self._overview[1]
         out = await self._read_overview()
@@ -494,17 +503,15 @@ class Ledger:
             if self._counts_table
             else "SELECT dataset_id, state, count(*) FROM items GROUP BY dataset_id, state"
         )
-        async with self.reader.execute(sql) as cur:
-            async for ds_id, state, n in cur:
-                counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
+        for ds_id, state, n in await self._read(sql):
+            counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
         out: dict[str, tuple[dict[str, int], RunRecord | None]] = {}
-        async with self.reader.execute(
+        for row in await self._read(
             f"SELECT d.id, {_RUN_COLS} FROM datasets d "
             "LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE dataset_id = d.id)"
-        ) as cur:
-            async for row in cur:
-                last = _run(row[1:]) if row[1] is not None else None
-                out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
+        ):
+            last = _run(row[1:]) if row[1] is not None else None
+            out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
         return out
 
     # -- the snapshot a run diffs against -----------------------------------
@@ -575,19 +582,18 @@ class Ledger:
         return cur.rowcount
 
     async def runs(self, dataset_id: int, limit: int = 20) -> list[RunRecord]:
-        async with self.reader.execute(
+        rows = await self._read(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
             "WHERE r.dataset_id = ? ORDER BY r.id DESC LIMIT ?",
             (dataset_id, limit),
-        ) as cur:
-            return [_run(r) for r in await cur.fetchall()]
+        )
+        return [_run(r) for r in rows]
 
     async def run(self, run_id: int) -> RunRecord | None:
-        async with self.reader.execute(
+        rows = await self._read(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id WHERE r.id = ?", (run_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return _run(row) if row else None
+        )
+        return _run(rows[0]) if rows else None
 
     async def last_ok_run(self, dataset_id: int) -> RunRecord | None:
         """The last run whose listing completed: ``ok``, or ``partial`` (complete outside its gaps)."""
@@ -714,11 +720,8 @@ class Ledger:
     # -- reads for the CLI and API ------------------------------------------
 
     async def item(self, dataset_id: int, key: str) -> Item | None:
-        async with self.reader.execute(
-            f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key)
-        ) as cur:
-            row = await cur.fetchone()
-        return _item(row) if row else None
+        rows = await self._read(f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key))
+        return _item(rows[0]) if rows else None
 
     async def set_state(self, item_id: int, state: ItemState) -> None:
         await self._write("UPDATE items SET state = ?, updated = ? WHERE id = ?", (str(state), time.time(), item_id))
@@ -916,8 +919,7 @@ class Ledger:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        async with self.reader.execute(sql, args) as cur:
-            return [_item(r) for r in await cur.fetchall()]
+        return [_item(r) for r in await self._read(sql, args)]
 
     async def iter_items(
         self, dataset_id: int, prefix: str = "", page: int = 5000, state: ItemState | None = ItemState.LIVE
