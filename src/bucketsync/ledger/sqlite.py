@@ -474,8 +474,7 @@ class Ledger:
             "SELECT key FROM (SELECT key, row_number() OVER (ORDER BY key) AS n FROM items WHERE dataset_id = ?) "
             "WHERE n % ? = 0 ORDER BY key"
         )
-        async with self.reader.execute(sql, (dataset_id, stride)) as cur:
-            return [str(r[0]) async for r in cur]
+        return [str(r[0]) for r in await self._read(sql, (dataset_id, stride))]
 
     async def live_count(self, dataset_id: int) -> int:
         return (await self.counts_by_state(dataset_id))[ItemState.LIVE]
