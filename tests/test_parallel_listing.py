@@ -119,8 +119,10 @@ def test_ranges_cover_every_key_once() -> None:
 
 def test_usable_splits_are_under_the_prefix_ascending_and_few() -> None:
     assert usable_splits(["p/b", "q/a", "p/a", "p/a", "p/"], "p/", 8) == ["p/a", "p/b"]
-    assert usable_splits([f"p/{i:03d}" for i in range(100)], "p/", 4) == ["p/025", "p/050", "p/075"]
-    assert usable_splits(["p/a"], "p/", 1) == []
+    # 4 parts per lister: 8 parts for 2 listers
+    picked = usable_splits([f"p/{i:03d}" for i in range(100)], "p/", 2)
+    assert picked == ["p/012", "p/025", "p/037", "p/050", "p/062", "p/075", "p/087"]
+    assert usable_splits(["p/a", "p/b"], "p/", 1) == []  # one lister: one part
 
 
 def test_quantiles_stay_bounded_and_evenly_spaced() -> None:

@@ -446,7 +446,7 @@ class GcsStore:
                 yield first.get("items") or []
                 return
             splits = await self._discover_splits(prefix)
-        cut = ranges(usable_splits(splits, prefix, self.list_concurrency * PARTS_PER_LISTER))
+        cut = ranges(usable_splits(splits, prefix, self.list_concurrency))
         parts = [functools.partial(self._range_pages, prefix, lo, hi, first if lo is None else None) for lo, hi in cut]
         async for page in in_order(parts, self.list_concurrency):
             yield page

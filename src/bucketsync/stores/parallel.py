@@ -155,8 +155,11 @@ def ranges(splits: Sequence[str]) -> list[tuple[str | None, str | None]]:
     return [(points[i], points[i + 1]) for i in range(len(points) - 1)]
 
 
-def usable_splits(splits: Sequence[str], prefix: str, parts: int) -> list[str]:
-    """At most ``parts - 1`` strictly ascending split points under ``prefix``, evenly picked from ``splits``."""
+def usable_splits(splits: Sequence[str], prefix: str, concurrency: int) -> list[str]:
+    """The split points worth using for ``concurrency`` listers: strictly ascending, under ``prefix``,
+    at most ``PARTS_PER_LISTER`` parts per lister, evenly picked from ``splits``; none for one lister
+    (its parts would only be listed one after another, at a request more each)."""
+    parts = concurrency * PARTS_PER_LISTER if concurrency > 1 else 1
     inside = sorted({s for s in splits if s.startswith(prefix) and s != prefix})
     if parts <= 1 or not inside:
         return []

@@ -662,7 +662,7 @@ class S3Store:
                 return
             if not splits and width > 1:
                 splits = await self._discover_splits(prefix)
-            cut = ranges(usable_splits(splits, prefix, width * PARTS_PER_LISTER))
+            cut = ranges(usable_splits(splits, prefix, width))
             parts = [
                 functools.partial(self._range_pages, prefix, after, upto, first if after is None else None)
                 for after, upto in cut
