@@ -31,7 +31,7 @@ async def test_parts_are_read_back_in_order_whatever_order_they_finish_in() -> N
     produced: list[str] = []
     slow = asyncio.Event()
     parts = [pages_of("a", 3, produced, slow), pages_of("b", 3, produced), pages_of("c", 2, produced)]
-    it = in_order(parts, concurrency=3, depth=8)
+    it = in_order(parts, concurrency=3, buffer=8)
     first = asyncio.ensure_future(anext(it))
     await asyncio.sleep(0.01)
     assert produced[:5] == ["b0", "b1", "b2", "c0", "c1"]  # later parts listed while the first waits
@@ -43,10 +43,10 @@ async def test_parts_are_read_back_in_order_whatever_order_they_finish_in() -> N
 async def test_a_part_not_being_read_stops_at_its_buffer() -> None:
     produced: list[str] = []
     parts = [pages_of("a", 1, produced, asyncio.Event()), pages_of("b", 100, produced)]
-    it = in_order(parts, concurrency=2, depth=2)
+    it = in_order(parts, concurrency=2, buffer=2)
     waiting = asyncio.ensure_future(anext(it))
     await asyncio.sleep(0.01)
-    # "b" has filled its 2-page buffer and holds a third page it cannot put: nothing more is listed
+    # "b" has filled its buffer of 2 entries and holds a third page it cannot put: nothing more is listed
     assert produced == ["b0", "b1", "b2"]
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)

@@ -8,9 +8,10 @@ part by part, so the diff still sees one ascending stream (invariant 6).
 
 - **Pipelined**: even one part is listed by a task that runs ahead of its reader,
   so the next page is on the wire while the current one is diffed and written.
-- **Bounded**: each running part holds at most ``depth`` pages; a part the reader has
-  not reached yet stops requesting once its buffer is full (back-pressure), so
-  memory is ``concurrency x depth`` pages, whatever the size of the bucket.
+- **Bounded**: each running part holds at most ``buffer`` entries (and the page that
+  fills it); a part the reader has not reached yet stops requesting once its buffer is
+  full (back-pressure), so memory is about ``concurrency x buffer`` entries, whatever
+  the size of the bucket.
 - **Failing fast**: a part that fails ends the whole listing with its error as soon
   as it fails (not when the reader gets to it), and the other parts are cancelled.
   The run then fails with no removals (invariant 1).
@@ -34,8 +35,9 @@ R = TypeVar("R")
 #: a part: a factory of its pages (lists of entries, ascending), started when its turn comes
 Part = Callable[[], AsyncIterator[list[T]]]
 
-#: pages buffered per running part (the one being read included)
-DEPTH = 2
+#: entries (keys) a running part may list ahead of the reader: two full pages, or a few dozen
+#: folders of a folder-by-folder listing; memory is ``concurrency x BUFFER`` entries at most
+BUFFER = 2000
 #: parts per lister when split points are known: uneven parts still keep every lister busy
 PARTS_PER_LISTER = 4
 #: folder levels looked into for split points (no history) or parts (folder by folder)
@@ -43,34 +45,52 @@ SPLIT_LEVELS = 3
 
 
 class _Feed(Generic[T]):
-    """One running part: its task and the bounded buffer it fills."""
+    """One running part: its task and the bounded buffer it fills.
 
-    __slots__ = ("queue", "task")
+    The bound is in entries, not pages: a folder-by-folder listing yields a page per folder,
+    often a few dozen keys, and a bound of two such pages would stop a part almost at once.
+    """
 
-    def __init__(self, part: Part[T], depth: int, failed: asyncio.Future[BaseException]) -> None:
-        self.queue: asyncio.Queue[list[T] | None] = asyncio.Queue(depth)
-        self.task = asyncio.create_task(self._fill(part, failed))
+    __slots__ = ("buffered", "drained", "queue", "task")
 
-    async def _fill(self, part: Part[T], failed: asyncio.Future[BaseException]) -> None:
+    def __init__(self, part: Part[T], buffer: int, failed: asyncio.Future[BaseException]) -> None:
+        self.queue: asyncio.Queue[list[T] | None] = asyncio.Queue()
+        self.buffered = 0  # entries in ``queue``
+        self.drained = asyncio.Event()
+        self.task = asyncio.create_task(self._fill(part, buffer, failed))
+
+    async def _fill(self, part: Part[T], buffer: int, failed: asyncio.Future[BaseException]) -> None:
         try:
             pages = part()
             try:
                 async for page in pages:
-                    if page:
-                        await self.queue.put(page)
+                    if not page:
+                        continue
+                    while self.buffered >= buffer:  # back-pressure: wait for the reader
+                        self.drained.clear()
+                        await self.drained.wait()
+                    self.buffered += len(page)
+                    self.queue.put_nowait(page)
             finally:
                 if (close := getattr(pages, "aclose", None)) is not None:
                     await close()
-            await self.queue.put(None)
+            self.queue.put_nowait(None)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             if not failed.done():
                 failed.set_result(exc)
 
+    def took(self, page: list[T] | None) -> list[T] | None:
+        """The reader took ``page``: room for more."""
+        if page is not None:
+            self.buffered -= len(page)
+            self.drained.set()
+        return page
+
 
 async def in_order(
-    parts: AsyncIterable[Part[T]] | Sequence[Part[T]], concurrency: int, depth: int = DEPTH
+    parts: AsyncIterable[Part[T]] | Sequence[Part[T]], concurrency: int, buffer: int = BUFFER
 ) -> AsyncIterator[list[T]]:
     """The pages of ``parts`` (ascending and disjoint, in that order), up to ``concurrency`` listed at once.
 
@@ -90,14 +110,14 @@ async def in_order(
             if part is None:
                 exhausted = True
             else:
-                running.append(_Feed(part, depth, failed))
+                running.append(_Feed(part, buffer, failed))
 
     try:
         await start_more()
         while running:
             head = running[0]
             while True:
-                page = await _get(head.queue, failed)
+                page = head.took(await _get(head.queue, failed))
                 if page is None:
                     break
                 yield page

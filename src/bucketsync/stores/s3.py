@@ -755,8 +755,11 @@ class S3Store:
 
     async def _walk_parts(self, prefix: str, depth: int) -> AsyncIterator[Part[_Entry]]:
         """``_walk_pages`` cut into parts: a subfolder per part, the objects between them as
-        parts of their own. A level with fewer folders than listers is looked into, down
-        to ``SPLIT_LEVELS``, so that one big folder does not make a sequential listing."""
+        parts of their own. A level with fewer folders than listers is looked into, down to
+        ``SPLIT_LEVELS``, so that one big folder does not make a sequential listing. The
+        levels looked into are listed by the reader itself (one request each, in turn), so
+        only the first levels are: a part is then walked one folder after another, and
+        parallelism is bounded by the number of folders where the looking stopped."""
         async for chunk in self._level(prefix):
             batch: builtins.list[_Entry] = []
             folders = sum(1 for _, entry in chunk if entry is None)
