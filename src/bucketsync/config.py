@@ -249,6 +249,17 @@ class DriverConfig(_Strict):
         default=None,
     )
 
+    list_concurrency: int = _doc(
+        "List requests in flight at once for one listing (S3, GCS; Azure lists one page at a time): the "
+        "listing is cut into key ranges "
+        "(split where the last run's keys fall, or at the first folder levels) listed in parallel and read "
+        "back in key order. 1: one page after another (still fetching the next page while the current one "
+        "is diffed).",
+        default=8,
+        ge=1,
+        le=64,
+    )
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:

@@ -64,6 +64,7 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
+from bucketsync.stores.parallel import in_order
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -376,14 +377,21 @@ class AzureStore:
         token_after: str | None = getattr(pages, "continuation_token", None)  # AsyncPageIterator's, untyped
         return blobs, token_after or None
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        start = self.prefix + prefix
-        cut = len(self.prefix)
-        order = CodePointOrder(self.url, self._reorder_limit)
+    async def _pages(self, start: str) -> AsyncIterator[list[BlobProperties]]:
         token: str | None = None
         while True:
             # Each page is retried on its own, from its continuation token: a blip never restarts the listing.
             blobs, token = await self._retry("list", None, functools.partial(self._page, start, token))
+            yield blobs
+            if token is None:
+                return
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        start = self.prefix + prefix
+        cut = len(self.prefix)
+        order = CodePointOrder(self.url, self._reorder_limit)
+        # Pipelined (``stores.parallel``): the next page is on the wire while this one is read.
+        async for blobs in in_order([functools.partial(self._pages, start)], 1):
             for b in blobs:
                 if not b.name.startswith(start):  # never trust a page to honour the prefix
                     raise StorageError(f"cannot list {self.url}: the service returned {b.name!r} outside {start!r}")
@@ -391,8 +399,6 @@ class AzureStore:
                 info = _info(key, b.size, b.last_modified, b.etag, b.version_id) if indexable(key) else None
                 for out in order.push(key, info):
                     yield out
-            if token is None:
-                break
         for out in order.finish():
             yield out
 
