@@ -26,6 +26,7 @@ from bucketsync.config import (
     DatasetConfig,
     DriverConfig,
     EnrichConfig,
+    EventsConfig,
     GcpIntegration,
     Settings,
     TriggerConfig,
@@ -61,6 +62,14 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
         "(`pip install 'bucketsync[azure-identity]'`).",
     ),
     ("drivers", "[drivers.NAME]", "DRIVERS__NAME", DriverConfig, "One location in storage each."),
+    (
+        "drivers.NAME.events",
+        "[drivers.NAME.events]",
+        "DRIVERS__NAME__EVENTS",
+        EventsConfig,
+        'Where the changes of datasets with `sync = "events"` come from (see docs/events.md). A `file://` '
+        "driver needs no table: it watches the folder.",
+    ),
     ("datasets", "[datasets.NAME]", "DATASETS__NAME", DatasetConfig, "One catalog per driver location each."),
     (
         "datasets: triggers",

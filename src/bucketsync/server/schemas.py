@@ -12,6 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bucketsync.upstream.events.webhook import Accepted as Accepted
+from bucketsync.upstream.events.webhook import PubSubPush as PubSubPush
+from bucketsync.upstream.events.webhook import S3Notification as S3Notification
+
 Timestamp = str  # ISO 8601 UTC, "2024-05-01T12:00:00Z"
 
 
@@ -154,6 +158,10 @@ class Run(_Counts):
     error: str | None
     forced: bool
     gaps: list[Gap] = Field(description="what a partial run could not list")
+    kind: Literal["listing", "events"] = Field(
+        description="`listing`: a full listing (a poll, or an events-mode reconcile); `events`: changes applied "
+        "from events, batched (about one run per second of activity)"
+    )
 
 
 class RunList(_Body):
@@ -276,4 +284,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     MetadataPatch,
     ReloadPlan,
     OpenApiDocument,
+    S3Notification,
+    PubSubPush,
+    Accepted,
 )
