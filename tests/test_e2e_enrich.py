@@ -46,9 +46,14 @@ def test_enrich_cli_in_process_then_through_the_daemon(tmp_path: Path) -> None:
         out = one_json(proc)
         assert (out["queued"], out["done"], out["failed"], out["pending"]) == (4, 3, 1, 0), describe(proc)
         assert proc.returncode == 1  # one item failed
-        metrics = d.get("/metrics").body
+
+        # the queue gauge follows the recorded results (a scrape may come between the two)
+        def settled() -> str | None:
+            body = str(d.get("/metrics").body)
+            return body if 'bucketsync_enrich_queue{dataset="photos"} 0.0' in body else None
+
+        metrics = poll(settled, what="the enrichment queue gauge back at 0")
         assert 'bucketsync_enrich_total{dataset="photos",result="done"}' in metrics
-        assert 'bucketsync_enrich_queue{dataset="photos"} 0.0' in metrics
         items = d.api("GET", "/datasets/photos/items", params={"system.mimetype": "text/plain"}).body["items"]
         assert [i["key"] for i in items] == ["notes.txt"]
 

@@ -195,6 +195,7 @@ class Enricher:
         for r in batch:
             self._unflushed.discard(r.job.item_id)
             self.running.discard(r.job.item_id)
+        metrics.set_per_dataset(metrics.ENRICH_QUEUE, await self.queue.pending_by_dataset())
         if stale:
             log.debug("items changed while they were enriched; their new versions are queued", keys=stale)
             await self.empty_trash()
