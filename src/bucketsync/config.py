@@ -202,6 +202,13 @@ class EventsConfig(_Strict):
             raise ValueError("set secret or secret_file, not both")
         return self
 
+    @model_validator(mode="after")
+    def _queue_for_queues(self) -> EventsConfig:
+        if self.source in ("sqs", "azure-queue") and not (self.queue or "").strip():
+            what = "the queue URL" if self.source == "sqs" else "the queue's name"
+            raise ValueError(f"source {self.source!r} needs queue ({what})")
+        return self
+
     def shared_secret(self) -> str | None:
         """The webhook's shared secret, read from its file when given so; None (or blank): none."""
         if self.secret_file is not None:
@@ -240,6 +247,17 @@ class DriverConfig(_Strict):
         '`[drivers.NAME.events]`: the event source of datasets with `sync = "events"`; a `file://` driver '
         "needs none (it watches the folder).",
         default=None,
+    )
+
+    list_concurrency: int = _doc(
+        "List requests in flight at once for one listing (S3, GCS; Azure lists one page at a time): the "
+        "listing is cut into key ranges "
+        "(split where the last run's keys fall, or at the first folder levels) listed in parallel and read "
+        "back in key order. 1: one page after another (still fetching the next page while the current one "
+        "is diffed).",
+        default=8,
+        ge=1,
+        le=64,
     )
 
     @field_validator("url")

@@ -485,6 +485,17 @@ class Ledger:
             out[state] = n
         return out
 
+    async def key_quantiles(self, dataset_id: int, count: int, total: int) -> list[str]:
+        """About ``count`` of the dataset's keys at even steps in key order (``total``: about how many
+        items it has): where a parallel listing is cut when no run of this process sampled them yet.
+        One walk of the ``(dataset_id, key)`` index, on the reader's thread."""
+        stride = max(1, total // (count + 1))
+        sql = (
+            "SELECT key FROM (SELECT key, row_number() OVER (ORDER BY key) AS n FROM items WHERE dataset_id = ?) "
+            "WHERE n % ? = 0 ORDER BY key"
+        )
+        return [str(r[0]) for r in await self._read(sql, (dataset_id, stride))]
+
     async def live_count(self, dataset_id: int) -> int:
         return (await self.counts_by_state(dataset_id))[ItemState.LIVE]
 

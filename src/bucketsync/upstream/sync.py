@@ -34,7 +34,8 @@ from bucketsync.core.keys import KeyFilter
 from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.ledger.sqlite import Ledger
 from bucketsync.logs import debug_enabled
-from bucketsync.stores import Store, listing_with_gaps
+from bucketsync.stores import SplitListing, Store, listing_with_gaps
+from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.pacing import Pacer
 
 log = structlog.get_logger("bucketsync.sync")
@@ -46,6 +47,11 @@ CHECK_EVERY = 32
 #: over-quota objects kept as possible rename targets; past this many, a rename in a
 #: full dataset is reported as a removal (memory stays bounded on huge buckets)
 MAX_DEFERRED = 50_000
+#: a run with no split points of its own (the first of this process) reads them from the ledger
+#: when the dataset has more items than this (a few pages: a smaller listing is one or two requests)
+SPLITS_FROM_LEDGER = 2000
+#: split points kept from one listing for the next (``stores.parallel.Quantiles``)
+SPLIT_SAMPLES = 64
 LIVE = ItemState.LIVE
 
 
@@ -125,6 +131,8 @@ class _Pending:
     gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
     #: the counts as of the run's last committed write: what a run that fails to write records
     committed: Counts = field(default_factory=Counts)
+    #: listed keys sampled for the next run's split points
+    sample: Quantiles = field(default_factory=lambda: Quantiles(0))
 
 
 async def _filtered(
@@ -175,6 +183,9 @@ class SyncLoop:
         #: listing runs finished by this loop (the first one of an events-mode dataset is its start-up
         #: catch-up, not a reconcile of missed events: it does not count as drift)
         self.listings = 0
+        #: where the last complete listing's keys fall (``stores.parallel.Quantiles``): the next
+        #: listing is cut there into parts listed in parallel
+        self.splits: list[str] = []
         #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
         self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
@@ -229,7 +240,9 @@ class SyncLoop:
             started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
         log.debug("run started", dry_run=dry_run, force=force, items=live_before)
-        pending = _Pending()
+        pending = _Pending(sample=Quantiles(live_before, SPLIT_SAMPLES))
+        if not self.splits and live_before > SPLITS_FROM_LEDGER and isinstance(self.store, SplitListing):
+            self.splits = await self.ledger.key_quantiles(ds_id, SPLIT_SAMPLES, live_before)
         plan = None
         status, error = RunStatus.OK, None
         try:
@@ -243,6 +256,7 @@ class SyncLoop:
                 counts.errors += 1
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
             if complete:
+                self.splits = pending.sample.keys
                 await self._match_renames(ds_id, run_id, counts, pending)
                 if pending.gaps:  # complete but for these sub-trees: removals elsewhere go on
                     status, error = RunStatus.PARTIAL, _describe_gaps(pending.gaps)
@@ -316,7 +330,7 @@ class SyncLoop:
     async def _diff(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
     ) -> None:
-        listing = listing_with_gaps(self.store)
+        listing = listing_with_gaps(self.store, "", self.splits)
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
         added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
@@ -325,11 +339,13 @@ class SyncLoop:
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
+        sample = p.sample
         async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
             await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
                 counts.listed += 1
+                sample.see(new.key)
             if (self.in_flight or self.touched) and (ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0):
                 continue  # downstream owns this key right now; the next run sees it settled
             if kind is added:
