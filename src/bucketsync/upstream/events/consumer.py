@@ -291,12 +291,19 @@ class Consumer:
         queue: asyncio.Queue[Batch | BaseException] = asyncio.Queue(maxsize=64)
         pump = asyncio.create_task(self._pump(source, queue), name=f"events:{self.name}")
         failed: BaseException | None = None
+        stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set() and failed is None:
                 got: list[Batch] = []
-                with contextlib.suppress(TimeoutError):
-                    first = await asyncio.wait_for(queue.get(), timeout=TICK)
-                    items: list[Batch | BaseException] = [first]
+                getter = asyncio.ensure_future(queue.get())
+                # At rest nothing is due: sleep until a batch or the stop (no ticks: CPU at rest).
+                await asyncio.wait({getter, stopping}, timeout=TICK if self._due() else None,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if not getter.done():
+                    getter.cancel()  # an asyncio.Queue loses nothing to a cancelled get
+                    await asyncio.gather(getter, return_exceptions=True)
+                else:
+                    items: list[Batch | BaseException] = [getter.result()]
                     n = 0
                     while True:
                         item = items[-1]
@@ -310,8 +317,9 @@ class Consumer:
                         items.append(queue.get_nowait())
                 await self.step(got, final=failed is not None or stop.is_set())
         finally:
+            stopping.cancel()
             pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            await asyncio.gather(pump, stopping, return_exceptions=True)
         # Stopping or failing: settle what waits (removals past no window), close the run, ack.
         await self.step([], final=True)
         if failed is not None:
@@ -340,10 +348,14 @@ class Consumer:
 
     # -- one step: apply batches, settle due removals, acknowledge ---------------
 
+    def _due(self) -> bool:
+        """Something waits for time to pass: a removal's rename window, an open run, an acknowledgement."""
+        return bool(self.pending) or self.run_ is not None or bool(self.unacked)
+
     async def step(self, batches: list[Batch], *, final: bool = False) -> None:
         """Apply ``batches``, settle the removals that are due (all of them when ``final``), and
         acknowledge every batch whose effect is committed. Usable directly in tests."""
-        if not batches and not self.pending and self.run_ is None and not self.unacked:
+        if not batches and not self._due():
             return  # at rest: a tick costs nothing
         events: list[Event] = []
         for b in batches:

@@ -53,8 +53,7 @@ class WatchSource:
                 yield_on_timeout=True,
                 recursive=True,
             ):
-                events = await asyncio.to_thread(self._events, changes)
-                yield Batch(events)
+                yield Batch(await asyncio.to_thread(self._events, changes) if changes else [])
         except (OSError, RuntimeError) as exc:  # the folder went away, the watcher limit, ...
             raise SourceFailed(f"watching {self.root} failed: {exc}") from exc
         if not self._stop.is_set():
