@@ -627,7 +627,7 @@ def _asks_the_gate(func: ast.AST) -> bool:
     return False
 
 
-def test_store_delete_is_called_only_from_the_outbox_and_the_probe_behind_the_gate() -> None:
+def test_store_delete_is_called_only_from_the_outbox_the_probe_and_thumbnail_cleanup_behind_the_gate() -> None:
     #: `.delete(` calls outside the stores that are not on a store: Downstream.delete
     downstream_receivers = {("cli/main.py", "d"), ("server/api.py", "request.app[DOWNSTREAM]")}
     store_calls: dict[str, int] = {}
@@ -644,13 +644,14 @@ def test_store_delete_is_called_only_from_the_outbox_and_the_probe_behind_the_ga
             where = f"{rel}:{call.lineno}: {ast.unparse(call)}"
             if (rel, receiver) in downstream_receivers and f.attr == "delete":
                 continue
-            if rel in ("downstream/outbox.py", "upstream/probe.py") and receiver == "store" and f.attr == "delete":
+            owners = ("downstream/outbox.py", "upstream/probe.py", "enrich/worker.py")  # worker: thumbnails
+            if rel in owners and receiver == "store" and f.attr == "delete":
                 assert funcs and _asks_the_gate(funcs[-1]), f"{where} does not ask gate.decide_delete first"
                 store_calls[rel] = store_calls.get(rel, 0) + 1
                 continue
             unexpected.append(where)
-    assert unexpected == [], "storage deletes outside the outbox/probe:\n" + "\n".join(unexpected)
-    assert set(store_calls) == {"downstream/outbox.py", "upstream/probe.py"}
+    assert unexpected == [], "storage deletes outside the outbox/probe/thumbnail cleanup:\n" + "\n".join(unexpected)
+    assert set(store_calls) == {"downstream/outbox.py", "upstream/probe.py", "enrich/worker.py"}
 
 
 def test_the_probe_deletes_only_in_the_hidden_folder() -> None:

@@ -20,6 +20,7 @@ from bucketsync.config import DatasetConfig, Settings
 from bucketsync.core.errors import ConfigError
 from bucketsync.core.model import ItemState, RunRecord, RunStatus, iso
 from bucketsync.downstream.outbox import Outbox
+from bucketsync.enrich import Enricher, Triggers
 from bucketsync.ledger.sqlite import InstanceLock, Ledger
 from bucketsync.stores import Store, open_store
 from bucketsync.upstream.pacing import Pacer
@@ -44,6 +45,9 @@ class Agent:
         #: the start-up quick_check's finding when the ledger is damaged (not ready until fixed)
         self.ledger_problem: str | None = None
         self.outbox = Outbox(self)
+        #: enrichment and trigger deliveries: tasks of their own that follow the ledger's queues
+        self.enricher = Enricher(self)
+        self.triggers = Triggers(self)
         self.pacer = Pacer()  # every dataset's runs take turns on the one event loop
         #: events-mode dataset -> its event source's state: (source, None when it delivers else why it failed)
         self.event_sources: dict[str, tuple[str, str | None]] = {}
@@ -73,6 +77,8 @@ class Agent:
             for name, ds in self.settings.datasets.items():
                 loop = self.loops[name] = self.make_loop(name, ds, self.stores[ds.driver])
                 loop.resync = name in resync
+            # Before any run commits: the ledger queues enrichment and events only for these.
+            await self.enricher.sync_datasets()
         except BaseException:
             self.discard_new_ledger = True
             await self._close()
@@ -85,6 +91,8 @@ class Agent:
         await self._close()
 
     async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.triggers.aclose()
         for store in self.stores.values():
             try:
                 await store.aclose()

@@ -294,6 +294,66 @@ class DriverConfig(_Strict):
         return "watch" if self.location.scheme == "file" else None
 
 
+TriggerEvent = Literal["created", "updated", "removed", "enriched"]
+
+
+class TriggerConfig(_Strict):
+    """A user's hook on item events: a signed webhook (``url``) or a local command (``exec``)."""
+
+    name: Name | None = _doc("Name shown in deliveries and metrics; default: `trigger-N` (its position).", default=None)
+    on: list[TriggerEvent] = _doc(
+        "Item events that fire it: `created`, `updated` (new etag), `removed`, `enriched`.", min_length=1
+    )
+    include: list[str] = _doc("Globs of keys it fires for (as a dataset's `include`); empty: all.", default=[])
+    exclude: list[str] = _doc("Globs of keys it never fires for.", default=[])
+    url: str | None = _doc(
+        "Webhook: POST the event as JSON here, signed with `X-Bucketsync-Signature: sha256=HEX` "
+        "(HMAC-SHA256 of the body with `secret`).",
+        default=None,
+    )
+    secret: SecretStr | None = _doc("The webhook's HMAC secret.", default=None)
+    secret_file: SecretFile | None = _doc("File holding the webhook's HMAC secret.", default=None)
+    exec: list[str] | None = _doc(
+        "Local command (argv, no shell) run with the event as JSON on stdin; exit 0 is success.", default=None
+    )
+    timeout: Duration = _doc("Seconds one delivery may take before it counts as failed.", default=10.0)
+    max_attempts: int = _doc(
+        "Attempts (with exponential backoff) before a delivery is dead-lettered.", default=8, ge=1, le=100
+    )
+    retry_base: Duration = _doc(
+        "Backoff base: attempt N waits up to `retry_base * 2^(N-1)`, capped at 1h.", default=2.0
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        return [validate_glob(p) for p in v]
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"url {v!r} must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TriggerConfig:
+        if (self.url is None) == (self.exec is None):
+            raise ValueError("set url (a webhook) or exec (a local command): exactly one")
+        if self.exec is not None and not self.exec:
+            raise ValueError("exec must name a command: a non-empty list such as ['/usr/local/bin/hook']")
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set secret or secret_file, not both")
+        if self.exec is not None and (self.secret is not None or self.secret_file is not None):
+            raise ValueError("secret applies to webhooks (url) only")
+        return self
+
+    def secret_value(self) -> str | None:
+        if self.secret_file is not None:
+            return _read_secret_file(self.secret_file, "secret").get_secret_value()
+        return self.secret.get_secret_value() if self.secret is not None else None
+
+
 class DatasetConfig(_Strict):
     driver: str = _doc("Name of the `[drivers.NAME]` this dataset catalogs.")
     sync: Literal["poll", "events", "manual"] = _doc(
@@ -322,11 +382,69 @@ class DatasetConfig(_Strict):
     max_delete_count: int = _doc(
         "A run that would remove more than this many items aborts (0: no cap).", default=0, ge=0
     )
+    enrich: bool | None = _doc(
+        "Enrich this dataset's items (mimetype, dimensions, EXIF, thumbnails); default: `enrich.enabled`.",
+        default=None,
+    )
+    triggers: list[TriggerConfig] = _doc(
+        "`[[datasets.NAME.triggers]]`: hooks on item events, delivered at least once (see docs/enrichment.md).",
+        default=[],
+    )
 
     @field_validator("include", "exclude")
     @classmethod
     def _globs(cls, v: list[str]) -> list[str]:
         return [validate_glob(p) for p in v]
+
+    @model_validator(mode="after")
+    def _trigger_names(self) -> DatasetConfig:
+        names = self.trigger_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"triggers: names must be unique, got {names}")
+        return self
+
+    def trigger_names(self) -> list[str]:
+        return [t.name or f"trigger-{i + 1}" for i, t in enumerate(self.triggers)]
+
+
+class EnrichConfig(_Strict):
+    enabled: bool = _doc(
+        "Enrich every dataset's items (a dataset's `enrich` overrides): off by default, because it reads "
+        "objects and writes thumbnails into the hidden folder of the bucket.",
+        default=False,
+    )
+    thumbnails: bool = _doc("Make a thumbnail of each image (reads the whole object, up to `max_bytes`).", default=True)
+    thumbnail_size: int = _doc("Longest side of a thumbnail, in pixels.", default=256, ge=16, le=4096)
+    thumbnail_format: Literal["jpeg", "webp"] = _doc("`jpeg` or `webp`.", default="jpeg")
+    max_bytes: int = _doc(
+        "Largest object read whole for a thumbnail (bytes); a larger one gets metadata only.",
+        default=64 * 1024 * 1024,
+        ge=65536,
+    )
+    max_pixels: int = _doc(
+        "Decompression-bomb cap: an image with more pixels is never decoded (it fails, with its size recorded).",
+        default=64_000_000,
+        ge=1,
+    )
+    max_memory: int = _doc(
+        "Memory limit per item for decoding (bytes): an image whose decoded pixels would need more (after "
+        "JPEG's draft scaling) gets metadata but no thumbnail. Peak memory is about "
+        "`agent.enrich_concurrency` x (`max_bytes` + `max_memory`).",
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+    )
+    timeout: Duration = _doc("Time limit per item; past it the item fails with a reason.", default=60.0)
+    max_attempts: int = _doc(
+        "Attempts of an item whose enrichment crashes or meets a transient storage error before it is "
+        "recorded as failed.",
+        default=3,
+        ge=1,
+        le=100,
+    )
+    cache_dir: Path = _doc(
+        "Where thumbnails of read-only datasets (or drivers that refuse writes) are kept, one folder per dataset.",
+        default=Path("var/thumbnails"),
+    )
 
 
 class AgentConfig(_Strict):
@@ -348,7 +466,12 @@ class AgentConfig(_Strict):
     # older history is pruned in the background. Running runs and pending ops are never pruned.
     keep_runs: int = _doc("Runs kept per dataset however old (the newest ones).", default=1000, ge=1)
     keep_runs_for: Duration = _doc("Runs younger than this are kept whatever their number.", default=30 * 86400.0)
-    keep_ops: int = _doc("Done/failed outbox ops kept per dataset however old (the newest ones).", default=1000, ge=1)
+    keep_ops: int = _doc(
+        "Done/failed outbox ops kept per dataset however old (the newest ones); also finished trigger deliveries "
+        "(in all).",
+        default=1000,
+        ge=1,
+    )
     keep_ops_for: Duration = _doc(
         "Done/failed ops younger than this are kept whatever their number.", default=30 * 86400.0
     )
@@ -367,6 +490,13 @@ class AgentConfig(_Strict):
     tls_key_file: SecretFile | None = _doc(
         "PEM private key of tls_cert_file (a bare name is a systemd credential).", default=None
     )
+    enrich_concurrency: int = _doc(
+        "Items enriched at once (reads and image decodes); peak memory grows with it, not with the dataset.",
+        default=4,
+        ge=1,
+        le=64,
+    )
+    trigger_concurrency: int = _doc("Trigger deliveries (webhooks, commands) made at once.", default=4, ge=1, le=64)
     outbox_concurrency: int = _doc(
         "Outbox ops (writes to storage) executed at once; ops on the same dataset and key run one after another.",
         default=8,
@@ -436,6 +566,9 @@ class Settings(BaseSettings):
     integrations: dict[Name, Integration] = _doc("Credentials for one cloud account each, by name.", default={})
     drivers: dict[Name, DriverConfig] = _doc("Storage locations, by name.", default={})
     datasets: dict[Name, DatasetConfig] = _doc("Catalogs, one per driver location, by name.", default={})
+    enrich: EnrichConfig = _doc(
+        "Enrichment: system metadata (mimetype, dimensions, EXIF orientation) and thumbnails.", default=EnrichConfig()
+    )
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -477,6 +610,11 @@ class Settings(BaseSettings):
         except KeyError:
             known = ", ".join(sorted(self.datasets)) or "none configured"
             raise ConfigError(f"no dataset named {name!r} (datasets: {known})") from None
+
+    def enriches(self, dataset: str) -> bool:
+        """Whether ``dataset``'s items are enriched (its own switch, else ``enrich.enabled``)."""
+        own = self.dataset(dataset).enrich
+        return self.enrich.enabled if own is None else own
 
     def driver_of(self, dataset: str) -> DriverConfig:
         return self.drivers[self.dataset(dataset).driver]

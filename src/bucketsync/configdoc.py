@@ -25,9 +25,11 @@ from bucketsync.config import (
     AzureIntegration,
     DatasetConfig,
     DriverConfig,
+    EnrichConfig,
     EventsConfig,
     GcpIntegration,
     Settings,
+    TriggerConfig,
     credential_path,
     parse_duration,
 )
@@ -69,6 +71,22 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
         "driver needs no table: it watches the folder.",
     ),
     ("datasets", "[datasets.NAME]", "DATASETS__NAME", DatasetConfig, "One catalog per driver location each."),
+    (
+        "datasets: triggers",
+        "[[datasets.NAME.triggers]]",
+        "DATASETS__NAME__TRIGGERS",
+        TriggerConfig,
+        "Hooks on item events, each a webhook or a local command (see docs/enrichment.md). "
+        "A list: env vars cannot address one entry, so set triggers in the file.",
+    ),
+    (
+        "enrich",
+        "[enrich]",
+        "ENRICH",
+        EnrichConfig,
+        "Enrichment: system metadata from the bytes (mimetype, encoding, dimensions, EXIF orientation) "
+        "and thumbnails (see docs/enrichment.md).",
+    ),
 ]
 
 HEADER = """\

@@ -12,6 +12,7 @@ import contextlib
 import platform
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
@@ -20,6 +21,9 @@ from prometheus_client.process_collector import ProcessCollector
 
 from bucketsync import __version__
 from bucketsync.core.model import Counts, ItemState, OpKind, RunStatus
+
+if TYPE_CHECKING:
+    from bucketsync.config import Settings
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()
@@ -226,6 +230,52 @@ RECONCILE_DRIFT = Counter(
     registry=REGISTRY,
 )
 EVENT_DROP_REASONS = ("stale", "filtered", "in_flight", "quota", "guard", "head_error")
+ENRICH_TOTAL = Counter(
+    "bucketsync_enrich_total",
+    "Items enriched, by dataset and result (done, failed, retry).",
+    ["dataset", "result"],
+    registry=REGISTRY,
+)
+ENRICH_QUEUE = Gauge(
+    "bucketsync_enrich_queue",
+    "Items waiting for enrichment (state pending), by dataset.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+ENRICH_SECONDS = Histogram(
+    "bucketsync_enrich_seconds",
+    "Time to enrich one item (reads, sniff, thumbnail, write), by dataset.",
+    ["dataset"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+ENRICH_BYTES_READ = Counter(
+    "bucketsync_enrich_read_bytes_total",
+    "Bytes read from storage for enrichment (ranged header reads and whole objects for thumbnails), by dataset.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+TRIGGER_DELIVERIES = Counter(
+    "bucketsync_trigger_deliveries_total",
+    "Trigger delivery attempts, by dataset, trigger and result (ok, retry, dead).",
+    ["dataset", "trigger", "result"],
+    registry=REGISTRY,
+)
+TRIGGER_BACKLOG = Gauge(
+    "bucketsync_trigger_backlog",
+    "Trigger deliveries waiting (pending), by dataset.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+TRIGGER_DEAD = Gauge(
+    "bucketsync_trigger_dead",
+    "Trigger deliveries dead-lettered after their last attempt, by dataset.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+
+ENRICH_RESULTS = ("done", "failed", "retry")
+DELIVERY_RESULTS = ("ok", "retry", "dead")
 
 #: label values known up front (see ``init``)
 GUARD_REASONS = ("listing_incomplete", "max_delete_count", "max_delete_ratio")
@@ -274,6 +324,33 @@ def init(datasets: Iterable[str]) -> None:
         DATASET_READY.labels(ds).set(0)  # until its probe passes
         DOWNSTREAM_AVAILABLE.labels(ds).set(1)
         GUARD_BLOCKED.labels(ds).set(0)
+
+
+def init_hooks(settings: Settings) -> None:
+    """Enrichment and trigger series at 0 for the datasets that have them."""
+    for ds, conf in settings.datasets.items():
+        if settings.enriches(ds):
+            for result in ENRICH_RESULTS:
+                ENRICH_TOTAL.labels(ds, result)
+            ENRICH_QUEUE.labels(ds).set(0)
+            ENRICH_SECONDS.labels(ds)
+            ENRICH_BYTES_READ.labels(ds)
+        if conf.triggers:
+            for name in conf.trigger_names():
+                for result in DELIVERY_RESULTS:
+                    TRIGGER_DELIVERIES.labels(ds, name, result)
+            TRIGGER_BACKLOG.labels(ds).set(0)
+            TRIGGER_DEAD.labels(ds).set(0)
+
+
+def set_per_dataset(gauge: Gauge, by_dataset: dict[str, int]) -> None:
+    """A per-dataset gauge from counts; a dataset it had that is absent from ``by_dataset`` is 0."""
+    for family in gauge.collect():
+        for sample in family.samples:
+            if (name := sample.labels["dataset"]) not in by_dataset:
+                gauge.labels(name).set(0)
+    for name, n in by_dataset.items():
+        gauge.labels(name).set(n)
 
 
 def set_backlog(by_dataset: dict[str, int]) -> None:

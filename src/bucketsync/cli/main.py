@@ -255,6 +255,75 @@ def _failing(row: dict[str, Any]) -> str | None:
     return None
 
 
+# -- enrich ----------------------------------------------------------------------------
+
+
+def _enrich_line(out: dict[str, Any]) -> str:
+    return f"{out['dataset']}: {out['done']} done, {out['failed']} failed, {out['pending']} pending"
+
+
+async def cmd_enrich(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue a dataset's items (missing ones, --failed or --all) and enrich them, with progress:
+    through the running agent when there is one, else in this process (burst mode)."""
+    settings.dataset(args.dataset)
+    if not settings.enriches(args.dataset):
+        raise ConfigError(
+            f"dataset {args.dataset!r} does not enrich: set enrich.enabled = true or datasets.{args.dataset}.enrich"
+        )
+    mode = "all" if args.all else "failed" if args.failed else "missing"
+    progress = ProgressLine() if sys.stderr.isatty() and not args.json else None
+    out: dict[str, Any] | None = None
+    if not _daemon_running(settings):
+        try:
+            out = await _enrich_local(settings, args.dataset, mode, progress)
+        except LedgerLocked:
+            out = None  # an agent started meanwhile
+    if out is None:
+        out = await _enrich_remote(settings, args.dataset, mode, progress)
+    if progress is not None:
+        progress.clear()
+    if args.json:
+        print_json(out)
+    else:
+        print(f"{_enrich_line(out)} (queued {out['queued']})")
+    return 0 if out["failed"] == 0 else 1
+
+
+async def _enrich_local(settings: Settings, dataset: str, mode: str, progress: ProgressLine | None) -> dict[str, Any]:
+    from bucketsync.agent import Agent
+    from bucketsync.enrich import EnrichQueue
+
+    async with Agent(settings) as agent:
+        assert agent.ledger is not None
+        queue = EnrichQueue(agent.ledger)
+        ds_id = await agent.ledger.dataset_id(dataset)
+        queued = await queue.requeue(ds_id, mode)
+        while True:
+            counts = await queue.counts(ds_id)
+            if progress is not None:
+                progress.update(_enrich_line({"dataset": dataset, **counts}))
+            if not await agent.enricher.drain(max_items=settings.agent.enrich_concurrency * 8):
+                break
+        await agent.triggers.drain()
+        return {"dataset": dataset, "enabled": True, **await queue.counts(ds_id), "queued": queued}
+
+
+async def _enrich_remote(settings: Settings, dataset: str, mode: str, progress: ProgressLine | None) -> dict[str, Any]:
+    import asyncio
+
+    from bucketsync.cli.client import AgentClient
+
+    async with AgentClient(settings) as client:
+        out = dict(await client.call("POST", f"/datasets/{dataset}/enrich", params={"mode": mode}))
+        queued = out["queued"]
+        while out["pending"]:
+            if progress is not None:
+                progress.update(_enrich_line(out))
+            await asyncio.sleep(0.5)
+            out = dict(await client.call("GET", f"/datasets/{dataset}/enrich"))
+        return out | {"queued": queued}
+
+
 # -- downstream: put, rm, restore, meta ------------------------------------------------
 
 
@@ -638,6 +707,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
     s.add_argument("--force", action="store_true", help="let the run pass the mass-delete guard")
     s.set_defaults(func=cmd_sync)
+
+    en = command("enrich", "enrich a dataset's items now (backfill; --failed or --all re-run), with progress")
+    en.add_argument("dataset", help="the dataset's name in the config")
+    which = en.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="re-enrich every item")
+    which.add_argument("--failed", action="store_true", help="re-enrich the items whose enrichment failed")
+    en.add_argument("--json", action="store_true", help="print one JSON object")
+    en.set_defaults(func=cmd_enrich)
 
     i = command("items", "list a dataset's items (live ones unless --state says otherwise)")
     i.add_argument("dataset", help="the dataset's name in the config")

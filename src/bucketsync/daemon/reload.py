@@ -171,6 +171,8 @@ async def apply(agent: Agent, runner: DatasetRunner, new: Settings, running: dic
     agent.settings = new
     agent.stores = stores
     metrics.init(p.added)  # a new dataset's series start at 0, as at start-up
+    metrics.init_hooks(agent.settings)
+    await agent.enricher.sync_datasets()  # before the new loops commit anything
     for name in (*p.added, *p.changed):
         ds = new.datasets[name]
         agent.loops[name] = agent.make_loop(name, ds, stores[ds.driver])

@@ -152,6 +152,8 @@ async def _run_dataset(
         agent.set_ready(name, f"sync loop error: {_describe(exc)}")
 
     def on_result(result: RunResult) -> None:
+        agent.enricher.wake.set()  # the run committed items: their enrichment and events follow
+        agent.triggers.wake.set()
         if (agent.not_ready.get(name) or "").startswith("sync loop"):
             agent.set_ready(name, None)
 
@@ -433,6 +435,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     async with Agent(settings) as agent:
         # Not ready until probed, before the first request can ask (the site starts below).
         metrics.init(agent.settings.datasets)
+        metrics.init_hooks(agent.settings)
         for name in agent.settings.datasets:
             agent.set_ready(name, "permission probe not run yet")
         await _guard_gauges(agent)
@@ -469,6 +472,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             tasks.start(name)
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
+        enricher = asyncio.create_task(agent.enricher.run(stop), name="enrich")
+        triggers = asyncio.create_task(agent.triggers.run(stop), name="triggers")
         assert agent.ledger is not None
         pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop), name="retention")
         log.info(
@@ -492,6 +497,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             *tasks.tasks.values(),
             outbox,
             heal,
+            enricher,
+            triggers,
             pruner,
             *api_runs,
             *reloader._signalled,

@@ -301,6 +301,7 @@ class Outbox:
             item = await self.ledger.complete_put(op, ds_id, info)
             release()
         await self.agent.refresh_item_gauges(op.dataset)
+        self.agent.enricher.wake.set()  # the put is committed: its enrichment follows
         self.results[op.id] = item
         await asyncio.to_thread(_unlink, op.staged)
         metrics.DOWNSTREAM_OPS.labels("put", "ok").inc()

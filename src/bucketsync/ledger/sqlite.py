@@ -164,6 +164,60 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX event_inbox_by_dataset ON event_inbox (dataset_id, id);
     """,
+    # enrichment and triggers (enrich/). One queue row per item (its system metadata and
+    # thumbnail too), item events for triggers, their deliveries, and thumbnails to delete.
+    # SQL triggers on items fill them in the transaction that commits the item itself; they are
+    # created by enrich/queue.py (``EnrichQueue.set_datasets``) only while some dataset uses them.
+    """
+    CREATE TABLE enrich_datasets (dataset_id INTEGER PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE trigger_datasets (dataset_id INTEGER PRIMARY KEY) WITHOUT ROWID;
+    CREATE TABLE enrichment (
+        item_id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        etag TEXT,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        meta TEXT,
+        thumbnail TEXT,
+        thumbnail_local INTEGER NOT NULL DEFAULT 0,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX enrichment_pending ON enrichment (item_id) WHERE state = 'pending';
+    CREATE INDEX enrichment_by_dataset ON enrichment (dataset_id, state);
+    CREATE TABLE thumbnail_trash (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        local INTEGER NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE item_events (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        item_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        etag TEXT,
+        size INTEGER,
+        created REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        trigger TEXT NOT NULL,
+        event TEXT NOT NULL,
+        key TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        next_at REAL NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -788,6 +842,10 @@ class Ledger:
     def _transaction(self) -> _Tx:
         return _Tx(self)
 
+    def transaction(self) -> _Tx:
+        """One write transaction, for the queues that keep their SQL beside their code (enrich/)."""
+        return _Tx(self)
+
     # -- reads for the CLI and API ------------------------------------------
 
     async def item(self, dataset_id: int, key: str) -> Item | None:
@@ -969,6 +1027,7 @@ class Ledger:
         limit: int | None = None,
         state: ItemState | None = ItemState.LIVE,
         meta: dict[str, str] | None = None,
+        system: dict[str, str] | None = None,
     ) -> list[Item]:
         sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?"
         args: list[Any] = [dataset_id]
@@ -976,6 +1035,13 @@ class Ledger:
             # The JSON path is a bound parameter with the name quoted: no injection.
             sql += " AND CAST(json_extract(meta, ?) AS TEXT) = ?"
             args += ['$."' + name.replace('"', '""') + '"', value]
+        for name, value in (system or {}).items():  # system metadata: the enrichment's (enrich/)
+            if name == "enrichment":
+                sql += " AND id IN (SELECT item_id FROM enrichment WHERE state = ?)"
+                args.append(value)
+            else:
+                sql += " AND id IN (SELECT item_id FROM enrichment WHERE CAST(json_extract(meta, ?) AS TEXT) = ?)"
+                args += ['$."' + name.replace('"', '""') + '"', value]
         if state is not None:
             sql += " AND state = ?"
             args.append(str(state))

@@ -42,6 +42,8 @@ from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
 from bucketsync.core.model import Item, ItemState, OpState
 from bucketsync.downstream import opsctl
 from bucketsync.downstream.ops import META_NAME, Downstream
+from bucketsync.enrich import Deliveries, EnrichQueue
+from bucketsync.enrich.thumbs import MIME as THUMB_MIME
 from bucketsync.server import schemas
 from bucketsync.server.front import Heartbeat
 from bucketsync.server.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
@@ -295,7 +297,13 @@ async def list_items(request: web.Request) -> web.Response:
     state = None if raw_state == "all" else ItemState(raw_state)
     cursor = request.query.get("cursor")
     meta = {k[5:]: v for k, v in request.query.items() if k.startswith("meta.")}
-    unknown = set(request.query) - {"prefix", "limit", "cursor", "state"} - {f"meta.{k}" for k in meta}
+    system = {k[7:]: v for k, v in request.query.items() if k.startswith("system.")}
+    unknown = (
+        set(request.query)
+        - {"prefix", "limit", "cursor", "state"}
+        - {f"meta.{k}" for k in meta}
+        - {f"system.{k}" for k in system}
+    )
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     for meta_name in meta:
@@ -304,6 +312,12 @@ async def list_items(request: web.Request) -> web.Response:
                 400, "invalid_parameter", f"query parameter 'meta.{meta_name}': {meta_name!r} is no metadata name"
             )
         _text(request, f"meta.{meta_name}")
+    for sys_name in system:
+        if not META_NAME.match(sys_name):
+            raise ApiError(
+                400, "invalid_parameter", f"query parameter 'system.{sys_name}': {sys_name!r} is no metadata name"
+            )
+        _text(request, f"system.{sys_name}")
     items = await ledger.items(
         await _ledger_ds(request, name),
         prefix=_text(request, "prefix"),
@@ -311,12 +325,13 @@ async def list_items(request: web.Request) -> web.Response:
         limit=limit + 1,
         state=state,
         meta=meta,
+        system=system,
     )
     more = len(items) > limit
     items = items[:limit]
     return web.json_response(
         {
-            "items": [i.as_json(full=True) for i in items],
+            "items": await _with_system(request, name, items),
             "next_cursor": encode_cursor(items[-1].key) if more and items else None,
         }
     )
@@ -384,7 +399,89 @@ async def get_item(request: web.Request) -> web.Response:
     item = await ledger.item(await _ledger_ds(request, name), key)
     if item is None:
         raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
-    return web.json_response(item.as_json(full=True))
+    return web.json_response((await _with_system(request, name, [item]))[0])
+
+
+async def _with_system(request: web.Request, dataset: str, items: list[Item]) -> list[dict[str, Any]]:
+    """Items as JSON, with their system metadata (``system``) when the dataset enriches: an item of a
+    dataset that does not looks exactly as it did before enrichment existed."""
+    agent = _agent(request)
+    assert agent.ledger is not None
+    if not agent.settings.enriches(dataset):
+        return [i.as_json(full=True) for i in items]
+    found = await EnrichQueue(agent.ledger).of_items([i.id for i in items])
+    out = []
+    for item in items:
+        row = item.as_json(full=True)
+        enr = found.get(item.id)
+        row["system"] = enr.as_json() if enr is not None else None
+        out.append(row)
+    return out
+
+
+async def get_thumbnail(request: web.Request) -> web.StreamResponse:
+    """The item's thumbnail, from the hidden folder in storage or from the local cache."""
+    name, key, item = await _live_item(request)
+    agent = _agent(request)
+    assert agent.ledger is not None
+    enr = (await EnrichQueue(agent.ledger).of_items([item.id])).get(item.id)
+    if enr is None or enr.thumbnail is None:
+        state = "not enriched" if enr is None else f"enrichment {enr.state}" + (f": {enr.error}" if enr.error else "")
+        raise ApiError(404, "no_thumbnail", f"item {key!r} of dataset {name!r} has no thumbnail ({state})")
+    ctype = THUMB_MIME["webp"] if enr.thumbnail.endswith(".webp") else THUMB_MIME["jpeg"]
+    headers = {"Content-Type": ctype, "Cache-Control": "private, max-age=300"}
+    if enr.local:
+        path = agent.enricher.cache_dir(name) / enr.thumbnail
+        try:
+            body = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise ApiError(404, "no_thumbnail", f"the cached thumbnail of {key!r} is missing; re-run enrich") from None
+        return web.Response(body=body, headers=headers)
+    store = agent.stores[agent.settings.datasets[name].driver]
+    body = b"".join([chunk async for chunk in store.open(enr.thumbnail)])
+    return web.Response(body=body, headers=headers)
+
+
+async def enrich_status(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    agent = _agent(request)
+    assert agent.ledger is not None
+    counts = await EnrichQueue(agent.ledger).counts(await _ledger_ds(request, name))
+    return web.json_response({"dataset": name, "enabled": agent.settings.enriches(name), **counts})
+
+
+async def start_enrich(request: web.Request) -> web.Response:
+    """Queue items again: ``mode`` missing (backfill, the default), failed, or all."""
+    name = _dataset(request)
+    agent = _agent(request)
+    assert agent.ledger is not None
+    mode = request.query.get("mode", "missing")
+    if mode not in ("missing", "failed", "all"):
+        raise ApiError(400, "invalid_parameter", "query parameter 'mode' must be missing, failed or all")
+    if not agent.settings.enriches(name):
+        raise ApiError(
+            409, "enrich_disabled", f"dataset {name!r} does not enrich: set enrich.enabled or datasets.{name}.enrich"
+        )
+    queue = EnrichQueue(agent.ledger)
+    ds_id = await _ledger_ds(request, name)
+    queued = await queue.requeue(ds_id, mode)
+    agent.enricher.wake.set()
+    counts = await queue.counts(ds_id)
+    return web.json_response({"dataset": name, "enabled": True, **counts, "queued": queued})
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    assert agent.ledger is not None
+    state = request.query.get("state")
+    if state is not None and state not in ("pending", "done", "dead"):
+        raise ApiError(400, "invalid_parameter", "query parameter 'state' must be pending, done or dead")
+    dataset = request.query.get("dataset")
+    if dataset is not None:
+        agent.settings.dataset(dataset)
+    store = Deliveries(agent.ledger)
+    found = await store.list(state=state, dataset=dataset, limit=_int(request, "limit", 100, 1, 1000))
+    return web.json_response({"deliveries": [d.as_json() for d in found], "counts": await store.counts()})
 
 
 async def _live_item(request: web.Request) -> tuple[str, str, Item]:
@@ -786,6 +883,45 @@ ROUTES: list[Route] = [
         {202: schemas.Accepted},
         errors=(400, 409, *LEDGER),
         body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.PubSubPush)}}},
+    ),
+    Route(
+        "GET",
+        f"{_ITEM}/thumbnail",
+        get_thumbnail,
+        "the item's thumbnail (JPEG or WebP, upright); 404 no_thumbnail while enrichment is pending or failed",
+        {200: None},
+        errors=STORAGE,
+        ok_media="image/*",
+    ),
+    Route(
+        "GET",
+        f"{_DS}/enrich",
+        enrich_status,
+        "enrichment of the dataset's items: how many are pending, done, failed",
+        {200: schemas.EnrichStatus},
+    ),
+    Route(
+        "POST",
+        f"{_DS}/enrich",
+        start_enrich,
+        "queue items for enrichment: mode=missing (backfill), failed (re-run failures) or all",
+        {200: schemas.EnrichStatus},
+        errors=(409, *LEDGER),
+        params=(
+            Param("mode", "query", {"type": "string", "enum": ["missing", "failed", "all"], "default": "missing"}),
+        ),
+    ),
+    Route(
+        "GET",
+        f"{API}/triggers/deliveries",
+        list_deliveries,
+        "trigger deliveries, newest first: pending (retrying), done, dead (dead-lettered)",
+        {200: schemas.DeliveryList},
+        params=(
+            Param("state", "query", {"type": "string", "enum": ["pending", "done", "dead"]}),
+            Param("dataset", "query", {"type": "string"}),
+            _limit(100),
+        ),
     ),
     Route("GET", f"{API}/openapi.json", openapi, "this document", {200: schemas.OpenApiDocument}),
     Route(

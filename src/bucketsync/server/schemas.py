@@ -45,6 +45,56 @@ class Item(_Body):
     content_type: str | None
     metadata: dict[str, str | int | float | bool]
     updated: Timestamp | None
+    system: SystemMetadata | None = Field(
+        default=None,
+        description="read-only: what enrichment found (null until the item is queued); absent when the "
+        "dataset does not enrich",
+    )
+
+
+class SystemMetadata(BaseModel):
+    """What enrichment found (read-only to users); image fields only for images."""
+
+    model_config = ConfigDict(extra="allow")
+    enrichment: Literal["pending", "done", "failed"]
+    enrichment_error: str | None
+    thumbnail: str | None = Field(description="the thumbnail's key in the hidden folder (or the local cache)")
+    mimetype: str | None = Field(default=None, description="sniffed from the bytes, not the key's extension")
+    encoding: str | None = Field(default=None, description="text only: us-ascii or utf-8")
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    orientation: int | None = Field(default=None, description="EXIF orientation, 1-8 (1 when absent)")
+    display_width: int | None = Field(default=None, description="width once turned upright per EXIF")
+    display_height: int | None = Field(default=None, description="height once turned upright per EXIF")
+
+
+class EnrichStatus(_Body):
+    dataset: str
+    enabled: bool
+    pending: int
+    done: int
+    failed: int
+    queued: int | None = Field(default=None, description="POST only: items queued by this request")
+
+
+class Delivery(_Body):
+    id: int
+    dataset: str
+    trigger: str
+    event: Literal["created", "updated", "removed", "enriched"]
+    key: str
+    state: Literal["pending", "done", "dead"]
+    attempts: int
+    error: str | None
+    created: Timestamp | None
+    updated: Timestamp | None
+    next_attempt: Timestamp | None
+
+
+class DeliveryList(_Body):
+    deliveries: list[Delivery]
+    counts: dict[str, dict[str, int]] = Field(description="deliveries per dataset and state")
 
 
 class ItemPage(_Body):
@@ -218,6 +268,10 @@ class OpenApiDocument(BaseModel):
 MODELS: tuple[type[BaseModel], ...] = (
     Error,
     Item,
+    SystemMetadata,
+    EnrichStatus,
+    Delivery,
+    DeliveryList,
     ItemPage,
     Op,
     OpList,

@@ -1,0 +1,311 @@
+"""The enrichment queue in the ledger: one ``enrichment`` row per item (see MIGRATIONS v7).
+
+SQL triggers on ``items`` queue an item (state ``pending``, with its etag) in the same
+transaction that commits it, for the datasets in ``enrich_datasets``. A result is recorded
+only while the row still holds the etag the worker read: a row re-queued for a newer version
+meanwhile is left pending, so nothing is recorded for a version that is gone, and one version
+is enriched once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bucketsync.ledger.sqlite import Ledger
+
+STATES = ("pending", "done", "failed")
+
+# SQL triggers on ``items``: they queue enrichment and record item events in the transaction that
+# commits the item, so every write path (sync batches, renames, puts, removals) queues its work
+# atomically. They exist only while some dataset uses them (``set_datasets`` creates and drops
+# them), so a ledger without enrichment or triggers pays nothing on its writes.
+_SQL_TRIGGERS = {
+    "enrich_item_insert": """
+    CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
+            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
+        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
+            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
+    END;
+    """,
+    "enrich_item_update": """
+    CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state ON items
+    WHEN NEW.state = 'live' AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
+        OR (NEW.etag IS NULL AND OLD.modified IS NOT NEW.modified)
+        OR NOT EXISTS (SELECT 1 FROM enrichment WHERE item_id = NEW.id))
+    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
+            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
+        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
+            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
+    END;
+    """,
+    "enrich_item_delete": """
+    CREATE TRIGGER enrich_item_delete AFTER DELETE ON items BEGIN
+        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
+            SELECT dataset_id, thumbnail, thumbnail_local, OLD.updated FROM enrichment
+            WHERE item_id = OLD.id AND thumbnail IS NOT NULL;
+        DELETE FROM enrichment WHERE item_id = OLD.id;
+    END;
+    """,
+    "events_item_insert": """
+    CREATE TRIGGER events_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            VALUES (NEW.dataset_id, NEW.id, 'created', NEW.key, NEW.etag, NEW.size, NEW.updated);
+    END;
+    """,
+    "events_item_update": """
+    CREATE TRIGGER events_item_update AFTER UPDATE OF etag, size, state ON items
+    WHEN (OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size OR OLD.state IS NOT NEW.state)
+    AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            SELECT NEW.dataset_id, NEW.id,
+                CASE WHEN NEW.state != 'live' THEN 'removed' WHEN OLD.state != 'live' THEN 'created'
+                ELSE 'updated' END,
+                NEW.key, NEW.etag, NEW.size, NEW.updated;
+    END;
+    """,
+    "events_item_delete": """
+    CREATE TRIGGER events_item_delete AFTER DELETE ON items
+    WHEN OLD.state = 'live' AND EXISTS (SELECT 1 FROM trigger_datasets WHERE dataset_id = OLD.dataset_id) BEGIN
+        INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created)
+            VALUES (OLD.dataset_id, OLD.id, 'removed', OLD.key, OLD.etag, OLD.size, OLD.updated);
+    END;
+    """,
+}
+#: which SQL triggers each feature needs; the delete trigger stays while enrichment rows exist
+#: (their thumbnails must go with their items even after enrichment is switched off)
+_ENRICH = ("enrich_item_insert", "enrich_item_update")
+_CLEANUP = ("enrich_item_delete",)
+_EVENTS = ("events_item_insert", "events_item_update", "events_item_delete")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One pending item: what the worker needs to read it."""
+
+    item_id: int
+    dataset: str
+    key: str
+    size: int
+    modified: float
+    etag: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What enriching one item found, waiting to be recorded."""
+
+    job: Job
+    state: str
+    meta: dict[str, Any]
+    error: str | None
+    thumbnail: str | None
+    local: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Enrichment:
+    """An item's enrichment as recorded: the ``system`` block of the item in the API."""
+
+    state: str
+    error: str | None
+    meta: dict[str, Any]
+    thumbnail: str | None
+    local: bool
+    updated: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.meta, "enrichment": self.state, "enrichment_error": self.error, "thumbnail": self.thumbnail}
+
+
+@dataclass(frozen=True, slots=True)
+class Trash:
+    id: int
+    dataset_id: int
+    key: str
+    local: bool
+
+
+class EnrichQueue:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """A read of what is committed, run whole in one step (see ``Ledger._read``): a cursor
+        left open across an await would pin an old snapshot for every other read."""
+        return list(await self.ledger.reader.execute_fetchall(sql, params))
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> Any:
+        async with self.ledger.transaction():
+            return await self.ledger.db.execute(sql, params)
+
+    async def set_datasets(self, enrich: Iterable[int], triggers: Iterable[int]) -> None:
+        """Which datasets queue enrichment and trigger events (the SQL triggers read these), and
+        the SQL triggers themselves: created as this code defines them, or dropped when unused."""
+        enrich, triggers = list(enrich), list(triggers)
+        async with self.ledger.transaction():
+            db = self.ledger.db
+            await db.execute("DELETE FROM enrich_datasets")
+            await db.executemany("INSERT INTO enrich_datasets (dataset_id) VALUES (?)", [(i,) for i in enrich])
+            await db.execute("DELETE FROM trigger_datasets")
+            await db.executemany("INSERT INTO trigger_datasets (dataset_id) VALUES (?)", [(i,) for i in triggers])
+            (row,) = await db.execute_fetchall("SELECT EXISTS (SELECT 1 FROM enrichment)")
+            wanted = {
+                *(_ENRICH if enrich else ()),
+                *(_CLEANUP if enrich or (row and row[0]) else ()),
+                *(_EVENTS if triggers else ()),
+            }
+            for name, sql in _SQL_TRIGGERS.items():
+                await db.execute(f"DROP TRIGGER IF EXISTS {name}")
+                if name in wanted:
+                    await db.execute(sql)
+
+    async def due(self, limit: int, skip: Iterable[int] = ()) -> list[Job]:
+        """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now."""
+        skip = list(skip)
+        not_running = f"AND e.item_id NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        rows = await self._read(
+            "SELECT e.item_id, d.name, i.key, i.size, i.modified, e.etag, e.attempts FROM enrichment e "
+            "JOIN items i ON i.id = e.item_id JOIN datasets d ON d.id = e.dataset_id "
+            "WHERE e.state = 'pending' AND e.dataset_id IN (SELECT dataset_id FROM enrich_datasets) "
+            f"{not_running} ORDER BY e.item_id LIMIT ?",
+            (*skip, limit),
+        )
+        return [Job(*row) for row in rows]
+
+    async def claim(self, jobs: list[Job]) -> list[Job]:
+        """Count an attempt of each before the work starts (a crash mid-item then counts), in one
+        transaction; the jobs whose row still waits for their version."""
+        if not jobs:
+            return []
+        claimed = []
+        async with self.ledger.transaction():
+            for job in jobs:
+                cur = await self.ledger.db.execute(
+                    "UPDATE enrichment SET attempts = attempts + 1 "
+                    "WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                    (job.item_id, job.etag),
+                )
+                if cur.rowcount == 1:
+                    claimed.append(job)
+        return claimed
+
+    async def finish(self, results: list[Result]) -> list[str]:
+        """Record results in one transaction, each only if its row still waits for its version;
+        returns the keys of the others (a newer version was queued meanwhile: their fresh
+        thumbnails are trashed). An ``enriched`` event for triggers goes with each recorded one."""
+        now = time.time()
+        stale: list[str] = []
+        async with self.ledger.transaction():
+            db = self.ledger.db
+            for r in results:
+                job = r.job
+                cur = await db.execute(
+                    "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
+                    "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                    (
+                        r.state,
+                        json.dumps(r.meta, ensure_ascii=False),
+                        r.error,
+                        r.thumbnail,
+                        int(r.local),
+                        now,
+                        job.item_id,
+                        job.etag,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    stale.append(job.key)
+                    if r.thumbnail is not None:
+                        await db.execute(
+                            "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
+                            "SELECT id, ?, ?, ? FROM datasets WHERE name = ?",
+                            (r.thumbnail, int(r.local), now, job.dataset),
+                        )
+                    continue
+                await db.execute(
+                    "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
+                    "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, ? FROM items i "
+                    "WHERE i.id = ? AND i.dataset_id IN (SELECT dataset_id FROM trigger_datasets)",
+                    (now, job.item_id),
+                )
+        return stale
+
+    async def retry_later(self, job: Job, error: str) -> None:
+        await self._write(
+            "UPDATE enrichment SET error = ?, updated = ? WHERE item_id = ? AND etag IS ?",
+            (error, time.time(), job.item_id, job.etag),
+        )
+
+    async def requeue(self, dataset_id: int, mode: str) -> int:
+        """Backfill or re-run: ``missing`` queues live items never enriched, ``failed`` the
+        failed ones, ``all`` every live item. Returns how many were queued."""
+        now = time.time()
+        async with self.ledger.transaction():
+            db = self.ledger.db
+            if mode in ("failed", "all"):
+                where = "state = 'failed'" if mode == "failed" else "state != 'pending'"
+                cur = await db.execute(
+                    f"UPDATE enrichment SET state = 'pending', attempts = 0, error = NULL, updated = ? "
+                    f"WHERE dataset_id = ? AND {where}",
+                    (now, dataset_id),
+                )
+                changed = max(cur.rowcount, 0)
+            else:
+                changed = 0
+            cur = await db.execute(
+                "INSERT INTO enrichment (item_id, dataset_id, etag, state, updated) "
+                "SELECT id, dataset_id, etag, 'pending', ? FROM items WHERE dataset_id = ? AND state = 'live' "
+                "AND id NOT IN (SELECT item_id FROM enrichment)",
+                (now, dataset_id),
+            )
+            return changed + max(cur.rowcount, 0)
+
+    async def counts(self, dataset_id: int) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for state, n in await self._read(
+            "SELECT state, count(*) FROM enrichment WHERE dataset_id = ? GROUP BY state", (dataset_id,)
+        ):
+            out[state] = n
+        return out
+
+    async def pending_by_dataset(self) -> dict[str, int]:
+        rows = await self._read(
+            "SELECT d.name, count(*) FROM enrichment e JOIN datasets d ON d.id = e.dataset_id "
+            "WHERE e.state = 'pending' GROUP BY d.name"
+        )
+        return {str(name): int(n) for name, n in rows}
+
+    async def of_items(self, item_ids: list[int]) -> dict[int, Enrichment]:
+        """The enrichment of each item that has one (the API's ``system`` block)."""
+        if not item_ids:
+            return {}
+        out: dict[int, Enrichment] = {}
+        for i in range(0, len(item_ids), 500):
+            part = item_ids[i : i + 500]
+            for row in await self._read(
+                "SELECT item_id, state, error, meta, thumbnail, thumbnail_local, updated FROM enrichment "
+                f"WHERE item_id IN ({','.join('?' * len(part))})",
+                tuple(part),
+            ):
+                meta = json.loads(row[3]) if row[3] else {}
+                out[row[0]] = Enrichment(row[1], row[2], meta, row[4], bool(row[5]), row[6])
+        return out
+
+    async def trash(self, limit: int = 100) -> list[Trash]:
+        rows = await self._read("SELECT id, dataset_id, key, local FROM thumbnail_trash ORDER BY id LIMIT ?", (limit,))
+        return [Trash(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    async def trashed(self, ids: list[int]) -> None:
+        async with self.ledger.transaction():
+            await self.ledger.db.executemany("DELETE FROM thumbnail_trash WHERE id = ?", [(i,) for i in ids])
