@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from bucketsync import metrics
+from bucketsync.catalog import items as catalog_items
 from bucketsync.config import DatasetConfig, Settings
 from bucketsync.core.errors import ConfigError
 from bucketsync.core.model import ItemState, RunRecord, RunStatus, iso
@@ -63,6 +64,7 @@ class Agent:
             if n := await self.ledger.fail_stale_runs():
                 log.warning("marked runs left running by a previous agent as failed", runs=n)
             resync = await self.ledger.resync_pending()
+            await self.ensure_indexes()
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             for name, ds in self.settings.datasets.items():
@@ -92,6 +94,13 @@ class Agent:
             if self.discard_new_ledger and self._created_ledger:
                 remove_ledger_files(self.settings.agent.ledger, folder=self._created_folder)
             self.lock.release()
+
+    async def ensure_indexes(self) -> None:
+        """The configured ``indexes`` of every dataset (indexes serve all datasets; each is built once)."""
+        assert self.ledger is not None
+        for name in sorted({f for ds in self.settings.datasets.values() for f in ds.indexes}):
+            if await catalog_items.ensure_index(self.ledger, name):
+                log.info("indexed a catalog field", field=name)
 
     def unready(self) -> dict[str, Any] | None:
         """The ``/readyz`` body when the agent is not ready: the datasets that are not, and

@@ -32,6 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bucketsync.catalog import query
 from bucketsync.core.errors import ConfigError
 from bucketsync.core.keys import validate_glob
 from bucketsync.core.location import Location, parse_location
@@ -236,11 +237,23 @@ class DatasetConfig(_Strict):
     max_delete_count: int = _doc(
         "A run that would remove more than this many items aborts (0: no cap).", default=0, ge=0
     )
+    indexes: list[str] = _doc(
+        "Fields to index for fast catalog filters and sorts (`metadata.NAME` or a system field such as "
+        "`size`); SQLite expression indexes, created at start-up. An unindexed filter works too, slower.",
+        default=[],
+    )
 
     @field_validator("include", "exclude")
     @classmethod
     def _globs(cls, v: list[str]) -> list[str]:
         return [validate_glob(p) for p in v]
+
+    @field_validator("indexes")
+    @classmethod
+    def _indexes(cls, v: list[str]) -> list[str]:
+        for name in v:
+            query.field(name)  # InvalidFilter (a ValueError) names the field and what is allowed
+        return v
 
 
 class AgentConfig(_Strict):

@@ -15,16 +15,18 @@ import math
 import os
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from bucketsync import __version__
 from bucketsync.agent import Agent, datasets_status
+from bucketsync.catalog import items as catalog_items
+from bucketsync.catalog import query
 from bucketsync.cli.client import AgentClient, ApiCallFailed
 from bucketsync.cli.display import ProgressLine, dumps, print_json, safe_text, shown
 from bucketsync.config import Settings, load_settings
 from bucketsync.core.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
-from bucketsync.core.model import ItemState
+from bucketsync.core.model import Item, ItemState
 from bucketsync.downstream.outbox import file_chunks
 from bucketsync.ledger.durability import ledger_error
 from bucketsync.ledger.sqlite import InstanceLock, Ledger
@@ -176,7 +178,7 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
         if ds_id is None:
             return 0
         state = None if args.state == "all" else ItemState(args.state)
-        async for item in ledger.iter_items(ds_id, prefix=args.prefix, state=state):
+        async for item in _query(ledger, ds_id, args, state):
             if args.json:
                 print_json(item.as_json(full=True))
             elif state is None:
@@ -186,6 +188,27 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await ledger.close()
     return 0
+
+
+async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: ItemState | None) -> AsyncIterator[Item]:
+    """Every item the --where filter matches, in --sort order, page by page (at most --limit)."""
+    q = catalog_items.Query(
+        filter=query.parse_filter(args.where) if args.where else None,
+        sort=query.parse_sort(args.sort),
+        limit=1000 if args.limit is None else min(args.limit, 1000),
+        state=None if state is None else str(state),
+        prefix=args.prefix,
+    )
+    left = args.limit
+    while True:
+        items, q.cursor = await catalog_items.page(ledger, ds_id, q)
+        for item in items:
+            yield item
+        if left is not None:
+            left -= len(items)
+            q.limit = min(left, 1000)
+        if q.cursor is None or (left is not None and left <= 0):
+            return
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -552,6 +575,12 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _positive(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {raw!r}")
+    return int(raw)
+
+
 class UsageError(BucketsyncError):
     """Bad arguments on the command line (exit 2)."""
 
@@ -600,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--json", action="store_true", help="one JSON object per line, with metadata, content type and version"
     )
+    i.add_argument(
+        "--where",
+        metavar="FILTER",
+        help='a JSON filter (docs/catalog.md), e.g. \'{"size": {"$gt": 1024}, "metadata.camera": "x100"}\'',
+    )
+    i.add_argument("--sort", metavar="FIELD", help="order by FIELD, or -FIELD descending (default: key)")
+    i.add_argument("--limit", type=_positive, metavar="N", help="at most N items")
     i.set_defaults(func=cmd_items)
 
     st = command("status", "every dataset: items, last run, next run")
@@ -703,6 +739,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: API error codes that mean the command line asked for something invalid (exit 2)
+USAGE_CODES = ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter", "invalid_filter")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "doctor":  # reports a broken config instead of stopping at it
@@ -742,12 +782,7 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     except ApiCallFailed as exc:
         _error(f"{exc} ({exc.status} {exc.code})")
-        return (
-            2
-            if exc.status in (400, 404)
-            and exc.code in ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter")
-            else 1
-        )
+        return 2 if exc.status in (400, 404) and exc.code in USAGE_CODES else 1
     except BucketsyncError as exc:
         _error(exc)
         return 1

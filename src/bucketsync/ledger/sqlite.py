@@ -907,6 +907,33 @@ class Ledger:
         async with self.reader.execute(sql, args) as cur:
             return [_item(r) for r in await cur.fetchall()]
 
+    async def select_items(
+        self, dataset_id: int, where: str, params: Sequence[Any], order: str, limit: int
+    ) -> list[Item]:
+        """A page of the dataset's items by a catalog query (catalog/query.py compiles
+        ``where`` and ``order`` from fixed column names and validated metadata names;
+        every value is one of ``params``)."""
+        sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND {where} ORDER BY {order} LIMIT ?"
+        async with self.reader.execute(sql, [dataset_id, *params, limit]) as cur:
+            return [_item(r) for r in await cur.fetchall()]
+
+    async def create_index(self, name: str, sql: str) -> bool:
+        """Run a ``CREATE INDEX IF NOT EXISTS`` (built by catalog/query.py); True when it was new."""
+        async with self._transaction():
+            async with self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)) as c:
+                known = await c.fetchone() is not None
+            if not known:
+                await self.db.execute(sql)
+        return not known
+
+    async def indexes(self, prefix: str) -> list[tuple[str, str]]:
+        """(name, sql) of the indexes whose names start with ``prefix``."""
+        async with self.reader.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name >= ? AND name < ? ORDER BY name",
+            (prefix, prefix + "\U0010ffff"),
+        ) as cur:
+            return [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+
     async def iter_items(
         self, dataset_id: int, prefix: str = "", page: int = 5000, state: ItemState | None = ItemState.LIVE
     ) -> AsyncIterator[Item]:

@@ -9,7 +9,6 @@ stay open for probes and scrapers.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import re
 from typing import Any, Protocol
@@ -19,6 +18,8 @@ from aiohttp import web
 
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
+from bucketsync.catalog import items as catalog_items
+from bucketsync.catalog import query
 from bucketsync.core import ranges
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -26,6 +27,7 @@ from bucketsync.core.errors import (
     ConfigError,
     DiskFull,
     FileFolderConflict,
+    InvalidFilter,
     InvalidKey,
     KeyFiltered,
     KeyNotStorable,
@@ -41,7 +43,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
 from bucketsync.core.model import Item, ItemState, OpState
 from bucketsync.downstream import opsctl
-from bucketsync.downstream.ops import META_NAME, Downstream
+from bucketsync.downstream.ops import Downstream
 from bucketsync.server import schemas
 from bucketsync.server.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
 
@@ -80,6 +82,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 # The one mapping from our error hierarchy to HTTP.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidFilter, 400, "invalid_filter"),
     (KeyFiltered, 400, "key_filtered"),
     (InvalidKey, 400, "invalid_key"),
     (KeyNotStorable, 400, "key_not_storable"),
@@ -220,18 +223,6 @@ CURSOR_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
 _CURSOR = re.compile(CURSOR_PATTERN)
 
 
-def encode_cursor(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    """The key to continue after. Any well-formed cursor positions the page (bytes that are not
-    UTF-8 decode with replacement characters); a malformed one is a 400 naming ``cursor``."""
-    if not _CURSOR.match(cursor):
-        raise ApiError(400, "invalid_parameter", "query parameter 'cursor' is not one this API handed out")
-    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8", "replace")
-
-
 async def _ledger_ds(request: web.Request, name: str) -> int:
     ledger = _agent(request).ledger
     assert ledger is not None
@@ -279,38 +270,67 @@ async def list_items(request: web.Request) -> web.Response:
     name = _dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
-    limit = _int(request, "limit", 100, 1, 1000)
     raw_state = request.query.get("state", "live")
     if raw_state not in ("live", "tombstone", "all"):
         raise ApiError(400, "invalid_parameter", "query parameter 'state' must be live, tombstone or all")
-    state = None if raw_state == "all" else ItemState(raw_state)
-    cursor = request.query.get("cursor")
     meta = {k[5:]: v for k, v in request.query.items() if k.startswith("meta.")}
-    unknown = set(request.query) - {"prefix", "limit", "cursor", "state"} - {f"meta.{k}" for k in meta}
+    known = {"prefix", "limit", "cursor", "state", "filter", "sort"}
+    unknown = set(request.query) - known - {f"meta.{k}" for k in meta}
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     for meta_name in meta:
-        if not META_NAME.match(meta_name):
+        if not query.META_NAME.match(meta_name):
             raise ApiError(
                 400, "invalid_parameter", f"query parameter 'meta.{meta_name}': {meta_name!r} is no metadata name"
             )
         _text(request, f"meta.{meta_name}")
-    items = await ledger.items(
-        await _ledger_ds(request, name),
+    cursor = request.query.get("cursor")
+    if cursor is not None and not _CURSOR.match(cursor):
+        raise ApiError(400, "invalid_parameter", "query parameter 'cursor' is not one this API handed out")
+    raw_filter = _text(request, "filter")
+    q = catalog_items.Query(
+        filter=query.parse_filter(raw_filter) if raw_filter else None,
+        sort=query.parse_sort(_text(request, "sort")),
+        cursor=cursor,
+        limit=_int(request, "limit", 100, 1, 1000),
+        state=None if raw_state == "all" else raw_state,
         prefix=_text(request, "prefix"),
-        after=decode_cursor(cursor) if cursor else None,
-        limit=limit + 1,
-        state=state,
         meta=meta,
     )
-    more = len(items) > limit
-    items = items[:limit]
+    items, next_cursor = await catalog_items.page(ledger, await _ledger_ds(request, name), q)
+    return web.json_response({"items": [i.as_json(full=True) for i in items], "next_cursor": next_cursor})
+
+
+async def list_indexes(request: web.Request) -> web.Response:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    _dataset(request)
+    return web.json_response({"indexes": await catalog_items.indexed_fields(ledger)})
+
+
+async def create_index(request: web.Request) -> web.Response:
+    """Index a field for every dataset (the index leads with the dataset's id)."""
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    _dataset(request)
+    body = await _json_body(request, '{"field": "metadata.NAME"}')
+    if set(body) != {"field"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"field": "metadata.NAME"} (or a system field)')
+    created = await catalog_items.ensure_index(ledger, body["field"])
     return web.json_response(
-        {
-            "items": [i.as_json(full=True) for i in items],
-            "next_cursor": encode_cursor(items[-1].key) if more and items else None,
-        }
+        {"field": body["field"], "created": created, "indexes": await catalog_items.indexed_fields(ledger)},
+        status=201 if created else 200,
     )
+
+
+async def _json_body(request: web.Request, shape: str) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_json", f"the body must be JSON: {shape}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", f"the body must be a JSON object: {shape}")
+    return body
 
 
 async def start_sync(request: web.Request) -> web.Response:
@@ -582,14 +602,39 @@ ROUTES: list[Route] = [
         "GET",
         f"{_DS}/items",
         list_items,
-        "a page of items ordered by key; meta.NAME=VALUE query parameters filter on user metadata",
+        "a page of items, by key unless sort says otherwise; filter is the catalog's JSON filter language "
+        "(docs/catalog.md); meta.NAME=VALUE query parameters also filter on user metadata (as text)",
         {200: schemas.ItemPage},
         params=(
             Param("prefix", "query", {"type": "string"}, "only keys that start with this"),
             _limit(100),
             Param("cursor", "query", {"type": "string", "pattern": CURSOR_PATTERN}, "next_cursor of the last page"),
             Param("state", "query", {"type": "string", "enum": ["live", "tombstone", "all"], "default": "live"}),
+            Param(
+                "filter",
+                "query",
+                {"type": "string"},
+                'a JSON filter, e.g. {"size": {"$gt": 1024}, "metadata.camera": "x100"}; '
+                "400 invalid_filter names the offending part",
+            ),
+            Param("sort", "query", {"type": "string"}, "FIELD or -FIELD (descending); key breaks ties"),
         ),
+    ),
+    Route(
+        "GET",
+        f"{_DS}/indexes",
+        list_indexes,
+        "the fields the ledger has an index on (indexes serve every dataset)",
+        {200: schemas.IndexList},
+    ),
+    Route(
+        "POST",
+        f"{_DS}/indexes",
+        create_index,
+        "index a field (metadata.NAME or a system field) for fast filters and sorts; 201 when new",
+        {201: schemas.IndexCreated, 200: schemas.IndexCreated},
+        errors=LEDGER,
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.IndexRequest)}}},
     ),
     Route(
         "POST",

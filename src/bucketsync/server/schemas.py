@@ -48,6 +48,19 @@ class ItemPage(_Body):
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
 
 
+class IndexList(_Body):
+    indexes: list[str] = Field(description="indexed fields: system fields and metadata.NAME")
+
+
+class IndexRequest(_Body):
+    field: str = Field(description="metadata.NAME or a system field (key, size, modified, mimetype, ...)")
+
+
+class IndexCreated(IndexList):
+    field: str
+    created: bool = Field(description="false when the index was there already")
+
+
 class Op(_Body):
     id: int
     dataset: str
@@ -211,6 +224,9 @@ MODELS: tuple[type[BaseModel], ...] = (
     Error,
     Item,
     ItemPage,
+    IndexList,
+    IndexRequest,
+    IndexCreated,
     Op,
     OpList,
     Outcome,

@@ -1,0 +1,97 @@
+"""Pages of items by a catalog query, and the indexes that serve them (the ledger edge
+of catalog/query.py: the API and the CLI both call these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bucketsync.catalog.query import (
+    META_PREFIX,
+    SYSTEM,
+    Compiled,
+    Field,
+    Sort,
+    after_sql,
+    compile_filter,
+    decode_cursor,
+    encode_cursor,
+    index_name,
+    index_sql,
+)
+from bucketsync.catalog.query import field as field_named
+from bucketsync.core.model import Item
+from bucketsync.ledger.sqlite import Ledger
+
+INDEX_PREFIX = "items_by_"
+
+
+@dataclass(slots=True)
+class Query:
+    """What a page asks for: a filter document, a sort, where to continue, how many.
+
+    ``state`` (None: every state), ``prefix`` and ``meta`` (name -> text) are the older
+    query parameters of ``GET .../items``; they combine with the filter.
+    """
+
+    filter: Any = None
+    sort: Sort = field(default_factory=lambda: Sort(SYSTEM["key"]))
+    cursor: str | None = None
+    limit: int = 100
+    state: str | None = "live"
+    prefix: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def compile(self) -> Compiled:
+        """The whole WHERE clause (after ``dataset_id = ?``); InvalidFilter on bad input."""
+        parts = [compile_filter(self.filter if self.filter is not None else {})]
+        if self.state is not None:
+            parts.append(Compiled("state = ?", [self.state]))
+        if self.prefix:
+            parts.append(compile_filter({"key": {"$prefix": self.prefix}}))
+        for name, value in self.meta.items():
+            # The older meta.NAME=VALUE parameters compare as text, whatever the stored type.
+            f = field_named(META_PREFIX + name, f"meta.{name}")
+            parts.append(Compiled(f"CAST({f.sql} AS TEXT) = ?", [value]))
+        if self.cursor is not None:
+            parts.append(after_sql(self.sort, *decode_cursor(self.sort, self.cursor)))
+        return Compiled(" AND ".join(p.sql for p in parts), [x for p in parts for x in p.params])
+
+
+def sort_value(item: Item, f: Field) -> Any:
+    """The item's value of the sort field, as the ledger holds it (for the next cursor)."""
+    if f.name.startswith(META_PREFIX):
+        value = item.meta.get(f.name[len(META_PREFIX) :])
+        return int(value) if isinstance(value, bool) else value
+    return getattr(item, f.sql)
+
+
+async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], str | None]:
+    """One page of items and the cursor of the next (None on the last page)."""
+    where = q.compile()
+    items = await ledger.select_items(dataset_id, where.sql, where.params, q.sort.order_sql(), q.limit + 1)
+    if len(items) <= q.limit:
+        return items, None
+    items = items[: q.limit]
+    last = items[-1]
+    return items, encode_cursor(q.sort, sort_value(last, q.sort.field), last.key)
+
+
+async def ensure_index(ledger: Ledger, name: str) -> bool:
+    """Index the field called ``name`` (ledger-wide: the index leads with the dataset id);
+    True when it was created now. InvalidFilter when the field is unknown."""
+    f = field_named(name, "index")
+    return await ledger.create_index(index_name(f), index_sql(f))
+
+
+async def indexed_fields(ledger: Ledger) -> list[str]:
+    """The fields the ledger has an index on, by their public names."""
+    by_sql = {index_name(f): f.name for f in SYSTEM.values() if f.name != "content_type"}
+    out = []
+    for name, sql in await ledger.indexes(INDEX_PREFIX):
+        if name in by_sql:
+            out.append(by_sql[name])
+        elif (start := sql.find("json_extract(meta, '$.\"")) != -1:
+            meta = sql[start + len("json_extract(meta, '$.\"") :].split('"', 1)[0]
+            out.append(META_PREFIX + meta)
+    return sorted(out)
