@@ -191,7 +191,7 @@ async def test_a_cursor_of_another_sort_is_refused(catalog: tuple[Ledger, int]) 
 async def test_an_index_serves_the_filter_and_the_sort(catalog: tuple[Ledger, int]) -> None:
     ledger, ds = catalog
     q = Query(filter={"metadata.camera": {"$gt": "a"}}, sort=query.parse_sort("metadata.camera"), limit=10)
-    where = q.compile()
+    (where,) = q.compile()
     sql = (
         "EXPLAIN QUERY PLAN SELECT id FROM items WHERE dataset_id = ? AND "
         f"{where.sql} ORDER BY {q.sort.order_sql()} LIMIT 10"

@@ -42,8 +42,9 @@ class Query:
     prefix: str = ""
     meta: dict[str, str] = field(default_factory=dict)
 
-    def compile(self) -> Compiled:
-        """The whole WHERE clause (after ``dataset_id = ?``); InvalidFilter on bad input."""
+    def compile(self) -> list[Compiled]:
+        """The WHERE clauses (after ``dataset_id = ?``) to query in turn for one page: one,
+        or two when the cursor's sort crosses the missing values. InvalidFilter on bad input."""
         parts = [compile_filter(self.filter if self.filter is not None else {})]
         if self.state is not None:
             parts.append(Compiled("state = ?", [self.state]))
@@ -53,9 +54,13 @@ class Query:
             # The older meta.NAME=VALUE parameters compare as text, whatever the stored type.
             f = field_named(META_PREFIX + name, f"meta.{name}")
             parts.append(Compiled(f"CAST({f.sql} AS TEXT) = ?", [value]))
+        segments = [Compiled("1", [])]
         if self.cursor is not None:
-            parts.append(after_sql(self.sort, *decode_cursor(self.sort, self.cursor)))
-        return Compiled(" AND ".join(p.sql for p in parts), [x for p in parts for x in p.params])
+            segments = after_sql(self.sort, *decode_cursor(self.sort, self.cursor))
+        return [
+            Compiled(" AND ".join(p.sql for p in [*parts, seg]), [x for p in [*parts, seg] for x in p.params])
+            for seg in segments
+        ]
 
 
 def sort_value(item: Item, f: Field) -> Any:
@@ -68,8 +73,12 @@ def sort_value(item: Item, f: Field) -> Any:
 
 async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], str | None]:
     """One page of items and the cursor of the next (None on the last page)."""
-    where = q.compile()
-    items = await ledger.select_items(dataset_id, where.sql, where.params, q.sort.order_sql(), q.limit + 1)
+    items: list[Item] = []
+    for where in q.compile():
+        want = q.limit + 1 - len(items)
+        items += await ledger.select_items(dataset_id, where.sql, where.params, q.sort.order_sql(), want)
+        if len(items) > q.limit:
+            break
     if len(items) <= q.limit:
         return items, None
     items = items[: q.limit]

@@ -295,23 +295,32 @@ def decode_cursor(sort: Sort, cursor: str) -> tuple[Any, str]:
     return value, key
 
 
-def after_sql(sort: Sort, value: Any, key: str) -> Compiled:
-    """Keyset pagination: the rows strictly after (value, key) in ``sort`` order.
+def after_sql(sort: Sort, value: Any, key: str) -> list[Compiled]:
+    """Keyset pagination: the rows strictly after (value, key) in ``sort`` order, as
+    conditions to query one after another (each in ``sort`` order) until a page is full.
 
-    SQLite orders NULL first ascending (last descending), and compares values of
-    different types in the same order it sorts them (numbers before text), so a
-    comparison on the bound value continues exactly where the sort left off.
+    SQLite orders NULL (a missing metadata name) first ascending and last descending,
+    and compares values of different types in the order it sorts them (numbers before
+    text), so a comparison on the bound value continues exactly where the sort left off.
+    The NULLs are a segment of their own: an ``OR col IS NULL`` would keep SQLite from
+    bounding its index range scan, and every page would walk the index from its start.
     """
     if sort.by_key:
-        return Compiled("key < ?" if sort.desc else "key > ?", [key])
+        return [Compiled("key < ?" if sort.desc else "key > ?", [key])]
     col = sort.field.sql
-    if sort.desc:
-        if value is None:
-            return Compiled(f"({col} IS NULL AND key < ?)", [key])
-        return Compiled(f"({col} < ? OR ({col} = ? AND key < ?) OR {col} IS NULL)", [value, value, key])
     if value is None:
-        return Compiled(f"(({col} IS NULL AND key > ?) OR {col} IS NOT NULL)", [key])
-    return Compiled(f"({col} > ? OR ({col} = ? AND key > ?))", [value, value, key])
+        if sort.desc:
+            return [Compiled(f"({col} IS NULL AND key < ?)", [key])]
+        return [Compiled(f"({col} IS NULL AND key > ?)", [key]), Compiled(f"{col} IS NOT NULL", [])]
+    # "a >= x AND (a > x OR k > y)", not "a > x OR (a = x AND k > y)": the bound on a alone
+    # starts the index range scan at the cursor (SQLite 3.40 uses no row value on an
+    # expression index). Only the ties of x before y are stepped over one by one.
+    if sort.desc:
+        return [
+            Compiled(f"({col} <= ? AND ({col} < ? OR key < ?))", [value, value, key]),
+            Compiled(f"{col} IS NULL", []),
+        ]
+    return [Compiled(f"({col} >= ? AND ({col} > ? OR key > ?))", [value, value, key])]
 
 
 # -- expression indexes -------------------------------------------------------------------
