@@ -142,3 +142,42 @@ def test_cli_items_where_and_sort(catalog: Catalog) -> None:
     assert [i["key"] for i in json_lines(limited.stdout)] == ["b/2.txt", "a/1.jpg"], describe(limited)
     assert bad.returncode == 2, describe(bad)
     assert "filter at $or[0].size.$near: unknown operator" in bad.stderr
+
+
+def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
+    d = catalog.daemon
+    r = d.api("PATCH", "/datasets/local", json_body={"metadata": {"team": "vision", "rank": 2, "tmp": "x"}})
+    assert r.status == 200 and r.body == {"dataset": "local", "metadata": {"team": "vision", "rank": 2, "tmp": "x"}}
+    r = d.api("PATCH", "/datasets/local", json_body={"metadata": {"tmp": None}})  # merged; null removes
+    assert r.body["metadata"] == {"team": "vision", "rank": 2}, r.body
+    assert d.api("PATCH", "/datasets/cloud", json_body={"metadata": {"team": "ops", "rank": 1}}).status == 200
+    bad = d.api("PATCH", "/datasets/cloud", json_body={"metadata": {"bad name": 1}})
+    assert bad.status == 400 and bad.body["error"]["code"] == "invalid_metadata", bad.body
+    assert d.api("PATCH", "/datasets/nope", json_body={"metadata": {"a": 1}}).status == 404
+
+    def names(**params: str) -> list[str]:
+        r = d.api("GET", "/datasets", params=params)
+        assert r.status == 200, r.body
+        return [s["dataset"] for s in r.body["datasets"]]
+
+    assert names(filter='{"metadata.team": "vision"}') == ["local"]
+    assert names(filter='{"metadata.rank": {"$lte": 2}}', sort="metadata.rank") == ["cloud", "local"]
+    assert names(sort="-metadata.rank") == ["local", "cloud"]
+    assert names(filter='{"name": {"$prefix": "clo"}}') == ["cloud"]
+    listed = d.api("GET", "/datasets").body["datasets"]
+    assert {s["dataset"]: s["metadata"] for s in listed} == {
+        "local": {"team": "vision", "rank": 2},
+        "cloud": {"team": "ops", "rank": 1},
+    }
+    r = d.api("GET", "/datasets", params={"filter": '{"metadata.rank": {"$gt": true}}'})
+    assert r.status == 400 and "metadata.rank.$gt" in r.body["error"]["message"], r.body
+
+    table, where = parallel(
+        lambda: cli(catalog.config, "datasets", "--columns", "team,metadata.rank", "--sort=-metadata.rank"),
+        lambda: cli(catalog.config, "datasets", "--json", "--where", '{"metadata.team": "ops"}'),
+    )
+    lines = table.stdout.splitlines()
+    assert table.returncode == 0 and lines[0].split() == ["DATASET", "ITEMS", "LAST", "RUN", "team", "metadata.rank"]
+    assert lines[1].split()[0] == "local" and lines[1].split()[-2:] == ["vision", "2"], describe(table)
+    assert lines[2].split()[0] == "cloud" and lines[2].split()[-2:] == ["ops", "1"], describe(table)
+    assert [s["dataset"] for s in json_lines(where.stdout)[0]["datasets"]] == ["cloud"], describe(where)

@@ -64,6 +64,8 @@ class Agent:
             if n := await self.ledger.fail_stale_runs():
                 log.warning("marked runs left running by a previous agent as failed", runs=n)
             resync = await self.ledger.resync_pending()
+            for name in self.settings.datasets:
+                await self.ledger.dataset_id(name)  # a row from the start: metadata and filters find it
             await self.ensure_indexes()
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
@@ -204,8 +206,9 @@ async def datasets_status(
     polled by dashboards, and recounting every dataset per request saturated the agent.
     """
     overview = await ledger.overview() if ledger is not None else {}
+    meta = await ledger.datasets_meta() if ledger is not None else {}
     return [
-        _status_row(settings, name, overview.get(name), loops.get(name))
+        _status_row(settings, name, overview.get(name), loops.get(name)) | {"metadata": meta.get(name, {})}
         for name in (names if names is not None else settings.datasets)
     ]
 

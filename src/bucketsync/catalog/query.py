@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,15 +76,20 @@ SYSTEM: dict[str, Field] = {
         Field("content_type", "content_type", "text", nullable=True),
     )
 }
+#: the fields of a dataset (``GET /datasets?filter=``), besides its metadata.NAME
+DATASET_FIELDS: dict[str, Field] = {
+    f.name: f for f in (Field("name", "name", "text"), Field("created", "created", "time"))
+}
 #: the item states a ``state`` condition may name
 STATES = ("live", "tombstone", "orphaned", "stale")
 
 
-def field(name: Any, at: str = "") -> Field:
-    """The field called ``name``, or InvalidFilter naming it and what is allowed."""
+def field(name: Any, at: str = "", fields: Mapping[str, Field] = SYSTEM) -> Field:
+    """The field called ``name`` among ``fields`` (the items' system fields by default) or
+    user metadata, else InvalidFilter naming it and what is allowed."""
     if not isinstance(name, str):
         raise InvalidFilter(at, "a field name must be a string")
-    if (known := SYSTEM.get(name)) is not None:
+    if (known := fields.get(name)) is not None:
         return known
     if name.startswith(META_PREFIX):
         meta = name[len(META_PREFIX) :]
@@ -92,7 +98,7 @@ def field(name: Any, at: str = "") -> Field:
         return Field(name, f"json_extract(meta, '$.\"{meta}\"')", "any", nullable=True)
     raise InvalidFilter(
         at or name,
-        f"unknown field {name!r}; system fields are {', '.join(SYSTEM)}, user metadata is metadata.NAME",
+        f"unknown field {name!r}; system fields are {', '.join(fields)}, user metadata is metadata.NAME",
     )
 
 
@@ -107,16 +113,17 @@ class Compiled:
     params: list[Any]
 
 
-def compile_filter(doc: Any) -> Compiled:
-    """The filter document as one SQL expression (``1`` for an empty filter).
+def compile_filter(doc: Any, fields: Mapping[str, Field] = SYSTEM) -> Compiled:
+    """The filter document as one SQL expression (``1`` for an empty filter) over a row
+    with ``fields`` and a ``meta`` JSON column (items by default; datasets pass theirs).
 
     Pure: the same document gives the same SQL, and no value of it is ever in the text.
     """
     budget = [MAX_CONDITIONS]
-    return _group(doc, "", 0, budget)
+    return _group(doc, "", 0, budget, fields)
 
 
-def _group(doc: Any, at: str, depth: int, budget: list[int]) -> Compiled:
+def _group(doc: Any, at: str, depth: int, budget: list[int], fields: Mapping[str, Field]) -> Compiled:
     if not isinstance(doc, dict):
         raise InvalidFilter(at or "$", "a filter must be a JSON object")
     if depth > MAX_DEPTH:
@@ -127,12 +134,12 @@ def _group(doc: Any, at: str, depth: int, budget: list[int]) -> Compiled:
         if name in ("$and", "$or"):
             if not isinstance(value, list) or not value:
                 raise InvalidFilter(here, f"{name} takes a non-empty list of filters")
-            subs = [_group(sub, f"{here}[{i}]", depth + 1, budget) for i, sub in enumerate(value)]
+            subs = [_group(sub, f"{here}[{i}]", depth + 1, budget, fields) for i, sub in enumerate(value)]
             parts.append(_join(subs, " AND " if name == "$and" else " OR "))
         elif name.startswith("$"):
             raise InvalidFilter(here, f"unknown operator {name!r} here; a filter's members are fields, $and or $or")
         else:
-            parts.append(_condition(field(name, here), value, here, budget))
+            parts.append(_condition(field(name, here, fields), value, here, budget))
     if not parts:
         return Compiled("1", [])
     return _join(parts, " AND ")
@@ -263,12 +270,12 @@ class Sort:
         return f"{self.field.sql}{way}, key{way}"
 
 
-def parse_sort(raw: str | None) -> Sort:
-    """``FIELD`` ascending or ``-FIELD`` descending; the default is by key."""
+def parse_sort(raw: str | None, fields: Mapping[str, Field] = SYSTEM) -> Sort:
+    """``FIELD`` ascending or ``-FIELD`` descending; the default is by key (by name for datasets)."""
     if not raw:
-        return Sort(SYSTEM["key"])
+        return Sort(next(iter(fields.values())) if fields is not SYSTEM else SYSTEM["key"])
     desc = raw.startswith("-")
-    return Sort(field(raw[1:] if desc else raw, "sort"), desc)
+    return Sort(field(raw[1:] if desc else raw, "sort", fields), desc)
 
 
 def encode_cursor(sort: Sort, value: Any, key: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from bucketsync import __version__
 from bucketsync.agent import Agent, datasets_status
+from bucketsync.catalog import datasets as catalog_datasets
 from bucketsync.catalog import items as catalog_items
 from bucketsync.catalog import query
 from bucketsync.cli.client import AgentClient, ApiCallFailed
@@ -252,6 +253,48 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.check and failing:
         print(f"check failed: {', '.join(failing)}", file=sys.stderr)
     return code
+
+
+async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
+    """One line per dataset: name, live items, last run, and the chosen metadata columns."""
+    names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+    for name in names:
+        query.field(name if name.startswith(query.META_PREFIX) else query.META_PREFIX + name, "--columns")
+    if _daemon_running(settings):
+        params = {k: v for k, v in (("filter", args.where), ("sort", args.sort)) if v}
+        async with AgentClient(settings) as client:
+            rows = (await client.call("GET", "/datasets", params=params))["datasets"]
+    else:
+        ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+        try:
+            wanted = list(settings.datasets)
+            if ledger is not None and (args.where or args.sort):
+                flt = query.parse_filter(args.where) if args.where else None
+                wanted = await catalog_datasets.matching(ledger, flt, args.sort, wanted)
+            elif ledger is None and args.where:
+                wanted = []  # no ledger, no metadata: nothing matches a filter
+            rows = await datasets_status(settings, ledger, {}, wanted)
+        finally:
+            if ledger is not None:
+                await ledger.close()
+    if args.json:
+        print_json({"datasets": rows})
+        return 0
+    table = [["DATASET", "ITEMS", "LAST RUN", *names]]
+    for r in rows:
+        last = r["last_run"]
+        table.append(
+            [
+                r["dataset"],
+                str(r["items"].get(ItemState.LIVE, 0)),
+                f"{last['status']} {last['ended'] or last['started']}" if last else "never",
+                *(shown(v) for v in catalog_datasets.columns(r, names)),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def _failing(row: dict[str, Any]) -> str | None:
@@ -637,6 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--sort", metavar="FIELD", help="order by FIELD, or -FIELD descending (default: key)")
     i.add_argument("--limit", type=_positive, metavar="N", help="at most N items")
     i.set_defaults(func=cmd_items)
+
+    dl = command("datasets", "one line per dataset; --where/--sort by its metadata, --columns shows metadata")
+    dl.add_argument("--where", metavar="FILTER", help="a JSON filter over name, created, metadata.NAME")
+    dl.add_argument("--sort", metavar="FIELD", help="name, created or metadata.NAME; --sort=-FIELD descending")
+    dl.add_argument("--columns", metavar="NAMES", help="metadata names to show as columns, comma-separated")
+    dl.add_argument("--json", action="store_true", help="print one JSON object (as status --json)")
+    dl.set_defaults(func=cmd_datasets)
 
     st = command("status", "every dataset: items, last run, next run")
     st.add_argument("--json", action="store_true", help="print one JSON object")

@@ -145,6 +145,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN gaps TEXT;
     """,
+    # catalog: a dataset's user metadata (a JSON object), merged by PATCH /datasets/{ds}.
+    """
+    ALTER TABLE datasets ADD COLUMN meta TEXT;
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -290,6 +294,8 @@ class Ledger:
         self._ids: dict[str, int] = {}
         #: False on a ledger older than the counts table (opened read-only, so not migrated)
         self._counts_table = True
+        #: (table, column) -> whether this ledger has it (a read-only ledger is not migrated)
+        self._columns: dict[tuple[str, str], bool] = {}
         #: the last overview and the reader's ``PRAGMA data_version`` it was read at
         self._overview: tuple[int, dict[str, tuple[dict[str, int], RunRecord | None]]] | None = None
         # One connection serves every dataset's run and the outbox: a transaction must
@@ -440,6 +446,46 @@ class Ledger:
             return None
         self._ids[name] = int(row[0])
         return self._ids[name]
+
+    async def merge_dataset_meta(self, dataset_id: int, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge a dataset's user metadata (JSON merge-patch: ``None`` removes a name); the result."""
+        async with self._transaction():
+            async with self.db.execute("SELECT meta FROM datasets WHERE id = ?", (dataset_id,)) as cur:
+                row = await cur.fetchone()
+            meta = json.loads(row[0]) if row and row[0] else {}
+            for k, v in patch.items():
+                if v is None:
+                    meta.pop(k, None)
+                else:
+                    meta[k] = v
+            await self.db.execute(
+                "UPDATE datasets SET meta = ? WHERE id = ?",
+                (json.dumps(meta, ensure_ascii=False) if meta else None, dataset_id),
+            )
+        return dict(meta)
+
+    async def datasets_meta(self) -> dict[str, dict[str, Any]]:
+        """Every dataset's user metadata by name (empty on a ledger from before it existed)."""
+        if not await self._has_column("datasets", "meta"):
+            return {}
+        async with self.reader.execute("SELECT name, meta FROM datasets") as cur:
+            return {str(n): json.loads(m) if m else {} for n, m in await cur.fetchall()}
+
+    async def select_datasets(self, where: str, params: Sequence[Any], order: str) -> list[str]:
+        """Names of the datasets a catalog query matches, in its order (catalog/datasets.py
+        compiles ``where`` and ``order``; every value is one of ``params``)."""
+        table = "datasets"
+        if not await self._has_column("datasets", "meta"):  # an old read-only ledger: no metadata yet
+            table = "(SELECT name, created, NULL AS meta FROM datasets)"
+        async with self.reader.execute(f"SELECT name FROM {table} WHERE {where} ORDER BY {order}", params) as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def _has_column(self, table: str, column: str) -> bool:
+        if (known := self._columns.get((table, column))) is not None:
+            return known
+        async with self.reader.execute(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,)) as c:
+            self._columns[(table, column)] = found = await c.fetchone() is not None
+        return found
 
     async def counts_by_state(self, dataset_id: int) -> dict[str, int]:
         """Items per state, from the trigger-kept counts table: one indexed lookup, however

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
+from bucketsync.catalog import datasets as catalog_datasets
 from bucketsync.catalog import items as catalog_items
 from bucketsync.catalog import query
 from bucketsync.core import ranges
@@ -260,10 +261,34 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def list_datasets(request: web.Request) -> web.Response:
     agent = _agent(request)
-    out = await datasets_status(agent.settings, agent.ledger, agent.loops)
+    unknown = set(request.query) - {"filter", "sort"}
+    if unknown:
+        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    names = list(agent.settings.datasets)
+    raw_filter, sort = _text(request, "filter"), _text(request, "sort")
+    if raw_filter or sort:
+        assert agent.ledger is not None
+        flt = query.parse_filter(raw_filter) if raw_filter else None
+        names = await catalog_datasets.matching(agent.ledger, flt, sort or None, names)
+    out = await datasets_status(agent.settings, agent.ledger, agent.loops, names)
     for status in out:
         status.update(agent.live_status(status["dataset"]))
     return web.json_response({"datasets": out})
+
+
+async def patch_dataset(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    body = await _json_body(request, '{"metadata": {...}}')
+    if set(body) != {"metadata"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"metadata": {...}}')
+    try:
+        patch = catalog_datasets.check_patch(body["metadata"])
+    except ValueError as exc:
+        raise ApiError(400, "invalid_metadata", str(exc)) from None
+    meta = await ledger.merge_dataset_meta(await _ledger_ds(request, name), patch)
+    return web.json_response({"dataset": name, "metadata": meta})
 
 
 async def list_items(request: web.Request) -> web.Response:
@@ -595,8 +620,22 @@ ROUTES: list[Route] = [
         "GET",
         f"{API}/datasets",
         list_datasets,
-        "every dataset: item counts, last run, readiness",
+        "every dataset: item counts, last run, readiness, user metadata; filter (the catalog's JSON filter "
+        "over name, created and metadata.NAME) and sort (FIELD or -FIELD) choose and order them",
         {200: schemas.DatasetList},
+        params=(
+            Param("filter", "query", {"type": "string"}, 'a JSON filter, e.g. {"metadata.team": "vision"}'),
+            Param("sort", "query", {"type": "string"}, "name, created or metadata.NAME; -FIELD descending"),
+        ),
+    ),
+    Route(
+        "PATCH",
+        _DS,
+        patch_dataset,
+        "merge the dataset's user metadata (null removes a name); catalog-only, never storage",
+        {200: schemas.DatasetMetadata},
+        errors=LEDGER,
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MetadataPatch)}}},
     ),
     Route(
         "GET",

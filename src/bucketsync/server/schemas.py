@@ -185,6 +185,7 @@ class DatasetStatus(_Body):
     )
     downstream_reason: str | None
     guard_blocked: bool = Field(description="the last run was stopped by the mass-delete guard")
+    metadata: dict[str, str | int | float | bool] = Field(description="the dataset's user metadata")
 
 
 class DatasetList(_Body):
@@ -197,6 +198,11 @@ class MetadataPatch(_Body):
     metadata: dict[str, str | int | float | bool | None] = Field(
         json_schema_extra={"propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"}}
     )
+
+
+class DatasetMetadata(_Body):
+    dataset: str
+    metadata: dict[str, str | int | float | bool] = Field(description="all of the dataset's user metadata now")
 
 
 class ReloadPlan(_Body):
@@ -227,6 +233,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     IndexList,
     IndexRequest,
     IndexCreated,
+    DatasetMetadata,
     Op,
     OpList,
     Outcome,
