@@ -108,12 +108,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--ledger", type=Path, help="keep the ledger here and reuse it when it exists (same --items)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ledger.db"
-        t = time.perf_counter()
-        build(path, args.items)
-        print(f"built {args.items:,} items in {time.perf_counter() - t:.1f} s")
+        path = args.ledger or Path(tmp) / "ledger.db"
+        if not path.exists():
+            t = time.perf_counter()
+            build(path, args.items)
+            print(f"built {args.items:,} items in {time.perf_counter() - t:.1f} s")
         rows = asyncio.run(measure(path, args.repeat))
     print(f"\n| field | query (page of 100, {args.items:,} items) | median | max | items |")
     print("| --- | --- | ---: | ---: | ---: |")

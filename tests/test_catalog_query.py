@@ -176,6 +176,26 @@ async def test_sort_and_every_page_size_walk_the_same_order(
         assert walked == expected, f"page size {size}"
 
 
+@pytest.mark.parametrize("size", [1, 3])
+async def test_a_sort_the_filter_pins_walks_by_key(catalog: tuple[Ledger, int], size: int) -> None:
+    """Held to one value by the filter, the sort field orders as the key does (SQLite then
+    walks the field's index instead of sorting every match), across pages."""
+    ledger, ds = catalog
+    flt = {"metadata.camera": {"$eq": "x100"}, "size": {"$gt": 0}}
+    assert query.pinned(flt, query.field("metadata.camera"))
+    assert not query.pinned({"metadata.camera": {"$gt": "x"}}, query.field("metadata.camera"))
+    assert not query.pinned({"$or": [{"metadata.camera": "x"}]}, query.field("metadata.camera"))
+    for sort in ("metadata.camera", "-metadata.camera"):
+        q = Query(filter=flt, sort=query.parse_sort(sort), limit=size)
+        walked: list[str] = []
+        while True:
+            page, q.cursor = await catalog_items.page(ledger, ds, q)
+            walked += [i.key for i in page]
+            if q.cursor is None:
+                break
+        assert walked == (["a/1.jpg", "a/2.jpg"] if sort[0] != "-" else ["a/2.jpg", "a/1.jpg"])
+
+
 async def test_a_cursor_of_another_sort_is_refused(catalog: tuple[Ledger, int]) -> None:
     ledger, ds = catalog
     _, cursor = await catalog_items.page(ledger, ds, Query(limit=1))

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
-from e2e import Daemon, cli, describe, json_lines, local_driver, parallel, write_config, write_files
+from e2e import Daemon, cli, describe, json_lines, local_driver, parallel, poll, write_config, write_files
 from emulators.s3 import PREFIX, REGION, S3Emulator
 
 FILES = {"a/1.jpg": b"1" * 10, "a/2.jpg": b"2" * 20, "a/3.png": b"3" * 30, "b/1.jpg": b"4" * 40, "b/2.txt": b"5"}
@@ -23,21 +23,29 @@ META = {
     "b/1.jpg": {"camera": "gr3"},
 }
 DATASETS = ("local", "cloud")
+#: what the folder deletes remove: "trash" (a local folder, allow_delete) and "bin" (SeaweedFS, no allow_delete)
+TRASH = {"keep/1": "k", "keep/2": "k", "keep/3": "k", "gone/x/1": "g", "gone/2": "g"}
 
 
 @dataclass
 class Catalog:
     daemon: Daemon
     config: Path
+    root: Path
+    emulator: S3Emulator
+    bucket: str
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> Iterator[Catalog]:
     root = tmp_path_factory.mktemp("catalog")
     write_files(root / "files", FILES)
+    write_files(root / "trash", TRASH)
     bucket = seaweedfs.new_bucket()
     for key, body in FILES.items():
         seaweedfs.client().put_object(Bucket=bucket, Key=PREFIX + key, Body=body)
+    for key, text in TRASH.items():
+        seaweedfs.client().put_object(Bucket=bucket, Key=f"bin/{key}", Body=text.encode())
     integrations = {
         "aws_test": {
             "kind": "aws",
@@ -48,21 +56,28 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> 
     s3 = {"url": f"s3://{bucket}/{PREFIX}", "integration": "aws_test", "endpoint_url": seaweedfs.endpoint_url}
     config = write_config(
         root,
-        {"files": local_driver(root / "files"), "bucket": {**s3, "region": REGION}},
+        {
+            "files": local_driver(root / "files"),
+            "bucket": {**s3, "region": REGION},
+            "trash": local_driver(root / "trash", allow_delete=True),
+            "bin": {**s3, "url": f"s3://{bucket}/bin/", "region": REGION},
+        },
         {
             "local": {"driver": "files", "sync": "manual", "indexes": ["metadata.camera"]},
             "cloud": {"driver": "bucket", "sync": "manual"},
+            "trash": {"driver": "trash", "sync": "manual"},
+            "bin": {"driver": "bin", "sync": "manual"},
         },
         integrations,
     )
     with Daemon(config) as daemon:
-        for ds in DATASETS:
+        for ds in (*DATASETS, "trash", "bin"):
             run = daemon.api("POST", f"/datasets/{ds}/sync", params={"wait": "true"})
             assert run.status == 200 and run.body["status"] == "ok", run.body
-            for key, meta in META.items():
+            for key, meta in META.items() if ds in DATASETS else ():
                 r = daemon.api("PATCH", f"/datasets/{ds}/items/{quote(key, safe='')}", json_body={"metadata": meta})
                 assert r.status == 200, r.body
-        yield Catalog(daemon, config)
+        yield Catalog(daemon, config, root, seaweedfs, bucket)
 
 
 def page(c: Catalog, ds: str, **params: Any) -> tuple[list[str], str | None]:
@@ -162,12 +177,14 @@ def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
 
     assert names(filter='{"metadata.team": "vision"}') == ["local"]
     assert names(filter='{"metadata.rank": {"$lte": 2}}', sort="metadata.rank") == ["cloud", "local"]
-    assert names(sort="-metadata.rank") == ["local", "cloud"]
+    assert names(sort="-metadata.rank") == ["local", "cloud", "trash", "bin"]  # missing last, then by name
     assert names(filter='{"name": {"$prefix": "clo"}}') == ["cloud"]
     listed = d.api("GET", "/datasets").body["datasets"]
     assert {s["dataset"]: s["metadata"] for s in listed} == {
         "local": {"team": "vision", "rank": 2},
         "cloud": {"team": "ops", "rank": 1},
+        "trash": {},
+        "bin": {},
     }
     r = d.api("GET", "/datasets", params={"filter": '{"metadata.rank": {"$gt": true}}'})
     assert r.status == 400 and "metadata.rank.$gt" in r.body["error"]["message"], r.body
@@ -181,3 +198,81 @@ def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
     assert lines[1].split()[0] == "local" and lines[1].split()[-2:] == ["vision", "2"], describe(table)
     assert lines[2].split()[0] == "cloud" and lines[2].split()[-2:] == ["ops", "1"], describe(table)
     assert [s["dataset"] for s in json_lines(where.stdout)[0]["datasets"]] == ["cloud"], describe(where)
+
+
+@pytest.mark.parametrize("ds", DATASETS)
+def test_folders_from_the_ledger(catalog: Catalog, ds: str) -> None:
+    d = catalog.daemon
+    top = d.api("GET", f"/datasets/{ds}/folders")
+    assert top.status == 200, top.body
+    assert top.body == {
+        "parent": "",
+        "folders": [
+            {"name": "a", "path": "a/", "items": 3, "size": 60},
+            {"name": "b", "path": "b/", "items": 2, "size": 41},
+        ],
+        "items": 0,
+        "size": 0,
+    }
+    inside = d.api("GET", f"/datasets/{ds}/folders", params={"parent": "a"}).body
+    assert inside == {"parent": "a/", "folders": [], "items": 3, "size": 60}
+    bad = d.api("GET", f"/datasets/{ds}/folders", params={"parent": "../etc"})
+    assert bad.status == 400 and bad.body["error"]["code"] == "invalid_key", bad.body
+    # an empty folder cannot exist in a bucket: refused in a synced dataset, saying why
+    made = d.api("POST", f"/datasets/{ds}/folders", json_body={"path": "c/d"})
+    assert made.status == 403 and made.body["error"]["code"] == "empty_folders_unsupported", made.body
+    assert "object storage has no folders" in made.body["error"]["message"]
+
+
+def test_ls_lists_folders_then_items(catalog: Catalog) -> None:
+    top, inside, long = parallel(
+        lambda: cli(catalog.config, "ls", "local"),
+        lambda: cli(catalog.config, "ls", "cloud/a/", "--json"),
+        lambda: cli(catalog.config, "ls", "local/a", "-l"),
+    )
+    assert top.stdout.splitlines() == ["a/", "b/"], describe(top)
+    assert [(o["type"], o["key"]) for o in json_lines(inside.stdout)] == [
+        ("item", "a/1.jpg"),
+        ("item", "a/2.jpg"),
+        ("item", "a/3.png"),
+    ], describe(inside)
+    assert [line.split()[0] for line in long.stdout.splitlines()] == ["10", "20", "30"], describe(long)
+
+
+def _wait_done(d: Daemon, ops: list[int]) -> None:
+    def settled() -> bool | None:
+        return all(d.api("GET", f"/ops/{op}").body["state"] == "done" for op in ops) or None
+
+    poll(settled, what="the folder's delete ops to finish")
+
+
+def test_delete_folder_with_allow_delete_queues_ops_under_the_guard(catalog: Catalog) -> None:
+    d = catalog.daemon
+    gone = d.api("DELETE", "/datasets/trash/folders/gone", params={"force": "false"})
+    assert gone.status == 202 and gone.body["result"] == "deleted" and gone.body["items"] == 2, gone.body
+    _wait_done(d, gone.body["ops"])
+    assert not (catalog.root / "trash" / "gone" / "2").exists()
+    assert not (catalog.root / "trash" / "gone" / "x" / "1").exists()
+    assert page(catalog, "trash")[0] == ["keep/1", "keep/2", "keep/3"]
+    # every remaining item at once: past max_delete_ratio, refused whole unless forced
+    keep = d.api("DELETE", "/datasets/trash/folders/keep%2F")
+    assert keep.status == 403 and keep.body["error"]["code"] == "max_delete_ratio", keep.body
+    assert (catalog.root / "trash" / "keep" / "1").exists()
+    forced = d.api("DELETE", "/datasets/trash/folders/keep", params={"force": "true"})
+    assert forced.status == 202 and forced.body["items"] == 3, forced.body
+    _wait_done(d, forced.body["ops"])
+    assert not (catalog.root / "trash" / "keep").exists() or not any((catalog.root / "trash" / "keep").iterdir())
+    again = d.api("DELETE", "/datasets/trash/folders/keep", params={"force": "true"})
+    assert again.status == 404, again.body
+
+
+def test_delete_folder_without_allow_delete_tombstones_and_storage_keeps_the_objects(catalog: Catalog) -> None:
+    d = catalog.daemon
+    r = d.api("DELETE", "/datasets/bin/folders/gone")
+    assert r.status == 200 and r.body == {"folder": "gone/", "result": "tombstoned", "items": 2, "ops": []}, r.body
+    assert page(catalog, "bin", state="tombstone")[0] == ["gone/2", "gone/x/1"]
+    for key in ("gone/2", "gone/x/1"):
+        catalog.emulator.client().head_object(Bucket=catalog.bucket, Key=f"bin/{key}")  # still there
+    assert d.api("GET", "/datasets/bin/folders").body["folders"] == [
+        {"name": "keep", "path": "keep/", "items": 3, "size": 3}
+    ]

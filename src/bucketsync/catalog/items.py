@@ -16,8 +16,10 @@ from bucketsync.catalog.query import (
     compile_filter,
     decode_cursor,
     encode_cursor,
+    fields_of,
     index_name,
     index_sql,
+    pinned,
 )
 from bucketsync.catalog.query import field as field_named
 from bucketsync.core.model import Item
@@ -73,10 +75,13 @@ def sort_value(item: Item, f: Field) -> Any:
 
 async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], str | None]:
     """One page of items and the cursor of the next (None on the last page)."""
+    wheres = q.compile()  # InvalidFilter before anything is read
+    order = q.sort.order_sql(pinned(q.filter, q.sort.field))
+    scan = await _scan_table(ledger, q)
     items: list[Item] = []
-    for where in q.compile():
+    for where in wheres:
         want = q.limit + 1 - len(items)
-        items += await ledger.select_items(dataset_id, where.sql, where.params, q.sort.order_sql(), want)
+        items += await ledger.select_items(dataset_id, where.sql, where.params, order, want, scan=scan)
         if len(items) > q.limit:
             break
     if len(items) <= q.limit:
@@ -84,6 +89,22 @@ async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], s
     items = items[: q.limit]
     last = items[-1]
     return items, encode_cursor(q.sort, sort_value(last, q.sort.field), last.key)
+
+
+async def _scan_table(ledger: Ledger, q: Query) -> bool:
+    """Whether to read the dataset's rows in table order rather than through an index.
+
+    Sorted by a field no index holds, and filtered on none, SQLite would still walk the
+    (dataset, key) index for ``dataset_id = ?`` and fetch every row from the table in
+    key order: one random read per item, 14 s at 1,000,000 items where a sequential scan
+    and a top-100 sort take a fraction of that. Key order keeps the index: it stops at
+    the 101st match.
+    """
+    if q.sort.by_key:
+        return False
+    built = {name for name, _sql in await ledger.indexes(INDEX_PREFIX)}
+    used = [q.sort.field, *fields_of(q.filter)]
+    return not any(index_name(f) in built for f in used)
 
 
 async def ensure_index(ledger: Ledger, name: str) -> bool:

@@ -263,11 +263,49 @@ class Sort:
     def by_key(self) -> bool:
         return self.field.sql == "key"
 
-    def order_sql(self) -> str:
+    def order_sql(self, pinned: bool = False) -> str:
+        """ORDER BY; ``pinned`` when the filter holds the field to one value: then key order
+        is the same order, and SQLite walks the field's index without sorting the matches."""
         way = " DESC" if self.desc else ""
-        if self.by_key:
+        if self.by_key or pinned:
             return f"key{way}"
         return f"{self.field.sql}{way}, key{way}"
+
+
+def fields_of(doc: Any, fields: Mapping[str, Field] = SYSTEM) -> list[Field]:
+    """Every field a (valid) filter names, at any depth."""
+    out: list[Field] = []
+    if isinstance(doc, dict):
+        for name, value in doc.items():
+            if name in ("$and", "$or") and isinstance(value, list):
+                for sub in value:
+                    out += fields_of(sub, fields)
+            elif not name.startswith("$"):
+                out.append(field(name, name, fields))
+    return out
+
+
+def pinned(doc: Any, f: Field) -> bool:
+    """Whether the filter's top level holds ``f`` to one value (``f: v`` or ``{"$eq": v}``, v not null)."""
+    if not isinstance(doc, dict):
+        return False
+    for name, cond in doc.items():
+        if name.startswith("$") or field(name, name).sql != f.sql:
+            continue
+        value = cond.get("$eq") if isinstance(cond, dict) else cond
+        if value is not None and not isinstance(value, (dict, list)):
+            return True
+    return False
+
+
+def field_pattern(fields: Mapping[str, Field] = SYSTEM) -> str:
+    """A regular expression of every field name (for the API document)."""
+    return "(?:" + "|".join(re.escape(n) for n in fields) + r"|metadata\.[A-Za-z0-9_.-]{1,64})"
+
+
+def sort_pattern(fields: Mapping[str, Field] = SYSTEM) -> str:
+    """A regular expression of every ``sort`` value, the empty default included."""
+    return f"^(?:-?{field_pattern(fields)})?$"
 
 
 def parse_sort(raw: str | None, fields: Mapping[str, Field] = SYSTEM) -> Sort:

@@ -21,8 +21,8 @@ from typing import Any
 from bucketsync import __version__
 from bucketsync.agent import Agent, datasets_status
 from bucketsync.catalog import datasets as catalog_datasets
+from bucketsync.catalog import folders, query
 from bucketsync.catalog import items as catalog_items
-from bucketsync.catalog import query
 from bucketsync.cli.client import AgentClient, ApiCallFailed
 from bucketsync.cli.display import ProgressLine, dumps, print_json, safe_text, shown
 from bucketsync.config import Settings, load_settings
@@ -253,6 +253,41 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.check and failing:
         print(f"check failed: {', '.join(failing)}", file=sys.stderr)
     return code
+
+
+async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
+    """``ls DS[/PREFIX]``: the folders directly under PREFIX (with '/'), then its items, as
+    ``rclone lsf`` shows them; from the ledger, beside a running agent too."""
+    dataset, _, prefix = args.path.partition("/")
+    settings.dataset(dataset)
+    parent = folders.parent_of(prefix)
+    if not settings.agent.ledger.exists():
+        return 0
+    ledger = await Ledger.open(settings.agent.ledger, readonly=True)
+    try:
+        ds_id = await ledger.find_dataset(dataset)
+        if ds_id is None:
+            return 0
+        found = await folders.listing(ledger, ds_id, parent)
+        for f in found.folders:
+            if args.json:
+                print_json({"type": "folder", **f.as_json()})
+            else:
+                print(f"{shown(f.name)}/" if not args.long else f"{f.size:>12}  {f.items:>8} items  {shown(f.name)}/")
+        after: str | None = None
+        while batch := await ledger.direct_items(ds_id, parent, str(ItemState.LIVE), after, 1000):
+            for item in batch:
+                name = item.key[len(parent) :]
+                if args.json:
+                    print_json({"type": "item", **item.as_json(full=True)})
+                elif args.long:
+                    print(f"{item.size:>12}  {item.as_json()['modified']}  {shown(name)}")
+                else:
+                    print(shown(name))
+            after = batch[-1].key
+    finally:
+        await ledger.close()
+    return 0
 
 
 async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
@@ -680,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--sort", metavar="FIELD", help="order by FIELD, or -FIELD descending (default: key)")
     i.add_argument("--limit", type=_positive, metavar="N", help="at most N items")
     i.set_defaults(func=cmd_items)
+
+    ls = command("ls", "folders (ending in '/') then items directly under DATASET[/PREFIX], from the ledger")
+    ls.add_argument("path", metavar="DATASET[/PREFIX]", help="a dataset, or a folder in it: photos/2024/03")
+    ls.add_argument("-l", "--long", action="store_true", help="sizes, item counts and modified times too")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line, with a type: folder or item")
+    ls.set_defaults(func=cmd_ls)
 
     dl = command("datasets", "one line per dataset; --where/--sort by its metadata, --columns shows metadata")
     dl.add_argument("--where", metavar="FILTER", help="a JSON filter over name, created, metadata.NAME")

@@ -954,14 +954,70 @@ class Ledger:
             return [_item(r) for r in await cur.fetchall()]
 
     async def select_items(
-        self, dataset_id: int, where: str, params: Sequence[Any], order: str, limit: int
+        self, dataset_id: int, where: str, params: Sequence[Any], order: str, limit: int, *, scan: bool = False
     ) -> list[Item]:
         """A page of the dataset's items by a catalog query (catalog/query.py compiles
         ``where`` and ``order`` from fixed column names and validated metadata names;
-        every value is one of ``params``)."""
-        sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND {where} ORDER BY {order} LIMIT ?"
+        every value is one of ``params``). ``scan`` reads the table in its own order
+        (``+dataset_id`` keeps SQLite off the key index), for a sort no index serves."""
+        ds = "+dataset_id" if scan else "dataset_id"
+        sql = f"SELECT {_ITEM_COLS} FROM items WHERE {ds} = ? AND {where} ORDER BY {order} LIMIT ?"
         async with self.reader.execute(sql, [dataset_id, *params, limit]) as cur:
             return [_item(r) for r in await cur.fetchall()]
+
+    async def folder_counts(self, dataset_id: int, parent: str, state: str) -> list[tuple[str, int, int]]:
+        """(name, items, bytes) of each sub-folder directly under ``parent`` ("" or ending in
+        "/"), with everything beneath it; a name "" counts the items directly in ``parent``.
+        One range scan of the (dataset, key) index; keys are derived into folders here."""
+        n = len(parent)
+        async with self.reader.execute(
+            "SELECT CASE WHEN instr(substr(key, ?1 + 1), '/') > 0 "
+            "THEN substr(key, ?1 + 1, instr(substr(key, ?1 + 1), '/') - 1) ELSE '' END AS folder, count(*), sum(size) "
+            "FROM items WHERE dataset_id = ?2 AND key >= ?3 AND key < ?4 AND state = ?5 "
+            "GROUP BY folder ORDER BY folder",
+            (n, dataset_id, parent, parent + "\U0010ffff", state),
+        ) as cur:
+            return [(str(r[0]), int(r[1]), int(r[2] or 0)) for r in await cur.fetchall()]
+
+    async def direct_items(self, dataset_id: int, parent: str, state: str, after: str | None, limit: int) -> list[Item]:
+        """Items directly in ``parent`` (no further '/'), by key, after ``after``."""
+        async with self.reader.execute(
+            f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?1 AND key > ?2 AND key < ?3 AND state = ?4 "
+            "AND instr(substr(key, ?5 + 1), '/') = 0 ORDER BY key LIMIT ?6",
+            (
+                dataset_id,
+                after if after is not None and after > parent else parent,
+                parent + "\U0010ffff",
+                state,
+                len(parent),
+                limit,
+            ),
+        ) as cur:
+            return [_item(r) for r in await cur.fetchall()]
+
+    async def tombstone_many(self, ids: Sequence[int]) -> None:
+        """Tombstone items in one transaction (a folder delete without allow_delete)."""
+        now = time.time()
+        async with self._transaction():
+            await self.db.executemany(
+                "UPDATE items SET state = 'tombstone', updated = ? WHERE id = ?", [(now, i) for i in ids]
+            )
+
+    async def enqueue_deletes(self, dataset_id: int, targets: Sequence[tuple[str, str | None]]) -> list[int]:
+        """One delete op per (key, etag), all in one transaction: a folder delete is queued
+        whole or not at all."""
+        now = time.time()
+        out = []
+        async with self._transaction():
+            for key, etag in targets:
+                cur = await self.db.execute(
+                    "INSERT INTO ops (dataset_id, kind, key, if_match, created, updated, next_at) "
+                    "VALUES (?, 'delete', ?, ?, ?, ?, ?)",
+                    (dataset_id, key, etag, now, now, now),
+                )
+                assert cur.lastrowid is not None
+                out.append(cur.lastrowid)
+        return out
 
     async def create_index(self, name: str, sql: str) -> bool:
         """Run a ``CREATE INDEX IF NOT EXISTS`` (built by catalog/query.py); True when it was new."""

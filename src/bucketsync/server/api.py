@@ -19,8 +19,8 @@ from aiohttp import web
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
 from bucketsync.catalog import datasets as catalog_datasets
+from bucketsync.catalog import folders, query
 from bucketsync.catalog import items as catalog_items
-from bucketsync.catalog import query
 from bucketsync.core import ranges
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -326,6 +326,40 @@ async def list_items(request: web.Request) -> web.Response:
     return web.json_response({"items": [i.as_json(full=True) for i in items], "next_cursor": next_cursor})
 
 
+async def list_folders(request: web.Request) -> web.Response:
+    """The sub-folders of ``parent`` with item counts and sizes, from the ledger alone."""
+    name = _dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    unknown = set(request.query) - {"parent", "state"}
+    if unknown:
+        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    state = request.query.get("state", "live")
+    if state not in ("live", "tombstone"):
+        raise ApiError(400, "invalid_parameter", "query parameter 'state' must be live or tombstone")
+    parent = folders.parent_of(_text(request, "parent"))
+    found = await folders.listing(ledger, await _ledger_ds(request, name), parent, state)
+    return web.json_response(found.as_json())
+
+
+async def create_folder(request: web.Request) -> web.Response:
+    _dataset(request)
+    body = await _json_body(request, '{"path": "a/b"}')
+    if set(body) != {"path"} or not isinstance(body["path"], str):
+        raise ApiError(400, "invalid_request", 'the body must be {"path": "a/b"}')
+    folders.parent_of(body["path"])  # a bad path is a 400 before the refusal
+    folders.refuse_empty_folder(body["path"])  # every dataset is synced: see catalog/folders.py
+
+
+async def delete_folder(request: web.Request) -> web.Response:
+    name = _dataset(request)
+    folder = folders.parent_of(request.match_info["path"])
+    if not folder:
+        raise ApiError(400, "invalid_key", "the top of a dataset is not a folder to delete")
+    out = await folders.delete_folder(_agent(request), name, folder, force=_bool(request, "force"))
+    return web.json_response(out.as_json(), status=202 if out.ops else 200)
+
+
 async def list_indexes(request: web.Request) -> web.Response:
     ledger = _agent(request).ledger
     assert ledger is not None
@@ -585,6 +619,12 @@ PATH_PARAMS = {
     ),
     "run": Param("run", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "a run's id"),
     "op": Param("op", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "an op's id"),
+    "path": Param(
+        "path",
+        "path",
+        {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN},
+        "a folder's path as one path segment ('/' as %2F), with or without its trailing '/'",
+    ),
 }
 
 
@@ -625,7 +665,12 @@ ROUTES: list[Route] = [
         {200: schemas.DatasetList},
         params=(
             Param("filter", "query", {"type": "string"}, 'a JSON filter, e.g. {"metadata.team": "vision"}'),
-            Param("sort", "query", {"type": "string"}, "name, created or metadata.NAME; -FIELD descending"),
+            Param(
+                "sort",
+                "query",
+                {"type": "string", "pattern": query.sort_pattern(query.DATASET_FIELDS)},
+                "name, created or metadata.NAME; -FIELD descending (default: config order)",
+            ),
         ),
     ),
     Route(
@@ -656,8 +701,46 @@ ROUTES: list[Route] = [
                 'a JSON filter, e.g. {"size": {"$gt": 1024}, "metadata.camera": "x100"}; '
                 "400 invalid_filter names the offending part",
             ),
-            Param("sort", "query", {"type": "string"}, "FIELD or -FIELD (descending); key breaks ties"),
+            Param(
+                "sort",
+                "query",
+                {"type": "string", "pattern": query.sort_pattern()},
+                "FIELD or -FIELD (descending); key breaks ties; a cursor belongs to its sort",
+            ),
         ),
+    ),
+    Route(
+        "GET",
+        f"{_DS}/folders",
+        list_folders,
+        "the sub-folders of parent (derived from keys) with their item counts and bytes, and the totals of "
+        "the items directly in parent; answered from the ledger, never from storage",
+        {200: schemas.FolderListing},
+        params=(
+            Param("parent", "query", {"type": "string"}, "a folder path (a/b or a/b/); empty: the top"),
+            Param("state", "query", {"type": "string", "enum": ["live", "tombstone"], "default": "live"}),
+        ),
+    ),
+    Route(
+        "POST",
+        f"{_DS}/folders",
+        create_folder,
+        "create an empty folder: refused (403 empty_folders_unsupported) in a synced dataset, whose bucket "
+        "has no folders, only keys",
+        {},
+        errors=(403,),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.FolderCreate)}}},
+    ),
+    Route(
+        "DELETE",
+        f"{_DS}/folders/{{path}}",
+        delete_folder,
+        "delete every live item under the folder through the gate, as one operation: the mass-delete guard "
+        "counts them together (force=true passes it); tombstoned without allow_delete, else one delete op "
+        "per item queued in one transaction (202)",
+        {200: schemas.FolderDeleted, 202: schemas.FolderDeleted},
+        errors=(403, *LEDGER),
+        params=(_flag("force", "pass the mass-delete guard"),),
     ),
     Route(
         "GET",

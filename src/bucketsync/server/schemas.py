@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bucketsync.catalog.query import field_pattern
+
 Timestamp = str  # ISO 8601 UTC, "2024-05-01T12:00:00Z"
 
 
@@ -53,7 +55,10 @@ class IndexList(_Body):
 
 
 class IndexRequest(_Body):
-    field: str = Field(description="metadata.NAME or a system field (key, size, modified, mimetype, ...)")
+    field: str = Field(
+        description="metadata.NAME or a system field (key, size, modified, mimetype, ...)",
+        pattern=f"^{field_pattern()}$",
+    )
 
 
 class IndexCreated(IndexList):
@@ -205,6 +210,33 @@ class DatasetMetadata(_Body):
     metadata: dict[str, str | int | float | bool] = Field(description="all of the dataset's user metadata now")
 
 
+class Folder(_Body):
+    name: str
+    path: str = Field(description="the folder's path, ending in '/'")
+    items: int = Field(description="live items under it, at any depth")
+    size: int = Field(description="their bytes")
+
+
+class FolderListing(_Body):
+    parent: str
+    folders: list[Folder]
+    items: int = Field(description="items directly in parent")
+    size: int = Field(description="their bytes")
+
+
+class FolderCreate(_Body):
+    path: str
+
+
+class FolderDeleted(_Body):
+    folder: str
+    result: Literal["deleted", "tombstoned"] = Field(
+        description="deleted: delete ops queued (allow_delete); tombstoned: the objects stay"
+    )
+    items: int
+    ops: list[int] = Field(description="the queued delete ops (see /ops)")
+
+
 class ReloadPlan(_Body):
     """What a reload did, by dataset name."""
 
@@ -234,6 +266,10 @@ MODELS: tuple[type[BaseModel], ...] = (
     IndexRequest,
     IndexCreated,
     DatasetMetadata,
+    Folder,
+    FolderListing,
+    FolderCreate,
+    FolderDeleted,
     Op,
     OpList,
     Outcome,
