@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # Locks are resolved for the image's and CI's platform; every file of each pinned release is hashed.
 LOCK_ARGS := --generate-hashes --python-version 3.11.7 --python-platform x86_64-manylinux_2_28 --no-header
 
+# The suite runs on up to 4 workers (one per core), a test file per worker: its daemons and
+# emulators wait on I/O much of the time, and module fixtures stay shared within a file.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 .PHONY: run test lint bench clean lock system-tools
 
 $(BIN)/python:
@@ -45,6 +49,8 @@ system-tools: | $(BIN)/python
 ## Re-resolve requirements.lock (runtime: the image) and requirements-test.lock (CI) from PyPI.
 lock: | $(BIN)/python
 	$(BIN)/pip install -q uv
+	@# Seeded with the current locks: uv keeps every pin it can and moves only what pyproject.toml asks.
+	cp requirements.lock requirements.lock.new && cp requirements-test.lock requirements-test.lock.new
 	$(BIN)/uv pip compile pyproject.toml $(LOCK_ARGS) --only-binary :all: -o requirements.lock.new
 	$(BIN)/uv pip compile pyproject.toml --extra test $(LOCK_ARGS) -o requirements-test.lock.new
 	{ sed -n '1,3p' requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp && mv requirements.lock.tmp requirements.lock
@@ -60,7 +66,7 @@ test: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 bench: $(VENV)/.test-installed
 	$(BIN)/pip install -q -e '.[bench]'

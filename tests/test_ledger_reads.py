@@ -195,6 +195,41 @@ async def test_reads_use_their_own_connection(tmp_path: Path) -> None:
         await ledger.close()
 
 
+async def test_a_read_after_a_commit_sees_it_while_other_reads_run(tmp_path: Path) -> None:
+    """Reads of other coroutines interleave on the reader connection. None may hold its
+    statement (and so an old snapshot) open across an await: a writer that reads its own
+    commit back must see it, however busy the reader is (a put once read its own item
+    back as missing and crashed)."""
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    try:
+        ds = await ledger.dataset_id("photos")
+        run = await ledger.begin_run(ds, False)
+        seed = [ObjectInfo(f"seed-{i:04d}", 1, 1.0, "e") for i in range(300)]
+        await ledger.write_batch(ds, run, seed, [], Counts(listed=300, added=300))
+        stop = asyncio.Event()
+
+        async def busy_reader() -> None:
+            while not stop.is_set():
+                await ledger.items(ds, limit=300)
+                await ledger.counts_by_state(ds)
+                await ledger.overview()
+
+        async def write_then_read(i: int) -> bool:
+            key = f"new-{i:03d}"
+            await ledger.write_batch(ds, run, [ObjectInfo(key, 1, 1.0, "e")], [], Counts(listed=1, added=1))
+            return await ledger.item(ds, key) is not None
+
+        readers = [asyncio.create_task(busy_reader()) for _ in range(4)]
+        try:
+            seen = await asyncio.gather(*(write_then_read(i) for i in range(100)))
+        finally:
+            stop.set()
+            await asyncio.gather(*readers)
+        assert seen.count(False) == 0, f"{seen.count(False)} of 100 commits were not seen by the next read"
+    finally:
+        await ledger.close()
+
+
 async def test_reads_answer_while_the_writer_waits_for_the_lock(tmp_path: Path) -> None:
     """Another process holds the SQLite write lock: the ledger's writer waits in its busy
     handler, and the reads still answer (before the writer gets through)."""

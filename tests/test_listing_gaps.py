@@ -206,6 +206,9 @@ def test_an_unreadable_sub_folder_no_longer_blocks_the_dataset(shared_dir: Path)
     gap = out["gaps"][1]
     assert gap["exact"] is False and "permission denied" in gap["error"] and "b/" in out["error"]
     assert keys_of(cfg) == {"0-private/x.txt", "a/1.txt", "b/1.txt", "b/2.txt", "c/1.txt", "d/1.txt", "z"}
+    check = cli(cfg, "status", "--check", run_as=NOBODY)
+    assert check.returncode == 1 and f"check failed: {DATASET}" in check.stderr, describe(check)
+    assert "not listed (kept as last seen): 0-private/, b/" in check.stdout, describe(check)
 
     with Daemon(cfg, run_as=NOBODY) as daemon:
         daemon.wait_ready()  # the permission probe lists too: an unreadable first folder is no failed list

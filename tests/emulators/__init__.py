@@ -23,11 +23,34 @@ class EmulatorMissing(RuntimeError):
     """An emulator binary is not installed; the message says how to install it."""
 
 
+#: Under pytest-xdist each worker takes ports from its own block below Linux's ephemeral range
+#: (32768+), so two workers never hand out the same port, nor one the kernel gives a client.
+_PORT_BLOCK = 1500
+_PORT_BASE = 20000
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port nothing listens on now: the kernel's pick, or, under xdist, the worker's block."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            return port
+    first = _PORT_BASE + (int(worker[2:]) % 8) * _PORT_BLOCK
+    if not _next_port:
+        _next_port.append(first)
+    for _ in range(_PORT_BLOCK):
+        port = _next_port[0]
+        _next_port[0] = first + (port + 1 - first) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + _PORT_BLOCK - 1} for xdist worker {worker}")
 
 
 def venv_bin(name: str) -> str:

@@ -238,6 +238,10 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  last run: {last_s}")
         if r.get("last_run") and r["last_run"].get("error"):
             print(f"  error: {safe_text(r['last_run']['error'])}")
+        if last and last.get("gaps"):
+            gaps = ", ".join(safe_text(g["prefix"]) for g in last["gaps"][:5])
+            more = f" and {len(last['gaps']) - 5} more" if len(last["gaps"]) > 5 else ""
+            print(f"  not listed (kept as last seen): {gaps}{more}")
         nxt = r["next_run"] or ("when asked (manual)" if r["sync"] == "manual" else "when the agent runs")
         print(f"  next run: {nxt}")
         if r.get("running"):
@@ -333,10 +337,10 @@ async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _failing(row: dict[str, Any]) -> str | None:
-    """The dataset's name when ``status --check`` should fail for it: its last run failed or
-    was guard-aborted, or the running agent says it is not ready."""
+    """The dataset's name when ``status --check`` should fail for it: its last run failed,
+    was guard-aborted or left parts unlisted (partial), or the running agent says it is not ready."""
     last = row.get("last_run") or {}
-    if last.get("status") in ("failed", "aborted") or row.get("ready") is False:
+    if last.get("status") in ("failed", "aborted", "partial") or row.get("ready") is False:
         return str(row["dataset"])
     return None
 
@@ -734,7 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 when a dataset's last run failed or was stopped by the guard, or it is not ready",
+        help="exit 1 when a dataset's last run failed, was stopped by the guard or could not list a part "
+        "(partial), or it is not ready",
     )
     st.set_defaults(func=cmd_status)
 

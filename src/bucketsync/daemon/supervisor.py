@@ -39,7 +39,8 @@ from bucketsync.daemon.notify import Notifier
 from bucketsync.daemon.reload import ReloadPlan, apply, driver_fingerprints
 from bucketsync.ledger import durability, retention
 from bucketsync.logs import AccessLog
-from bucketsync.server.api import RELOAD, TASKS, make_app
+from bucketsync.server import front
+from bucketsync.server.api import HEARTBEAT, RELOAD, TASKS, make_app
 from bucketsync.server.tls import server_context
 from bucketsync.upstream.probe import ProbeResult, probe
 from bucketsync.upstream.sync import RunResult
@@ -414,13 +415,21 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             max_line_size=32768,
         )
         await runner.setup()
+        heartbeat = app[HEARTBEAT]
+        door: front.Front | None = None
         try:
-            site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
-            await site.start()
+            if ssl_ctx is None:
+                # Liveness and metrics answered by a thread, the rest by the loop (server/front.py).
+                door = front.Front(front.bind(conf.host, conf.port), loop, runner.server, heartbeat)  # type: ignore[arg-type]
+                door.start()
+            else:
+                site = web.TCPSite(runner, conf.host, conf.port, ssl_context=ssl_ctx)
+                await site.start()
         except OSError as exc:
             await runner.cleanup()
             agent.discard_new_ledger = True  # a start that fails leaves no ledger it created behind
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
+        beat = asyncio.create_task(heartbeat.run(stop), name="heartbeat")
         check = await _check_ledger(agent)
         for name in agent.loops:
             tasks.start(name)
@@ -462,7 +471,9 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
                 await asyncio.gather(*pending, return_exceptions=True)
         for helper in helpers:
             helper.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
+        await asyncio.gather(*helpers, beat, return_exceptions=True)
+        if door is not None:
+            await asyncio.to_thread(door.close)
         await runner.cleanup()
     notifier.close()
     log.info("agent stopped")

@@ -314,6 +314,17 @@ class Ledger:
         async with self._transaction():
             return await self.db.execute(sql, params)
 
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One read on the reader connection, run to its end in one step of its thread.
+
+        A statement left open across an ``await`` (a cursor being iterated, or fetched
+        after a separate execute) keeps the connection's read transaction, and with it
+        an old snapshot, for every other coroutine's read in between: a put that had
+        just committed then read its own item back as missing. Run whole, each read
+        sees every commit before it.
+        """
+        return list(await self.reader.execute_fetchall(sql, params))
+
     @classmethod
     async def open(cls, path: Path, *, readonly: bool = False) -> Ledger:
         """Open (and migrate) the ledger. Any failure closes what was opened, so a damaged
@@ -440,8 +451,8 @@ class Ledger:
     async def find_dataset(self, name: str) -> int | None:
         if (known := self._ids.get(name)) is not None:
             return known
-        async with self.reader.execute("SELECT id FROM datasets WHERE name = ?", (name,)) as cur:
-            row = await cur.fetchone()
+        rows = await self._read("SELECT id FROM datasets WHERE name = ?", (name,))
+        row = rows[0] if rows else None
         if row is None:
             return None
         self._ids[name] = int(row[0])
@@ -468,8 +479,8 @@ class Ledger:
         """Every dataset's user metadata by name (empty on a ledger from before it existed)."""
         if not await self._has_column("datasets", "meta"):
             return {}
-        async with self.reader.execute("SELECT name, meta FROM datasets") as cur:
-            return {str(n): json.loads(m) if m else {} for n, m in await cur.fetchall()}
+        rows = await self._read("SELECT name, meta FROM datasets")
+        return {str(n): json.loads(m) if m else {} for n, m in rows}
 
     async def select_datasets(self, where: str, params: Sequence[Any], order: str) -> list[str]:
         """Names of the datasets a catalog query matches, in its order (catalog/datasets.py
@@ -477,14 +488,13 @@ class Ledger:
         table = "datasets"
         if not await self._has_column("datasets", "meta"):  # an old read-only ledger: no metadata yet
             table = "(SELECT name, created, NULL AS meta FROM datasets)"
-        async with self.reader.execute(f"SELECT name FROM {table} WHERE {where} ORDER BY {order}", params) as cur:
-            return [str(r[0]) for r in await cur.fetchall()]
+        return [str(r[0]) for r in await self._read(f"SELECT name FROM {table} WHERE {where} ORDER BY {order}", params)]
 
     async def _has_column(self, table: str, column: str) -> bool:
         if (known := self._columns.get((table, column))) is not None:
             return known
-        async with self.reader.execute(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,)) as c:
-            self._columns[(table, column)] = found = await c.fetchone() is not None
+        rows = await self._read(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,))
+        self._columns[(table, column)] = found = bool(rows)
         return found
 
     async def counts_by_state(self, dataset_id: int) -> dict[str, int]:
@@ -496,9 +506,8 @@ class Ledger:
             if self._counts_table
             else "SELECT state, count(*) FROM items WHERE dataset_id = ? GROUP BY state"
         )
-        async with self.reader.execute(sql, (dataset_id,)) as cur:
-            async for state, n in cur:
-                out[state] = n
+        for state, n in await self._read(sql, (dataset_id,)):
+            out[state] = n
         return out
 
     async def live_count(self, dataset_id: int) -> int:
@@ -512,9 +521,8 @@ class Ledger:
         or another) has committed since: SQLite's ``data_version`` says so. Callers must not
         modify what it returns.
         """
-        async with self.reader.execute("PRAGMA data_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else -1
+        rows = await self._read("PRAGMA data_version")
+        version = int(rows[0][0]) if rows else -1
         if self._overview is not None and self._overview[0] == version:
             return self._overview[1]
         out = await self._read_overview()
@@ -528,17 +536,15 @@ class Ledger:
             if self._counts_table
             else "SELECT dataset_id, state, count(*) FROM items GROUP BY dataset_id, state"
         )
-        async with self.reader.execute(sql) as cur:
-            async for ds_id, state, n in cur:
-                counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
+        for ds_id, state, n in await self._read(sql):
+            counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
         out: dict[str, tuple[dict[str, int], RunRecord | None]] = {}
-        async with self.reader.execute(
+        for row in await self._read(
             f"SELECT d.id, {_RUN_COLS} FROM datasets d "
             "LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE dataset_id = d.id)"
-        ) as cur:
-            async for row in cur:
-                last = _run(row[1:]) if row[1] is not None else None
-                out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
+        ):
+            last = _run(row[1:]) if row[1] is not None else None
+            out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
         return out
 
     # -- the snapshot a run diffs against -----------------------------------
@@ -609,19 +615,18 @@ class Ledger:
         return cur.rowcount
 
     async def runs(self, dataset_id: int, limit: int = 20) -> list[RunRecord]:
-        async with self.reader.execute(
+        rows = await self._read(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
             "WHERE r.dataset_id = ? ORDER BY r.id DESC LIMIT ?",
             (dataset_id, limit),
-        ) as cur:
-            return [_run(r) for r in await cur.fetchall()]
+        )
+        return [_run(r) for r in rows]
 
     async def run(self, run_id: int) -> RunRecord | None:
-        async with self.reader.execute(
+        rows = await self._read(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id WHERE r.id = ?", (run_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        return _run(row) if row else None
+        )
+        return _run(rows[0]) if rows else None
 
     async def last_ok_run(self, dataset_id: int) -> RunRecord | None:
         """The last run whose listing completed: ``ok``, or ``partial`` (complete outside its gaps)."""
@@ -748,11 +753,8 @@ class Ledger:
     # -- reads for the CLI and API ------------------------------------------
 
     async def item(self, dataset_id: int, key: str) -> Item | None:
-        async with self.reader.execute(
-            f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key)
-        ) as cur:
-            row = await cur.fetchone()
-        return _item(row) if row else None
+        rows = await self._read(f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key))
+        return _item(rows[0]) if rows else None
 
     async def set_state(self, item_id: int, state: ItemState) -> None:
         await self._write("UPDATE items SET state = ?, updated = ? WHERE id = ?", (str(state), time.time(), item_id))
@@ -950,8 +952,7 @@ class Ledger:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        async with self.reader.execute(sql, args) as cur:
-            return [_item(r) for r in await cur.fetchall()]
+        return [_item(r) for r in await self._read(sql, args)]
 
     async def select_items(
         self, dataset_id: int, where: str, params: Sequence[Any], order: str, limit: int, *, scan: bool = False
@@ -962,26 +963,25 @@ class Ledger:
         (``+dataset_id`` keeps SQLite off the key index), for a sort no index serves."""
         ds = "+dataset_id" if scan else "dataset_id"
         sql = f"SELECT {_ITEM_COLS} FROM items WHERE {ds} = ? AND {where} ORDER BY {order} LIMIT ?"
-        async with self.reader.execute(sql, [dataset_id, *params, limit]) as cur:
-            return [_item(r) for r in await cur.fetchall()]
+        return [_item(r) for r in await self._read(sql, [dataset_id, *params, limit])]
 
     async def folder_counts(self, dataset_id: int, parent: str, state: str) -> list[tuple[str, int, int]]:
         """(name, items, bytes) of each sub-folder directly under ``parent`` ("" or ending in
         "/"), with everything beneath it; a name "" counts the items directly in ``parent``.
         One range scan of the (dataset, key) index; keys are derived into folders here."""
         n = len(parent)
-        async with self.reader.execute(
+        rows = await self._read(
             "SELECT CASE WHEN instr(substr(key, ?1 + 1), '/') > 0 "
             "THEN substr(key, ?1 + 1, instr(substr(key, ?1 + 1), '/') - 1) ELSE '' END AS folder, count(*), sum(size) "
             "FROM items WHERE dataset_id = ?2 AND key >= ?3 AND key < ?4 AND state = ?5 "
             "GROUP BY folder ORDER BY folder",
             (n, dataset_id, parent, parent + "\U0010ffff", state),
-        ) as cur:
-            return [(str(r[0]), int(r[1]), int(r[2] or 0)) for r in await cur.fetchall()]
+        )
+        return [(str(r[0]), int(r[1]), int(r[2] or 0)) for r in rows]
 
     async def direct_items(self, dataset_id: int, parent: str, state: str, after: str | None, limit: int) -> list[Item]:
         """Items directly in ``parent`` (no further '/'), by key, after ``after``."""
-        async with self.reader.execute(
+        rows = await self._read(
             f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?1 AND key > ?2 AND key < ?3 AND state = ?4 "
             "AND instr(substr(key, ?5 + 1), '/') = 0 ORDER BY key LIMIT ?6",
             (
@@ -992,8 +992,8 @@ class Ledger:
                 len(parent),
                 limit,
             ),
-        ) as cur:
-            return [_item(r) for r in await cur.fetchall()]
+        )
+        return [_item(r) for r in rows]
 
     async def tombstone_many(self, ids: Sequence[int]) -> None:
         """Tombstone items in one transaction (a folder delete without allow_delete)."""
@@ -1030,11 +1030,11 @@ class Ledger:
 
     async def indexes(self, prefix: str) -> list[tuple[str, str]]:
         """(name, sql) of the indexes whose names start with ``prefix``."""
-        async with self.reader.execute(
+        rows = await self._read(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name >= ? AND name < ? ORDER BY name",
             (prefix, prefix + "\U0010ffff"),
-        ) as cur:
-            return [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     async def iter_items(
         self, dataset_id: int, prefix: str = "", page: int = 5000, state: ItemState | None = ItemState.LIVE

@@ -46,6 +46,7 @@ from bucketsync.core.model import Item, ItemState, OpState
 from bucketsync.downstream import opsctl
 from bucketsync.downstream.ops import Downstream
 from bucketsync.server import schemas
+from bucketsync.server.front import Heartbeat
 from bucketsync.server.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
 
 log = structlog.get_logger("bucketsync.api")
@@ -54,6 +55,7 @@ STOP: web.AppKey[asyncio.Event] = web.AppKey("stop", asyncio.Event)
 TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks", set[asyncio.Task[Any]])
 DOWNSTREAM: web.AppKey[Downstream] = web.AppKey("downstream", Downstream)
 SPEC: web.AppKey[dict[str, Any]] = web.AppKey("spec", dict[str, Any])
+HEARTBEAT: web.AppKey[Heartbeat] = web.AppKey("heartbeat", Heartbeat)
 
 
 class Reloader(Protocol):
@@ -234,7 +236,9 @@ async def _ledger_ds(request: web.Request, name: str) -> int:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Served here only under TLS; otherwise the front door answers it off the loop (server/front.py)."""
+    status, doc = request.app[HEARTBEAT].liveness()
+    return web.json_response(doc, status=status)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -888,6 +892,7 @@ def make_app(agent: Agent, stop: asyncio.Event, routes: list[Route] | None = Non
     app[STOP] = stop
     app[TASKS] = set()
     app[DOWNSTREAM] = Downstream(agent, agent.outbox)
+    app[HEARTBEAT] = Heartbeat()
     table = ROUTES if routes is None else routes
     app[SPEC] = build_spec(table, _path_params(sorted(agent.settings.datasets)))
     for route in table:
