@@ -73,6 +73,7 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("indexed", "camera >= X, sort by camera, page 50", {"metadata.camera": {"$gte": "cam-50"}}, "metadata.camera"),
     ("indexed", "camera >= X, sort by -camera, page 50", {"metadata.camera": {"$gte": "cam-50"}}, "-metadata.camera"),
     ("unindexed", "lens = X, sort by key", {"metadata.lens": "lens-123"}, "key"),
+    ("unindexed", "lens = (no match), sort by key", {"metadata.lens": "none"}, "key"),
     ("unindexed", "lens = X, sort by -iso", {"metadata.lens": "lens-123"}, "-metadata.iso"),
     ("unindexed", "iso > 3000, sort by -iso", {"metadata.iso": {"$gt": 3000}}, "-metadata.iso"),
 ]

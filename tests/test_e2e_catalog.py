@@ -46,6 +46,8 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> 
         seaweedfs.client().put_object(Bucket=bucket, Key=PREFIX + key, Body=body)
     for key, text in TRASH.items():
         seaweedfs.client().put_object(Bucket=bucket, Key=f"bin/{key}", Body=text.encode())
+    for key in ("in/a.txt", "in/b.txt", "in/c.txt"):
+        seaweedfs.client().put_object(Bucket=bucket, Key=f"mv/{key}", Body=key.encode())
     integrations = {
         "aws_test": {
             "kind": "aws",
@@ -61,17 +63,19 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> 
             "bucket": {**s3, "region": REGION},
             "trash": local_driver(root / "trash", allow_delete=True),
             "bin": {**s3, "url": f"s3://{bucket}/bin/", "region": REGION},
+            "mv": {**s3, "url": f"s3://{bucket}/mv/", "region": REGION, "allow_delete": True},
         },
         {
             "local": {"driver": "files", "sync": "manual", "indexes": ["metadata.camera"]},
             "cloud": {"driver": "bucket", "sync": "manual"},
             "trash": {"driver": "trash", "sync": "manual"},
             "bin": {"driver": "bin", "sync": "manual"},
+            "mv": {"driver": "mv", "sync": "manual"},
         },
         integrations,
     )
     with Daemon(config) as daemon:
-        for ds in (*DATASETS, "trash", "bin"):
+        for ds in (*DATASETS, "trash", "bin", "mv"):
             run = daemon.api("POST", f"/datasets/{ds}/sync", params={"wait": "true"})
             assert run.status == 200 and run.body["status"] == "ok", run.body
             for key, meta in META.items() if ds in DATASETS else ():
@@ -177,7 +181,7 @@ def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
 
     assert names(filter='{"metadata.team": "vision"}') == ["local"]
     assert names(filter='{"metadata.rank": {"$lte": 2}}', sort="metadata.rank") == ["cloud", "local"]
-    assert names(sort="-metadata.rank") == ["local", "cloud", "trash", "bin"]  # missing last, then by name
+    assert names(sort="-metadata.rank") == ["local", "cloud", "trash", "mv", "bin"]  # missing last, then by name
     assert names(filter='{"name": {"$prefix": "clo"}}') == ["cloud"]
     listed = d.api("GET", "/datasets").body["datasets"]
     assert {s["dataset"]: s["metadata"] for s in listed} == {
@@ -185,6 +189,7 @@ def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
         "cloud": {"team": "ops", "rank": 1},
         "trash": {},
         "bin": {},
+        "mv": {},
     }
     r = d.api("GET", "/datasets", params={"filter": '{"metadata.rank": {"$gt": true}}'})
     assert r.status == 400 and "metadata.rank.$gt" in r.body["error"]["message"], r.body
@@ -276,3 +281,43 @@ def test_delete_folder_without_allow_delete_tombstones_and_storage_keeps_the_obj
     assert d.api("GET", "/datasets/bin/folders").body["folders"] == [
         {"name": "keep", "path": "keep/", "items": 3, "size": 3}
     ]
+
+
+def _exists(c: Catalog, key: str) -> bool:
+    try:
+        c.emulator.client().head_object(Bucket=c.bucket, Key=key)
+    except Exception as exc:  # botocore's ClientError for the 404
+        assert "404" in str(exc) or "Not Found" in str(exc), exc
+        return False
+    return True
+
+
+def test_move_in_a_synced_dataset_copies_then_deletes_and_keeps_the_item(catalog: Catalog) -> None:
+    d = catalog.daemon
+    before = d.api("PATCH", "/datasets/mv/items/in%2Fa.txt", json_body={"metadata": {"tag": "keep me"}}).body["item"]
+    r = d.api("POST", "/datasets/mv/move", json_body={"to": "out", "keys": ["in/a.txt"]})
+    assert r.status == 200, r.body
+    (moved,) = r.body["results"]
+    assert moved["result"] == "moved" and moved["to"] == "out/a.txt", moved
+    _wait_done(d, [moved["op"]])
+    after = d.api("GET", "/datasets/mv/items/out%2Fa.txt").body
+    assert after["id"] == before["id"] and after["metadata"] == {"tag": "keep me"}, after
+    assert d.api("GET", "/datasets/mv/items/in%2Fa.txt").status == 404
+    assert _exists(catalog, "mv/out/a.txt") and not _exists(catalog, "mv/in/a.txt")
+    content = d.request("GET", "/api/v1/datasets/mv/items/out%2Fa.txt/content")
+    assert content.body == "in/a.txt"
+    # by filter
+    r = d.api("POST", "/datasets/mv/move", json_body={"to": "out/", "filter": {"key": {"$prefix": "in/b"}}})
+    assert [(m["key"], m["result"]) for m in r.body["results"]] == [("in/b.txt", "moved")], r.body
+    _wait_done(d, [r.body["results"][0]["op"]])
+    assert page(catalog, "mv")[0] == ["in/c.txt", "out/a.txt", "out/b.txt"]
+
+
+def test_move_without_allow_delete_is_refused_before_anything_is_copied(catalog: Catalog) -> None:
+    d = catalog.daemon
+    r = d.api("POST", "/datasets/cloud/move", json_body={"to": "z", "keys": ["a/1.jpg"]})
+    assert r.status == 403 and r.body["error"]["code"] == "move_needs_allow_delete", r.body
+    assert "allow_delete = false" in r.body["error"]["message"]
+    assert not _exists(catalog, PREFIX + "z/1.jpg") and _exists(catalog, PREFIX + "a/1.jpg")
+    bad = d.api("POST", "/datasets/mv/move", json_body={"to": "z", "filter": None})
+    assert bad.status == 400, bad.body

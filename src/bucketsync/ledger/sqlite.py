@@ -995,6 +995,24 @@ class Ledger:
         )
         return [_item(r) for r in rows]
 
+    async def adopt(self, old_id: int, dataset_id: int, new_key: str) -> None:
+        """A moved item keeps its id and user metadata: its row takes the new key and what the
+        copy indexed there (size, etag, ...), and the copy's own row goes, atomically."""
+        async with self._transaction():
+            async with self.db.execute(
+                "SELECT id, size, modified, etag, version, content_type FROM items WHERE dataset_id = ? AND key = ?",
+                (dataset_id, new_key),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] == old_id:
+                return
+            await self.db.execute("DELETE FROM items WHERE id = ?", (row[0],))
+            await self.db.execute(
+                "UPDATE items SET key = ?, size = ?, modified = ?, etag = ?, version = ?, content_type = ?, "
+                "state = 'live', updated = ? WHERE id = ?",
+                (new_key, *row[1:], time.time(), old_id),
+            )
+
     async def tombstone_many(self, ids: Sequence[int]) -> None:
         """Tombstone items in one transaction (a folder delete without allow_delete)."""
         now = time.time()

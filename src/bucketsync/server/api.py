@@ -19,7 +19,7 @@ from aiohttp import web
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
 from bucketsync.catalog import datasets as catalog_datasets
-from bucketsync.catalog import folders, query
+from bucketsync.catalog import folders, moves, query
 from bucketsync.catalog import items as catalog_items
 from bucketsync.core import ranges
 from bucketsync.core.errors import (
@@ -362,6 +362,39 @@ async def delete_folder(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_key", "the top of a dataset is not a folder to delete")
     out = await folders.delete_folder(_agent(request), name, folder, force=_bool(request, "force"))
     return web.json_response(out.as_json(), status=202 if out.ops else 200)
+
+
+async def move_items(request: web.Request) -> web.Response:
+    """Move items (a key list, or every live item a filter matches) into a folder."""
+    name = _dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    body = await _json_body(request, '{"to": "folder/", "keys": [...]} or {"to": ..., "filter": {...}}')
+    if "to" not in body or set(body) - {"to", "keys", "filter"} or ("keys" in body) == ("filter" in body):
+        raise ApiError(400, "invalid_request", 'the body must be {"to": "folder/"} and one of "keys" or "filter"')
+    if not isinstance(body["to"], str):
+        raise ApiError(400, "invalid_request", '"to" must be a folder path')
+    folder = folders.parent_of(body["to"])
+    if "keys" in body:
+        keys = body["keys"]
+        if (
+            not isinstance(keys, list)
+            or not keys
+            or len(keys) > moves.MAX_MOVE
+            or not all(isinstance(k, str) for k in keys)
+        ):
+            raise ApiError(400, "invalid_request", f'"keys" must be a list of 1 to {moves.MAX_MOVE} keys')
+        keys = [check_key(k) for k in keys]
+    else:
+        if not isinstance(body["filter"], dict):
+            raise ApiError(400, "invalid_request", '"filter" must be a catalog filter object ({} matches every item)')
+        q = catalog_items.Query(filter=body["filter"], limit=moves.MAX_MOVE)
+        found, more = await catalog_items.page(ledger, await _ledger_ds(request, name), q)
+        if more is not None:
+            raise ApiError(400, "too_many_items", f"the filter matches more than {moves.MAX_MOVE} items; narrow it")
+        keys = [i.key for i in found]
+    results = await moves.move(_agent(request), request.app[DOWNSTREAM], name, keys, folder)
+    return web.json_response({"to": folder, "results": [r.as_json() for r in results]})
 
 
 async def list_indexes(request: web.Request) -> web.Response:
@@ -745,6 +778,17 @@ ROUTES: list[Route] = [
         {200: schemas.FolderDeleted, 202: schemas.FolderDeleted},
         errors=(403, *LEDGER),
         params=(_flag("force", "pass the mass-delete guard"),),
+    ),
+    Route(
+        "POST",
+        f"{_DS}/move",
+        move_items,
+        "move items (keys, or every item a filter matches) into a folder: in a synced dataset a copy, then a "
+        "delete of the old object through the gate (403 move_needs_allow_delete without allow_delete); the "
+        "item keeps its id and metadata",
+        {200: schemas.MoveResults},
+        errors=(403, *STORAGE, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MoveRequest)}}},
     ),
     Route(
         "GET",

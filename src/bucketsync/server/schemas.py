@@ -8,7 +8,7 @@ against the schemas generated from them. Field names and shapes here must match 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -237,6 +237,25 @@ class FolderDeleted(_Body):
     ops: list[int] = Field(description="the queued delete ops (see /ops)")
 
 
+class MoveRequest(_Body):
+    to: str = Field(description="the folder to move into ('' is the top)")
+    keys: list[str] | None = Field(default=None, description="the items' keys (or give filter)")
+    filter: dict[str, Any] | None = Field(default=None, description="every live item this catalog filter matches")
+
+
+class Moved(_Body):
+    key: str
+    to: str
+    result: Literal["moved", "unchanged", "failed"]
+    error: str | None
+    op: int | None = Field(description="the delete op of the old object")
+
+
+class MoveResults(_Body):
+    to: str
+    results: list[Moved]
+
+
 class ReloadPlan(_Body):
     """What a reload did, by dataset name."""
 
@@ -270,6 +289,9 @@ MODELS: tuple[type[BaseModel], ...] = (
     FolderListing,
     FolderCreate,
     FolderDeleted,
+    MoveRequest,
+    Moved,
+    MoveResults,
     Op,
     OpList,
     Outcome,
