@@ -41,6 +41,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> 
     root = tmp_path_factory.mktemp("catalog")
     write_files(root / "files", FILES)
     write_files(root / "trash", TRASH)
+    write_files(root / "src", {"p/1.txt": "one", "p/2.txt": "two", "p/3.txt": "three"})
     bucket = seaweedfs.new_bucket()
     for key, body in FILES.items():
         seaweedfs.client().put_object(Bucket=bucket, Key=PREFIX + key, Body=body)
@@ -62,6 +63,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> 
             "files": local_driver(root / "files"),
             "bucket": {**s3, "region": REGION},
             "trash": local_driver(root / "trash", allow_delete=True),
+            "src": local_driver(root / "src", allow_delete=True),
             "bin": {**s3, "url": f"s3://{bucket}/bin/", "region": REGION},
             "mv": {**s3, "url": f"s3://{bucket}/mv/", "region": REGION, "allow_delete": True},
         },
@@ -71,11 +73,12 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> 
             "trash": {"driver": "trash", "sync": "manual"},
             "bin": {"driver": "bin", "sync": "manual"},
             "mv": {"driver": "mv", "sync": "manual"},
+            "src": {"driver": "src", "sync": "manual"},
         },
         integrations,
     )
     with Daemon(config) as daemon:
-        for ds in (*DATASETS, "trash", "bin", "mv"):
+        for ds in (*DATASETS, "trash", "bin", "mv", "src"):
             run = daemon.api("POST", f"/datasets/{ds}/sync", params={"wait": "true"})
             assert run.status == 200 and run.body["status"] == "ok", run.body
             for key, meta in META.items() if ds in DATASETS else ():
@@ -181,7 +184,8 @@ def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
 
     assert names(filter='{"metadata.team": "vision"}') == ["local"]
     assert names(filter='{"metadata.rank": {"$lte": 2}}', sort="metadata.rank") == ["cloud", "local"]
-    assert names(sort="-metadata.rank") == ["local", "cloud", "trash", "mv", "bin"]  # missing last, then by name
+    # missing last, then by name
+    assert names(sort="-metadata.rank") == ["local", "cloud", "trash", "src", "mv", "bin"]
     assert names(filter='{"name": {"$prefix": "clo"}}') == ["cloud"]
     listed = d.api("GET", "/datasets").body["datasets"]
     assert {s["dataset"]: s["metadata"] for s in listed} == {
@@ -190,6 +194,7 @@ def test_dataset_metadata_filters_and_sorts_datasets(catalog: Catalog) -> None:
         "trash": {},
         "bin": {},
         "mv": {},
+        "src": {},
     }
     r = d.api("GET", "/datasets", params={"filter": '{"metadata.rank": {"$gt": true}}'})
     assert r.status == 400 and "metadata.rank.$gt" in r.body["error"]["message"], r.body
@@ -321,3 +326,49 @@ def test_move_without_allow_delete_is_refused_before_anything_is_copied(catalog:
     assert not _exists(catalog, PREFIX + "z/1.jpg") and _exists(catalog, PREFIX + "a/1.jpg")
     bad = d.api("POST", "/datasets/mv/move", json_body={"to": "z", "filter": None})
     assert bad.status == 400, bad.body
+
+
+def test_clone_pointers_metadata_unlink_and_orphans(catalog: Catalog) -> None:
+    d = catalog.daemon
+    assert d.api("PATCH", "/datasets/src/items/p%2F1.txt", json_body={"metadata": {"tag": "a"}}).status == 200
+    r = d.api("POST", "/datasets/src/clone", json_body={"name": "snap", "with_metadata": True})
+    assert r.status == 201 and r.body == {"dataset": "snap", "kind": "clone", "source": "src", "items": 3}, r.body
+    r = d.api("POST", "/datasets/src/clone", json_body={"name": "snap2", "filter": {"key": {"$prefix": "p/2"}}})
+    assert r.status == 201 and r.body["items"] == 1, r.body
+    assert d.api("POST", "/datasets/src/clone", json_body={"name": "snap"}).status == 409
+    assert d.api("POST", "/datasets/src/clone", json_body={"name": "Bad Name"}).status == 400
+    assert d.api("POST", "/datasets/snap/clone", json_body={"name": "x"}).status == 404  # only synced sources
+    listed = {s["dataset"]: s for s in d.api("GET", "/datasets").body["datasets"]}
+    assert (listed["snap"]["kind"], listed["snap"]["source"], listed["snap"]["driver"]) == ("clone", "src", None)
+    assert listed["src"]["kind"] == "synced"
+
+    def item(ds: str, key: str) -> dict[str, Any]:
+        r = d.api("GET", f"/datasets/{ds}/items/{quote(key, safe='')}")
+        assert r.status == 200, r.body
+        return dict(r.body)
+
+    # metadata: copied when asked, then the clone's own (copy on write)
+    assert item("snap", "p/1.txt")["metadata"] == {"tag": "a"}
+    assert item("snap2", "p/2.txt")["metadata"] == {}
+    assert d.api("PATCH", "/datasets/snap/items/p%2F1.txt", json_body={"metadata": {"tag": "b"}}).status == 200
+    assert item("snap", "p/1.txt")["metadata"] == {"tag": "b"} and item("src", "p/1.txt")["metadata"] == {"tag": "a"}
+    # content comes from the source's binary; nothing was copied
+    assert d.request("GET", "/api/v1/datasets/snap/items/p%2F1.txt/content").body == "one"
+    # a delete in a clone unlinks the pointer; storage is never touched, though the driver allows deletes
+    backlog = d.api("GET", "/ops").body["ops"]
+    r = d.api("DELETE", "/datasets/snap/items/p%2F3.txt")
+    assert r.status == 200 and r.body["result"] == "unlinked", r.body
+    assert (catalog.root / "src" / "p" / "3.txt").read_text() == "three"
+    assert d.api("GET", "/ops").body["ops"] == backlog
+    assert item("src", "p/3.txt")["state"] == "live"
+    # the source's sync removes one object and changes another: pointers say so
+    (catalog.root / "src" / "p" / "2.txt").unlink()
+    (catalog.root / "src" / "p" / "1.txt").write_text("one, changed")
+    run = d.api("POST", "/datasets/src/sync", params={"wait": "true"})
+    assert run.body["removed"] == 1 and run.body["modified"] == 1, run.body
+    states = {i["key"]: i["state"] for i in d.api("GET", "/datasets/snap/items", params={"state": "all"}).body["items"]}
+    assert states == {"p/1.txt": "stale", "p/2.txt": "orphaned"}
+    assert page(catalog, "snap2", state="all", filter={"state": "orphaned"})[0] == ["p/2.txt"]
+    counted = {s["dataset"]: s["items"] for s in d.api("GET", "/datasets").body["datasets"]}
+    assert counted["snap"] == {"live": 0, "tombstone": 0, "orphaned": 1, "stale": 1}, counted
+    assert counted["snap2"]["orphaned"] == 1

@@ -18,7 +18,7 @@ from bucketsync import metrics
 from bucketsync.catalog import items as catalog_items
 from bucketsync.config import DatasetConfig, Settings
 from bucketsync.core.errors import ConfigError
-from bucketsync.core.model import ItemState, RunRecord, RunStatus, iso
+from bucketsync.core.model import COUNTED_STATES, RunRecord, RunStatus, iso
 from bucketsync.downstream.outbox import Outbox
 from bucketsync.ledger.sqlite import InstanceLock, Ledger
 from bucketsync.stores import Store, open_store
@@ -218,10 +218,12 @@ def _status_row(
 ) -> dict[str, Any]:
     ds = settings.datasets[name]
     driver = settings.drivers[ds.driver]
-    items, last = known if known is not None else ({str(s): 0 for s in ItemState}, None)
+    items, last = known if known is not None else ({str(s): 0 for s in COUNTED_STATES}, None)
     items = dict(items)  # the overview is shared between requests
     out: dict[str, Any] = {
         "dataset": name,
+        "kind": "synced",
+        "source": None,
         "driver": ds.driver,
         "url": driver.url,
         "sync": ds.sync,

@@ -235,6 +235,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         last_s = f"{last['status']} at {last['ended'] or last['started']} ({_human_counts(last)})" if last else "never"
         print(f"{r['dataset']}  {r['url']}")
         print(f"  items: {r['items'].get(ItemState.LIVE, 0)} live, {r['items'].get(ItemState.TOMBSTONE, 0)} tombstoned")
+        if r.get("kind", "synced") != "synced":
+            print(
+                f"  {r['kind']} of {r['source']}: {r['items'].get('orphaned', 0)} orphaned, "
+                f"{r['items'].get('stale', 0)} stale (their source removed or changed the object)"
+            )
         print(f"  last run: {last_s}")
         if r.get("last_run") and r["last_run"].get("error"):
             print(f"  error: {safe_text(r['last_run']['error'])}")

@@ -99,13 +99,23 @@ def decide_put(
     return OpDecision(True, action="put")
 
 
-def decide_delete(*, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None) -> OpDecision:
+#: a pointer item (clone) goes from its catalog; its binary belongs to the source
+UNLINK = "unlink"
+
+
+def decide_delete(
+    *, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None, pointer: bool = False
+) -> OpDecision:
     """What deleting an item does (invariants 2 and 3).
 
     Storage objects are deleted only when the driver has ``allow_delete``; otherwise
     the item becomes a tombstone and the object stays. bucketsync's own files in the
-    hidden folder (the probe's test-file) are always its to delete.
+    hidden folder (the probe's test-file) are always its to delete. A pointer item of a
+    clone is only unlinked from the clone, whatever ``allow_delete`` says: the object is
+    the source dataset's.
     """
+    if pointer:
+        return OpDecision(True, action=UNLINK)
     if key.startswith(HIDDEN):
         return OpDecision(True, action=DELETE_OBJECT)
     if read_only:

@@ -24,6 +24,7 @@ import aiosqlite
 from bucketsync import metrics
 from bucketsync.core.errors import LedgerError, LedgerLocked
 from bucketsync.core.model import (
+    COUNTED_STATES,
     Counts,
     Indexed,
     Item,
@@ -148,6 +149,23 @@ MIGRATIONS: list[str] = [
     # catalog: a dataset's user metadata (a JSON object), merged by PATCH /datasets/{ds}.
     """
     ALTER TABLE datasets ADD COLUMN meta TEXT;
+    """,
+    # catalog: runtime datasets (clones) of pointer items. A pointer names its source item;
+    # the source's sync removing or changing that item marks the pointer orphaned or stale,
+    # in the same transaction (triggers), so no pointer dangles in silence.
+    """
+    ALTER TABLE datasets ADD COLUMN kind TEXT NOT NULL DEFAULT 'synced';
+    ALTER TABLE datasets ADD COLUMN source TEXT;
+    ALTER TABLE items ADD COLUMN source_item INTEGER;
+    CREATE INDEX items_by_source_item ON items (source_item) WHERE source_item IS NOT NULL;
+    CREATE TRIGGER pointers_orphaned AFTER DELETE ON items WHEN OLD.source_item IS NULL BEGIN
+        UPDATE items SET state = 'orphaned' WHERE source_item = OLD.id AND state != 'orphaned';
+    END;
+    CREATE TRIGGER pointers_stale AFTER UPDATE OF size, etag, version ON items
+    WHEN OLD.source_item IS NULL AND (OLD.size IS NOT NEW.size OR OLD.etag IS NOT NEW.etag
+        OR OLD.version IS NOT NEW.version) BEGIN
+        UPDATE items SET state = 'stale' WHERE source_item = OLD.id AND state = 'live';
+    END;
     """,
 ]
 
@@ -458,6 +476,41 @@ class Ledger:
         self._ids[name] = int(row[0])
         return self._ids[name]
 
+    async def create_clone(
+        self, name: str, source_id: int, source: str, where: str, params: Sequence[Any], with_meta: bool
+    ) -> tuple[int, int]:
+        """A runtime dataset of pointer items to the source's live items that ``where`` matches
+        (compiled by catalog/query.py), in one set-based statement: (its id, items cloned).
+        User metadata is copied when asked and is the clone's own from then on."""
+        now = time.time()
+        meta = "meta" if with_meta else "NULL"
+        async with self._transaction():
+            cur = await self.db.execute(
+                "INSERT INTO datasets (name, created, kind, source) VALUES (?, ?, 'clone', ?)", (name, now, source)
+            )
+            assert cur.lastrowid is not None
+            new_id = cur.lastrowid
+            cur = await self.db.execute(
+                "INSERT INTO items (dataset_id, key, size, modified, etag, version, state, content_type, meta, "
+                f"updated, source_item) SELECT ?, key, size, modified, etag, version, 'live', content_type, {meta}, "
+                f"?, id FROM items WHERE dataset_id = ? AND state = 'live' AND {where}",
+                [new_id, now, source_id, *params],
+            )
+            n = cur.rowcount
+        self._ids[name] = new_id
+        return new_id, n
+
+    async def runtime_datasets(self) -> dict[str, tuple[str, str | None]]:
+        """name -> (kind, source) of the datasets created at run time (not in the config)."""
+        if not await self._has_column("datasets", "kind"):
+            return {}
+        rows = await self._read("SELECT name, kind, source FROM datasets WHERE kind != 'synced' ORDER BY id")
+        return {str(n): (str(k), s) for n, k, s in rows}
+
+    async def source_item(self, item_id: int) -> int | None:
+        rows = await self._read("SELECT source_item FROM items WHERE id = ?", (item_id,))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
     async def merge_dataset_meta(self, dataset_id: int, patch: dict[str, Any]) -> dict[str, Any]:
         """Merge a dataset's user metadata (JSON merge-patch: ``None`` removes a name); the result."""
         async with self._transaction():
@@ -500,7 +553,7 @@ class Ledger:
     async def counts_by_state(self, dataset_id: int) -> dict[str, int]:
         """Items per state, from the trigger-kept counts table: one indexed lookup, however
         large the dataset (a ``count(*)`` per request saturated the agent under load)."""
-        out = {str(s): 0 for s in ItemState}
+        out = {str(s): 0 for s in COUNTED_STATES}
         sql = (
             "SELECT state, n FROM item_counts WHERE dataset_id = ?"
             if self._counts_table
@@ -537,14 +590,14 @@ class Ledger:
             else "SELECT dataset_id, state, count(*) FROM items GROUP BY dataset_id, state"
         )
         for ds_id, state, n in await self._read(sql):
-            counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
+            counts.setdefault(ds_id, {str(s): 0 for s in COUNTED_STATES})[state] = n
         out: dict[str, tuple[dict[str, int], RunRecord | None]] = {}
         for row in await self._read(
             f"SELECT d.id, {_RUN_COLS} FROM datasets d "
             "LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE dataset_id = d.id)"
         ):
             last = _run(row[1:]) if row[1] is not None else None
-            out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
+            out[row[2]] = (counts.get(row[0], {str(s): 0 for s in COUNTED_STATES}), last)
         return out
 
     # -- the snapshot a run diffs against -----------------------------------

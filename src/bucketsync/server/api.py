@@ -19,7 +19,7 @@ from aiohttp import web
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
 from bucketsync.catalog import datasets as catalog_datasets
-from bucketsync.catalog import folders, moves, query
+from bucketsync.catalog import folders, moves, query, runtime
 from bucketsync.catalog import items as catalog_items
 from bucketsync.core import ranges
 from bucketsync.core.errors import (
@@ -179,6 +179,18 @@ def _dataset(request: web.Request) -> str:
     return name
 
 
+async def _any_dataset(request: web.Request) -> str:
+    """A configured dataset or a runtime one (a clone), for the routes that work on both:
+    reads, metadata, deletes (a clone's delete unlinks its pointer only)."""
+    name = request.match_info["ds"]
+    await runtime.kind_of(_agent(request), name)  # ConfigError -> 404 when it is neither
+    return name
+
+
+def _runtime(request: web.Request, name: str) -> bool:
+    return name not in _agent(request).settings.datasets
+
+
 def _bool(request: web.Request, name: str) -> bool:
     raw = request.query.get(name, "false").lower()
     if raw in ("1", "true", "yes"):
@@ -268,20 +280,41 @@ async def list_datasets(request: web.Request) -> web.Response:
     unknown = set(request.query) - {"filter", "sort"}
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-    names = list(agent.settings.datasets)
+    assert agent.ledger is not None
+    clones = await agent.ledger.runtime_datasets()
+    names = [*agent.settings.datasets, *clones]
     raw_filter, sort = _text(request, "filter"), _text(request, "sort")
     if raw_filter or sort:
-        assert agent.ledger is not None
         flt = query.parse_filter(raw_filter) if raw_filter else None
         names = await catalog_datasets.matching(agent.ledger, flt, sort or None, names)
-    out = await datasets_status(agent.settings, agent.ledger, agent.loops, names)
-    for status in out:
+    synced = [n for n in names if n not in clones]
+    rows = {r["dataset"]: r for r in await datasets_status(agent.settings, agent.ledger, agent.loops, synced)}
+    for status in rows.values():
         status.update(agent.live_status(status["dataset"]))
-    return web.json_response({"datasets": out})
+    rows |= {r["dataset"]: r for r in await runtime.runtime_status(agent, [n for n in names if n in clones])}
+    return web.json_response({"datasets": [rows[n] for n in names]})
+
+
+async def clone_dataset(request: web.Request) -> web.Response:
+    """A runtime dataset of pointer items to this (synced) dataset's items: one ledger statement."""
+    source = _dataset(request)
+    body = await _json_body(request, '{"name": "...", "with_metadata": true, "filter": {...}}')
+    if "name" not in body or set(body) - {"name", "with_metadata", "filter"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"name": ..., "with_metadata": bool, "filter": {...}}')
+    with_meta = body.get("with_metadata", False)
+    if not isinstance(with_meta, bool):
+        raise ApiError(400, "invalid_request", '"with_metadata" must be true or false')
+    try:
+        out = await runtime.clone(_agent(request), source, body["name"], with_meta, body.get("filter"))
+    except ValueError as exc:
+        if isinstance(exc, InvalidFilter):
+            raise
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    return web.json_response(out, status=201)
 
 
 async def patch_dataset(request: web.Request) -> web.Response:
-    name = _dataset(request)
+    name = await _any_dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     body = await _json_body(request, '{"metadata": {...}}')
@@ -296,7 +329,7 @@ async def patch_dataset(request: web.Request) -> web.Response:
 
 
 async def list_items(request: web.Request) -> web.Response:
-    name = _dataset(request)
+    name = await _any_dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     raw_state = request.query.get("state", "live")
@@ -332,7 +365,7 @@ async def list_items(request: web.Request) -> web.Response:
 
 async def list_folders(request: web.Request) -> web.Response:
     """The sub-folders of ``parent`` with item counts and sizes, from the ledger alone."""
-    name = _dataset(request)
+    name = await _any_dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     unknown = set(request.query) - {"parent", "state"}
@@ -485,7 +518,7 @@ def _key(request: web.Request) -> str:
 
 
 async def get_item(request: web.Request) -> web.Response:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     item = await ledger.item(await _ledger_ds(request, name), key)
@@ -495,7 +528,7 @@ async def get_item(request: web.Request) -> web.Response:
 
 
 async def _live_item(request: web.Request) -> tuple[str, str, Item]:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     item = await ledger.item(await _ledger_ds(request, name), key)
@@ -528,7 +561,7 @@ async def get_content(request: web.Request) -> web.StreamResponse:
     wanted = ranges.parse(request.headers.get("Range"), item.size)
     if isinstance(wanted, ranges.Unsatisfiable):
         raise RangeNotSatisfiable(item.size)
-    store = _agent(request).stores[_agent(request).settings.datasets[name].driver]
+    store, key = await _content_source(request, name, key, item)
     if wanted is None:
         resp = web.StreamResponse(headers=headers)
         chunks = store.open(key)
@@ -545,6 +578,24 @@ async def get_content(request: web.Request) -> web.StreamResponse:
         await resp.write(chunk)
     await resp.write_eof()
     return resp
+
+
+async def _content_source(request: web.Request, name: str, key: str, item: Item) -> tuple[Any, str]:
+    """Where an item's bytes are: its dataset's driver, or for a clone's pointer the source
+    dataset's driver under the source item's current key (nothing was copied)."""
+    agent = _agent(request)
+    kind = await runtime.kind_of(agent, name)
+    if kind is None:
+        return agent.stores[agent.settings.datasets[name].driver], key
+    assert agent.ledger is not None
+    source = kind[1] or ""
+    src_item = await agent.ledger.source_item(item.id)
+    found = None
+    if src_item is not None and source in agent.settings.datasets:
+        found = await agent.ledger.item(await agent.ledger.dataset_id(source), key)
+    if found is None or found.id != src_item:
+        raise ApiError(404, "orphaned", f"the source of {key!r} in clone {name!r} is gone from {source!r}")
+    return agent.stores[agent.settings.datasets[source].driver], found.key
 
 
 def _guess_type(key: str) -> str:
@@ -567,7 +618,7 @@ async def put_item(request: web.Request) -> web.Response:
 
 
 async def patch_item(request: web.Request) -> web.Response:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
     try:
         body = await request.json()
     except ValueError:
@@ -575,14 +626,35 @@ async def patch_item(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
         raise ApiError(400, "invalid_request", 'the body must be {"metadata": {...}}; system metadata is read-only')
     try:
+        if _runtime(request, name):  # a clone owns its items' metadata (copied on write at clone time)
+            return web.json_response(await _patch_pointer(request, name, key, body["metadata"]))
         out = await request.app[DOWNSTREAM].patch_meta(name, key, body["metadata"])
     except ValueError as exc:
         raise ApiError(400, "invalid_metadata", str(exc)) from None
     return web.json_response(out.as_json())
 
 
+async def _patch_pointer(request: web.Request, name: str, key: str, patch: Any) -> dict[str, Any]:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    catalog_datasets.check_patch(patch)
+    ds_id = await _ledger_ds(request, name)
+    item = await ledger.item(ds_id, key)
+    if item is None:
+        raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
+    await ledger.merge_meta(item.id, patch)
+    return {"result": "updated", "item": (await ledger.item(ds_id, key) or item).as_json(full=True), "op": None}
+
+
 async def delete_item(request: web.Request) -> web.Response:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
+    if _runtime(request, name):
+        ledger = _agent(request).ledger
+        assert ledger is not None
+        item = await ledger.item(await _ledger_ds(request, name), key)
+        if item is None:
+            raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
+        return web.json_response(await runtime.delete_pointer(_agent(request), name, item))
     out = await request.app[DOWNSTREAM].delete(name, key)
     return web.json_response(out.as_json(), status=202 if out.result == "pending" else 200)
 
@@ -709,6 +781,17 @@ ROUTES: list[Route] = [
                 "name, created or metadata.NAME; -FIELD descending (default: config order)",
             ),
         ),
+    ),
+    Route(
+        "POST",
+        f"{_DS}/clone",
+        clone_dataset,
+        "create a runtime dataset (kind clone) of pointer items to this dataset's live items (all, or those "
+        "filter matches): same driver, same keys, nothing copied in storage; metadata copied if asked, then "
+        "the clone's own. Never synced; deleting in it unlinks pointers only",
+        {201: schemas.Cloned},
+        errors=(409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.CloneRequest)}}},
     ),
     Route(
         "PATCH",

@@ -172,8 +172,10 @@ class Running(_Counts):
 
 class DatasetStatus(_Body):
     dataset: str
-    driver: str
-    url: str
+    kind: Literal["synced", "clone", "merge"] = Field(description="synced from a driver, or created at run time")
+    source: str | None = Field(description="the dataset a clone's pointer items point into")
+    driver: str | None = Field(description="null for a runtime dataset: it has no driver of its own")
+    url: str | None
     sync: str
     interval: float
     read_only: bool
@@ -256,6 +258,19 @@ class MoveResults(_Body):
     results: list[Moved]
 
 
+class CloneRequest(_Body):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    with_metadata: bool = False
+    filter: dict[str, Any] | None = Field(default=None, description="a catalog filter; null: every live item")
+
+
+class Cloned(_Body):
+    dataset: str
+    kind: Literal["clone"]
+    source: str
+    items: int = Field(description="pointer items created")
+
+
 class ReloadPlan(_Body):
     """What a reload did, by dataset name."""
 
@@ -292,6 +307,8 @@ MODELS: tuple[type[BaseModel], ...] = (
     MoveRequest,
     Moved,
     MoveResults,
+    CloneRequest,
+    Cloned,
     Op,
     OpList,
     Outcome,
