@@ -372,3 +372,35 @@ def test_clone_pointers_metadata_unlink_and_orphans(catalog: Catalog) -> None:
     counted = {s["dataset"]: s["items"] for s in d.api("GET", "/datasets").body["datasets"]}
     assert counted["snap"] == {"live": 0, "tombstone": 0, "orphaned": 1, "stale": 1}, counted
     assert counted["snap2"]["orphaned"] == 1
+
+
+def test_merge_keeps_both_or_merges_as_asked(catalog: Catalog) -> None:
+    d = catalog.daemon
+    assert d.api("PATCH", "/datasets/cloud/items/a%2F1.jpg", json_body={"metadata": {"only_cloud": 1}}).status == 200
+
+    def merge(name: str, on_conflict: str) -> dict[str, Any]:
+        body = {"name": name, "sources": ["local", "cloud"], "on_conflict": on_conflict}
+        r = d.api("POST", "/datasets/merge", json_body=body)
+        assert r.status == 201, r.body
+        return dict(r.body)
+
+    assert merge("m-folder", "folder")["items"] == 10
+    assert page(catalog, "m-folder", limit=3)[0] == ["cloud/a/1.jpg", "cloud/a/2.jpg", "cloud/a/3.png"]
+    assert merge("m-suffix", "suffix")["items"] == 10
+    keys = page(catalog, "m-suffix", filter={"key": {"$prefix": "a/"}})[0]
+    assert keys == ["a/1.jpg", "a/1~cloud.jpg", "a/2.jpg", "a/2~cloud.jpg", "a/3.png", "a/3~cloud.png"]
+    assert merge("m-merge", "merge") == {"dataset": "m-merge", "kind": "merge", "source": "local,cloud", "items": 5}
+    one = d.api("GET", "/datasets/m-merge/items/a%2F1.jpg").body
+    assert one["metadata"] == {"camera": "x100", "iso": 200, "only_cloud": 1}, one
+    # the merged item is the first source's binary (a local file), read where it is
+    assert d.request("GET", "/api/v1/datasets/m-merge/items/a%2F1.jpg/content").text == "1" * 10
+    assert d.api("DELETE", "/datasets/m-merge/items/a%2F1.jpg").body["result"] == "unlinked"
+    assert (catalog.root / "files" / "a" / "1.jpg").exists()
+    bad = d.api("POST", "/datasets/merge", json_body={"name": "m-x", "sources": ["local"], "on_conflict": "merge"})
+    assert bad.status == 400, bad.body
+    again = d.api(
+        "POST", "/datasets/merge", json_body={"name": "m-merge", "sources": ["local", "cloud"], "on_conflict": "merge"}
+    )
+    assert again.status == 409, again.body
+    kinds = {s["dataset"]: s["kind"] for s in d.api("GET", "/datasets").body["datasets"]}
+    assert kinds["m-suffix"] == "merge" and kinds["local"] == "synced"

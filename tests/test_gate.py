@@ -127,3 +127,11 @@ def test_a_move_needs_a_real_delete() -> None:
         "storage_denied"
     )
     assert gate.decide_move(key="a/b", read_only=False, allow_delete=True).action == gate.DELETE_OBJECT
+
+
+def test_a_pointer_delete_never_reaches_storage() -> None:
+    """A clone's item is unlinked, whatever the driver allows: the binary is the source's."""
+    for allow in (True, False):
+        d = gate.decide_delete(key="a/b", read_only=False, allow_delete=allow, pointer=True)
+        assert d.allowed and d.action == gate.UNLINK
+    assert gate.decide_delete(key="a/b", read_only=False, allow_delete=True).action == gate.DELETE_OBJECT

@@ -1,4 +1,4 @@
-"""Datasets created at run time: clones of a synced dataset, as pointer items.
+"""Datasets created at run time: clones and merges of synced datasets, as pointer items.
 
 A clone is persisted in the ledger (``kind`` ``clone``, ``source`` the dataset it came
 from), never synced upstream and without a driver of its own: its items point at the
@@ -51,6 +51,30 @@ async def clone(agent: Agent, source: str, name: Any, with_metadata: bool, flt: 
     _id, n = await ledger.create_clone(name, src_id, source, where.sql, where.params, with_metadata)
     log.info("cloned", dataset=name, source=source, items=n, with_metadata=with_metadata)
     return {"dataset": name, "kind": "clone", "source": source, "items": n}
+
+
+ON_CONFLICT = ("folder", "suffix", "merge")
+
+
+async def merge(agent: Agent, name: Any, sources: Any, on_conflict: Any) -> dict[str, Any]:
+    """Create the merge ``name`` of synced datasets ``sources`` (see ``Ledger.create_merge``)."""
+    ledger = agent.ledger
+    assert ledger is not None
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ValueError(f"a merge's name must match {NAME.pattern}, not {name!r}")
+    if not isinstance(sources, list) or len(sources) < 2 or len(set(map(str, sources))) != len(sources):
+        raise ValueError('"sources" must list two or more different synced datasets')
+    for src in sources:
+        if src not in agent.settings.datasets:
+            raise ValueError(f"{src!r} is not a synced dataset: a merge is made of synced datasets' items")
+    if on_conflict not in ON_CONFLICT:
+        raise ValueError(f'"on_conflict" must be one of {", ".join(ON_CONFLICT)}')
+    if name in agent.settings.datasets or name in await ledger.runtime_datasets() or await ledger.find_dataset(name):
+        raise AlreadyExists(f"a dataset named {name!r} exists already")
+    ids = [(await ledger.dataset_id(src), src) for src in sources]
+    _id, n = await ledger.create_merge(name, ids, on_conflict)
+    log.info("merged", dataset=name, sources=sources, items=n, on_conflict=on_conflict)
+    return {"dataset": name, "kind": "merge", "source": ",".join(sources), "items": n}
 
 
 async def delete_pointer(agent: Agent, dataset: str, item: Item) -> dict[str, Any]:

@@ -500,6 +500,58 @@ class Ledger:
         self._ids[name] = new_id
         return new_id, n
 
+    async def create_merge(self, name: str, sources: Sequence[tuple[int, str]], on_conflict: str) -> tuple[int, int]:
+        """A runtime dataset of pointer items to the live items of several datasets, in one
+        transaction of set-based statements: (its id, items). Keys found in more than one
+        source: ``folder`` puts each source under a folder of its name (no key can meet
+        another), ``suffix`` keeps the first source's key and renames the later ones
+        ``stem~SOURCE.ext``, ``merge`` keeps one item (the first source's binary) with the
+        sources' metadata merged, later sources winning a name they share."""
+        now = time.time()
+        into = (
+            "INSERT INTO items (dataset_id, key, size, modified, etag, version, state, content_type, meta, "
+            "updated, source_item)"
+        )
+        rest = "size, modified, etag, version, 'live', content_type, meta, ?, id"
+        live = "FROM items WHERE dataset_id = ? AND state = 'live'"
+        taken = "key IN (SELECT key FROM items WHERE dataset_id = ?)"
+        async with self._transaction():
+            cur = await self.db.execute(
+                "INSERT INTO datasets (name, created, kind, source) VALUES (?, ?, 'merge', ?)",
+                (name, now, ",".join(n for _i, n in sources)),
+            )
+            assert cur.lastrowid is not None
+            new_id = cur.lastrowid
+            for n, (src_id, src_name) in enumerate(sources):
+                if on_conflict == "folder":
+                    await self.db.execute(
+                        f"{into} SELECT ?, ? || key, {rest} {live}", (new_id, src_name + "/", now, src_id)
+                    )
+                elif on_conflict == "merge" or n == 0:
+                    await self.db.execute(
+                        f"{into} SELECT ?, key, {rest} {live} ON CONFLICT (dataset_id, key) DO UPDATE SET "
+                        "meta = CASE WHEN items.meta IS NULL THEN excluded.meta WHEN excluded.meta IS NULL "
+                        "THEN items.meta ELSE json_patch(items.meta, excluded.meta) END",
+                        (new_id, now, src_id),
+                    )
+                else:  # suffix: the keys an earlier source holds get this source's name
+                    async with self.db.execute(
+                        f"SELECT key, size, modified, etag, version, 'live', content_type, meta, id {live} AND {taken}",
+                        (src_id, new_id),
+                    ) as c:
+                        met = await c.fetchall()
+                    await self.db.execute(
+                        f"{into} SELECT ?, key, {rest} {live} AND NOT {taken}", (new_id, now, src_id, new_id)
+                    )
+                    await self.db.executemany(
+                        f"{into} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO NOTHING",
+                        [(new_id, _suffixed(r[0], src_name), *r[1:8], now, r[8]) for r in met],
+                    )
+            async with self.db.execute("SELECT count(*) FROM items WHERE dataset_id = ?", (new_id,)) as c:
+                row = await c.fetchone()
+        self._ids[name] = new_id
+        return new_id, int(row[0]) if row else 0
+
     async def runtime_datasets(self) -> dict[str, tuple[str, str | None]]:
         """name -> (kind, source) of the datasets created at run time (not in the config)."""
         if not await self._has_column("datasets", "kind"):
@@ -507,9 +559,15 @@ class Ledger:
         rows = await self._read("SELECT name, kind, source FROM datasets WHERE kind != 'synced' ORDER BY id")
         return {str(n): (str(k), s) for n, k, s in rows}
 
-    async def source_item(self, item_id: int) -> int | None:
-        rows = await self._read("SELECT source_item FROM items WHERE id = ?", (item_id,))
-        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+    async def pointed(self, item_id: int) -> tuple[str, str] | None:
+        """(dataset name, current key) of the item a pointer item points at; None when it is
+        no pointer, or its source item is gone."""
+        rows = await self._read(
+            "SELECT d.name, s.key FROM items p JOIN items s ON s.id = p.source_item "
+            "JOIN datasets d ON d.id = s.dataset_id WHERE p.id = ?",
+            (item_id,),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def merge_dataset_meta(self, dataset_id: int, patch: dict[str, Any]) -> dict[str, Any]:
         """Merge a dataset's user metadata (JSON merge-patch: ``None`` removes a name); the result."""
@@ -1115,6 +1173,14 @@ class Ledger:
             for item in batch:
                 yield item
             after = batch[-1].key
+
+
+def _suffixed(key: str, source: str) -> str:
+    """``a/b.jpg`` from ``ds2`` -> ``a/b~ds2.jpg``: the name keeps its extension."""
+    folder, _, leaf = key.rpartition("/")
+    stem, dot, ext = leaf.rpartition(".")
+    leaf = f"{stem}~{source}.{ext}" if dot and stem else f"{leaf}~{source}"
+    return f"{folder}/{leaf}" if folder else leaf
 
 
 def _operational(exc: BaseException) -> bool:

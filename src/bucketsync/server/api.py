@@ -295,6 +295,18 @@ async def list_datasets(request: web.Request) -> web.Response:
     return web.json_response({"datasets": [rows[n] for n in names]})
 
 
+async def merge_datasets(request: web.Request) -> web.Response:
+    """A runtime dataset of pointer items to several datasets' items, conflicts as asked."""
+    body = await _json_body(request, '{"name": "...", "sources": ["a", "b"], "on_conflict": "folder"}')
+    if set(body) != {"name", "sources", "on_conflict"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"name": ..., "sources": [...], "on_conflict": ...}')
+    try:
+        out = await runtime.merge(_agent(request), body["name"], body["sources"], body["on_conflict"])
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    return web.json_response(out, status=201)
+
+
 async def clone_dataset(request: web.Request) -> web.Response:
     """A runtime dataset of pointer items to this (synced) dataset's items: one ledger statement."""
     source = _dataset(request)
@@ -581,21 +593,16 @@ async def get_content(request: web.Request) -> web.StreamResponse:
 
 
 async def _content_source(request: web.Request, name: str, key: str, item: Item) -> tuple[Any, str]:
-    """Where an item's bytes are: its dataset's driver, or for a clone's pointer the source
-    dataset's driver under the source item's current key (nothing was copied)."""
+    """Where an item's bytes are: its dataset's driver, or for a pointer item (clone, merge)
+    the source item's driver under its current key (nothing was copied)."""
     agent = _agent(request)
-    kind = await runtime.kind_of(agent, name)
-    if kind is None:
+    if not _runtime(request, name):
         return agent.stores[agent.settings.datasets[name].driver], key
     assert agent.ledger is not None
-    source = kind[1] or ""
-    src_item = await agent.ledger.source_item(item.id)
-    found = None
-    if src_item is not None and source in agent.settings.datasets:
-        found = await agent.ledger.item(await agent.ledger.dataset_id(source), key)
-    if found is None or found.id != src_item:
-        raise ApiError(404, "orphaned", f"the source of {key!r} in clone {name!r} is gone from {source!r}")
-    return agent.stores[agent.settings.datasets[source].driver], found.key
+    found = await agent.ledger.pointed(item.id)
+    if found is None or found[0] not in agent.settings.datasets:
+        raise ApiError(404, "orphaned", f"the source object of {key!r} in {name!r} is gone")
+    return agent.stores[agent.settings.datasets[found[0]].driver], found[1]
 
 
 def _guess_type(key: str) -> str:
@@ -781,6 +788,17 @@ ROUTES: list[Route] = [
                 "name, created or metadata.NAME; -FIELD descending (default: config order)",
             ),
         ),
+    ),
+    Route(
+        "POST",
+        f"{API}/datasets/merge",
+        merge_datasets,
+        "create a runtime dataset (kind merge) of pointer items to the live items of several synced datasets; "
+        "a key in more than one: on_conflict folder (each source under a folder of its name), suffix "
+        "(later ones renamed stem~SOURCE.ext) or merge (one item, metadata merged, later sources win)",
+        {201: schemas.Merged},
+        errors=(409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MergeRequest)}}},
     ),
     Route(
         "POST",

@@ -271,6 +271,19 @@ class Cloned(_Body):
     items: int = Field(description="pointer items created")
 
 
+class MergeRequest(_Body):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    sources: list[str] = Field(min_length=2, description="two or more synced datasets")
+    on_conflict: Literal["folder", "suffix", "merge"]
+
+
+class Merged(_Body):
+    dataset: str
+    kind: Literal["merge"]
+    source: str = Field(description="the sources, comma-separated")
+    items: int = Field(description="pointer items created")
+
+
 class ReloadPlan(_Body):
     """What a reload did, by dataset name."""
 
@@ -308,6 +321,8 @@ MODELS: tuple[type[BaseModel], ...] = (
     Moved,
     MoveResults,
     CloneRequest,
+    MergeRequest,
+    Merged,
     Cloned,
     Op,
     OpList,
