@@ -404,3 +404,19 @@ def test_merge_keeps_both_or_merges_as_asked(catalog: Catalog) -> None:
     assert again.status == 409, again.body
     kinds = {s["dataset"]: s["kind"] for s in d.api("GET", "/datasets").body["datasets"]}
     assert kinds["m-suffix"] == "merge" and kinds["local"] == "synced"
+
+
+def test_cli_clone_and_merge_through_the_agent(catalog: Catalog) -> None:
+    cfg = catalog.config
+    cloned, merged, bad = parallel(
+        lambda: cli(cfg, "clone", "local", "cli-snap", "--with-metadata", "--where", '{"key": "a/2.jpg"}', "--json"),
+        lambda: cli(cfg, "merge", "cli-merge", "local", "cloud", "--on-conflict", "suffix"),
+        lambda: cli(cfg, "clone", "local", "Bad Name"),
+    )
+    assert json_lines(cloned.stdout) == [{"dataset": "cli-snap", "kind": "clone", "source": "local", "items": 1}], (
+        describe(cloned)
+    )
+    assert merged.stdout.strip() == "cli-merge: merge of local,cloud, 10 items", describe(merged)
+    assert bad.returncode == 2 and "name must match" in bad.stderr, describe(bad)
+    item = catalog.daemon.api("GET", "/datasets/cli-snap/items/a%2F2.jpg").body
+    assert item["metadata"] == {"camera": "x100", "iso": 400}, item

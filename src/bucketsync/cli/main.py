@@ -370,6 +370,48 @@ async def _downstream(
         return dict(await remote(client))
 
 
+async def _runtime_op(
+    settings: Settings, local: Callable[[Agent], Awaitable[dict[str, Any]]], path: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """Create a runtime dataset through the running agent, else in this process."""
+    if not _daemon_running(settings):
+        try:
+            async with Agent(settings) as agent:
+                return await local(agent)
+        except LedgerLocked:
+            pass
+    async with AgentClient(settings) as client:
+        return dict(await client.call("POST", path, json=body))
+
+
+async def cmd_clone(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.catalog import runtime
+
+    settings.dataset(args.source)
+    flt = query.parse_filter(args.where) if args.where else None
+    body = {"name": args.name, "with_metadata": args.with_metadata, "filter": flt}
+    out = await _runtime_op(
+        settings,
+        lambda agent: runtime.clone(agent, args.source, args.name, args.with_metadata, flt),
+        f"/datasets/{args.source}/clone",
+        body,
+    )
+    return _report(args, out, f"{out['dataset']}: clone of {out['source']}, {out['items']} items")
+
+
+async def cmd_merge(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.catalog import runtime
+
+    body = {"name": args.name, "sources": args.sources, "on_conflict": args.on_conflict}
+    out = await _runtime_op(
+        settings,
+        lambda agent: runtime.merge(agent, args.name, args.sources, args.on_conflict),
+        "/datasets/merge",
+        body,
+    )
+    return _report(args, out, f"{out['dataset']}: merge of {out['source']}, {out['items']} items")
+
+
 def _item_path(dataset: str, key: str) -> str:
     from urllib.parse import quote
 
@@ -730,6 +772,26 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("-l", "--long", action="store_true", help="sizes, item counts and modified times too")
     ls.add_argument("--json", action="store_true", help="one JSON object per line, with a type: folder or item")
     ls.set_defaults(func=cmd_ls)
+
+    cl = command("clone", "create a runtime dataset of pointer items to SOURCE's items (nothing copied in storage)")
+    cl.add_argument("source", help="a synced dataset")
+    cl.add_argument("name", help="the clone's name")
+    cl.add_argument("--with-metadata", action="store_true", help="copy the items' user metadata (then the clone's own)")
+    cl.add_argument("--where", metavar="FILTER", help="only the items this JSON filter matches")
+    cl.add_argument("--json", action="store_true", help="print one JSON object")
+    cl.set_defaults(func=cmd_clone)
+
+    mg = command("merge", "create a runtime dataset of pointer items to several synced datasets' items")
+    mg.add_argument("name", help="the merge's name")
+    mg.add_argument("sources", nargs="+", help="two or more synced datasets")
+    mg.add_argument(
+        "--on-conflict",
+        choices=["folder", "suffix", "merge"],
+        default="folder",
+        help="a key in several sources: a folder per source (default), a ~SOURCE suffix, or one item",
+    )
+    mg.add_argument("--json", action="store_true", help="print one JSON object")
+    mg.set_defaults(func=cmd_merge)
 
     dl = command("datasets", "one line per dataset; --where/--sort by its metadata, --columns shows metadata")
     dl.add_argument("--where", metavar="FILTER", help="a JSON filter over name, created, metadata.NAME")
