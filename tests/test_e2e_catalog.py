@@ -420,3 +420,29 @@ def test_cli_clone_and_merge_through_the_agent(catalog: Catalog) -> None:
     assert bad.returncode == 2 and "name must match" in bad.stderr, describe(bad)
     item = catalog.daemon.api("GET", "/datasets/cli-snap/items/a%2F2.jpg").body
     assert item["metadata"] == {"camera": "x100", "iso": 400}, item
+
+
+def test_folders_of_a_clone_are_catalog_only(catalog: Catalog) -> None:
+    d = catalog.daemon
+    assert d.api("POST", "/datasets/local/clone", json_body={"name": "fold"}).status == 201
+    made = d.api("POST", "/datasets/fold/folders", json_body={"path": "new/empty"})
+    assert made.status == 201 and made.body == {"folder": "new/empty/", "created": True}, made.body
+    assert d.api("POST", "/datasets/fold/folders", json_body={"path": "new/empty/"}).body["created"] is False
+    top = d.api("GET", "/datasets/fold/folders").body["folders"]
+    assert [(f["name"], f["items"]) for f in top] == [("a", 3), ("b", 2), ("new", 0)], top
+    # a move is a key change in the catalog; the file stays where it is
+    moved = d.api("POST", "/datasets/fold/move", json_body={"to": "new/empty", "keys": ["a/1.jpg", "a/2.jpg"]})
+    assert [m["result"] for m in moved.body["results"]] == ["moved", "moved"], moved.body
+    assert page(catalog, "fold", filter={"key": {"$prefix": "new/"}})[0] == ["new/empty/1.jpg", "new/empty/2.jpg"]
+    assert (catalog.root / "files" / "a" / "1.jpg").exists() and not (catalog.root / "files" / "new").exists()
+    assert d.request("GET", "/api/v1/datasets/fold/items/new%2Fempty%2F1.jpg/content").text == "1" * 10
+    # a folder delete unlinks, under the guard: 2 of 5 pass, then 2 of the 3 left do not
+    gone = d.api("DELETE", "/datasets/fold/folders/b")
+    assert gone.status == 200 and gone.body == {"folder": "b/", "result": "unlinked", "items": 2, "ops": []}
+    guarded = d.api("DELETE", "/datasets/fold/folders/new")
+    assert guarded.status == 403 and guarded.body["error"]["code"] == "max_delete_ratio", guarded.body
+    forced = d.api("DELETE", "/datasets/fold/folders/new", params={"force": "true"})
+    assert forced.status == 200 and forced.body["items"] == 2, forced.body
+    assert [f["name"] for f in d.api("GET", "/datasets/fold/folders").body["folders"]] == ["a"]
+    assert sorted(p.name for p in (catalog.root / "files" / "a").iterdir()) == ["1.jpg", "2.jpg", "3.png"]
+    assert sorted(p.name for p in (catalog.root / "files" / "b").iterdir()) == ["1.jpg", "2.txt"]

@@ -69,13 +69,29 @@ class Listing:
 
 
 async def listing(ledger: Ledger, dataset_id: int, parent: str, state: str = "live") -> Listing:
-    folders, items, size = [], 0, 0
+    """From the keys; a runtime dataset's persisted empty folders join them (0 items)."""
+    folders, items, size = {}, 0, 0
     for name, n, nbytes in await ledger.folder_counts(dataset_id, parent, state):
         if name:
-            folders.append(Folder(name, parent + name + "/", n, nbytes))
+            folders[name] = Folder(name, parent + name + "/", n, nbytes)
         else:
             items, size = n, nbytes
-    return Listing(parent, folders, items, size)
+    for path in await ledger.empty_folders(dataset_id, parent):
+        name = path[len(parent) :].split("/", 1)[0]
+        folders.setdefault(name, Folder(name, parent + name + "/", 0, 0))
+    return Listing(parent, [folders[n] for n in sorted(folders)], items, size)
+
+
+async def create_folder(agent: Agent, dataset: str, path: str) -> dict[str, Any]:
+    """An empty folder: persisted in a runtime dataset's catalog, refused in a synced one."""
+    folder = parent_of(path)
+    if not folder:
+        raise InvalidKey("a folder path must not be empty")
+    if dataset in agent.settings.datasets:
+        refuse_empty_folder(path)
+    assert agent.ledger is not None
+    created = await agent.ledger.add_folder(await agent.ledger.dataset_id(dataset), folder)
+    return {"folder": folder, "created": created}
 
 
 async def all_under(ledger: Ledger, dataset_id: int, folder: str) -> list[Item]:
@@ -144,10 +160,12 @@ async def delete_folder(agent: Agent, dataset: str, folder: str, *, force: bool 
     transaction (each conditional on the item's etag, executed by the outbox as any delete)."""
     ledger = agent.ledger
     assert ledger is not None
-    ds = agent.settings.datasets[dataset]
-    driver = agent.settings.drivers[ds.driver]
     ds_id = await ledger.dataset_id(dataset)
     doomed = await all_under(ledger, ds_id, folder)
+    if dataset not in agent.settings.datasets:
+        return await _unlink_folder(agent, dataset, ds_id, folder, doomed, force)
+    ds = agent.settings.datasets[dataset]
+    driver = agent.settings.drivers[ds.driver]
     if not doomed:
         raise NotFound(f"dataset {dataset!r} has no live item under folder {folder!r}", key=folder)
     decision = decide(
@@ -171,3 +189,34 @@ async def delete_folder(agent: Agent, dataset: str, folder: str, *, force: bool 
     agent.outbox.wake.set()
     log.info("folder delete queued", dataset=dataset, folder=folder, items=len(doomed), ops=len(ops))
     return FolderDeleted(folder, "deleted", len(doomed), ops)
+
+
+#: a runtime dataset has no config: its folder deletes pass the default guard
+DEFAULT_RATIO = 0.5
+
+
+async def _unlink_folder(
+    agent: Agent, dataset: str, ds_id: int, folder: str, doomed: list[Item], force: bool
+) -> FolderDeleted:
+    """A folder of a clone or merge: its pointers are unlinked, never storage (the gate's
+    UNLINK); the mass-delete guard still counts them together."""
+    ledger = agent.ledger
+    assert ledger is not None
+    if not doomed and not await ledger.empty_folders(ds_id, folder[:-1]):  # the folder itself, or under it
+        raise NotFound(f"dataset {dataset!r} has no folder {folder!r}", key=folder)
+    guard = gate.removal_guard(
+        removals=len(doomed),
+        live_before=await ledger.live_count(ds_id),
+        listing_complete=True,
+        max_delete_ratio=DEFAULT_RATIO,
+        max_delete_count=0,
+        force=force,
+    )
+    if not guard.allowed:
+        raise Refused(guard.reason, f"deleting folder {folder!r}: {guard.message}")
+    decision = gate.decide_delete(key=folder, read_only=False, allow_delete=False, pointer=True)
+    assert decision.action == gate.UNLINK
+    await ledger.remove(None, [i.id for i in doomed])
+    await ledger.drop_folders(ds_id, folder)
+    log.info("folder unlinked", dataset=dataset, folder=folder, items=len(doomed))
+    return FolderDeleted(folder, "unlinked", len(doomed), [])

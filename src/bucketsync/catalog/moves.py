@@ -44,6 +44,8 @@ async def move(agent: Agent, downstream: Downstream, dataset: str, keys: list[st
     (Refused, nothing touched) when the dataset cannot move at all."""
     ledger = agent.ledger
     assert ledger is not None
+    if dataset not in agent.settings.datasets:
+        return await _rekey(agent, dataset, keys, folder)
     ds = agent.settings.datasets[dataset]
     driver = agent.settings.drivers[ds.driver]
     decision = gate.decide_move(
@@ -81,4 +83,27 @@ async def move(agent: Agent, downstream: Downstream, dataset: str, keys: list[st
         agent.outbox.wake.set()
         log.info("moved", dataset=dataset, key=key, to=to, item=item.id, delete_op=op_id)
         out.append(Moved(key, to, "moved", op=op_id))
+    return out
+
+
+async def _rekey(agent: Agent, dataset: str, keys: list[str], folder: str) -> list[Moved]:
+    """In a clone or merge a move is catalog-only: the pointer's key changes, storage does not."""
+    ledger = agent.ledger
+    assert ledger is not None
+    ds_id = await ledger.dataset_id(dataset)
+    out, moving, taken = [], [], set()
+    for key in keys:
+        to = target(key, folder)
+        item = await ledger.item(ds_id, key)
+        if item is None:
+            out.append(Moved(key, to, "failed", f"no item {key!r}"))
+        elif to == key:
+            out.append(Moved(key, to, "unchanged"))
+        elif to in taken or await ledger.item(ds_id, to) is not None:
+            out.append(Moved(key, to, "failed", f"{to!r} exists already"))
+        else:
+            taken.add(to)
+            moving.append((item.id, to))
+            out.append(Moved(key, to, "moved"))
+    await ledger.rekey(ds_id, moving)
     return out

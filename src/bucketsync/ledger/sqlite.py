@@ -167,6 +167,14 @@ MIGRATIONS: list[str] = [
         UPDATE items SET state = 'stale' WHERE source_item = OLD.id AND state = 'live';
     END;
     """,
+    # catalog: empty folders of runtime datasets (a synced dataset's folders are its keys').
+    """
+    CREATE TABLE folders (
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        path TEXT NOT NULL,
+        PRIMARY KEY (dataset_id, path)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -1123,6 +1131,43 @@ class Ledger:
                 "state = 'live', updated = ? WHERE id = ?",
                 (new_key, *row[1:], time.time(), old_id),
             )
+
+    async def add_folder(self, dataset_id: int, path: str) -> bool:
+        """Persist an empty folder (``a/b/``) of a runtime dataset; False if it was there."""
+        cur = await self._write("INSERT OR IGNORE INTO folders (dataset_id, path) VALUES (?, ?)", (dataset_id, path))
+        return cur.rowcount == 1
+
+    async def empty_folders(self, dataset_id: int, parent: str) -> list[str]:
+        """Persisted folders under ``parent`` (at any depth), by path."""
+        if not await self._has_table_reader("folders"):
+            return []
+        rows = await self._read(
+            "SELECT path FROM folders WHERE dataset_id = ? AND path > ? AND path < ? ORDER BY path",
+            (dataset_id, parent, parent + "\U0010ffff"),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def drop_folders(self, dataset_id: int, prefix: str) -> None:
+        await self._write(
+            "DELETE FROM folders WHERE dataset_id = ? AND path >= ? AND path < ?",
+            (dataset_id, prefix, prefix + "\U0010ffff"),
+        )
+
+    async def rekey(self, dataset_id: int, moves: Sequence[tuple[int, str]]) -> None:
+        """A runtime dataset's items take new keys (a catalog-only move), all or none."""
+        now = time.time()
+        async with self._transaction():
+            await self.db.executemany(
+                "UPDATE items SET key = ?, updated = ? WHERE id = ? AND dataset_id = ?",
+                [(key, now, item_id, dataset_id) for item_id, key in moves],
+            )
+
+    async def _has_table_reader(self, name: str) -> bool:
+        if (known := self._columns.get((name, ""))) is not None:
+            return known
+        rows = await self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        self._columns[(name, "")] = bool(rows)
+        return bool(rows)
 
     async def tombstone_many(self, ids: Sequence[int]) -> None:
         """Tombstone items in one transaction (a folder delete without allow_delete)."""

@@ -392,16 +392,16 @@ async def list_folders(request: web.Request) -> web.Response:
 
 
 async def create_folder(request: web.Request) -> web.Response:
-    _dataset(request)
+    name = await _any_dataset(request)
     body = await _json_body(request, '{"path": "a/b"}')
     if set(body) != {"path"} or not isinstance(body["path"], str):
         raise ApiError(400, "invalid_request", 'the body must be {"path": "a/b"}')
-    folders.parent_of(body["path"])  # a bad path is a 400 before the refusal
-    folders.refuse_empty_folder(body["path"])  # every dataset is synced: see catalog/folders.py
+    out = await folders.create_folder(_agent(request), name, body["path"])
+    return web.json_response(out, status=201 if out["created"] else 200)
 
 
 async def delete_folder(request: web.Request) -> web.Response:
-    name = _dataset(request)
+    name = await _any_dataset(request)
     folder = folders.parent_of(request.match_info["path"])
     if not folder:
         raise ApiError(400, "invalid_key", "the top of a dataset is not a folder to delete")
@@ -411,7 +411,7 @@ async def delete_folder(request: web.Request) -> web.Response:
 
 async def move_items(request: web.Request) -> web.Response:
     """Move items (a key list, or every live item a filter matches) into a folder."""
-    name = _dataset(request)
+    name = await _any_dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     body = await _json_body(request, '{"to": "folder/", "keys": [...]} or {"to": ..., "filter": {...}}')
@@ -863,10 +863,10 @@ ROUTES: list[Route] = [
         "POST",
         f"{_DS}/folders",
         create_folder,
-        "create an empty folder: refused (403 empty_folders_unsupported) in a synced dataset, whose bucket "
-        "has no folders, only keys",
-        {},
-        errors=(403,),
+        "create an empty folder: persisted in a clone's or merge's catalog (201, 200 if it existed); refused "
+        "(403 empty_folders_unsupported) in a synced dataset, whose bucket has no folders, only keys",
+        {201: schemas.FolderCreated, 200: schemas.FolderCreated},
+        errors=(403, *LEDGER),
         body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.FolderCreate)}}},
     ),
     Route(

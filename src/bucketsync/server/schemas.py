@@ -230,10 +230,16 @@ class FolderCreate(_Body):
     path: str
 
 
+class FolderCreated(_Body):
+    folder: str
+    created: bool
+
+
 class FolderDeleted(_Body):
     folder: str
-    result: Literal["deleted", "tombstoned"] = Field(
-        description="deleted: delete ops queued (allow_delete); tombstoned: the objects stay"
+    result: Literal["deleted", "tombstoned", "unlinked"] = Field(
+        description="deleted: delete ops queued (allow_delete); tombstoned: the objects stay; "
+        "unlinked: a clone's or merge's pointers removed, storage untouched"
     )
     items: int
     ops: list[int] = Field(description="the queued delete ops (see /ops)")
@@ -316,6 +322,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     Folder,
     FolderListing,
     FolderCreate,
+    FolderCreated,
     FolderDeleted,
     MoveRequest,
     Moved,
