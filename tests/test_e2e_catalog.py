@@ -372,6 +372,13 @@ def test_clone_pointers_metadata_unlink_and_orphans(catalog: Catalog) -> None:
     counted = {s["dataset"]: s["items"] for s in d.api("GET", "/datasets").body["datasets"]}
     assert counted["snap"] == {"live": 0, "tombstone": 0, "orphaned": 1, "stale": 1}, counted
     assert counted["snap2"]["orphaned"] == 1
+    # deleting a runtime dataset deletes its catalog only
+    r = d.api("DELETE", "/datasets/snap")
+    assert r.status == 200 and r.body == {"dataset": "snap", "deleted": True, "items": 2}, r.body
+    assert d.api("GET", "/datasets/snap/items").status == 404
+    assert (catalog.root / "src" / "p" / "1.txt").exists() and item("src", "p/1.txt")["state"] == "live"
+    assert d.api("DELETE", "/datasets/src").status == 403
+    assert d.api("POST", "/datasets/src/clone", json_body={"name": "snap"}).status == 201  # the name is free again
 
 
 def test_merge_keeps_both_or_merges_as_asked(catalog: Catalog) -> None:

@@ -316,7 +316,8 @@ class Ledger:
         # behind a 5,000-row batch on the writers' thread. A read-only ledger reads through
         # its one connection. Reads run in autocommit, so each sees every commit before it.
         self.reader = db
-        #: dataset name -> id; a dataset's row is never deleted or renamed, so this never goes stale
+        #: dataset name -> id; a configured dataset's row is never deleted or renamed, and a runtime
+        #: dataset's (drop_runtime) leaves this cache in the same transaction's wake
         self._ids: dict[str, int] = {}
         #: False on a ledger older than the counts table (opened read-only, so not migrated)
         self._counts_table = True
@@ -559,6 +560,24 @@ class Ledger:
                 row = await c.fetchone()
         self._ids[name] = new_id
         return new_id, int(row[0]) if row else 0
+
+    async def drop_runtime(self, name: str) -> int:
+        """Delete a runtime dataset's catalog (its pointers, folders, metadata, row); storage is
+        not touched: a pointer's binary is its source's. How many items went."""
+        async with self._transaction():
+            async with self.db.execute("SELECT id FROM datasets WHERE name = ? AND kind != 'synced'", (name,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return -1
+            ds_id = int(row[0])
+            cur = await self.db.execute("DELETE FROM items WHERE dataset_id = ?", (ds_id,))
+            n = cur.rowcount
+            await self.db.execute("DELETE FROM folders WHERE dataset_id = ?", (ds_id,))
+            await self.db.execute("DELETE FROM item_counts WHERE dataset_id = ?", (ds_id,))
+            await self.db.execute("DELETE FROM datasets WHERE id = ?", (ds_id,))
+        self._ids.pop(name, None)
+        self._overview = None
+        return n
 
     async def runtime_datasets(self) -> dict[str, tuple[str, str | None]]:
         """name -> (kind, source) of the datasets created at run time (not in the config)."""

@@ -295,6 +295,17 @@ async def list_datasets(request: web.Request) -> web.Response:
     return web.json_response({"datasets": [rows[n] for n in names]})
 
 
+async def delete_dataset(request: web.Request) -> web.Response:
+    """A runtime dataset goes with its catalog only; a configured one is removed from the config."""
+    name = await _any_dataset(request)
+    if not _runtime(request, name):
+        raise ApiError(403, "synced_dataset", f"{name!r} is configured: remove it from the config file and reload")
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    n = await ledger.drop_runtime(name)
+    return web.json_response({"dataset": name, "deleted": True, "items": max(n, 0)})
+
+
 async def merge_datasets(request: web.Request) -> web.Response:
     """A runtime dataset of pointer items to several datasets' items, conflicts as asked."""
     body = await _json_body(request, '{"name": "...", "sources": ["a", "b"], "on_conflict": "folder"}')
@@ -788,6 +799,14 @@ ROUTES: list[Route] = [
                 "name, created or metadata.NAME; -FIELD descending (default: config order)",
             ),
         ),
+    ),
+    Route(
+        "DELETE",
+        _DS,
+        delete_dataset,
+        "delete a clone or merge: its catalog only, never storage (403 synced_dataset for a configured one)",
+        {200: schemas.DatasetDeleted},
+        errors=(403, *LEDGER),
     ),
     Route(
         "POST",

@@ -277,6 +277,12 @@ class Cloned(_Body):
     items: int = Field(description="pointer items created")
 
 
+class DatasetDeleted(_Body):
+    dataset: str
+    deleted: bool
+    items: int = Field(description="pointer items unlinked with it")
+
+
 class MergeRequest(_Body):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     sources: list[str] = Field(min_length=2, description="two or more synced datasets")
@@ -329,6 +335,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     MoveResults,
     CloneRequest,
     MergeRequest,
+    DatasetDeleted,
     Merged,
     Cloned,
     Op,
