@@ -213,23 +213,24 @@ async def test_an_index_serves_the_filter_and_the_sort(catalog: tuple[Ledger, in
     q = Query(filter={"metadata.camera": {"$gt": "a"}}, sort=query.parse_sort("metadata.camera"), limit=10)
     (where,) = q.compile()
     sql = (
-        "EXPLAIN QUERY PLAN SELECT id FROM items WHERE dataset_id = ? AND "
+        f"EXPLAIN QUERY PLAN SELECT id FROM items WHERE dataset_id = {ds} AND "
         f"{where.sql} ORDER BY {q.sort.order_sql()} LIMIT 10"
     )
 
     async def plan() -> str:
         # A fresh connection: a cached EXPLAIN statement would not notice the new index.
-        async with aiosqlite.connect(ledger.path) as db, db.execute(sql, [ds, *where.params]) as cur:
+        async with aiosqlite.connect(ledger.path) as db, db.execute(sql, where.params) as cur:
             return " | ".join(str(r[-1]) for r in await cur.fetchall())
 
     assert "items_by_meta_camera" not in await plan()
-    assert await catalog_items.ensure_index(ledger, "metadata.camera") is True
-    assert await catalog_items.ensure_index(ledger, "metadata.camera") is False  # once
-    assert await catalog_items.ensure_index(ledger, "mimetype") is True
-    assert await catalog_items.ensure_index(ledger, "content_type") is False  # the same expression
+    assert await catalog_items.ensure_index(ledger, ds, "metadata.camera") is True
+    assert await catalog_items.ensure_index(ledger, ds, "metadata.camera") is False  # once
+    assert await catalog_items.ensure_index(ledger, ds, "mimetype") is True
+    assert await catalog_items.ensure_index(ledger, ds, "content_type") is False  # the same expression
     found = await plan()
     assert "items_by_meta_camera" in found and "TEMP B-TREE" not in found, found
-    assert await catalog_items.indexed_fields(ledger) == ["metadata.camera", "mimetype"]
+    assert await catalog_items.indexed_fields(ledger, ds) == ["metadata.camera", "mimetype"]
+    assert await catalog_items.indexed_fields(ledger, ds + 1) == []  # an index is one dataset's
     assert await keys(catalog, {"metadata.camera": "x100"}) == ["a/1.jpg", "a/2.jpg"]
     with pytest.raises(InvalidFilter):
-        await catalog_items.ensure_index(ledger, "colour")
+        await catalog_items.ensure_index(ledger, ds, "colour")

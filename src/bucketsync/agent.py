@@ -98,11 +98,12 @@ class Agent:
             self.lock.release()
 
     async def ensure_indexes(self) -> None:
-        """The configured ``indexes`` of every dataset (indexes serve all datasets; each is built once)."""
+        """Each dataset's configured ``indexes`` (a partial index per dataset; built once)."""
         assert self.ledger is not None
-        for name in sorted({f for ds in self.settings.datasets.values() for f in ds.indexes}):
-            if await catalog_items.ensure_index(self.ledger, name):
-                log.info("indexed a catalog field", field=name)
+        for dataset, ds in self.settings.datasets.items():
+            for name in ds.indexes:
+                if await catalog_items.ensure_index(self.ledger, await self.ledger.dataset_id(dataset), name):
+                    log.info("indexed a catalog field", dataset=dataset, field=name)
 
     def unready(self) -> dict[str, Any] | None:
         """The ``/readyz`` body when the agent is not ready: the datasets that are not, and

@@ -77,7 +77,7 @@ async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], s
     """One page of items and the cursor of the next (None on the last page)."""
     wheres = q.compile()  # InvalidFilter before anything is read
     order = q.sort.order_sql(pinned(q.filter, q.sort.field))
-    scan = await _scan_table(ledger, q)
+    scan = await _scan_table(ledger, dataset_id, q)
     items: list[Item] = []
     for where in wheres:
         want = q.limit + 1 - len(items)
@@ -91,7 +91,7 @@ async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], s
     return items, encode_cursor(q.sort, sort_value(last, q.sort.field), last.key)
 
 
-async def _scan_table(ledger: Ledger, q: Query) -> bool:
+async def _scan_table(ledger: Ledger, dataset_id: int, q: Query) -> bool:
     """Whether to read the dataset's rows in table order rather than through an index.
 
     With no index on any field it filters or sorts on, SQLite would still walk the
@@ -107,25 +107,28 @@ async def _scan_table(ledger: Ledger, q: Query) -> bool:
     if not filtered and q.sort.by_key:
         return False
     built = {name for name, _sql in await ledger.indexes(INDEX_PREFIX)}
-    if any(f.sql == "key" or index_name(f) in built for f in filtered):
+    if any(f.sql == "key" or index_name(f, dataset_id) in built for f in filtered):
         return False
-    return q.sort.by_key or index_name(q.sort.field) not in built
+    return q.sort.by_key or index_name(q.sort.field, dataset_id) not in built
 
 
-async def ensure_index(ledger: Ledger, name: str) -> bool:
-    """Index the field called ``name`` (ledger-wide: the index leads with the dataset id);
-    True when it was created now. InvalidFilter when the field is unknown."""
+async def ensure_index(ledger: Ledger, dataset_id: int, name: str) -> bool:
+    """Index the field called ``name`` for the dataset; True when it was created now.
+    InvalidFilter when the field is unknown."""
     f = field_named(name, "index")
-    return await ledger.create_index(index_name(f), index_sql(f))
+    return await ledger.create_index(index_name(f, dataset_id), index_sql(f, dataset_id))
 
 
-async def indexed_fields(ledger: Ledger) -> list[str]:
-    """The fields the ledger has an index on, by their public names."""
-    by_sql = {index_name(f): f.name for f in SYSTEM.values() if f.name != "content_type"}
+async def indexed_fields(ledger: Ledger, dataset_id: int) -> list[str]:
+    """The fields the dataset has an index on, by their public names."""
+    by_name = {index_name(f, dataset_id): f.name for f in SYSTEM.values() if f.name != "content_type"}
+    suffix = f"_d{int(dataset_id)}"
     out = []
     for name, sql in await ledger.indexes(INDEX_PREFIX):
-        if name in by_sql:
-            out.append(by_sql[name])
+        if not name.endswith(suffix):
+            continue
+        if name in by_name:
+            out.append(by_name[name])
         elif (start := sql.find("json_extract(meta, '$.\"")) != -1:
             meta = sql[start + len("json_extract(meta, '$.\"") :].split('"', 1)[0]
             out.append(META_PREFIX + meta)

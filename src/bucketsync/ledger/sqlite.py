@@ -1099,9 +1099,11 @@ class Ledger:
         ``where`` and ``order`` from fixed column names and validated metadata names;
         every value is one of ``params``). ``scan`` reads the table in its own order
         (``+dataset_id`` keeps SQLite off the key index), for a sort no index serves."""
-        ds = "+dataset_id" if scan else "dataset_id"
-        sql = f"SELECT {_ITEM_COLS} FROM items WHERE {ds} = ? AND {where} ORDER BY {order} LIMIT ?"
-        return [_item(r) for r in await self._read(sql, [dataset_id, *params, limit])]
+        # The id as a literal (an int, never user input): a dataset's partial indexes serve
+        # only a query that names it so.
+        ds = f"{'+' if scan else ''}dataset_id = {int(dataset_id)}"
+        sql = f"SELECT {_ITEM_COLS} FROM items WHERE {ds} AND {where} ORDER BY {order} LIMIT ?"
+        return [_item(r) for r in await self._read(sql, [*params, limit])]
 
     async def folder_counts(self, dataset_id: int, parent: str, state: str) -> list[tuple[str, int, int]]:
         """(name, items, bytes) of each sub-folder directly under ``parent`` ("" or ending in

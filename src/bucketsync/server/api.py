@@ -457,20 +457,22 @@ async def list_indexes(request: web.Request) -> web.Response:
     ledger = _agent(request).ledger
     assert ledger is not None
     _dataset(request)
-    return web.json_response({"indexes": await catalog_items.indexed_fields(ledger)})
+    ds_id = await _ledger_ds(request, request.match_info["ds"])
+    return web.json_response({"indexes": await catalog_items.indexed_fields(ledger, ds_id)})
 
 
 async def create_index(request: web.Request) -> web.Response:
-    """Index a field for every dataset (the index leads with the dataset's id)."""
+    """Index a field of the dataset (a partial index over its rows)."""
     ledger = _agent(request).ledger
     assert ledger is not None
     _dataset(request)
     body = await _json_body(request, '{"field": "metadata.NAME"}')
     if set(body) != {"field"}:
         raise ApiError(400, "invalid_request", 'the body must be {"field": "metadata.NAME"} (or a system field)')
-    created = await catalog_items.ensure_index(ledger, body["field"])
+    ds_id = await _ledger_ds(request, request.match_info["ds"])
+    created = await catalog_items.ensure_index(ledger, ds_id, body["field"])
     return web.json_response(
-        {"field": body["field"], "created": created, "indexes": await catalog_items.indexed_fields(ledger)},
+        {"field": body["field"], "created": created, "indexes": await catalog_items.indexed_fields(ledger, ds_id)},
         status=201 if created else 200,
     )
 
@@ -914,7 +916,7 @@ ROUTES: list[Route] = [
         "GET",
         f"{_DS}/indexes",
         list_indexes,
-        "the fields the ledger has an index on (indexes serve every dataset)",
+        "the fields the dataset has an index on",
         {200: schemas.IndexList},
     ),
     Route(
