@@ -152,7 +152,7 @@ def refuse_empty_folder(path: str) -> NoReturn:
     raise Refused(NO_EMPTY_FOLDERS, f"cannot create folder {path!r}: {NO_EMPTY_FOLDERS_WHY}")
 
 
-async def delete_folder(agent: Agent, dataset: str, folder: str, *, force: bool = False) -> FolderDeleted:
+async def drop_folder(agent: Agent, dataset: str, folder: str, *, force: bool = False) -> FolderDeleted:
     """Delete every live item under ``folder`` through the gate, as one operation: the
     mass-delete guard counts the folder as a whole (``force`` passes it), the gate decides
     for the driver as for one item, and then either every item is tombstoned in one ledger

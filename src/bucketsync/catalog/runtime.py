@@ -77,7 +77,7 @@ async def merge(agent: Agent, name: Any, sources: Any, on_conflict: Any) -> dict
     return {"dataset": name, "kind": "merge", "source": ",".join(sources), "items": n}
 
 
-async def delete_pointer(agent: Agent, dataset: str, item: Item) -> dict[str, Any]:
+async def unlink_pointer(agent: Agent, dataset: str, item: Item) -> dict[str, Any]:
     """Unlink a clone's item; the gate says it never reaches storage."""
     ledger = agent.ledger
     assert ledger is not None

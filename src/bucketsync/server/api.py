@@ -416,7 +416,7 @@ async def delete_folder(request: web.Request) -> web.Response:
     folder = folders.parent_of(request.match_info["path"])
     if not folder:
         raise ApiError(400, "invalid_key", "the top of a dataset is not a folder to delete")
-    out = await folders.delete_folder(_agent(request), name, folder, force=_bool(request, "force"))
+    out = await folders.drop_folder(_agent(request), name, folder, force=_bool(request, "force"))
     return web.json_response(out.as_json(), status=202 if out.ops else 200)
 
 
@@ -674,7 +674,7 @@ async def delete_item(request: web.Request) -> web.Response:
         item = await ledger.item(await _ledger_ds(request, name), key)
         if item is None:
             raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
-        return web.json_response(await runtime.delete_pointer(_agent(request), name, item))
+        return web.json_response(await runtime.unlink_pointer(_agent(request), name, item))
     out = await request.app[DOWNSTREAM].delete(name, key)
     return web.json_response(out.as_json(), status=202 if out.result == "pending" else 200)
 
