@@ -313,7 +313,7 @@ def test_move_in_a_synced_dataset_copies_then_deletes_and_keeps_the_item(catalog
     content = d.request("GET", "/api/v1/datasets/mv/items/out%2Fa.txt/content")
     assert content.body == "in/a.txt"
     # by filter
-    r = d.api("POST", "/datasets/mv/move", json_body={"to": "out/", "filter": {"key": {"$prefix": "in/b"}}})
+    r = d.api("POST", "/datasets/mv/move", json_body={"to": "out", "filter": {"key": {"$prefix": "in/b"}}})
     assert [(m["key"], m["result"]) for m in r.body["results"]] == [("in/b.txt", "moved")], r.body
     _wait_done(d, [r.body["results"][0]["op"]])
     assert page(catalog, "mv")[0] == ["in/c.txt", "out/a.txt", "out/b.txt"]
@@ -435,7 +435,8 @@ def test_folders_of_a_clone_are_catalog_only(catalog: Catalog) -> None:
     assert d.api("POST", "/datasets/local/clone", json_body={"name": "fold"}).status == 201
     made = d.api("POST", "/datasets/fold/folders", json_body={"path": "new/empty"})
     assert made.status == 201 and made.body == {"folder": "new/empty/", "created": True}, made.body
-    assert d.api("POST", "/datasets/fold/folders", json_body={"path": "new/empty/"}).body["created"] is False
+    assert d.api("POST", "/datasets/fold/folders", json_body={"path": "new/empty"}).body["created"] is False
+    assert d.api("POST", "/datasets/fold/folders", json_body={"path": "new/"}).status == 400  # the key rules
     top = d.api("GET", "/datasets/fold/folders").body["folders"]
     assert [(f["name"], f["items"]) for f in top] == [("a", 3), ("b", 2), ("new", 0)], top
     # a move is a key change in the catalog; the file stays where it is

@@ -62,10 +62,13 @@ async def merge(agent: Agent, name: Any, sources: Any, on_conflict: Any) -> dict
     assert ledger is not None
     if not isinstance(name, str) or not NAME.match(name):
         raise ValueError(f"a merge's name must match {NAME.pattern}, not {name!r}")
-    if not isinstance(sources, list) or len(sources) < 2 or len(set(map(str, sources))) != len(sources):
+    if not isinstance(sources, list) or not all(isinstance(src, str) for src in sources):
+        raise ValueError('"sources" must list two or more different synced datasets')
+    if len(sources) < 2 or len(set(sources)) != len(sources):
         raise ValueError('"sources" must list two or more different synced datasets')
     for src in sources:
         if src not in agent.settings.datasets:
+            await kind_of(agent, src)  # ConfigError (404) for no dataset at all
             raise ValueError(f"{src!r} is not a synced dataset: a merge is made of synced datasets' items")
     if on_conflict not in ON_CONFLICT:
         raise ValueError(f'"on_conflict" must be one of {", ".join(ON_CONFLICT)}')

@@ -407,6 +407,7 @@ async def create_folder(request: web.Request) -> web.Response:
     body = await _json_body(request, '{"path": "a/b"}')
     if set(body) != {"path"} or not isinstance(body["path"], str):
         raise ApiError(400, "invalid_request", 'the body must be {"path": "a/b"}')
+    check_key(body["path"])  # the key rules: "a/b", no trailing '/'
     out = await folders.create_folder(_agent(request), name, body["path"])
     return web.json_response(out, status=201 if out["created"] else 200)
 
@@ -430,6 +431,8 @@ async def move_items(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_request", 'the body must be {"to": "folder/"} and one of "keys" or "filter"')
     if not isinstance(body["to"], str):
         raise ApiError(400, "invalid_request", '"to" must be a folder path')
+    if body["to"]:
+        check_key(body["to"])  # the key rules: "a/b", no trailing '/'
     folder = folders.parent_of(body["to"])
     if "keys" in body:
         keys = body["keys"]

@@ -8,11 +8,12 @@ against the schemas generated from them. Field names and shapes here must match 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bucketsync.catalog.query import field_pattern
+from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES
 
 Timestamp = str  # ISO 8601 UTC, "2024-05-01T12:00:00Z"
 
@@ -227,7 +228,11 @@ class FolderListing(_Body):
 
 
 class FolderCreate(_Body):
-    path: str
+    # The key pattern has lookaheads the validator's regex engine lacks: it is for the document only.
+    path: str = Field(
+        description="a/b: the key rules, no trailing '/'",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN},
+    )
 
 
 class FolderCreated(_Body):
@@ -245,10 +250,23 @@ class FolderDeleted(_Body):
     ops: list[int] = Field(description="the queued delete ops (see /ops)")
 
 
+_KEY = {"minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN}
+
+
 class MoveRequest(_Body):
-    to: str = Field(description="the folder to move into ('' is the top)")
-    keys: list[str] | None = Field(default=None, description="the items' keys (or give filter)")
-    filter: dict[str, Any] | None = Field(default=None, description="every live item this catalog filter matches")
+    """Exactly one of keys and filter."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["to", "keys"]}, {"required": ["to", "filter"]}]}
+    )
+    to: str = Field(
+        description="the folder to move into: a/b ('' is the top)",
+        json_schema_extra={"maxLength": MAX_KEY_BYTES, "pattern": f"(?:^$)|(?:{KEY_PATTERN})"},
+    )
+    keys: list[Annotated[str, Field(json_schema_extra=_KEY)]] = Field(
+        default=[], min_length=1, max_length=10_000, description="the items' keys (or give filter)"
+    )
+    filter: dict[str, Any] = Field(default={}, description="every live item this catalog filter matches")
 
 
 class Moved(_Body):
@@ -285,7 +303,9 @@ class DatasetDeleted(_Body):
 
 class MergeRequest(_Body):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
-    sources: list[str] = Field(min_length=2, description="two or more synced datasets")
+    sources: list[str] = Field(
+        min_length=2, description="two or more synced datasets", json_schema_extra={"uniqueItems": True}
+    )
     on_conflict: Literal["folder", "suffix", "merge"]
 
 
