@@ -531,3 +531,58 @@ def test_cli_secret_not_echoed_on_config_error(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "integrations.i: set secret_access_key or secret_access_key_file, not both" in proc.stderr
     assert "cli-secret-zz" not in proc.stderr + proc.stdout
+
+
+# ---------------------------------------------------------------------- events mode
+
+
+def _events_config(tmp_path: Path, driver: str) -> Path:
+    path = tmp_path / "events.toml"
+    path.write_text(textwrap.dedent(driver) + '\n[datasets.raw]\ndriver = "raw"\nsync = "events"\n')
+    return path
+
+
+def test_events_mode_on_a_local_folder_needs_no_table_and_defaults_to_an_hourly_reconcile(tmp_path: Path) -> None:
+    s = load_settings(_events_config(tmp_path, f'[drivers.raw]\nurl = "{tmp_path.as_uri()}"\n'))
+    assert s.datasets["raw"].sync == "events"
+    assert s.datasets["raw"].reconcile_interval == 3600.0
+    assert s.drivers["raw"].event_source() == "watch"
+
+
+def test_events_table_with_webhook_secret(tmp_path: Path) -> None:
+    (tmp_path / "hook").write_text("s3cret\n")
+    conf = f"""
+    [drivers.raw]
+    url = "gs://bucket/p"
+    [drivers.raw.events]
+    source = "webhook"
+    secret_file = "{tmp_path / "hook"}"
+    """
+    s = load_settings(_events_config(tmp_path, conf))
+    events = s.drivers["raw"].events
+    assert events is not None and events.source == "webhook" and events.shared_secret() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("driver", "names"),
+    [
+        ('[drivers.raw]\nurl = "s3://bucket/p"\n', ("datasets.raw.sync", "[drivers.raw.events]", 'source = "sqs"')),
+        ('[drivers.raw]\nurl = "gs://bucket/p"\n', ("datasets.raw.sync", 'source = "webhook"')),
+        ('[drivers.raw]\nurl = "mem://x"\n', ("datasets.raw.sync", 'sync = "poll"')),
+        (
+            '[drivers.raw]\nurl = "az://acct/c/p"\n[drivers.raw.events]\nsource = "sqs"\nqueue = "q"\n',
+            ("drivers.raw.events.source", "'sqs' cannot serve az://", "'raw'", "azure-queue"),
+        ),
+        (
+            '[drivers.raw]\nurl = "s3://bucket/p"\n[drivers.raw.events]\nsource = "watch"\n',
+            ("drivers.raw.events.source", "'watch' cannot serve s3://"),
+        ),
+    ],
+)
+def test_events_mode_without_a_fitting_source_names_the_dataset_and_the_fix(
+    tmp_path: Path, driver: str, names: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(_events_config(tmp_path, driver))
+    for name in names:
+        assert name in str(err.value), str(err.value)

@@ -28,7 +28,8 @@ def test_every_option_is_documented_with_type_default_env_var_and_description() 
     assert "`BUCKETSYNC_AGENT__LISTEN`" in text and "`BUCKETSYNC_DATASETS__NAME__INTERVAL`" in text
     assert "| `interval` | duration | `1m` |" in text
     assert "| `api_token_file` | path (secret file) | unset |" in text
-    assert "| `sync` | `poll` \\| `manual` | `poll` |" in text
+    assert "| `sync` | `poll` \\| `events` \\| `manual` | `poll` |" in text
+    assert "| `reconcile_interval` | duration | `1h` |" in text
     assert "| `driver` | string | required |" in text
 
 

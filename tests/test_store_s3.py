@@ -34,10 +34,10 @@ from bucketsync.core.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.core.model import CREATE, OVERWRITE, PutMode
+from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode
 from bucketsync.stores import Store, one_chunk, open_store, read_all
 from bucketsync.stores.s3 import S3Store, _parse_list, open_s3, translate
-from conformance import CHECKS, Check, check_missing_root, check_permission_denied, list_keys
+from conformance import CHECKS, Check, Delegating, check_missing_root, check_permission_denied, list_keys
 from emulators.s3 import PREFIX, S3Emulator
 
 MiB = 1 << 20
@@ -84,6 +84,93 @@ async def test_conformance_moto_folder_by_folder_sdk(check: Check, moto_s3: S3Em
         await check(store)
     finally:
         await store.aclose()
+
+
+LISTING = [c for c in CHECKS if c.__name__ in LISTING_CHECKS]
+#: the listing checks that cross pages and parts (the others list a handful of keys)
+ACROSS_PARTS = [
+    c
+    for c in LISTING
+    if c.__name__
+    in {"check_pagination", "check_list_sorted_awkward_keys", "check_list_prefix", "check_hidden_folder_not_listed"}
+]
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+@pytest.mark.parametrize("check", ACROSS_PARTS, ids=lambda c: c.__name__)
+async def test_conformance_listing_sequential(check: Check, server: str, request: pytest.FixtureRequest) -> None:
+    """The listing checks with one list request at a time (``list_concurrency = 1``): every other
+    conformance test lists in parallel parts (folders on SeaweedFS, discovered key ranges on moto)."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    store = emulator.store(emulator.new_bucket(), page_size=10, list_concurrency=1)
+    try:
+        await check(store)
+    finally:
+        await store.aclose()
+
+
+#: split points as a last run could leave them: on keys, between keys, past them, awkward ones
+SPLITS = ["", "a", "a-c", "a/", "a/b", "a0", "page/", "page/015", "page/0155", "pagez", "z", "é", "\U0001f600"]
+
+
+class SplitAt(Delegating):
+    """A store whose ``list`` always goes through ``list_split`` with ``SPLITS``."""
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        inner = self.inner
+        assert isinstance(inner, S3Store)
+        return inner.list_split(prefix, SPLITS)
+
+
+@pytest.mark.parametrize("check", ACROSS_PARTS, ids=lambda c: c.__name__)
+async def test_conformance_listing_at_split_points(check: Check, moto_s3: S3Emulator) -> None:
+    """The listing checks with the key space cut at ``SPLITS`` (StartAfter + stop key), pages of 3:
+    parts meet on keys, between keys and on prefixes, and the stream stays whole and ascending."""
+    inner = moto_s3.store(moto_s3.new_bucket(), page_size=3, list_concurrency=4)
+    try:
+        await check(SplitAt(inner))
+    finally:
+        await inner.aclose()
+
+
+async def test_seaweedfs_parallel_walk_keeps_key_order(seaweedfs: S3Emulator) -> None:
+    """SeaweedFS lists a folder at its bare name (``a/b`` before ``a-c``): listed a folder per
+    part, in parallel, the stream is still in S3 key order and whole, as listed sequentially."""
+    bucket = seaweedfs.new_bucket()
+    folders = [f"{top}/{sub}/{leaf}" for top in ("a", "a-c", "a0", "b") for sub in ("x", "x-y", "x0") for leaf in "12"]
+    keys = [*folders, "a-", "a.txt", "z"]
+    client = seaweedfs.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    listed = {}
+    for width in (1, 2, 8):
+        store = seaweedfs.store(bucket, page_size=2, list_concurrency=width)
+        try:
+            listed[width] = [i.key async for i in store.list()]
+            assert store._listing == "walk"
+        finally:
+            await store.aclose()
+    assert listed[1] == listed[2] == listed[8] == sorted(keys)
+
+
+async def test_a_server_ignoring_start_after_is_slow_not_wrong() -> None:
+    """Parts that start from the beginning (StartAfter ignored) still yield each key once."""
+
+    class IgnoresStartAfter:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        async def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]:
+            self.calls.append(kwargs)
+            token = int(kwargs.get("ContinuationToken") or 0)
+            keys = [f"p/{c}" for c in "abcdef"][token : token + 2]
+            more = token + 2 < 6
+            return {"Contents": [obj(k) for k in keys], "IsTruncated": more, "NextContinuationToken": str(token + 2)}
+
+    store = S3Store("bkt", "p/", page_size=2, fast_list=False, list_concurrency=3, listing="flat")
+    store._client = IgnoresStartAfter()
+    assert [i.key async for i in store.list_split("", ["b", "d"])] == list("abcdef")
+    assert {c.get("StartAfter") for c in store._client.calls} == {None, "p/b", "p/d"}
 
 
 @pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
@@ -349,7 +436,7 @@ class StubClient:
 
 
 def stub_store(client: StubClient, prefix: str = "p/") -> S3Store:
-    store = S3Store("bkt", prefix, page_size=2, retry_base=0.0001, fast_list=False)
+    store = S3Store("bkt", prefix, page_size=2, retry_base=0.0001, fast_list=False, list_concurrency=1)
     store._client = client  # skip the lazy real client
     return store
 

@@ -6,6 +6,7 @@ one-off ``bucketsync sync`` does exactly what the daemon's loop does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from pathlib import Path
@@ -45,6 +46,10 @@ class Agent:
         self.ledger_problem: str | None = None
         self.outbox = Outbox(self)
         self.pacer = Pacer()  # every dataset's runs take turns on the one event loop
+        #: events-mode dataset -> its event source's state: (source, None when it delivers else why it failed)
+        self.event_sources: dict[str, tuple[str, str | None]] = {}
+        #: events-mode dataset -> set when events land in its durable inbox (the webhook routes)
+        self.inboxes: dict[str, asyncio.Event] = {}
         #: set when a start fails: a ledger this agent created is removed when it closes
         self.discard_new_ledger = False
         self._created_ledger = self._created_folder = False
@@ -164,7 +169,23 @@ class Agent:
             "downstream": "available" if down is None else "unavailable",
             "downstream_reason": down.downstream_summary() if down is not None else None,
             "guard_blocked": bool(loop and loop.guard_blocked),
+            "events": self._events_health(dataset),
         }
+
+    def _events_health(self, dataset: str) -> dict[str, Any] | None:
+        """Events mode: which source, and whether it delivers (``up``) or failed (``degraded``:
+        the dataset polls at its interval meanwhile); None for other modes."""
+        ds = self.settings.datasets.get(dataset)
+        if ds is None or ds.sync != "events":
+            return None
+        source, failure = self.event_sources.get(dataset, (self.settings.drivers[ds.driver].event_source(), None))
+        started = dataset in self.event_sources
+        state = "degraded" if failure is not None else ("up" if started else "starting")
+        return {"source": source, "state": state, "reason": failure}
+
+    def inbox(self, dataset: str) -> asyncio.Event:
+        """The wake-up of the dataset's inbox reader (created on first use by either side)."""
+        return self.inboxes.setdefault(dataset, asyncio.Event())
 
     def live_status(self, dataset: str) -> dict[str, Any]:
         """The fields of ``dataset_status`` only a running agent can fill in."""

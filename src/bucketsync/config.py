@@ -168,6 +168,57 @@ Integration = Annotated[AwsIntegration | GcpIntegration | AzureIntegration, Fiel
 _KIND_FOR_SCHEME = {"s3": "aws", "gs": "gcp", "az": "azure"}
 
 
+#: which event source can serve which storage scheme (``file`` needs no table: ``watch``)
+EVENT_SOURCES: dict[str, tuple[str, ...]] = {
+    "watch": ("file",),
+    "sqs": ("s3",),
+    "azure-queue": ("az",),
+    "webhook": ("s3", "gs"),
+}
+#: the fix a ConfigError suggests for each scheme
+_SOURCE_FOR_SCHEME = {"s3": "sqs (or webhook)", "gs": "webhook", "az": "azure-queue", "file": "watch"}
+
+
+class EventsConfig(_Strict):
+    """``[drivers.NAME.events]``: where change notifications for the driver come from."""
+
+    source: Literal["watch", "sqs", "azure-queue", "webhook"] = _doc(
+        "`watch` (local folder), `sqs` (S3 Event Notifications in SQS), `azure-queue` (Event Grid to a "
+        "Storage Queue) or `webhook` (GCS Pub/Sub push, MinIO/Ceph RGW S3 records)."
+    )
+    queue: str | None = _doc("`sqs`: the queue URL; `azure-queue`: the queue name.", default=None)
+    endpoint_url: str | None = _doc("http(s) endpoint of the queue service (emulators, VPC endpoints).", default=None)
+    secret: SecretStr | None = _doc(
+        "`webhook`: the shared secret a poster sends in the `X-Bucketsync-Secret` header (for tests; prefer "
+        "`secret_file`). The API token is accepted too.",
+        default=None,
+    )
+    secret_file: SecretFile | None = _doc(
+        "`webhook`: file holding the shared secret (a bare name is a systemd credential).", default=None
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> EventsConfig:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("set secret or secret_file, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _queue_for_queues(self) -> EventsConfig:
+        if self.source in ("sqs", "azure-queue") and not (self.queue or "").strip():
+            what = "the queue URL" if self.source == "sqs" else "the queue's name"
+            raise ValueError(f"source {self.source!r} needs queue ({what})")
+        return self
+
+    def shared_secret(self) -> str | None:
+        """The webhook's shared secret, read from its file when given so; None (or blank): none."""
+        if self.secret_file is not None:
+            value = _read_secret_file(self.secret_file, "events.secret").get_secret_value()
+        else:
+            value = self.secret.get_secret_value() if self.secret is not None else ""
+        return value.strip() or None
+
+
 class DriverConfig(_Strict):
     url: str = _doc(
         "Where the objects are: `s3://bucket/prefix`, `gs://` (`gcs://`), `az://account/container/prefix` "
@@ -192,6 +243,22 @@ class DriverConfig(_Strict):
         "Seconds to wait for each read of a storage response (not a whole transfer); a stall past it is "
         "a transient error, retried.",
         default=30.0,
+    )
+    events: EventsConfig | None = _doc(
+        '`[drivers.NAME.events]`: the event source of datasets with `sync = "events"`; a `file://` driver '
+        "needs none (it watches the folder).",
+        default=None,
+    )
+
+    list_concurrency: int = _doc(
+        "List requests in flight at once for one listing (S3, GCS; Azure lists one page at a time): the "
+        "listing is cut into key ranges "
+        "(split where the last run's keys fall, or at the first folder levels) listed in parallel and read "
+        "back in key order. 1: one page after another (still fetching the next page while the current one "
+        "is diffed).",
+        default=8,
+        ge=1,
+        le=64,
     )
 
     @field_validator("url")
@@ -220,11 +287,30 @@ class DriverConfig(_Strict):
     def location(self) -> Location:
         return parse_location(self.url)
 
+    def event_source(self) -> str | None:
+        """The event source this driver's events come from: its table's, else ``watch`` for a
+        local folder; None when it has none."""
+        if self.events is not None:
+            return self.events.source
+        return "watch" if self.location.scheme == "file" else None
+
 
 class DatasetConfig(_Strict):
     driver: str = _doc("Name of the `[drivers.NAME]` this dataset catalogs.")
-    sync: Literal["poll", "manual"] = _doc("`poll`: every `interval`; `manual`: only when asked.", default="poll")
-    interval: Duration = _doc("Time between polls (`500ms`, `30s`, `5m`, `1h`; jittered by ±10%).", default=60.0)
+    sync: Literal["poll", "events", "manual"] = _doc(
+        "`poll`: every `interval`; `events`: as the driver's event source reports changes (within about a "
+        "second), with a full listing (the reconcile) at start-up and every `reconcile_interval`; `manual`: "
+        "only when asked.",
+        default="poll",
+    )
+    interval: Duration = _doc(
+        "Time between polls (`500ms`, `30s`, `5m`, `1h`; jittered by ±10%); in `events` mode, while the event "
+        "source is failing.",
+        default=60.0,
+    )
+    reconcile_interval: Duration = _doc(
+        "`events` mode: time between full listings that fix what events missed (the drift).", default=3600.0
+    )
     include: list[str] = _doc(
         "Globs of keys to index; a pattern without `/` matches at any depth. Empty: all.", default=[]
     )
@@ -382,6 +468,8 @@ class Settings(BaseSettings):
             if ds.driver not in self.drivers:
                 known = ", ".join(sorted(self.drivers)) or "none defined"
                 raise ValueError(f"datasets.{name}.driver: no driver named {ds.driver!r} (drivers: {known})")
+            if ds.sync == "events":
+                _check_events(name, ds.driver, self.drivers[ds.driver])
         return self
 
     @classmethod
@@ -405,6 +493,25 @@ class Settings(BaseSettings):
 
     def driver_of(self, dataset: str) -> DriverConfig:
         return self.drivers[self.dataset(dataset).driver]
+
+
+def _check_events(dataset: str, driver_name: str, driver: DriverConfig) -> None:
+    """A dataset in events mode needs a source that can serve its driver's storage."""
+    scheme = driver.location.scheme
+    source = driver.event_source()
+    suggest = _SOURCE_FOR_SCHEME.get(scheme)
+    if source is None:
+        fix = (
+            f'add [drivers.{driver_name}.events] with source = "{suggest.split()[0]}"'
+            if suggest
+            else f'{scheme}:// has no event source; use sync = "poll"'
+        )
+        raise ValueError(f'datasets.{dataset}.sync: "events" needs an event source for driver {driver_name!r}: {fix}')
+    if scheme not in EVENT_SOURCES[source]:
+        fix = f"use source = {suggest}" if suggest else f'{scheme}:// has no event source; use sync = "poll"'
+        raise ValueError(
+            f"drivers.{driver_name}.events.source: {source!r} cannot serve {scheme}:// (dataset {dataset!r}); {fix}"
+        )
 
 
 DEFAULT_CONFIG = Path("bucketsync.toml")

@@ -25,6 +25,7 @@ from bucketsync.config import (
     AzureIntegration,
     DatasetConfig,
     DriverConfig,
+    EventsConfig,
     GcpIntegration,
     Settings,
     credential_path,
@@ -59,6 +60,14 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
         "(`pip install 'bucketsync[azure-identity]'`).",
     ),
     ("drivers", "[drivers.NAME]", "DRIVERS__NAME", DriverConfig, "One location in storage each."),
+    (
+        "drivers.NAME.events",
+        "[drivers.NAME.events]",
+        "DRIVERS__NAME__EVENTS",
+        EventsConfig,
+        'Where the changes of datasets with `sync = "events"` come from (see docs/events.md). A `file://` '
+        "driver needs no table: it watches the folder.",
+    ),
     ("datasets", "[datasets.NAME]", "DATASETS__NAME", DatasetConfig, "One catalog per driver location each."),
 ]
 
@@ -112,6 +121,8 @@ def _type(annotation: Any) -> str:
         return "secret string"
     if annotation is Path:
         return "path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
     return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(annotation, str(annotation))
 
 

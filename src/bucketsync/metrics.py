@@ -183,6 +183,50 @@ DATASET_INTERVAL = Gauge(
     registry=REGISTRY,
 )
 
+# -- events mode (upstream/events/) ---------------------------------------------------
+EVENTS_RECEIVED = Counter(
+    "bucketsync_events_received_total",
+    "Change events an event source delivered, by dataset (each is a hint; a HEAD decides).",
+    ["dataset"],
+    registry=REGISTRY,
+)
+EVENTS_APPLIED = Counter(
+    "bucketsync_events_applied_total",
+    "Events whose key was HEADed and applied to the catalog (changed or found unchanged), by dataset.",
+    ["dataset"],
+    registry=REGISTRY,
+)
+EVENTS_DROPPED = Counter(
+    "bucketsync_events_dropped_total",
+    "Events not applied, by dataset and reason: stale (an older ordering token), filtered (hidden folder, "
+    "folder marker, include/exclude), in_flight (an outbox write owns the key), quota, guard (a burst of "
+    "removals held for a reconcile), head_error (left to a reconcile).",
+    ["dataset", "reason"],
+    registry=REGISTRY,
+)
+EVENT_LATENCY = Histogram(
+    "bucketsync_event_latency_seconds",
+    "From the change in storage (as the event says) to its commit in the catalog.",
+    ["dataset"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+EVENT_SOURCE_UP = Gauge(
+    "bucketsync_event_source_up",
+    "1 while the events-mode dataset's event source delivers; 0 while it failed and the dataset polls at "
+    "its interval (degraded).",
+    ["dataset"],
+    registry=REGISTRY,
+)
+RECONCILE_DRIFT = Counter(
+    "bucketsync_reconcile_drift_total",
+    "Changes a reconcile (the periodic full listing of an events-mode dataset) found that events had missed, "
+    "by dataset and change (added, modified, removed, renamed).",
+    ["dataset", "change"],
+    registry=REGISTRY,
+)
+EVENT_DROP_REASONS = ("stale", "filtered", "in_flight", "quota", "guard", "head_error")
+
 #: label values known up front (see ``init``)
 GUARD_REASONS = ("listing_incomplete", "max_delete_count", "max_delete_ratio")
 REFUSAL_REASONS = ("read_only", "quota", "allow_delete_off", "storage_denied_writes")
@@ -218,6 +262,13 @@ def init(datasets: Iterable[str]) -> None:
             DATASET_ITEMS.labels(ds, str(state))
         for counter in (LISTED, RUN_ERRORS, LOOP_ERRORS, LOOP_RESTARTS, QUOTA_SKIPPED, TOMBSTONES):
             counter.labels(ds)
+        for counter in (EVENTS_RECEIVED, EVENTS_APPLIED):
+            counter.labels(ds)
+        for reason in EVENT_DROP_REASONS:
+            EVENTS_DROPPED.labels(ds, reason)
+        for change in CHANGES:
+            RECONCILE_DRIFT.labels(ds, change)
+        EVENT_LATENCY.labels(ds)
         RUN_SECONDS.labels(ds)
         OUTBOX_BACKLOG.labels(ds).set(0)
         DATASET_READY.labels(ds).set(0)  # until its probe passes
@@ -248,7 +299,15 @@ def publish_dataset(dataset: str, interval: float | None, last_success: float | 
 
 def forget_dataset(dataset: str) -> None:
     """A dataset left the config: its gauges go, so no alert fires for what no longer runs."""
-    for gauge in (DATASET_INTERVAL, LAST_SUCCESS, OUTBOX_BACKLOG, DATASET_READY, DOWNSTREAM_AVAILABLE, GUARD_BLOCKED):
+    for gauge in (
+        DATASET_INTERVAL,
+        LAST_SUCCESS,
+        OUTBOX_BACKLOG,
+        DATASET_READY,
+        DOWNSTREAM_AVAILABLE,
+        GUARD_BLOCKED,
+        EVENT_SOURCE_UP,
+    ):
         forget(gauge, dataset)
 
 

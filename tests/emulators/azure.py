@@ -1,4 +1,4 @@
-"""Azurite (Azure Blob emulator) for the tests, pinned in tests/azurite/package.json.
+"""Azurite (Azure Blob and Queue emulators) for the tests, pinned in tests/azurite/package.json.
 
 Install once with ``npm ci --prefix tests/azurite``; a missing install fails the
 tests that need it (``EmulatorMissing``), it never skips them.
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import ContainerClient, ContainerSasPermissions, generate_container_sas
+from azure.storage.queue import QueueClient
 from pydantic import SecretStr
 
 from bucketsync.config import AzureIntegration, DriverConfig
@@ -22,6 +23,8 @@ from bucketsync.stores.azure import AzureStore, open_azure
 from emulators import REPO, EmulatorMissing, free_port, start, stop
 
 AZURITE_BIN = REPO / "tests" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+#: the Queue service, from the same package (Event Grid delivers blob events to Storage Queues)
+AZURITE_QUEUE_BIN = AZURITE_BIN.with_name("azurite-queue")
 INSTALL = "npm ci --prefix tests/azurite"
 ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key: public, documented, and only good for the emulator.
@@ -53,15 +56,16 @@ class Azurite:
         )
 
 
-def _azurite_argv(port: int, location: str) -> list[str]:
+def _azurite_argv(port: int, location: str, service: str = "blob") -> list[str]:
+    binary = AZURITE_BIN if service == "blob" else AZURITE_QUEUE_BIN
     if shutil.which("node") is None:
         raise EmulatorMissing(f"node is not installed (Azurite needs node >= 20); then run `{INSTALL}`")
-    if not AZURITE_BIN.exists():
+    if not binary.exists():
         raise EmulatorMissing(f"Azurite is not installed: run `{INSTALL}` in the repository root")
     return [
-        str(AZURITE_BIN),
-        "--blobHost", "127.0.0.1",
-        "--blobPort", str(port),
+        str(binary),
+        f"--{service}Host", "127.0.0.1",
+        f"--{service}Port", str(port),
         "--location", location,
         "--skipApiVersionCheck",  # the SDK may be newer than the emulator
         "--loose",
@@ -80,6 +84,40 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     conn = f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={endpoint};"
     try:
         yield Azurite(port=port, endpoint=endpoint, connection_string=conn)
+    finally:
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class AzuriteQueue:
+    """Azurite's Queue service: ``endpoint`` is the Queue endpoint, account segment included."""
+
+    port: int
+    endpoint: str
+    connection_string: str
+
+    def queue(self, name: str) -> QueueClient:
+        """A sync client for test setup: create queues, enqueue Event Grid messages, peek."""
+        return QueueClient.from_connection_string(self.connection_string, name)
+
+    def new_queue(self, **options: Any) -> str:
+        """Create a queue with a fresh name and return the name."""
+        name = f"q{uuid.uuid4().hex[:20]}"
+        self.queue(name).create_queue(**options)
+        return name
+
+
+@pytest.fixture(scope="session")
+def azurite_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteQueue]:
+    """One Azurite Queue service per test session (a separate process from the Blob service)."""
+    base = tmp_path_factory.mktemp("azurite-queue")
+    port = free_port()
+    argv = _azurite_argv(port, str(base / "data"), service="queue")
+    proc = start(argv, port, what="azurite-queue", log=base / "azurite-queue.log")
+    endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
+    conn = f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};QueueEndpoint={endpoint};"
+    try:
+        yield AzuriteQueue(port=port, endpoint=endpoint, connection_string=conn)
     finally:
         stop(proc)
 

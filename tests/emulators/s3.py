@@ -59,6 +59,26 @@ class S3Emulator:
         """A plain (sync) botocore client with the admin keys, for fixtures and out-of-band checks."""
         return self._client
 
+    @functools.cached_property
+    def _sqs(self) -> Any:
+        return botocore.session.get_session().create_client(
+            "sqs",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
+    def sqs(self) -> Any:
+        """A sync SQS client (moto serves SQS on the S3 port), for queues the event tests read."""
+        return self._sqs
+
+    def new_queue(self, **attributes: str) -> str:
+        """Create a queue with a fresh name (``attributes`` such as VisibilityTimeout) and return its URL."""
+        url: str = self.sqs().create_queue(QueueName=f"q-{uuid.uuid4().hex[:20]}", Attributes=attributes)["QueueUrl"]
+        return url
+
     def new_bucket(self) -> str:
         """Create a bucket with a fresh unique name and return the name."""
         name = f"bs-{uuid.uuid4().hex[:20]}"

@@ -9,34 +9,28 @@ Exit codes: 0 success, 1 a run or check that failed, 2 bad config or usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bucketsync import __version__
-from bucketsync.agent import Agent, datasets_status
-from bucketsync.catalog import datasets as catalog_datasets
-from bucketsync.catalog import folders, query
-from bucketsync.catalog import items as catalog_items
-from bucketsync.cli.client import AgentClient, ApiCallFailed
 from bucketsync.cli.display import ProgressLine, dumps, print_json, safe_text, shown
-from bucketsync.config import Settings, load_settings
 from bucketsync.core.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
-from bucketsync.core.model import Item, ItemState
-from bucketsync.downstream.outbox import file_chunks
-from bucketsync.ledger.durability import ledger_error
-from bucketsync.ledger.sqlite import InstanceLock, Ledger
-from bucketsync.logs import configure
-from bucketsync.stores import open_store
-from bucketsync.upstream.probe import driver_takes_writes, probe
-from bucketsync.upstream.sync import RunResult, SyncLoop
+from bucketsync.core.model import ItemState
 
-Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+# Everything else is imported by the command that needs it: ``--version`` and ``--help`` stay
+# instant, and no command pays for the cloud SDKs, the HTTP server or pydantic it does not use.
+if TYPE_CHECKING:
+    from bucketsync.cli.client import AgentClient
+    from bucketsync.config import Settings
+    from bucketsync.core.model import Item
+    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.upstream.sync import RunResult, SyncLoop
+
+Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 
 
 def _human_counts(d: dict[str, Any]) -> str:
@@ -72,6 +66,8 @@ def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _daemon_running(settings: Settings) -> bool:
+    from bucketsync.ledger.sqlite import InstanceLock
+
     return InstanceLock(settings.agent.ledger).held_by_other()
 
 
@@ -79,6 +75,8 @@ def _daemon_running(settings: Settings) -> bool:
 
 
 async def _with_progress(loop: SyncLoop | None, work: Awaitable[RunResult], show: bool, label: str) -> RunResult:
+    import asyncio
+
     if not show or loop is None:
         return await work
     from rich.console import Console
@@ -95,6 +93,8 @@ async def _with_progress(loop: SyncLoop | None, work: Awaitable[RunResult], show
 
 
 async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.agent import Agent
+
     settings.dataset(args.dataset)
     show = sys.stderr.isatty() and not args.json
     if _daemon_running(settings):
@@ -140,6 +140,10 @@ def _print_plan(out: dict[str, Any]) -> None:
 
 
 async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool) -> dict[str, Any]:
+    import asyncio
+
+    from bucketsync.cli.client import AgentClient, ApiCallFailed
+
     params = {"dry_run": str(args.dry_run).lower(), "force": str(args.force).lower()}
     async with AgentClient(settings) as client:
         while True:
@@ -170,6 +174,8 @@ async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool)
 
 
 async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.ledger.sqlite import Ledger
+
     settings.dataset(args.dataset)
     if not settings.agent.ledger.exists():
         return 0
@@ -193,6 +199,9 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: ItemState | None) -> AsyncIterator[Item]:
     """Every item the --where filter matches, in --sort order, page by page (at most --limit)."""
+    from bucketsync.catalog import items as catalog_items
+    from bucketsync.catalog import query
+
     q = catalog_items.Query(
         filter=query.parse_filter(args.where) if args.where else None,
         sort=query.parse_sort(args.sort),
@@ -213,6 +222,10 @@ async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: It
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.agent import datasets_status
+    from bucketsync.cli.client import AgentClient
+    from bucketsync.ledger.sqlite import Ledger
+
     if _daemon_running(settings):
         async with AgentClient(settings) as client:
             rows = (await client.call("GET", "/datasets"))["datasets"]
@@ -267,6 +280,9 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
     """``ls DS[/PREFIX]``: the folders directly under PREFIX (with '/'), then its items, as
     ``rclone lsf`` shows them; from the ledger, beside a running agent too."""
+    from bucketsync.catalog import folders
+    from bucketsync.ledger.sqlite import Ledger
+
     dataset, _, prefix = args.path.partition("/")
     settings.dataset(dataset)
     parent = folders.parent_of(prefix)
@@ -301,6 +317,12 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     """One line per dataset: name, live items, last run, and the chosen metadata columns."""
+    from bucketsync.agent import datasets_status
+    from bucketsync.catalog import datasets as catalog_datasets
+    from bucketsync.catalog import query
+    from bucketsync.cli.client import AgentClient
+    from bucketsync.ledger.sqlite import Ledger
+
     names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     for name in names:
         query.field(name if name.startswith(query.META_PREFIX) else query.META_PREFIX + name, "--columns")
@@ -357,6 +379,9 @@ async def _downstream(
     settings: Settings, local: Callable[[Any], Awaitable[Any]], remote: Callable[[AgentClient], Awaitable[Any]]
 ) -> dict[str, Any]:
     """Through the running agent when there is one, else in this process."""
+    from bucketsync.agent import Agent
+    from bucketsync.cli.client import AgentClient
+
     if not _daemon_running(settings):
         from bucketsync.downstream.ops import Downstream
 
@@ -371,9 +396,12 @@ async def _downstream(
 
 
 async def _runtime_op(
-    settings: Settings, local: Callable[[Agent], Awaitable[dict[str, Any]]], path: str, body: dict[str, Any]
+    settings: Settings, local: Callable[[Any], Awaitable[dict[str, Any]]], path: str, body: dict[str, Any]
 ) -> dict[str, Any]:
     """Create a runtime dataset through the running agent, else in this process."""
+    from bucketsync.agent import Agent
+    from bucketsync.cli.client import AgentClient
+
     if not _daemon_running(settings):
         try:
             async with Agent(settings) as agent:
@@ -385,7 +413,7 @@ async def _runtime_op(
 
 
 async def cmd_clone(settings: Settings, args: argparse.Namespace) -> int:
-    from bucketsync.catalog import runtime
+    from bucketsync.catalog import query, runtime
 
     settings.dataset(args.source)
     flt = query.parse_filter(args.where) if args.where else None
@@ -429,6 +457,8 @@ def _report(args: argparse.Namespace, out: dict[str, Any], line: str) -> int:
 async def cmd_put(settings: Settings, args: argparse.Namespace) -> int:
     import mimetypes
     import os
+
+    from bucketsync.downstream.outbox import file_chunks
 
     settings.dataset(args.dataset)
     if not os.path.isfile(args.file):
@@ -523,6 +553,8 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
 async def _show_meta(settings: Settings, args: argparse.Namespace) -> int:
     """``meta DATASET KEY`` alone: the item's user metadata, read from the ledger (beside a
     running agent too, as ``items`` does)."""
+    from bucketsync.ledger.sqlite import Ledger
+
     ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
     try:
         ds_id = await ledger.find_dataset(args.dataset) if ledger is not None else None
@@ -554,8 +586,10 @@ def _op_line(op: dict[str, Any]) -> str:
 
 
 async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from bucketsync.agent import Agent
     from bucketsync.core.model import OpState
     from bucketsync.downstream import opsctl
+    from bucketsync.ledger.sqlite import Ledger
 
     path = settings.agent.ledger
     if args.action is None:
@@ -577,6 +611,8 @@ async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, 
 
 
 async def _ops_remote(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from bucketsync.cli.client import AgentClient
+
     async with AgentClient(settings) as client:
         if args.action is None:
             params: dict[str, str] = {"limit": str(args.limit)}
@@ -610,6 +646,9 @@ async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.stores import open_store
+    from bucketsync.upstream.probe import driver_takes_writes, probe
+
     driver = settings.drivers.get(args.driver)
     if driver is None:
         known = ", ".join(sorted(settings.drivers)) or "none configured"
@@ -659,9 +698,26 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.config import load_settings
     from bucketsync.daemon.supervisor import serve
 
     return await serve(settings, load=lambda: load_settings(args.config))
+
+
+async def cmd_events_setup(settings: Settings, args: argparse.Namespace) -> int:
+    """Print (``--apply``: create) the notification configuration a driver's event source needs."""
+    from bucketsync.upstream.events import setup
+
+    plan = setup.plan(settings, args.driver, public_url=args.public_url)
+    if args.apply and plan.cannot_apply is None:
+        await setup.apply(settings, plan)
+    if args.json:
+        print_json(plan.as_json())
+    else:
+        print(plan.text())
+    if args.apply and plan.cannot_apply is not None:  # the commands above are the way; say why not ours
+        raise UsageError(f"--apply cannot set up {plan.source} for driver {args.driver!r}: {plan.cannot_apply}")
+    return 0
 
 
 # -- operations: reload, healthcheck, doctor ---------------------------------------------
@@ -669,6 +725,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
     """What SIGHUP does, through the running agent's API (it re-reads its own config file)."""
+    from bucketsync.cli.client import AgentClient
+
     if not _daemon_running(settings):
         raise BucketsyncError(f"no agent is running on ledger {settings.agent.ledger}; nothing to reload")
     async with AgentClient(settings) as client:
@@ -854,6 +912,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--json", action="store_true", help="print one JSON object")
     rl.set_defaults(func=cmd_reload)
 
+    ev = command("events", 'event sources of drivers (sync = "events")')
+    ev_actions = ev.add_subparsers(dest="action", metavar="ACTION", required=True)
+    text = "print the notification configuration a driver's event source needs; --apply creates it"
+    es = ev_actions.add_parser("setup", help=text, description=text, parents=[common])
+    es.add_argument("driver", help="the driver's name in the config")
+    es.add_argument(
+        "--apply", action="store_true", help="create it (sqs: the queue, its policy, the bucket notification)"
+    )
+    es.add_argument("--public-url", help="the agent's URL as push webhooks reach it (default: from agent.listen)")
+    es.add_argument("--json", action="store_true", help="print one JSON object")
+    es.set_defaults(func=cmd_events_setup)
+
     hc = command("healthcheck", "exit 0 if the local agent is alive (--ready: and ready), else 1")
     hc.add_argument("--ready", action="store_true", help="check /readyz (every dataset probed) instead of /healthz")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default 3)")
@@ -909,6 +979,10 @@ USAGE_CODES = ("invalid_key", "invalid_request", "invalid_metadata", "invalid_pa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "doctor":  # reports a broken config instead of stopping at it
+        import asyncio
+
+        from bucketsync.logs import configure
+
         configure("error", "auto")
         return asyncio.run(cmd_doctor(args))
     try:
@@ -927,6 +1001,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    import asyncio
+    import sqlite3
+
+    from bucketsync.config import load_settings
+    from bucketsync.ledger.durability import ledger_error
+    from bucketsync.logs import configure
+
     settings: Settings | None = None
     try:
         if args.command == "init":
@@ -943,10 +1024,12 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bad metadata names or values
         _error(exc)
         return 2
-    except ApiCallFailed as exc:
-        _error(f"{exc} ({exc.status} {exc.code})")
-        return 2 if exc.status in (400, 404) and exc.code in USAGE_CODES else 1
     except BucketsyncError as exc:
+        from bucketsync.cli.client import ApiCallFailed
+
+        if isinstance(exc, ApiCallFailed):
+            _error(f"{exc} ({exc.status} {exc.code})")
+            return 2 if exc.status in (400, 404) and exc.code in USAGE_CODES else 1
         _error(exc)
         return 1
     except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
-POINTS = ("outbox.before_storage", "outbox.after_storage", "sync.after_batch")
+POINTS = ("outbox.before_storage", "outbox.after_storage", "sync.after_batch", "events.before_apply")
 #: points where ``BUCKETSYNC_RAISEPOINT=name:N`` raises instead, the first N times
-RAISE_POINTS = ("supervisor.dataset_start",)
+#: (``events.source.DATASET``: the dataset's event source fails as it delivers, raising SourceFailed)
+RAISE_POINTS = ("supervisor.dataset_start", "events.source.DATASET")
 _raised: dict[str, int] = {}
 
 

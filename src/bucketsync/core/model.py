@@ -167,6 +167,8 @@ class RunRecord:
     forced: bool
     #: the sub-trees the run could not list (status ``partial``)
     gaps: tuple[ListingGap, ...] = ()
+    #: ``listing`` (a poll or a reconcile) or ``events`` (changes applied from events)
+    kind: str = "listing"
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -179,6 +181,7 @@ class RunRecord:
             "error": self.error,
             "forced": self.forced,
             "gaps": [g.as_json() for g in self.gaps],
+            "kind": self.kind,
         }
 
 

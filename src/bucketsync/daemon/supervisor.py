@@ -42,6 +42,8 @@ from bucketsync.logs import AccessLog
 from bucketsync.server import front
 from bucketsync.server.api import HEARTBEAT, RELOAD, TASKS, make_app
 from bucketsync.server.tls import server_context
+from bucketsync.upstream.events import SourceContext, open_source
+from bucketsync.upstream.events.consumer import Consumer
 from bucketsync.upstream.probe import ProbeResult, probe
 from bucketsync.upstream.sync import RunResult
 
@@ -159,7 +161,38 @@ async def _run_dataset(
                 "downstream unavailable: writes through bucketsync are refused", dataset=name, reason=result.summary()
             )
             tg.create_task(_reprobe_writes(agent, name, stop), name=f"reprobe:{name}")
+        if ds.sync == "events":
+            tg.create_task(_events(agent, name, stop), name=f"events:{name}")
         await loop.run(stop, on_error=on_error, on_result=on_result)
+
+
+async def _events(agent: Agent, name: str, stop: asyncio.Event) -> None:
+    """Events mode: the consumer of the dataset's event source, next to its listing loop (the reconcile)."""
+    assert agent.ledger is not None
+    loop = agent.loop(name)
+    ds = agent.settings.datasets[name]
+    driver = agent.settings.drivers[ds.driver]
+    source = driver.event_source()
+    assert source is not None  # the config refuses events mode without one
+    ctx = SourceContext(
+        name,
+        await agent.ledger.dataset_id(name),
+        ds,
+        ds.driver,
+        driver,
+        agent.settings,
+        agent.ledger,
+        agent.inbox(name),
+    )
+
+    def on_state(failure: str | None) -> None:
+        agent.event_sources[name] = (source, failure)
+
+    consumer = Consumer(loop, ctx.dataset_id, lambda: open_source(source, ctx), on_state=on_state)
+    try:
+        await consumer.run(stop)
+    finally:
+        agent.event_sources.pop(name, None)
 
 
 async def _reprobe_writes(agent: Agent, name: str, stop: asyncio.Event) -> None:
@@ -230,7 +263,8 @@ async def _publish(agent: Agent, name: str) -> None:
     ds = agent.settings.datasets[name]
     ds_id = await agent.ledger.find_dataset(name)
     last = await agent.ledger.last_ok_run(ds_id) if ds_id is not None else None
-    metrics.publish_dataset(name, ds.interval if ds.sync == "poll" else None, last.ended if last else None)
+    period = {"poll": ds.interval, "events": ds.reconcile_interval}.get(ds.sync)
+    metrics.publish_dataset(name, period, last.ended if last else None)
     await _guard_gauge(agent, name)  # a loop a reload started is a new one: the ledger says if the guard stopped it
 
 

@@ -40,6 +40,8 @@ from bucketsync.core.model import (
 from bucketsync.ledger import durability
 
 SNAPSHOT_BATCH = 8192
+#: one inbox entry: (key, kind, token, etag, size, at), as ``upstream.events.Event`` has them
+InboxEvent = tuple[str, str, str | None, str | None, int | None, float | None]
 
 # Append-only: each entry moves the schema one version forward (PRAGMA user_version).
 MIGRATIONS: list[str] = [
@@ -146,6 +148,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN gaps TEXT;
     """,
+    # events mode: runs get a kind ('listing' or 'events'), and webhook events wait in a durable
+    # inbox from the moment the API accepts them until the consumer has committed their effect.
+    """
+    ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'listing';
+    CREATE TABLE event_inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: the reader resumes after the last id it took
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        token TEXT,
+        etag TEXT,
+        size INTEGER,
+        at REAL,
+        received REAL NOT NULL
+    );
+    CREATE INDEX event_inbox_by_dataset ON event_inbox (dataset_id, id);
+    """,
     # catalog: a dataset's user metadata (a JSON object), merged by PATCH /datasets/{ds}.
     """
     ALTER TABLE datasets ADD COLUMN meta TEXT;
@@ -184,7 +203,7 @@ _OP_COLS = (
 )
 _RUN_COLS = (
     "r.id, d.name, r.started, r.ended, r.status, r.listed, r.added, r.modified, r.removed, "
-    "r.renamed, r.unchanged, r.errors, r.error, r.forced, r.gaps"
+    "r.renamed, r.unchanged, r.errors, r.error, r.forced, r.gaps, r.kind"
 )
 
 
@@ -241,6 +260,7 @@ def _run(row: Sequence[Any]) -> RunRecord:
         gaps=tuple(ListingGap(g["prefix"], g["error"], g.get("exact", False)) for g in json.loads(row[14]))
         if row[14]
         else (),
+        kind=row[15],
     )
 
 
@@ -648,6 +668,17 @@ class Ledger:
             out[state] = n
         return out
 
+    async def key_quantiles(self, dataset_id: int, count: int, total: int) -> list[str]:
+        """About ``count`` of the dataset's keys at even steps in key order (``total``: about how many
+        items it has): where a parallel listing is cut when no run of this process sampled them yet.
+        One walk of the ``(dataset_id, key)`` index, on the reader's thread."""
+        stride = max(1, total // (count + 1))
+        sql = (
+            "SELECT key FROM (SELECT key, row_number() OVER (ORDER BY key) AS n FROM items WHERE dataset_id = ?) "
+            "WHERE n % ? = 0 ORDER BY key"
+        )
+        return [str(r[0]) for r in await self._read(sql, (dataset_id, stride))]
+
     async def live_count(self, dataset_id: int) -> int:
         return (await self.counts_by_state(dataset_id))[ItemState.LIVE]
 
@@ -708,10 +739,10 @@ class Ledger:
 
     # -- runs ---------------------------------------------------------------
 
-    async def begin_run(self, dataset_id: int, forced: bool) -> int:
+    async def begin_run(self, dataset_id: int, forced: bool, kind: str = "listing") -> int:
         cur = await self._write(
-            "INSERT INTO runs (dataset_id, started, status, forced) VALUES (?, ?, 'running', ?)",
-            (dataset_id, time.time(), int(forced)),
+            "INSERT INTO runs (dataset_id, started, status, forced, kind) VALUES (?, ?, 'running', ?, ?)",
+            (dataset_id, time.time(), int(forced), kind),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
@@ -767,10 +798,12 @@ class Ledger:
         return _run(rows[0]) if rows else None
 
     async def last_ok_run(self, dataset_id: int) -> RunRecord | None:
-        """The last run whose listing completed: ``ok``, or ``partial`` (complete outside its gaps)."""
+        """The last run whose listing completed: ``ok``, or ``partial`` (complete outside its gaps).
+        Runs of kind ``events`` list nothing: they do not count."""
         async with self.db.execute(
             f"SELECT {_RUN_COLS} FROM runs r JOIN datasets d ON d.id = r.dataset_id "
-            "WHERE r.dataset_id = ? AND r.status IN ('ok', 'partial') ORDER BY r.id DESC LIMIT 1",
+            "WHERE r.dataset_id = ? AND r.status IN ('ok', 'partial') AND r.kind = 'listing' "
+            "ORDER BY r.id DESC LIMIT 1",
             (dataset_id,),
         ) as cur:
             row = await cur.fetchone()
@@ -793,7 +826,7 @@ class Ledger:
         cur = await self._write(
             "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE dataset_id = ?1 AND status != 'running' "
             "AND id NOT IN (SELECT max(id) FROM runs WHERE dataset_id = ?1 "
-            "UNION ALL SELECT max(id) FROM runs WHERE dataset_id = ?1 AND status = 'ok') "
+            "UNION ALL SELECT max(id) FROM runs WHERE dataset_id = ?1 AND status = 'ok' AND kind = 'listing') "
             "AND (ended < ?2 OR id < (SELECT id FROM runs WHERE dataset_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?3)) "
             "ORDER BY id LIMIT ?4)",
             (dataset_id, before, keep - 1, limit),
@@ -871,6 +904,56 @@ class Ledger:
                     (*row, now, old_id),
                 )
             await self._progress(run_id, counts)
+
+    async def rows_for(self, dataset_id: int, keys: Iterable[str]) -> dict[str, Indexed]:
+        """The ledger rows (live and tombstoned) of ``keys``: what an events batch compares with."""
+        out: dict[str, Indexed] = {}
+        todo = list(keys)
+        for i in range(0, len(todo), 500):  # SQLite's host-parameter limit
+            part = todo[i : i + 500]
+            rows = await self.db.execute_fetchall(  # whole in one step (see ``_read``)
+                "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? "
+                f"AND key IN ({','.join('?' * len(part))})",
+                (dataset_id, *part),
+            )
+            for r in rows:
+                out[r[1]] = Indexed(*r)
+        return out
+
+    async def live_under(self, dataset_id: int, prefix: str, limit: int) -> list[str]:
+        """Keys of live items under ``prefix`` (a removed folder's items), at most ``limit``."""
+        rows = await self.db.execute_fetchall(
+            "SELECT key FROM items WHERE dataset_id = ? AND key >= ? AND key < ? AND state = 'live' "
+            "ORDER BY key LIMIT ?",
+            (dataset_id, prefix, prefix + "\U0010ffff", limit),
+        )
+        return [r[0] for r in rows]
+
+    # -- the webhook inbox (events accepted, not yet applied) ------------------------
+
+    async def inbox_put(self, dataset_id: int, events: Sequence[InboxEvent]) -> None:
+        """Accept events durably: once this commits, a crash loses none of them."""
+        now = time.time()
+        async with self._transaction():
+            await self.db.executemany(
+                "INSERT INTO event_inbox (dataset_id, key, kind, token, etag, size, at, received) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(dataset_id, *e, now) for e in events],
+            )
+
+    async def inbox_take(self, dataset_id: int, after: int, limit: int) -> list[tuple[int, InboxEvent]]:
+        """Up to ``limit`` inbox entries after id ``after``, oldest first: (id, event)."""
+        rows = await self.db.execute_fetchall(
+            "SELECT id, key, kind, token, etag, size, at FROM event_inbox WHERE dataset_id = ? AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (dataset_id, after, limit),
+        )
+        return [(r[0], (r[1], r[2], r[3], r[4], r[5], r[6])) for r in rows]
+
+    async def inbox_done(self, ids: Sequence[int]) -> None:
+        """Forget entries whose effect is committed."""
+        async with self._transaction():
+            await self.db.executemany("DELETE FROM event_inbox WHERE id = ?", [(i,) for i in ids])
 
     async def remove(self, run_id: int | None, ids: Sequence[int], counts: Counts | None = None) -> None:
         async with self._transaction():

@@ -48,6 +48,7 @@ from bucketsync.downstream.ops import Downstream
 from bucketsync.server import schemas
 from bucketsync.server.front import Heartbeat
 from bucketsync.server.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
+from bucketsync.upstream.events import webhook
 
 log = structlog.get_logger("bucketsync.api")
 AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
@@ -156,7 +157,9 @@ def bearer_ok(header: str, token: str) -> bool:
 def auth_middleware(token: str | None) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        guarded = token is not None and request.path.startswith("/api/")
+        # An event poster may prove itself with its driver's shared secret instead (the handler checks it).
+        by_secret = request.path.startswith(_EVENTS) and webhook.SECRET_HEADER in request.headers
+        guarded = token is not None and request.path.startswith("/api/") and not by_secret
         if guarded and not bearer_ok(request.headers.get("Authorization", ""), token or ""):
             resp = error_response(401, "unauthorized", "missing or wrong bearer token")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="bucketsync"'
@@ -167,6 +170,8 @@ def auth_middleware(token: str | None) -> Any:
 
 
 # -- helpers -------------------------------------------------------------------
+
+_EVENTS = f"{API}/events/"
 
 
 def _agent(request: web.Request) -> Agent:
@@ -776,6 +781,65 @@ def _limit(default: int) -> Param:
     return Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000, "default": default})
 
 
+# -- events posted by storage (the webhook source) ---------------------------------------
+
+
+async def post_s3_events(request: web.Request) -> web.Response:
+    return await _accept_events(request, "s3", webhook.s3_events)
+
+
+async def post_gcs_events(request: web.Request) -> web.Response:
+    return await _accept_events(request, "gs", webhook.gcs_events)
+
+
+async def _accept_events(request: web.Request, scheme: str, parse: Any) -> web.Response:
+    """Parse, write to the dataset's durable inbox in one transaction, answer 202: accepted means kept."""
+    agent = _agent(request)
+    name = _dataset(request)
+    ds = agent.settings.datasets[name]
+    driver = agent.settings.drivers[ds.driver]
+    _check_secret(request, driver.events.shared_secret() if driver.events is not None else None)
+    if ds.sync != "events" or driver.event_source() != "webhook":
+        raise ApiError(
+            409,
+            "not_webhook_dataset",
+            f'dataset {name!r} does not take posted events: set sync = "events" on it and '
+            f'source = "webhook" in [drivers.{ds.driver}.events]',
+        )
+    loc = driver.location
+    if loc.scheme != scheme:
+        other = "gcs" if loc.scheme == "gs" else "s3"
+        raise ApiError(
+            400,
+            "wrong_event_format",
+            f"dataset {name!r} is on {loc.scheme}:// storage: post its events to {API}/events/{other}/{name}",
+        )
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the body must be JSON") from None
+    try:
+        events, ignored = parse(body, loc)
+    except webhook.BadPayload as exc:
+        raise ApiError(400, "invalid_event", str(exc)) from None
+    if events:
+        assert agent.ledger is not None
+        await agent.ledger.inbox_put(await agent.ledger.dataset_id(name), webhook.to_inbox(events))
+        agent.inbox(name).set()
+    return web.json_response({"accepted": len(events), "ignored": ignored}, status=202)
+
+
+def _check_secret(request: web.Request, secret: str | None) -> None:
+    """The shared secret, when sent, must be the driver's; without it the bearer token (checked by the
+    middleware) is needed, or, on an open loopback API, nothing unless the driver has a secret."""
+    given = request.headers.get(webhook.SECRET_HEADER)
+    if given is not None:
+        if secret is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode()):
+            raise ApiError(401, "unauthorized", f"wrong {webhook.SECRET_HEADER} for this dataset's driver")
+    elif secret is not None and _agent(request).settings.agent.token() is None:
+        raise ApiError(401, "unauthorized", f"this dataset's driver wants its shared secret in {webhook.SECRET_HEADER}")
+
+
 _DS = f"{API}/datasets/{{ds}}"
 _ITEM = f"{_DS}/items/{{key}}"
 _CONTENT_HEADERS = {
@@ -1038,6 +1102,26 @@ ROUTES: list[Route] = [
         "cancel a pending or failed op and drop its staged body; storage is not touched; 409 op_running or op_settled",
         {200: schemas.Op},
         errors=(409, *LEDGER),
+    ),
+    Route(
+        "POST",
+        f"{API}/events/s3/{{ds}}",
+        post_s3_events,
+        "S3 event records (MinIO, Ceph RGW) for a webhook dataset: kept in its durable inbox, applied within "
+        f"about a second; the API token or the driver's shared secret in {webhook.SECRET_HEADER}",
+        {202: schemas.Accepted},
+        errors=(400, 409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.S3Notification)}}},
+    ),
+    Route(
+        "POST",
+        f"{API}/events/gcs/{{ds}}",
+        post_gcs_events,
+        "a Pub/Sub push of a Cloud Storage notification (JSON_API_V1) for a webhook dataset: kept in its "
+        f"durable inbox; the API token or the driver's shared secret in {webhook.SECRET_HEADER}",
+        {202: schemas.Accepted},
+        errors=(400, 409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.PubSubPush)}}},
     ),
     Route("GET", f"{API}/openapi.json", openapi, "this document", {200: schemas.OpenApiDocument}),
     Route(

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bucketsync.catalog.query import field_pattern
 from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES
+from bucketsync.upstream.events.webhook import Accepted as Accepted
+from bucketsync.upstream.events.webhook import PubSubPush as PubSubPush
+from bucketsync.upstream.events.webhook import S3Notification as S3Notification
 
 Timestamp = str  # ISO 8601 UTC, "2024-05-01T12:00:00Z"
 
@@ -123,6 +126,10 @@ class Run(_Counts):
     error: str | None
     forced: bool
     gaps: list[Gap] = Field(description="what a partial run could not list")
+    kind: Literal["listing", "events"] = Field(
+        description="`listing`: a full listing (a poll, or an events-mode reconcile); `events`: changes applied "
+        "from events, batched (about one run per second of activity)"
+    )
 
 
 class RunList(_Body):
@@ -369,4 +376,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     MetadataPatch,
     ReloadPlan,
     OpenApiDocument,
+    S3Notification,
+    PubSubPush,
+    Accepted,
 )

@@ -8,7 +8,7 @@ takes or yields is relative to that prefix. ``list`` yields indexable objects on
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from bucketsync.core.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
@@ -88,6 +88,18 @@ class PartialListing(Protocol):
 
 
 @runtime_checkable
+class SplitListing(Protocol):
+    """Optional: a store that lists in parallel parts cut at split points (``stores.parallel``).
+
+    ``list_split`` is ``list`` (same objects, same order, same errors), with ``splits`` as a
+    hint: ascending keys (relative to the driver) where the listing may be cut into parts,
+    the quantiles of the last run's keys. Any keys are correct; good ones make even parts.
+    """
+
+    def list_split(self, prefix: str, splits: Sequence[str]) -> AsyncIterator[ObjectInfo]: ...
+
+
+@runtime_checkable
 class ChecksKeys(Protocol):
     """A store with limits of its own on keys (a local filesystem's name length)."""
 
@@ -137,11 +149,16 @@ def open_store(driver: DriverConfig, settings: Settings) -> Store:
     return store
 
 
-def listing_with_gaps(store: Store, prefix: str = "") -> AsyncIterator[ObjectInfo | ListingGap]:
+def listing_with_gaps(
+    store: Store, prefix: str = "", splits: Sequence[str] = ()
+) -> AsyncIterator[ObjectInfo | ListingGap]:
     """The store's listing with failures scoped to sub-trees (``PartialListing``) where the
-    store can do that; otherwise its plain ``list``, where any failure ends the listing."""
+    store can do that; otherwise its plain ``list``, where any failure ends the listing.
+    ``splits`` go to a store that lists in parts (``SplitListing``)."""
     if isinstance(store, PartialListing):
         return store.list_with_gaps(prefix)
+    if splits and isinstance(store, SplitListing):
+        return store.list_split(prefix, splits)
     return store.list(prefix)
 
 

@@ -64,6 +64,7 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
+from bucketsync.stores.parallel import in_order
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -376,14 +377,21 @@ class AzureStore:
         token_after: str | None = getattr(pages, "continuation_token", None)  # AsyncPageIterator's, untyped
         return blobs, token_after or None
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        start = self.prefix + prefix
-        cut = len(self.prefix)
-        order = CodePointOrder(self.url, self._reorder_limit)
+    async def _pages(self, start: str) -> AsyncIterator[list[BlobProperties]]:
         token: str | None = None
         while True:
             # Each page is retried on its own, from its continuation token: a blip never restarts the listing.
             blobs, token = await self._retry("list", None, functools.partial(self._page, start, token))
+            yield blobs
+            if token is None:
+                return
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        start = self.prefix + prefix
+        cut = len(self.prefix)
+        order = CodePointOrder(self.url, self._reorder_limit)
+        # Pipelined (``stores.parallel``): the next page is on the wire while this one is read.
+        async for blobs in in_order([functools.partial(self._pages, start)], 1):
             for b in blobs:
                 if not b.name.startswith(start):  # never trust a page to honour the prefix
                     raise StorageError(f"cannot list {self.url}: the service returned {b.name!r} outside {start!r}")
@@ -391,8 +399,6 @@ class AzureStore:
                 info = _info(key, b.size, b.last_modified, b.etag, b.version_id) if indexable(key) else None
                 for out in order.push(key, info):
                     yield out
-            if token is None:
-                break
         for out in order.finish():
             yield out
 
@@ -624,7 +630,9 @@ def _parse_connection_string(text: str) -> dict[str, str]:
     return settings
 
 
-def _from_connection_string(loc: Location, driver: DriverConfig, text: str) -> tuple[str, Credential]:
+def _from_connection_string(
+    loc: Location, endpoint_url: str | None, text: str, service: str = "blob"
+) -> tuple[str, Credential]:
     s = _parse_connection_string(text)
     if s.get("usedevelopmentstorage", "").lower() == "true":
         raise ConfigError(
@@ -644,13 +652,13 @@ def _from_connection_string(loc: Location, driver: DriverConfig, text: str) -> t
         credential = AzureSasCredential(s["sharedaccesssignature"].lstrip("?"))
     else:
         raise ConfigError("azure integration: connection_string has neither AccountKey nor SharedAccessSignature")
-    if driver.endpoint_url:
-        url = driver.endpoint_url
-    elif s.get("blobendpoint"):
-        url = s["blobendpoint"]
+    if endpoint_url:
+        url = endpoint_url
+    elif s.get(f"{service}endpoint"):
+        url = s[f"{service}endpoint"]
     else:
         scheme = s.get("defaultendpointsprotocol", "https")
-        url = f"{scheme}://{loc.account}.blob.{s.get('endpointsuffix', 'core.windows.net')}"
+        url = f"{scheme}://{loc.account}.{service}.{s.get('endpointsuffix', 'core.windows.net')}"
     return url, credential
 
 
@@ -671,10 +679,22 @@ def _is_set(integration: AzureIntegration, name: str) -> bool:
 
 
 def credentials(
-    loc: Location, driver: DriverConfig, integration: AzureIntegration | None
+    loc: Location,
+    driver: DriverConfig,
+    integration: AzureIntegration | None,
+    *,
+    service: str = "blob",
+    endpoint_url: str | None = None,
 ) -> tuple[str, Credential, bool]:
-    """(account URL, credential, whether the store owns and must close the credential)."""
-    default_url = driver.endpoint_url or f"https://{loc.account}.blob.core.windows.net"
+    """(account URL, credential, whether the caller owns and must close the credential).
+
+    ``service`` is ``blob`` for the store, ``queue`` for the azure-queue event source: the
+    same account and credential, another endpoint. The driver's ``endpoint_url`` is the
+    Blob endpoint; another service's comes from ``endpoint_url``, the connection string's
+    ``QueueEndpoint``, or the account's public name.
+    """
+    endpoint = driver.endpoint_url if service == "blob" else endpoint_url
+    default_url = endpoint or f"https://{loc.account}.{service}.core.windows.net"
     given = [n for n in _SECRETS if integration is not None and _is_set(integration, n)]
     if len(given) > 1:
         raise ConfigError(f"azure integration: set only one of connection_string, account_key, sas_token (got {given})")
@@ -686,7 +706,7 @@ def credentials(
     if not value.strip():
         raise ConfigError(f"azure integration: {given[0]} is empty")
     if given[0] == "connection_string":
-        url, credential = _from_connection_string(loc, driver, value)
+        url, credential = _from_connection_string(loc, endpoint, value, service)
         return url, credential, False
     if given[0] == "account_key":
         return default_url, AzureNamedKeyCredential(loc.account, value.strip()), False

@@ -21,13 +21,15 @@ an if-match put or delete reads the generation that goes with the etag first.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import mimetypes
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
@@ -52,6 +54,7 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
+from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, gather_bounded, in_order, ranges, usable_splits
 
 if TYPE_CHECKING:
     from bucketsync.config import DriverConfig, GcpIntegration
@@ -296,6 +299,7 @@ class GcsStore:
         integration_name: str | None = None,
         storage_class: str | None = None,
         page_size: int = 1000,
+        list_concurrency: int = 8,
         timeout: aiohttp.ClientTimeout = TIMEOUT,
     ) -> None:
         # "service_account_file and _json together" is refused by config validation.
@@ -303,6 +307,8 @@ class GcsStore:
         self.prefix = prefix
         self.url = f"gs://{bucket}/{prefix}"
         self.page_size = page_size
+        #: list requests in flight at once (``stores.parallel``); 1 lists one page after another
+        self.list_concurrency = max(1, list_concurrency)
         self.storage_class = storage_class
         self.timeout = timeout
         self._api_root, self._emulator = endpoint(endpoint_url)
@@ -408,29 +414,91 @@ class GcsStore:
 
     # -- reads
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        params = {"maxResults": str(self.page_size), "fields": _LIST_FIELDS}
-        if self.prefix + prefix:
-            params["prefix"] = self.prefix + prefix
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        return self.list_split(prefix, ())
+
+    async def list_split(self, prefix: str, splits: Sequence[str]) -> AsyncIterator[ObjectInfo]:
+        """``list``, cut into parts listed ``list_concurrency`` at a time (``stores.parallel``):
+        the part between two split points is ``startOffset`` (inclusive) to ``endOffset``
+        (exclusive). Without split points (``splits``, keys relative to the driver), a listing
+        longer than one page is cut at the folders of its first levels."""
+        full = self.prefix + prefix
         plen = len(self.prefix)
         last: str | None = None
-        while True:
-            page = await self._list_page(dict(params))
-            for res in page.get("items", ()):
+        async for page in self._pages(full, [self.prefix + s for s in splits]):
+            for res in page:
                 name: str = res["name"]
                 # GCS sorts by UTF-8 bytes, which is code-point order; check every page.
                 if last is not None and name <= last:
                     raise OrderError(f"list {self.url}: {name!r} came after {last!r}")
                 last = name
-                if not name.startswith(self.prefix):
+                if not name.startswith(full):
                     raise StorageError(f"list {self.url}: the server returned {name!r}, outside the prefix")
                 key = name[plen:]
                 if indexable(key):
                     yield object_info(key, res)
+
+    async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[dict[str, Any]]]:
+        first: dict[str, Any] | None = None
+        if not splits and self.list_concurrency > 1:
+            first = await self._list_page(self._list_params(prefix))
+            if not first.get("nextPageToken"):  # one page is the whole listing
+                yield first.get("items") or []
+                return
+            splits = await self._discover_splits(prefix)
+        cut = ranges(usable_splits(splits, prefix, self.list_concurrency))
+        parts = [functools.partial(self._range_pages, prefix, lo, hi, first if lo is None else None) for lo, hi in cut]
+        async for page in in_order(parts, self.list_concurrency):
+            yield page
+
+    def _list_params(self, prefix: str, **extra: str) -> dict[str, str]:
+        params = {"maxResults": str(self.page_size), "fields": _LIST_FIELDS, **extra}
+        if prefix:
+            params["prefix"] = prefix
+        return params
+
+    async def _range_pages(
+        self, prefix: str, lo: str | None, hi: str | None, first: dict[str, Any] | None = None
+    ) -> AsyncIterator[builtins.list[dict[str, Any]]]:
+        """The objects named in ``[lo, hi)`` (None: unbounded), a page at a time."""
+        bounds = {k: v for k, v in (("startOffset", lo), ("endOffset", hi)) if v is not None}
+        params = self._list_params(prefix, **bounds)
+        page = first if first is not None else await self._list_page(dict(params))
+        while True:
+            items: builtins.list[dict[str, Any]] = page.get("items") or []
+            # A server that ignores the offsets costs pages, never correctness.
+            if lo is not None and items and items[0]["name"] < lo:
+                items = [i for i in items if i["name"] >= lo]
+            if hi is not None and items and items[-1]["name"] >= hi:
+                yield [i for i in items if i["name"] < hi]
+                return
+            yield items
             token = page.get("nextPageToken")
             if not token:
                 return
             params["pageToken"] = token
+            page = await self._list_page(dict(params))
+
+    async def _discover_splits(self, prefix: str) -> builtins.list[str]:
+        """Split points for a listing with no history: the folders of its first levels."""
+        level = [prefix]
+        found: builtins.list[str] = []
+        want = self.list_concurrency * PARTS_PER_LISTER
+        for _ in range(SPLIT_LEVELS):
+            pages = await gather_bounded(
+                [
+                    functools.partial(
+                        self._list_page, self._list_params(p, delimiter="/", fields="prefixes,nextPageToken")
+                    )
+                    for p in level
+                ],
+                self.list_concurrency,
+            )
+            found = sorted({f for page in pages for f in page.get("prefixes") or ()})
+            if len(found) >= want // 2 or not found:
+                break
+            level = found[:want]
+        return found
 
     async def _list_page(self, params: dict[str, str]) -> dict[str, Any]:
         try:
@@ -702,5 +770,6 @@ def open_gcs(loc: Location, driver: DriverConfig, integration: GcpIntegration | 
         integration=integration,
         integration_name=driver.integration,
         storage_class=driver.storage_class,
+        list_concurrency=driver.list_concurrency,
         timeout=client_timeout(driver.connect_timeout, driver.read_timeout),
     )

@@ -34,7 +34,8 @@ from bucketsync.core.keys import KeyFilter
 from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.ledger.sqlite import Ledger
 from bucketsync.logs import debug_enabled
-from bucketsync.stores import Store, listing_with_gaps
+from bucketsync.stores import SplitListing, Store, listing_with_gaps
+from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.pacing import Pacer
 
 log = structlog.get_logger("bucketsync.sync")
@@ -46,6 +47,11 @@ CHECK_EVERY = 32
 #: over-quota objects kept as possible rename targets; past this many, a rename in a
 #: full dataset is reported as a removal (memory stays bounded on huge buckets)
 MAX_DEFERRED = 50_000
+#: a run with no split points of its own (the first of this process) reads them from the ledger
+#: when the dataset has more items than this (a few pages: a smaller listing is one or two requests)
+SPLITS_FROM_LEDGER = 2000
+#: split points kept from one listing for the next (``stores.parallel.Quantiles``)
+SPLIT_SAMPLES = 64
 LIVE = ItemState.LIVE
 
 
@@ -125,6 +131,8 @@ class _Pending:
     gaps: list[ListingGap] = field(default_factory=list)  # sub-trees the listing could not read
     #: the counts as of the run's last committed write: what a run that fails to write records
     committed: Counts = field(default_factory=Counts)
+    #: listed keys sampled for the next run's split points
+    sample: Quantiles = field(default_factory=lambda: Quantiles(0))
 
 
 async def _filtered(
@@ -166,15 +174,38 @@ class SyncLoop:
         #: the last finished run was stopped by the mass-delete guard (a failed run leaves it as it was)
         self.guard_blocked = False
         self._lock = asyncio.Lock()  # one run at a time per dataset
+        self._applying = asyncio.Lock()  # a run or an events batch writes, not both (see ``lock``)
         self.wake = asyncio.Event()  # set to start a run now
         #: the ledger lost commits: run at start-up even when manual, until a run completes ok
         self.resync = False
+        #: events mode: the event source failed, so the loop polls at ``interval`` until it delivers again
+        self.events_degraded = False
+        #: listing runs finished by this loop (the first one of an events-mode dataset is its start-up
+        #: catch-up, not a reconcile of missed events: it does not count as drift)
+        self.listings = 0
+        #: where the last complete listing's keys fall (``stores.parallel.Quantiles``): the next
+        #: listing is cut there into parts listed in parallel
+        self.splits: list[str] = []
         #: a run whose end could not be recorded (the ledger failed to write): recorded first next time
         self._unfinished: tuple[int, Counts, RunStatus, str | None, list[ListingGap]] | None = None
 
     @property
     def busy(self) -> bool:
         return self._lock.locked()
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held by a run, and by the events consumer while it applies a batch: the two never interleave.
+        (Not the run lock itself: the consumer applying a batch is no run in progress.)"""
+        return self._applying
+
+    @property
+    def period(self) -> float:
+        """Time between listing runs: ``interval`` when polling (or while the event source is failing),
+        ``reconcile_interval`` in events mode."""
+        if self.config.sync == "events" and not self.events_degraded:
+            return self.config.reconcile_interval
+        return self.config.interval
 
     async def idle(self) -> None:
         """Wait until no run of this dataset is in progress (a reload replaces the loop after)."""
@@ -190,7 +221,7 @@ class SyncLoop:
         started: asyncio.Future[int | None] | None = None,
     ) -> RunResult:
         """One run. ``started`` (if given) gets the run id (None for a dry run) once it begins."""
-        async with self._lock:
+        async with self._lock, self._applying:
             return await self._run(dry_run=dry_run, force=force, stop=stop, started=started)
 
     async def _run(
@@ -209,7 +240,9 @@ class SyncLoop:
             started.set_result(run_id)
         structlog.contextvars.bind_contextvars(dataset=self.name, run=run_id)
         log.debug("run started", dry_run=dry_run, force=force, items=live_before)
-        pending = _Pending()
+        pending = _Pending(sample=Quantiles(live_before, SPLIT_SAMPLES))
+        if not self.splits and live_before > SPLITS_FROM_LEDGER and isinstance(self.store, SplitListing):
+            self.splits = await self.ledger.key_quantiles(ds_id, SPLIT_SAMPLES, live_before)
         plan = None
         status, error = RunStatus.OK, None
         try:
@@ -223,6 +256,7 @@ class SyncLoop:
                 counts.errors += 1
             await self._flush(ds_id, run_id, counts, pending)  # what was listed before an error is kept
             if complete:
+                self.splits = pending.sample.keys
                 await self._match_renames(ds_id, run_id, counts, pending)
                 if pending.gaps:  # complete but for these sub-trees: removals elsewhere go on
                     status, error = RunStatus.PARTIAL, _describe_gaps(pending.gaps)
@@ -296,7 +330,7 @@ class SyncLoop:
     async def _diff(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
     ) -> None:
-        listing = listing_with_gaps(self.store)
+        listing = listing_with_gaps(self.store, "", self.splits)
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
         added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
@@ -305,11 +339,13 @@ class SyncLoop:
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
+        sample = p.sample
         async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
             await turns.tick()
             kind, new, old = ch.kind, ch.new, ch.old
             if new is not None:
                 counts.listed += 1
+                sample.see(new.key)
             if (self.in_flight or self.touched) and (ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0):
                 continue  # downstream owns this key right now; the next run sees it settled
             if kind is added:
@@ -378,7 +414,11 @@ class SyncLoop:
         else:
             last = await self.ledger.last_ok_run(ds_id)
             since = await self.ledger.added_since(ds_id, last.id if last else 0)
-            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since]
+            # An item being removed is no rename target, not even of itself: one first seen after the
+            # last listing (by events, or by a failed run) and gone now would otherwise "move" onto its
+            # own key, and the rename would delete it past the guard.
+            gone = {o.id for o in sources}
+            candidates = [(i, k, e, s, first == run_id) for i, k, e, s, first in since if i not in gone]
         for new_id, key, etag, size, now in candidates:
             if etag is not None:
                 by_sig[(etag, size)].append((new_id, key, now))
@@ -449,6 +489,9 @@ class SyncLoop:
         if dry_run:
             return
         metrics.record_run(self.name, str(status), counts, seconds)
+        if self.config.sync == "events" and self.listings and status is not RunStatus.FAILED:
+            _record_drift(self.name, counts)
+        self.listings += 1
         if status is not RunStatus.FAILED:  # a failed run says nothing about the guard
             self.set_guard_blocked(status is RunStatus.ABORTED)
 
@@ -473,11 +516,11 @@ class SyncLoop:
             elif self.config.sync == "manual":
                 delay = None
             elif first:  # sync at start-up; a little jitter keeps many datasets from starting in lockstep
-                delay = random.uniform(0, min(1.0, self.config.interval / 10))
+                delay = random.uniform(0, min(1.0, self.period / 10))
             elif failures:
-                delay = min(self.config.interval, 5.0 * 2 ** min(failures - 1, 8)) * random.uniform(0.8, 1.0)
+                delay = min(self.period, 5.0 * 2 ** min(failures - 1, 8)) * random.uniform(0.8, 1.0)
             else:
-                delay = self.config.interval * random.uniform(0.9, 1.1)
+                delay = self.period * random.uniform(0.9, 1.1)
             self.next_run_at = time.time() + delay if delay is not None else None
             await _wait_any(stop, self.wake, delay)
             self.wake.clear()
@@ -551,6 +594,15 @@ async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, timeout: float | N
     finally:
         for w in waiters:
             w.cancel()
+
+
+def _record_drift(dataset: str, counts: Counts) -> None:
+    """What a reconcile changed is what the events missed (or what they had not applied yet)."""
+    for change in metrics.CHANGES:
+        if n := getattr(counts, change):
+            metrics.RECONCILE_DRIFT.labels(dataset, change).inc(n)
+    if counts.added or counts.modified or counts.removed or counts.renamed:
+        log.info("reconcile found drift", **{c: getattr(counts, c) for c in metrics.CHANGES})
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}

@@ -11,10 +11,16 @@ Every source speaks this one protocol; each lives in its own module (``watch``,
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import importlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from bucketsync.config import DatasetConfig, DriverConfig, Settings
+    from bucketsync.ledger.sqlite import Ledger
 
 
 class EventKind(enum.StrEnum):
@@ -87,3 +93,40 @@ class EventSource(Protocol):
     async def aclose(self) -> None:
         """Release connections and watchers. Unacknowledged events stay with the provider."""
         ...
+
+
+@dataclass(slots=True)
+class SourceContext:
+    """What a source may need to open: one per dataset in events mode.
+
+    ``inbox`` is set by whoever writes events to the dataset's durable inbox (the
+    webhook routes), so a source reading it wakes at once instead of polling.
+    """
+
+    dataset: str
+    dataset_id: int
+    config: DatasetConfig
+    driver_name: str
+    driver: DriverConfig
+    settings: Settings
+    ledger: Ledger
+    inbox: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+#: source name -> the module whose ``open_source(ctx) -> EventSource`` builds it (imported when used)
+MODULES = {
+    "watch": "bucketsync.upstream.events.watch",
+    "webhook": "bucketsync.upstream.events.webhook",
+    "sqs": "bucketsync.upstream.events.sqs",
+    "azure-queue": "bucketsync.upstream.events.azure_queue",
+}
+
+
+def open_source(name: str, ctx: SourceContext) -> EventSource:
+    """The source ``name`` for ``ctx``'s dataset; ``SourceFailed`` when it cannot be built."""
+    try:
+        module = importlib.import_module(MODULES[name])
+    except (KeyError, ImportError) as exc:
+        raise SourceFailed(f"event source {name!r} is not available in this build: {exc}") from None
+    source: EventSource = module.open_source(ctx)
+    return source

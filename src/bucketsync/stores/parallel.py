@@ -1,0 +1,216 @@
+"""Parallel, pipelined listing: the parts of one listing fetched at once, read back in order.
+
+A cloud listing is one round trip per page of 1,000 keys; listed one page after
+another, latency is its whole cost. Here a listing is cut into *parts*: disjoint
+key ranges (or folder subtrees) in ascending order, each listed in order by its own
+task. ``in_order`` runs up to ``concurrency`` parts at once and yields their pages
+part by part, so the diff still sees one ascending stream (invariant 6).
+
+- **Pipelined**: even one part is listed by a task that runs ahead of its reader,
+  so the next page is on the wire while the current one is diffed and written.
+- **Bounded**: each running part holds at most ``buffer`` entries (and the page that
+  fills it); a part the reader has not reached yet stops requesting once its buffer is
+  full (back-pressure), so memory is about ``concurrency x buffer`` entries, whatever
+  the size of the bucket.
+- **Failing fast**: a part that fails ends the whole listing with its error as soon
+  as it fails (not when the reader gets to it), and the other parts are cancelled.
+  The run then fails with no removals (invariant 1).
+
+Split points: any ascending list of keys cuts the key space into ranges
+``(None, s1], (s1, s2], ..., (sn, None)`` that together hold every key exactly once;
+good ones only make the parts even. ``quantiles`` picks them from keys a run has
+seen (the ledger's sorted keys, sampled by the last run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: a part: a factory of its pages (lists of entries, ascending), started when its turn comes
+Part = Callable[[], AsyncIterator[list[T]]]
+
+#: entries (keys) a running part may list ahead of the reader: two full pages, or a few dozen
+#: folders of a folder-by-folder listing; memory is ``concurrency x BUFFER`` entries at most
+BUFFER = 2000
+#: parts per lister when split points are known: uneven parts still keep every lister busy
+PARTS_PER_LISTER = 4
+#: folder levels looked into for split points (no history) or parts (folder by folder)
+SPLIT_LEVELS = 3
+
+
+class _Feed(Generic[T]):
+    """One running part: its task and the bounded buffer it fills.
+
+    The bound is in entries, not pages: a folder-by-folder listing yields a page per folder,
+    often a few dozen keys, and a bound of two such pages would stop a part almost at once.
+    """
+
+    __slots__ = ("buffered", "drained", "queue", "task")
+
+    def __init__(self, part: Part[T], buffer: int, failed: asyncio.Future[BaseException]) -> None:
+        self.queue: asyncio.Queue[list[T] | None] = asyncio.Queue()
+        self.buffered = 0  # entries in ``queue``
+        self.drained = asyncio.Event()
+        self.task = asyncio.create_task(self._fill(part, buffer, failed))
+
+    async def _fill(self, part: Part[T], buffer: int, failed: asyncio.Future[BaseException]) -> None:
+        try:
+            pages = part()
+            try:
+                async for page in pages:
+                    if not page:
+                        continue
+                    while self.buffered >= buffer:  # back-pressure: wait for the reader
+                        self.drained.clear()
+                        await self.drained.wait()
+                    self.buffered += len(page)
+                    self.queue.put_nowait(page)
+            finally:
+                if (close := getattr(pages, "aclose", None)) is not None:
+                    await close()
+            self.queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if not failed.done():
+                failed.set_result(exc)
+
+    def took(self, page: list[T] | None) -> list[T] | None:
+        """The reader took ``page``: room for more."""
+        if page is not None:
+            self.buffered -= len(page)
+            self.drained.set()
+        return page
+
+
+async def in_order(
+    parts: AsyncIterable[Part[T]] | Sequence[Part[T]], concurrency: int, buffer: int = BUFFER
+) -> AsyncIterator[list[T]]:
+    """The pages of ``parts`` (ascending and disjoint, in that order), up to ``concurrency`` listed at once.
+
+    ``parts`` may be an async iterable: a part is pulled only when there is room to start it,
+    so parts discovered while listing (folders) are never all held at once.
+    """
+    source = _aiter_parts(parts)
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[BaseException] = loop.create_future()
+    running: deque[_Feed[T]] = deque()
+    exhausted = False
+
+    async def start_more() -> None:
+        nonlocal exhausted
+        while not exhausted and len(running) < max(1, concurrency):
+            part = await anext(source, None)
+            if part is None:
+                exhausted = True
+            else:
+                running.append(_Feed(part, buffer, failed))
+
+    try:
+        await start_more()
+        while running:
+            head = running[0]
+            while True:
+                page = head.took(await _get(head.queue, failed))
+                if page is None:
+                    break
+                yield page
+            running.popleft()
+            await start_more()
+    finally:
+        for feed in running:
+            feed.task.cancel()
+        if running:
+            await asyncio.gather(*(f.task for f in running), return_exceptions=True)
+        await source.aclose()
+
+
+async def _aiter_parts(parts: AsyncIterable[Part[T]] | Sequence[Part[T]]) -> AsyncGenerator[Part[T], None]:
+    if isinstance(parts, AsyncIterable):
+        async for part in parts:
+            yield part
+    else:
+        for part in parts:
+            yield part
+
+
+async def _get(queue: asyncio.Queue[list[T] | None], failed: asyncio.Future[BaseException]) -> list[T] | None:
+    """The next page of the part being read, or the first failure of any part (once the pages
+    already buffered for the reader are out: what was listed before a failure is kept)."""
+    if not queue.empty():
+        return queue.get_nowait()
+    if failed.done():
+        raise failed.result()
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait((getter, failed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()  # a page that arrived with a failure elsewhere: the failure wins next time
+    raise failed.result()
+
+
+async def gather_bounded(calls: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R]:
+    """``asyncio.gather`` of ``calls``, at most ``limit`` running at once (a level of folder listings)."""
+    gate = asyncio.Semaphore(max(1, limit))
+
+    async def one(call: Callable[[], Awaitable[R]]) -> R:
+        async with gate:
+            return await call()
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+def ranges(splits: Sequence[str]) -> list[tuple[str | None, str | None]]:
+    """``(after, upto)`` bounds of the parts ``splits`` cut: every key in exactly one of them."""
+    points: list[str | None] = [None, *splits, None]
+    return [(points[i], points[i + 1]) for i in range(len(points) - 1)]
+
+
+def usable_splits(splits: Sequence[str], prefix: str, concurrency: int) -> list[str]:
+    """The split points worth using for ``concurrency`` listers: strictly ascending, under ``prefix``,
+    at most ``PARTS_PER_LISTER`` parts per lister, evenly picked from ``splits``; none for one lister
+    (its parts would only be listed one after another, at a request more each)."""
+    parts = concurrency * PARTS_PER_LISTER if concurrency > 1 else 1
+    inside = sorted({s for s in splits if s.startswith(prefix) and s != prefix})
+    if parts <= 1 or not inside:
+        return []
+    if len(inside) < parts:
+        return inside
+    step = len(inside) / parts
+    return sorted({inside[int(step * i)] for i in range(1, parts)})
+
+
+class Quantiles:
+    """Keys picked every ``stride``-th from an ascending stream: the next run's split points.
+
+    The stride starts from the size the stream is expected to have (the ledger's live
+    count, 0 on an initial sync) and doubles whenever twice ``count`` keys are held, so
+    between ``count`` and ``2 x count`` evenly spaced keys are kept however large the listing.
+    """
+
+    __slots__ = ("_left", "count", "keys", "stride")
+
+    def __init__(self, expected: int, count: int = 64) -> None:
+        self.count = count
+        self.stride = max(1, expected // (count + 1))
+        self._left = self.stride
+        self.keys: list[str] = []
+
+    def see(self, key: str) -> None:
+        self._left -= 1
+        if self._left:
+            return
+        self.keys.append(key)
+        if len(self.keys) >= 2 * self.count:
+            del self.keys[::2]  # keep every other one: the stride doubles
+            self.stride *= 2
+        self._left = self.stride

@@ -1,0 +1,139 @@
+"""Parallel, pipelined listing (stores/parallel.py): order, bounded buffers, failures, split points.
+
+The machinery on its own here, with parts that are plain generators; the stores' use of it
+(key ranges on S3 and GCS, folders on SeaweedFS) is checked against the emulators in
+test_store_s3.py / test_store_gcs.py and through a real sync in test_sync_parallel.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bucketsync.core.errors import PermissionDenied
+from bucketsync.stores.parallel import Part, Quantiles, in_order, ranges, usable_splits
+
+
+def pages_of(name: str, n: int, produced: list[str], gate: asyncio.Event | None = None) -> Part[str]:
+    async def pages() -> AsyncIterator[list[str]]:
+        for i in range(n):
+            if gate is not None:
+                await gate.wait()
+            produced.append(f"{name}{i}")
+            yield [f"{name}{i}"]
+
+    return pages
+
+
+async def test_parts_are_read_back_in_order_whatever_order_they_finish_in() -> None:
+    produced: list[str] = []
+    slow = asyncio.Event()
+    parts = [pages_of("a", 3, produced, slow), pages_of("b", 3, produced), pages_of("c", 2, produced)]
+    it = in_order(parts, concurrency=3, buffer=8)
+    first = asyncio.ensure_future(anext(it))
+    await asyncio.sleep(0.01)
+    assert produced[:5] == ["b0", "b1", "b2", "c0", "c1"]  # later parts listed while the first waits
+    slow.set()
+    got = [*(await first), *[k async for page in it for k in page]]
+    assert got == ["a0", "a1", "a2", "b0", "b1", "b2", "c0", "c1"]
+
+
+async def test_a_part_not_being_read_stops_at_its_buffer() -> None:
+    produced: list[str] = []
+    parts = [pages_of("a", 1, produced, asyncio.Event()), pages_of("b", 100, produced)]
+    it = in_order(parts, concurrency=2, buffer=2)
+    waiting = asyncio.ensure_future(anext(it))
+    await asyncio.sleep(0.01)
+    # "b" has filled its buffer of 2 entries and holds a third page it cannot put: nothing more is listed
+    assert produced == ["b0", "b1", "b2"]
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await it.aclose()
+
+
+async def test_only_concurrency_parts_run_at_once() -> None:
+    running = 0
+    most = 0
+
+    def part(i: int) -> Part[int]:
+        async def pages() -> AsyncIterator[list[int]]:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0)
+            yield [i]
+            running -= 1
+
+        return pages
+
+    got = [k async for page in in_order([part(i) for i in range(20)], concurrency=3) for k in page]
+    assert got == list(range(20))
+    assert most == 3
+
+
+async def test_a_failing_part_ends_the_listing_and_stops_the_others() -> None:
+    produced: list[str] = []
+    cancelled = asyncio.Event()
+
+    async def endless() -> AsyncIterator[list[str]]:
+        try:
+            await asyncio.Event().wait()  # the part being read never answers
+            yield ["never"]
+        finally:
+            cancelled.set()
+
+    async def failing() -> AsyncIterator[list[str]]:
+        yield ["x0"]
+        raise PermissionDenied("list part 2: denied")
+
+    parts: list[Part[str]] = [endless, failing, pages_of("c", 3, produced)]
+    with pytest.raises(PermissionDenied, match="part 2"):
+        _ = [page async for page in in_order(parts, concurrency=3)]
+    assert cancelled.is_set()  # the failure did not wait for the first part to finish
+
+
+async def test_parts_may_come_from_an_async_iterable_pulled_on_demand() -> None:
+    pulled: list[int] = []
+
+    async def parts() -> AsyncIterator[Part[str]]:
+        for i in range(6):
+            pulled.append(i)
+            yield pages_of(f"p{i}-", 1, [])
+
+    it = in_order(parts(), concurrency=2)
+    assert await anext(it) == ["p0-0"]
+    assert len(pulled) <= 3  # two running, one started after the first finished: not all six
+    assert [k async for page in it for k in page] == [f"p{i}-0" for i in range(1, 6)]
+
+
+def test_ranges_cover_every_key_once() -> None:
+    keys = ["a", "a/", "a/b", "a0", "b", "é", "z"]
+    cut = ranges(["a/", "a0", "é"])
+    assert cut == [(None, "a/"), ("a/", "a0"), ("a0", "é"), ("é", None)]
+    for key in keys:
+        inside = [(lo, hi) for lo, hi in cut if (lo is None or key > lo) and (hi is None or key <= hi)]
+        assert len(inside) == 1, key
+
+
+def test_usable_splits_are_under_the_prefix_ascending_and_few() -> None:
+    assert usable_splits(["p/b", "q/a", "p/a", "p/a", "p/"], "p/", 8) == ["p/a", "p/b"]
+    # 4 parts per lister: 8 parts for 2 listers
+    picked = usable_splits([f"p/{i:03d}" for i in range(100)], "p/", 2)
+    assert picked == ["p/012", "p/025", "p/037", "p/050", "p/062", "p/075", "p/087"]
+    assert usable_splits(["p/a", "p/b"], "p/", 1) == []  # one lister: one part
+
+
+def test_quantiles_stay_bounded_and_evenly_spaced() -> None:
+    q = Quantiles(expected=0, count=4)  # an initial sync: the size is not known
+    keys = [f"{i:06d}" for i in range(10_000)]
+    for key in keys:
+        q.see(key)
+    assert 4 <= len(q.keys) < 8
+    gaps = {int(b) - int(a) for a, b in zip(q.keys, q.keys[1:], strict=False)}
+    assert len(gaps) == 1  # one stride between every two picked keys
+    known = Quantiles(expected=10_000, count=4)
+    for key in keys:
+        known.see(key)
+    assert known.keys == ["001999", "003999", "005999", "007999", "009999"]
