@@ -89,6 +89,12 @@ def run_schemathesis(
         "--seed",
         "13",
         "--no-color",
+        # Not fuzzed: clone and merge create datasets the document's enum of dataset names
+        # cannot know (every later request on one is "schema-violating" yet valid), and move's
+        # and clone's bodies carry a catalog filter, a language JSON Schema cannot state. They
+        # are tested end to end in test_e2e_catalog.py, the filter's grammar in test_catalog_query.py.
+        "--exclude-path-regex",
+        "/(clone|move|merge)$",
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, describe(proc)
@@ -108,15 +114,21 @@ def schemathesis(
     return out
 
 
+#: A filter is a JSON document in a string (its grammar is tested in test_catalog_query.py), and
+#: a cursor belongs to its sort: generated ones would be refused as they should. This filter is
+#: valid for items and datasets alike, and the default sort lets generated cursors position a page.
+CATALOG_PINS = {"query.filter": '{"metadata.x": {"$exists": false}}', "query.sort": ""}
+
+
 def test_fuzz_read_only_dataset_on_real_items(daemon: Daemon, tmp_path: Path) -> None:
     # Pinned parameters replace what the negative mode generates, so this pass is positive only.
-    pins = {"path.ds": "frozen", "path.key": "photos/cat.jpg"}
+    pins = {"path.ds": "frozen", "path.key": "photos/cat.jpg", **CATALOG_PINS}
     schemathesis(daemon, tmp_path, "frozen", pins, examples=10, mode="positive")
 
 
 def test_fuzz_every_dataset_with_generated_keys_and_invalid_input(daemon: Daemon, tmp_path: Path) -> None:
     # ds is an enum of the agent's datasets in its own document: no pin needed.
-    schemathesis(daemon, tmp_path, "all", {}, examples=10, mode="all")
+    schemathesis(daemon, tmp_path, "all", CATALOG_PINS, examples=10, mode="all")
 
 
 class _Broken(BaseHTTPRequestHandler):

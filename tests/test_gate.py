@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bucketsync.core import gate
 from bucketsync.core.gate import Decision, removal_guard
 
 
@@ -114,3 +115,23 @@ def test_ratio_boundary_property(live_before: int, data: st.DataObject) -> None:
         assert not refused.allowed and refused.reason == "max_delete_ratio"
         assert guard(k + 1, live_before, ratio=ratio, force=True).allowed
         assert not guard(k + 1, live_before, ratio=ratio, force=True, complete=False).allowed
+
+
+def test_a_move_needs_a_real_delete() -> None:
+    """A move is a copy and a delete: without allow_delete the delete would only tombstone
+    and the object would be in the bucket twice, so the move is refused whole."""
+    refused = gate.decide_move(key="a/b", read_only=False, allow_delete=False)
+    assert not refused.allowed and refused.reason == gate.MOVE_NEEDS_DELETE
+    assert gate.decide_move(key="a/b", read_only=True, allow_delete=True).reason == "read_only"
+    assert gate.decide_move(key="a/b", read_only=False, allow_delete=True, storage_denies="no").reason.startswith(
+        "storage_denied"
+    )
+    assert gate.decide_move(key="a/b", read_only=False, allow_delete=True).action == gate.DELETE_OBJECT
+
+
+def test_a_pointer_delete_never_reaches_storage() -> None:
+    """A clone's item is unlinked, whatever the driver allows: the binary is the source's."""
+    for allow in (True, False):
+        d = gate.decide_delete(key="a/b", read_only=False, allow_delete=allow, pointer=True)
+        assert d.allowed and d.action == gate.UNLINK
+    assert gate.decide_delete(key="a/b", read_only=False, allow_delete=True).action == gate.DELETE_OBJECT

@@ -16,9 +16,10 @@ from typing import Any
 import structlog
 
 from bucketsync import metrics
+from bucketsync.catalog import items as catalog_items
 from bucketsync.config import DatasetConfig, Settings
 from bucketsync.core.errors import ConfigError
-from bucketsync.core.model import ItemState, RunRecord, RunStatus, iso
+from bucketsync.core.model import COUNTED_STATES, RunRecord, RunStatus, iso
 from bucketsync.downstream.outbox import Outbox
 from bucketsync.enrich import Enricher, Triggers
 from bucketsync.ledger.sqlite import InstanceLock, Ledger
@@ -72,6 +73,9 @@ class Agent:
             if n := await self.ledger.fail_stale_runs():
                 log.warning("marked runs left running by a previous agent as failed", runs=n)
             resync = await self.ledger.resync_pending()
+            for name in self.settings.datasets:
+                await self.ledger.dataset_id(name)  # a row from the start: metadata and filters find it
+            await self.ensure_indexes()
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             for name, ds in self.settings.datasets.items():
@@ -105,6 +109,14 @@ class Agent:
             if self.discard_new_ledger and self._created_ledger:
                 remove_ledger_files(self.settings.agent.ledger, folder=self._created_folder)
             self.lock.release()
+
+    async def ensure_indexes(self) -> None:
+        """Each dataset's configured ``indexes`` (a partial index per dataset; built once)."""
+        assert self.ledger is not None
+        for dataset, ds in self.settings.datasets.items():
+            for name in ds.indexes:
+                if await catalog_items.ensure_index(self.ledger, await self.ledger.dataset_id(dataset), name):
+                    log.info("indexed a catalog field", dataset=dataset, field=name)
 
     def unready(self) -> dict[str, Any] | None:
         """The ``/readyz`` body when the agent is not ready: the datasets that are not, and
@@ -224,8 +236,9 @@ async def datasets_status(
     polled by dashboards, and recounting every dataset per request saturated the agent.
     """
     overview = await ledger.overview() if ledger is not None else {}
+    meta = await ledger.datasets_meta() if ledger is not None else {}
     return [
-        _status_row(settings, name, overview.get(name), loops.get(name))
+        _status_row(settings, name, overview.get(name), loops.get(name)) | {"metadata": meta.get(name, {})}
         for name in (names if names is not None else settings.datasets)
     ]
 
@@ -235,10 +248,12 @@ def _status_row(
 ) -> dict[str, Any]:
     ds = settings.datasets[name]
     driver = settings.drivers[ds.driver]
-    items, last = known if known is not None else ({str(s): 0 for s in ItemState}, None)
+    items, last = known if known is not None else ({str(s): 0 for s in COUNTED_STATES}, None)
     items = dict(items)  # the overview is shared between requests
     out: dict[str, Any] = {
         "dataset": name,
+        "kind": "synced",
+        "source": None,
         "driver": ds.driver,
         "url": driver.url,
         "sync": ds.sync,

@@ -32,6 +32,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bucketsync.catalog import query
 from bucketsync.core.errors import ConfigError
 from bucketsync.core.keys import validate_glob
 from bucketsync.core.location import Location, parse_location
@@ -390,6 +391,11 @@ class DatasetConfig(_Strict):
         "`[[datasets.NAME.triggers]]`: hooks on item events, delivered at least once (see docs/enrichment.md).",
         default=[],
     )
+    indexes: list[str] = _doc(
+        "Fields to index for fast catalog filters and sorts (`metadata.NAME` or a system field such as "
+        "`size`); SQLite expression indexes, created at start-up. An unindexed filter works too, slower.",
+        default=[],
+    )
 
     @field_validator("include", "exclude")
     @classmethod
@@ -405,6 +411,13 @@ class DatasetConfig(_Strict):
 
     def trigger_names(self) -> list[str]:
         return [t.name or f"trigger-{i + 1}" for i, t in enumerate(self.triggers)]
+
+    @field_validator("indexes")
+    @classmethod
+    def _indexes(cls, v: list[str]) -> list[str]:
+        for name in v:
+            query.field(name)  # InvalidFilter (a ValueError) names the field and what is allowed
+        return v
 
 
 class EnrichConfig(_Strict):

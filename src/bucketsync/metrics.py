@@ -20,7 +20,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from bucketsync import __version__
-from bucketsync.core.model import Counts, ItemState, OpKind, RunStatus
+from bucketsync.core.model import COUNTED_STATES, Counts, OpKind, RunStatus
 
 if TYPE_CHECKING:
     from bucketsync.config import Settings
@@ -308,7 +308,7 @@ def init(datasets: Iterable[str]) -> None:
             ITEMS.labels(ds, change)
         for reason in GUARD_REASONS:
             GUARD_ABORTS.labels(ds, reason)
-        for state in ItemState:
+        for state in COUNTED_STATES:
             DATASET_ITEMS.labels(ds, str(state))
         for counter in (LISTED, RUN_ERRORS, LOOP_ERRORS, LOOP_RESTARTS, QUOTA_SKIPPED, TOMBSTONES):
             counter.labels(ds)

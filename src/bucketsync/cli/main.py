@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from bucketsync import __version__
@@ -26,6 +26,8 @@ from bucketsync.core.model import ItemState
 if TYPE_CHECKING:
     from bucketsync.cli.client import AgentClient
     from bucketsync.config import Settings
+    from bucketsync.core.model import Item
+    from bucketsync.ledger.sqlite import Ledger
     from bucketsync.upstream.sync import RunResult, SyncLoop
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
@@ -183,7 +185,7 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
         if ds_id is None:
             return 0
         state = None if args.state == "all" else ItemState(args.state)
-        async for item in ledger.iter_items(ds_id, prefix=args.prefix, state=state):
+        async for item in _query(ledger, ds_id, args, state):
             if args.json:
                 print_json(item.as_json(full=True))
             elif state is None:
@@ -193,6 +195,30 @@ async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await ledger.close()
     return 0
+
+
+async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: ItemState | None) -> AsyncIterator[Item]:
+    """Every item the --where filter matches, in --sort order, page by page (at most --limit)."""
+    from bucketsync.catalog import items as catalog_items
+    from bucketsync.catalog import query
+
+    q = catalog_items.Query(
+        filter=query.parse_filter(args.where) if args.where else None,
+        sort=query.parse_sort(args.sort),
+        limit=1000 if args.limit is None else min(args.limit, 1000),
+        state=None if state is None else str(state),
+        prefix=args.prefix,
+    )
+    left = args.limit
+    while True:
+        items, q.cursor = await catalog_items.page(ledger, ds_id, q)
+        for item in items:
+            yield item
+        if left is not None:
+            left -= len(items)
+            q.limit = min(left, 1000)
+        if q.cursor is None or (left is not None and left <= 0):
+            return
 
 
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -222,6 +248,11 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         last_s = f"{last['status']} at {last['ended'] or last['started']} ({_human_counts(last)})" if last else "never"
         print(f"{r['dataset']}  {r['url']}")
         print(f"  items: {r['items'].get(ItemState.LIVE, 0)} live, {r['items'].get(ItemState.TOMBSTONE, 0)} tombstoned")
+        if r.get("kind", "synced") != "synced":
+            print(
+                f"  {r['kind']} of {r['source']}: {r['items'].get('orphaned', 0)} orphaned, "
+                f"{r['items'].get('stale', 0)} stale (their source removed or changed the object)"
+            )
         print(f"  last run: {last_s}")
         if r.get("last_run") and r["last_run"].get("error"):
             print(f"  error: {safe_text(r['last_run']['error'])}")
@@ -244,6 +275,92 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.check and failing:
         print(f"check failed: {', '.join(failing)}", file=sys.stderr)
     return code
+
+
+async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
+    """``ls DS[/PREFIX]``: the folders directly under PREFIX (with '/'), then its items, as
+    ``rclone lsf`` shows them; from the ledger, beside a running agent too."""
+    from bucketsync.catalog import folders
+    from bucketsync.ledger.sqlite import Ledger
+
+    dataset, _, prefix = args.path.partition("/")
+    settings.dataset(dataset)
+    parent = folders.parent_of(prefix)
+    if not settings.agent.ledger.exists():
+        return 0
+    ledger = await Ledger.open(settings.agent.ledger, readonly=True)
+    try:
+        ds_id = await ledger.find_dataset(dataset)
+        if ds_id is None:
+            return 0
+        found = await folders.listing(ledger, ds_id, parent)
+        for f in found.folders:
+            if args.json:
+                print_json({"type": "folder", **f.as_json()})
+            else:
+                print(f"{shown(f.name)}/" if not args.long else f"{f.size:>12}  {f.items:>8} items  {shown(f.name)}/")
+        after: str | None = None
+        while batch := await ledger.direct_items(ds_id, parent, str(ItemState.LIVE), after, 1000):
+            for item in batch:
+                name = item.key[len(parent) :]
+                if args.json:
+                    print_json({"type": "item", **item.as_json(full=True)})
+                elif args.long:
+                    print(f"{item.size:>12}  {item.as_json()['modified']}  {shown(name)}")
+                else:
+                    print(shown(name))
+            after = batch[-1].key
+    finally:
+        await ledger.close()
+    return 0
+
+
+async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
+    """One line per dataset: name, live items, last run, and the chosen metadata columns."""
+    from bucketsync.agent import datasets_status
+    from bucketsync.catalog import datasets as catalog_datasets
+    from bucketsync.catalog import query
+    from bucketsync.cli.client import AgentClient
+    from bucketsync.ledger.sqlite import Ledger
+
+    names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+    for name in names:
+        query.field(name if name.startswith(query.META_PREFIX) else query.META_PREFIX + name, "--columns")
+    if _daemon_running(settings):
+        params = {k: v for k, v in (("filter", args.where), ("sort", args.sort)) if v}
+        async with AgentClient(settings) as client:
+            rows = (await client.call("GET", "/datasets", params=params))["datasets"]
+    else:
+        ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+        try:
+            wanted = list(settings.datasets)
+            if ledger is not None and (args.where or args.sort):
+                flt = query.parse_filter(args.where) if args.where else None
+                wanted = await catalog_datasets.matching(ledger, flt, args.sort, wanted)
+            elif ledger is None and args.where:
+                wanted = []  # no ledger, no metadata: nothing matches a filter
+            rows = await datasets_status(settings, ledger, {}, wanted)
+        finally:
+            if ledger is not None:
+                await ledger.close()
+    if args.json:
+        print_json({"datasets": rows})
+        return 0
+    table = [["DATASET", "ITEMS", "LAST RUN", *names]]
+    for r in rows:
+        last = r["last_run"]
+        table.append(
+            [
+                r["dataset"],
+                str(r["items"].get(ItemState.LIVE, 0)),
+                f"{last['status']} {last['ended'] or last['started']}" if last else "never",
+                *(shown(v) for v in catalog_datasets.columns(r, names)),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
 
 
 def _failing(row: dict[str, Any]) -> str | None:
@@ -345,6 +462,51 @@ async def _downstream(
             pass  # an agent started meanwhile
     async with AgentClient(settings) as client:
         return dict(await remote(client))
+
+
+async def _runtime_op(
+    settings: Settings, local: Callable[[Any], Awaitable[dict[str, Any]]], path: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """Create a runtime dataset through the running agent, else in this process."""
+    from bucketsync.agent import Agent
+    from bucketsync.cli.client import AgentClient
+
+    if not _daemon_running(settings):
+        try:
+            async with Agent(settings) as agent:
+                return await local(agent)
+        except LedgerLocked:
+            pass
+    async with AgentClient(settings) as client:
+        return dict(await client.call("POST", path, json=body))
+
+
+async def cmd_clone(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.catalog import query, runtime
+
+    settings.dataset(args.source)
+    flt = query.parse_filter(args.where) if args.where else None
+    body = {"name": args.name, "with_metadata": args.with_metadata, "filter": flt}
+    out = await _runtime_op(
+        settings,
+        lambda agent: runtime.clone(agent, args.source, args.name, args.with_metadata, flt),
+        f"/datasets/{args.source}/clone",
+        body,
+    )
+    return _report(args, out, f"{out['dataset']}: clone of {out['source']}, {out['items']} items")
+
+
+async def cmd_merge(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.catalog import runtime
+
+    body = {"name": args.name, "sources": args.sources, "on_conflict": args.on_conflict}
+    out = await _runtime_op(
+        settings,
+        lambda agent: runtime.merge(agent, args.name, args.sources, args.on_conflict),
+        "/datasets/merge",
+        body,
+    )
+    return _report(args, out, f"{out['dataset']}: merge of {out['source']}, {out['items']} items")
 
 
 def _item_path(dataset: str, key: str) -> str:
@@ -669,6 +831,12 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _positive(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {raw!r}")
+    return int(raw)
+
+
 class UsageError(BucketsyncError):
     """Bad arguments on the command line (exit 2)."""
 
@@ -725,7 +893,47 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--json", action="store_true", help="one JSON object per line, with metadata, content type and version"
     )
+    i.add_argument(
+        "--where",
+        metavar="FILTER",
+        help='a JSON filter (docs/catalog.md), e.g. \'{"size": {"$gt": 1024}, "metadata.camera": "x100"}\'',
+    )
+    i.add_argument("--sort", metavar="FIELD", help="order by FIELD, or -FIELD descending (default: key)")
+    i.add_argument("--limit", type=_positive, metavar="N", help="at most N items")
     i.set_defaults(func=cmd_items)
+
+    ls = command("ls", "folders (ending in '/') then items directly under DATASET[/PREFIX], from the ledger")
+    ls.add_argument("path", metavar="DATASET[/PREFIX]", help="a dataset, or a folder in it: photos/2024/03")
+    ls.add_argument("-l", "--long", action="store_true", help="sizes, item counts and modified times too")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line, with a type: folder or item")
+    ls.set_defaults(func=cmd_ls)
+
+    cl = command("clone", "create a runtime dataset of pointer items to SOURCE's items (nothing copied in storage)")
+    cl.add_argument("source", help="a synced dataset")
+    cl.add_argument("name", help="the clone's name")
+    cl.add_argument("--with-metadata", action="store_true", help="copy the items' user metadata (then the clone's own)")
+    cl.add_argument("--where", metavar="FILTER", help="only the items this JSON filter matches")
+    cl.add_argument("--json", action="store_true", help="print one JSON object")
+    cl.set_defaults(func=cmd_clone)
+
+    mg = command("merge", "create a runtime dataset of pointer items to several synced datasets' items")
+    mg.add_argument("name", help="the merge's name")
+    mg.add_argument("sources", nargs="+", help="two or more synced datasets")
+    mg.add_argument(
+        "--on-conflict",
+        choices=["folder", "suffix", "merge"],
+        default="folder",
+        help="a key in several sources: a folder per source (default), a ~SOURCE suffix, or one item",
+    )
+    mg.add_argument("--json", action="store_true", help="print one JSON object")
+    mg.set_defaults(func=cmd_merge)
+
+    dl = command("datasets", "one line per dataset; --where/--sort by its metadata, --columns shows metadata")
+    dl.add_argument("--where", metavar="FILTER", help="a JSON filter over name, created, metadata.NAME")
+    dl.add_argument("--sort", metavar="FIELD", help="name, created or metadata.NAME; --sort=-FIELD descending")
+    dl.add_argument("--columns", metavar="NAMES", help="metadata names to show as columns, comma-separated")
+    dl.add_argument("--json", action="store_true", help="print one JSON object (as status --json)")
+    dl.set_defaults(func=cmd_datasets)
 
     st = command("status", "every dataset: items, last run, next run")
     st.add_argument("--json", action="store_true", help="print one JSON object")
@@ -841,6 +1049,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: API error codes that mean the command line asked for something invalid (exit 2)
+USAGE_CODES = ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter", "invalid_filter")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "doctor":  # reports a broken config instead of stopping at it
@@ -894,12 +1106,7 @@ def _main(args: argparse.Namespace) -> int:
 
         if isinstance(exc, ApiCallFailed):
             _error(f"{exc} ({exc.status} {exc.code})")
-            return (
-                2
-                if exc.status in (400, 404)
-                and exc.code in ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter")
-                else 1
-            )
+            return 2 if exc.status in (400, 404) and exc.code in USAGE_CODES else 1
         _error(exc)
         return 1
     except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)

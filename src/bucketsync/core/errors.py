@@ -149,3 +149,15 @@ def from_code(code: str, message: str, key: str | None = None) -> BucketsyncErro
         if known == code:
             return cls(message, key=key)
     return StorageError(message, key=key)
+
+
+class InvalidFilter(BucketsyncError, ValueError):
+    """A catalog filter, sort or index field that cannot be compiled.
+
+    ``at`` points at the offending part of the filter document (``$and[1].size.$gt``),
+    so a 400 says exactly what to fix.
+    """
+
+    def __init__(self, at: str, message: str) -> None:
+        super().__init__(f"filter at {at}: {message}" if at else message)
+        self.at = at

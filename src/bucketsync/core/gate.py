@@ -99,13 +99,23 @@ def decide_put(
     return OpDecision(True, action="put")
 
 
-def decide_delete(*, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None) -> OpDecision:
+#: a pointer item (clone) goes from its catalog; its binary belongs to the source
+UNLINK = "unlink"
+
+
+def decide_delete(
+    *, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None, pointer: bool = False
+) -> OpDecision:
     """What deleting an item does (invariants 2 and 3).
 
     Storage objects are deleted only when the driver has ``allow_delete``; otherwise
     the item becomes a tombstone and the object stays. bucketsync's own files in the
-    hidden folder (the probe's test-file) are always its to delete.
+    hidden folder (the probe's test-file) are always its to delete. A pointer item of a
+    clone is only unlinked from the clone, whatever ``allow_delete`` says: the object is
+    the source dataset's.
     """
+    if pointer:
+        return OpDecision(True, action=UNLINK)
     if key.startswith(HIDDEN):
         return OpDecision(True, action=DELETE_OBJECT)
     if read_only:
@@ -115,3 +125,24 @@ def decide_delete(*, key: str, read_only: bool, allow_delete: bool, storage_deni
             return _storage_denied("delete", storage_denies)
         return OpDecision(True, action=DELETE_OBJECT)
     return OpDecision(True, action=TOMBSTONE)
+
+
+MOVE_NEEDS_DELETE = "move_needs_allow_delete"
+
+
+def decide_move(*, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None) -> OpDecision:
+    """Moving an item in a synced dataset: a copy to the new key, then a delete of the old
+    object. The delete is a storage delete like any other (invariant 2): without
+    ``allow_delete`` it would only tombstone, leaving the object twice in the bucket, so
+    the move is refused before anything is copied."""
+    decision = decide_delete(key=key, read_only=read_only, allow_delete=allow_delete, storage_denies=storage_denies)
+    if not decision.allowed:
+        return decision
+    if decision.action != DELETE_OBJECT:
+        return OpDecision(
+            False,
+            MOVE_NEEDS_DELETE,
+            "a move in a synced dataset copies the object to its new key and then deletes the old object; "
+            "the driver has allow_delete = false, so nothing was moved",
+        )
+    return decision

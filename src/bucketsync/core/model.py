@@ -75,6 +75,14 @@ CREATE = PutMode(create=True)
 class ItemState(enum.StrEnum):
     LIVE = "live"
     TOMBSTONE = "tombstone"
+    #: a pointer item (clone) whose source item was removed by its dataset's sync
+    ORPHANED = "orphaned"
+    #: a pointer item whose source object changed since it was cloned
+    STALE = "stale"
+
+
+#: the states every dataset's counts show (pointer states appear once a dataset has them)
+COUNTED_STATES = (ItemState.LIVE, ItemState.TOMBSTONE)
 
 
 @dataclass(slots=True)

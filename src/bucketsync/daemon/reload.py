@@ -170,6 +170,7 @@ async def apply(agent: Agent, runner: DatasetRunner, new: Settings, running: dic
         metrics.forget_dataset(name)
     agent.settings = new
     agent.stores = stores
+    await agent.ensure_indexes()  # a reload may name new indexes; existing ones are kept
     metrics.init(p.added)  # a new dataset's series start at 0, as at start-up
     metrics.init_hooks(agent.settings)
     await agent.enricher.sync_datasets()  # before the new loops commit anything

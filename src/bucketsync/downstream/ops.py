@@ -6,7 +6,6 @@ nothing), then records an op in the outbox, so the bucket follows durably.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ import structlog
 
 from bucketsync import metrics
 from bucketsync.agent import Agent
+from bucketsync.catalog.query import META_NAME
 from bucketsync.core import gate
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -32,7 +32,6 @@ from bucketsync.ledger import durability
 from bucketsync.stores import check_storable
 
 log = structlog.get_logger("bucketsync.downstream")
-META_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 META_VALUE = (str, int, float, bool)
 
 

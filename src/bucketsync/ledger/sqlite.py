@@ -24,6 +24,7 @@ import aiosqlite
 from bucketsync import metrics
 from bucketsync.core.errors import LedgerError, LedgerLocked
 from bucketsync.core.model import (
+    COUNTED_STATES,
     Counts,
     Indexed,
     Item,
@@ -218,6 +219,35 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
     """,
+    # catalog: a dataset's user metadata (a JSON object), merged by PATCH /datasets/{ds}.
+    """
+    ALTER TABLE datasets ADD COLUMN meta TEXT;
+    """,
+    # catalog: runtime datasets (clones) of pointer items. A pointer names its source item;
+    # the source's sync removing or changing that item marks the pointer orphaned or stale,
+    # in the same transaction (triggers), so no pointer dangles in silence.
+    """
+    ALTER TABLE datasets ADD COLUMN kind TEXT NOT NULL DEFAULT 'synced';
+    ALTER TABLE datasets ADD COLUMN source TEXT;
+    ALTER TABLE items ADD COLUMN source_item INTEGER;
+    CREATE INDEX items_by_source_item ON items (source_item) WHERE source_item IS NOT NULL;
+    CREATE TRIGGER pointers_orphaned AFTER DELETE ON items WHEN OLD.source_item IS NULL BEGIN
+        UPDATE items SET state = 'orphaned' WHERE source_item = OLD.id AND state != 'orphaned';
+    END;
+    CREATE TRIGGER pointers_stale AFTER UPDATE OF size, etag, version ON items
+    WHEN OLD.source_item IS NULL AND (OLD.size IS NOT NEW.size OR OLD.etag IS NOT NEW.etag
+        OR OLD.version IS NOT NEW.version) BEGIN
+        UPDATE items SET state = 'stale' WHERE source_item = OLD.id AND state = 'live';
+    END;
+    """,
+    # catalog: empty folders of runtime datasets (a synced dataset's folders are its keys').
+    """
+    CREATE TABLE folders (
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        path TEXT NOT NULL,
+        PRIMARY KEY (dataset_id, path)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
@@ -360,10 +390,13 @@ class Ledger:
         # behind a 5,000-row batch on the writers' thread. A read-only ledger reads through
         # its one connection. Reads run in autocommit, so each sees every commit before it.
         self.reader = db
-        #: dataset name -> id; a dataset's row is never deleted or renamed, so this never goes stale
+        #: dataset name -> id; a configured dataset's row is never deleted or renamed, and a runtime
+        #: dataset's (drop_runtime) leaves this cache in the same transaction's wake
         self._ids: dict[str, int] = {}
         #: False on a ledger older than the counts table (opened read-only, so not migrated)
         self._counts_table = True
+        #: (table, column) -> whether this ledger has it (a read-only ledger is not migrated)
+        self._columns: dict[tuple[str, str], bool] = {}
         #: the last overview and the reader's ``PRAGMA data_version`` it was read at
         self._overview: tuple[int, dict[str, tuple[dict[str, int], RunRecord | None]]] | None = None
         # One connection serves every dataset's run and the outbox: a transaction must
@@ -526,10 +559,160 @@ class Ledger:
         self._ids[name] = int(row[0])
         return self._ids[name]
 
+    async def create_clone(
+        self, name: str, source_id: int, source: str, where: str, params: Sequence[Any], with_meta: bool
+    ) -> tuple[int, int]:
+        """A runtime dataset of pointer items to the source's live items that ``where`` matches
+        (compiled by catalog/query.py), in one set-based statement: (its id, items cloned).
+        User metadata is copied when asked and is the clone's own from then on."""
+        now = time.time()
+        meta = "meta" if with_meta else "NULL"
+        async with self._transaction():
+            cur = await self.db.execute(
+                "INSERT INTO datasets (name, created, kind, source) VALUES (?, ?, 'clone', ?)", (name, now, source)
+            )
+            assert cur.lastrowid is not None
+            new_id = cur.lastrowid
+            cur = await self.db.execute(
+                "INSERT INTO items (dataset_id, key, size, modified, etag, version, state, content_type, meta, "
+                f"updated, source_item) SELECT ?, key, size, modified, etag, version, 'live', content_type, {meta}, "
+                f"?, id FROM items WHERE dataset_id = ? AND state = 'live' AND {where}",
+                [new_id, now, source_id, *params],
+            )
+            n = cur.rowcount
+        self._ids[name] = new_id
+        return new_id, n
+
+    async def create_merge(self, name: str, sources: Sequence[tuple[int, str]], on_conflict: str) -> tuple[int, int]:
+        """A runtime dataset of pointer items to the live items of several datasets, in one
+        transaction of set-based statements: (its id, items). Keys found in more than one
+        source: ``folder`` puts each source under a folder of its name (no key can meet
+        another), ``suffix`` keeps the first source's key and renames the later ones
+        ``stem~SOURCE.ext``, ``merge`` keeps one item (the first source's binary) with the
+        sources' metadata merged, later sources winning a name they share."""
+        now = time.time()
+        into = (
+            "INSERT INTO items (dataset_id, key, size, modified, etag, version, state, content_type, meta, "
+            "updated, source_item)"
+        )
+        rest = "size, modified, etag, version, 'live', content_type, meta, ?, id"
+        live = "FROM items WHERE dataset_id = ? AND state = 'live'"
+        taken = "key IN (SELECT key FROM items WHERE dataset_id = ?)"
+        async with self._transaction():
+            cur = await self.db.execute(
+                "INSERT INTO datasets (name, created, kind, source) VALUES (?, ?, 'merge', ?)",
+                (name, now, ",".join(n for _i, n in sources)),
+            )
+            assert cur.lastrowid is not None
+            new_id = cur.lastrowid
+            for n, (src_id, src_name) in enumerate(sources):
+                if on_conflict == "folder":
+                    await self.db.execute(
+                        f"{into} SELECT ?, ? || key, {rest} {live}", (new_id, src_name + "/", now, src_id)
+                    )
+                elif on_conflict == "merge" or n == 0:
+                    await self.db.execute(
+                        f"{into} SELECT ?, key, {rest} {live} ON CONFLICT (dataset_id, key) DO UPDATE SET "
+                        "meta = CASE WHEN items.meta IS NULL THEN excluded.meta WHEN excluded.meta IS NULL "
+                        "THEN items.meta ELSE json_patch(items.meta, excluded.meta) END",
+                        (new_id, now, src_id),
+                    )
+                else:  # suffix: the keys an earlier source holds get this source's name
+                    async with self.db.execute(
+                        f"SELECT key, size, modified, etag, version, 'live', content_type, meta, id {live} AND {taken}",
+                        (src_id, new_id),
+                    ) as c:
+                        met = await c.fetchall()
+                    await self.db.execute(
+                        f"{into} SELECT ?, key, {rest} {live} AND NOT {taken}", (new_id, now, src_id, new_id)
+                    )
+                    await self.db.executemany(
+                        f"{into} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO NOTHING",
+                        [(new_id, _suffixed(r[0], src_name), *r[1:8], now, r[8]) for r in met],
+                    )
+            async with self.db.execute("SELECT count(*) FROM items WHERE dataset_id = ?", (new_id,)) as c:
+                row = await c.fetchone()
+        self._ids[name] = new_id
+        return new_id, int(row[0]) if row else 0
+
+    async def drop_runtime(self, name: str) -> int:
+        """Delete a runtime dataset's catalog (its pointers, folders, metadata, row); storage is
+        not touched: a pointer's binary is its source's. How many items went."""
+        async with self._transaction():
+            async with self.db.execute("SELECT id FROM datasets WHERE name = ? AND kind != 'synced'", (name,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return -1
+            ds_id = int(row[0])
+            cur = await self.db.execute("DELETE FROM items WHERE dataset_id = ?", (ds_id,))
+            n = cur.rowcount
+            await self.db.execute("DELETE FROM folders WHERE dataset_id = ?", (ds_id,))
+            await self.db.execute("DELETE FROM item_counts WHERE dataset_id = ?", (ds_id,))
+            await self.db.execute("DELETE FROM datasets WHERE id = ?", (ds_id,))
+        self._ids.pop(name, None)
+        self._overview = None
+        return n
+
+    async def runtime_datasets(self) -> dict[str, tuple[str, str | None]]:
+        """name -> (kind, source) of the datasets created at run time (not in the config)."""
+        if not await self._has_column("datasets", "kind"):
+            return {}
+        rows = await self._read("SELECT name, kind, source FROM datasets WHERE kind != 'synced' ORDER BY id")
+        return {str(n): (str(k), s) for n, k, s in rows}
+
+    async def pointed(self, item_id: int) -> tuple[str, str] | None:
+        """(dataset name, current key) of the item a pointer item points at; None when it is
+        no pointer, or its source item is gone."""
+        rows = await self._read(
+            "SELECT d.name, s.key FROM items p JOIN items s ON s.id = p.source_item "
+            "JOIN datasets d ON d.id = s.dataset_id WHERE p.id = ?",
+            (item_id,),
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def merge_dataset_meta(self, dataset_id: int, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge a dataset's user metadata (JSON merge-patch: ``None`` removes a name); the result."""
+        async with self._transaction():
+            async with self.db.execute("SELECT meta FROM datasets WHERE id = ?", (dataset_id,)) as cur:
+                row = await cur.fetchone()
+            meta = json.loads(row[0]) if row and row[0] else {}
+            for k, v in patch.items():
+                if v is None:
+                    meta.pop(k, None)
+                else:
+                    meta[k] = v
+            await self.db.execute(
+                "UPDATE datasets SET meta = ? WHERE id = ?",
+                (json.dumps(meta, ensure_ascii=False) if meta else None, dataset_id),
+            )
+        return dict(meta)
+
+    async def datasets_meta(self) -> dict[str, dict[str, Any]]:
+        """Every dataset's user metadata by name (empty on a ledger from before it existed)."""
+        if not await self._has_column("datasets", "meta"):
+            return {}
+        rows = await self._read("SELECT name, meta FROM datasets")
+        return {str(n): json.loads(m) if m else {} for n, m in rows}
+
+    async def select_datasets(self, where: str, params: Sequence[Any], order: str) -> list[str]:
+        """Names of the datasets a catalog query matches, in its order (catalog/datasets.py
+        compiles ``where`` and ``order``; every value is one of ``params``)."""
+        table = "datasets"
+        if not await self._has_column("datasets", "meta"):  # an old read-only ledger: no metadata yet
+            table = "(SELECT name, created, NULL AS meta FROM datasets)"
+        return [str(r[0]) for r in await self._read(f"SELECT name FROM {table} WHERE {where} ORDER BY {order}", params)]
+
+    async def _has_column(self, table: str, column: str) -> bool:
+        if (known := self._columns.get((table, column))) is not None:
+            return known
+        rows = await self._read(f"SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?", (column,))
+        self._columns[(table, column)] = found = bool(rows)
+        return found
+
     async def counts_by_state(self, dataset_id: int) -> dict[str, int]:
         """Items per state, from the trigger-kept counts table: one indexed lookup, however
         large the dataset (a ``count(*)`` per request saturated the agent under load)."""
-        out = {str(s): 0 for s in ItemState}
+        out = {str(s): 0 for s in COUNTED_STATES}
         sql = (
             "SELECT state, n FROM item_counts WHERE dataset_id = ?"
             if self._counts_table
@@ -577,14 +760,14 @@ class Ledger:
             else "SELECT dataset_id, state, count(*) FROM items GROUP BY dataset_id, state"
         )
         for ds_id, state, n in await self._read(sql):
-            counts.setdefault(ds_id, {str(s): 0 for s in ItemState})[state] = n
+            counts.setdefault(ds_id, {str(s): 0 for s in COUNTED_STATES})[state] = n
         out: dict[str, tuple[dict[str, int], RunRecord | None]] = {}
         for row in await self._read(
             f"SELECT d.id, {_RUN_COLS} FROM datasets d "
             "LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE dataset_id = d.id)"
         ):
             last = _run(row[1:]) if row[1] is not None else None
-            out[row[2]] = (counts.get(row[0], {str(s): 0 for s in ItemState}), last)
+            out[row[2]] = (counts.get(row[0], {str(s): 0 for s in COUNTED_STATES}), last)
         return out
 
     # -- the snapshot a run diffs against -----------------------------------
@@ -1058,6 +1241,145 @@ class Ledger:
             args.append(limit)
         return [_item(r) for r in await self._read(sql, args)]
 
+    async def select_items(
+        self, dataset_id: int, where: str, params: Sequence[Any], order: str, limit: int, *, scan: bool = False
+    ) -> list[Item]:
+        """A page of the dataset's items by a catalog query (catalog/query.py compiles
+        ``where`` and ``order`` from fixed column names and validated metadata names;
+        every value is one of ``params``). ``scan`` reads the table in its own order
+        (``+dataset_id`` keeps SQLite off the key index), for a sort no index serves."""
+        # The id as a literal (an int, never user input): a dataset's partial indexes serve
+        # only a query that names it so.
+        ds = f"{'+' if scan else ''}dataset_id = {int(dataset_id)}"
+        sql = f"SELECT {_ITEM_COLS} FROM items WHERE {ds} AND {where} ORDER BY {order} LIMIT ?"
+        return [_item(r) for r in await self._read(sql, [*params, limit])]
+
+    async def folder_counts(self, dataset_id: int, parent: str, state: str) -> list[tuple[str, int, int]]:
+        """(name, items, bytes) of each sub-folder directly under ``parent`` ("" or ending in
+        "/"), with everything beneath it; a name "" counts the items directly in ``parent``.
+        One range scan of the (dataset, key) index; keys are derived into folders here."""
+        n = len(parent)
+        rows = await self._read(
+            "SELECT CASE WHEN instr(substr(key, ?1 + 1), '/') > 0 "
+            "THEN substr(key, ?1 + 1, instr(substr(key, ?1 + 1), '/') - 1) ELSE '' END AS folder, count(*), sum(size) "
+            "FROM items WHERE dataset_id = ?2 AND key >= ?3 AND key < ?4 AND state = ?5 "
+            "GROUP BY folder ORDER BY folder",
+            (n, dataset_id, parent, parent + "\U0010ffff", state),
+        )
+        return [(str(r[0]), int(r[1]), int(r[2] or 0)) for r in rows]
+
+    async def direct_items(self, dataset_id: int, parent: str, state: str, after: str | None, limit: int) -> list[Item]:
+        """Items directly in ``parent`` (no further '/'), by key, after ``after``."""
+        rows = await self._read(
+            f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?1 AND key > ?2 AND key < ?3 AND state = ?4 "
+            "AND instr(substr(key, ?5 + 1), '/') = 0 ORDER BY key LIMIT ?6",
+            (
+                dataset_id,
+                after if after is not None and after > parent else parent,
+                parent + "\U0010ffff",
+                state,
+                len(parent),
+                limit,
+            ),
+        )
+        return [_item(r) for r in rows]
+
+    async def adopt(self, old_id: int, dataset_id: int, new_key: str) -> None:
+        """A moved item keeps its id and user metadata: its row takes the new key and what the
+        copy indexed there (size, etag, ...), and the copy's own row goes, atomically."""
+        async with self._transaction():
+            async with self.db.execute(
+                "SELECT id, size, modified, etag, version, content_type FROM items WHERE dataset_id = ? AND key = ?",
+                (dataset_id, new_key),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] == old_id:
+                return
+            await self.db.execute("DELETE FROM items WHERE id = ?", (row[0],))
+            await self.db.execute(
+                "UPDATE items SET key = ?, size = ?, modified = ?, etag = ?, version = ?, content_type = ?, "
+                "state = 'live', updated = ? WHERE id = ?",
+                (new_key, *row[1:], time.time(), old_id),
+            )
+
+    async def add_folder(self, dataset_id: int, path: str) -> bool:
+        """Persist an empty folder (``a/b/``) of a runtime dataset; False if it was there."""
+        cur = await self._write("INSERT OR IGNORE INTO folders (dataset_id, path) VALUES (?, ?)", (dataset_id, path))
+        return cur.rowcount == 1
+
+    async def empty_folders(self, dataset_id: int, parent: str) -> list[str]:
+        """Persisted folders under ``parent`` (at any depth), by path."""
+        if not await self._has_table_reader("folders"):
+            return []
+        rows = await self._read(
+            "SELECT path FROM folders WHERE dataset_id = ? AND path > ? AND path < ? ORDER BY path",
+            (dataset_id, parent, parent + "\U0010ffff"),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def drop_folders(self, dataset_id: int, prefix: str) -> None:
+        await self._write(
+            "DELETE FROM folders WHERE dataset_id = ? AND path >= ? AND path < ?",
+            (dataset_id, prefix, prefix + "\U0010ffff"),
+        )
+
+    async def rekey(self, dataset_id: int, moves: Sequence[tuple[int, str]]) -> None:
+        """A runtime dataset's items take new keys (a catalog-only move), all or none."""
+        now = time.time()
+        async with self._transaction():
+            await self.db.executemany(
+                "UPDATE items SET key = ?, updated = ? WHERE id = ? AND dataset_id = ?",
+                [(key, now, item_id, dataset_id) for item_id, key in moves],
+            )
+
+    async def _has_table_reader(self, name: str) -> bool:
+        if (known := self._columns.get((name, ""))) is not None:
+            return known
+        rows = await self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        self._columns[(name, "")] = bool(rows)
+        return bool(rows)
+
+    async def tombstone_many(self, ids: Sequence[int]) -> None:
+        """Tombstone items in one transaction (a folder delete without allow_delete)."""
+        now = time.time()
+        async with self._transaction():
+            await self.db.executemany(
+                "UPDATE items SET state = 'tombstone', updated = ? WHERE id = ?", [(now, i) for i in ids]
+            )
+
+    async def enqueue_deletes(self, dataset_id: int, targets: Sequence[tuple[str, str | None]]) -> list[int]:
+        """One delete op per (key, etag), all in one transaction: a folder delete is queued
+        whole or not at all."""
+        now = time.time()
+        out = []
+        async with self._transaction():
+            for key, etag in targets:
+                cur = await self.db.execute(
+                    "INSERT INTO ops (dataset_id, kind, key, if_match, created, updated, next_at) "
+                    "VALUES (?, 'delete', ?, ?, ?, ?, ?)",
+                    (dataset_id, key, etag, now, now, now),
+                )
+                assert cur.lastrowid is not None
+                out.append(cur.lastrowid)
+        return out
+
+    async def create_index(self, name: str, sql: str) -> bool:
+        """Run a ``CREATE INDEX IF NOT EXISTS`` (built by catalog/query.py); True when it was new."""
+        async with self._transaction():
+            async with self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)) as c:
+                known = await c.fetchone() is not None
+            if not known:
+                await self.db.execute(sql)
+        return not known
+
+    async def indexes(self, prefix: str) -> list[tuple[str, str]]:
+        """(name, sql) of the indexes whose names start with ``prefix``."""
+        rows = await self._read(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name >= ? AND name < ? ORDER BY name",
+            (prefix, prefix + "\U0010ffff"),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     async def iter_items(
         self, dataset_id: int, prefix: str = "", page: int = 5000, state: ItemState | None = ItemState.LIVE
     ) -> AsyncIterator[Item]:
@@ -1066,6 +1388,14 @@ class Ledger:
             for item in batch:
                 yield item
             after = batch[-1].key
+
+
+def _suffixed(key: str, source: str) -> str:
+    """``a/b.jpg`` from ``ds2`` -> ``a/b~ds2.jpg``: the name keeps its extension."""
+    folder, _, leaf = key.rpartition("/")
+    stem, dot, ext = leaf.rpartition(".")
+    leaf = f"{stem}~{source}.{ext}" if dot and stem else f"{leaf}~{source}"
+    return f"{folder}/{leaf}" if folder else leaf
 
 
 def _operational(exc: BaseException) -> bool:

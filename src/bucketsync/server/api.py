@@ -9,7 +9,6 @@ stay open for probes and scrapers.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import re
 from typing import Any, Protocol
@@ -19,6 +18,9 @@ from aiohttp import web
 
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
+from bucketsync.catalog import datasets as catalog_datasets
+from bucketsync.catalog import folders, moves, query, runtime
+from bucketsync.catalog import items as catalog_items
 from bucketsync.core import ranges
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -26,6 +28,7 @@ from bucketsync.core.errors import (
     ConfigError,
     DiskFull,
     FileFolderConflict,
+    InvalidFilter,
     InvalidKey,
     KeyFiltered,
     KeyNotStorable,
@@ -41,7 +44,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES, check_key
 from bucketsync.core.model import Item, ItemState, OpState
 from bucketsync.downstream import opsctl
-from bucketsync.downstream.ops import META_NAME, Downstream
+from bucketsync.downstream.ops import Downstream
 from bucketsync.enrich import Deliveries, EnrichQueue
 from bucketsync.enrich.thumbs import MIME as THUMB_MIME
 from bucketsync.server import schemas
@@ -85,6 +88,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 # The one mapping from our error hierarchy to HTTP.
 _STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidFilter, 400, "invalid_filter"),
     (KeyFiltered, 400, "key_filtered"),
     (InvalidKey, 400, "invalid_key"),
     (KeyNotStorable, 400, "key_not_storable"),
@@ -182,6 +186,18 @@ def _dataset(request: web.Request) -> str:
     return name
 
 
+async def _any_dataset(request: web.Request) -> str:
+    """A configured dataset or a runtime one (a clone), for the routes that work on both:
+    reads, metadata, deletes (a clone's delete unlinks its pointer only)."""
+    name = request.match_info["ds"]
+    await runtime.kind_of(_agent(request), name)  # ConfigError -> 404 when it is neither
+    return name
+
+
+def _runtime(request: web.Request, name: str) -> bool:
+    return name not in _agent(request).settings.datasets
+
+
 def _bool(request: web.Request, name: str) -> bool:
     raw = request.query.get(name, "false").lower()
     if raw in ("1", "true", "yes"):
@@ -229,18 +245,6 @@ CURSOR_PATTERN = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?$"
 _CURSOR = re.compile(CURSOR_PATTERN)
 
 
-def encode_cursor(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    """The key to continue after. Any well-formed cursor positions the page (bytes that are not
-    UTF-8 decode with replacement characters); a malformed one is a 400 naming ``cursor``."""
-    if not _CURSOR.match(cursor):
-        raise ApiError(400, "invalid_parameter", "query parameter 'cursor' is not one this API handed out")
-    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8", "replace")
-
-
 async def _ledger_ds(request: web.Request, name: str) -> int:
     ledger = _agent(request).ledger
     assert ledger is not None
@@ -280,61 +284,222 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def list_datasets(request: web.Request) -> web.Response:
     agent = _agent(request)
-    out = await datasets_status(agent.settings, agent.ledger, agent.loops)
-    for status in out:
+    unknown = set(request.query) - {"filter", "sort"}
+    if unknown:
+        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    assert agent.ledger is not None
+    clones = await agent.ledger.runtime_datasets()
+    names = [*agent.settings.datasets, *clones]
+    raw_filter, sort = _text(request, "filter"), _text(request, "sort")
+    if raw_filter or sort:
+        flt = query.parse_filter(raw_filter) if raw_filter else None
+        names = await catalog_datasets.matching(agent.ledger, flt, sort or None, names)
+    synced = [n for n in names if n not in clones]
+    rows = {r["dataset"]: r for r in await datasets_status(agent.settings, agent.ledger, agent.loops, synced)}
+    for status in rows.values():
         status.update(agent.live_status(status["dataset"]))
-    return web.json_response({"datasets": out})
+    rows |= {r["dataset"]: r for r in await runtime.runtime_status(agent, [n for n in names if n in clones])}
+    return web.json_response({"datasets": [rows[n] for n in names]})
+
+
+async def delete_dataset(request: web.Request) -> web.Response:
+    """A runtime dataset goes with its catalog only; a configured one is removed from the config."""
+    name = await _any_dataset(request)
+    if not _runtime(request, name):
+        raise ApiError(403, "synced_dataset", f"{name!r} is configured: remove it from the config file and reload")
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    n = await ledger.drop_runtime(name)
+    return web.json_response({"dataset": name, "deleted": True, "items": max(n, 0)})
+
+
+async def merge_datasets(request: web.Request) -> web.Response:
+    """A runtime dataset of pointer items to several datasets' items, conflicts as asked."""
+    body = await _json_body(request, '{"name": "...", "sources": ["a", "b"], "on_conflict": "folder"}')
+    if set(body) != {"name", "sources", "on_conflict"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"name": ..., "sources": [...], "on_conflict": ...}')
+    try:
+        out = await runtime.merge(_agent(request), body["name"], body["sources"], body["on_conflict"])
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    return web.json_response(out, status=201)
+
+
+async def clone_dataset(request: web.Request) -> web.Response:
+    """A runtime dataset of pointer items to this (synced) dataset's items: one ledger statement."""
+    source = _dataset(request)
+    body = await _json_body(request, '{"name": "...", "with_metadata": true, "filter": {...}}')
+    if "name" not in body or set(body) - {"name", "with_metadata", "filter"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"name": ..., "with_metadata": bool, "filter": {...}}')
+    with_meta = body.get("with_metadata", False)
+    if not isinstance(with_meta, bool):
+        raise ApiError(400, "invalid_request", '"with_metadata" must be true or false')
+    try:
+        out = await runtime.clone(_agent(request), source, body["name"], with_meta, body.get("filter"))
+    except ValueError as exc:
+        if isinstance(exc, InvalidFilter):
+            raise
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    return web.json_response(out, status=201)
+
+
+async def patch_dataset(request: web.Request) -> web.Response:
+    name = await _any_dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    body = await _json_body(request, '{"metadata": {...}}')
+    if set(body) != {"metadata"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"metadata": {...}}')
+    try:
+        patch = catalog_datasets.check_patch(body["metadata"])
+    except ValueError as exc:
+        raise ApiError(400, "invalid_metadata", str(exc)) from None
+    meta = await ledger.merge_dataset_meta(await _ledger_ds(request, name), patch)
+    return web.json_response({"dataset": name, "metadata": meta})
 
 
 async def list_items(request: web.Request) -> web.Response:
-    name = _dataset(request)
+    name = await _any_dataset(request)
     ledger = _agent(request).ledger
     assert ledger is not None
-    limit = _int(request, "limit", 100, 1, 1000)
     raw_state = request.query.get("state", "live")
     if raw_state not in ("live", "tombstone", "all"):
         raise ApiError(400, "invalid_parameter", "query parameter 'state' must be live, tombstone or all")
-    state = None if raw_state == "all" else ItemState(raw_state)
-    cursor = request.query.get("cursor")
     meta = {k[5:]: v for k, v in request.query.items() if k.startswith("meta.")}
     system = {k[7:]: v for k, v in request.query.items() if k.startswith("system.")}
-    unknown = (
-        set(request.query)
-        - {"prefix", "limit", "cursor", "state"}
-        - {f"meta.{k}" for k in meta}
-        - {f"system.{k}" for k in system}
-    )
+    known = {"prefix", "limit", "cursor", "state", "filter", "sort"}
+    unknown = set(request.query) - known - {f"meta.{k}" for k in meta} - {f"system.{k}" for k in system}
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-    for meta_name in meta:
-        if not META_NAME.match(meta_name):
-            raise ApiError(
-                400, "invalid_parameter", f"query parameter 'meta.{meta_name}': {meta_name!r} is no metadata name"
-            )
-        _text(request, f"meta.{meta_name}")
-    for sys_name in system:
-        if not META_NAME.match(sys_name):
-            raise ApiError(
-                400, "invalid_parameter", f"query parameter 'system.{sys_name}': {sys_name!r} is no metadata name"
-            )
-        _text(request, f"system.{sys_name}")
-    items = await ledger.items(
-        await _ledger_ds(request, name),
+    for prefix, names in (("meta", meta), ("system", system)):
+        for field_name in names:
+            if not query.META_NAME.match(field_name):
+                raise ApiError(
+                    400,
+                    "invalid_parameter",
+                    f"query parameter '{prefix}.{field_name}': {field_name!r} is no metadata name",
+                )
+            _text(request, f"{prefix}.{field_name}")
+    cursor = request.query.get("cursor")
+    if cursor is not None and not _CURSOR.match(cursor):
+        raise ApiError(400, "invalid_parameter", "query parameter 'cursor' is not one this API handed out")
+    raw_filter = _text(request, "filter")
+    q = catalog_items.Query(
+        filter=query.parse_filter(raw_filter) if raw_filter else None,
+        sort=query.parse_sort(_text(request, "sort")),
+        cursor=cursor,
+        limit=_int(request, "limit", 100, 1, 1000),
+        state=None if raw_state == "all" else raw_state,
         prefix=_text(request, "prefix"),
-        after=decode_cursor(cursor) if cursor else None,
-        limit=limit + 1,
-        state=state,
         meta=meta,
         system=system,
     )
-    more = len(items) > limit
-    items = items[:limit]
+    items, next_cursor = await catalog_items.page(ledger, await _ledger_ds(request, name), q)
+    return web.json_response({"items": await _with_system(request, name, items), "next_cursor": next_cursor})
+
+
+async def list_folders(request: web.Request) -> web.Response:
+    """The sub-folders of ``parent`` with item counts and sizes, from the ledger alone."""
+    name = await _any_dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    unknown = set(request.query) - {"parent", "state"}
+    if unknown:
+        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    state = request.query.get("state", "live")
+    if state not in ("live", "tombstone"):
+        raise ApiError(400, "invalid_parameter", "query parameter 'state' must be live or tombstone")
+    parent = folders.parent_of(_text(request, "parent"))
+    found = await folders.listing(ledger, await _ledger_ds(request, name), parent, state)
+    return web.json_response(found.as_json())
+
+
+async def create_folder(request: web.Request) -> web.Response:
+    name = await _any_dataset(request)
+    body = await _json_body(request, '{"path": "a/b"}')
+    if set(body) != {"path"} or not isinstance(body["path"], str):
+        raise ApiError(400, "invalid_request", 'the body must be {"path": "a/b"}')
+    check_key(body["path"])  # the key rules: "a/b", no trailing '/'
+    out = await folders.create_folder(_agent(request), name, body["path"])
+    return web.json_response(out, status=201 if out["created"] else 200)
+
+
+async def delete_folder(request: web.Request) -> web.Response:
+    name = await _any_dataset(request)
+    folder = folders.parent_of(request.match_info["path"])
+    if not folder:
+        raise ApiError(400, "invalid_key", "the top of a dataset is not a folder to delete")
+    out = await folders.drop_folder(_agent(request), name, folder, force=_bool(request, "force"))
+    return web.json_response(out.as_json(), status=202 if out.ops else 200)
+
+
+async def move_items(request: web.Request) -> web.Response:
+    """Move items (a key list, or every live item a filter matches) into a folder."""
+    name = await _any_dataset(request)
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    body = await _json_body(request, '{"to": "folder/", "keys": [...]} or {"to": ..., "filter": {...}}')
+    if "to" not in body or set(body) - {"to", "keys", "filter"} or ("keys" in body) == ("filter" in body):
+        raise ApiError(400, "invalid_request", 'the body must be {"to": "folder/"} and one of "keys" or "filter"')
+    if not isinstance(body["to"], str):
+        raise ApiError(400, "invalid_request", '"to" must be a folder path')
+    if body["to"]:
+        check_key(body["to"])  # the key rules: "a/b", no trailing '/'
+    folder = folders.parent_of(body["to"])
+    if "keys" in body:
+        keys = body["keys"]
+        if (
+            not isinstance(keys, list)
+            or not keys
+            or len(keys) > moves.MAX_MOVE
+            or not all(isinstance(k, str) for k in keys)
+        ):
+            raise ApiError(400, "invalid_request", f'"keys" must be a list of 1 to {moves.MAX_MOVE} keys')
+        keys = [check_key(k) for k in keys]
+    else:
+        if not isinstance(body["filter"], dict):
+            raise ApiError(400, "invalid_request", '"filter" must be a catalog filter object ({} matches every item)')
+        q = catalog_items.Query(filter=body["filter"], limit=moves.MAX_MOVE)
+        found, more = await catalog_items.page(ledger, await _ledger_ds(request, name), q)
+        if more is not None:
+            raise ApiError(400, "too_many_items", f"the filter matches more than {moves.MAX_MOVE} items; narrow it")
+        keys = [i.key for i in found]
+    results = await moves.move(_agent(request), request.app[DOWNSTREAM], name, keys, folder)
+    return web.json_response({"to": folder, "results": [r.as_json() for r in results]})
+
+
+async def list_indexes(request: web.Request) -> web.Response:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    _dataset(request)
+    ds_id = await _ledger_ds(request, request.match_info["ds"])
+    return web.json_response({"indexes": await catalog_items.indexed_fields(ledger, ds_id)})
+
+
+async def create_index(request: web.Request) -> web.Response:
+    """Index a field of the dataset (a partial index over its rows)."""
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    _dataset(request)
+    body = await _json_body(request, '{"field": "metadata.NAME"}')
+    if set(body) != {"field"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"field": "metadata.NAME"} (or a system field)')
+    ds_id = await _ledger_ds(request, request.match_info["ds"])
+    created = await catalog_items.ensure_index(ledger, ds_id, body["field"])
     return web.json_response(
-        {
-            "items": await _with_system(request, name, items),
-            "next_cursor": encode_cursor(items[-1].key) if more and items else None,
-        }
+        {"field": body["field"], "created": created, "indexes": await catalog_items.indexed_fields(ledger, ds_id)},
+        status=201 if created else 200,
     )
+
+
+async def _json_body(request: web.Request, shape: str) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_json", f"the body must be JSON: {shape}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", f"the body must be a JSON object: {shape}")
+    return body
 
 
 async def start_sync(request: web.Request) -> web.Response:
@@ -393,7 +558,7 @@ def _key(request: web.Request) -> str:
 
 
 async def get_item(request: web.Request) -> web.Response:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     item = await ledger.item(await _ledger_ds(request, name), key)
@@ -407,7 +572,7 @@ async def _with_system(request: web.Request, dataset: str, items: list[Item]) ->
     dataset that does not looks exactly as it did before enrichment existed."""
     agent = _agent(request)
     assert agent.ledger is not None
-    if not agent.settings.enriches(dataset):
+    if dataset not in agent.settings.datasets or not agent.settings.enriches(dataset):  # clones: never
         return [i.as_json(full=True) for i in items]
     found = await EnrichQueue(agent.ledger).of_items([i.id for i in items])
     out = []
@@ -485,7 +650,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 
 async def _live_item(request: web.Request) -> tuple[str, str, Item]:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
     ledger = _agent(request).ledger
     assert ledger is not None
     item = await ledger.item(await _ledger_ds(request, name), key)
@@ -518,7 +683,7 @@ async def get_content(request: web.Request) -> web.StreamResponse:
     wanted = ranges.parse(request.headers.get("Range"), item.size)
     if isinstance(wanted, ranges.Unsatisfiable):
         raise RangeNotSatisfiable(item.size)
-    store = _agent(request).stores[_agent(request).settings.datasets[name].driver]
+    store, key = await _content_source(request, name, key, item)
     if wanted is None:
         resp = web.StreamResponse(headers=headers)
         chunks = store.open(key)
@@ -535,6 +700,19 @@ async def get_content(request: web.Request) -> web.StreamResponse:
         await resp.write(chunk)
     await resp.write_eof()
     return resp
+
+
+async def _content_source(request: web.Request, name: str, key: str, item: Item) -> tuple[Any, str]:
+    """Where an item's bytes are: its dataset's driver, or for a pointer item (clone, merge)
+    the source item's driver under its current key (nothing was copied)."""
+    agent = _agent(request)
+    if not _runtime(request, name):
+        return agent.stores[agent.settings.datasets[name].driver], key
+    assert agent.ledger is not None
+    found = await agent.ledger.pointed(item.id)
+    if found is None or found[0] not in agent.settings.datasets:
+        raise ApiError(404, "orphaned", f"the source object of {key!r} in {name!r} is gone")
+    return agent.stores[agent.settings.datasets[found[0]].driver], found[1]
 
 
 def _guess_type(key: str) -> str:
@@ -557,7 +735,7 @@ async def put_item(request: web.Request) -> web.Response:
 
 
 async def patch_item(request: web.Request) -> web.Response:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
     try:
         body = await request.json()
     except ValueError:
@@ -565,14 +743,35 @@ async def patch_item(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
         raise ApiError(400, "invalid_request", 'the body must be {"metadata": {...}}; system metadata is read-only')
     try:
+        if _runtime(request, name):  # a clone owns its items' metadata (copied on write at clone time)
+            return web.json_response(await _patch_pointer(request, name, key, body["metadata"]))
         out = await request.app[DOWNSTREAM].patch_meta(name, key, body["metadata"])
     except ValueError as exc:
         raise ApiError(400, "invalid_metadata", str(exc)) from None
     return web.json_response(out.as_json())
 
 
+async def _patch_pointer(request: web.Request, name: str, key: str, patch: Any) -> dict[str, Any]:
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    catalog_datasets.check_patch(patch)
+    ds_id = await _ledger_ds(request, name)
+    item = await ledger.item(ds_id, key)
+    if item is None:
+        raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
+    await ledger.merge_meta(item.id, patch)
+    return {"result": "updated", "item": (await ledger.item(ds_id, key) or item).as_json(full=True), "op": None}
+
+
 async def delete_item(request: web.Request) -> web.Response:
-    name, key = _dataset(request), _key(request)
+    name, key = await _any_dataset(request), _key(request)
+    if _runtime(request, name):
+        ledger = _agent(request).ledger
+        assert ledger is not None
+        item = await ledger.item(await _ledger_ds(request, name), key)
+        if item is None:
+            raise ApiError(404, "not_found", f"dataset {name!r} has no item {key!r}")
+        return web.json_response(await runtime.unlink_pointer(_agent(request), name, item))
     out = await request.app[DOWNSTREAM].delete(name, key)
     return web.json_response(out.as_json(), status=202 if out.result == "pending" else 200)
 
@@ -646,6 +845,12 @@ PATH_PARAMS = {
     ),
     "run": Param("run", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "a run's id"),
     "op": Param("op", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "an op's id"),
+    "path": Param(
+        "path",
+        "path",
+        {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN},
+        "a folder's path as one path segment ('/' as %2F), with or without its trailing '/'",
+    ),
 }
 
 
@@ -740,21 +945,144 @@ ROUTES: list[Route] = [
         "GET",
         f"{API}/datasets",
         list_datasets,
-        "every dataset: item counts, last run, readiness",
+        "every dataset: item counts, last run, readiness, user metadata; filter (the catalog's JSON filter "
+        "over name, created and metadata.NAME) and sort (FIELD or -FIELD) choose and order them",
         {200: schemas.DatasetList},
+        params=(
+            Param("filter", "query", {"type": "string"}, 'a JSON filter, e.g. {"metadata.team": "vision"}'),
+            Param(
+                "sort",
+                "query",
+                {"type": "string", "pattern": query.sort_pattern(query.DATASET_FIELDS)},
+                "name, created or metadata.NAME; -FIELD descending (default: config order)",
+            ),
+        ),
+    ),
+    Route(
+        "DELETE",
+        _DS,
+        delete_dataset,
+        "delete a clone or merge: its catalog only, never storage (403 synced_dataset for a configured one)",
+        {200: schemas.DatasetDeleted},
+        errors=(403, *LEDGER),
+    ),
+    Route(
+        "POST",
+        f"{API}/datasets/merge",
+        merge_datasets,
+        "create a runtime dataset (kind merge) of pointer items to the live items of several synced datasets; "
+        "a key in more than one: on_conflict folder (each source under a folder of its name), suffix "
+        "(later ones renamed stem~SOURCE.ext) or merge (one item, metadata merged, later sources win)",
+        {201: schemas.Merged},
+        errors=(409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MergeRequest)}}},
+    ),
+    Route(
+        "POST",
+        f"{_DS}/clone",
+        clone_dataset,
+        "create a runtime dataset (kind clone) of pointer items to this dataset's live items (all, or those "
+        "filter matches): same driver, same keys, nothing copied in storage; metadata copied if asked, then "
+        "the clone's own. Never synced; deleting in it unlinks pointers only",
+        {201: schemas.Cloned},
+        errors=(409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.CloneRequest)}}},
+    ),
+    Route(
+        "PATCH",
+        _DS,
+        patch_dataset,
+        "merge the dataset's user metadata (null removes a name); catalog-only, never storage",
+        {200: schemas.DatasetMetadata},
+        errors=LEDGER,
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MetadataPatch)}}},
     ),
     Route(
         "GET",
         f"{_DS}/items",
         list_items,
-        "a page of items ordered by key; meta.NAME=VALUE query parameters filter on user metadata",
+        "a page of items, by key unless sort says otherwise; filter is the catalog's JSON filter language "
+        "(docs/catalog.md); meta.NAME=VALUE query parameters also filter on user metadata (as text)",
         {200: schemas.ItemPage},
         params=(
             Param("prefix", "query", {"type": "string"}, "only keys that start with this"),
             _limit(100),
             Param("cursor", "query", {"type": "string", "pattern": CURSOR_PATTERN}, "next_cursor of the last page"),
             Param("state", "query", {"type": "string", "enum": ["live", "tombstone", "all"], "default": "live"}),
+            Param(
+                "filter",
+                "query",
+                {"type": "string"},
+                'a JSON filter, e.g. {"size": {"$gt": 1024}, "metadata.camera": "x100"}; '
+                "400 invalid_filter names the offending part",
+            ),
+            Param(
+                "sort",
+                "query",
+                {"type": "string", "pattern": query.sort_pattern()},
+                "FIELD or -FIELD (descending); key breaks ties; a cursor belongs to its sort",
+            ),
         ),
+    ),
+    Route(
+        "GET",
+        f"{_DS}/folders",
+        list_folders,
+        "the sub-folders of parent (derived from keys) with their item counts and bytes, and the totals of "
+        "the items directly in parent; answered from the ledger, never from storage",
+        {200: schemas.FolderListing},
+        params=(
+            Param("parent", "query", {"type": "string"}, "a folder path (a/b or a/b/); empty: the top"),
+            Param("state", "query", {"type": "string", "enum": ["live", "tombstone"], "default": "live"}),
+        ),
+    ),
+    Route(
+        "POST",
+        f"{_DS}/folders",
+        create_folder,
+        "create an empty folder: persisted in a clone's or merge's catalog (201, 200 if it existed); refused "
+        "(403 empty_folders_unsupported) in a synced dataset, whose bucket has no folders, only keys",
+        {201: schemas.FolderCreated, 200: schemas.FolderCreated},
+        errors=(403, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.FolderCreate)}}},
+    ),
+    Route(
+        "DELETE",
+        f"{_DS}/folders/{{path}}",
+        delete_folder,
+        "delete every live item under the folder through the gate, as one operation: the mass-delete guard "
+        "counts them together (force=true passes it); tombstoned without allow_delete, else one delete op "
+        "per item queued in one transaction (202)",
+        {200: schemas.FolderDeleted, 202: schemas.FolderDeleted},
+        errors=(403, *LEDGER),
+        params=(_flag("force", "pass the mass-delete guard"),),
+    ),
+    Route(
+        "POST",
+        f"{_DS}/move",
+        move_items,
+        "move items (keys, or every item a filter matches) into a folder: in a synced dataset a copy, then a "
+        "delete of the old object through the gate (403 move_needs_allow_delete without allow_delete); the "
+        "item keeps its id and metadata",
+        {200: schemas.MoveResults},
+        errors=(403, *STORAGE, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.MoveRequest)}}},
+    ),
+    Route(
+        "GET",
+        f"{_DS}/indexes",
+        list_indexes,
+        "the fields the dataset has an index on",
+        {200: schemas.IndexList},
+    ),
+    Route(
+        "POST",
+        f"{_DS}/indexes",
+        create_index,
+        "index a field (metadata.NAME or a system field) for fast filters and sorts; 201 when new",
+        {201: schemas.IndexCreated, 200: schemas.IndexCreated},
+        errors=LEDGER,
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.IndexRequest)}}},
     ),
     Route(
         "POST",

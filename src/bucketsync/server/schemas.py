@@ -8,10 +8,12 @@ against the schemas generated from them. Field names and shapes here must match 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bucketsync.catalog.query import field_pattern
+from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES
 from bucketsync.upstream.events.webhook import Accepted as Accepted
 from bucketsync.upstream.events.webhook import PubSubPush as PubSubPush
 from bucketsync.upstream.events.webhook import S3Notification as S3Notification
@@ -100,6 +102,22 @@ class DeliveryList(_Body):
 class ItemPage(_Body):
     items: list[Item]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class IndexList(_Body):
+    indexes: list[str] = Field(description="indexed fields: system fields and metadata.NAME")
+
+
+class IndexRequest(_Body):
+    field: str = Field(
+        description="metadata.NAME or a system field (key, size, modified, mimetype, ...)",
+        pattern=f"^{field_pattern()}$",
+    )
+
+
+class IndexCreated(IndexList):
+    field: str
+    created: bool = Field(description="false when the index was there already")
 
 
 class Op(_Body):
@@ -212,8 +230,10 @@ class Running(_Counts):
 
 class DatasetStatus(_Body):
     dataset: str
-    driver: str
-    url: str
+    kind: Literal["synced", "clone", "merge"] = Field(description="synced from a driver, or created at run time")
+    source: str | None = Field(description="the dataset a clone's pointer items point into")
+    driver: str | None = Field(description="null for a runtime dataset: it has no driver of its own")
+    url: str | None
     sync: str
     interval: float
     read_only: bool
@@ -230,6 +250,7 @@ class DatasetStatus(_Body):
     )
     downstream_reason: str | None
     guard_blocked: bool = Field(description="the last run was stopped by the mass-delete guard")
+    metadata: dict[str, str | int | float | bool] = Field(description="the dataset's user metadata")
 
 
 class DatasetList(_Body):
@@ -242,6 +263,114 @@ class MetadataPatch(_Body):
     metadata: dict[str, str | int | float | bool | None] = Field(
         json_schema_extra={"propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"}}
     )
+
+
+class DatasetMetadata(_Body):
+    dataset: str
+    metadata: dict[str, str | int | float | bool] = Field(description="all of the dataset's user metadata now")
+
+
+class Folder(_Body):
+    name: str
+    path: str = Field(description="the folder's path, ending in '/'")
+    items: int = Field(description="live items under it, at any depth")
+    size: int = Field(description="their bytes")
+
+
+class FolderListing(_Body):
+    parent: str
+    folders: list[Folder]
+    items: int = Field(description="items directly in parent")
+    size: int = Field(description="their bytes")
+
+
+class FolderCreate(_Body):
+    # The key pattern has lookaheads the validator's regex engine lacks: it is for the document only.
+    path: str = Field(
+        description="a/b: the key rules, no trailing '/'",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN},
+    )
+
+
+class FolderCreated(_Body):
+    folder: str
+    created: bool
+
+
+class FolderDeleted(_Body):
+    folder: str
+    result: Literal["deleted", "tombstoned", "unlinked"] = Field(
+        description="deleted: delete ops queued (allow_delete); tombstoned: the objects stay; "
+        "unlinked: a clone's or merge's pointers removed, storage untouched"
+    )
+    items: int
+    ops: list[int] = Field(description="the queued delete ops (see /ops)")
+
+
+_KEY = {"minLength": 1, "maxLength": MAX_KEY_BYTES, "pattern": KEY_PATTERN}
+
+
+class MoveRequest(_Body):
+    """Exactly one of keys and filter."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["to", "keys"]}, {"required": ["to", "filter"]}]}
+    )
+    to: str = Field(
+        description="the folder to move into: a/b ('' is the top)",
+        json_schema_extra={"maxLength": MAX_KEY_BYTES, "pattern": f"(?:^$)|(?:{KEY_PATTERN})"},
+    )
+    keys: list[Annotated[str, Field(json_schema_extra=_KEY)]] = Field(
+        default=[], min_length=1, max_length=10_000, description="the items' keys (or give filter)"
+    )
+    filter: dict[str, Any] = Field(default={}, description="every live item this catalog filter matches")
+
+
+class Moved(_Body):
+    key: str
+    to: str
+    result: Literal["moved", "unchanged", "failed"]
+    error: str | None
+    op: int | None = Field(description="the delete op of the old object")
+
+
+class MoveResults(_Body):
+    to: str
+    results: list[Moved]
+
+
+class CloneRequest(_Body):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    with_metadata: bool = False
+    filter: dict[str, Any] | None = Field(default=None, description="a catalog filter; null: every live item")
+
+
+class Cloned(_Body):
+    dataset: str
+    kind: Literal["clone"]
+    source: str
+    items: int = Field(description="pointer items created")
+
+
+class DatasetDeleted(_Body):
+    dataset: str
+    deleted: bool
+    items: int = Field(description="pointer items unlinked with it")
+
+
+class MergeRequest(_Body):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    sources: list[str] = Field(
+        min_length=2, description="two or more synced datasets", json_schema_extra={"uniqueItems": True}
+    )
+    on_conflict: Literal["folder", "suffix", "merge"]
+
+
+class Merged(_Body):
+    dataset: str
+    kind: Literal["merge"]
+    source: str = Field(description="the sources, comma-separated")
+    items: int = Field(description="pointer items created")
 
 
 class ReloadPlan(_Body):
@@ -273,6 +402,23 @@ MODELS: tuple[type[BaseModel], ...] = (
     Delivery,
     DeliveryList,
     ItemPage,
+    IndexList,
+    IndexRequest,
+    IndexCreated,
+    DatasetMetadata,
+    Folder,
+    FolderListing,
+    FolderCreate,
+    FolderCreated,
+    FolderDeleted,
+    MoveRequest,
+    Moved,
+    MoveResults,
+    CloneRequest,
+    MergeRequest,
+    DatasetDeleted,
+    Merged,
+    Cloned,
     Op,
     OpList,
     Outcome,
