@@ -672,20 +672,7 @@ class Ledger:
 
     async def merge_dataset_meta(self, dataset_id: int, patch: dict[str, Any]) -> dict[str, Any]:
         """Merge a dataset's user metadata (JSON merge-patch: ``None`` removes a name); the result."""
-        async with self._transaction():
-            async with self.db.execute("SELECT meta FROM datasets WHERE id = ?", (dataset_id,)) as cur:
-                row = await cur.fetchone()
-            meta = json.loads(row[0]) if row and row[0] else {}
-            for k, v in patch.items():
-                if v is None:
-                    meta.pop(k, None)
-                else:
-                    meta[k] = v
-            await self.db.execute(
-                "UPDATE datasets SET meta = ? WHERE id = ?",
-                (json.dumps(meta, ensure_ascii=False) if meta else None, dataset_id),
-            )
-        return dict(meta)
+        return await self._merge_patch("datasets", dataset_id, patch, touch=False)
 
     async def datasets_meta(self) -> dict[str, dict[str, Any]]:
         """Every dataset's user metadata by name (empty on a ledger from before it existed)."""
@@ -1040,8 +1027,13 @@ class Ledger:
 
     async def merge_meta(self, item_id: int, patch: dict[str, Any]) -> None:
         """Merge user metadata; a ``None`` value removes the key (JSON merge-patch)."""
+        await self._merge_patch("items", item_id, patch, touch=True)
+
+    async def _merge_patch(self, table: str, row_id: int, patch: dict[str, Any], *, touch: bool) -> dict[str, Any]:
+        """JSON merge-patch of a row's ``meta`` in one transaction; the merged metadata.
+        ``table`` is one of our own names, never input; ``touch`` also sets ``updated``."""
         async with self._transaction():
-            async with self.db.execute("SELECT meta FROM items WHERE id = ?", (item_id,)) as cur:
+            async with self.db.execute(f"SELECT meta FROM {table} WHERE id = ?", (row_id,)) as cur:
                 row = await cur.fetchone()
             meta = json.loads(row[0]) if row and row[0] else {}
             for k, v in patch.items():
@@ -1049,10 +1041,14 @@ class Ledger:
                     meta.pop(k, None)
                 else:
                     meta[k] = v
-            await self.db.execute(
-                "UPDATE items SET meta = ?, updated = ? WHERE id = ?",
-                (json.dumps(meta, ensure_ascii=False) if meta else None, time.time(), item_id),
-            )
+            stored = json.dumps(meta, ensure_ascii=False) if meta else None
+            if touch:
+                await self.db.execute(
+                    f"UPDATE {table} SET meta = ?, updated = ? WHERE id = ?", (stored, time.time(), row_id)
+                )
+            else:
+                await self.db.execute(f"UPDATE {table} SET meta = ? WHERE id = ?", (stored, row_id))
+        return dict(meta)
 
     # -- the outbox ---------------------------------------------------------------
 
