@@ -232,11 +232,11 @@ async def datasets_status(
 ) -> list[dict[str, Any]]:
     """The status of ``names`` (default: every configured dataset) from one ledger overview.
 
-    Two queries whatever the number of datasets, items or runs: ``GET /datasets`` is
-    polled by dashboards, and recounting every dataset per request saturated the agent.
+    A few queries whatever the number of datasets, items or runs, and one while nothing
+    changed: ``GET /datasets`` is polled by dashboards, and recounting every dataset per
+    request saturated the agent.
     """
-    overview = await ledger.overview() if ledger is not None else {}
-    meta = await ledger.datasets_meta() if ledger is not None else {}
+    overview, _, meta = await ledger.described() if ledger is not None else ({}, {}, {})
     return [
         _status_row(settings, name, overview.get(name), loops.get(name)) | {"metadata": meta.get(name, {})}
         for name in (names if names is not None else settings.datasets)

@@ -399,6 +399,8 @@ class Ledger:
         self._columns: dict[tuple[str, str], bool] = {}
         #: the last overview and the reader's ``PRAGMA data_version`` it was read at
         self._overview: tuple[int, dict[str, tuple[dict[str, int], RunRecord | None]]] | None = None
+        #: the runtime datasets and the datasets' metadata, at a ``data_version`` (``described``)
+        self._described: tuple[int, dict[str, tuple[str, str | None]], dict[str, Any]] | None = None
         # One connection serves every dataset's run and the outbox: a transaction must
         # not interleave with another coroutine's, and a lone write must not join (and
         # be rolled back with) someone else's. Every write holds this lock.
@@ -650,7 +652,7 @@ class Ledger:
             await self.db.execute("DELETE FROM item_counts WHERE dataset_id = ?", (ds_id,))
             await self.db.execute("DELETE FROM datasets WHERE id = ?", (ds_id,))
         self._ids.pop(name, None)
-        self._overview = None
+        self._overview = self._described = None
         return n
 
     async def runtime_datasets(self) -> dict[str, tuple[str, str | None]]:
@@ -731,8 +733,27 @@ class Ledger:
         or another) has committed since: SQLite's ``data_version`` says so. Callers must not
         modify what it returns.
         """
+        return await self._overview_at(await self._data_version())
+
+    async def described(
+        self,
+    ) -> tuple[dict[str, tuple[dict[str, int], RunRecord | None]], dict[str, tuple[str, str | None]], dict[str, Any]]:
+        """The overview, the runtime datasets and every dataset's user metadata: what
+        ``GET /datasets`` shows. Like the overview, read again only when ``data_version``
+        moved, so a dashboard's poll costs one query, not four. Callers must not modify it."""
+        version = await self._data_version()
+        overview = await self._overview_at(version)
+        if self._described is None or self._described[0] != version:
+            # Read after the version: if a commit lands in between, the version moves and
+            # the next call reads again; what is cached is never older than its version.
+            self._described = (version, await self.runtime_datasets(), await self.datasets_meta())
+        return overview, self._described[1], self._described[2]
+
+    async def _data_version(self) -> int:
         rows = await self._read("PRAGMA data_version")
-        version = int(rows[0][0]) if rows else -1
+        return int(rows[0][0]) if rows else -1
+
+    async def _overview_at(self, version: int) -> dict[str, tuple[dict[str, int], RunRecord | None]]:
         if self._overview is not None and self._overview[0] == version:
             return self._overview[1]
         out = await self._read_overview()

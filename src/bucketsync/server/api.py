@@ -288,7 +288,7 @@ async def list_datasets(request: web.Request) -> web.Response:
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     assert agent.ledger is not None
-    clones = await agent.ledger.runtime_datasets()
+    _, clones, _ = await agent.ledger.described()  # cached with the overview datasets_status reads
     names = [*agent.settings.datasets, *clones]
     raw_filter, sort = _text(request, "filter"), _text(request, "sort")
     if raw_filter or sort:
