@@ -228,7 +228,11 @@ async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, l
 
 
 async def datasets_status(
-    settings: Settings, ledger: Ledger | None, loops: dict[str, SyncLoop], names: list[str] | None = None
+    settings: Settings,
+    ledger: Ledger | None,
+    loops: dict[str, SyncLoop],
+    names: list[str] | None = None,
+    described: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The status of ``names`` (default: every configured dataset) from one ledger overview.
 
@@ -236,7 +240,9 @@ async def datasets_status(
     changed: ``GET /datasets`` is polled by dashboards, and recounting every dataset per
     request saturated the agent.
     """
-    overview, _, meta = await ledger.described() if ledger is not None else ({}, {}, {})
+    if described is None:
+        described = await ledger.described() if ledger is not None else ({}, {}, {})
+    overview, _, meta = described  # a caller that already read it passes it: one read per request
     return [
         _status_row(settings, name, overview.get(name), loops.get(name)) | {"metadata": meta.get(name, {})}
         for name in (names if names is not None else settings.datasets)

@@ -93,6 +93,8 @@ async def unlink_pointer(agent: Agent, dataset: str, item: Item) -> dict[str, An
 
 async def runtime_status(agent: Agent, names: list[str]) -> list[dict[str, Any]]:
     """Status rows of runtime datasets, in the shape of the synced ones (no driver, no runs)."""
+    if not names:
+        return []  # GET /datasets without clones: no reads on the polled path
     ledger = agent.ledger
     assert ledger is not None
     runtime = await ledger.runtime_datasets()

@@ -288,14 +288,17 @@ async def list_datasets(request: web.Request) -> web.Response:
     if unknown:
         raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     assert agent.ledger is not None
-    _, clones, _ = await agent.ledger.described()  # cached with the overview datasets_status reads
+    described = await agent.ledger.described()  # one read (or none, if nothing changed) per request
+    clones = described[1]
     names = [*agent.settings.datasets, *clones]
     raw_filter, sort = _text(request, "filter"), _text(request, "sort")
     if raw_filter or sort:
         flt = query.parse_filter(raw_filter) if raw_filter else None
         names = await catalog_datasets.matching(agent.ledger, flt, sort or None, names)
     synced = [n for n in names if n not in clones]
-    rows = {r["dataset"]: r for r in await datasets_status(agent.settings, agent.ledger, agent.loops, synced)}
+    rows = {
+        r["dataset"]: r for r in await datasets_status(agent.settings, agent.ledger, agent.loops, synced, described)
+    }
     for status in rows.values():
         status.update(agent.live_status(status["dataset"]))
     rows |= {r["dataset"]: r for r in await runtime.runtime_status(agent, [n for n in names if n in clones])}
