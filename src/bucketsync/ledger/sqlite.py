@@ -1227,7 +1227,6 @@ class Ledger:
         limit: int | None = None,
         state: ItemState | None = ItemState.LIVE,
         meta: dict[str, str] | None = None,
-        system: dict[str, str] | None = None,
     ) -> list[Item]:
         sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?"
         args: list[Any] = [dataset_id]
@@ -1235,13 +1234,6 @@ class Ledger:
             # The JSON path is a bound parameter with the name quoted: no injection.
             sql += " AND CAST(json_extract(meta, ?) AS TEXT) = ?"
             args += ['$."' + name.replace('"', '""') + '"', value]
-        for name, value in (system or {}).items():  # system metadata: the enrichment's (enrich/)
-            if name == "enrichment":
-                sql += " AND id IN (SELECT item_id FROM enrichment WHERE state = ?)"
-                args.append(value)
-            else:
-                sql += " AND id IN (SELECT item_id FROM enrichment WHERE CAST(json_extract(meta, ?) AS TEXT) = ?)"
-                args += ['$."' + name.replace('"', '""') + '"', value]
         if state is not None:
             sql += " AND state = ?"
             args.append(str(state))
