@@ -19,6 +19,7 @@ database a test module prepared once, e.g. with the ledger schema applied) in te
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -125,7 +126,7 @@ def _initdb(bin_dir: Path, data: Path, log: Path) -> None:
         raise RuntimeError(f"initdb failed ({done.returncode}); log: {log.read_text(errors='replace')[-2000:]}")
 
 
-def _server_argv(bin_dir: Path, data: Path, port: int) -> list[str]:
+def _server_argv(bin_dir: Path, data: Path, port: int, extra: dict[str, str]) -> list[str]:
     settings = {
         "listen_addresses": "127.0.0.1",
         "port": str(port),
@@ -135,6 +136,7 @@ def _server_argv(bin_dir: Path, data: Path, port: int) -> list[str]:
         "full_page_writes": "off",
         "shared_buffers": "64MB",  # a server per worker on a shared machine
         "max_connections": "100",
+        **extra,
     }
     return [str(bin_dir / "postgres"), "-D", str(data), *(f"-c{key}={value}" for key, value in settings.items())]
 
@@ -176,9 +178,10 @@ def _shutdown(proc: subprocess.Popen[bytes]) -> None:
     stop(proc)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """This worker's server, stopped and its directory removed at the end of the session."""
+@contextlib.contextmanager
+def running_postgres(**settings: str) -> Iterator[PostgresServer]:
+    """A throwaway server for the block (``settings`` override the server's, e.g. shared_buffers="256MB"),
+    stopped and its directory removed on the way out. The benchmarks use it too."""
     bin_dir = postgres_bin_dir()  # EmulatorMissing (a failure, not a skip) when absent
     root = Path(tempfile.mkdtemp(prefix="bucketsync-pg-"))
     try:
@@ -188,13 +191,20 @@ def postgres_server() -> Iterator[PostgresServer]:
         _hand_over(log)
         _initdb(bin_dir, root / "data", log)
         port = free_port()
-        proc = _start(_server_argv(bin_dir, root / "data", port), port, log)
+        proc = _start(_server_argv(bin_dir, root / "data", port, settings), port, log)
         try:
             yield PostgresServer(port=port, bin_dir=bin_dir)
         finally:
             _shutdown(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """This worker's server for the whole session."""
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
