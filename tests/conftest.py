@@ -13,6 +13,7 @@ pytest_plugins = [
     "emulators.s3",
     "emulators.gcs",
     "emulators.azure",
+    "emulators.postgres",
 ]
 
 
