@@ -187,6 +187,10 @@ class Ledger:
         """One write transaction, for the queues that keep their SQL beside their code (enrich/)."""
         return self.db.transaction()
 
+    async def claim(self) -> None:
+        """Make this process the ledger's one agent, or raise ``LedgerLocked`` (see ``Db.claim``)."""
+        await self.db.claim()
+
     async def probe_write(self) -> None:
         """An empty write transaction: the cheapest way to learn whether the ledger takes
         writes again after a fault."""

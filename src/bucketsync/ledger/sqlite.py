@@ -431,6 +431,9 @@ class SqliteDb:
     def transaction(self) -> _Tx:
         return _Tx(self)
 
+    async def claim(self) -> None:
+        """Nothing more: the agent holds the file's ``InstanceLock`` before it opens the ledger."""
+
     async def probe_write(self) -> None:
         async with self.transaction():
             pass
