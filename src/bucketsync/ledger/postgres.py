@@ -41,7 +41,7 @@ import asyncpg
 
 from bucketsync import metrics
 from bucketsync.core.errors import DiskFull, LedgerError, LedgerLocked
-from bucketsync.ledger import durability
+from bucketsync.ledger import durability, leases
 from bucketsync.ledger.db import Row, numbered, rowcount
 
 #: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together)
@@ -602,6 +602,8 @@ class _Tx:
             self._tx = self.conn.transaction()
             await self._tx.start()
             await self.conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            if (fence := leases.FENCE.get()) is not None:
+                await leases.check(self.conn, fence)  # held FOR SHARE to the commit; LeaseLost if moved on
         except BaseException as exc:
             await self._rollback()
             self.db.write_lock.release()
@@ -836,6 +838,7 @@ async def _prepare_schema(conn: asyncpg.Connection, where: str, readonly: bool) 
             return
         if not exists:
             await conn.execute(SCHEMA)
+            await conn.execute(leases.SCHEMA)
         await conn.execute(FUNCTIONS)
         if not exists:
             await conn.execute(TRIGGERS)

@@ -1,0 +1,139 @@
+"""Leases and fencing on the suite's real PostgreSQL: claim, renew, expiry, epochs, concurrent
+claims, surplus release, and a write under a lost lease refused in its own transaction.
+
+An expiry is made by moving the lease's ``expires`` into the past (what the server's clock
+would do after the lease period), so no test waits for a clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bucketsync.core.errors import LeaseLost
+from bucketsync.core.leases import Fence
+from bucketsync.core.model import Counts, ObjectInfo, RunStatus
+from bucketsync.ledger.leases import FENCE, Leases
+from bucketsync.ledger.ledger import Ledger
+from bucketsync.ledger.postgres import PostgresDb
+from emulators.postgres import PostgresServer
+
+NAMES = [f"ds{i:02}" for i in range(12)]
+
+
+@pytest.fixture
+async def ledger(postgres_server: PostgresServer) -> AsyncIterator[Ledger]:
+    led = await Ledger.open(postgres_server.new_database())
+    try:
+        yield led
+    finally:
+        await led.close()
+
+
+def leases(ledger: Ledger, agent: str, seconds: float = 30.0) -> Leases:
+    assert isinstance(ledger.db, PostgresDb)
+    return Leases(ledger.db.pool, agent, seconds)
+
+
+async def expire(ledger: Ledger, dataset: str) -> None:
+    """The lease period passed on the server's clock."""
+    assert isinstance(ledger.db, PostgresDb)
+    async with ledger.db.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE leases SET expires = clock_timestamp() - interval '1 second' WHERE dataset = $1", dataset
+        )
+
+
+async def test_claim_renew_expiry_and_the_epoch_moving_on_every_claim(ledger: Ledger) -> None:
+    a, b = leases(ledger, "a"), leases(ledger, "b")
+    await a.register(NAMES[:3])
+    await b.register(NAMES[:3])  # every agent registers the same config: no duplicate rows
+    got = await a.claim(NAMES[:3], 2)
+    assert got == {"ds00": 1, "ds01": 1}
+    assert await b.claim(NAMES[:3], 5) == {"ds02": 1}, "a held lease is not claimed"
+    assert await a.renew(got) == {"ds00", "ds01"}
+    assert await a.renew({"ds00": 0}) == set(), "a renewal under an old epoch fails"
+    assert await b.renew({"ds00": 1}) == set(), "only the owner renews"
+
+    await expire(ledger, "ds01")
+    assert await a.renew(got) == {"ds00"}, "an expired lease is not renewed: only a new claim revives it"
+    assert await b.claim(["ds01"], 1) == {"ds01": 2}
+    owners = await a.owners()
+    assert owners["ds01"] == ("b", 2, True)
+
+    assert await b.release("ds01", 2)
+    assert not await a.release("ds00", 7), "a release names the epoch it gives up"
+    assert await a.claim(["ds01"], 1) == {"ds01": 3}, "a released lease is free at once; its epoch moves on"
+
+
+async def test_concurrent_claims_never_give_a_dataset_two_owners(ledger: Ledger) -> None:
+    agents = [leases(ledger, f"agent{i}") for i in range(6)]
+    await agents[0].register(NAMES)
+    for _ in range(3):  # every round, all datasets free up and six agents race for them
+        won = await asyncio.gather(*(x.claim(NAMES, len(NAMES)) for x in agents))
+        claimed = [name for got in won for name in got]
+        assert sorted(claimed) == NAMES, "each dataset went to exactly one agent"
+        for x, got in zip(agents, won, strict=True):
+            for name in got:
+                await expire(ledger, name)
+            assert await x.renew(got) == set()
+    epochs = {name: epoch for name, (_, epoch, _) in (await agents[0].owners()).items()}
+    assert epochs == dict.fromkeys(NAMES, 3), "one claim per dataset per round, each bumping the epoch once"
+
+
+async def test_heartbeats_count_live_agents_and_a_leaver_stops_counting(ledger: Ledger) -> None:
+    a, b, c = (leases(ledger, n) for n in "abc")
+    assert await a.heartbeat() == 1
+    await b.heartbeat()
+    assert await c.heartbeat() == 3
+    await b.leave()
+    assert await a.heartbeat() == 2
+    assert isinstance(ledger.db, PostgresDb)
+    async with ledger.db.pool.acquire() as conn:  # c's last heartbeat is older than a lease period
+        await conn.execute("UPDATE agents SET heartbeat = clock_timestamp() - interval '1 hour' WHERE id = 'c'")
+    assert await a.heartbeat() == 1, "an agent that stopped beating ages out of the fair share"
+
+
+async def test_a_write_under_a_lost_lease_is_refused_and_writes_nothing(ledger: Ledger) -> None:
+    a, b = leases(ledger, "a"), leases(ledger, "b")
+    await a.register(["photos"])
+    ds = await ledger.dataset_id("photos")
+    epoch = (await a.claim(["photos"], 1))["photos"]
+    token = FENCE.set(Fence("photos", "a", epoch))
+    try:
+        run = await ledger.begin_run(ds, forced=False)
+        await ledger.write_batch(ds, run, [ObjectInfo("k1", 1, 1.0, "e1", None)], [], Counts(listed=1, added=1))
+        await expire(ledger, "photos")  # agent A paused past its lease ...
+        assert await b.claim(["photos"], 1) == {"photos": epoch + 1}  # ... and B took the dataset over
+        with pytest.raises(LeaseLost, match="no longer holds the lease of dataset 'photos'"):
+            await ledger.write_batch(ds, run, [ObjectInfo("k2", 1, 1.0, "e2", None)], [], Counts(listed=2, added=2))
+        with pytest.raises(LeaseLost):
+            await ledger.finish_run(run, Counts(listed=2, added=2), RunStatus.OK, None)
+    finally:
+        FENCE.reset(token)
+    assert [i.key for i in await ledger.items(ds)] == ["k1"], "A's late batch wrote nothing"
+    assert (await ledger.run(run)).status == "running"  # type: ignore[union-attr]
+    # B, holding the new epoch, writes.
+    token = FENCE.set(Fence("photos", "b", epoch + 1))
+    try:
+        await ledger.write_batch(ds, run, [ObjectInfo("k3", 1, 1.0, "e3", None)], [], Counts())
+    finally:
+        FENCE.reset(token)
+    assert [i.key for i in await ledger.items(ds)] == ["k1", "k3"]
+
+
+async def test_a_fenced_write_holds_the_lease_row_so_no_claim_takes_it_mid_transaction(ledger: Ledger) -> None:
+    a, b = leases(ledger, "a", seconds=0.5), leases(ledger, "b")
+    await a.register(["photos"])
+    epoch = (await a.claim(["photos"], 1))["photos"]
+    token = FENCE.set(Fence("photos", "a", epoch))
+    try:
+        async with ledger.transaction() as tx:
+            await asyncio.sleep(0.6)  # past the 0.5 s lease, on the server's clock too:
+            assert (await a.owners())["photos"][2] is False
+            assert await b.claim(["photos"], 1) == {}, "the row is held FOR SHARE: SKIP LOCKED passes over it"
+            await tx.execute("UPDATE datasets SET meta = NULL WHERE name = 'none'")
+    finally:
+        FENCE.reset(token)
+    assert await b.claim(["photos"], 1) == {"photos": epoch + 1}, "after A's commit, the expired lease is free"
