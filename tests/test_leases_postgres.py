@@ -7,13 +7,15 @@ would do after the lease period), so no test waits for a clock."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from bucketsync.core.errors import LeaseLost
 from bucketsync.core.leases import Fence
-from bucketsync.core.model import Counts, ObjectInfo, RunStatus
+from bucketsync.core.model import Counts, ObjectInfo, OpKind, RunStatus
+from bucketsync.daemon.leases import LeaseKeeper
 from bucketsync.ledger.leases import FENCE, Leases
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.postgres import PostgresDb
@@ -137,3 +139,93 @@ async def test_a_fenced_write_holds_the_lease_row_so_no_claim_takes_it_mid_trans
     finally:
         FENCE.reset(token)
     assert await b.claim(["photos"], 1) == {"photos": epoch + 1}, "after A's commit, the expired lease is free"
+
+
+class Tasks:
+    """What the supervisor does for the keeper: the datasets' tasks started (with their fence)
+    and stopped, in order."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, Fence] = {}
+        self.stopped: list[tuple[str, bool]] = []
+
+    def start(self, name: str, fence: Fence) -> None:
+        assert name not in self.running
+        self.running[name] = fence
+
+    async def stop(self, name: str, at_once: bool) -> None:
+        self.running.pop(name, None)
+        self.stopped.append((name, at_once))
+
+
+def keeper(ledger: Ledger, agent: str, names: list[str], cap: int = 0) -> tuple[LeaseKeeper, Tasks]:
+    tasks = Tasks()
+    return LeaseKeeper(leases(ledger, agent), lambda: names, tasks.start, tasks.stop, max_datasets=cap), tasks
+
+
+async def test_keepers_divide_the_datasets_and_rebalance_as_agents_join_and_die(ledger: Ledger) -> None:
+    names = NAMES[:6]
+    a, at = keeper(ledger, "a", names)
+    await a.turn()
+    assert sorted(at.running) == names, "alone, an agent takes every dataset"
+    b, bt = keeper(ledger, "b", names)
+    await b.turn()  # b joins: nothing is free yet
+    assert bt.running == {}
+    await a.turn()  # a sees two live agents: it stops, then releases, its surplus
+    assert sorted(at.running) == names[:3]
+    assert at.stopped == [(n, False) for n in names[3:]], "a release stops the loop gracefully first"
+    await b.turn()
+    assert sorted(bt.running) == names[3:]
+    assert {f.epoch for f in bt.running.values()} == {2}
+
+    # b dies (no leave): once its leases expired and its heartbeat aged out, a takes all back.
+    assert isinstance(ledger.db, PostgresDb)
+    async with ledger.db.pool.acquire() as conn:
+        await conn.execute("UPDATE agents SET heartbeat = clock_timestamp() - interval '1 hour' WHERE id = 'b'")
+    for name in names[3:]:
+        await expire(ledger, name)
+    await a.turn()
+    assert sorted(at.running) == names
+    assert {at.running[n].epoch for n in names[3:]} == {3}
+
+
+async def test_a_keeper_stops_a_lost_dataset_at_once_and_max_datasets_caps_it(ledger: Ledger) -> None:
+    a, at = keeper(ledger, "a", NAMES[:4], cap=2)
+    await a.turn()
+    assert sorted(at.running) == NAMES[:2], "max_datasets caps the fair share"
+    await expire(ledger, "ds00")
+    b = leases(ledger, "b")
+    assert await b.claim(["ds00"], 1) == {"ds00": 2}
+    await a.turn()
+    assert ("ds00", True) in at.stopped, "a failed renewal cancels the dataset's loop at once"
+    assert "ds00" not in a.held
+    # a fenced write that found its lease gone reports it; the next turn stops that loop at once
+    # (the lease row still renews here: the report alone stops the loop)
+    fence = at.running["ds01"]
+    a.lost("ds01", fence.epoch - 1)
+    assert not a.wake.is_set(), "a report about an older epoch of the lease is stale"
+    a.lost("ds01", fence.epoch)
+    assert a.wake.is_set()
+    await a.turn()
+    assert ("ds01", True) in at.stopped
+
+
+async def test_an_owner_takes_only_its_datasets_ops_and_starts_an_attempt_only_under_its_lease(
+    ledger: Ledger,
+) -> None:
+    a, b = leases(ledger, "a"), leases(ledger, "b")
+    await a.register(["mine", "theirs"])
+    ids = {name: await ledger.dataset_id(name) for name in ("mine", "theirs")}
+    ops = {name: await ledger.enqueue(ds, OpKind.DELETE, "k") for name, ds in ids.items()}
+    epoch = (await a.claim(["mine"], 1))["mine"]
+    await b.claim(["theirs"], 1)
+    due = await ledger.due_ops(time.time() + 1, datasets=["mine"])
+    assert [op.id for op in due] == [ops["mine"]]
+    assert await ledger.due_ops(time.time() + 1, datasets=[]) == []
+    token = FENCE.set(Fence("theirs", "a", epoch))  # a's fence is for "mine", not "theirs"
+    try:
+        with pytest.raises(LeaseLost):
+            await ledger.start_attempt(ops["theirs"])
+    finally:
+        FENCE.reset(token)
+    assert (await ledger.op(ops["theirs"])).attempts == 0  # type: ignore[union-attr]

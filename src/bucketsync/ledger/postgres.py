@@ -733,10 +733,13 @@ class PostgresDb:
     def transaction(self) -> _Tx:
         return _Tx(self)
 
-    async def claim(self) -> None:
+    async def claim(self, shared: bool = False) -> None:
         """A session advisory lock on the writer connection: held while this agent runs, and
-        dropped by the server when its connection ends, however the process died."""
-        if not await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
+        dropped by the server when its connection ends, however the process died. Daemons that
+        divide the datasets by leases hold it shared: they run side by side, and keep out an
+        agent that would write every dataset unfenced (the CLI's own), which holds it exclusive."""
+        take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        if not await self.conn.fetchval(f"SELECT {take}($1)", INSTANCE_LOCK):
             holder = await self.conn.fetchval(
                 "SELECT a.client_addr || ' pid ' || a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                 "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted LIMIT 1",
