@@ -234,3 +234,38 @@ async def test_an_index_serves_the_filter_and_the_sort(catalog: tuple[Ledger, in
     assert await keys(catalog, {"metadata.camera": "x100"}) == ["a/1.jpg", "a/2.jpg"]
     with pytest.raises(InvalidFilter):
         await catalog_items.ensure_index(ledger, ds, "colour")
+
+
+@pytest.mark.parametrize(
+    ("sort", "expected"),
+    [
+        ("metadata.camera", ["b/2.txt", "b/3%_.txt", "a/3.png", "b/1.jpg", "a/1.jpg", "a/2.jpg"]),
+        ("-metadata.camera", ["a/2.jpg", "a/1.jpg", "b/1.jpg", "a/3.png", "b/3%_.txt", "b/2.txt"]),
+    ],
+)
+async def test_pages_through_an_index_seek_the_ties_then_the_rest(
+    catalog: tuple[Ledger, int], sort: str, expected: list[str]
+) -> None:
+    """With the field indexed (the test above built it), a cursor is two index seeks: the
+    ties of its value after its key, then the values beyond; the walk is the same."""
+    ledger, ds = catalog
+    assert "metadata.camera" in await catalog_items.indexed_fields(ledger, ds)
+    for size in (1, 2, 4):
+        q = Query(sort=query.parse_sort(sort), state=None, limit=size)
+        walked: list[str] = []
+        while True:
+            page, q.cursor = await catalog_items.page(ledger, ds, q)
+            walked += [i.key for i in page]
+            if q.cursor is None:
+                break
+        assert walked == expected, f"page size {size}"
+    q = Query(sort=query.parse_sort(sort), state=None, limit=1)
+    _page, q.cursor = await catalog_items.page(ledger, ds, q)
+    ties = q.compile()[0]
+    sql = (
+        f"EXPLAIN QUERY PLAN SELECT id FROM items WHERE dataset_id = {ds} AND {ties.sql} ORDER BY {q.sort.order_sql()}"
+    )
+    async with aiosqlite.connect(ledger.path) as db, db.execute(sql, ties.params) as cur:
+        found = " | ".join(str(r[-1]) for r in await cur.fetchall())
+    plan = found.replace(" ", "")
+    assert "items_by_meta_camera" in plan and ("key<?" in plan or "key>?" in plan), found

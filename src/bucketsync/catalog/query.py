@@ -340,7 +340,7 @@ def decode_cursor(sort: Sort, cursor: str) -> tuple[Any, str]:
     return value, key
 
 
-def after_sql(sort: Sort, value: Any, key: str) -> list[Compiled]:
+def after_sql(sort: Sort, value: Any, key: str, *, seek: bool = True) -> list[Compiled]:
     """Keyset pagination: the rows strictly after (value, key) in ``sort`` order, as
     conditions to query one after another (each in ``sort`` order) until a page is full.
 
@@ -357,15 +357,24 @@ def after_sql(sort: Sort, value: Any, key: str) -> list[Compiled]:
         if sort.desc:
             return [Compiled(f"({col} IS NULL AND key < ?)", [key])]
         return [Compiled(f"({col} IS NULL AND key > ?)", [key]), Compiled(f"{col} IS NOT NULL", [])]
-    # "a >= x AND (a > x OR k > y)", not "a > x OR (a = x AND k > y)": the bound on a alone
-    # starts the index range scan at the cursor (SQLite 3.40 uses no row value on an
-    # expression index). Only the ties of x before y are stepped over one by one.
+    # Through an index (``seek``): the ties of x after y first, then the values beyond x,
+    # two index seeks, where one condition "a >= x AND (a > x OR k > y)" stepped over the
+    # ties before y one by one (SQLite 3.40 uses no row value on an expression index).
+    # Without one, every query is a scan of the dataset's rows: one condition, one scan.
+    if not seek:
+        if sort.desc:
+            return [
+                Compiled(f"({col} < ? OR ({col} = ? AND key < ?))", [value, value, key]),
+                Compiled(f"{col} IS NULL", []),
+            ]
+        return [Compiled(f"({col} > ? OR ({col} = ? AND key > ?))", [value, value, key])]
     if sort.desc:
         return [
-            Compiled(f"({col} <= ? AND ({col} < ? OR key < ?))", [value, value, key]),
+            Compiled(f"({col} = ? AND key < ?)", [value, key]),
+            Compiled(f"{col} < ?", [value]),
             Compiled(f"{col} IS NULL", []),
         ]
-    return [Compiled(f"({col} >= ? AND ({col} > ? OR key > ?))", [value, value, key])]
+    return [Compiled(f"({col} = ? AND key > ?)", [value, key]), Compiled(f"{col} > ?", [value])]
 
 
 # -- expression indexes -------------------------------------------------------------------
