@@ -1463,7 +1463,14 @@ class _Tx:
         try:
             await self.db.execute("BEGIN IMMEDIATE")
         except BaseException as exc:
-            self.lock.release()
+            # Cancelled while waiting, the BEGIN still runs on the connection's thread: a
+            # ROLLBACK queued behind it (the thread takes requests in order) ends that
+            # transaction before the next writer's BEGIN, and fails harmlessly when none began.
+            try:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.db.execute("ROLLBACK")
+            finally:
+                self.lock.release()
             if _operational(exc):
                 raise self._failed(exc) from exc
             raise
