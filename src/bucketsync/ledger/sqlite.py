@@ -596,7 +596,7 @@ class Ledger:
                 [new_id, now, source_id, *params],
             )
             n = cur.rowcount
-            await self._count_pointers(new_id)
+            await self._count_pointers(new_id, n)
         self._ids[name] = new_id
         return new_id, n
 
@@ -606,13 +606,14 @@ class Ledger:
         total = await self._read("SELECT max(id) FROM items")
         return bool(total and total[0][0]) and await self.live_count(dataset_id) * 8 >= int(total[0][0])
 
-    async def _count_pointers(self, dataset_id: int) -> None:
-        """Record a new runtime dataset's items in item_counts, which its bulk insert of
-        pointers skipped (migration v12). Inside the creating transaction."""
+    async def _count_pointers(self, dataset_id: int, n: int) -> None:
+        """Record the ``n`` live pointers a new runtime dataset was created with, which its
+        bulk insert left uncounted (migration v12). Inside the creating transaction; a
+        recount would read every new row back through the (dataset, key) index."""
         await self.db.execute(
-            "INSERT INTO item_counts (dataset_id, state, n) SELECT dataset_id, state, count(*) FROM items "
-            "WHERE dataset_id = ? GROUP BY state ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + excluded.n",
-            (dataset_id,),
+            "INSERT INTO item_counts (dataset_id, state, n) VALUES (?, 'live', ?) "
+            "ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + excluded.n",
+            (dataset_id, n),
         )
 
     async def create_merge(self, name: str, sources: Sequence[tuple[int, str]], on_conflict: str) -> tuple[int, int]:
@@ -662,9 +663,9 @@ class Ledger:
                         f"{into} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO NOTHING",
                         [(new_id, _suffixed(r[0], src_name), *r[1:8], now, r[8]) for r in met],
                     )
-            await self._count_pointers(new_id)
             async with self.db.execute("SELECT count(*) FROM items WHERE dataset_id = ?", (new_id,)) as c:
                 row = await c.fetchone()
+            await self._count_pointers(new_id, int(row[0]) if row else 0)  # every pointer is made live
         self._ids[name] = new_id
         return new_id, int(row[0]) if row else 0
 
