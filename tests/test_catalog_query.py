@@ -269,3 +269,45 @@ async def test_pages_through_an_index_seek_the_ties_then_the_rest(
         found = " | ".join(str(r[-1]) for r in await cur.fetchall())
     plan = found.replace(" ", "")
     assert "items_by_meta_camera" in plan and ("key<?" in plan or "key>?" in plan), found
+
+
+@pytest.mark.parametrize(
+    ("flt", "excludes"),
+    [
+        ({"metadata.camera": "x100"}, True),
+        ({"metadata.camera": {"$gte": "a"}}, True),
+        ({"metadata.camera": {"$in": ["x100", "gr3"]}}, True),
+        ({"metadata.camera": {"$prefix": "x"}}, True),
+        ({"metadata.camera": {"$exists": True}}, True),
+        ({"metadata.camera": {"$ne": None}}, True),
+        ({"metadata.camera": {"$ne": "x100"}}, False),  # a missing camera is "not x100"
+        ({"metadata.camera": {"$exists": False}}, False),
+        ({"metadata.camera": None}, False),
+        ({"metadata.iso": {"$gt": 1}}, False),  # another field
+        ({"$or": [{"metadata.camera": "x100"}]}, False),  # not at the top level: not analysed
+        ({}, False),
+    ],
+)
+async def test_which_filters_leave_out_the_missing_values_of_the_sort(flt: dict[str, Any], excludes: bool) -> None:
+    assert query.excludes_null(flt, query.field("metadata.camera")) is excludes
+
+
+async def test_a_descending_walk_with_a_range_filter_never_asks_for_missing_values(
+    catalog: tuple[Ledger, int],
+) -> None:
+    """Descending, the missing values come last; a filter that leaves them out spares the
+    query for them, which would walk the filter's whole range through the index to find none."""
+    ledger, ds = catalog
+    flt = {"metadata.camera": {"$gte": "a"}}
+    q = Query(filter=flt, sort=query.parse_sort("-metadata.camera"), state=None, limit=1)
+    walked: list[str] = []
+    while True:
+        page, q.cursor = await catalog_items.page(ledger, ds, q)
+        walked += [i.key for i in page]
+        if q.cursor is None:
+            break
+        assert not any("IS NULL" in w.sql for w in q.compile()), q.compile()
+    assert walked == ["a/2.jpg", "a/1.jpg", "b/1.jpg", "a/3.png"]
+    q = Query(sort=query.parse_sort("-metadata.camera"), state=None, limit=1)
+    _page, q.cursor = await catalog_items.page(ledger, ds, q)
+    assert "IS NULL" in q.compile()[-1].sql  # without the filter, they are the last segment

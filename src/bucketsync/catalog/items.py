@@ -16,6 +16,7 @@ from bucketsync.catalog.query import (
     compile_filter,
     decode_cursor,
     encode_cursor,
+    excludes_null,
     fields_of,
     index_name,
     index_sql,
@@ -75,9 +76,14 @@ class Query:
                 )
         segments = [Compiled("1", [])]
         if self.cursor is not None:
-            segments = after_sql(self.sort, *decode_cursor(self.sort, self.cursor), seek=seek)
+            segments = after_sql(
+                self.sort,
+                *decode_cursor(self.sort, self.cursor),
+                seek=seek,
+                nulls=not excludes_null(self.filter, self.sort.field),
+            )
         return [
-            Compiled(" AND ".join(p.sql for p in [*parts, seg]), [x for p in [*parts, seg] for x in p.params])
+            Compiled(" AND ".join(p.sql for p in [*parts, seg]), [x for p in [*parts, seg] for x in p.params], seg.pins)
             for seg in segments
         ]
 
@@ -93,13 +99,14 @@ def sort_value(item: Item, f: Field) -> Any:
 async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], str | None]:
     """One page of items and the cursor of the next (None on the last page)."""
     wheres = q.compile()  # InvalidFilter before anything is read
-    order = q.sort.order_sql(pinned(q.filter, q.sort.field))
+    pins = pinned(q.filter, q.sort.field)
     scan = await _scan_table(ledger, dataset_id, q)
     if scan:
         wheres = q.compile(seek=False)
     items: list[Item] = []
     for where in wheres:
         want = q.limit + 1 - len(items)
+        order = q.sort.order_sql(pins or where.pins)
         items += await ledger.select_items(dataset_id, where.sql, where.params, order, want, scan=scan)
         if len(items) > q.limit:
             break
