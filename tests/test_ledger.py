@@ -326,8 +326,8 @@ async def test_a_writer_cancelled_while_it_begins_leaves_no_transaction_open(led
 
     ds = await ledger.dataset_id("photos")
     release = threading.Event()
-    await ledger.db.create_function("hold", 0, lambda: release.wait(10))
-    busy = asyncio.ensure_future(ledger.db.execute("SELECT hold()"))  # holds the connection's thread
+    await ledger.db.conn.create_function("hold", 0, lambda: release.wait(10))
+    busy = asyncio.ensure_future(ledger.db.conn.execute("SELECT hold()"))  # holds the connection's thread
     entered = asyncio.Event()
 
     async def writer() -> None:
@@ -345,5 +345,5 @@ async def test_a_writer_cancelled_while_it_begins_leaves_no_transaction_open(led
     await busy
     run = await ledger.begin_run(ds, forced=False)
     await ledger.write_batch(ds, run, [ObjectInfo("after.txt", 1, 1.0, "e")], [], Counts())
-    assert not ledger.db.in_transaction
+    assert not ledger.db.conn.in_transaction
     assert await ledger.item(ds, "after.txt") is not None
