@@ -183,7 +183,7 @@ def _copy_ledger(seed: Path, dest: Path) -> None:
 
 async def child(spec: dict[str, Any]) -> dict[str, Any]:
     from bucketsync.config import DatasetConfig
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.logs import configure
     from bucketsync.stores.memory import MemoryStore
     from bucketsync.upstream.sync import SyncLoop

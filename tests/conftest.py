@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 pytest_plugins = [
     "emulators.s3",

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from bucketsync.core.model import Counts, ItemState, ObjectInfo, OpKind, OpState, RunStatus
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 #: opens (or opens again) the ledger at the place this check was given
 Opener = Callable[[], Awaitable[Ledger]]

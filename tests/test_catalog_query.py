@@ -16,7 +16,7 @@ from bucketsync.catalog import query
 from bucketsync.catalog.items import Query
 from bucketsync.core.errors import InvalidFilter
 from bucketsync.core.model import Counts, ItemState, ObjectInfo
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 T0 = 1_700_000_000.0
 #: key -> (size, modified offset, user metadata)

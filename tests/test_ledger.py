@@ -22,7 +22,8 @@ import pytest
 from bucketsync.config import DatasetConfig
 from bucketsync.core.errors import LedgerError, LedgerLocked
 from bucketsync.core.model import Counts, ObjectInfo, RunStatus
-from bucketsync.ledger.sqlite import MIGRATIONS, InstanceLock, Ledger
+from bucketsync.ledger.ledger import Ledger
+from bucketsync.ledger.sqlite import MIGRATIONS, InstanceLock
 from bucketsync.stores.local import LocalStore
 from bucketsync.upstream.sync import BATCH, SyncLoop
 
@@ -74,7 +75,7 @@ async def test_migrations_are_idempotent(db_path: Path) -> None:
         ds = await second.find_dataset("photos")
         assert ds is not None
         assert [i.key for i in await second.items(ds)] == ["a", "b"]
-        async with second.db.execute("PRAGMA user_version") as cur:
+        async with second.db.conn.execute("PRAGMA user_version") as cur:
             assert await cur.fetchone() == (len(MIGRATIONS),)
     finally:
         await second.close()
@@ -97,11 +98,11 @@ async def test_newer_schema_is_refused(db_path: Path) -> None:
 
 
 async def test_wal_and_synchronous_full(ledger: Ledger, db_path: Path) -> None:
-    async with ledger.db.execute("PRAGMA journal_mode") as cur:
+    async with ledger.db.conn.execute("PRAGMA journal_mode") as cur:
         assert await cur.fetchone() == ("wal",)
-    async with ledger.db.execute("PRAGMA synchronous") as cur:
+    async with ledger.db.conn.execute("PRAGMA synchronous") as cur:
         assert await cur.fetchone() == (2,)  # FULL
-    async with ledger.db.execute("PRAGMA foreign_keys") as cur:
+    async with ledger.db.conn.execute("PRAGMA foreign_keys") as cur:
         assert await cur.fetchone() == (1,)
     # WAL is a property of the file: any other connection sees it too.
     assert sql(db_path, "PRAGMA journal_mode") == [("wal",)]
@@ -116,7 +117,7 @@ async def test_readonly_open(ledger: Ledger, db_path: Path, tmp_path: Path) -> N
     ro = await Ledger.open(db_path, readonly=True)
     try:
         assert [i.key for i in await ro.items(ds)] == ["a", "b"]
-        async with ro.db.execute("PRAGMA synchronous") as cur:
+        async with ro.db.conn.execute("PRAGMA synchronous") as cur:
             assert await cur.fetchone() == (2,)
         # A write through it is a LedgerError naming the file and the fix, not a raw sqlite3 error.
         with pytest.raises(LedgerError, match=r"readonly.*writable"):
@@ -206,7 +207,7 @@ SYNC_IN_SUBPROCESS = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from bucketsync.config import DatasetConfig
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.stores.local import LocalStore
     from bucketsync.upstream.sync import BATCH, SyncLoop
 

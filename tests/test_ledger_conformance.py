@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from ledger_conformance import CHECKS, Check, Opener
 
 #: backend -> a fresh place for a ledger (what ``Ledger.open`` takes), made for one test
 PLACES: dict[str, Callable[[pytest.FixtureRequest], Path | str]] = {
     "sqlite": lambda request: request.getfixturevalue("tmp_path") / "state" / "ledger.db",
+    "postgresql": lambda request: request.getfixturevalue("postgres_server").new_database(),
 }
 
 
@@ -27,7 +28,7 @@ def ledger_factory(request: pytest.FixtureRequest) -> Opener:
     place = PLACES[request.param](request)
 
     async def open_ledger() -> Ledger:
-        return await Ledger.open(place)  # type: ignore[arg-type]  # a URL once a backend takes one
+        return await Ledger.open(place)
 
     return open_ledger
 

@@ -22,7 +22,8 @@ from bucketsync.core.errors import ConfigError
 from bucketsync.core.model import COUNTED_STATES, RunRecord, RunStatus, iso
 from bucketsync.downstream.outbox import Outbox
 from bucketsync.enrich import Enricher, Triggers
-from bucketsync.ledger.sqlite import InstanceLock, Ledger
+from bucketsync.ledger.ledger import Ledger
+from bucketsync.ledger.sqlite import InstanceLock
 from bucketsync.stores import Store, open_store
 from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.probe import ProbeResult

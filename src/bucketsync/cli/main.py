@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from bucketsync.cli.client import AgentClient
     from bucketsync.config import Settings
     from bucketsync.core.model import Item
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.upstream.sync import RunResult, SyncLoop
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
@@ -174,7 +174,7 @@ async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool)
 
 
 async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     settings.dataset(args.dataset)
     if not settings.agent.ledger.exists():
@@ -224,7 +224,7 @@ async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: It
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.agent import datasets_status
     from bucketsync.cli.client import AgentClient
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     if _daemon_running(settings):
         async with AgentClient(settings) as client:
@@ -281,7 +281,7 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
     """``ls DS[/PREFIX]``: the folders directly under PREFIX (with '/'), then its items, as
     ``rclone lsf`` shows them; from the ledger, beside a running agent too."""
     from bucketsync.catalog import folders
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     dataset, _, prefix = args.path.partition("/")
     settings.dataset(dataset)
@@ -321,7 +321,7 @@ async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.catalog import datasets as catalog_datasets
     from bucketsync.catalog import query
     from bucketsync.cli.client import AgentClient
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     for name in names:
@@ -622,7 +622,7 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
 async def _show_meta(settings: Settings, args: argparse.Namespace) -> int:
     """``meta DATASET KEY`` alone: the item's user metadata, read from the ledger (beside a
     running agent too, as ``items`` does)."""
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
     try:
@@ -658,7 +658,7 @@ async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, 
     from bucketsync.agent import Agent
     from bucketsync.core.model import OpState
     from bucketsync.downstream import opsctl
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     path = settings.agent.ledger
     if args.action is None:

@@ -55,7 +55,7 @@ from bucketsync.downstream import ownwrite
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.stores import Store
 
 log = structlog.get_logger("bucketsync.outbox")
