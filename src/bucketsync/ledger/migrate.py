@@ -282,6 +282,13 @@ async def _copy_all(
     for table in TABLES:
         if table in present:
             tallies[table] = await _copy_table(reader, conn, table, progress)
+    # Pointer items are counted by the statement that creates them, not by the insert trigger
+    # (schema v12): the copy counts the ones it inserted, as that statement would have.
+    await conn.execute(
+        "INSERT INTO item_counts (dataset_id, state, n) SELECT dataset_id, state, count(*) FROM items "
+        "WHERE source_item IS NOT NULL GROUP BY dataset_id, state "
+        "ON CONFLICT (dataset_id, state) DO UPDATE SET n = item_counts.n + excluded.n"
+    )
     for r in await _rows(reader, "SELECT id, name FROM datasets"):
         report.datasets[int(r[0])] = str(r[1])
     seq = await _rows(reader, f"SELECT seq FROM {SEQUENCE} WHERE id = 1")
