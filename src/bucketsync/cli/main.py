@@ -775,6 +775,35 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     return _report(args, out, f"backed up {out['ledger']} to {target} ({size} bytes)")
 
 
+async def cmd_ledger_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Copy the SQLite ledger into PostgreSQL (ledger/migrate.py), printing progress as it goes."""
+    from pathlib import Path
+
+    from bucketsync.ledger.migrate import BadMigration, migrate
+
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --password-file {args.password_file}: {exc.strerror}") from None
+    out = sys.stderr if args.json else sys.stdout
+    try:
+        report = await migrate(
+            settings.agent.ledger, args.to, password=password, progress=lambda line: print(line, file=out, flush=True)
+        )
+    except BadMigration as exc:
+        raise UsageError(str(exc)) from None
+    tables = report.as_json()["tables"]
+    line = (
+        f"copied {report.source} to {report.target} in {report.seconds:.1f} s: "
+        f"{len(report.datasets)} datasets, {tables.get('items', 0):,} items, {tables.get('runs', 0):,} runs, "
+        f"{tables.get('ops', 0):,} ops; counts and checksums verified per dataset. The SQLite file is untouched: "
+        f'point agent.ledger at the database ("{report.target}") and start the agent'
+    )
+    return _report(args, report.as_json(), line)
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.config import load_settings
     from bucketsync.daemon.supervisor import serve
@@ -1009,6 +1038,15 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--public-url", help="the agent's URL as push webhooks reach it (default: from agent.listen)")
     es.add_argument("--json", action="store_true", help="print one JSON object")
     es.set_defaults(func=cmd_events_setup)
+
+    le = command("ledger", "the ledger itself: move it to PostgreSQL")
+    le_actions = le.add_subparsers(dest="action", metavar="ACTION", required=True)
+    text = "copy the SQLite ledger (agent.ledger; the agent stopped) into an empty PostgreSQL database, verified"
+    lm = le_actions.add_parser("migrate", help=text, description=text, parents=[common])
+    lm.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://USER@HOST:PORT/DATABASE")
+    lm.add_argument("--password-file", help="a file holding the target's password (else the URL's, or PGPASSWORD)")
+    lm.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    lm.set_defaults(func=cmd_ledger_migrate)
 
     hc = command("healthcheck", "exit 0 if the local agent is alive (--ready: and ready), else 1")
     hc.add_argument("--ready", action="store_true", help="check /readyz (every dataset probed) instead of /healthz")

@@ -44,8 +44,9 @@ from bucketsync.core.errors import DiskFull, LedgerError, LedgerLocked
 from bucketsync.ledger import durability, leases
 from bucketsync.ledger.db import Row, numbered, rowcount
 
-#: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together)
-SCHEMA_VERSION = 11
+#: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together).
+#: v12: pointer items are counted by the statement that creates them, not the insert trigger.
+SCHEMA_VERSION = 12
 #: the advisory lock every write transaction takes (one per database): b"bsyn"
 WRITE_LOCK = 0x6273796E
 #: the advisory lock the one agent holds for as long as it runs: b"bsag"
@@ -216,8 +217,9 @@ CREATE TRIGGER pointers_stale AFTER UPDATE ON items REFERENCING OLD TABLE AS old
 FUNCTIONS = """
 CREATE OR REPLACE FUNCTION bs_counts_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- pointer items are counted by the statement that creates them (MIGRATIONS v12)
     INSERT INTO item_counts (dataset_id, state, n)
-        SELECT dataset_id, state, count(*) FROM new_rows GROUP BY dataset_id, state
+        SELECT dataset_id, state, count(*) FROM new_rows WHERE source_item IS NULL GROUP BY dataset_id, state
         ON CONFLICT (dataset_id, state) DO UPDATE SET n = item_counts.n + excluded.n;
     RETURN NULL;
 END $$;
