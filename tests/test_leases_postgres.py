@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bucketsync.core.errors import LeaseLost
+from bucketsync.core.errors import LeaseLost, LedgerLocked
 from bucketsync.core.leases import Fence
 from bucketsync.core.model import Counts, ObjectInfo, OpKind, RunStatus
 from bucketsync.daemon.leases import LeaseKeeper
@@ -229,3 +229,16 @@ async def test_an_owner_takes_only_its_datasets_ops_and_starts_an_attempt_only_u
     finally:
         FENCE.reset(token)
     assert (await ledger.op(ops["theirs"])).attempts == 0  # type: ignore[union-attr]
+
+
+async def test_daemons_share_the_agent_lock_and_keep_an_exclusive_agent_out(postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    first, second, cli = [await Ledger.open(url) for _ in range(3)]
+    try:
+        await first.claim(shared=True)
+        await second.claim(shared=True)  # daemons dividing the datasets by leases: side by side
+        with pytest.raises(LedgerLocked, match="another bucketsync agent"):
+            await cli.claim()  # the CLI's own agent would write every dataset unfenced
+    finally:
+        for led in (first, second, cli):
+            await led.close()
