@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from bucketsync.core.errors import LeaseLost, LedgerLocked
@@ -148,6 +149,7 @@ class Tasks:
     def __init__(self) -> None:
         self.running: dict[str, Fence] = {}
         self.stopped: list[tuple[str, bool]] = []
+        self.stopping = asyncio.Event()
 
     def start(self, name: str, fence: Fence) -> None:
         assert name not in self.running
@@ -156,6 +158,7 @@ class Tasks:
     async def stop(self, name: str, at_once: bool) -> None:
         self.running.pop(name, None)
         self.stopped.append((name, at_once))
+        self.stopping.set()
 
 
 def keeper(ledger: Ledger, agent: str, names: list[str], cap: int = 0) -> tuple[LeaseKeeper, Tasks]:
@@ -242,3 +245,22 @@ async def test_daemons_share_the_agent_lock_and_keep_an_exclusive_agent_out(post
     finally:
         for led in (first, second, cli):
             await led.close()
+
+
+async def test_a_keeper_that_cannot_reach_the_database_stops_its_loops_before_its_leases_expire(
+    ledger: Ledger, postgres_server: PostgresServer
+) -> None:
+    assert isinstance(ledger.db, PostgresDb)
+    pool = await asyncpg.create_pool(ledger.db.where, min_size=1, max_size=2)
+    tasks = Tasks()
+    a = LeaseKeeper(Leases(pool, "a", 1.5), lambda: NAMES[:2], tasks.start, tasks.stop)
+    await a.turn()
+    assert sorted(tasks.running) == NAMES[:2]
+    pool.terminate()  # the database is out of reach from here on
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(a.run(stop))
+    await asyncio.wait_for(tasks.stopping.wait(), timeout=30)
+    stop.set()
+    await keeper
+    assert sorted(tasks.stopped) == [(n, True) for n in NAMES[:2]], "cancelled at once: unrenewed, maybe another's"
+    assert a.held == {}

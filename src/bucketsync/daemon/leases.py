@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from bucketsync import metrics
-from bucketsync.core.errors import LedgerError
 from bucketsync.core.leases import Fence, fair_share, plan
 from bucketsync.ledger.leases import Leases
 
@@ -76,14 +75,13 @@ class LeaseKeeper:
                 try:
                     await self.turn()
                     renewed_at = time.monotonic()
-                except (TimeoutError, LedgerError, OSError) as exc:
-                    log.warning("lease turn failed", error=str(exc), agent=self.agent)
-                    if time.monotonic() - renewed_at >= self.leases.seconds:
-                        # Unrenewed for a whole period: every lease may be another's by now.
+                except Exception as exc:  # the database unreachable, a lost connection, a server error
+                    log.warning("lease turn failed", error=f"{type(exc).__name__}: {exc}", agent=self.agent)
+                    if time.monotonic() - renewed_at >= self.leases.seconds - period:
+                        # Unrenewed so long that the leases may expire before the next turn:
+                        # stop the loops now (their writes would be refused by then anyway).
                         for name in list(self.held):
                             await self._drop(name, "lost", at_once=True)
-                except Exception as exc:  # asyncpg's own errors: the same, logged with the stack
-                    log.exception("lease turn failed", agent=self.agent, error=str(exc))
                 await _wait_any(stop, self.wake, period)
         finally:
             await self._leave()
