@@ -149,6 +149,10 @@ def test_three_agents_share_twelve_datasets_by_leases(postgres_server: PostgresS
         # The first agent takes every dataset; as the others join it releases its surplus.
         owned = poll(lambda: divided(url, ids, 4), what="4 datasets per agent", timeout=30)
         assert poll(lambda: synced_since(url, set(NAMES), 0) or None, what="every dataset synced")
+        theirs = sorted(owned[ids[1]])[0]
+        refused = daemons[0].api("POST", f"/datasets/{theirs}/sync")
+        assert refused.status == 409 and refused.body["error"]["code"] == "not_owner", refused
+        assert ids[1] in refused.body["error"]["message"]
 
         # Puts through every agent, to datasets each may or may not own, land once.
         for i, d in enumerate(daemons):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,8 @@ class Agent:
         self.shared = shared
         #: the lease loop when ``shared``: which datasets this agent syncs, and their fences
         self.leases: LeaseKeeper | None = None
+        #: closed before the ledger when the agent closes (the lease loop's connections)
+        self.closing: list[Callable[[], Awaitable[None]]] = []
         #: one agent per SQLite file (invariant 10); a PostgreSQL ledger's is a lock in the database
         self.lock = InstanceLock(file) if (file := settings.agent.ledger_file) is not None else None
         self.ledger: Ledger | None = None
@@ -110,6 +113,9 @@ class Agent:
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
             await self.triggers.aclose()
+        for close in self.closing:
+            with contextlib.suppress(Exception):
+                await close()
         for store in self.stores.values():
             try:
                 await store.aclose()

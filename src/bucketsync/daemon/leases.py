@@ -73,7 +73,8 @@ class LeaseKeeper:
             while not stop.is_set():
                 self.wake.clear()
                 try:
-                    await self.turn()
+                    async with asyncio.timeout(period * 2):  # a stuck turn must not outlive the leases
+                        await self.turn()
                     renewed_at = time.monotonic()
                 except Exception as exc:  # the database unreachable, a lost connection, a server error
                     log.warning("lease turn failed", error=f"{type(exc).__name__}: {exc}", agent=self.agent)

@@ -330,7 +330,11 @@ class _DatasetTasks:
             task.cancel()
             if not at_once:
                 log.warning("grace period over: cancelled", tasks=[task.get_name()])
-        await asyncio.gather(task, return_exceptions=True)
+        # Bounded: a task that swallows its cancellation (Python 3.11's wait_for can) must not
+        # hold up the caller, the lease keeper above all; a lost lease's writes are refused anyway.
+        _, pending = await asyncio.wait({task}, timeout=self.agent.settings.agent.grace)
+        if pending:
+            log.warning("a cancelled dataset task has not ended yet", tasks=[task.get_name()])
 
     def stop_all(self) -> None:
         for stop in self.stops.values():
@@ -467,7 +471,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         await _guard_gauges(agent)
         tasks = _DatasetTasks(agent, stop)
         if shared:
-            agent.leases = _keeper(agent, tasks)
+            agent.leases = await _keeper(agent, tasks)
         reloader = _Reloader(agent, tasks, load or (lambda: settings), notifier, stop)
         app = make_app(agent, stop)
         app[RELOAD] = reloader
@@ -558,14 +562,17 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     return 0
 
 
-def _keeper(agent: Agent, tasks: _DatasetTasks) -> LeaseKeeper:
-    """The lease loop of a daemon sharing a PostgreSQL ledger (see daemon/leases.py)."""
+async def _keeper(agent: Agent, tasks: _DatasetTasks) -> LeaseKeeper:
+    """The lease loop of a daemon sharing a PostgreSQL ledger (see daemon/leases.py), on
+    connections of its own (closed with the ledger's)."""
     conf = agent.settings.agent
     assert agent.ledger is not None and isinstance(agent.ledger.db, PostgresDb)
     agent_id = conf.id or default_agent_id()
     log.info("sharing the ledger's datasets by leases", agent=agent_id, lease_seconds=conf.lease_seconds)
+    pool = await agent.ledger.db.side_pool(2)
+    agent.closing.append(pool.close)
     return LeaseKeeper(
-        Leases(agent.ledger.db.pool, agent_id, conf.lease_seconds),
+        Leases(pool, agent_id, conf.lease_seconds),
         lambda: list(agent.settings.datasets),
         tasks.start,
         tasks.stop,

@@ -70,7 +70,10 @@ class Leases:
         self.seconds = seconds
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
+        """One statement, waiting for row locks at most a third of the lease: a turn stuck
+        longer would let the leases expire unnoticed; failing, it is retried on the next turn."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = {max(1, int(self.seconds * 1000 / 3))}")
             return list(await conn.fetch(sql, *args))
 
     async def register(self, datasets: Iterable[str]) -> None:

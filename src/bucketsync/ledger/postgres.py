@@ -733,6 +733,17 @@ class PostgresDb:
         finally:
             await self.conn.close()
 
+    async def side_pool(self, size: int) -> asyncpg.Pool:
+        """Connections of their own for a loop that must never queue behind the readers (the
+        lease loop: a renewal stuck behind busy snapshot reads would lose every lease)."""
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                self._url, password=self._password, min_size=1, max_size=size, init=_init_connection
+            )
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise ledger_error(self.where, exc, "open") from None
+        return pool
+
     def committed(self) -> None:
         if self.fault is not None:
             self.fault = None
