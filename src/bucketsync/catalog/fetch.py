@@ -82,6 +82,8 @@ class Target:
 
     @property
     def literal(self) -> IP | None:
+        if not (self.host[:1].isdigit() or ":" in self.host):  # a name: spare the failing parse (CSV rows)
+            return None
         try:
             return ipaddress.ip_address(self.host)
         except ValueError:

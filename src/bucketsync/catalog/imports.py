@@ -169,6 +169,7 @@ async def records(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str] | str
     """
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
     tail, pending = "", ""
+    skipping = False  # the rest of a line too long to keep is dropped up to its end
 
     def parse(record: str) -> list[str] | str:
         try:
@@ -178,6 +179,11 @@ async def records(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str] | str
 
     async for chunk in chunks:
         text = tail + decoder.decode(chunk)
+        if skipping:
+            if "\n" not in text:
+                tail = ""
+                continue
+            text, skipping = text.split("\n", 1)[1], False
         lines = text.split("\n")
         tail = lines.pop()
         for line in lines:
@@ -190,7 +196,7 @@ async def records(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str] | str
                 pending = ""
         if len(tail) > MAX_RECORD:
             yield f"a line longer than {MAX_RECORD} bytes"
-            tail = ""
+            tail, pending, skipping = "", "", True
     pending += tail + decoder.decode(b"", final=True)
     if pending.strip():
         yield parse(pending.rstrip("\r\n"))
@@ -212,6 +218,7 @@ class Import:
         self.policy = fetch.Policy.of(agent.settings.links)
         self._records: AsyncIterator[list[str] | str] | None = None
         self._cols: dict[str, int] = {}
+        self._checked: set[str] = set()
 
     async def start(self, chunks: AsyncIterable[bytes]) -> None:
         self._records = records(chunks)
@@ -223,7 +230,18 @@ class Import:
         self._cols = header(first)
 
     def _check(self, url: str) -> None:
+        """``links.check_ref``, remembered per scheme and authority for https refs: what it
+        checks of them is all before the path, and a CSV's rows mostly share a few hosts."""
+        start = url.find("://") + 3
+        end = url.find("/", start) if start > 2 else -1
+        head = url[:end] if end > 0 and url[:start].lower() not in links.CLOUD_PREFIXES else None
+        if head is not None and head in self._checked:
+            return
         links.check_ref(url, self.agent.settings, self.policy)
+        if head is not None:
+            if len(self._checked) >= 1024:
+                self._checked.clear()
+            self._checked.add(head)
 
     async def batches(self) -> AsyncIterator[list[RowResult]]:
         """Results in row order, one list per ledger transaction (or per upload)."""

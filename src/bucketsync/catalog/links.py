@@ -59,6 +59,8 @@ SUFFIX = ".link.json"
 #: a link file is a small JSON document; a larger object with the suffix is no link file
 MAX_LINK_FILE = 64 * 1024
 CLOUD = ("s3", "gs", "az")
+#: how a cloud ref starts (any case is a cloud ref too: ``cloud_ref`` is the judge)
+CLOUD_PREFIXES = tuple(f"{s}://" for s in SCHEMES if SCHEMES[s] in CLOUD)
 META_VALUE = (str, int, float, bool)
 
 
