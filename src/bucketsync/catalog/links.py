@@ -304,7 +304,7 @@ class LinkFiles:
                 continue
             recorded = None if isinstance(link, str) else (link.ref, link.mimetype, link.metadata or {})
             if await ledger.set_link_file(item_id, etag, recorded) and isinstance(link, str):
-                log.warning("link file invalid: kept as an ordinary item", dataset=dataset, key=key, error=link)
+                log.warning("link file invalid", dataset=dataset, key=key, error=link, kept="an ordinary item")
             elif recorded is not None:
                 log.info("link file recognised", dataset=dataset, key=key, item=item_id)
             settled += 1
