@@ -55,6 +55,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, seaweedfs: S3Emulator) -> Iter
                     server.url("/files/pic"), mimetype="text/plain", metadata={"by": "file"}
                 ),
                 "refs/bad.link.json": b'{"type": "link", "ref": 42}',
+                "bin/keep.link.json": link_doc(server.url("/files/keep")),
             },
         )
         bucket = seaweedfs.new_bucket()
@@ -155,6 +156,28 @@ def test_a_cloud_ref_streams_through_the_driver_that_holds_it(env: Env) -> None:
     assert got.status == 200 and got.body == OBJECT.decode(), got.body
     r = link(env, "local", "nowhere.bin", "s3://no-such-bucket/x.bin")
     assert r.status == 400 and "no configured driver" in r.body["error"]["message"], r.body
+    # A clone's pointer to a linked item streams the same target.
+    cloned = env.daemon.api(
+        "POST", "/datasets/local/clone", json_body={"name": "linked", "filter": {"link": {"$exists": True}}}
+    )
+    assert cloned.status == 201, cloned.body
+    got = env.daemon.api("GET", item_path("linked", "from-s3/obj.bin") + "/content")
+    assert got.status == 200 and got.body == OBJECT.decode(), got.body
+
+
+def test_a_folder_delete_settles_its_links_in_the_catalog_only(env: Env) -> None:
+    for n in (1, 2):
+        assert link(env, "local", f"bin/{n}.txt", env.server.url(f"/files/{n}")).status == 201
+    poll(lambda: env.daemon.api("GET", item_path("local", "bin/keep.link.json")).body.get("link"), what="link file")
+    before = env.storage()
+    r = env.daemon.api("DELETE", "/datasets/local/folders/bin", params={"force": "true"})
+    assert r.status == 202 and len(r.body["ops"]) == 3, r.body  # allow_delete: queued as deletes
+    for op in r.body["ops"]:
+        poll(lambda op=op: env.daemon.api("GET", f"/ops/{op}").body["state"] == "done", what=f"op {op} done")
+    # The outbox asked the gate again: the API links unlinked, the link file's item tombstoned, the file kept.
+    assert env.daemon.api("GET", item_path("local", "bin/1.txt")).status == 404
+    assert env.daemon.api("GET", item_path("local", "bin/keep.link.json")).body["state"] == "tombstone"
+    assert env.storage() == before
 
 
 def test_a_link_file_becomes_a_linked_item_and_its_delete_only_tombstones(env: Env) -> None:
