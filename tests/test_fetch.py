@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bucketsync import metrics
 from bucketsync.catalog import fetch
 from bucketsync.catalog.fetch import Policy, check_address, check_url, classify
 from bucketsync.core.errors import FetchRefused
@@ -214,3 +215,18 @@ async def test_an_untrusted_certificate_and_a_missing_name_fail_cleanly(server: 
         await read(server.url("/files/a"), Policy(allow=LOOPBACK))
     with refused("dns"):
         await read("https://no-such-name.invalid/x", Policy())
+
+
+def fetches(result: str) -> float:
+    return metrics.REGISTRY.get_sample_value("bucketsync_link_fetches_total", {"result": result}) or 0.0
+
+
+async def test_each_fetch_is_counted_by_its_result(server: LinkServer) -> None:
+    ok, loopback = fetches("ok"), fetches("loopback")
+    await read(server.url("/files/counted"), allowed(server))
+    with refused("loopback"):
+        await read(server.url("/files/counted"), Policy())
+    assert (fetches("ok"), fetches("loopback")) == (ok + 1, loopback + 1)
+    metrics.init([])
+    for result in metrics.FETCH_RESULTS:  # every series exists from the start, at 0 if nothing happened
+        assert metrics.REGISTRY.get_sample_value("bucketsync_link_fetches_total", {"result": result}) is not None

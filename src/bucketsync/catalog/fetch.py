@@ -35,6 +35,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from bucketsync import metrics
 from bucketsync.core.errors import FetchRefused
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -231,7 +232,19 @@ class Fetched:
 @asynccontextmanager
 async def fetch(url: str, policy: Policy, *, resolve: Resolve = system_resolve) -> AsyncIterator[Fetched]:
     """GET ``url`` under the policy; the body streams from ``Fetched.chunks`` inside the block.
-    FetchRefused for every refusal and every failure (``upstream`` for the target's own)."""
+    FetchRefused for every refusal and every failure (``upstream`` for the target's own);
+    each fetch is counted by its result (``bucketsync_link_fetches_total``)."""
+    try:
+        async with _fetch(url, policy, resolve) as got:
+            yield got
+    except FetchRefused as exc:
+        metrics.LINK_FETCHES.labels(exc.reason).inc()
+        raise
+    metrics.LINK_FETCHES.labels("ok").inc()
+
+
+@asynccontextmanager
+async def _fetch(url: str, policy: Policy, resolve: Resolve) -> AsyncIterator[Fetched]:
     ctx = tls_context(policy)
     reading = False  # inside the caller's block: its own errors are not the fetch's
     try:

@@ -58,20 +58,22 @@ class FetchRefused(BucketsyncError):
     ``too_slow``, ``upstream`` (the target answered an error or could not be reached).
     """
 
-    #: reasons that are the policy's refusal (the caller asked for something not allowed)
-    POLICY = frozenset(
-        {
-            "scheme",
-            "invalid_url",
-            "loopback",
-            "private",
-            "link_local",
-            "multicast",
-            "unspecified",
-            "metadata",
-            "reserved",
-            "redirects",
-        }
+    #: every reason, the policy's refusals first (the caller asked for something not allowed)
+    REASONS = (
+        "scheme",
+        "invalid_url",
+        "loopback",
+        "private",
+        "link_local",
+        "multicast",
+        "unspecified",
+        "metadata",
+        "reserved",
+        "redirects",
+        "dns",
+        "too_large",
+        "too_slow",
+        "upstream",
     )
 
     def __init__(self, reason: str, message: str) -> None:
