@@ -280,3 +280,14 @@ def test_import_through_the_api_streams_ndjson_and_refuses_a_bad_csv_whole(env: 
     assert status == 400 and json.loads(text)["error"]["code"] == "invalid_csv" and "'link'" in text, text
     status, text = post_csv(env, "cloud", "", "url\n")
     assert status == 400 and "'name'" in text, text
+
+
+def test_an_object_that_appears_at_a_links_key_wins(env: Env) -> None:
+    assert link(env, "local", "won.txt", env.server.url("/files/won")).status == 201
+    write_files(env.root / "files", {"won.txt": "the bucket's own"})
+    run = sync(env.daemon, "local")
+    assert run["added"] == 1 and run["removed"] == 0, run
+    item = env.daemon.api("GET", item_path("local", "won.txt")).body
+    assert "link" not in item and item["size"] == len("the bucket's own"), item
+    assert env.daemon.api("GET", item_path("local", "won.txt") + "/content").body == "the bucket's own"
+    assert sync(env.daemon, "local")["added"] == 0  # indexed once, not again every run

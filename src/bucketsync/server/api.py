@@ -1276,9 +1276,11 @@ ROUTES: list[Route] = [
         "GET",
         f"{_ITEM}/content",
         get_content,
-        "stream the object from storage; one Range: bytes=... gives 206 (416 when past the end)",
+        "stream the object from storage; one Range: bytes=... gives 206 (416 when past the end). A linked "
+        "item's target is fetched SSRF-safely and streamed whole: 403 fetch_refused naming the reason, 502 "
+        "fetch_failed or fetch_too_large, 504 fetch_too_slow",
         {200: None, 206: None},
-        errors=(416, *STORAGE),
+        errors=(403, 416, *STORAGE, 504),
         ok_media="*/*",
         ok_headers=_CONTENT_HEADERS,
         params=(
