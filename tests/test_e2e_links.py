@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from e2e import Daemon, Response, cli, describe, json_lines, local_driver, poll, write_config, write_files
+from e2e import Daemon, Response, cli, describe, json_lines, local_driver, parallel, poll, write_config, write_files
 from emulators.s3 import REGION, S3Emulator
 from linkserver import BODY, LinkServer
 
@@ -291,3 +291,14 @@ def test_an_object_that_appears_at_a_links_key_wins(env: Env) -> None:
     assert "link" not in item and item["size"] == len("the bucket's own"), item
     assert env.daemon.api("GET", item_path("local", "won.txt") + "/content").body == "the bucket's own"
     assert sync(env.daemon, "local")["added"] == 0  # indexed once, not again every run
+
+
+def test_the_cli_import_needs_the_running_agent_and_an_existing_file(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"d": local_driver(tmp_path / "d")}, {"ds": {"driver": "d", "sync": "manual"}})
+    (tmp_path / "cats.csv").write_text("url\nhttps://example.com/a.jpg\n")
+    no_agent, no_file = parallel(
+        lambda: cli(cfg, "import", "ds", str(tmp_path / "cats.csv")),
+        lambda: cli(cfg, "import", "ds", str(tmp_path / "nope.csv")),
+    )
+    assert no_agent.returncode == 1 and "running agent" in no_agent.stderr, describe(no_agent)
+    assert no_file.returncode == 2 and "nope.csv: no such file" in no_file.stderr, describe(no_file)
