@@ -293,12 +293,16 @@ def test_an_object_that_appears_at_a_links_key_wins(env: Env) -> None:
     assert sync(env.daemon, "local")["added"] == 0  # indexed once, not again every run
 
 
-def test_the_cli_import_needs_the_running_agent_and_an_existing_file(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, {"d": local_driver(tmp_path / "d")}, {"ds": {"driver": "d", "sync": "manual"}})
+def test_the_cli_import_says_what_is_wrong(env: Env, tmp_path: Path) -> None:
+    alone = write_config(tmp_path, {"d": local_driver(tmp_path / "d")}, {"ds": {"driver": "d", "sync": "manual"}})
     (tmp_path / "cats.csv").write_text("url\nhttps://example.com/a.jpg\n")
-    no_agent, no_file = parallel(
-        lambda: cli(cfg, "import", "ds", str(tmp_path / "cats.csv")),
-        lambda: cli(cfg, "import", "ds", str(tmp_path / "nope.csv")),
+    (tmp_path / "bad.csv").write_text("url,colour\nhttps://example.com/a.jpg,red\n")
+    no_agent, no_file, bad_header = parallel(
+        lambda: cli(alone, "import", "ds", str(tmp_path / "cats.csv")),
+        lambda: cli(env.config, "import", "local", str(tmp_path / "nope.csv")),
+        lambda: cli(env.config, "import", "local", str(tmp_path / "bad.csv")),
     )
     assert no_agent.returncode == 1 and "running agent" in no_agent.stderr, describe(no_agent)
     assert no_file.returncode == 2 and "nope.csv: no such file" in no_file.stderr, describe(no_file)
+    assert bad_header.returncode == 2 and "'colour'" in bad_header.stderr, describe(bad_header)
+    assert "invalid_csv" in bad_header.stderr

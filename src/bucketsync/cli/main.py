@@ -1109,7 +1109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 #: API error codes that mean the command line asked for something invalid (exit 2)
-USAGE_CODES = ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter", "invalid_filter")
+USAGE_CODES = (
+    "invalid_key",
+    "invalid_request",
+    "invalid_metadata",
+    "invalid_parameter",
+    "invalid_filter",
+    "invalid_csv",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
