@@ -5,13 +5,14 @@ certs.py), served by aiohttp on a thread of its own so both async tests and daem
 from __future__ import annotations
 
 import asyncio
-import ssl
 import threading
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
+from bucketsync.config import AgentConfig
+from bucketsync.server.tls import server_context
 from certs import self_signed
 
 BODY = b"the linked item's bytes\n" * 100
@@ -70,8 +71,8 @@ class LinkServer:
         app.router.add_get("/slow", self._slow)
         app.router.add_get("/to", self._to)
         app.router.add_get("/loop", self._loop_route)
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cert, self.key)
+        ctx = server_context(AgentConfig(tls_cert_file=self.cert, tls_key_file=self.key))  # as the agent serves
+        assert ctx is not None
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ctx)
