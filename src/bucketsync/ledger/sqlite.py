@@ -258,9 +258,37 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + 1;
     END;
     """,
+    # catalog: linked items (catalog/links.py). ``ref`` is where the binary is (https://...,
+    # s3://...); ``link`` says how the item came: 'api' (POST .../links, a CSV import: no object
+    # in the bucket, so a listing never sees it and never removes it) or 'file' (a synced
+    # ``*.link.json`` object, tracked by the listing like any). A link file that is added or
+    # changed is queued for reading in the transaction that indexes it (as enrichment is).
+    """
+    ALTER TABLE items ADD COLUMN ref TEXT;
+    ALTER TABLE items ADD COLUMN link TEXT;
+    CREATE TABLE link_files (
+        item_id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        queued REAL NOT NULL
+    );
+    CREATE TRIGGER link_files_added AFTER INSERT ON items
+    WHEN substr(NEW.key, -10) = '.link.json' AND NEW.source_item IS NULL AND NEW.link IS NOT 'api' BEGIN
+        INSERT OR REPLACE INTO link_files (item_id, dataset_id, queued) VALUES (NEW.id, NEW.dataset_id, NEW.updated);
+    END;
+    CREATE TRIGGER link_files_changed AFTER UPDATE OF size, etag, version ON items
+    WHEN substr(NEW.key, -10) = '.link.json' AND NEW.source_item IS NULL AND NEW.link IS NOT 'api'
+        AND (OLD.size IS NOT NEW.size OR OLD.etag IS NOT NEW.etag OR OLD.version IS NOT NEW.version) BEGIN
+        INSERT OR REPLACE INTO link_files (item_id, dataset_id, queued) VALUES (NEW.id, NEW.dataset_id, NEW.updated);
+    END;
+    CREATE TRIGGER link_files_removed AFTER DELETE ON items WHEN substr(OLD.key, -10) = '.link.json' BEGIN
+        DELETE FROM link_files WHERE item_id = OLD.id;
+    END;
+    """,
 ]
 
-_ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated"
+_ITEM_COLS = "id, key, size, modified, etag, version, state, content_type, meta, updated, ref, link"
+#: the same on a ledger from before linked items (opened read-only, so not migrated)
+_ITEM_COLS_V0 = "id, key, size, modified, etag, version, state, content_type, meta, updated, NULL, NULL"
 _OP_COLS = (
     "o.id, d.name, o.kind, o.key, o.state, o.attempts, o.create_only, o.if_match, o.staged, o.sha256, "
     "o.content_type, o.error, o.error_code, o.created, o.updated, o.next_at"
@@ -287,6 +315,8 @@ def _item(row: Sequence[Any]) -> Item:
         content_type=row[7],
         meta=json.loads(row[8]) if row[8] else {},
         updated=row[9],
+        ref=row[10],
+        link=row[11],
     )
 
 
@@ -407,6 +437,8 @@ class Ledger:
         self._counts_table = True
         #: (table, column) -> whether this ledger has it (a read-only ledger is not migrated)
         self._columns: dict[tuple[str, str], bool] = {}
+        #: the item columns this ledger has (``_ITEM_COLS_V0`` on an old one opened read-only)
+        self._item_cols = _ITEM_COLS
         #: the last overview and the reader's ``PRAGMA data_version`` it was read at
         self._overview: tuple[int, dict[str, tuple[dict[str, int], RunRecord | None]]] | None = None
         #: the runtime datasets and the datasets' metadata, at a ``data_version`` (``described``)
@@ -462,6 +494,8 @@ class Ledger:
                 # The first read is where a damaged header or an unreadable file shows.
                 await (await db.execute("SELECT count(*) FROM sqlite_master")).close()
                 ledger._counts_table = await ledger._has_table("item_counts")
+                if not await ledger._has_column("items", "link"):
+                    ledger._item_cols = _ITEM_COLS_V0
             else:
                 await ledger._migrate()
                 await ledger._check_seq()
@@ -822,7 +856,10 @@ class Ledger:
         try:
             await reader.execute("BEGIN")
             async with reader.execute(
-                "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? ORDER BY key",
+                # Linked items made through the API have no object in the bucket: no listing would
+                # see them, so no run may count them as removed.
+                "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? "
+                "AND link IS NOT 'api' ORDER BY key",
                 (dataset_id,),
             ) as cur:
                 while rows := await cur.fetchmany(SNAPSHOT_BATCH):
@@ -960,7 +997,7 @@ class Ledger:
                     "INSERT INTO items (dataset_id, key, size, modified, etag, version, first_run, updated) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO UPDATE SET "
                     "size = excluded.size, modified = excluded.modified, etag = excluded.etag, "
-                    "version = excluded.version, updated = excluded.updated",
+                    "version = excluded.version, updated = excluded.updated, ref = NULL, link = NULL",
                     [(dataset_id, o.key, o.size, o.modified, o.etag, o.version, run_id, now) for o in adds],
                 )
             if updates:
@@ -1007,7 +1044,7 @@ class Ledger:
             part = todo[i : i + 500]
             rows = await self.db.execute_fetchall(  # whole in one step (see ``_read``)
                 "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? "
-                f"AND key IN ({','.join('?' * len(part))})",
+                f"AND link IS NOT 'api' AND key IN ({','.join('?' * len(part))})",
                 (dataset_id, *part),
             )
             for r in rows:
@@ -1072,7 +1109,9 @@ class Ledger:
     # -- reads for the CLI and API ------------------------------------------
 
     async def item(self, dataset_id: int, key: str) -> Item | None:
-        rows = await self._read(f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key))
+        rows = await self._read(
+            f"SELECT {self._item_cols} FROM items WHERE dataset_id = ? AND key = ?", (dataset_id, key)
+        )
         return _item(rows[0]) if rows else None
 
     async def set_state(self, item_id: int, state: ItemState) -> None:
@@ -1230,7 +1269,7 @@ class Ledger:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dataset_id, key) DO UPDATE SET "
                 "size = excluded.size, modified = excluded.modified, etag = excluded.etag, "
                 "version = excluded.version, content_type = excluded.content_type, state = 'live', "
-                "updated = excluded.updated",
+                "updated = excluded.updated, ref = NULL, link = NULL",
                 (dataset_id, op.key, info.size, info.modified, info.etag, info.version, op.content_type, now),
             )
             await self.db.execute(
@@ -1240,6 +1279,10 @@ class Ledger:
         item = await self.item(dataset_id, op.key)
         assert item is not None
         return item
+
+    async def op_done(self, op_id: int) -> None:
+        """Close an op that needed nothing from storage (a folder delete's linked item)."""
+        await self._write("UPDATE ops SET state = 'done', error = NULL, updated = ? WHERE id = ?", (time.time(), op_id))
 
     async def complete_delete(self, op: Op, dataset_id: int) -> None:
         now = time.time()
@@ -1260,7 +1303,7 @@ class Ledger:
         state: ItemState | None = ItemState.LIVE,
         meta: dict[str, str] | None = None,
     ) -> list[Item]:
-        sql = f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?"
+        sql = f"SELECT {self._item_cols} FROM items WHERE dataset_id = ?"
         args: list[Any] = [dataset_id]
         for name, value in (meta or {}).items():
             # The JSON path is a bound parameter with the name quoted: no injection.
@@ -1292,7 +1335,7 @@ class Ledger:
         # The id as a literal (an int, never user input): a dataset's partial indexes serve
         # only a query that names it so.
         ds = f"{'+' if scan else ''}dataset_id = {int(dataset_id)}"
-        sql = f"SELECT {_ITEM_COLS} FROM items WHERE {ds} AND {where} ORDER BY {order} LIMIT ?"
+        sql = f"SELECT {self._item_cols} FROM items WHERE {ds} AND {where} ORDER BY {order} LIMIT ?"
         return [_item(r) for r in await self._read(sql, [*params, limit])]
 
     async def folder_counts(self, dataset_id: int, parent: str, state: str) -> list[tuple[str, int, int]]:
@@ -1312,7 +1355,7 @@ class Ledger:
     async def direct_items(self, dataset_id: int, parent: str, state: str, after: str | None, limit: int) -> list[Item]:
         """Items directly in ``parent`` (no further '/'), by key, after ``after``."""
         rows = await self._read(
-            f"SELECT {_ITEM_COLS} FROM items WHERE dataset_id = ?1 AND key > ?2 AND key < ?3 AND state = ?4 "
+            f"SELECT {self._item_cols} FROM items WHERE dataset_id = ?1 AND key > ?2 AND key < ?3 AND state = ?4 "
             "AND instr(substr(key, ?5 + 1), '/') = 0 ORDER BY key LIMIT ?6",
             (
                 dataset_id,
@@ -1342,6 +1385,79 @@ class Ledger:
                 "state = 'live', updated = ? WHERE id = ?",
                 (new_key, *row[1:], time.time(), old_id),
             )
+
+    # -- linked items (catalog/links.py) -----------------------------------------
+
+    async def add_links(
+        self, dataset_id: int, links: Sequence[tuple[str, str, str | None, dict[str, Any] | None]]
+    ) -> set[str]:
+        """Create linked items (key, ref, content type, user metadata) in one transaction; the
+        keys that existed already (any state, linked or not) are left as they are and returned."""
+        now = time.time()
+        keys = [k for k, _r, _c, _m in links]
+        async with self._transaction():
+            existing: set[str] = set()
+            for i in range(0, len(keys), 500):  # SQLite's host-parameter limit
+                part = keys[i : i + 500]
+                async with self.db.execute(
+                    f"SELECT key FROM items WHERE dataset_id = ? AND key IN ({','.join('?' * len(part))})",
+                    (dataset_id, *part),
+                ) as cur:
+                    existing.update(str(r[0]) for r in await cur.fetchall())
+            await self.db.executemany(
+                "INSERT INTO items (dataset_id, key, size, modified, state, content_type, meta, updated, ref, link) "
+                "VALUES (?, ?, 0, ?, 'live', ?, ?, ?, ?, 'api') ON CONFLICT (dataset_id, key) DO NOTHING",
+                [
+                    (dataset_id, key, now, ctype, json.dumps(meta, ensure_ascii=False) if meta else None, now, ref)
+                    for key, ref, ctype, meta in links
+                    if key not in existing
+                ],
+            )
+        return existing
+
+    async def link_files_due(self, limit: int) -> list[tuple[int, int, str, str | None]]:
+        """(item id, dataset id, key, etag) of link files waiting to be read, oldest first."""
+        rows = await self._read(
+            "SELECT q.item_id, q.dataset_id, i.key, i.etag FROM link_files q JOIN items i ON i.id = q.item_id "
+            "ORDER BY q.queued, q.item_id LIMIT ?",
+            (limit,),
+        )
+        return [(int(r[0]), int(r[1]), str(r[2]), r[3]) for r in rows]
+
+    async def set_link_file(
+        self, item_id: int, etag: str | None, link: tuple[str, str | None, dict[str, Any]] | None
+    ) -> bool:
+        """Record what a link file says (ref, content type, user metadata merged in), or that it
+        is no link (None), and take it off the queue; only if the row still has the ``etag`` that
+        was read (a newer version is queued again by the trigger). Whether it was recorded."""
+        async with self._transaction():
+            async with self.db.execute("SELECT etag, meta FROM items WHERE id = ?", (item_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != etag:
+                return False
+            if link is None:
+                await self.db.execute("UPDATE items SET ref = NULL, link = NULL WHERE id = ?", (item_id,))
+            else:
+                ref, ctype, meta = link
+                merged = {**(json.loads(row[1]) if row[1] else {}), **meta}
+                await self.db.execute(
+                    "UPDATE items SET ref = ?, link = 'file', content_type = coalesce(?, content_type), meta = ?, "
+                    "updated = ? WHERE id = ?",
+                    (ref, ctype, json.dumps(merged, ensure_ascii=False) if merged else None, time.time(), item_id),
+                )
+            await self.db.execute("DELETE FROM link_files WHERE item_id = ?", (item_id,))
+        return True
+
+    async def drop_link_file(self, item_id: int) -> None:
+        """Take a link file that cannot be read off the queue (its row stays an ordinary item)."""
+        await self._write("DELETE FROM link_files WHERE item_id = ?", (item_id,))
+
+    async def pointed_ref(self, item_id: int) -> str | None:
+        """The ref of the linked item a pointer item (clone, merge) points at; None otherwise."""
+        rows = await self._read(
+            "SELECT s.ref FROM items p JOIN items s ON s.id = p.source_item WHERE p.id = ?", (item_id,)
+        )
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def add_folder(self, dataset_id: int, path: str) -> bool:
         """Persist an empty folder (``a/b/``) of a runtime dataset; False if it was there."""
