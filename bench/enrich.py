@@ -128,10 +128,10 @@ async def upload(port: int, bucket: str, items: int, tmp: Path) -> dict[str, Any
         nonlocal total
         spec = i % len(pool)
         ext = "jpg" if POOL[spec][0] == "JPEG" else "png"
-        data = pool[spec] + i.to_bytes(8, "big")  # after the end marker: its own etag, same image
-        async with sem:
+        async with sem:  # the body is made inside: 16 in memory at once, not --items of them
+            data = pool[spec] + i.to_bytes(8, "big")  # after the end marker: its own etag, same image
             await store.put(f"img/{i // 1000:03d}/{i:06d}.{ext}", one_chunk(data))
-        total += len(data)
+            total += len(data)
 
     await asyncio.gather(*(one(i) for i in range(items)))
     await store.aclose()
