@@ -24,7 +24,7 @@ from botocore.credentials import Credentials
 
 from bucketsync.core.errors import NotFound, PermissionDenied, StorageError, Transient, Unreachable
 from bucketsync.stores import one_chunk, read_all
-from bucketsync.stores.s3 import BucketNotFound, S3Store
+from bucketsync.stores.s3 import BucketNotFound, S3Store, _Target
 from bucketsync.stores.sigv4 import Signer, encode_key
 from emulators import free_port
 from emulators.s3 import PREFIX, S3Emulator
@@ -289,3 +289,34 @@ async def test_an_unreachable_endpoint_is_unreachable() -> None:
                 await read_all(store, "k")
         finally:
             await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        (
+            "http://127.0.0.1:8333/bkt/bucketsync-where-reads-go?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            "&X-Amz-Credential=AK%2F20261129%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20261129T194233Z"
+            "&X-Amz-Expires=60&X-Amz-SignedHeaders=host&X-Amz-Signature=75",
+            ("http://127.0.0.1:8333", "127.0.0.1:8333", "/bkt/", "us-east-1"),
+        ),
+        (
+            "https://bkt.s3.amazonaws.com:443/bucketsync-where-reads-go?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            "&X-Amz-Credential=AK%2F20261129%2Feu-west-1%2Fs3%2Faws4_request&X-Amz-Signature=6d",
+            ("https://bkt.s3.amazonaws.com:443", "bkt.s3.amazonaws.com", "/", "eu-west-1"),
+        ),
+        # another algorithm, another key layout, a query of its own: not what sigv4 signs
+        ("https://h/bucketsync-where-reads-go?X-Amz-Algorithm=AWS4-ECDSA-P256-SHA256&X-Amz-Credential=a/b/c/d/e", None),
+        ("https://h/other?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK/d/r/s3/aws4_request", None),
+        (
+            "https://h/bucketsync-where-reads-go?x-id=GetObject&X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            "&X-Amz-Credential=AK/d/r/s3/aws4_request",
+            None,
+        ),
+        ("https://h/bucketsync-where-reads-go?Signature=abc&AWSAccessKeyId=AK&Expires=1", None),
+    ],
+)
+def test_where_reads_go_is_learned_from_a_presigned_url(url: str, want: tuple[str, str, str, str] | None) -> None:
+    target = _Target.from_presigned(url)
+    got = None if target is None else (target.origin, target.host, target.path, target.signer.region)
+    assert got == want
