@@ -14,7 +14,7 @@ Behaviour that is ours, not the SDK's:
   an S3 version is identified by its ETag; ``list``, ``head`` and ``put`` then
   report the same ``ObjectInfo`` for the same object. ``modified`` is whole
   seconds for the same reason: HEAD's ``Last-Modified`` has no fraction.
-- Two hot paths skip the SDK's per-request machinery (about 1 ms of CPU a request):
+- Two hot paths skip the SDK's per-request machinery (milliseconds of CPU a request):
   listing pages (``_page_raw``) and reads (``open``, ``_lean_get``). botocore still
   decides where requests go and which credentials sign them; errors still go through
   ``translate``; anything unexpected is handed back to the SDK.
