@@ -74,6 +74,9 @@ SYSTEM: dict[str, Field] = {
         Field("state", "state", "state"),
         Field("mimetype", "content_type", "text", nullable=True),
         Field("content_type", "content_type", "text", nullable=True),
+        # linked items (catalog/links.py): ``{"link": {"$exists": true}}`` finds them
+        Field("link", "link", "text", nullable=True),
+        Field("ref", "ref", "text", nullable=True),
     )
 }
 #: the fields of a dataset (``GET /datasets?filter=``), besides its metadata.NAME

@@ -199,6 +199,10 @@ class Item:
     content_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     updated: float | None = None
+    #: a linked item's target (https://..., s3://...): its binary is there, not in the bucket
+    ref: str | None = None
+    #: how a linked item came: "api" (POST .../links, a CSV import) or "file" (a synced *.link.json)
+    link: str | None = None
 
     def as_json(self, full: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -216,6 +220,8 @@ class Item:
                 "metadata": self.meta,
                 "updated": iso(self.updated),
             }
+        if self.link is not None:  # only linked items carry it: other items look as they always did
+            out["link"] = {"ref": self.ref, "from": self.link}
         return out
 
 

@@ -46,6 +46,7 @@ TABLES = (
     "thumbnail_trash",
     "item_events",
     "deliveries",
+    "link_files",
 )
 #: kept by the target's triggers as the items arrive; verified, not copied
 DERIVED = ("item_counts",)
@@ -280,6 +281,9 @@ async def _copy_all(
     tallies: Tallies = {}
     present = await _tables(reader)
     for table in TABLES:
+        if table == "link_files":
+            # the items' insert trigger queued every copied link file; the source's queue is the truth
+            await conn.execute("DELETE FROM link_files")
         if table in present:
             tallies[table] = await _copy_table(reader, conn, table, progress)
     # Pointer items are counted by the statement that creates them, not by the insert trigger
