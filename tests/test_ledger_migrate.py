@@ -54,7 +54,8 @@ async def make_source(path: Path) -> dict[str, int]:
         cats = await led.find_dataset("cats")
         assert cats is not None
         await led.add_folder(cats, "empty/")
-        await led.inbox_put(docs, [("x", "created", "t", "ex", 1, 2.0)])
+        await led.inbox_put(docs, [("x", "created", "t", "ex", 1, 2.0), ("y", "removed", None, None, None, None)])
+        await led.inbox_done([max(i for i, _ in await led.inbox_take(docs, 0, 10))])  # its id is never reused
         await led.mark_resync(["docs"], "lost commits")
         assert await ensure_index(led, photos, "size")
         return {"photos": photos, "docs": docs, "cats": cats, "pending_op": done + 1}
@@ -115,6 +116,9 @@ async def _check_copy(path: Path, url: str, ids: dict[str, int]) -> None:
         assert await dst.pointed(pointer.id) == ("photos", pointer.key), "pointers still point"
         assert await dst.empty_folders(ids["cats"], "") == ["empty/"]
         assert [e for _, e in await dst.inbox_take(ids["docs"], 0, 10)] == [("x", "created", "t", "ex", 1, 2.0)]
+        await dst.inbox_put(ids["docs"], [("z", "created", None, None, None, None)])
+        taken = [i for i, _ in await dst.inbox_take(ids["docs"], 0, 10)]
+        assert taken[-1] > taken[0] + 1, f"the inbox does not reuse the id of an entry done before the copy: {taken}"
         assert await dst.resync_pending() == {"docs"}
         [(name, sql)] = await src.indexes("items_by_size")
         assert await dst.indexes("items_by_size") == [(name, sql)], "the catalog's field indexes too"

@@ -292,12 +292,15 @@ async def _copy_all(
         "SELECT table_name, column_name FROM information_schema.columns "
         "WHERE table_schema = current_schema() AND is_identity = 'YES'"
     )
+    # SQLite's AUTOINCREMENT (the inbox) never hands out an id again, even a deleted row's: its counter
+    # may stand past max(id), and the target's must too.
+    counters = {}
+    if "sqlite_sequence" in present:
+        counters = {str(r[0]): int(r[1]) for r in await _rows(reader, "SELECT name, seq FROM sqlite_sequence")}
     for table, column in identities:
-        await conn.execute(
-            f"SELECT setval(pg_get_serial_sequence($1, $2), max({column})) FROM {table} HAVING count(*) > 0",
-            table,
-            column,
-        )
+        last = max(int(await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")), counters.get(table, 0))
+        if last > 0:
+            await conn.execute("SELECT setval(pg_get_serial_sequence($1, $2), $3)", table, column, last)
     return tallies
 
 
