@@ -35,7 +35,8 @@ log = structlog.get_logger("bucketsync.agent")
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.lock = InstanceLock(settings.agent.ledger)
+        #: one agent per SQLite file (invariant 10); a PostgreSQL ledger's is a lock in the database
+        self.lock = InstanceLock(file) if (file := settings.agent.ledger_file) is not None else None
         self.ledger: Ledger | None = None
         self.stores: dict[str, Store] = {}
         self.loops: dict[str, SyncLoop] = {}
@@ -60,12 +61,15 @@ class Agent:
         self._created_ledger = self._created_folder = False
 
     async def __aenter__(self) -> Agent:
-        created_folder = not self.settings.agent.ledger.parent.exists()
-        self.lock.acquire()
-        self._created_ledger = not self.settings.agent.ledger.exists()
-        self._created_folder = created_folder
+        conf = self.settings.agent
+        if conf.ledger_file is not None and self.lock is not None:
+            created_folder = not conf.ledger_file.parent.exists()
+            self.lock.acquire()
+            self._created_ledger = not conf.ledger_file.exists()
+            self._created_folder = created_folder
         try:
-            self.ledger = await Ledger.open(self.settings.agent.ledger)
+            self.ledger = await Ledger.open(conf.ledger, password=conf.ledger_password())
+            await self.ledger.claim()
             if self.ledger.rolled_back is not None:
                 seq, mirrored = self.ledger.rolled_back
                 await self.ledger.mark_resync(
@@ -107,9 +111,11 @@ class Agent:
             if self.ledger is not None:
                 await self.ledger.close()
         finally:
-            if self.discard_new_ledger and self._created_ledger:
-                remove_ledger_files(self.settings.agent.ledger, folder=self._created_folder)
-            self.lock.release()
+            file = self.settings.agent.ledger_file
+            if self.discard_new_ledger and self._created_ledger and file is not None:
+                remove_ledger_files(file, folder=self._created_folder)
+            if self.lock is not None:
+                self.lock.release()
 
     async def ensure_indexes(self) -> None:
         """Each dataset's configured ``indexes`` (a partial index per dataset; built once)."""

@@ -99,6 +99,11 @@ class Db(Protocol):
         """Run a ``CREATE INDEX IF NOT EXISTS``; True when the index was new."""
         ...
 
+    async def claim(self) -> None:
+        """Make this process the ledger's one agent (invariant 10), or raise ``LedgerLocked``.
+        SQLite's is the file lock the agent takes before opening (``InstanceLock``)."""
+        ...
+
     async def probe_write(self) -> None:
         """The cheapest write transaction: does the ledger take writes (again)?"""
         ...

@@ -40,14 +40,17 @@ from typing import Any
 import asyncpg
 
 from bucketsync import metrics
-from bucketsync.core.errors import DiskFull, LedgerError
+from bucketsync.core.errors import DiskFull, LedgerError, LedgerLocked
 from bucketsync.ledger import durability
 from bucketsync.ledger.db import Row, numbered, rowcount
 
-#: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together)
-SCHEMA_VERSION = 11
+#: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together).
+#: v12: pointer items are counted by the statement that creates them, not the insert trigger.
+SCHEMA_VERSION = 12
 #: the advisory lock every write transaction takes (one per database): b"bsyn"
 WRITE_LOCK = 0x6273796E
+#: the advisory lock the one agent holds for as long as it runs: b"bsag"
+INSTANCE_LOCK = 0x62736167
 #: read connections (API, CLI, snapshots of concurrent runs); the writer has its own
 POOL_SIZE = 8
 C = 'COLLATE "C"'
@@ -214,8 +217,9 @@ CREATE TRIGGER pointers_stale AFTER UPDATE ON items REFERENCING OLD TABLE AS old
 FUNCTIONS = """
 CREATE OR REPLACE FUNCTION bs_counts_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- pointer items are counted by the statement that creates them (MIGRATIONS v12)
     INSERT INTO item_counts (dataset_id, state, n)
-        SELECT dataset_id, state, count(*) FROM new_rows GROUP BY dataset_id, state
+        SELECT dataset_id, state, count(*) FROM new_rows WHERE source_item IS NULL GROUP BY dataset_id, state
         ON CONFLICT (dataset_id, state) DO UPDATE SET n = item_counts.n + excluded.n;
     RETURN NULL;
 END $$;
@@ -331,17 +335,29 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
--- A user metadata value as SQLite's json_extract gives it to a comparison: JSON null is SQL
--- NULL, and true/false are 1/0; numbers and strings keep their JSON type (jsonb compares them).
+-- A user metadata value as the catalog compares and sorts it, in SQLite's order of types:
+-- missing (and JSON null) is SQL NULL, then numbers (true/false as 1/0, as json_extract
+-- gives them), then text. jsonb alone orders strings before numbers, so each value is a pair
+-- [0, number] or [1, text]: pairs compare by their first element, then their value. The
+-- catalog's bound values are made pairs the same way (``_meta_value``, the jsonb encoder).
 CREATE OR REPLACE FUNCTION bs_meta(meta TEXT, name TEXT) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(v) WHEN 'boolean' THEN to_jsonb(v::boolean::int) WHEN 'null' THEN NULL ELSE v END
+    SELECT CASE jsonb_typeof(v)
+        WHEN 'number' THEN jsonb_build_array(0, v)
+        WHEN 'boolean' THEN jsonb_build_array(0, v::boolean::int)
+        WHEN 'string' THEN jsonb_build_array(1, v)
+        WHEN 'object' THEN jsonb_build_array(1, v::text)
+        WHEN 'array' THEN jsonb_build_array(1, v::text)
+        END
     FROM (SELECT meta::jsonb -> name AS v) AS m
 $$;
 -- The same value as text, as SQLite's CAST(json_extract(...) AS TEXT): strings bare, true '1'.
 CREATE OR REPLACE FUNCTION bs_meta_text(meta TEXT, name TEXT) RETURNS TEXT
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(v) WHEN 'string' THEN v #>> '{}' ELSE bs_meta(meta, name) #>> '{}' END
+    SELECT CASE jsonb_typeof(v)
+        WHEN 'boolean' THEN v::boolean::int::text
+        WHEN 'null' THEN NULL
+        ELSE v #>> '{}' END
     FROM (SELECT meta::jsonb -> name AS v) AS m
 $$;
 """
@@ -561,9 +577,16 @@ def ledger_error(where: str, exc: BaseException, doing: str) -> LedgerError:
     return LedgerError(f"cannot {doing} the ledger {where}: {detail}")
 
 
+def _meta_value(value: Any) -> str:
+    """A value the catalog compares with ``bs_meta``, as the same [type, value] pair."""
+    if isinstance(value, bool):
+        value = int(value)
+    return json.dumps([0 if isinstance(value, (int, float)) else 1, value], ensure_ascii=False)
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb values are bound in the catalog's metadata comparisons: a Python value as JSON.
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # The only jsonb values bound are the catalog's metadata values, compared with bs_meta.
+    await conn.set_type_codec("jsonb", encoder=_meta_value, decoder=json.loads, schema="pg_catalog")
 
 
 class _Tx:
@@ -709,6 +732,20 @@ class PostgresDb:
 
     def transaction(self) -> _Tx:
         return _Tx(self)
+
+    async def claim(self) -> None:
+        """A session advisory lock on the writer connection: held while this agent runs, and
+        dropped by the server when its connection ends, however the process died."""
+        if not await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
+            holder = await self.conn.fetchval(
+                "SELECT a.client_addr || ' pid ' || a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted LIMIT 1",
+                INSTANCE_LOCK,
+            )
+            raise LedgerLocked(
+                f"another bucketsync agent (connection {holder or 'unknown'}) is using the ledger {self.where}; "
+                "stop it first, or talk to it through its HTTP API"
+            )
 
     async def probe_write(self) -> None:
         async with self.transaction():
