@@ -8,8 +8,8 @@ transaction commits, every table is read back and compared with the source per d
 and a checksum of their values (an order-independent sum of per-row hashes, so neither side has to sort).
 Any difference, or any failure, rolls the whole copy back: the target is left as empty as it was found.
 
-``item_counts`` is not copied: the target's triggers count the items as they arrive, and the counts are
-verified against the source's items like any table. The catalog's field indexes are created on the target
+``item_counts`` is not copied: it is made from the copied items (what the counts must say), and verified
+against the source's items like any table. The catalog's field indexes are created on the target
 after the commit, through the target ledger's own ``create_index``.
 """
 
@@ -47,7 +47,7 @@ TABLES = (
     "item_events",
     "deliveries",
 )
-#: kept by the target's triggers as the items arrive; verified, not copied
+#: made from the copied items, then verified against the source's items; not copied
 DERIVED = ("item_counts",)
 #: the commit sequence: the target continues from the source's number
 SEQUENCE = "commit_seq"
@@ -282,6 +282,13 @@ async def _copy_all(
     for table in TABLES:
         if table in present:
             tallies[table] = await _copy_table(reader, conn, table, progress)
+    # The target's triggers count the items as they arrive, but not all of them (pointers are counted by
+    # the statement that clones them): the counts are what the items are, so they are made from them.
+    await conn.execute("DELETE FROM item_counts")
+    await conn.execute(
+        "INSERT INTO item_counts (dataset_id, state, n) SELECT dataset_id, state, count(*) FROM items "
+        "GROUP BY dataset_id, state"
+    )
     for r in await _rows(reader, "SELECT id, name FROM datasets"):
         report.datasets[int(r[0])] = str(r[1])
     seq = await _rows(reader, f"SELECT seq FROM {SEQUENCE} WHERE id = 1")
@@ -370,8 +377,7 @@ async def _verify(
     reader: aiosqlite.Connection, conn: asyncpg.Connection, copied: Tallies, report: Report, progress: Progress
 ) -> None:
     """Read every copied table back inside the copy's transaction and compare it with the source,
-    per dataset: the same rows, the same values. The item counts the target's triggers kept must
-    equal the source's items."""
+    per dataset: the same rows, the same values; and the target's item counts must equal the source's items."""
     bad: list[str] = []
     for table, source in copied.items():
         columns, types = await _columns(reader, conn, table)
