@@ -142,6 +142,9 @@ def _server_argv(bin_dir: Path, data: Path, port: int, extra: dict[str, str]) ->
         "synchronous_commit": "off",
         "full_page_writes": "off",
         "shared_buffers": "64MB",  # a server per worker on a shared machine
+        # Parallel queries' shared memory as files in the data directory, removed with it, not in /dev/shm
+        # where a server that is killed would leave them behind.
+        "dynamic_shared_memory_type": "mmap",
         "max_connections": "100",
         **extra,
     }
