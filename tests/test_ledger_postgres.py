@@ -153,3 +153,35 @@ async def test_enrichment_and_item_events_are_queued_by_triggers(postgres_server
         assert await queue.counts(ds) == {"pending": 1, "done": 0, "failed": 0}, "c was not queued"
     finally:
         await ledger.close()
+
+
+async def test_a_lost_writer_connection_fails_one_write_then_heals(postgres_server: PostgresServer) -> None:
+    """The server ends the writer's connection (a restart, a network cut): writes work again
+    without a restart (a new connection), and the agent holds the one-agent lock again."""
+    from bucketsync.ledger.postgres import PostgresDb
+
+    url = postgres_server.new_database()
+    ledger = await Ledger.open(url)
+    other = await Ledger.open(url)
+    try:
+        await ledger.claim()
+        ds = await ledger.dataset_id("d")
+        assert isinstance(ledger.db, PostgresDb)
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", ledger.db.conn.get_server_pid())
+        finally:
+            await admin.close()
+        # The client learns of the loss either on this write (a LedgerError, the ledger's fault)
+        # or before it (then it reconnects at once): both are fine, neither needs a restart.
+        try:
+            await ledger.begin_run(ds, False)
+        except LedgerError as err:
+            assert "unreachable" in str(err) and ledger.fault == str(err)
+        run = await ledger.begin_run(ds, False)
+        assert ledger.fault is None and (await ledger.run(run)) is not None
+        with pytest.raises(LedgerLocked):
+            await other.claim()
+    finally:
+        await other.close()
+        await ledger.close()

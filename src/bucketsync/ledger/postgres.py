@@ -533,7 +533,7 @@ def _kind(exc: BaseException) -> str:
     if state.startswith(("28", "42501")) or state == "25006":
         return "permission"
     if state.startswith(("08", "57", "53", "58")) or isinstance(
-        exc, (OSError, asyncpg.InterfaceError, asyncio.TimeoutError)
+        exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, asyncio.TimeoutError)
     ):
         return "io"
     if state.startswith(("40", "55P03")):
@@ -544,7 +544,9 @@ def _kind(exc: BaseException) -> str:
 def _operational(exc: BaseException) -> bool:
     """A fault of the server or the connection (full disk, lost connection, ...), not a bug
     such as a constraint violation: only those become a ``LedgerError``."""
-    return _kind(exc) != "other" and isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError))
+    return _kind(exc) != "other" and isinstance(
+        exc, (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
+    )
 
 
 def redact(url: str) -> str:
@@ -601,6 +603,7 @@ class _Tx:
     async def __aenter__(self) -> _Tx:
         await self.db.write_lock.acquire()
         try:
+            self.conn = await self.db.writer()
             self._tx = self.conn.transaction()
             await self._tx.start()
             await self.conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
@@ -637,6 +640,8 @@ class _Tx:
             self.db.write_lock.release()
 
     def _failed(self, exc: BaseException) -> LedgerError:
+        if _kind(exc) == "io":
+            self.conn.terminate()  # whatever state it is in, the next transaction connects afresh
         err = ledger_error(self.db.where, exc, "write")
         first = self.db.fault is None
         self.db.fault = str(err)
@@ -667,10 +672,15 @@ class PostgresDb:
 
     dialect = DIALECT
 
-    def __init__(self, conn: asyncpg.Connection, pool: asyncpg.Pool, where: str) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, pool: asyncpg.Pool, where: str, url: str = "", password: str | None = None
+    ) -> None:
         self.conn = conn
         self.pool = pool
         self.where = where
+        self._url, self._password = url, password
+        #: whether this process holds the one-agent lock (taken again with a new writer connection)
+        self.claimed = False
         self.write_lock = asyncio.Lock()
         self.fault: str | None = None
         self.rolled_back: tuple[int, int] | None = None
@@ -693,7 +703,7 @@ class PostgresDb:
             pool = await asyncpg.create_pool(
                 url, password=password, min_size=1, max_size=POOL_SIZE, init=_init_connection
             )
-            db = cls(conn, pool, where)
+            db = cls(conn, pool, where, url, password)
             rows = await conn.fetch(
                 "SELECT table_name, column_name, data_type FROM information_schema.columns "
                 "WHERE table_schema = current_schema()"
@@ -736,8 +746,31 @@ class PostgresDb:
     async def claim(self) -> None:
         """A session advisory lock on the writer connection: held while this agent runs, and
         dropped by the server when its connection ends, however the process died."""
-        if not await self.conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
-            holder = await self.conn.fetchval(
+        await self._lock_instance(self.conn)
+        self.claimed = True
+
+    async def writer(self) -> asyncpg.Connection:
+        """The writer connection; a new one when the last was lost (a server restart, a network
+        cut, an administrator's pg_terminate_backend), so writes work again as soon as the server
+        answers. The one-agent lock went with the old connection: it is taken again, or
+        ``LedgerLocked`` says another agent took it meanwhile."""
+        if not self.conn.is_closed():
+            return self.conn
+        conn = await asyncpg.connect(self._url, password=self._password)
+        try:
+            await _init_connection(conn)
+            if self.claimed:
+                await self._lock_instance(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        self.conn = conn
+        durability.log.warning("ledger writer reconnected", ledger=self.where)
+        return conn
+
+    async def _lock_instance(self, conn: asyncpg.Connection) -> None:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
+            holder = await conn.fetchval(
                 "SELECT a.client_addr || ' pid ' || a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                 "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted LIMIT 1",
                 INSTANCE_LOCK,
