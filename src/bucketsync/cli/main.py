@@ -827,9 +827,10 @@ async def cmd_ledger_migrate(settings: Settings, args: argparse.Namespace) -> in
     """Copy the SQLite ledger into PostgreSQL (ledger/migrate.py), printing progress as it goes."""
     from pathlib import Path
 
+    from bucketsync.config import LEDGER_PASSWORD_ENV
     from bucketsync.ledger.migrate import BadMigration, migrate
 
-    password = None
+    password = os.environ.get(LEDGER_PASSWORD_ENV) or None  # as the agent takes it; the file wins
     if args.password_file:
         try:
             password = Path(args.password_file).read_text().strip()
