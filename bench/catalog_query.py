@@ -32,7 +32,7 @@ from typing import Any
 
 from bucketsync.catalog import items as catalog_items
 from bucketsync.catalog import query
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 CAMERAS = [f"cam-{i:02d}" for i in range(100)]
 LENSES = [f"lens-{i:03d}" for i in range(1000)]

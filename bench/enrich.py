@@ -170,8 +170,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             prof.dump_stats(args.profile)
         read = metrics.ENRICH_BYTES_READ.labels(DS)._value.get() - read0
         assert agent.ledger is not None
-        async with agent.ledger.db.execute("SELECT state, count(*) FROM enrichment GROUP BY state") as cur:
-            states = {s: n for s, n in await cur.fetchall()}
+        states = {s: n for s, n in await agent.ledger.db.read("SELECT state, count(*) FROM enrichment GROUP BY state")}
     return {
         "listed": result.counts.listed,
         "enriched": done,

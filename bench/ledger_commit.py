@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bucketsync.core.model import Counts, ObjectInfo
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 
 async def main(batches: int, lone: int) -> None:

@@ -104,7 +104,7 @@ def change(root: Path, n: int, how: str, rep: int, salt: str) -> int:
 
 async def child(spec: dict[str, Any]) -> dict[str, Any]:
     from bucketsync.config import DatasetConfig, DriverConfig, Settings
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.stores import local, open_store
     from bucketsync.upstream.sync import SyncLoop
 

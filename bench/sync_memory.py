@@ -183,7 +183,7 @@ def _copy_ledger(seed: Path, dest: Path) -> None:
 
 async def child(spec: dict[str, Any]) -> dict[str, Any]:
     from bucketsync.config import DatasetConfig
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.logs import configure
     from bucketsync.stores.memory import MemoryStore
     from bucketsync.upstream.sync import SyncLoop
@@ -215,17 +215,29 @@ async def child(spec: dict[str, Any]) -> dict[str, Any]:
         for k in added:
             await store.put(k, _chunks(BLOBS[0]))
 
+    #: a PostgreSQL ledger: {"port", "bin", "seed"} of a server bench/sync_backends.py started
+    pg: dict[str, Any] | None = spec.get("pg")
+    server: Any = None
+    if pg is not None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from emulators.postgres import PostgresServer
+
+        server = PostgresServer(port=pg["port"], bin_dir=Path(pg["bin"]))
     results = []
     for rep in range(reps):
         db = work / f"ledger-{scenario}-{rep}.db"
-        if scenario == "initial":
+        place: Path | str = db
+        if server is not None:
+            # a fresh database, or a copy of the seed one (CREATE DATABASE ... TEMPLATE)
+            place = server.new_database("template0" if scenario == "initial" else pg["seed"])  # type: ignore[index]
+        elif scenario == "initial":
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
         else:
             _copy_ledger(Path(spec["seed"]), db)
         for k in modify:
             await store.put(k, _chunks(CHANGED))
-        ledger = await Ledger.open(db)
+        ledger = await Ledger.open(place)
         loop = SyncLoop(DATASET, DatasetConfig(driver="mem"), store, ledger)
         await ledger.dataset_id(DATASET)  # schema + dataset row exist before the clock starts
         gc.collect()
@@ -275,11 +287,18 @@ async def child(spec: dict[str, Any]) -> dict[str, Any]:
         }[scenario]
         got = {k: getattr(c, k) for k in expect}
         assert got == expect, (scenario, got, expect)
-        db_mb = db.stat().st_size / 2**20
-        if scenario == "initial" and rep == 0 and spec.get("seed"):
-            _copy_ledger(db, Path(spec["seed"]))
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        if server is not None:
+            name = str(place).rsplit("/", 1)[1]
+            db_mb = int(server.psql(f"SELECT pg_database_size('{name}')").strip()) / 2**20
+            if scenario == "initial" and rep == 0 and spec.get("seed"):
+                server.new_database(name, name=pg["seed"])  # type: ignore[index]
+            server.drop_database(name)
+        else:
+            db_mb = db.stat().st_size / 2**20
+            if scenario == "initial" and rep == 0 and spec.get("seed"):
+                _copy_ledger(db, Path(spec["seed"]))
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
         results.append(
             {
                 "wall": wall,

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 pytest_plugins = [
     "emulators.s3",
     "emulators.gcs",
     "emulators.azure",
+    "emulators.postgres",
 ]
 
 

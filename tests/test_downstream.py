@@ -22,7 +22,7 @@ from bucketsync.core.errors import AlreadyExists, InvalidKey, NotFound, Precondi
 from bucketsync.core.model import CREATE, OVERWRITE, ItemState, OpKind, OpState, PutMode, RunStatus
 from bucketsync.downstream.ops import Downstream, Outcome
 from bucketsync.downstream.outbox import Outbox
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import Store, one_chunk, read_all
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.upstream.sync import SyncLoop

@@ -115,7 +115,7 @@ async def test_ledger_open_closes_its_connection_when_the_file_is_damaged(tmp_pa
     import threading
 
     from bucketsync.core.errors import LedgerError
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
     path = tmp_path / "ledger.db"
     await (await Ledger.open(path)).close()

@@ -354,8 +354,8 @@ async def test_thumbnail_cleanup_never_deletes_outside_the_hidden_folder(tmp_pat
         store = agent.stores["d"]
         await put_all(store, {"keep.jpg": images.jpeg()})
         ds_id = await agent.ledger.dataset_id(DS)
-        async with agent.ledger.transaction():
-            await agent.ledger.db.execute(
+        async with agent.ledger.transaction() as tx:
+            await tx.execute(
                 "INSERT INTO thumbnail_trash (dataset_id, key, local, created) VALUES (?, 'keep.jpg', 0, 0)", (ds_id,)
             )
         await agent.enricher.empty_trash()

@@ -16,7 +16,7 @@ from bucketsync import metrics
 from bucketsync.config import DatasetConfig
 from bucketsync.core.keys import KeyFilter
 from bucketsync.core.model import Indexed, ItemState, ObjectInfo
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores.local import LocalStore
 from bucketsync.upstream.events import Batch, Event, EventKind, EventSource, SourceFailed
 from bucketsync.upstream.events.consumer import Consumer, Tokens, decide, sift

@@ -26,7 +26,8 @@ from bucketsync.agent import Agent, datasets_status
 from bucketsync.config import Settings
 from bucketsync.core.model import Counts, ObjectInfo
 from bucketsync.downstream.ops import Downstream
-from bucketsync.ledger.sqlite import MIGRATIONS, Ledger
+from bucketsync.ledger.ledger import Ledger
+from bucketsync.ledger.sqlite import MIGRATIONS, SqliteDb
 from e2e import Daemon, Response, local_driver, many_files, write_config, write_files
 
 
@@ -207,12 +208,12 @@ async def test_reads_use_their_own_connection(tmp_path: Path) -> None:
     transaction's own rows: they are not on the writers' connection."""
     ledger = await Ledger.open(tmp_path / "ledger.db")
     try:
-        assert ledger.reader is not ledger.db
+        assert isinstance(ledger.db, SqliteDb) and ledger.db.reader is not ledger.db.conn
         ds = await ledger.dataset_id("photos")
         run = await ledger.begin_run(ds, False)
         await ledger.write_batch(ds, run, [ObjectInfo("a", 1, 1.0, "e1")], [], Counts(listed=1, added=1))
-        async with ledger._transaction():
-            await ledger.db.execute(
+        async with ledger.transaction() as tx:
+            await tx.execute(
                 "INSERT INTO items (dataset_id, key, size, modified, updated) VALUES (?, 'b', 1, 1, 1)", (ds,)
             )
             assert await ledger.counts_by_state(ds) == {"live": 1, "tombstone": 0}

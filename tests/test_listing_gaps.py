@@ -23,7 +23,7 @@ import pytest
 from bucketsync import metrics
 from bucketsync.config import DatasetConfig
 from bucketsync.core.model import ItemState, ListingGap, ObjectInfo, RunStatus
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import one_chunk
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.upstream.sync import SyncLoop

@@ -28,7 +28,7 @@ from structlog.testing import capture_logs
 from bucketsync.config import DatasetConfig
 from bucketsync.core.errors import PreconditionFailed
 from bucketsync.core.model import Counts, ItemState, ObjectInfo, PutMode, RunStatus
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import local as local_module
 from bucketsync.stores import one_chunk
 from bucketsync.stores.contenthash import HashMemo, memo_path

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bucketsync.config import DatasetConfig
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.sync import CHECK_EVERY, SyncLoop

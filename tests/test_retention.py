@@ -6,8 +6,8 @@ import time
 
 from bucketsync.config import AgentConfig
 from bucketsync.core.model import Counts, OpKind, RunStatus
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.retention import prune_once
-from bucketsync.ledger.sqlite import Ledger
 
 
 async def finished_runs(ledger: Ledger, ds: int, statuses: list[RunStatus]) -> list[int]:

@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 from bucketsync.config import DatasetConfig
 from bucketsync.core.errors import StorageError
 from bucketsync.core.model import Item, ItemState, ObjectInfo, RunStatus
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import Store, one_chunk, read_all
 from bucketsync.stores.contenthash import HashMemo
 from bucketsync.stores.local import LocalStore

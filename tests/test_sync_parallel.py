@@ -16,7 +16,7 @@ import pytest
 from bucketsync.config import DatasetConfig
 from bucketsync.core.errors import PermissionDenied
 from bucketsync.core.model import RunStatus
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores.s3 import S3Store, _Page
 from bucketsync.upstream import sync
 from bucketsync.upstream.sync import SyncLoop

@@ -23,7 +23,8 @@ from bucketsync.core.errors import ConfigError
 from bucketsync.core.model import COUNTED_STATES, RunRecord, RunStatus, iso
 from bucketsync.downstream.outbox import Outbox
 from bucketsync.enrich import Enricher, Triggers
-from bucketsync.ledger.sqlite import InstanceLock, Ledger
+from bucketsync.ledger.ledger import Ledger
+from bucketsync.ledger.sqlite import InstanceLock
 from bucketsync.stores import Store, open_store
 from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.probe import ProbeResult
@@ -35,7 +36,8 @@ log = structlog.get_logger("bucketsync.agent")
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.lock = InstanceLock(settings.agent.ledger)
+        #: one agent per SQLite file (invariant 10); a PostgreSQL ledger's is a lock in the database
+        self.lock = InstanceLock(file) if (file := settings.agent.ledger_file) is not None else None
         self.ledger: Ledger | None = None
         self.stores: dict[str, Store] = {}
         self.loops: dict[str, SyncLoop] = {}
@@ -62,12 +64,15 @@ class Agent:
         self._created_ledger = self._created_folder = False
 
     async def __aenter__(self) -> Agent:
-        created_folder = not self.settings.agent.ledger.parent.exists()
-        self.lock.acquire()
-        self._created_ledger = not self.settings.agent.ledger.exists()
-        self._created_folder = created_folder
+        conf = self.settings.agent
+        if conf.ledger_file is not None and self.lock is not None:
+            created_folder = not conf.ledger_file.parent.exists()
+            self.lock.acquire()
+            self._created_ledger = not conf.ledger_file.exists()
+            self._created_folder = created_folder
         try:
-            self.ledger = await Ledger.open(self.settings.agent.ledger)
+            self.ledger = await Ledger.open(conf.ledger, password=conf.ledger_password())
+            await self.ledger.claim()
             if self.ledger.rolled_back is not None:
                 seq, mirrored = self.ledger.rolled_back
                 await self.ledger.mark_resync(
@@ -109,9 +114,11 @@ class Agent:
             if self.ledger is not None:
                 await self.ledger.close()
         finally:
-            if self.discard_new_ledger and self._created_ledger:
-                remove_ledger_files(self.settings.agent.ledger, folder=self._created_folder)
-            self.lock.release()
+            file = self.settings.agent.ledger_file
+            if self.discard_new_ledger and self._created_ledger and file is not None:
+                remove_ledger_files(file, folder=self._created_folder)
+            if self.lock is not None:
+                self.lock.release()
 
     async def ensure_indexes(self) -> None:
         """Each dataset's configured ``indexes`` (a partial index per dataset; built once)."""

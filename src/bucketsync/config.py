@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -460,6 +461,12 @@ class EnrichConfig(_Strict):
     )
 
 
+#: how ``agent.ledger`` names a PostgreSQL database rather than a SQLite file
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+#: where the password of a PostgreSQL ledger comes from when no ``agent.ledger_password_file`` is set
+LEDGER_PASSWORD_ENV = "BUCKETSYNC_LEDGER_PASSWORD"
+
+
 class LinksConfig(_Strict):
     """Server-side fetches of URLs (linked items' content, CSV ``upload`` rows): see docs/catalog.md."""
 
@@ -495,7 +502,21 @@ class LinksConfig(_Strict):
 
 
 class AgentConfig(_Strict):
-    ledger: Path = _doc("The SQLite ledger file (WAL, synchronous=FULL).", default=Path("var/bucketsync.db"))
+    ledger: Path | str = _doc(
+        "The ledger: a SQLite file (WAL, synchronous=FULL), or a PostgreSQL database as "
+        "`postgresql://USER@HOST:PORT/DATABASE` (libpq's URL; its password is never written in it: it comes "
+        "from `agent.ledger_password_file`, else the env var BUCKETSYNC_LEDGER_PASSWORD, else libpq's "
+        "PGPASSWORD or ~/.pgpass).",
+        default=Path("var/bucketsync.db"),
+    )
+    ledger_password_file: SecretFile | None = _doc(
+        "File holding the PostgreSQL ledger's password (a bare name is a systemd credential).", default=None
+    )
+    state_dir: Path | None = _doc(
+        "Where local state is kept besides the ledger (staged uploads, content-hash memos). Default: the "
+        "SQLite ledger's folder; `var` with a PostgreSQL ledger.",
+        default=None,
+    )
     listen: str = _doc("HOST:PORT of the HTTP server: /metrics, /healthz, /readyz, /api/v1.", default="127.0.0.1:9810")
     api_token: SecretStr | None = _doc(
         "Bearer token for /api/v1; required when `listen` is not loopback.", default=None
@@ -550,6 +571,46 @@ class AgentConfig(_Strict):
         ge=1,
         le=256,
     )
+
+    @field_validator("ledger", mode="before")
+    @classmethod
+    def _ledger(cls, v: Any) -> Path | str:
+        """A PostgreSQL URL stays text; anything else is a SQLite file. A password written in the
+        URL is refused: the URL is shown in logs, errors and status, the password never."""
+        if isinstance(v, str) and v.startswith(POSTGRES_SCHEMES):
+            try:
+                password = urllib.parse.urlsplit(v).password
+            except ValueError:
+                raise ValueError("agent.ledger is not a valid postgresql:// URL") from None
+            if password is not None:
+                raise ValueError(
+                    "agent.ledger: leave the password out of the URL (it would show in logs and errors); give it "
+                    f"in agent.ledger_password_file or the env var {LEDGER_PASSWORD_ENV}"
+                )
+            return v
+        return Path(v) if isinstance(v, str) else v
+
+    @property
+    def ledger_file(self) -> Path | None:
+        """The SQLite ledger file; None when the ledger is a PostgreSQL database."""
+        return self.ledger if isinstance(self.ledger, Path) else None
+
+    @property
+    def local_state(self) -> Path:
+        """The folder for local state beside the ledger (see ``state_dir``)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        return self.ledger.parent if isinstance(self.ledger, Path) else Path("var")
+
+    def ledger_present(self) -> bool:
+        """Whether there is a ledger to read (a SQLite file that exists; a database always)."""
+        return not isinstance(self.ledger, Path) or self.ledger.exists()
+
+    def ledger_password(self) -> str | None:
+        """The PostgreSQL ledger's password from its file or env; None lets libpq's own ways apply."""
+        if self.ledger_password_file is not None:
+            return _read_secret_file(self.ledger_password_file, "agent.ledger_password").get_secret_value()
+        return os.environ.get(LEDGER_PASSWORD_ENV) or None
 
     @field_validator("listen")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bucketsync.catalog.query import DATASET_FIELDS, META_NAME, META_PREFIX, compile_filter, parse_sort
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 #: what a dataset's metadata value may be (as for items)
 META_VALUE = (str, int, float, bool)

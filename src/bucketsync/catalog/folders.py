@@ -18,7 +18,7 @@ from bucketsync.core import gate
 from bucketsync.core.errors import InvalidKey, NotFound, Refused
 from bucketsync.core.keys import check_key
 from bucketsync.core.model import Item, ItemState
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 log = structlog.get_logger("bucketsync.catalog")
 

@@ -24,7 +24,7 @@ from bucketsync.catalog.query import (
 )
 from bucketsync.catalog.query import field as field_named
 from bucketsync.core.model import Item
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 INDEX_PREFIX = "items_by_"
 
@@ -74,7 +74,7 @@ class Query:
                         [path, value],
                     )
                 )
-        segments = [Compiled("1", [])]
+        segments = [Compiled("TRUE", [])]
         if self.cursor is not None:
             segments = after_sql(
                 self.sort,

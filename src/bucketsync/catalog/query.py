@@ -119,7 +119,7 @@ class Compiled:
 
 
 def compile_filter(doc: Any, fields: Mapping[str, Field] = SYSTEM) -> Compiled:
-    """The filter document as one SQL expression (``1`` for an empty filter) over a row
+    """The filter document as one SQL expression (``TRUE`` for an empty filter) over a row
     with ``fields`` and a ``meta`` JSON column (items by default; datasets pass theirs).
 
     Pure: the same document gives the same SQL, and no value of it is ever in the text.
@@ -146,7 +146,7 @@ def _group(doc: Any, at: str, depth: int, budget: list[int], fields: Mapping[str
         else:
             parts.append(_condition(field(name, here, fields), value, here, budget))
     if not parts:
-        return Compiled("1", [])
+        return Compiled("TRUE", [])
     return _join(parts, " AND ")
 
 
@@ -183,8 +183,8 @@ def _operator(f: Field, op: str, value: Any, at: str) -> Compiled:
     if op == "$ne":
         if value is None:
             return Compiled(f"{col} IS NOT NULL", [])
-        # IS NOT: an item without the field is "not equal" too (a missing name is not the value)
-        return Compiled(f"{col} IS NOT ?", [_value(f, value, at)])
+        # IS DISTINCT FROM: an item without the field is "not equal" too (a missing name is not the value)
+        return Compiled(f"{col} IS DISTINCT FROM ?", [_value(f, value, at)])
     if op in _CMP:
         if value is None or isinstance(value, bool) or f.kind == "state":
             raise InvalidFilter(at, f"{op} compares with a number or a string, not {json.dumps(value)}")

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from bucketsync.config import DriverConfig, Settings, load_settings
-from bucketsync.core.errors import BucketsyncError, ConfigError
+from bucketsync.core.errors import BucketsyncError, ConfigError, LedgerError
 from bucketsync.ledger.sqlite import MIGRATIONS, InstanceLock
 from bucketsync.stores import open_store
 from bucketsync.upstream.probe import driver_takes_writes, probe
@@ -77,9 +77,13 @@ async def run_doctor(config: str | None) -> Report:
         return report
     n = (len(settings.integrations), len(settings.drivers), len(settings.datasets))
     report.add("config", OK, f"parses: {n[0]} integrations, {n[1]} drivers, {n[2]} datasets")
-    running = InstanceLock(settings.agent.ledger).held_by_other()
+    file = settings.agent.ledger_file
+    running = file is not None and InstanceLock(file).held_by_other()
     await asyncio.gather(*(_driver(report, settings, name) for name in sorted(settings.drivers)))
-    _ledger(report, settings.agent.ledger, running)
+    if file is not None:
+        _ledger(report, file, running)
+    else:
+        await _postgres_ledger(report, settings)
     _port(report, settings, running)
     return report
 
@@ -135,6 +139,25 @@ def _ledger(report: Report, path: Path, running: bool) -> None:
         report.add("ledger", OK, f"{path}: does not exist yet; the agent creates it (folder writable)")
     if not _writable_folder(folder):  # WAL and -shm files, the staging folder
         report.add("ledger", FAIL, f"{folder}: not a writable folder; SQLite needs it for the WAL and staging")
+
+
+async def _postgres_ledger(report: Report, settings: Settings) -> None:
+    """A PostgreSQL ledger: reachable with its password, at this code's schema version."""
+    from bucketsync.ledger.ledger import Ledger
+    from bucketsync.ledger.postgres import SCHEMA_VERSION, redact
+
+    conf = settings.agent
+    where = redact(str(conf.ledger))
+    try:
+        ledger = await Ledger.open(conf.ledger, readonly=True, password=conf.ledger_password())
+    except LedgerError as exc:
+        if "no bucketsync schema yet" in str(exc):
+            report.add("ledger", OK, f"{where}: reachable, empty; the agent creates the schema")
+        else:
+            report.add("ledger", FAIL, str(exc))
+        return
+    await ledger.close()
+    report.add("ledger", OK, f"{where}: schema {SCHEMA_VERSION}")
 
 
 def _schema_version(path: Path) -> int:

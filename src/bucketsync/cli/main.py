@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from bucketsync.cli.client import AgentClient
     from bucketsync.config import Settings
     from bucketsync.core.model import Item
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.upstream.sync import RunResult, SyncLoop
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
@@ -65,10 +65,23 @@ def _sync_json(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+async def _read_ledger(settings: Settings) -> Ledger | None:
+    """The ledger opened read-only; None when there is none yet (no SQLite file)."""
+    from bucketsync.ledger.ledger import Ledger
+
+    conf = settings.agent
+    if not conf.ledger_present():
+        return None
+    return await Ledger.open(conf.ledger, readonly=True, password=conf.ledger_password())
+
+
 def _daemon_running(settings: Settings) -> bool:
     from bucketsync.ledger.sqlite import InstanceLock
 
-    return InstanceLock(settings.agent.ledger).held_by_other()
+    # A PostgreSQL ledger takes concurrent readers; a command that writes opens an agent, which
+    # then meets the running one's lock in the database and says so.
+    file = settings.agent.ledger_file
+    return file is not None and InstanceLock(file).held_by_other()
 
 
 # -- sync ------------------------------------------------------------------------
@@ -174,12 +187,11 @@ async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool)
 
 
 async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
-    from bucketsync.ledger.sqlite import Ledger
 
     settings.dataset(args.dataset)
-    if not settings.agent.ledger.exists():
+    ledger = await _read_ledger(settings)
+    if ledger is None:
         return 0
-    ledger = await Ledger.open(settings.agent.ledger, readonly=True)
     try:
         ds_id = await ledger.find_dataset(args.dataset)
         if ds_id is None:
@@ -224,13 +236,12 @@ async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: It
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.agent import datasets_status
     from bucketsync.cli.client import AgentClient
-    from bucketsync.ledger.sqlite import Ledger
 
     if _daemon_running(settings):
         async with AgentClient(settings) as client:
             rows = (await client.call("GET", "/datasets"))["datasets"]
     else:
-        ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+        ledger = await _read_ledger(settings) if settings.agent.ledger_present() else None
         try:
             rows = await datasets_status(settings, ledger, {})
         finally:
@@ -281,14 +292,13 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
     """``ls DS[/PREFIX]``: the folders directly under PREFIX (with '/'), then its items, as
     ``rclone lsf`` shows them; from the ledger, beside a running agent too."""
     from bucketsync.catalog import folders
-    from bucketsync.ledger.sqlite import Ledger
 
     dataset, _, prefix = args.path.partition("/")
     settings.dataset(dataset)
     parent = folders.parent_of(prefix)
-    if not settings.agent.ledger.exists():
+    ledger = await _read_ledger(settings)
+    if ledger is None:
         return 0
-    ledger = await Ledger.open(settings.agent.ledger, readonly=True)
     try:
         ds_id = await ledger.find_dataset(dataset)
         if ds_id is None:
@@ -321,7 +331,6 @@ async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.catalog import datasets as catalog_datasets
     from bucketsync.catalog import query
     from bucketsync.cli.client import AgentClient
-    from bucketsync.ledger.sqlite import Ledger
 
     names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     for name in names:
@@ -331,7 +340,7 @@ async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
         async with AgentClient(settings) as client:
             rows = (await client.call("GET", "/datasets", params=params))["datasets"]
     else:
-        ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+        ledger = await _read_ledger(settings) if settings.agent.ledger_present() else None
         try:
             wanted = list(settings.datasets)
             if ledger is not None and (args.where or args.sort):
@@ -670,9 +679,8 @@ async def cmd_meta(settings: Settings, args: argparse.Namespace) -> int:
 async def _show_meta(settings: Settings, args: argparse.Namespace) -> int:
     """``meta DATASET KEY`` alone: the item's user metadata, read from the ledger (beside a
     running agent too, as ``items`` does)."""
-    from bucketsync.ledger.sqlite import Ledger
 
-    ledger = await Ledger.open(settings.agent.ledger, readonly=True) if settings.agent.ledger.exists() else None
+    ledger = await _read_ledger(settings) if settings.agent.ledger_present() else None
     try:
         ds_id = await ledger.find_dataset(args.dataset) if ledger is not None else None
         item = await ledger.item(ds_id, args.key) if ledger is not None and ds_id is not None else None
@@ -706,13 +714,11 @@ async def _ops_local(settings: Settings, args: argparse.Namespace) -> dict[str, 
     from bucketsync.agent import Agent
     from bucketsync.core.model import OpState
     from bucketsync.downstream import opsctl
-    from bucketsync.ledger.sqlite import Ledger
 
-    path = settings.agent.ledger
     if args.action is None:
-        if not path.exists():
+        ledger = await _read_ledger(settings)
+        if ledger is None:
             return {"ops": [], "backlog": 0}
-        ledger = await Ledger.open(path, readonly=True)
         try:
             ops = await ledger.ops(state=OpState(args.state) if args.state else None, limit=args.limit)
             return {"ops": [o.as_json() for o in ops], "backlog": await ledger.backlog()}
@@ -793,17 +799,20 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
     from bucketsync.ledger.durability import backup
 
+    source = settings.agent.ledger_file
+    if source is None:
+        raise UsageError("backup copies a SQLite ledger; back up a PostgreSQL ledger with pg_dump or the server's own")
     target = Path(args.path)
     if target.is_dir():
-        target = target / settings.agent.ledger.name
+        target = target / source.name
     if target.exists() and not args.overwrite:
         raise UsageError(f"{target} already exists; pass --overwrite to replace it")
     if not target.parent.is_dir():
         raise UsageError(f"{target.parent} is not a folder")
-    if target.exists() and os.path.samefile(target, settings.agent.ledger):
+    if target.exists() and os.path.samefile(target, source):
         raise UsageError(f"{target} is the ledger itself")
     t0 = time.monotonic()
-    pages, size = await backup(settings.agent.ledger, target)
+    pages, size = await backup(source, target)
     out = {
         "ledger": str(settings.agent.ledger),
         "backup": str(target),
@@ -812,6 +821,36 @@ async def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         "seconds": round(time.monotonic() - t0, 3),
     }
     return _report(args, out, f"backed up {out['ledger']} to {target} ({size} bytes)")
+
+
+async def cmd_ledger_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    """Copy the SQLite ledger into PostgreSQL (ledger/migrate.py), printing progress as it goes."""
+    from pathlib import Path
+
+    from bucketsync.config import LEDGER_PASSWORD_ENV
+    from bucketsync.ledger.migrate import BadMigration, migrate
+
+    password = os.environ.get(LEDGER_PASSWORD_ENV) or None  # as the agent takes it; the file wins
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read --password-file {args.password_file}: {exc.strerror}") from None
+    out = sys.stderr if args.json else sys.stdout
+    try:
+        report = await migrate(
+            settings.agent.ledger, args.to, password=password, progress=lambda line: print(line, file=out, flush=True)
+        )
+    except BadMigration as exc:
+        raise UsageError(str(exc)) from None
+    tables = report.as_json()["tables"]
+    line = (
+        f"copied {report.source} to {report.target} in {report.seconds:.1f} s: "
+        f"{len(report.datasets)} datasets, {tables.get('items', 0):,} items, {tables.get('runs', 0):,} runs, "
+        f"{tables.get('ops', 0):,} ops; counts and checksums verified per dataset. The SQLite file is untouched: "
+        f'point agent.ledger at the database ("{report.target}") and start the agent'
+    )
+    return _report(args, report.as_json(), line)
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -1060,6 +1099,15 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", action="store_true", help="print one JSON object")
     es.set_defaults(func=cmd_events_setup)
 
+    le = command("ledger", "the ledger itself: move it to PostgreSQL")
+    le_actions = le.add_subparsers(dest="action", metavar="ACTION", required=True)
+    text = "copy the SQLite ledger (agent.ledger; the agent stopped) into an empty PostgreSQL database, verified"
+    lm = le_actions.add_parser("migrate", help=text, description=text, parents=[common])
+    lm.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://USER@HOST:PORT/DATABASE")
+    lm.add_argument("--password-file", help="a file holding the target's password (else the URL's, or PGPASSWORD)")
+    lm.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    lm.set_defaults(func=cmd_ledger_migrate)
+
     hc = command("healthcheck", "exit 0 if the local agent is alive (--ready: and ready), else 1")
     hc.add_argument("--ready", action="store_true", help="check /readyz (every dataset probed) instead of /healthz")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default 3)")
@@ -1177,7 +1225,9 @@ def _main(args: argparse.Namespace) -> int:
         return 1
     except sqlite3.Error as exc:  # a ledger failure the ledger did not translate (a damaged page on a read)
         assert settings is not None
-        print(f"bucketsync: {ledger_error(settings.agent.ledger, exc, 'read')}", file=sys.stderr)
+        from pathlib import Path
+
+        print(f"bucketsync: {ledger_error(Path(settings.agent.ledger), exc, 'read')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -244,15 +244,16 @@ async def _heal_ledger(agent: Agent, stop: asyncio.Event) -> None:
 async def _check_ledger(agent: Agent) -> str:
     """The start-up ``quick_check``: damage makes the agent not ready (it keeps serving
     what it can read), and the log and a metric say what to do. Returns the result."""
+    file = agent.settings.agent.ledger_file
+    if file is None:
+        return "not run"  # a PostgreSQL server checks its own pages (data checksums, amcheck)
     try:
-        result = await durability.quick_check(agent.settings.agent.ledger)
+        result = await durability.quick_check(file)
     except (sqlite3.Error, OSError) as exc:  # the check must not stop an agent whose ledger opened
         log.warning("ledger quick_check could not run", error=str(exc))
         return "not run"
     if result.result == "damaged":
-        agent.ledger_problem = (
-            f"the ledger is damaged ({result.summary()}); {durability.damaged_hint(agent.settings.agent.ledger)}"
-        )
+        agent.ledger_problem = f"the ledger is damaged ({result.summary()}); {durability.damaged_hint(file)}"
     return result.result
 
 

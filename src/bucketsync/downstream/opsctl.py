@@ -15,7 +15,7 @@ import structlog
 from bucketsync.core.errors import OpStateError
 from bucketsync.core.model import Op, OpKind, OpState
 from bucketsync.downstream.outbox import Outbox
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 log = structlog.get_logger("bucketsync.ops")
 

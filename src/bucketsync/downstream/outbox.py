@@ -34,7 +34,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -55,7 +54,7 @@ from bucketsync.downstream import ownwrite
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
     from bucketsync.stores import Store
 
 log = structlog.get_logger("bucketsync.outbox")
@@ -77,7 +76,7 @@ async def file_chunks(path: str) -> AsyncIterator[bytes]:
 class Outbox:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.staging = Path(agent.settings.agent.ledger).parent / "staging"
+        self.staging = agent.settings.agent.local_state / "staging"
         self.wake = asyncio.Event()
         self._settled: dict[int, asyncio.Future[Op]] = {}
         self.results: dict[int, Item | None] = {}  # item written by a settled put, for its waiter

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 STATES = ("pending", "done", "failed")
 
@@ -85,6 +85,17 @@ _SQL_TRIGGERS = {
 #: (their thumbnails must go with their items even after enrichment is switched off)
 _ENRICH = ("enrich_item_insert", "enrich_item_update")
 _CLEANUP = ("enrich_item_delete",)
+
+
+def _sql_triggers(dialect: str) -> tuple[dict[str, str], str]:
+    """The SQL triggers in the ledger's dialect, and how to drop one (``{name}``)."""
+    if dialect == "postgresql":
+        from bucketsync.ledger.postgres import ENRICH_TRIGGERS
+
+        return ENRICH_TRIGGERS, "DROP TRIGGER IF EXISTS {name} ON items"
+    return _SQL_TRIGGERS, "DROP TRIGGER IF EXISTS {name}"
+
+
 _EVENTS = ("events_item_insert", "events_item_update", "events_item_delete")
 
 
@@ -141,34 +152,34 @@ class EnrichQueue:
         self.ledger = ledger
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        """A read of what is committed, run whole in one step (see ``Ledger._read``): a cursor
-        left open across an await would pin an old snapshot for every other read."""
-        return list(await self.ledger.reader.execute_fetchall(sql, params))
+        """A read of what is committed, run whole (see ``Db.read``): a cursor left open
+        across an await would pin an old snapshot for every other read."""
+        return list(await self.ledger.db.read(sql, params))
 
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> Any:
-        async with self.ledger.transaction():
-            return await self.ledger.db.execute(sql, params)
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        async with self.ledger.db.transaction() as tx:
+            return await tx.execute(sql, params)
 
     async def set_datasets(self, enrich: Iterable[int], triggers: Iterable[int]) -> None:
         """Which datasets queue enrichment and trigger events (the SQL triggers read these), and
         the SQL triggers themselves: created as this code defines them, or dropped when unused."""
         enrich, triggers = list(enrich), list(triggers)
-        async with self.ledger.transaction():
-            db = self.ledger.db
-            await db.execute("DELETE FROM enrich_datasets")
-            await db.executemany("INSERT INTO enrich_datasets (dataset_id) VALUES (?)", [(i,) for i in enrich])
-            await db.execute("DELETE FROM trigger_datasets")
-            await db.executemany("INSERT INTO trigger_datasets (dataset_id) VALUES (?)", [(i,) for i in triggers])
-            (row,) = await db.execute_fetchall("SELECT EXISTS (SELECT 1 FROM enrichment)")
+        sql_triggers, drop = _sql_triggers(self.ledger.db.dialect.name)
+        async with self.ledger.db.transaction() as tx:
+            await tx.execute("DELETE FROM enrich_datasets")
+            await tx.executemany("INSERT INTO enrich_datasets (dataset_id) VALUES (?)", [(i,) for i in enrich])
+            await tx.execute("DELETE FROM trigger_datasets")
+            await tx.executemany("INSERT INTO trigger_datasets (dataset_id) VALUES (?)", [(i,) for i in triggers])
+            (row,) = await tx.fetch("SELECT EXISTS (SELECT 1 FROM enrichment)")
             wanted = {
                 *(_ENRICH if enrich else ()),
                 *(_CLEANUP if enrich or (row and row[0]) else ()),
                 *(_EVENTS if triggers else ()),
             }
-            for name, sql in _SQL_TRIGGERS.items():
-                await db.execute(f"DROP TRIGGER IF EXISTS {name}")
+            for name, sql in sql_triggers.items():
+                await tx.execute(drop.format(name=name))
                 if name in wanted:
-                    await db.execute(sql)
+                    await tx.execute(sql)
 
     async def due(self, limit: int, skip: Iterable[int] = ()) -> list[Job]:
         """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now."""
@@ -189,14 +200,14 @@ class EnrichQueue:
         if not jobs:
             return []
         claimed = []
-        async with self.ledger.transaction():
+        async with self.ledger.db.transaction() as tx:
             for job in jobs:
-                cur = await self.ledger.db.execute(
+                n = await tx.execute(
                     "UPDATE enrichment SET attempts = attempts + 1 "
-                    "WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                    "WHERE item_id = ? AND state = 'pending' AND etag IS NOT DISTINCT FROM ?",
                     (job.item_id, job.etag),
                 )
-                if cur.rowcount == 1:
+                if n == 1:
                     claimed.append(job)
         return claimed
 
@@ -206,13 +217,12 @@ class EnrichQueue:
         thumbnails are trashed). An ``enriched`` event for triggers goes with each recorded one."""
         now = time.time()
         stale: list[str] = []
-        async with self.ledger.transaction():
-            db = self.ledger.db
+        async with self.ledger.db.transaction() as tx:
             for r in results:
                 job = r.job
-                cur = await db.execute(
+                n = await tx.execute(
                     "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
-                    "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS ?",
+                    "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS NOT DISTINCT FROM ?",
                     (
                         r.state,
                         json.dumps(r.meta, ensure_ascii=False),
@@ -224,18 +234,20 @@ class EnrichQueue:
                         job.etag,
                     ),
                 )
-                if cur.rowcount != 1:
+                if n != 1:
                     stale.append(job.key)
                     if r.thumbnail is not None:
-                        await db.execute(
+                        await tx.execute(
                             "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
-                            "SELECT id, ?, ?, ? FROM datasets WHERE name = ?",
+                            "SELECT id, CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION) "
+                            "FROM datasets WHERE name = ?",
                             (r.thumbnail, int(r.local), now, job.dataset),
                         )
                     continue
-                await db.execute(
+                await tx.execute(
                     "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
-                    "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, ? FROM items i "
+                    "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, CAST(? AS DOUBLE PRECISION) "
+                    "FROM items i "
                     "WHERE i.id = ? AND i.dataset_id IN (SELECT dataset_id FROM trigger_datasets)",
                     (now, job.item_id),
                 )
@@ -243,7 +255,7 @@ class EnrichQueue:
 
     async def retry_later(self, job: Job, error: str) -> None:
         await self._write(
-            "UPDATE enrichment SET error = ?, updated = ? WHERE item_id = ? AND etag IS ?",
+            "UPDATE enrichment SET error = ?, updated = ? WHERE item_id = ? AND etag IS NOT DISTINCT FROM ?",
             (error, time.time(), job.item_id, job.etag),
         )
 
@@ -251,25 +263,24 @@ class EnrichQueue:
         """Backfill or re-run: ``missing`` queues live items never enriched, ``failed`` the
         failed ones, ``all`` every live item. Returns how many were queued."""
         now = time.time()
-        async with self.ledger.transaction():
-            db = self.ledger.db
+        async with self.ledger.db.transaction() as tx:
             if mode in ("failed", "all"):
                 where = "state = 'failed'" if mode == "failed" else "state != 'pending'"
-                cur = await db.execute(
+                changed = await tx.execute(
                     f"UPDATE enrichment SET state = 'pending', attempts = 0, error = NULL, updated = ? "
                     f"WHERE dataset_id = ? AND {where}",
                     (now, dataset_id),
                 )
-                changed = max(cur.rowcount, 0)
             else:
                 changed = 0
-            cur = await db.execute(
+            added = await tx.execute(
                 "INSERT INTO enrichment (item_id, dataset_id, etag, state, updated) "
-                "SELECT id, dataset_id, etag, 'pending', ? FROM items WHERE dataset_id = ? AND state = 'live' "
+                "SELECT id, dataset_id, etag, 'pending', CAST(? AS DOUBLE PRECISION) FROM items "
+                "WHERE dataset_id = ? AND state = 'live' "
                 "AND id NOT IN (SELECT item_id FROM enrichment)",
                 (now, dataset_id),
             )
-            return changed + max(cur.rowcount, 0)
+            return max(changed, 0) + max(added, 0)
 
     async def counts(self, dataset_id: int) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
@@ -307,5 +318,5 @@ class EnrichQueue:
         return [Trash(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     async def trashed(self, ids: list[int]) -> None:
-        async with self.ledger.transaction():
-            await self.ledger.db.executemany("DELETE FROM thumbnail_trash WHERE id = ?", [(i,) for i in ids])
+        async with self.ledger.db.transaction() as tx:
+            await tx.executemany("DELETE FROM thumbnail_trash WHERE id = ?", [(i,) for i in ids])

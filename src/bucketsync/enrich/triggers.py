@@ -32,7 +32,7 @@ from bucketsync.core.retry import backoff
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
 log = structlog.get_logger("bucketsync.triggers")
 SIGNATURE = "X-Bucketsync-Signature"
@@ -91,7 +91,7 @@ class Deliveries:
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """A read of what is committed, run whole in one step (see ``Ledger._read``)."""
-        return list(await self.ledger.reader.execute_fetchall(sql, params))
+        return list(await self.ledger.db.read(sql, params))
 
     async def events(self, limit: int = 500) -> list[tuple[Any, ...]]:
         rows = await self._read(
@@ -104,13 +104,13 @@ class Deliveries:
     async def fan_out(self, upto: int, rows: list[tuple[int, str, str, str, str]]) -> None:
         """Insert deliveries (dataset_id, trigger, event, key, body) and drop the events up to ``upto``."""
         now = time.time()
-        async with self.ledger.transaction():
-            await self.ledger.db.executemany(
+        async with self.ledger.db.transaction() as tx:
+            await tx.executemany(
                 "INSERT INTO deliveries (dataset_id, trigger, event, key, body, created, updated, next_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*r, now, now, now) for r in rows],
             )
-            await self.ledger.db.execute("DELETE FROM item_events WHERE id <= ?", (upto,))
+            await tx.execute("DELETE FROM item_events WHERE id <= ?", (upto,))
 
     async def due(self, now: float, limit: int, skip: list[int]) -> list[Delivery]:
         not_running = f"AND v.id NOT IN ({','.join('?' * len(skip))})" if skip else ""
@@ -135,8 +135,8 @@ class Deliveries:
         return [Delivery(*r) for r in await self._read(sql, tuple(args))]
 
     async def settle(self, d: Delivery, state: str, error: str | None, next_at: float) -> None:
-        async with self.ledger.transaction():
-            await self.ledger.db.execute(
+        async with self.ledger.db.transaction() as tx:
+            await tx.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, error = ?, updated = ?, next_at = ? "
                 "WHERE id = ?",
                 (state, error, time.time(), next_at, d.id),
@@ -145,13 +145,13 @@ class Deliveries:
     async def prune(self, before: float, keep: int) -> int:
         """Forget finished (done, dead) deliveries last updated before ``before``, keeping the newest
         ``keep`` of them whatever their age (the retention of ops, ``agent.keep_ops*``)."""
-        async with self.ledger.transaction():
-            cur = await self.ledger.db.execute(
+        async with self.ledger.db.transaction() as tx:
+            n = await tx.execute(
                 "DELETE FROM deliveries WHERE state != 'pending' AND updated < ? AND id NOT IN "
                 "(SELECT id FROM deliveries WHERE state != 'pending' ORDER BY id DESC LIMIT ?)",
                 (before, keep),
             )
-        return max(cur.rowcount, 0)
+        return max(n, 0)
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Deliveries per dataset and state."""

@@ -18,7 +18,7 @@ import structlog
 
 from bucketsync import metrics
 from bucketsync.config import AgentConfig
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 
 log = structlog.get_logger("bucketsync.retention")
 

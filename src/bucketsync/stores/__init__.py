@@ -144,7 +144,10 @@ def open_store(driver: DriverConfig, settings: Settings) -> Store:
     module, _, func = _FACTORIES[loc.scheme].partition(":")
     factory = getattr(importlib.import_module(module), func)
     integration = settings.integrations.get(driver.integration) if driver.integration else None
-    extra = {"ledger": settings.agent.ledger} if loc.scheme in _KEEP_STATE else {}
+    # The content-hash memos live beside the SQLite ledger, or in the local state folder.
+    conf = settings.agent
+    memo_base = conf.ledger_file if conf.ledger_file is not None else conf.local_state / "ledger"
+    extra = {"ledger": memo_base} if loc.scheme in _KEEP_STATE else {}
     store: Store = factory(loc, driver, integration, **extra)
     return store
 

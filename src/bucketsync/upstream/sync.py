@@ -32,7 +32,7 @@ from bucketsync.core.errors import BucketsyncError, LedgerError
 from bucketsync.core.gate import removal_guard
 from bucketsync.core.keys import KeyFilter
 from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.logs import debug_enabled
 from bucketsync.stores import SplitListing, Store, listing_with_gaps
 from bucketsync.stores.parallel import Quantiles

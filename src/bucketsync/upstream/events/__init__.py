@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from bucketsync.config import DatasetConfig, DriverConfig, Settings
-    from bucketsync.ledger.sqlite import Ledger
+    from bucketsync.ledger.ledger import Ledger
 
 
 class EventKind(enum.StrEnum):

@@ -50,7 +50,7 @@ from bucketsync.core.gate import removal_guard
 from bucketsync.core.keys import KeyFilter, indexable
 from bucketsync.core.model import Counts, Indexed, ItemState, ObjectInfo, RunStatus
 from bucketsync.core.retry import backoff
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import Store
 from bucketsync.upstream.events import Batch, Event, EventSource, SourceFailed
 from bucketsync.upstream.sync import SyncLoop

@@ -31,7 +31,7 @@ from urllib.parse import unquote_plus
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bucketsync.core.location import Location
-from bucketsync.ledger.sqlite import InboxEvent, Ledger
+from bucketsync.ledger.ledger import InboxEvent, Ledger
 from bucketsync.upstream.events import Batch, Event, EventKind, SourceContext
 
 #: the header a poster sends the per-driver shared secret in (the API token works too)

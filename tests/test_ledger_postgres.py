@@ -1,0 +1,187 @@
+"""What is the PostgreSQL backend's own, on the suite's real server: the schema version (a newer
+database refused), the one-agent lock, the password never shown, errors as LedgerError, the
+enrichment and item-event triggers, and batches in array form (a later duplicate wins, as row by
+row). What every backend does is in the ledger conformance suite."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from bucketsync.config import AgentConfig
+from bucketsync.core.errors import LedgerError, LedgerLocked
+from bucketsync.core.model import Counts, ObjectInfo
+from bucketsync.enrich.queue import EnrichQueue
+from bucketsync.enrich.triggers import Deliveries
+from bucketsync.ledger.ledger import Ledger
+from bucketsync.ledger.postgres import SCHEMA_VERSION, bulk, redact, translate
+from bucketsync.ledger.sqlite import MIGRATIONS
+from emulators.postgres import PostgresServer
+
+
+def test_the_schema_versions_of_both_backends_move_together() -> None:
+    assert len(MIGRATIONS) == SCHEMA_VERSION, (
+        "a SQLite migration was appended: give the PostgreSQL schema (ledger/postgres.py) the same change "
+        "and its SCHEMA_VERSION the same number"
+    )
+
+
+async def test_a_newer_database_is_refused_and_an_equal_one_reopens(postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    ledger = await Ledger.open(url)
+    await ledger.close()
+    again = await Ledger.open(url)  # the schema is there: opened, not created twice
+    await again.close()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("UPDATE schema_version SET version = $1", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    for readonly in (False, True):
+        with pytest.raises(LedgerError, match=rf"schema version {SCHEMA_VERSION + 1}, newer than this bucketsync"):
+            await Ledger.open(url, readonly=readonly)
+
+
+async def test_a_readonly_open_of_an_empty_database_says_so(postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    with pytest.raises(LedgerError, match="no bucketsync schema yet"):
+        await Ledger.open(url, readonly=True)
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('items')") is None, "a read-only open creates nothing"
+    finally:
+        await conn.close()
+
+
+async def test_one_agent_per_database(postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    first = await Ledger.open(url)
+    second = await Ledger.open(url)
+    try:
+        await first.claim()
+        with pytest.raises(LedgerLocked, match="another bucketsync agent"):
+            await second.claim()
+        # Reads and writes of another process still work beside the agent (the CLI's).
+        ds = await second.dataset_id("photos")
+        assert await first.find_dataset("photos") == ds
+    finally:
+        await first.close()
+    try:
+        await second.claim()  # the server dropped the lock with the first agent's connection
+    finally:
+        await second.close()
+
+
+def test_the_password_is_never_in_the_url() -> None:
+    with pytest.raises(ValueError, match="leave the password out of the URL") as err:
+        AgentConfig(ledger="postgresql://bucketsync:hunter2@db.example:5432/ledger")
+    assert "hunter2" not in str(err.value)
+    conf = AgentConfig(ledger="postgresql://bucketsync@db.example:5432/ledger")
+    assert conf.ledger_file is None and conf.ledger_present()
+    assert str(conf.local_state) == "var"
+    assert redact("postgresql://u:hunter2@h:5/d") == "postgresql://u:***@h:5/d"
+    assert redact("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+async def test_the_password_comes_from_its_file_or_env_and_is_never_shown(
+    postgres_server: PostgresServer, tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    secret = Path(str(tmp_path)) / "pw"
+    secret.write_text("s3cret-from-file\n")
+    conf = AgentConfig(ledger="postgresql://u@127.0.0.1:1/d", ledger_password_file=secret)
+    assert conf.ledger_password() == "s3cret-from-file"
+    monkeypatch.setenv("BUCKETSYNC_LEDGER_PASSWORD", "s3cret-from-env")
+    assert AgentConfig(ledger="postgresql://u@127.0.0.1:1/d").ledger_password() == "s3cret-from-env"
+    # An unreachable server: a LedgerError naming the ledger, never the password.
+    with pytest.raises(LedgerError, match=r"postgresql://u@127\.0\.0\.1:1/d.*unreachable") as err:
+        await Ledger.open(str(conf.ledger), password="s3cret-from-env")
+    assert "s3cret" not in str(err.value)
+
+
+def test_statements_translate_once_to_numbered_parameters() -> None:
+    assert translate("SELECT '?', ? , ?2 FROM t WHERE a = ?") == "SELECT '?', $1 , $2 FROM t WHERE a = $2"
+    types = {("items", c): t for c, t in (("id", "int8"), ("key", "text"), ("size", "int8"))}
+    insert = bulk("INSERT INTO items (key, size) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET size = 1", types)
+    assert insert is not None and "unnest($1::text[], $2::int8[])" in insert.sql
+    assert insert.args([("a", 1), ("b", 2), ("a", 3)]) == [["a", "b"], [3, 2]], "the later duplicate wins"
+    update = bulk("UPDATE items SET size = ? WHERE id = ?", types)
+    assert update is not None and update.sql.startswith("UPDATE items SET size = u.c0 FROM unnest(")
+    assert bulk("UPDATE items SET size = ?, key = 'x' WHERE id = ?", types) is None, "not a simple form: row by row"
+
+
+async def test_a_batch_with_a_key_twice_keeps_the_later(postgres_server: PostgresServer) -> None:
+    ledger = await Ledger.open(postgres_server.new_database())
+    try:
+        ds = await ledger.dataset_id("d")
+        run = await ledger.begin_run(ds, False)
+        adds = [ObjectInfo("a", 1, 1.0, "e1"), ObjectInfo("b", 2, 1.0, "e2"), ObjectInfo("a", 3, 1.0, "e3")]
+        await ledger.write_batch(ds, run, adds, [], Counts())
+        item = await ledger.item(ds, "a")
+        assert item is not None and (item.size, item.etag) == (3, "e3")
+        assert await ledger.counts_by_state(ds) == {"live": 2, "tombstone": 0}
+    finally:
+        await ledger.close()
+
+
+async def test_enrichment_and_item_events_are_queued_by_triggers(postgres_server: PostgresServer) -> None:
+    ledger = await Ledger.open(postgres_server.new_database())
+    try:
+        ds = await ledger.dataset_id("d")
+        queue = EnrichQueue(ledger)
+        await queue.set_datasets([ds], [ds])
+        run = await ledger.begin_run(ds, False)
+        await ledger.write_batch(ds, run, [ObjectInfo(k, 1, 1.0, f"e-{k}") for k in ("a", "b")], [], Counts())
+        jobs = await queue.due(10)
+        assert [(j.key, j.etag) for j in jobs] == [("a", "e-a"), ("b", "e-b")]
+        assert await queue.claim(jobs) == jobs
+        events = await Deliveries(ledger).events()
+        assert [(e[3], e[4]) for e in events] == [("created", "a"), ("created", "b")]
+        # A new version re-queues its item (and the update is an event); a removal drops the queue row.
+        a = await ledger.item(ds, "a")
+        b = await ledger.item(ds, "b")
+        assert a is not None and b is not None
+        await ledger.write_batch(ds, run, [], [(a.id, ObjectInfo("a", 2, 2.0, "e-a2"))], Counts())
+        await ledger.remove(run, [b.id], Counts())
+        assert [(j.key, j.etag, j.attempts) for j in await queue.due(10)] == [("a", "e-a2", 0)]
+        kinds = [(e[3], e[4]) for e in await Deliveries(ledger).events()]
+        assert kinds[2:] == [("updated", "a"), ("removed", "b")]
+        # Switched off: no more queueing, and writes pay for no trigger.
+        await queue.set_datasets([], [])
+        await ledger.write_batch(ds, run, [ObjectInfo("c", 1, 1.0, "e-c")], [], Counts())
+        assert await queue.counts(ds) == {"pending": 1, "done": 0, "failed": 0}, "c was not queued"
+    finally:
+        await ledger.close()
+
+
+async def test_a_lost_writer_connection_fails_one_write_then_heals(postgres_server: PostgresServer) -> None:
+    """The server ends the writer's connection (a restart, a network cut): writes work again
+    without a restart (a new connection), and the agent holds the one-agent lock again."""
+    from bucketsync.ledger.postgres import PostgresDb
+
+    url = postgres_server.new_database()
+    ledger = await Ledger.open(url)
+    other = await Ledger.open(url)
+    try:
+        await ledger.claim()
+        ds = await ledger.dataset_id("d")
+        assert isinstance(ledger.db, PostgresDb)
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", ledger.db.conn.get_server_pid())
+        finally:
+            await admin.close()
+        # The client learns of the loss either on this write (a LedgerError, the ledger's fault)
+        # or before it (then it reconnects at once): both are fine, neither needs a restart.
+        try:
+            await ledger.begin_run(ds, False)
+        except LedgerError as err:
+            assert "unreachable" in str(err) and ledger.fault == str(err)
+        run = await ledger.begin_run(ds, False)
+        assert ledger.fault is None and (await ledger.run(run)) is not None
+        with pytest.raises(LedgerLocked):
+            await other.claim()
+    finally:
+        await other.close()
+        await ledger.close()
