@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -36,6 +36,8 @@ from bucketsync.core.model import (
     OpState,
     RunRecord,
     RunStatus,
+    SnapshotRow,
+    indexed,
 )
 from bucketsync.ledger import durability
 
@@ -781,7 +783,15 @@ class Ledger:
     # -- the snapshot a run diffs against -----------------------------------
 
     async def snapshot(self, dataset_id: int) -> AsyncIterator[Indexed]:
-        """Every item of the dataset (live and tombstoned), ascending by key.
+        """Every item of the dataset (live and tombstoned), ascending by key."""
+        async for rows in self.snapshot_pages(dataset_id):
+            for r in rows:
+                yield indexed(r)
+
+    async def snapshot_pages(self, dataset_id: int) -> AsyncIterator[list[SnapshotRow]]:
+        """``snapshot`` as the rows SQLite hands over, ``SNAPSHOT_BATCH`` at a time: (id, key,
+        size, modified, etag, version, state) tuples, for ``diff_pages``, which builds an
+        object only for a row that changed.
 
         A separate read-only connection holds one read transaction for the whole
         walk: the run's own writes (committed meanwhile) cannot shift the cursor.
@@ -794,8 +804,7 @@ class Ledger:
                 (dataset_id,),
             ) as cur:
                 while rows := await cur.fetchmany(SNAPSHOT_BATCH):
-                    for r in rows:
-                        yield Indexed(*r)
+                    yield cast(list[SnapshotRow], rows)
         finally:
             await reader.close()
 

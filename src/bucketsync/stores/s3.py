@@ -26,6 +26,7 @@ import functools
 import hashlib
 import heapq
 import itertools
+import operator
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -625,20 +626,39 @@ class S3Store:
         listing longer than one page is cut at the folders of its first levels. A server that
         lists out of S3 key order (``walk``) is listed folder by folder, a folder per part.
         """
+        async for page in self.list_pages(prefix, splits):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list_split`` a page at a time (``PagedListing``): one list per ListObjectsV2 page."""
         full = self.prefix + prefix
         plen = len(self.prefix)
         last: str | None = None
         async for page in self._pages(full, [self.prefix + s for s in splits]):
-            for key, size, modified, etag in page:
-                # Every key counts for the order check, hidden ones too.
-                if last is not None and key <= last:
-                    raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
-                if not key.startswith(full):
-                    raise StorageError(f"list {self.url}: server returned {key!r} outside prefix {full!r}")
-                last = key
-                rel = key[plen:]
-                if indexable(rel):
-                    yield ObjectInfo(rel, size, modified, etag)
+            if not page:
+                continue
+            keys = [e[0] for e in page]
+            # Every key counts for the order check, hidden ones too: one pass at C speed, and
+            # the culprit found only when the page is out of order.
+            if (last is not None and keys[0] <= last) or not all(
+                map(operator.lt, keys, itertools.islice(keys, 1, None))
+            ):
+                for key in keys:
+                    if last is not None and key <= last:
+                        raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
+                    last = key
+            if not (keys[0].startswith(full) and keys[-1].startswith(full)):  # ascending: the ends bound the rest
+                outside = next(k for k in keys if not k.startswith(full))
+                raise StorageError(f"list {self.url}: server returned {outside!r} outside prefix {full!r}")
+            last = keys[-1]
+            yield [
+                ObjectInfo(key[plen:], size, modified, etag)
+                for key, size, modified, etag in page
+                if indexable(key[plen:])
+            ]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[_Entry]]:
         """Every object under ``prefix``, in pages: flat by key ranges, or folder by folder (``listing``)."""
