@@ -337,6 +337,12 @@ _CONTENTS = re.compile(
     r"<Contents>\s*<Key>([^<]*)</Key>\s*<LastModified>([^<]*)</LastModified>\s*<ETag>([^<]*)</ETag>\s*"
     r"(?:<Checksum\w*>[^<]*</Checksum\w*>\s*)*<Size>(\d+)</Size>"
 )
+#: the same fields as SeaweedFS writes them (Key, ETag, Size, then simple fields such as StorageClass, then
+#: LastModified): without it every SeaweedFS page went to the XML parser, 12 ms a page on the event loop
+_CONTENTS_KES = re.compile(
+    r"<Contents>\s*<Key>([^<]*)</Key>\s*<ETag>([^<]*)</ETag>\s*<Size>(\d+)</Size>\s*"
+    r"(?:<(\w+)>[^<]*</\4>\s*)*?<LastModified>([^<]*)</LastModified>"
+)
 _ENTITY = re.compile(r"&(?:#x([0-9a-fA-F]+)|#(\d+)|(amp|lt|gt|quot|apos));")
 _NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
 _FOLDER = re.compile(r"<CommonPrefixes><Prefix>([^<]*)</Prefix></CommonPrefixes>")
@@ -357,6 +363,8 @@ def _etag_text(text: str) -> str:
     """``_unescape`` for the usual ``&quot;md5&quot;`` at a tenth of its cost."""
     if text.startswith("&quot;") and text.endswith("&quot;") and "&" not in text[6:-6]:
         return f'"{text[6:-6]}"'
+    if text.startswith("&#34;") and text.endswith("&#34;") and "&" not in text[5:-5]:  # SeaweedFS
+        return f'"{text[5:-5]}"'
     return _unescape(text)
 
 
@@ -389,7 +397,10 @@ def _scan_list(raw: bytes, server: str) -> _Page:
     esc = "&" in body  # entities anywhere (an ETag's &quot;): unescape every field
     entries: list[_Entry] = []
     append = entries.append
-    for key, modified, etag, size in _CONTENTS.findall(body):
+    found = _CONTENTS.findall(body)
+    if not found and "<Contents>" in body:
+        found = [(key, modified, etag, size) for key, etag, size, _, modified in _CONTENTS_KES.findall(body)]
+    for key, modified, etag, size in found:
         if esc:
             key, modified, etag = _unescape(key), _unescape(modified), _etag_text(etag)
         if url:
