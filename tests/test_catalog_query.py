@@ -234,3 +234,80 @@ async def test_an_index_serves_the_filter_and_the_sort(catalog: tuple[Ledger, in
     assert await keys(catalog, {"metadata.camera": "x100"}) == ["a/1.jpg", "a/2.jpg"]
     with pytest.raises(InvalidFilter):
         await catalog_items.ensure_index(ledger, ds, "colour")
+
+
+@pytest.mark.parametrize(
+    ("sort", "expected"),
+    [
+        ("metadata.camera", ["b/2.txt", "b/3%_.txt", "a/3.png", "b/1.jpg", "a/1.jpg", "a/2.jpg"]),
+        ("-metadata.camera", ["a/2.jpg", "a/1.jpg", "b/1.jpg", "a/3.png", "b/3%_.txt", "b/2.txt"]),
+    ],
+)
+async def test_pages_through_an_index_seek_the_ties_then_the_rest(
+    catalog: tuple[Ledger, int], sort: str, expected: list[str]
+) -> None:
+    """With the field indexed (the test above built it), a cursor is two index seeks: the
+    ties of its value after its key, then the values beyond; the walk is the same."""
+    ledger, ds = catalog
+    assert "metadata.camera" in await catalog_items.indexed_fields(ledger, ds)
+    for size in (1, 2, 4):
+        q = Query(sort=query.parse_sort(sort), state=None, limit=size)
+        walked: list[str] = []
+        while True:
+            page, q.cursor = await catalog_items.page(ledger, ds, q)
+            walked += [i.key for i in page]
+            if q.cursor is None:
+                break
+        assert walked == expected, f"page size {size}"
+    q = Query(sort=query.parse_sort(sort), state=None, limit=1)
+    _page, q.cursor = await catalog_items.page(ledger, ds, q)
+    ties = q.compile()[0]
+    sql = (
+        f"EXPLAIN QUERY PLAN SELECT id FROM items WHERE dataset_id = {ds} AND {ties.sql} ORDER BY {q.sort.order_sql()}"
+    )
+    async with aiosqlite.connect(ledger.path) as db, db.execute(sql, ties.params) as cur:
+        found = " | ".join(str(r[-1]) for r in await cur.fetchall())
+    plan = found.replace(" ", "")
+    assert "items_by_meta_camera" in plan and ("key<?" in plan or "key>?" in plan), found
+
+
+@pytest.mark.parametrize(
+    ("flt", "excludes"),
+    [
+        ({"metadata.camera": "x100"}, True),
+        ({"metadata.camera": {"$gte": "a"}}, True),
+        ({"metadata.camera": {"$in": ["x100", "gr3"]}}, True),
+        ({"metadata.camera": {"$prefix": "x"}}, True),
+        ({"metadata.camera": {"$exists": True}}, True),
+        ({"metadata.camera": {"$ne": None}}, True),
+        ({"metadata.camera": {"$ne": "x100"}}, False),  # a missing camera is "not x100"
+        ({"metadata.camera": {"$exists": False}}, False),
+        ({"metadata.camera": None}, False),
+        ({"metadata.iso": {"$gt": 1}}, False),  # another field
+        ({"$or": [{"metadata.camera": "x100"}]}, False),  # not at the top level: not analysed
+        ({}, False),
+    ],
+)
+async def test_which_filters_leave_out_the_missing_values_of_the_sort(flt: dict[str, Any], excludes: bool) -> None:
+    assert query.excludes_null(flt, query.field("metadata.camera")) is excludes
+
+
+async def test_a_descending_walk_with_a_range_filter_never_asks_for_missing_values(
+    catalog: tuple[Ledger, int],
+) -> None:
+    """Descending, the missing values come last; a filter that leaves them out spares the
+    query for them, which would walk the filter's whole range through the index to find none."""
+    ledger, ds = catalog
+    flt = {"metadata.camera": {"$gte": "a"}}
+    q = Query(filter=flt, sort=query.parse_sort("-metadata.camera"), state=None, limit=1)
+    walked: list[str] = []
+    while True:
+        page, q.cursor = await catalog_items.page(ledger, ds, q)
+        walked += [i.key for i in page]
+        if q.cursor is None:
+            break
+        assert not any("IS NULL" in w.sql for w in q.compile()), q.compile()
+    assert walked == ["a/2.jpg", "a/1.jpg", "b/1.jpg", "a/3.png"]
+    q = Query(sort=query.parse_sort("-metadata.camera"), state=None, limit=1)
+    _page, q.cursor = await catalog_items.page(ledger, ds, q)
+    assert "IS NULL" in q.compile()[-1].sql  # without the filter, they are the last segment

@@ -491,3 +491,34 @@ async def test_kill_9_mid_run_then_resume(tmp_path: Path, db_path: Path) -> None
         assert [r.status for r in await ledger.runs(ds)] == [RunStatus.OK, RunStatus.FAILED]
     finally:
         await ledger.close()
+
+
+async def test_a_writer_cancelled_while_it_begins_leaves_no_transaction_open(ledger: Ledger) -> None:
+    """The BEGIN a cancelled writer was waiting for still runs on the connection's thread;
+    without the ROLLBACK queued behind it, the next writer's BEGIN fails ("cannot start a
+    transaction within a transaction") and its writes would join a stale transaction."""
+    import threading
+
+    ds = await ledger.dataset_id("photos")
+    release = threading.Event()
+    await ledger.db.create_function("hold", 0, lambda: release.wait(10))
+    busy = asyncio.ensure_future(ledger.db.execute("SELECT hold()"))  # holds the connection's thread
+    entered = asyncio.Event()
+
+    async def writer() -> None:
+        entered.set()
+        async with ledger.transaction():
+            raise AssertionError("the BEGIN queued behind the held query cannot have run yet")
+
+    task = asyncio.ensure_future(writer())
+    await entered.wait()
+    await asyncio.sleep(0)  # the writer is now waiting for its BEGIN, behind the held query
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await busy
+    run = await ledger.begin_run(ds, forced=False)
+    await ledger.write_batch(ds, run, [ObjectInfo("after.txt", 1, 1.0, "e")], [], Counts())
+    assert not ledger.db.in_transaction
+    assert await ledger.item(ds, "after.txt") is not None

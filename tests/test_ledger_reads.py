@@ -141,6 +141,39 @@ async def test_counts_stay_exact_through_every_write_path(agent: Agent, tmp_path
     await assert_counts(agent, {"keep": {"live": 5, "tombstone": 0}, "del": {"live": 1, "tombstone": 0}})
 
 
+async def test_counts_stay_exact_through_clones_merges_and_their_pointers(agent: Agent, tmp_path: Path) -> None:
+    """Pointer items are counted in bulk by the statement that creates them, not per row
+    (migration v12); orphaning, staleness and dropping a runtime dataset keep them exact."""
+    from bucketsync.catalog import runtime
+
+    ledger = agent.ledger
+    assert ledger is not None
+    write_files(tmp_path / "keep", {"same.txt": "k", **{f"k{i}.txt": f"keep {i}" for i in range(5)}})
+    write_files(tmp_path / "del", {"same.txt": "d", **{f"d{i}.txt": f"del {i}" for i in range(3)}})
+    await agent.loop("keep").run_once()
+    await agent.loop("del").run_once()
+
+    made = {
+        "all": await runtime.clone(agent, "keep", "all", False, None),
+        "some": await runtime.clone(agent, "keep", "some", True, {"key": {"$prefix": "k1"}}),
+        **{m: await runtime.merge(agent, m, ["keep", "del"], m) for m in runtime.ON_CONFLICT},
+    }
+    assert {n: r["items"] for n, r in made.items()} == {"all": 6, "some": 1, "folder": 10, "suffix": 10, "merge": 9}
+    assert kept_counts(ledger.path) == recount(ledger.path)
+    for name, r in made.items():
+        assert await ledger.live_count(await ledger.dataset_id(name)) == r["items"], name
+
+    (tmp_path / "keep" / "k0.txt").unlink()  # its pointers become orphaned
+    (tmp_path / "keep" / "k1.txt").write_text("keep 1, changed")  # its pointers become stale
+    await agent.loop("keep").run_once()
+    truth = recount(ledger.path)
+    assert kept_counts(ledger.path) == truth
+    assert truth[await ledger.dataset_id("all")] == {"live": 4, "tombstone": 0, "orphaned": 1, "stale": 1}
+
+    assert await ledger.drop_runtime("all") == 6
+    assert kept_counts(ledger.path) == recount(ledger.path)
+
+
 async def test_counts_of_a_ledger_written_before_the_counts_table(tmp_path: Path) -> None:
     """Upgrading an existing ledger fills the counts from its items."""
     path = tmp_path / "old.db"

@@ -16,6 +16,7 @@ from bucketsync.catalog.query import (
     compile_filter,
     decode_cursor,
     encode_cursor,
+    excludes_null,
     fields_of,
     index_name,
     index_sql,
@@ -47,9 +48,11 @@ class Query:
     #: ``system.enrichment`` is the enrichment's state (pending, done, failed)
     system: dict[str, str] = field(default_factory=dict)
 
-    def compile(self) -> list[Compiled]:
-        """The WHERE clauses (after ``dataset_id = ?``) to query in turn for one page: one,
-        or two when the cursor's sort crosses the missing values. InvalidFilter on bad input."""
+    def compile(self, *, seek: bool = True) -> list[Compiled]:
+        """The WHERE clauses (after ``dataset_id = ?``) to query in turn for one page: after a
+        cursor, its ties and then the values beyond it (two index seeks; one condition with
+        ``seek=False``, for a scan), and the missing values where the sort crosses them.
+        InvalidFilter on bad input."""
         parts = [compile_filter(self.filter if self.filter is not None else {})]
         if self.state is not None:
             parts.append(Compiled("state = ?", [self.state]))
@@ -73,9 +76,14 @@ class Query:
                 )
         segments = [Compiled("1", [])]
         if self.cursor is not None:
-            segments = after_sql(self.sort, *decode_cursor(self.sort, self.cursor))
+            segments = after_sql(
+                self.sort,
+                *decode_cursor(self.sort, self.cursor),
+                seek=seek,
+                nulls=not excludes_null(self.filter, self.sort.field),
+            )
         return [
-            Compiled(" AND ".join(p.sql for p in [*parts, seg]), [x for p in [*parts, seg] for x in p.params])
+            Compiled(" AND ".join(p.sql for p in [*parts, seg]), [x for p in [*parts, seg] for x in p.params], seg.pins)
             for seg in segments
         ]
 
@@ -91,11 +99,14 @@ def sort_value(item: Item, f: Field) -> Any:
 async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], str | None]:
     """One page of items and the cursor of the next (None on the last page)."""
     wheres = q.compile()  # InvalidFilter before anything is read
-    order = q.sort.order_sql(pinned(q.filter, q.sort.field))
+    pins = pinned(q.filter, q.sort.field)
     scan = await _scan_table(ledger, dataset_id, q)
+    if scan:
+        wheres = q.compile(seek=False)
     items: list[Item] = []
     for where in wheres:
         want = q.limit + 1 - len(items)
+        order = q.sort.order_sql(pins or where.pins)
         items += await ledger.select_items(dataset_id, where.sql, where.params, order, want, scan=scan)
         if len(items) > q.limit:
             break

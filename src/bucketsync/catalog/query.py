@@ -111,6 +111,8 @@ class Compiled:
 
     sql: str
     params: list[Any]
+    #: it holds the sort field to one value (a cursor's ties): key order is the sort order
+    pins: bool = False
 
 
 def compile_filter(doc: Any, fields: Mapping[str, Field] = SYSTEM) -> Compiled:
@@ -298,6 +300,27 @@ def pinned(doc: Any, f: Field) -> bool:
     return False
 
 
+def excludes_null(doc: Any, f: Field) -> bool:
+    """Whether the filter's top level leaves out the items without ``f`` (a comparison, a
+    value, ``$in``, ``$prefix``, ``$exists: true`` or ``$ne: null`` on it): then a sort on
+    ``f`` has no missing values to page through, and no query need look for them."""
+    if not isinstance(doc, dict):
+        return False
+    for name, cond in doc.items():
+        if name.startswith("$") or field(name, name).sql != f.sql:
+            continue
+        if not isinstance(cond, dict):
+            if cond is not None:
+                return True
+            continue
+        for op, value in cond.items():
+            if op in (*_CMP, "$in", "$prefix") or (op == "$eq" and value is not None):
+                return True
+            if (op == "$exists" and value is True) or (op == "$ne" and value is None):
+                return True
+    return False
+
+
 def field_pattern(fields: Mapping[str, Field] = SYSTEM) -> str:
     """A regular expression of every field name (for the API document)."""
     return "(?:" + "|".join(re.escape(n) for n in fields) + r"|metadata\.[A-Za-z0-9_.-]{1,64})"
@@ -340,7 +363,7 @@ def decode_cursor(sort: Sort, cursor: str) -> tuple[Any, str]:
     return value, key
 
 
-def after_sql(sort: Sort, value: Any, key: str) -> list[Compiled]:
+def after_sql(sort: Sort, value: Any, key: str, *, seek: bool = True, nulls: bool = True) -> list[Compiled]:
     """Keyset pagination: the rows strictly after (value, key) in ``sort`` order, as
     conditions to query one after another (each in ``sort`` order) until a page is full.
 
@@ -357,15 +380,21 @@ def after_sql(sort: Sort, value: Any, key: str) -> list[Compiled]:
         if sort.desc:
             return [Compiled(f"({col} IS NULL AND key < ?)", [key])]
         return [Compiled(f"({col} IS NULL AND key > ?)", [key]), Compiled(f"{col} IS NOT NULL", [])]
-    # "a >= x AND (a > x OR k > y)", not "a > x OR (a = x AND k > y)": the bound on a alone
-    # starts the index range scan at the cursor (SQLite 3.40 uses no row value on an
-    # expression index). Only the ties of x before y are stepped over one by one.
-    if sort.desc:
-        return [
-            Compiled(f"({col} <= ? AND ({col} < ? OR key < ?))", [value, value, key]),
-            Compiled(f"{col} IS NULL", []),
-        ]
-    return [Compiled(f"({col} >= ? AND ({col} > ? OR key > ?))", [value, value, key])]
+    # Descending, the missing values come last. ``nulls=False`` when the filter leaves them
+    # out: a query for them would walk the filter's whole range to find none.
+    missing = [Compiled(f"{col} IS NULL", [])] if sort.desc and nulls else []
+    # Through an index (``seek``): the ties of x after y first, then the values beyond x,
+    # two index seeks, where one condition "a >= x AND (a > x OR k > y)" stepped over the
+    # ties before y one by one (SQLite 3.40 uses no row value on an expression index).
+    # Without one, every query is a scan of the dataset's rows: one condition, one scan.
+    op = "<" if sort.desc else ">"
+    if not seek:
+        return [Compiled(f"({col} {op} ? OR ({col} = ? AND key {op} ?))", [value, value, key]), *missing]
+    return [
+        Compiled(f"({col} = ? AND key {op} ?)", [value, key], pins=True),
+        Compiled(f"{col} {op} ?", [value]),
+        *missing,
+    ]
 
 
 # -- expression indexes -------------------------------------------------------------------
