@@ -102,6 +102,16 @@ class Indexed:
     state: ItemState
 
 
+#: an ``Indexed`` as the ledger's snapshot reads it, before any object is built:
+#: (id, key, size, modified, etag, version, state); ``Indexed(*row)`` when one is needed
+SnapshotRow = tuple[int, str, int, float, str | None, str | None, str]
+
+
+def indexed(row: SnapshotRow) -> Indexed:
+    """The ``Indexed`` of a snapshot row."""
+    return Indexed(row[0], row[1], row[2], row[3], row[4], row[5], ItemState(row[6]))
+
+
 class ChangeKind(enum.StrEnum):
     ADDED = "added"
     MODIFIED = "modified"

@@ -31,6 +31,7 @@ import hashlib
 import heapq
 import http.client
 import itertools
+import operator
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -347,6 +348,12 @@ _CONTENTS = re.compile(
     r"<Contents>\s*<Key>([^<]*)</Key>\s*<LastModified>([^<]*)</LastModified>\s*<ETag>([^<]*)</ETag>\s*"
     r"(?:<Checksum\w*>[^<]*</Checksum\w*>\s*)*<Size>(\d+)</Size>"
 )
+#: the same fields as SeaweedFS writes them (Key, ETag, Size, then simple fields such as StorageClass, then
+#: LastModified): without it every SeaweedFS page went to the XML parser, 12 ms a page on the event loop
+_CONTENTS_KES = re.compile(
+    r"<Contents>\s*<Key>([^<]*)</Key>\s*<ETag>([^<]*)</ETag>\s*<Size>(\d+)</Size>\s*"
+    r"(?:<(\w+)>[^<]*</\4>\s*)*?<LastModified>([^<]*)</LastModified>"
+)
 _ENTITY = re.compile(r"&(?:#x([0-9a-fA-F]+)|#(\d+)|(amp|lt|gt|quot|apos));")
 _NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
 _FOLDER = re.compile(r"<CommonPrefixes><Prefix>([^<]*)</Prefix></CommonPrefixes>")
@@ -367,6 +374,8 @@ def _etag_text(text: str) -> str:
     """``_unescape`` for the usual ``&quot;md5&quot;`` at a tenth of its cost."""
     if text.startswith("&quot;") and text.endswith("&quot;") and "&" not in text[6:-6]:
         return f'"{text[6:-6]}"'
+    if text.startswith("&#34;") and text.endswith("&#34;") and "&" not in text[5:-5]:  # SeaweedFS
+        return f'"{text[5:-5]}"'
     return _unescape(text)
 
 
@@ -399,7 +408,10 @@ def _scan_list(raw: bytes, server: str) -> _Page:
     esc = "&" in body  # entities anywhere (an ETag's &quot;): unescape every field
     entries: list[_Entry] = []
     append = entries.append
-    for key, modified, etag, size in _CONTENTS.findall(body):
+    found = _CONTENTS.findall(body)
+    if not found and "<Contents>" in body:
+        found = [(key, modified, etag, size) for key, etag, size, _, modified in _CONTENTS_KES.findall(body)]
+    for key, modified, etag, size in found:
         if esc:
             key, modified, etag = _unescape(key), _unescape(modified), _etag_text(etag)
         if url:
@@ -771,20 +783,39 @@ class S3Store:
         listing longer than one page is cut at the folders of its first levels. A server that
         lists out of S3 key order (``walk``) is listed folder by folder, a folder per part.
         """
+        async for page in self.list_pages(prefix, splits):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list_split`` a page at a time (``PagedListing``): one list per ListObjectsV2 page."""
         full = self.prefix + prefix
         plen = len(self.prefix)
         last: str | None = None
         async for page in self._pages(full, [self.prefix + s for s in splits]):
-            for key, size, modified, etag in page:
-                # Every key counts for the order check, hidden ones too.
-                if last is not None and key <= last:
-                    raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
-                if not key.startswith(full):
-                    raise StorageError(f"list {self.url}: server returned {key!r} outside prefix {full!r}")
-                last = key
-                rel = key[plen:]
-                if indexable(rel):
-                    yield ObjectInfo(rel, size, modified, etag)
+            if not page:
+                continue
+            keys = [e[0] for e in page]
+            # Every key counts for the order check, hidden ones too: one pass at C speed, and
+            # the culprit found only when the page is out of order.
+            if (last is not None and keys[0] <= last) or not all(
+                map(operator.lt, keys, itertools.islice(keys, 1, None))
+            ):
+                for key in keys:
+                    if last is not None and key <= last:
+                        raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
+                    last = key
+            if not (keys[0].startswith(full) and keys[-1].startswith(full)):  # ascending: the ends bound the rest
+                outside = next(k for k in keys if not k.startswith(full))
+                raise StorageError(f"list {self.url}: server returned {outside!r} outside prefix {full!r}")
+            last = keys[-1]
+            yield [
+                ObjectInfo(key[plen:], size, modified, etag)
+                for key, size, modified, etag in page
+                if indexable(key[plen:])
+            ]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[_Entry]]:
         """Every object under ``prefix``, in pages: flat by key ranges, or folder by folder (``listing``)."""
