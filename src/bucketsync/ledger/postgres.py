@@ -396,9 +396,10 @@ $$;
 #: while some dataset uses them, so a ledger without enrichment or triggers pays nothing.
 ENRICH_TRIGGERS = {
     "enrich_item_insert": "CREATE TRIGGER enrich_item_insert AFTER INSERT ON items FOR EACH ROW "
-    "WHEN (NEW.state = 'live') EXECUTE FUNCTION bs_enrich_insert()",
+    "WHEN (NEW.state = 'live' AND NEW.link IS DISTINCT FROM 'api') EXECUTE FUNCTION bs_enrich_insert()",
     "enrich_item_update": "CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state "
-    "ON items FOR EACH ROW WHEN (NEW.state = 'live') EXECUTE FUNCTION bs_enrich_update()",
+    "ON items FOR EACH ROW WHEN (NEW.state = 'live' AND NEW.link IS DISTINCT FROM 'api') "
+    "EXECUTE FUNCTION bs_enrich_update()",
     "enrich_item_delete": "CREATE TRIGGER enrich_item_delete AFTER DELETE ON items FOR EACH ROW "
     "EXECUTE FUNCTION bs_enrich_delete()",
     "events_item_insert": "CREATE TRIGGER events_item_insert AFTER INSERT ON items FOR EACH ROW "
