@@ -442,7 +442,8 @@ _NULLABLE = ("etag", "version", "content_type")
 
 def _nullable(expr: str) -> bool:
     expr = expr.strip()
-    return expr in _NULLABLE or expr.startswith(("json_extract(", "bs_meta("))
+    # "(SELECT": a field kept beside the item (enrichment's), missing until it is enriched
+    return expr in _NULLABLE or expr.startswith(("json_extract(", "bs_meta(", "(SELECT "))
 
 
 def _order_nulls(sql: str) -> str:
