@@ -4,6 +4,7 @@
     .venv/bin/python bench/enrich.py                           # the issue's set: 10,000 images of 1-5 MB (~25 GB)
     .venv/bin/python bench/enrich.py --items 600               # what fits a shared machine (~1.5 GB)
     .venv/bin/python bench/enrich.py --items 600 --concurrency 2 4 8
+    .venv/bin/python bench/enrich.py --items 10000 --thumbnail-items 1000 --baseline main   # before/after
 
 A SeaweedFS (``weed mini`` from the venv) is started on free ports. A pool of real images is
 generated with Pillow at realistic sizes (JPEG 2400x1600 to 4000x3000, 1.9-4.3 MB; PNG 1000x800 and
@@ -19,8 +20,15 @@ peak RSS is its own):
   follows the concurrency and not the number of items.
 
 Reported per run: items/s (wall clock); the agent process's CPU time per item (threads included),
-which is what bounds the rate on cores nobody else uses; bytes read from storage per item
-(``bucketsync_enrich_read_bytes_total``); and peak RSS (VmHWM).
+which is what bounds the rate on cores nobody else uses, and SeaweedFS's beside it (it shares the
+cores); bytes read from storage per item (``bucketsync_enrich_read_bytes_total``); peak RSS (VmHWM);
+and the load average over the run (1-minute figure at its start and end), since the machine may
+be shared.
+
+``--baseline REV`` runs every scenario a second time with bucketsync's ``src/`` as it was at git
+revision REV (``git archive``), interleaved with the current code, on the same server and objects:
+before and after under the same conditions. ``--thumbnail-items N`` enriches only N items in the
+thumbnail scenarios (they read whole objects: far slower than metadata-only).
 Targets (issue 8): <= 64 KiB read per image on average and >= 200 items/s metadata-only, >= 30 items/s
 with thumbnails, on 2 cores against the local emulator.
 """
@@ -31,6 +39,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import random
 import resource
 import subprocess
@@ -42,7 +51,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "src"))
+#: the bucketsync sources a child runs (``--baseline``: a revision's, exported to a temporary folder)
+sys.path.insert(0, os.environ.get("ENRICH_BENCH_SRC", str(ROOT / "src")))
 sys.path.insert(0, str(HERE))
 
 from PIL import Image  # noqa: E402
@@ -118,10 +128,10 @@ async def upload(port: int, bucket: str, items: int, tmp: Path) -> dict[str, Any
         nonlocal total
         spec = i % len(pool)
         ext = "jpg" if POOL[spec][0] == "JPEG" else "png"
-        data = pool[spec] + i.to_bytes(8, "big")  # after the end marker: its own etag, same image
-        async with sem:
+        async with sem:  # the body is made inside: 16 in memory at once, not --items of them
+            data = pool[spec] + i.to_bytes(8, "big")  # after the end marker: its own etag, same image
             await store.put(f"img/{i // 1000:03d}/{i:06d}.{ext}", one_chunk(data))
-        total += len(data)
+            total += len(data)
 
     await asyncio.gather(*(one(i) for i in range(items)))
     await store.aclose()
@@ -183,7 +193,32 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_child(args: argparse.Namespace, bucket: str, concurrency: int, thumbnails: bool, limit: int | None) -> Any:
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (the SeaweedFS server), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def export(rev: str, into: Path) -> Path:
+    """``src/`` at git revision ``rev``, in a folder of its own."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
+
+
+def run_child(
+    args: argparse.Namespace,
+    bucket: str,
+    concurrency: int,
+    thumbnails: bool,
+    limit: int | None,
+    src: Path | None = None,
+    server: int | None = None,
+) -> Any:
     argv = [
         sys.executable, __file__, "--child", "--port", str(args.port), "--bucket", bucket,
         "--concurrency", str(concurrency), "--tmp", str(args.tmp),
@@ -194,14 +229,22 @@ def run_child(args: argparse.Namespace, bucket: str, concurrency: int, thumbnail
         argv += ["--limit", str(limit)]
     if args.profile:
         argv += ["--profile", f"{args.profile}.{'thumbnails' if thumbnails else 'metadata'}.{limit or 'all'}"]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "ENRICH_BENCH_SRC": str(src)} if src is not None else None
+    load0, server0 = load1(), cpu_seconds(server) if server else 0.0
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["load"] = f"{load0:.1f}-{load1():.1f}"
+    if server:  # the server's CPU over the whole child (its sync included): an upper bound per item
+        result["server_cpu_ms_per_item"] = round((cpu_seconds(server) - server0) / result["enriched"] * 1000, 1)
+    return result
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, nargs="+", default=[4])
+    p.add_argument("--thumbnail-items", type=int, help="enrich only this many items with thumbnails")
+    p.add_argument("--baseline", metavar="REV", help="also run each scenario with src/ at git revision REV")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--bucket", help=argparse.SUPPRESS)
@@ -224,30 +267,37 @@ def main() -> int:
             bucket = f"enrich-{random.randrange(1 << 30):x}"
             data = asyncio.run(upload(port, bucket, args.items, tmp))
             print(json.dumps(data), file=sys.stderr)
+            codes: list[tuple[str, Path | None]] = [("", None)]
+            if args.baseline:
+                codes.insert(0, (f"{args.baseline}: ", export(args.baseline, tmp)))
+            thumbs_n = args.thumbnail_items or args.items
             rows = []
             for c in args.concurrency:
                 for name, thumbs, limit in (
                     ("metadata", False, None),
-                    ("thumbnails", True, None),
-                    ("thumbnails, 1/4 of the items", True, max(1, args.items // 4)),
+                    ("thumbnails", True, args.thumbnail_items),
+                    ("thumbnails, 1/4 of the items", True, max(1, thumbs_n // 4)),
                 ):
-                    r = run_child(args, bucket, c, thumbs, limit)
-                    print(json.dumps({"scenario": name, "concurrency": c, **r}), file=sys.stderr)
-                    rows.append((name, c, r))
+                    for label, src in codes:
+                        r = run_child(args, bucket, c, thumbs, limit, src, proc.pid)
+                        print(json.dumps({"scenario": label + name, "concurrency": c, **r}), file=sys.stderr)
+                        rows.append((label + name, c, r))
         finally:
             stop(proc)
     size = f"{data['bytes'] / 1e9:.2f} GB (mean {data['mean_mb']} MB; pool {data['pool_mb']} MB)"
     print(f"\n{data['items']} objects, {size}\n")
     print(
-        "| scenario | concurrency | items | items/s (wall) | CPU per item | items per CPU-second | read per item |",
+        "| scenario | concurrency | items | items/s (wall) | CPU per item | items per CPU-second |"
+        " server CPU per item |",
         end="",
     )
-    print(" peak RSS |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(" read per item | peak RSS | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, c, r in rows:
         print(
             f"| {name} | {c} | {r['enriched']} | {r['items_per_s']} | {r['cpu_ms_per_item']} ms | "
-            f"{r['items_per_cpu_s']} | {r['read_per_item_kib']} KiB | {r['peak_rss_mb']} MB |"
+            f"{r['items_per_cpu_s']} | {r.get('server_cpu_ms_per_item', '?')} ms | {r['read_per_item_kib']} KiB | "
+            f"{r['peak_rss_mb']} MB | {r['load']} |"
         )
     return 0
 

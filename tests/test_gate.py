@@ -135,3 +135,20 @@ def test_a_pointer_delete_never_reaches_storage() -> None:
         d = gate.decide_delete(key="a/b", read_only=False, allow_delete=allow, pointer=True)
         assert d.allowed and d.action == gate.UNLINK
     assert gate.decide_delete(key="a/b", read_only=False, allow_delete=True).action == gate.DELETE_OBJECT
+
+
+def test_a_linked_item_delete_never_reaches_storage() -> None:
+    """A link made through the API has no object: it is unlinked. A link file's item is
+    tombstoned, so the file the user put in the bucket stays and no sync brings it back.
+    Neither deletes an object, whatever allow_delete, read_only or the probe say."""
+    for allow in (True, False):
+        for read_only in (True, False):
+            for denies in (None, "no PutObject"):
+                api = gate.decide_delete(
+                    key="a/b", read_only=read_only, allow_delete=allow, storage_denies=denies, link=gate.LINK_API
+                )
+                assert api.allowed and api.action == gate.UNLINK
+                f = gate.decide_delete(
+                    key="a/b", read_only=read_only, allow_delete=allow, storage_denies=denies, link=gate.LINK_FILE
+                )
+                assert f.allowed and f.action == gate.TOMBSTONE

@@ -5,8 +5,7 @@ not match are refused, leaving the target as it was."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import asyncpg
@@ -16,7 +15,8 @@ from bucketsync.catalog.items import ensure_index
 from bucketsync.core.model import Counts, ItemState, ObjectInfo, OpKind, OpState, RunStatus
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.migrate import BadMigration, MigrationError, migrate
-from e2e import cli, write_config
+from bucketsync.ledger.sqlite import InstanceLock
+from e2e import cli, parallel, write_config
 from emulators.postgres import PostgresServer
 
 
@@ -54,7 +54,8 @@ async def make_source(path: Path) -> dict[str, int]:
         cats = await led.find_dataset("cats")
         assert cats is not None
         await led.add_folder(cats, "empty/")
-        await led.inbox_put(docs, [("x", "created", "t", "ex", 1, 2.0)])
+        await led.inbox_put(docs, [("x", "created", "t", "ex", 1, 2.0), ("y", "removed", None, None, None, None)])
+        await led.inbox_done([max(i for i, _ in await led.inbox_take(docs, 0, 10))])  # its id is never reused
         await led.mark_resync(["docs"], "lost commits")
         assert await ensure_index(led, photos, "size")
         return {"photos": photos, "docs": docs, "cats": cats, "pending_op": done + 1}
@@ -91,9 +92,9 @@ def test_migrate_copies_everything_verified_and_leaves_the_source_untouched(
     import asyncio
 
     asyncio.run(_check_copy(path, url, ids))
-    again = cli(config, "ledger", "migrate", "--to", url)
-    assert again.returncode == 2, again.stderr
-    assert "already holds a ledger" in again.stderr and "migrate into an empty database" in again.stderr
+    used = r"already holds a ledger \(datasets: 4 rows.*migrate into an empty database"
+    with pytest.raises(BadMigration, match=used):
+        asyncio.run(migrate(path, url))
 
 
 async def _check_copy(path: Path, url: str, ids: dict[str, int]) -> None:
@@ -115,6 +116,9 @@ async def _check_copy(path: Path, url: str, ids: dict[str, int]) -> None:
         assert await dst.pointed(pointer.id) == ("photos", pointer.key), "pointers still point"
         assert await dst.empty_folders(ids["cats"], "") == ["empty/"]
         assert [e for _, e in await dst.inbox_take(ids["docs"], 0, 10)] == [("x", "created", "t", "ex", 1, 2.0)]
+        await dst.inbox_put(ids["docs"], [("z", "created", None, None, None, None)])
+        taken = [i for i, _ in await dst.inbox_take(ids["docs"], 0, 10)]
+        assert taken[-1] > taken[0] + 1, f"the inbox does not reuse the id of an entry done before the copy: {taken}"
         assert await dst.resync_pending() == {"docs"}
         [(name, sql)] = await src.indexes("items_by_size")
         assert await dst.indexes("items_by_size") == [(name, sql)], "the catalog's field indexes too"
@@ -130,32 +134,27 @@ async def _check_copy(path: Path, url: str, ids: dict[str, int]) -> None:
         await dst.close()
 
 
-HOLD_LOCK = (
-    "import sys, time; from pathlib import Path; from bucketsync.ledger.sqlite import InstanceLock; "
-    "InstanceLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)"
-)
-
-
-def test_migrate_refuses_while_an_agent_holds_the_ledger(
+def test_the_cli_refuses_while_an_agent_holds_the_ledger_and_names_bad_input(
     tmp_path: Path, source: tuple[Path, dict[str, int]], postgres_server: PostgresServer
 ) -> None:
     path, _ = source
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    config = write_config(tmp_path, {}, {}, agent={"ledger": str(path)})
+    url = postgres_server.new_database()
+    lock = InstanceLock(path)
+    lock.acquire()  # this process stands in for a running agent
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        config = write_config(tmp_path, {}, {}, agent={"ledger": str(path)})
-        url = postgres_server.new_database()
-        done = cli(config, "ledger", "migrate", "--to", url)
-        assert done.returncode == 1, done.stderr
-        assert f"another bucketsync agent (pid {holder.pid})" in done.stderr and "stop it first" in done.stderr
-        assert postgres_server.psql("SELECT to_regclass('items') IS NULL", url.rsplit("/", 1)[1]) == "t", (
-            "nothing was written to the target"
+        locked, bad = parallel(
+            lambda: cli(config, "ledger", "migrate", "--to", url),
+            lambda: cli(config, "ledger", "migrate", "--to", "sqlite:///other.db"),
         )
     finally:
-        holder.kill()
-        holder.wait(10)
-        assert holder.stdout is not None
-        holder.stdout.close()
+        lock.release()
+    assert locked.returncode == 1, locked.stderr
+    assert f"another bucketsync agent (pid {os.getpid()})" in locked.stderr and "stop it first" in locked.stderr
+    db = url.rsplit("/", 1)[1]
+    assert postgres_server.psql("SELECT to_regclass('items') IS NULL", db) == "t", "nothing was written to the target"
+    assert bad.returncode == 2, bad.stderr
+    assert "--to must be a postgresql:// URL, not 'sqlite:///other.db'" in bad.stderr
 
 
 async def test_a_copy_that_does_not_match_is_rolled_back(

@@ -72,3 +72,23 @@ async def test_runs_take_turns(stores: list[MemoryStore], tmp_path: Path) -> Non
         assert both_midway, "one run held the loop until it ended"
     finally:
         await ledger.close()
+
+
+async def test_api_reads_issued_mid_sync_answer_before_it_ends(stores: list[MemoryStore], tmp_path: Path) -> None:
+    """What ``GET /datasets`` and an item page read, asked for while an initial sync diffs and
+    writes its batches, comes back while that sync is still running: neither the diff nor the
+    ledger writes hold the loop or the reads for the length of the run."""
+    ledger = await Ledger.open(tmp_path / "ledger.db")
+    try:
+        loop = SyncLoop("a", DatasetConfig(driver="d"), stores[0], ledger)
+        ds = await ledger.dataset_id("a")
+        run = asyncio.create_task(loop.run_once())  # N additions: several batches of writes
+        while loop.progress is None or loop.progress.listed == 0:  # noqa: ASYNC110 (turns of the loop are the point)
+            await asyncio.sleep(0)
+        overview, _, _ = await ledger.described()
+        page = await ledger.items(ds, limit=100)
+        assert not run.done(), "the reads waited for the whole sync"
+        assert "a" in overview and len(page) <= 100
+        assert (await run).counts.added == N
+    finally:
+        await ledger.close()

@@ -36,6 +36,7 @@ from bucketsync.core.errors import (
 )
 from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode
 from bucketsync.stores import Store, one_chunk, open_store, read_all
+from bucketsync.stores import s3 as s3_module
 from bucketsync.stores.s3 import S3Store, _parse_list, open_s3, translate
 from conformance import CHECKS, Check, Delegating, check_missing_root, check_permission_denied, list_keys
 from emulators.s3 import PREFIX, S3Emulator
@@ -636,7 +637,7 @@ async def test_interrupted_download_resumes_at_the_offset_pinned_to_the_etag() -
             bodies.append(body)
             return {"Body": body, "ETag": '"v1"'}
 
-    store = S3Store("bkt", "p/", retry_base=0.0001)
+    store = S3Store("bkt", "p/", retry_base=0.0001, lean_get=False)  # the SDK path; the lean one: test_lean_read_*
     store._client = GetClient()
     assert await read_all(store, "k") == data
     assert [c.get("Range") for c in calls] == [None, "bytes=2000-", "bytes=4000-"]
@@ -701,3 +702,28 @@ def test_translate_network_errors_are_transient(exc: BaseException) -> None:
 def test_translate_missing_credentials() -> None:
     err = translate(NoCredentialsError(), "s3://bkt/", "list")
     assert isinstance(err, PermissionDenied) and "credentials" in str(err)
+
+
+#: a page as SeaweedFS writes it: Key, ETag (with &#34;), Size, StorageClass, LastModified
+SEAWEED_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>bkt</Name><Prefix>p/</Prefix>\
+<MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter><IsTruncated>true</IsTruncated>\
+<Contents><Key>p/a</Key><ETag>&#34;9e107d9d372bb6826bd81d3542a419d6&#34;</ETag><Size>43</Size>\
+<StorageClass>STANDARD</StorageClass><LastModified>2024-05-01T12:00:00Z</LastModified></Contents>\
+<Contents><Key>p/b &amp; c</Key><ETag>&#34;d41d8cd98f00b204e9800998ecf8427e-2&#34;</ETag><Size>0</Size>\
+<StorageClass>STANDARD</StorageClass><LastModified>2024-05-01T12:00:01Z</LastModified></Contents>\
+<CommonPrefixes><Prefix>p/d/</Prefix></CommonPrefixes><NextContinuationToken>t1</NextContinuationToken>\
+</ListBucketResult>"""
+
+
+def test_the_page_scan_reads_seaweedfs_layout_without_the_xml_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SeaweedFS writes a <Contents>'s fields in another order: the scan reads it as the parser does."""
+    want = _parse_list(SEAWEED_XML, "SeaweedFS")
+    assert want.entries[1] == ("p/b & c", 0, datetime(2024, 5, 1, 12, 0, 1, tzinfo=UTC).timestamp(), want.entries[1][3])
+
+    def no_parser(body: bytes, server: str) -> None:
+        raise AssertionError("the page went to the XML parser")
+
+    monkeypatch.setattr(s3_module, "_parse_list", no_parser)
+    got = s3_module._scan_list(SEAWEED_XML, "SeaweedFS")
+    assert (got.entries, got.folders, got.truncated, got.token) == (want.entries, want.folders, True, "t1")

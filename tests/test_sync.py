@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -795,3 +796,22 @@ async def test_rename_of_a_tombstoned_object_does_not_bring_it_back(
     assert result.status is RunStatus.OK, result.error
     assert sorted(await items(ledger)) == ["archive/2023/b.jpg", "keep.jpg"], f"{result.counts}"
     assert sorted(await items(ledger, state=ItemState.TOMBSTONE)) == ["archive/2023/a.jpg"]
+
+
+@fast_stores
+async def test_keys_downstream_owns_are_left_alone_and_not_counted(bucket: Bucket, ledger: Ledger) -> None:
+    """A key the outbox is writing (``in_flight``) or wrote during the run (``touched``) is listed
+    but neither changed nor counted unchanged, whichever way the diff found it."""
+    await fill(bucket, ["a", "b", "c", "d", "e"])
+    await sync(bucket, ledger)
+    before = await items(ledger)
+    await bucket.put("b", b"being written")  # modified, owned
+    await bucket.put("f", b"new and being written")  # added, owned
+    await bucket.delete("e")  # removed, owned
+    loop = loop_for(bucket.store, ledger)
+    loop.in_flight = {"b", "f"}
+    loop.touched = {"c": time.monotonic() + 60, "e": time.monotonic() + 60}  # c: unchanged, owned
+    result = await loop.run_once()
+    c = result.counts
+    assert (c.listed, c.added, c.modified, c.removed, c.unchanged) == (5, 0, 0, 0, 2)  # a and d unchanged
+    assert await items(ledger) == before

@@ -18,6 +18,7 @@ import structlog
 
 from bucketsync import metrics
 from bucketsync.catalog import items as catalog_items
+from bucketsync.catalog.links import LinkFiles
 from bucketsync.config import DatasetConfig, Settings
 from bucketsync.core.errors import ConfigError
 from bucketsync.core.model import COUNTED_STATES, RunRecord, RunStatus, iso
@@ -61,6 +62,8 @@ class Agent:
         #: enrichment and trigger deliveries: tasks of their own that follow the ledger's queues
         self.enricher = Enricher(self)
         self.triggers = Triggers(self)
+        #: synced *.link.json objects, read in the background into linked items (catalog/links.py)
+        self.link_files = LinkFiles(self)
         self.pacer = Pacer()  # every dataset's runs take turns on the one event loop
         #: events-mode dataset -> its event source's state: (source, None when it delivers else why it failed)
         self.event_sources: dict[str, tuple[str, str | None]] = {}

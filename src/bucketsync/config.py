@@ -467,6 +467,40 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 LEDGER_PASSWORD_ENV = "BUCKETSYNC_LEDGER_PASSWORD"
 
 
+class LinksConfig(_Strict):
+    """Server-side fetches of URLs (linked items' content, CSV ``upload`` rows): see docs/catalog.md."""
+
+    allow: list[str] = _doc(
+        "Networks (CIDR, e.g. `10.1.0.0/16`, `127.0.0.1/32`) a fetch may reach although they are loopback, "
+        "private, link-local, multicast, unspecified or a metadata service; empty: none of those.",
+        default=[],
+    )
+    allow_http: bool = _doc(
+        "Fetch `http://` URLs too; off by default, so only `https://` (with certificate checks) is fetched.",
+        default=False,
+    )
+    max_bytes: int = _doc(
+        "Largest body a fetch reads (bytes); a larger target is refused (`too_large`).",
+        default=1024 * 1024 * 1024,
+        ge=1,
+    )
+    timeout: Duration = _doc("Time limit of one fetch, redirects and body included (`too_slow` past it).", default=60.0)
+    max_redirects: int = _doc("Redirects followed (each re-checked) before a fetch is refused.", default=5, ge=0, le=20)
+    ca_file: Path | None = _doc(
+        "Extra PEM CA certificates trusted for https fetches (a private CA), besides the system's.", default=None
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"links.allow: {net!r} is not a network such as 10.0.0.0/8 or ::1/128") from None
+        return v
+
+
 class AgentConfig(_Strict):
     ledger: Path | str = _doc(
         "The ledger: a SQLite file (WAL, synchronous=FULL), or a PostgreSQL database as "
@@ -662,6 +696,10 @@ class Settings(BaseSettings):
     datasets: dict[Name, DatasetConfig] = _doc("Catalogs, one per driver location, by name.", default={})
     enrich: EnrichConfig = _doc(
         "Enrichment: system metadata (mimetype, dimensions, EXIF orientation) and thumbnails.", default=EnrichConfig()
+    )
+    links: LinksConfig = _doc(
+        "Server-side fetches for linked items and CSV imports: what they may reach, size and time caps.",
+        default=LinksConfig(),
     )
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from bucketsync.config import (
     EnrichConfig,
     EventsConfig,
     GcpIntegration,
+    LinksConfig,
     Settings,
     TriggerConfig,
     credential_path,
@@ -86,6 +87,15 @@ SECTIONS: list[tuple[str, str, str, type[BaseModel], str]] = [
         EnrichConfig,
         "Enrichment: system metadata from the bytes (mimetype, encoding, dimensions, EXIF orientation) "
         "and thumbnails (see docs/enrichment.md).",
+    ),
+    (
+        "links",
+        "[links]",
+        "LINKS",
+        LinksConfig,
+        "Server-side fetches of URLs: linked items' content and CSV `upload` rows (see docs/catalog.md). "
+        "Only https by default; loopback, private, link-local, multicast, unspecified and metadata-service "
+        "addresses are refused unless a network in `allow` holds them.",
     ),
 ]
 

@@ -20,6 +20,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from bucketsync import __version__
+from bucketsync.core.errors import FetchRefused
 from bucketsync.core.model import COUNTED_STATES, Counts, OpKind, RunStatus
 
 if TYPE_CHECKING:
@@ -161,6 +162,13 @@ GATE_REFUSALS = Counter(
     "bucketsync_gate_refusals_total",
     "Downstream operations the gate refused, by reason.",
     ["reason"],
+    registry=REGISTRY,
+)
+LINK_FETCHES = Counter(
+    "bucketsync_link_fetches_total",
+    "Server-side fetches of URLs (linked items' content, CSV upload rows), by result: ok, or the reason "
+    "the SSRF policy refused one (loopback, private, metadata, ...) or it failed (too_large, too_slow, ...).",
+    ["result"],
     registry=REGISTRY,
 )
 OUTBOX_BACKLOG = Gauge(
@@ -306,12 +314,18 @@ OP_RESULTS = (
 )
 
 
+#: every result of a link fetch: ok, and each reason a fetch is refused or fails for
+FETCH_RESULTS = ("ok", *FetchRefused.REASONS)
+
+
 def init(datasets: Iterable[str]) -> None:
     """Create every series with a known label value at 0 (and the gauges at their start values)."""
     for kind in ("runs", "ops"):
         PRUNED.labels(kind)
     for reason in REFUSAL_REASONS:
         GATE_REFUSALS.labels(reason)
+    for result in FETCH_RESULTS:
+        LINK_FETCHES.labels(result)
     for op in OpKind:
         for result in OP_RESULTS:
             DOWNSTREAM_OPS.labels(str(op), result)

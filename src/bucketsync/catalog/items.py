@@ -23,7 +23,9 @@ from bucketsync.catalog.query import (
     pinned,
 )
 from bucketsync.catalog.query import field as field_named
+from bucketsync.core.errors import InvalidFilter
 from bucketsync.core.model import Item
+from bucketsync.enrich.queue import EnrichQueue
 from bucketsync.ledger.ledger import Ledger
 
 INDEX_PREFIX = "items_by_"
@@ -114,7 +116,18 @@ async def page(ledger: Ledger, dataset_id: int, q: Query) -> tuple[list[Item], s
         return items, None
     items = items[: q.limit]
     last = items[-1]
-    return items, encode_cursor(q.sort, sort_value(last, q.sort.field), last.key)
+    f = q.sort.field
+    value = await _beside_value(ledger, last, f) if f.beside else sort_value(last, f)
+    return items, encode_cursor(q.sort, value, last.key)
+
+
+async def _beside_value(ledger: Ledger, item: Item, f: Field) -> Any:
+    """The item's value of a field kept beside it (enrichment's metadata), for the cursor: as
+    JSON holds it, which is what the sort compared (on PostgreSQL too, whose SQL expression
+    gives a sortable pair instead)."""
+    found = (await EnrichQueue(ledger).of_items([item.id])).get(item.id)
+    value = found.meta.get(f.name) if found is not None else None
+    return int(value) if isinstance(value, bool) else value
 
 
 async def _scan_table(ledger: Ledger, dataset_id: int, q: Query) -> bool:
@@ -140,14 +153,16 @@ async def _scan_table(ledger: Ledger, dataset_id: int, q: Query) -> bool:
 
 async def ensure_index(ledger: Ledger, dataset_id: int, name: str) -> bool:
     """Index the field called ``name`` for the dataset; True when it was created now.
-    InvalidFilter when the field is unknown."""
+    InvalidFilter when the field is unknown or cannot be indexed."""
     f = field_named(name, "index")
+    if f.beside:
+        raise InvalidFilter("index", f"{name} is enrichment's metadata, kept beside the item: it cannot be indexed")
     return await ledger.create_index(index_name(f, dataset_id), index_sql(f, dataset_id))
 
 
 async def indexed_fields(ledger: Ledger, dataset_id: int) -> list[str]:
     """The fields the dataset has an index on, by their public names."""
-    by_name = {index_name(f, dataset_id): f.name for f in SYSTEM.values() if f.name != "content_type"}
+    by_name = {index_name(f, dataset_id): f.name for f in SYSTEM.values() if f.name != "content_type" and not f.beside}
     suffix = f"_d{int(dataset_id)}"
     out = []
     for name, sql in await ledger.indexes(INDEX_PREFIX):

@@ -58,6 +58,15 @@ class Field:
     sql: str
     kind: str
     nullable: bool = False
+    #: kept beside the item (enrichment's system metadata), not in its row: no index can
+    #: hold it, and a cursor reads it back from the enrichment (catalog/items.py)
+    beside: bool = False
+
+
+def _enriched(name: str, kind: str) -> Field:
+    """A member of the item's enrichment (enrich/), as a correlated subquery on its row."""
+    sql = f"(SELECT json_extract(meta, '$.\"{name}\"') FROM enrichment WHERE item_id = items.id)"
+    return Field(name, sql, kind, nullable=True, beside=True)
 
 
 #: the system fields; ``mimetype`` is the item's content type under the name users know
@@ -74,6 +83,12 @@ SYSTEM: dict[str, Field] = {
         Field("state", "state", "state"),
         Field("mimetype", "content_type", "text", nullable=True),
         Field("content_type", "content_type", "text", nullable=True),
+        # linked items (catalog/links.py): ``{"link": {"$exists": true}}`` finds them
+        Field("link", "link", "text", nullable=True),
+        Field("ref", "ref", "text", nullable=True),
+        # enrichment's system metadata (docs/enrichment.md): missing until an item is enriched
+        *(_enriched(n, "number") for n in ("width", "height", "orientation", "display_width", "display_height")),
+        *(_enriched(n, "text") for n in ("format", "encoding")),
     )
 }
 #: the fields of a dataset (``GET /datasets?filter=``), besides its metadata.NAME

@@ -3,6 +3,8 @@ daemon holds the ledger's lock."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -88,3 +90,21 @@ class AgentClient:
             raise BucketsyncError(
                 f"the agent holds the ledger lock but its API at {self.base} does not answer: {exc}"
             ) from None
+
+    async def lines(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """A streamed NDJSON answer, one object per line as it arrives (``POST .../import``)."""
+        assert self._session is not None
+        try:
+            async with self._session.request(method, self.base + path, **kwargs) as resp:
+                if resp.status >= 400:
+                    try:
+                        body = await resp.json(content_type=None)
+                    except ValueError:
+                        body = None
+                    err = body.get("error", {}) if isinstance(body, dict) else {}
+                    raise ApiCallFailed(resp.status, err.get("code", "error"), err.get("message", resp.reason or ""))
+                async for raw in resp.content:
+                    if raw.strip():
+                        yield json.loads(raw)
+        except aiohttp.ClientConnectionError as exc:
+            raise BucketsyncError(f"the agent's API at {self.base} stopped answering: {exc}") from None

@@ -559,6 +559,54 @@ async def cmd_put(settings: Settings, args: argparse.Namespace) -> int:
     return _report(args, out, line)
 
 
+async def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Stream the CSV to the running agent; its per-row results stream back (NDJSON)."""
+    from pathlib import Path
+    from urllib.parse import quote
+
+    from bucketsync.cli.client import AgentClient
+    from bucketsync.downstream.outbox import file_chunks
+
+    settings.dataset(args.dataset)
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file}: no such file")
+    if not _daemon_running(settings):
+        raise BucketsyncError("import needs the running agent (bucketsync run): it imports through its API")
+    report: dict[str, Any] = {}
+    # A CLI command owns its thread: a blocking open of the local report file stalls nothing else.
+    out = open(args.report, "w", encoding="utf-8") if args.report else None  # noqa: SIM115, ASYNC230
+    try:
+        async with AgentClient(settings) as client:
+            async for line in client.lines(
+                "POST",
+                f"/datasets/{quote(args.dataset, safe='')}/import",
+                params={"name": Path(args.file).name},
+                data=file_chunks(args.file),
+                headers={"Content-Type": "text/csv"},
+            ):
+                if out is not None:
+                    out.write(dumps(line) + "\n")
+                if "report" in line:
+                    report = line["report"]
+                elif args.json:
+                    print_json(line)
+                elif line.get("result") == "failed":
+                    print(f"row {line['row']}: failed: {safe_text(str(line.get('reason')))}", file=sys.stderr)
+    finally:
+        if out is not None:
+            out.close()
+    if not report:
+        raise BucketsyncError("the import ended without its report: the agent stopped before the end?")
+    if args.json:
+        print_json({"report": report})
+    else:
+        print(
+            f"{report['rows']} rows into {shown(report['folder'])}: {report['created']} created, "
+            f"{report['exists']} existed, {report['failed']} failed"
+        )
+    return 1 if report["failed"] else 0
+
+
 async def cmd_rm(settings: Settings, args: argparse.Namespace) -> int:
     settings.dataset(args.dataset)
     out = await _downstream(
@@ -779,9 +827,10 @@ async def cmd_ledger_migrate(settings: Settings, args: argparse.Namespace) -> in
     """Copy the SQLite ledger into PostgreSQL (ledger/migrate.py), printing progress as it goes."""
     from pathlib import Path
 
+    from bucketsync.config import LEDGER_PASSWORD_ENV
     from bucketsync.ledger.migrate import BadMigration, migrate
 
-    password = None
+    password = os.environ.get(LEDGER_PASSWORD_ENV) or None  # as the agent takes it; the file wins
     if args.password_file:
         try:
             password = Path(args.password_file).read_text().strip()
@@ -996,6 +1045,17 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--json", action="store_true", help="print one JSON object")
     pu.set_defaults(func=cmd_put)
 
+    im = command(
+        "import",
+        "import a CSV of URLs (url,name,action,mimetype,item_metadata,item_description) as linked or uploaded "
+        "items in the folder named after it, through the running agent; exit 1 if a row failed",
+    )
+    im.add_argument("dataset", help="the dataset's name in the config")
+    im.add_argument("file", help="the CSV file (FILE.csv: items land in the folder FILE/)")
+    im.add_argument("--report", metavar="FILE", help="write every row's result and the report there (NDJSON)")
+    im.add_argument("--json", action="store_true", help="print each row's result and the report as JSON lines")
+    im.set_defaults(func=cmd_import)
+
     rm = command("rm", "delete an item (a tombstone unless the driver allows deletes)")
     rm.add_argument("dataset", help="the dataset's name in the config")
     rm.add_argument("key", help="the item's key")
@@ -1097,7 +1157,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 #: API error codes that mean the command line asked for something invalid (exit 2)
-USAGE_CODES = ("invalid_key", "invalid_request", "invalid_metadata", "invalid_parameter", "invalid_filter")
+USAGE_CODES = (
+    "invalid_key",
+    "invalid_request",
+    "invalid_metadata",
+    "invalid_parameter",
+    "invalid_filter",
+    "invalid_csv",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

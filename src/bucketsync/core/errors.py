@@ -54,6 +54,39 @@ class Refused(BucketsyncError):
         self.reason = reason
 
 
+class FetchRefused(BucketsyncError):
+    """A server-side fetch of a URL (a linked item's content, a CSV ``upload`` row) that the
+    SSRF policy refused or that could not complete within its caps (invariant 14).
+
+    ``reason`` is stable: ``scheme``, ``invalid_url``, ``loopback``, ``private``, ``link_local``,
+    ``multicast``, ``unspecified``, ``metadata``, ``reserved``, ``redirects`` (too many, or a
+    redirect without a target), ``dns`` (the name does not resolve), ``too_large``,
+    ``too_slow``, ``upstream`` (the target answered an error or could not be reached).
+    """
+
+    #: every reason, the policy's refusals first (the caller asked for something not allowed)
+    REASONS = (
+        "scheme",
+        "invalid_url",
+        "loopback",
+        "private",
+        "link_local",
+        "multicast",
+        "unspecified",
+        "metadata",
+        "reserved",
+        "redirects",
+        "dns",
+        "too_large",
+        "too_slow",
+        "upstream",
+    )
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"fetch refused ({reason}): {message}")
+        self.reason = reason
+
+
 class StorageError(BucketsyncError):
     """Something went wrong talking to storage.
 

@@ -103,8 +103,19 @@ def decide_put(
 UNLINK = "unlink"
 
 
+#: how a linked item came (``Item.link``): through the API (no object in the bucket) or as a link file
+LINK_API = "api"
+LINK_FILE = "file"
+
+
 def decide_delete(
-    *, key: str, read_only: bool, allow_delete: bool, storage_denies: str | None = None, pointer: bool = False
+    *,
+    key: str,
+    read_only: bool,
+    allow_delete: bool,
+    storage_denies: str | None = None,
+    pointer: bool = False,
+    link: str | None = None,
 ) -> OpDecision:
     """What deleting an item does (invariants 2 and 3).
 
@@ -113,9 +124,16 @@ def decide_delete(
     hidden folder (the probe's test-file) are always its to delete. A pointer item of a
     clone is only unlinked from the clone, whatever ``allow_delete`` says: the object is
     the source dataset's.
+
+    A linked item never reaches storage either, whatever ``allow_delete`` and ``read_only``
+    say (deleting it writes nothing to storage): one made through the API has no object, so
+    it is unlinked; one from a link file is tombstoned, so the file the user put in the
+    bucket stays and the next sync does not bring the item back.
     """
-    if pointer:
+    if pointer or link == LINK_API:
         return OpDecision(True, action=UNLINK)
+    if link == LINK_FILE:
+        return OpDecision(True, action=TOMBSTONE)
     if key.startswith(HIDDEN):
         return OpDecision(True, action=DELETE_OBJECT)
     if read_only:

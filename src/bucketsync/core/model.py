@@ -102,6 +102,16 @@ class Indexed:
     state: ItemState
 
 
+#: an ``Indexed`` as the ledger's snapshot reads it, before any object is built:
+#: (id, key, size, modified, etag, version, state); ``Indexed(*row)`` when one is needed
+SnapshotRow = tuple[int, str, int, float, str | None, str | None, str]
+
+
+def indexed(row: SnapshotRow) -> Indexed:
+    """The ``Indexed`` of a snapshot row."""
+    return Indexed(row[0], row[1], row[2], row[3], row[4], row[5], ItemState(row[6]))
+
+
 class ChangeKind(enum.StrEnum):
     ADDED = "added"
     MODIFIED = "modified"
@@ -199,6 +209,10 @@ class Item:
     content_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     updated: float | None = None
+    #: a linked item's target (https://..., s3://...): its binary is there, not in the bucket
+    ref: str | None = None
+    #: how a linked item came: "api" (POST .../links, a CSV import) or "file" (a synced *.link.json)
+    link: str | None = None
 
     def as_json(self, full: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -216,6 +230,8 @@ class Item:
                 "metadata": self.meta,
                 "updated": iso(self.updated),
             }
+        if self.link is not None:  # only linked items carry it: other items look as they always did
+            out["link"] = {"ref": self.ref, "from": self.link}
         return out
 
 

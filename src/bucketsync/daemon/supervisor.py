@@ -166,6 +166,7 @@ async def _run_dataset(
     def on_result(result: RunResult) -> None:
         agent.enricher.wake.set()  # the run committed items: their enrichment and events follow
         agent.triggers.wake.set()
+        agent.link_files.wake.set()
         if (agent.not_ready.get(name) or "").startswith("sync loop"):
             agent.set_ready(name, None)
 
@@ -514,6 +515,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
         enricher = asyncio.create_task(agent.enricher.run(stop), name="enrich")
         triggers = asyncio.create_task(agent.triggers.run(stop), name="triggers")
+        link_files = asyncio.create_task(agent.link_files.run(stop), name="link-files")
         assert agent.ledger is not None
         pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop), name="retention")
         log.info(
@@ -540,6 +542,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             heal,
             enricher,
             triggers,
+            link_files,
             pruner,
             *api_runs,
             *reloader._signalled,

@@ -167,9 +167,15 @@ class Downstream:
             read_only=ds.read_only,
             allow_delete=driver.allow_delete,
             storage_denies=self.agent.storage_denies(dataset),
+            link=item.link,
         )
         if not decision.allowed:
             raise _refuse(decision, dataset, key)
+        if decision.action == gate.UNLINK:  # a linked item made through the API: no object anywhere to delete
+            await ledger.remove(None, [item.id])
+            await self.agent.refresh_item_gauges(dataset)
+            log.info("link unlinked", dataset=dataset, key=key, item=item.id)
+            return Outcome("unlinked", None)
         if decision.action == gate.TOMBSTONE:
             if item.state is not ItemState.TOMBSTONE:
                 await ledger.set_state(item.id, ItemState.TOMBSTONE)

@@ -49,7 +49,7 @@ from bucketsync.core.errors import (
     Transient,
     code_of,
 )
-from bucketsync.core.model import CREATE, OVERWRITE, Item, Op, OpKind, OpState, PutMode
+from bucketsync.core.model import CREATE, OVERWRITE, Item, ItemState, Op, OpKind, OpState, PutMode
 from bucketsync.core.retry import backoff
 from bucketsync.downstream import ownwrite
 from bucketsync.ledger.leases import FENCE
@@ -342,7 +342,19 @@ class Outbox:
         driver = agent.settings.drivers[ds.driver]
         store = agent.stores[ds.driver]
         ds_id = await self.ledger.dataset_id(op.dataset)
-        decision = gate.decide_delete(key=op.key, read_only=ds.read_only, allow_delete=driver.allow_delete)
+        item = await self.ledger.item(ds_id, op.key)
+        link = item.link if item is not None else None
+        decision = gate.decide_delete(key=op.key, read_only=ds.read_only, allow_delete=driver.allow_delete, link=link)
+        if item is not None and link is not None:
+            # A linked item (a folder delete queued it): nothing in storage is its to delete.
+            if decision.action == gate.TOMBSTONE:  # a link file stays in the bucket
+                await self.ledger.set_state(item.id, ItemState.TOMBSTONE)
+                await self.ledger.op_done(op.id)
+            else:
+                await self.ledger.complete_delete(op, ds_id)
+            await self.agent.refresh_item_gauges(op.dataset)
+            log.info("delete of a linked item: catalog only", op=op.id, dataset=op.dataset, key=op.key, link=link)
+            return
         if decision.action != gate.DELETE_OBJECT:
             # allow_delete went off (or the dataset became read-only) after the op was queued.
             reason = decision.reason or "allow_delete_off"

@@ -22,11 +22,13 @@ STATES = ("pending", "done", "failed")
 # SQL triggers on ``items``: they queue enrichment and record item events in the transaction that
 # commits the item, so every write path (sync batches, renames, puts, removals) queues its work
 # atomically. They exist only while some dataset uses them (``set_datasets`` creates and drops
-# them), so a ledger without enrichment or triggers pays nothing on its writes.
+# them), so a ledger without enrichment or triggers pays nothing on its writes. A link made through
+# the API (``link = 'api'``) has no object in the bucket to read: it is never queued.
 _SQL_TRIGGERS = {
     "enrich_item_insert": """
     CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
-    WHEN NEW.state = 'live' AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+    WHEN NEW.state = 'live' AND NEW.link IS NOT 'api'
+    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
         INSERT INTO thumbnail_trash (dataset_id, key, local, created)
             SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
             WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
@@ -36,7 +38,8 @@ _SQL_TRIGGERS = {
     """,
     "enrich_item_update": """
     CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state ON items
-    WHEN NEW.state = 'live' AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
+    WHEN NEW.state = 'live' AND NEW.link IS NOT 'api'
+    AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
         OR (NEW.etag IS NULL AND OLD.modified IS NOT NEW.modified)
         OR NOT EXISTS (SELECT 1 FROM enrichment WHERE item_id = NEW.id))
     AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN

@@ -8,8 +8,8 @@ transaction commits, every table is read back and compared with the source per d
 and a checksum of their values (an order-independent sum of per-row hashes, so neither side has to sort).
 Any difference, or any failure, rolls the whole copy back: the target is left as empty as it was found.
 
-``item_counts`` is not copied: the target's triggers count the items as they arrive, and the counts are
-verified against the source's items like any table. The catalog's field indexes are created on the target
+``item_counts`` is not copied: it is made from the copied items (what the counts must say), and verified
+against the source's items like any table. The catalog's field indexes are created on the target
 after the commit, through the target ledger's own ``create_index``.
 """
 
@@ -46,8 +46,9 @@ TABLES = (
     "thumbnail_trash",
     "item_events",
     "deliveries",
+    "link_files",
 )
-#: kept by the target's triggers as the items arrive; verified, not copied
+#: made from the copied items, then verified against the source's items; not copied
 DERIVED = ("item_counts",)
 #: the commit sequence: the target continues from the source's number
 SEQUENCE = "commit_seq"
@@ -280,14 +281,17 @@ async def _copy_all(
     tallies: Tallies = {}
     present = await _tables(reader)
     for table in TABLES:
+        if table == "link_files":
+            # the items' insert trigger queued every copied link file; the source's queue is the truth
+            await conn.execute("DELETE FROM link_files")
         if table in present:
             tallies[table] = await _copy_table(reader, conn, table, progress)
-    # Pointer items are counted by the statement that creates them, not by the insert trigger
-    # (schema v12): the copy counts the ones it inserted, as that statement would have.
+    # The target's triggers count the items as they arrive, but not all of them (pointers are counted by
+    # the statement that clones them): the counts are what the items are, so they are made from them.
+    await conn.execute("DELETE FROM item_counts")
     await conn.execute(
         "INSERT INTO item_counts (dataset_id, state, n) SELECT dataset_id, state, count(*) FROM items "
-        "WHERE source_item IS NOT NULL GROUP BY dataset_id, state "
-        "ON CONFLICT (dataset_id, state) DO UPDATE SET n = item_counts.n + excluded.n"
+        "GROUP BY dataset_id, state"
     )
     for r in await _rows(reader, "SELECT id, name FROM datasets"):
         report.datasets[int(r[0])] = str(r[1])
@@ -299,12 +303,15 @@ async def _copy_all(
         "SELECT table_name, column_name FROM information_schema.columns "
         "WHERE table_schema = current_schema() AND is_identity = 'YES'"
     )
+    # SQLite's AUTOINCREMENT (the inbox) never hands out an id again, even a deleted row's: its counter
+    # may stand past max(id), and the target's must too.
+    counters = {}
+    if "sqlite_sequence" in present:
+        counters = {str(r[0]): int(r[1]) for r in await _rows(reader, "SELECT name, seq FROM sqlite_sequence")}
     for table, column in identities:
-        await conn.execute(
-            f"SELECT setval(pg_get_serial_sequence($1, $2), max({column})) FROM {table} HAVING count(*) > 0",
-            table,
-            column,
-        )
+        last = max(int(await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")), counters.get(table, 0))
+        if last > 0:
+            await conn.execute("SELECT setval(pg_get_serial_sequence($1, $2), $3)", table, column, last)
     return tallies
 
 
@@ -374,8 +381,7 @@ async def _verify(
     reader: aiosqlite.Connection, conn: asyncpg.Connection, copied: Tallies, report: Report, progress: Progress
 ) -> None:
     """Read every copied table back inside the copy's transaction and compare it with the source,
-    per dataset: the same rows, the same values. The item counts the target's triggers kept must
-    equal the source's items."""
+    per dataset: the same rows, the same values; and the target's item counts must equal the source's items."""
     bad: list[str] = []
     for table, source in copied.items():
         columns, types = await _columns(reader, conn, table)

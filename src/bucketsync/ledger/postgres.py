@@ -46,7 +46,8 @@ from bucketsync.ledger.db import Row, numbered, rowcount
 
 #: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together).
 #: v12: pointer items are counted by the statement that creates them, not the insert trigger.
-SCHEMA_VERSION = 12
+#: v13: linked items (``items.ref``, ``items.link``) and the queue of link files to read.
+SCHEMA_VERSION = 13
 #: the advisory lock every write transaction takes (one per database): b"bsyn"
 WRITE_LOCK = 0x6273796E
 #: the advisory lock the one agent holds for as long as it runs: b"bsag"
@@ -79,7 +80,14 @@ CREATE TABLE items (
     first_run BIGINT,
     updated DOUBLE PRECISION NOT NULL,
     source_item BIGINT,
+    ref TEXT,
+    link TEXT,
     UNIQUE (dataset_id, key)
+);
+CREATE TABLE link_files (
+    item_id BIGINT PRIMARY KEY,
+    dataset_id BIGINT NOT NULL,
+    queued DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX items_by_source_item ON items (source_item) WHERE source_item IS NOT NULL;
 CREATE TABLE runs (
@@ -207,6 +215,16 @@ CREATE TRIGGER item_counts_update AFTER UPDATE ON items REFERENCING OLD TABLE AS
     FOR EACH STATEMENT EXECUTE FUNCTION bs_counts_update();
 CREATE TRIGGER pointers_orphaned AFTER DELETE ON items REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bs_pointers_orphaned();
+CREATE TRIGGER link_files_added AFTER INSERT ON items FOR EACH ROW
+    WHEN (right(NEW.key, 10) = '.link.json' AND NEW.source_item IS NULL AND NEW.link IS DISTINCT FROM 'api')
+    EXECUTE FUNCTION bs_link_files_queue();
+CREATE TRIGGER link_files_changed AFTER UPDATE OF size, etag, version ON items FOR EACH ROW
+    WHEN (right(NEW.key, 10) = '.link.json' AND NEW.source_item IS NULL AND NEW.link IS DISTINCT FROM 'api'
+        AND (OLD.size IS DISTINCT FROM NEW.size OR OLD.etag IS DISTINCT FROM NEW.etag
+            OR OLD.version IS DISTINCT FROM NEW.version))
+    EXECUTE FUNCTION bs_link_files_queue();
+CREATE TRIGGER link_files_removed AFTER DELETE ON items FOR EACH ROW WHEN (right(OLD.key, 10) = '.link.json')
+    EXECUTE FUNCTION bs_link_files_drop();
 CREATE TRIGGER pointers_stale AFTER UPDATE ON items REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bs_pointers_stale();
 """
@@ -269,6 +287,18 @@ BEGIN
     IF changed IS NOT NULL AND EXISTS (SELECT 1 FROM items WHERE source_item = ANY(changed) AND state = 'live') THEN
         UPDATE items SET state = 'stale' WHERE source_item = ANY(changed) AND state = 'live';
     END IF;
+    RETURN NULL;
+END $$;
+-- MIGRATIONS v13: a link file added or changed is queued for reading in the transaction that indexes it
+CREATE OR REPLACE FUNCTION bs_link_files_queue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO link_files (item_id, dataset_id, queued) VALUES (NEW.id, NEW.dataset_id, NEW.updated)
+        ON CONFLICT (item_id) DO UPDATE SET dataset_id = excluded.dataset_id, queued = excluded.queued;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION bs_link_files_drop() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM link_files WHERE item_id = OLD.id;
     RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION bs_enrich_queue(item items) RETURNS void LANGUAGE plpgsql AS $$
@@ -366,9 +396,10 @@ $$;
 #: while some dataset uses them, so a ledger without enrichment or triggers pays nothing.
 ENRICH_TRIGGERS = {
     "enrich_item_insert": "CREATE TRIGGER enrich_item_insert AFTER INSERT ON items FOR EACH ROW "
-    "WHEN (NEW.state = 'live') EXECUTE FUNCTION bs_enrich_insert()",
+    "WHEN (NEW.state = 'live' AND NEW.link IS DISTINCT FROM 'api') EXECUTE FUNCTION bs_enrich_insert()",
     "enrich_item_update": "CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state "
-    "ON items FOR EACH ROW WHEN (NEW.state = 'live') EXECUTE FUNCTION bs_enrich_update()",
+    "ON items FOR EACH ROW WHEN (NEW.state = 'live' AND NEW.link IS DISTINCT FROM 'api') "
+    "EXECUTE FUNCTION bs_enrich_update()",
     "enrich_item_delete": "CREATE TRIGGER enrich_item_delete AFTER DELETE ON items FOR EACH ROW "
     "EXECUTE FUNCTION bs_enrich_delete()",
     "events_item_insert": "CREATE TRIGGER events_item_insert AFTER INSERT ON items FOR EACH ROW "
@@ -411,7 +442,8 @@ _NULLABLE = ("etag", "version", "content_type")
 
 def _nullable(expr: str) -> bool:
     expr = expr.strip()
-    return expr in _NULLABLE or expr.startswith(("json_extract(", "bs_meta("))
+    # "(SELECT": a field kept beside the item (enrichment's), missing until it is enriched
+    return expr in _NULLABLE or expr.startswith(("json_extract(", "bs_meta(", "(SELECT "))
 
 
 def _order_nulls(sql: str) -> str:

@@ -242,6 +242,32 @@ MIGRATIONS: list[str] = [
             ON CONFLICT (dataset_id, state) DO UPDATE SET n = n + 1;
     END;
     """,
+    # catalog: linked items (catalog/links.py). ``ref`` is where the binary is (https://...,
+    # s3://...); ``link`` says how the item came: 'api' (POST .../links, a CSV import: no object
+    # in the bucket, so a listing never sees it and never removes it) or 'file' (a synced
+    # ``*.link.json`` object, tracked by the listing like any). A link file that is added or
+    # changed is queued for reading in the transaction that indexes it (as enrichment is).
+    """
+    ALTER TABLE items ADD COLUMN ref TEXT;
+    ALTER TABLE items ADD COLUMN link TEXT;
+    CREATE TABLE link_files (
+        item_id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL,
+        queued REAL NOT NULL
+    );
+    CREATE TRIGGER link_files_added AFTER INSERT ON items
+    WHEN substr(NEW.key, -10) = '.link.json' AND NEW.source_item IS NULL AND NEW.link IS NOT 'api' BEGIN
+        INSERT OR REPLACE INTO link_files (item_id, dataset_id, queued) VALUES (NEW.id, NEW.dataset_id, NEW.updated);
+    END;
+    CREATE TRIGGER link_files_changed AFTER UPDATE OF size, etag, version ON items
+    WHEN substr(NEW.key, -10) = '.link.json' AND NEW.source_item IS NULL AND NEW.link IS NOT 'api'
+        AND (OLD.size IS NOT NEW.size OR OLD.etag IS NOT NEW.etag OR OLD.version IS NOT NEW.version) BEGIN
+        INSERT OR REPLACE INTO link_files (item_id, dataset_id, queued) VALUES (NEW.id, NEW.dataset_id, NEW.updated);
+    END;
+    CREATE TRIGGER link_files_removed AFTER DELETE ON items WHEN substr(OLD.key, -10) = '.link.json' BEGIN
+        DELETE FROM link_files WHERE item_id = OLD.id;
+    END;
+    """,
 ]
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from bucketsync import metrics
 from bucketsync.agent import Agent, datasets_status
 from bucketsync.catalog import datasets as catalog_datasets
-from bucketsync.catalog import folders, moves, query, runtime
+from bucketsync.catalog import folders, imports, links, moves, query, runtime
 from bucketsync.catalog import items as catalog_items
 from bucketsync.core import ranges
 from bucketsync.core.errors import (
@@ -28,6 +28,7 @@ from bucketsync.core.errors import (
     BucketsyncError,
     ConfigError,
     DiskFull,
+    FetchRefused,
     FileFolderConflict,
     InvalidFilter,
     InvalidKey,
@@ -107,6 +108,15 @@ _STATUS: list[tuple[type[BaseException], int, str]] = [
 ]
 
 
+#: a server-side fetch that failed rather than being refused by the policy (403 fetch_refused)
+_FETCH_STATUS: dict[str, tuple[int, str]] = {
+    "too_large": (502, "fetch_too_large"),
+    "too_slow": (504, "fetch_too_slow"),
+    "dns": (502, "fetch_failed"),
+    "upstream": (502, "fetch_failed"),
+}
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -119,6 +129,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.code, exc.message)
     except Refused as exc:
         return error_response(403, exc.reason, str(exc))
+    except FetchRefused as exc:
+        status, code = _FETCH_STATUS.get(exc.reason, (403, "fetch_refused"))
+        return error_response(status, code, str(exc))
     except OpStateError as exc:
         return error_response(404 if exc.code == "op_not_found" else 409, exc.code, str(exc))
     except BucketsyncError as exc:
@@ -567,6 +580,57 @@ def _with_live(run: dict[str, Any], loop: Any) -> dict[str, Any]:
     return run
 
 
+# -- linked items and CSV import (catalog/links.py, catalog/imports.py) -----------------
+
+
+async def create_link(request: web.Request) -> web.Response:
+    """A linked item: its binary stays at ``ref``; nothing is written to storage."""
+    name = _dataset(request)
+    body = await _json_body(request, '{"name": "a/b.jpg", "ref": "https://...", "mimetype": ..., "metadata": {...}}')
+    if not {"name", "ref"} <= set(body) or set(body) - {"name", "ref", "mimetype", "metadata"}:
+        raise ApiError(400, "invalid_request", 'the body must be {"name": ..., "ref": ..., "mimetype"?, "metadata"?}')
+    try:
+        link = links.Link(
+            body["ref"], links.check_mimetype(body.get("mimetype")), links.check_metadata(body.get("metadata"))
+        )
+        result, item = await links.create(_agent(request), name, body["name"], link)
+    except ValueError as exc:
+        if isinstance(exc, InvalidKey):
+            raise
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    return web.json_response({"result": result, "item": item}, status=201 if result == "created" else 200)
+
+
+async def import_csv(request: web.Request) -> web.StreamResponse:
+    """Stream a CSV in, stream one NDJSON line per row out, then the report."""
+    name = _dataset(request)
+    csv_name = _text(request, "name")
+    if not csv_name:
+        raise ApiError(
+            400, "invalid_parameter", "query parameter 'name' (the CSV's file name, e.g. cats.csv) is required"
+        )
+    try:
+        job = imports.Import(_agent(request), request.app[DOWNSTREAM], name, csv_name)
+        await job.start(request.content.iter_chunked(1 << 16))  # the header: a bad one is a 400, nothing done
+    except ValueError as exc:
+        if isinstance(exc, InvalidKey):
+            raise
+        raise ApiError(400, "invalid_csv", str(exc)) from None
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    async for batch in job.batches():
+        await resp.write("".join(_line(r.as_json()) for r in batch).encode())
+    await resp.write(_line({"report": job.report.as_json()}).encode())
+    await resp.write_eof()
+    return resp
+
+
+def _line(doc: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
 # -- one item -------------------------------------------------------------------------
 
 
@@ -686,7 +750,14 @@ def _content_headers(key: str, item: Item) -> dict[str, str]:
 
 async def head_content(request: web.Request) -> web.StreamResponse:
     """The content's headers without the body: size, type, etag, and that ranges work."""
-    _name, key, item = await _live_item(request)
+    name, key, item = await _live_item(request)
+    if (
+        await _link_ref(request, name, item) is not None
+    ):  # what a linked item's target holds is known only by fetching it
+        resp = web.StreamResponse(headers={"Content-Type": item.content_type or _guess_type(key)})
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
     resp = web.StreamResponse(headers=_content_headers(key, item))
     resp.content_length = item.size
     await resp.prepare(request)
@@ -697,6 +768,8 @@ async def head_content(request: web.Request) -> web.StreamResponse:
 async def get_content(request: web.Request) -> web.StreamResponse:
     """Stream the object; a single ``Range: bytes=...`` is served as 206 by a ranged read."""
     name, key, item = await _live_item(request)
+    if (ref := await _link_ref(request, name, item)) is not None:
+        return await _link_content(request, key, item, ref)
     headers = _content_headers(key, item)
     wanted = ranges.parse(request.headers.get("Range"), item.size)
     if isinstance(wanted, ranges.Unsatisfiable):
@@ -718,6 +791,44 @@ async def get_content(request: web.Request) -> web.StreamResponse:
         await resp.write(chunk)
     await resp.write_eof()
     return resp
+
+
+async def _link_ref(request: web.Request, name: str, item: Item) -> str | None:
+    """The target of a linked item, or of the linked item a pointer item points at; None otherwise."""
+    if item.ref is not None:
+        return item.ref
+    if not _runtime(request, name):
+        return None
+    ledger = _agent(request).ledger
+    assert ledger is not None
+    return await ledger.pointed_ref(item.id)
+
+
+async def _link_content(request: web.Request, key: str, item: Item, ref: str) -> web.StreamResponse:
+    """Stream a linked item's target (whole: a Range is ignored). A refusal (FetchRefused) comes
+    before the headers go out; a failure mid-body (past max_bytes, too slow) aborts the response."""
+    resp: web.StreamResponse | None = None
+    try:
+        async with links.open_target(_agent(request), ref) as target:
+            ctype = item.content_type or target.content_type or _guess_type(key)
+            resp = web.StreamResponse(headers={"Content-Type": ctype})
+            if target.length is not None:
+                resp.content_length = target.length
+            first = await anext(target.chunks, b"")
+            await resp.prepare(request)
+            await resp.write(first)
+            async for chunk in target.chunks:
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+    except FetchRefused as exc:
+        if resp is None or not resp.prepared:
+            raise  # a 4xx/5xx naming the reason
+        # Past the headers: the client must not take a cut-off body for the whole one.
+        log.warning("linked content cut off", key=key, reason=exc.reason, error=str(exc))
+        if request.transport is not None:
+            request.transport.close()
+        return resp
 
 
 async def _content_source(request: web.Request, name: str, key: str, item: Item) -> tuple[Any, str]:
@@ -1104,6 +1215,32 @@ ROUTES: list[Route] = [
     ),
     Route(
         "POST",
+        f"{_DS}/links",
+        create_link,
+        "create a linked item: its binary stays at ref (https://..., or s3:// gs:// az:// held by a configured "
+        "driver), nothing is written to storage; GET .../content fetches it SSRF-safely ([links]). 200 exists "
+        "when the key already links to the same ref",
+        {201: schemas.LinkCreated, 200: schemas.LinkCreated},
+        errors=(403, 409, *LEDGER),
+        body={"required": True, "content": {"application/json": {"schema": schema_ref(schemas.LinkRequest)}}},
+    ),
+    Route(
+        "POST",
+        f"{_DS}/import",
+        import_csv,
+        "import a CSV (columns url, name, action link|upload, mimetype, item_metadata, item_description) into "
+        "the folder named after it; streamed both ways: one NDJSON line per row (created, exists, failed with "
+        "a reason), then a line with the report. Importing the same CSV again creates nothing",
+        {200: None},
+        errors=LEDGER,
+        ok_media="application/x-ndjson",
+        params=(
+            Param("name", "query", {"type": "string", "minLength": 1}, "the CSV's file name: its stem is the folder"),
+        ),
+        body={"required": True, "content": {"text/csv": {"schema": {"type": "string"}}}},
+    ),
+    Route(
+        "POST",
         f"{_DS}/sync",
         start_sync,
         "start an upstream run now",
@@ -1154,9 +1291,11 @@ ROUTES: list[Route] = [
         "GET",
         f"{_ITEM}/content",
         get_content,
-        "stream the object from storage; one Range: bytes=... gives 206 (416 when past the end)",
+        "stream the object from storage; one Range: bytes=... gives 206 (416 when past the end). A linked "
+        "item's target is fetched SSRF-safely and streamed whole: 403 fetch_refused naming the reason, 502 "
+        "fetch_failed or fetch_too_large, 504 fetch_too_slow",
         {200: None, 206: None},
-        errors=(416, *STORAGE),
+        errors=(403, 416, *STORAGE, 504),
         ok_media="*/*",
         ok_headers=_CONTENT_HEADERS,
         params=(

@@ -36,6 +36,15 @@ class Error(_Body):
     error: ErrorDetail
 
 
+class LinkInfo(_Body):
+    """A linked item's target: its binary is there, not in the driver's bucket."""
+
+    ref: str = Field(description="https://... (fetched SSRF-safely), or s3:// gs:// az:// read through a driver")
+    from_: Literal["api", "file"] = Field(
+        alias="from", description="api: POST .../links or a CSV import; file: a synced *.link.json object"
+    )
+
+
 class Item(_Body):
     id: int
     key: str
@@ -47,6 +56,7 @@ class Item(_Body):
     content_type: str | None
     metadata: dict[str, str | int | float | bool]
     updated: Timestamp | None
+    link: LinkInfo | None = Field(default=None, description="present on linked items only")
     system: SystemMetadata | None = Field(
         default=None,
         description="read-only: what enrichment found (null until the item is queued); absent when the "
@@ -141,7 +151,9 @@ class OpList(_Body):
 class Outcome(_Body):
     """What a write did; ``op`` is null when no storage operation was needed."""
 
-    result: Literal["created", "overwritten", "deleted", "tombstoned", "restored", "unchanged", "updated", "pending"]
+    result: Literal[
+        "created", "overwritten", "deleted", "tombstoned", "restored", "unchanged", "updated", "pending", "unlinked"
+    ]
     item: Item | None
     op: Op | None
 
@@ -339,6 +351,37 @@ class MoveResults(_Body):
     results: list[Moved]
 
 
+class LinkRequest(_Body):
+    name: str = Field(description="the item's key (not ending in .link.json: that suffix is a link file's)")
+    ref: str = Field(description="https://... (http:// with [links] allow_http), or s3:// gs:// az:// in a driver")
+    mimetype: str | None = Field(default=None, description="the item's content type (type/subtype)")
+    metadata: dict[str, str | int | float | bool] | None = Field(default=None, description="user metadata")
+
+
+class LinkCreated(_Body):
+    result: Literal["created", "exists"] = Field(description="exists: the key held a link to the same ref already")
+    item: Item
+
+
+class ImportReport(_Body):
+    folder: str
+    rows: int
+    created: int
+    exists: int
+    failed: int
+
+
+class ImportRow(_Body):
+    """One line of the import's NDJSON stream: a row's result, or (last) the report."""
+
+    row: int | None = Field(default=None, description="1 is the first row after the header")
+    key: str | None = None
+    action: Literal["link", "upload"] | None = None
+    result: Literal["created", "exists", "failed"] | None = None
+    reason: str | None = Field(default=None, description="why a row failed")
+    report: ImportReport | None = Field(default=None, description="on the last line only")
+
+
 class CloneRequest(_Body):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     with_metadata: bool = False
@@ -419,6 +462,11 @@ MODELS: tuple[type[BaseModel], ...] = (
     DatasetDeleted,
     Merged,
     Cloned,
+    LinkInfo,
+    LinkRequest,
+    LinkCreated,
+    ImportRow,
+    ImportReport,
     Op,
     OpList,
     Outcome,

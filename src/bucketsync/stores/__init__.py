@@ -100,6 +100,21 @@ class SplitListing(Protocol):
 
 
 @runtime_checkable
+class PagedListing(Protocol):
+    """Optional: a store that hands its listing over a page at a time (a list per request, per
+    folder, per slice), for ``diff_pages``: one await per page instead of per object.
+
+    ``list_pages`` is ``listing_with_gaps(store, prefix, splits)`` (same objects, gaps, order
+    and errors), cut into lists; where the pages are cut carries no meaning. An empty page may
+    come and is skipped.
+    """
+
+    def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[Sequence[ObjectInfo | ListingGap]]: ...
+
+
+@runtime_checkable
 class ChecksKeys(Protocol):
     """A store with limits of its own on keys (a local filesystem's name length)."""
 
@@ -163,6 +178,36 @@ def listing_with_gaps(
     if splits and isinstance(store, SplitListing):
         return store.list_split(prefix, splits)
     return store.list(prefix)
+
+
+#: objects per page when a store's listing is cut into pages for it (``listing_pages``)
+PAGE = 1000
+
+
+def listing_pages(
+    store: Store, prefix: str = "", splits: Sequence[str] = ()
+) -> AsyncIterator[Sequence[ObjectInfo | ListingGap]]:
+    """``listing_with_gaps`` in pages (``PagedListing``): the store's own pages where it has them,
+    otherwise its listing cut every ``PAGE`` objects."""
+    if isinstance(store, PagedListing):
+        return store.list_pages(prefix, splits)
+    return _paged(listing_with_gaps(store, prefix, splits))
+
+
+async def _paged(listing: AsyncIterator[ObjectInfo | ListingGap]) -> AsyncIterator[list[ObjectInfo | ListingGap]]:
+    page: list[ObjectInfo | ListingGap] = []
+    try:
+        async for entry in listing:
+            page.append(entry)
+            if len(page) >= PAGE:
+                yield page
+                page = []
+    except Exception:
+        if page:  # what was listed before a failure is synced, as it was object by object
+            yield page
+        raise
+    if page:
+        yield page
 
 
 async def read_all(store: Store, key: str) -> bytes:

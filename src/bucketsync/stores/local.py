@@ -30,11 +30,12 @@ bucketsync's own writers, best effort against other processes.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import errno
 import os
 import stat
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, cast
 
@@ -53,6 +54,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.keys import HIDDEN, indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
+from bucketsync.stores import PAGE
 from bucketsync.stores.contenthash import Fingerprint, Hasher, HashMemo, MemoSession, fingerprint, hash_file, memo_path
 
 if TYPE_CHECKING:
@@ -222,32 +224,65 @@ class LocalStore:
 
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         # Without gaps: the first folder or file that cannot be read ends the listing with its error.
-        return cast(AsyncIterator[ObjectInfo], self._walk(prefix, strict=True))
+        return cast(AsyncIterator[ObjectInfo], _flat(self._walk(prefix, strict=True)))
 
     def list_with_gaps(self, prefix: str = "") -> AsyncIterator[ObjectInfo | ListingGap]:
+        return _flat(self._walk(prefix, strict=False))
+
+    def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo | ListingGap]]:
+        """``list_with_gaps`` in pages of up to ``PAGE`` entries (``PagedListing``); no splits."""
         return self._walk(prefix, strict=False)
 
-    async def _walk(self, prefix: str, strict: bool) -> AsyncIterator[ObjectInfo | ListingGap]:
+    async def _walk(self, prefix: str, strict: bool) -> AsyncGenerator[builtins.list[ObjectInfo | ListingGap], None]:
         await asyncio.to_thread(self._check_root)
         hashing = self.verify == "hash"
         memo = await asyncio.to_thread(self.memo.session) if hashing and self.memo is not None else None
         try:
             gaps = 0
+            page: builtins.list[ObjectInfo | ListingGap] = []
             # Descend only into folders that can hold keys under ``prefix``.
             stack: _Stack = []
             top = await self._scan("", hashing, memo)
             if isinstance(top, StorageError):
                 raise top  # the root itself: the whole listing failed
             stack.append(("", top, 0))
-            while stack:
-                rel, entries, i = stack[-1]
-                if i == len(entries):
-                    stack.pop()
-                    continue
-                stack[-1] = (rel, entries, i + 1)
-                sort_name, name, is_dir, size, mtime_ns, etag, version, error = entries[i]
-                key = rel + sort_name
-                if is_dir:
+            try:
+                while stack:
+                    rel, entries, i = stack[-1]
+                    # A folder's files one after another in this inner loop (about 1 us each); a
+                    # subfolder ends it, and is descended into below.
+                    n = len(entries)
+                    while i < n:
+                        sort_name, name, is_dir, size, mtime_ns, etag, version, error = entries[i]
+                        i += 1
+                        if is_dir:
+                            break
+                        key = rel + sort_name
+                        if prefix and not key.startswith(prefix):
+                            continue
+                        if not key.isascii() and not _utf8(key):  # before indexable(), which refuses it silently
+                            log.warning("skipping file whose name is not UTF-8", folder=rel, name=repr(name))
+                            continue
+                        if not indexable(key):
+                            continue
+                        if error is not None:
+                            message = f"cannot read {key} under {self.root}: {error}"
+                            if strict:
+                                raise (PermissionDenied if error == _DENIED else StorageError)(message, key=key)
+                            gaps += 1
+                            page.append(ListingGap(key, message, exact=True))
+                            continue
+                        page.append(ObjectInfo(key, size, mtime_ns / 1e9, etag, version))
+                        if len(page) >= PAGE:
+                            yield page
+                            page = []
+                    else:
+                        stack.pop()  # the folder is done
+                        continue
+                    stack[-1] = (rel, entries, i)
+                    key = rel + sort_name  # a subfolder
                     if key == HIDDEN or not (key.startswith(prefix) or prefix.startswith(key)):
                         continue
                     sub = await self._scan(key, hashing, memo)
@@ -256,26 +291,17 @@ class LocalStore:
                             raise sub
                         # Only this sub-tree is unknown; the rest of the listing goes on.
                         gaps += 1
-                        yield ListingGap(prefix if prefix.startswith(key) else key, str(sub))
+                        page.append(ListingGap(prefix if prefix.startswith(key) else key, str(sub)))
                         continue
                     stack.append((key, sub, 0))
-                    continue
-                if not key.startswith(prefix):
-                    continue
-                if not _utf8(key):  # before indexable(), which refuses such names silently
-                    log.warning("skipping file whose name is not UTF-8", folder=rel, name=repr(name))
-                    continue
-                if not indexable(key):
-                    continue
-                if error is not None:
-                    message = f"cannot read {key} under {self.root}: {error}"
-                    if strict:
-                        raise (PermissionDenied if error == _DENIED else StorageError)(message, key=key)
-                    gaps += 1
-                    yield ListingGap(key, message, exact=True)
-                    continue
-                yield ObjectInfo(key, size, mtime_ns / 1e9, etag, version)
-            await asyncio.to_thread(self._check_root)  # a root that vanished mid-walk is an error
+                if page:
+                    yield page
+                    page = []
+                await asyncio.to_thread(self._check_root)  # a root that vanished mid-walk is an error
+            except Exception:
+                if page:  # what was listed before a failure is synced, as it was object by object
+                    yield page
+                raise
             if memo is not None and not prefix and not gaps:
                 await asyncio.to_thread(memo.prune)  # the whole tree was listed: forget folders that are gone
         finally:
@@ -453,6 +479,18 @@ class LocalStore:
 
     async def aclose(self) -> None:
         return None
+
+
+async def _flat(
+    pages: AsyncGenerator[builtins.list[ObjectInfo | ListingGap], None],
+) -> AsyncIterator[ObjectInfo | ListingGap]:
+    """The entries of ``pages``; closing this closes the walk (its memo session) at once."""
+    try:
+        async for page in pages:
+            for entry in page:
+                yield entry
+    finally:
+        await pages.aclose()
 
 
 def open_local(loc: Location, driver: DriverConfig, integration: object, *, ledger: Path | None = None) -> LocalStore:

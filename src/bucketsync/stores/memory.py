@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import builtins
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 from bucketsync.core.errors import AlreadyExists, NotFound, PreconditionFailed
 from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode
+from bucketsync.stores import PAGE
 
 _BUCKETS: dict[str, _Bucket] = {}
 
@@ -68,18 +70,30 @@ class MemoryStore:
         return n
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        async for page in self.list_pages(prefix):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list`` a page of ``PAGE`` objects at a time (``PagedListing``), giving the loop up
+        between pages as a real store's requests would."""
         b = self._b
         full = self.prefix + prefix
         lo = bisect.bisect_left(b.keys, full)
         after = _after(full)
         hi = bisect.bisect_left(b.keys, after) if after is not None else len(b.keys)
         plen = len(self.prefix)
-        for n, k in enumerate(b.keys[lo:hi]):  # a copy: puts during the listing are safe
-            if n % 4096 == 4095:
-                await asyncio.sleep(0)
-            entry = b.objects.get(k)
-            if entry is not None and indexable(k[plen:]):
-                yield _rekey(entry[0], k[plen:])
+        keys = b.keys[lo:hi]  # a copy: puts during the listing are safe
+        for start in range(0, len(keys), PAGE):
+            page = []
+            for k in keys[start : start + PAGE]:
+                entry = b.objects.get(k)
+                if entry is not None and indexable(k[plen:]):
+                    page.append(_rekey(entry[0], k[plen:]))
+            yield page
+            await asyncio.sleep(0)
 
     async def head(self, key: str) -> ObjectInfo:
         entry = self._b.objects.get(self.prefix + key)

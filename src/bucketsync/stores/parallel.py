@@ -206,11 +206,15 @@ class Quantiles:
         self.keys: list[str] = []
 
     def see(self, key: str) -> None:
-        self._left -= 1
-        if self._left:
-            return
-        self.keys.append(key)
-        if len(self.keys) >= 2 * self.count:
-            del self.keys[::2]  # keep every other one: the stride doubles
-            self.stride *= 2
-        self._left = self.stride
+        self.see_all((key,))
+
+    def see_all(self, keys: Sequence[str]) -> None:
+        """``see`` each of ``keys`` in turn, at the cost of the few it keeps."""
+        at = self._left - 1  # the index in ``keys`` of the next one kept
+        while at < len(keys):
+            self.keys.append(keys[at])
+            if len(self.keys) >= 2 * self.count:
+                del self.keys[::2]  # keep every other one: the stride doubles
+                self.stride *= 2
+            at += self.stride
+        self._left = at - len(keys) + 1

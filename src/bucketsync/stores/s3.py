@@ -14,6 +14,10 @@ Behaviour that is ours, not the SDK's:
   an S3 version is identified by its ETag; ``list``, ``head`` and ``put`` then
   report the same ``ObjectInfo`` for the same object. ``modified`` is whole
   seconds for the same reason: HEAD's ``Last-Modified`` has no fraction.
+- Two hot paths skip the SDK's per-request machinery (milliseconds of CPU a request):
+  listing pages (``_page_raw``) and reads (``open``, ``_lean_get``). botocore still
+  decides where requests go and which credentials sign them; errors still go through
+  ``translate``; anything unexpected is handed back to the SDK.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import contextlib
 import functools
 import hashlib
 import heapq
+import http.client
 import itertools
+import operator
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -33,11 +39,14 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaita
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 import aiohttp
 import structlog
+import yarl
+from aiobotocore.credentials import AioCredentials
 from aiobotocore.session import AioSession
+from aiohttp.helpers import get_env_proxy_for_url
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -71,6 +80,7 @@ from bucketsync.core.keys import HIDDEN, indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
+from bucketsync.stores import sigv4
 from bucketsync.stores.parallel import (
     PARTS_PER_LISTER,
     SPLIT_LEVELS,
@@ -93,6 +103,8 @@ PART_SIZE = 8 * MiB
 #: Parts uploaded at once: memory held by one put is about (PARTS_IN_FLIGHT + 2) * part_size.
 PARTS_IN_FLIGHT = 4
 CHUNK = 1 * MiB
+#: connections kept for lean reads (the SDK's pool has 16; enrichment reads many small heads at once)
+READ_CONNECTIONS = 32
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchVersion", "NoSuchUpload"})
 _DENIED = frozenset(
@@ -336,6 +348,12 @@ _CONTENTS = re.compile(
     r"<Contents>\s*<Key>([^<]*)</Key>\s*<LastModified>([^<]*)</LastModified>\s*<ETag>([^<]*)</ETag>\s*"
     r"(?:<Checksum\w*>[^<]*</Checksum\w*>\s*)*<Size>(\d+)</Size>"
 )
+#: the same fields as SeaweedFS writes them (Key, ETag, Size, then simple fields such as StorageClass, then
+#: LastModified): without it every SeaweedFS page went to the XML parser, 12 ms a page on the event loop
+_CONTENTS_KES = re.compile(
+    r"<Contents>\s*<Key>([^<]*)</Key>\s*<ETag>([^<]*)</ETag>\s*<Size>(\d+)</Size>\s*"
+    r"(?:<(\w+)>[^<]*</\4>\s*)*?<LastModified>([^<]*)</LastModified>"
+)
 _ENTITY = re.compile(r"&(?:#x([0-9a-fA-F]+)|#(\d+)|(amp|lt|gt|quot|apos));")
 _NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
 _FOLDER = re.compile(r"<CommonPrefixes><Prefix>([^<]*)</Prefix></CommonPrefixes>")
@@ -356,6 +374,8 @@ def _etag_text(text: str) -> str:
     """``_unescape`` for the usual ``&quot;md5&quot;`` at a tenth of its cost."""
     if text.startswith("&quot;") and text.endswith("&quot;") and "&" not in text[6:-6]:
         return f'"{text[6:-6]}"'
+    if text.startswith("&#34;") and text.endswith("&#34;") and "&" not in text[5:-5]:  # SeaweedFS
+        return f'"{text[5:-5]}"'
     return _unescape(text)
 
 
@@ -388,7 +408,10 @@ def _scan_list(raw: bytes, server: str) -> _Page:
     esc = "&" in body  # entities anywhere (an ETag's &quot;): unescape every field
     entries: list[_Entry] = []
     append = entries.append
-    for key, modified, etag, size in _CONTENTS.findall(body):
+    found = _CONTENTS.findall(body)
+    if not found and "<Contents>" in body:
+        found = [(key, modified, etag, size) for key, etag, size, _, modified in _CONTENTS_KES.findall(body)]
+    for key, modified, etag, size in found:
         if esc:
             key, modified, etag = _unescape(key), _unescape(modified), _etag_text(etag)
         if url:
@@ -423,6 +446,123 @@ def _given(entries: builtins.list[_Entry]) -> Part[_Entry]:
     return pages
 
 
+#: the key botocore presigns once to show where a store's reads go (never requested)
+_PROBE_KEY = "bucketsync-where-reads-go"
+#: the query parameters of a presigned URL; any other means a layout the lean reads do not sign
+_PRESIGN_PARAMS = frozenset(
+    {
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+        "X-Amz-Security-Token",
+    }
+)
+_DEFAULT_PORT = {"http": ":80", "https": ":443"}
+_ERROR_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a store's lean reads go, as botocore resolved it (endpoint, addressing style, signing region)."""
+
+    #: ``scheme://netloc`` of every read
+    origin: str
+    #: the ``Host`` header, as signed (no default port)
+    host: str
+    #: the encoded path before the key: ``/bucket/`` (path style) or ``/`` (virtual-hosted)
+    path: str
+    signer: sigv4.Signer
+    #: the proxy from HTTP(S)_PROXY / NO_PROXY, as botocore honours them; looked up once here,
+    #: not per request (aiohttp's ``trust_env`` asks a thread for it, and for .netrc, each time)
+    proxy: yarl.URL | None = None
+    proxy_auth: aiohttp.BasicAuth | None = None
+
+    @classmethod
+    def from_presigned(cls, url: str) -> _Target | None:
+        """From a GetObject URL botocore presigned for ``_PROBE_KEY``; None when its layout is not
+        the one ``sigv4`` signs (another algorithm, the key not at the end of the path, more query)."""
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        scope = (query.get("X-Amz-Credential") or [""])[0].split("/")
+        suffix = "/" + _PROBE_KEY
+        if (
+            query.get("X-Amz-Algorithm") != [sigv4.ALGORITHM]
+            or len(scope) != 5
+            or not set(query) <= _PRESIGN_PARAMS
+            or not parts.path.endswith(suffix)
+            or "@" in parts.netloc
+        ):
+            return None
+        host = parts.netloc
+        default = _DEFAULT_PORT.get(parts.scheme, "")
+        if default and host.endswith(default):
+            host = host[: -len(default)]
+        origin = f"{parts.scheme}://{parts.netloc}"
+        try:
+            proxy, proxy_auth = get_env_proxy_for_url(yarl.URL(origin))
+        except LookupError:
+            proxy, proxy_auth = None, None
+        signer = sigv4.Signer(scope[2], scope[3])
+        return cls(origin, host, parts.path[: -len(_PROBE_KEY)], signer, proxy, proxy_auth)
+
+
+def _status_error(status: int, body: bytes) -> ClientError:
+    """The ``ClientError`` botocore's parser makes of an S3 error answer, for ``translate``: the
+    ``Code`` and ``Message`` of its XML body, or the bare status when there is none (as botocore)."""
+    fields = dict(_ERROR_FIELD.findall(body.decode("utf-8", "replace")))
+    code = _unescape(fields.get("Code", "")) or str(status)
+    message = _unescape(fields.get("Message", "")) or http.client.responses.get(status, "")
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "GetObject",
+    )
+
+
+class _SdkBody:
+    """A GetObject body from the SDK, its errors translated."""
+
+    __slots__ = ("key", "raw", "where")
+
+    def __init__(self, raw: Any, where: str, key: str) -> None:
+        self.raw, self.where, self.key = raw, where, key
+
+    async def read(self, n: int) -> bytes:
+        try:
+            chunk: bytes = await self.raw.read(n)
+        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc, self.where, "get", key=self.key) from exc
+        return chunk
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _LeanBody:
+    """A lean GET's body, its errors translated. A body cut short (fewer bytes than its
+    ``Content-Length``) raises ``ClientPayloadError``, so ``Transient``: ``open`` resumes."""
+
+    __slots__ = ("key", "resp", "where")
+
+    def __init__(self, resp: aiohttp.ClientResponse, where: str, key: str) -> None:
+        self.resp, self.where, self.key = resp, where, key
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self.resp.content.read(n)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc, self.where, "get", key=self.key) from exc
+
+    def close(self) -> None:
+        # A body read to its end gives its connection back to the pool; an abandoned one closes it.
+        if self.resp.content.at_eof():
+            self.resp.release()
+        else:
+            self.resp.close()
+
+
 class S3Store:
     """One bucket + prefix on AWS S3 or an S3-compatible server (``endpoint_url``)."""
 
@@ -446,6 +586,7 @@ class S3Store:
         page_size: int = 1000,
         listing: Literal["auto", "flat", "walk"] = "auto",
         fast_list: bool = True,
+        lean_get: bool = True,
         list_concurrency: int = 8,
         part_size: int = PART_SIZE,
         attempts: int = 5,
@@ -467,6 +608,12 @@ class S3Store:
         self._listing = listing
         #: parse ListObjectsV2 responses ourselves (see ``_page_raw``)
         self.fast_list = fast_list
+        #: read objects with our own signed GETs (see ``_lean_get``); off: through the SDK
+        self.lean_get = lean_get
+        self._target: _Target | None = None
+        #: the credentials the client signs with (refreshable ones refresh themselves), for lean reads
+        self._signing: Any = None
+        self._botocore_session: AioSession | None = None
         #: list requests in flight at once (``stores.parallel``); 1 lists one page after another
         self.list_concurrency = max(1, list_concurrency)
         self.part_size = part_size
@@ -486,6 +633,7 @@ class S3Store:
         }
         self._client: Any = None
         self._http_session: aiohttp.ClientSession | None = None
+        self._read_session: aiohttp.ClientSession | None = None
         self._client_lock = asyncio.Lock()
         self._stack = contextlib.AsyncExitStack()
 
@@ -524,6 +672,7 @@ class S3Store:
                 if self._client is None:
                     try:
                         session = _session(self._profile)
+                        self._botocore_session = session
                         self._client = await self._stack.enter_async_context(
                             session.create_client(
                                 "s3",
@@ -607,6 +756,15 @@ class S3Store:
             self._http_session = aiohttp.ClientSession(timeout=timeout, trust_env=True)
         return self._http_session
 
+    async def _reads(self) -> aiohttp.ClientSession:
+        """The session of lean reads: a pool of kept-alive connections; no ``trust_env``, whose
+        per-request lookups (in a thread) cost more than the request (``_Target`` has the proxy)."""
+        if self._read_session is None:
+            timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=self.read_timeout)
+            connector = aiohttp.TCPConnector(limit=READ_CONNECTIONS, keepalive_timeout=30)
+            self._read_session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        return self._read_session
+
     def _next_token(self, page: _Page) -> str:
         if not page.token:
             # Stopping here would look like a complete listing and turn every
@@ -625,20 +783,39 @@ class S3Store:
         listing longer than one page is cut at the folders of its first levels. A server that
         lists out of S3 key order (``walk``) is listed folder by folder, a folder per part.
         """
+        async for page in self.list_pages(prefix, splits):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list_split`` a page at a time (``PagedListing``): one list per ListObjectsV2 page."""
         full = self.prefix + prefix
         plen = len(self.prefix)
         last: str | None = None
         async for page in self._pages(full, [self.prefix + s for s in splits]):
-            for key, size, modified, etag in page:
-                # Every key counts for the order check, hidden ones too.
-                if last is not None and key <= last:
-                    raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
-                if not key.startswith(full):
-                    raise StorageError(f"list {self.url}: server returned {key!r} outside prefix {full!r}")
-                last = key
-                rel = key[plen:]
-                if indexable(rel):
-                    yield ObjectInfo(rel, size, modified, etag)
+            if not page:
+                continue
+            keys = [e[0] for e in page]
+            # Every key counts for the order check, hidden ones too: one pass at C speed, and
+            # the culprit found only when the page is out of order.
+            if (last is not None and keys[0] <= last) or not all(
+                map(operator.lt, keys, itertools.islice(keys, 1, None))
+            ):
+                for key in keys:
+                    if last is not None and key <= last:
+                        raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
+                    last = key
+            if not (keys[0].startswith(full) and keys[-1].startswith(full)):  # ascending: the ends bound the rest
+                outside = next(k for k in keys if not k.startswith(full))
+                raise StorageError(f"list {self.url}: server returned {outside!r} outside prefix {full!r}")
+            last = keys[-1]
+            yield [
+                ObjectInfo(key[plen:], size, modified, etag)
+                for key, size, modified, etag in page
+                if indexable(key[plen:])
+            ]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[_Entry]]:
         """Every object under ``prefix``, in pages: flat by key ranges, or folder by folder (``listing``)."""
@@ -796,29 +973,126 @@ class S3Store:
             return info, None
         return info, bytes.fromhex(info.etag)
 
-    async def _get(self, key: str, offset: int = 0, etag: str | None = None, end: int | None = None) -> Any:
-        """GetObject of bytes ``offset..end`` (inclusive; None: to the end); when resuming, pinned
-        to ``etag`` so two versions are never spliced."""
-        kwargs: dict[str, Any] = {"Key": self.prefix + key}
-        if offset or end is not None:
-            kwargs["Range"] = f"bytes={offset}-{'' if end is None else end}"
-        if etag is not None:
-            kwargs["IfMatch"] = _quoted(etag)
+    async def _get(
+        self, key: str, offset: int = 0, etag: str | None = None, end: int | None = None
+    ) -> tuple[str | None, _SdkBody | _LeanBody]:
+        """GetObject of bytes ``offset..end`` (inclusive; None: to the end), retried; when resuming,
+        pinned to ``etag`` so two versions are never spliced. Returns (ETag, body)."""
+        rng = f"bytes={offset}-{'' if end is None else end}" if offset or end is not None else None
         try:
-            return await self._retry(lambda: self._call("get_object", "get", key, **kwargs))
+            got: tuple[str | None, _SdkBody | _LeanBody] = await self._retry(lambda: self._get_once(key, rng, etag))
         except PreconditionFailed:
             raise PreconditionFailed(f"get {self._where(key)}: the object changed while it was read", key=key) from None
+        return got
+
+    async def _get_once(self, key: str, rng: str | None, etag: str | None) -> tuple[str | None, _SdkBody | _LeanBody]:
+        if self.lean_get and (got := await self._lean_get(key, rng, etag)) is not None:
+            return got
+        kwargs: dict[str, Any] = {"Key": self.prefix + key}
+        if rng is not None:
+            kwargs["Range"] = rng
+        if etag is not None:
+            kwargs["IfMatch"] = _quoted(etag)
+        resp = await self._call("get_object", "get", key, **kwargs)
+        return resp.get("ETag"), _SdkBody(resp["Body"], self._where(key), key)
+
+    async def _lean_get(self, key: str, rng: str | None, etag: str | None) -> tuple[str | None, _LeanBody] | None:
+        """GetObject without the SDK's per-request machinery (most of a small read's CPU): signed
+        by ``sigv4`` with the client's own credentials (refreshed as the SDK would), sent on the
+        shared aiohttp session (a pool of kept-alive connections), to where botocore said
+        (``_lean_target``). Errors become what the SDK's would (``_status_error``, ``translate``).
+
+        None hands the request to the SDK: no target, TLS trouble (the SDK may know a CA bundle
+        we do not), or a redirect (a bucket in another region: the SDK follows it). Those turn
+        lean reads off for the store, logged once. The signed request is never logged.
+        """
+        target = await self._lean_target()
+        if target is None:
+            return None
+        where = self._where(key)
+        path = target.path + sigv4.encode_key(self.prefix + key)
+        headers: dict[str, str] = {}
+        if rng is not None:
+            headers["range"] = rng
+        if etag is not None:
+            headers["if-match"] = _quoted(etag)
+        try:
+            creds = await self._signing.get_frozen_credentials()
+        except BotoCoreError as exc:
+            raise translate(exc, where, "get", key=key) from exc
+        signed = target.signer.sign(
+            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time()
+        )
+        signed["accept-encoding"] = "identity"  # the stored bytes, never a compressed transfer of them
+        try:
+            resp = await (await self._reads()).get(
+                yarl.URL(target.origin + path, encoded=True),
+                headers=signed,
+                allow_redirects=False,
+                auto_decompress=False,
+                proxy=target.proxy,
+                proxy_auth=target.proxy_auth,
+            )
+        except aiohttp.ClientSSLError as exc:
+            self._lean_off("TLS error", error=type(exc).__name__)
+            return None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise translate(exc, where, "get", key=key) from exc
+        if resp.status in (200, 206):
+            return resp.headers.get("ETag"), _LeanBody(resp, where, key)
+        try:
+            body = await resp.content.read(1 << 16)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            resp.close()
+        err = _status_error(resp.status, body)
+        code = err.response["Error"].get("Code")
+        if 300 <= resp.status < 400 or code in _WRONG_PLACE:
+            self._lean_off("the server sends reads elsewhere", status=resp.status, code=code)
+            return None
+        raise translate(err, where, "get", key=key) from None
+
+    async def _lean_target(self) -> _Target | None:
+        """Where lean reads go: learned once from a URL botocore presigns for a probe key (so its
+        endpoint rules, addressing style and region apply), with the credentials its client uses."""
+        if self._target is None and self.lean_get:
+            client = await self._get_client()
+            try:
+                url = await client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=60
+                )
+                if self._credentials:  # explicit keys: the client made exactly these
+                    creds: Any = AioCredentials(
+                        self._credentials["aws_access_key_id"],
+                        self._credentials["aws_secret_access_key"],
+                        self._credentials.get("aws_session_token"),
+                    )
+                else:  # the default chain: the session's (cached) credentials, the client's own
+                    assert self._botocore_session is not None
+                    creds = await self._botocore_session.get_credentials()
+            except (BotoCoreError, ClientError):  # no credentials and the like: the SDK says so
+                url, creds = "", None
+            target = _Target.from_presigned(url) if url and creds is not None else None
+            if target is None:
+                self._lean_off("no presignable GetObject URL")
+                return None
+            self._signing, self._target = creds, target
+        return self._target if self.lean_get else None
+
+    def _lean_off(self, why: str, **fields: Any) -> None:
+        if self.lean_get:
+            log.info(f"lean reads disabled: {why}; reading through the SDK", url=self.url, **fields)
+        self.lean_get = False
 
     async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         """Stream the body in chunks; a connection lost mid-body resumes with a ranged GET."""
         end = None if length is None else offset + length - 1
-        resp = await self._get(key, offset, None, end)
-        etag = resp.get("ETag")
+        etag, body = await self._get(key, offset, None, end)
         pos, failures = offset, 0
         while True:
-            body = resp["Body"]
             try:
-                while chunk := await self._read(body, key):
+                while chunk := await body.read(CHUNK):
                     pos += len(chunk)
                     failures = 0
                     yield chunk
@@ -830,14 +1104,7 @@ class S3Store:
                 log.info("resuming an interrupted download", url=self._where(key), offset=pos)
             finally:
                 body.close()
-            resp = await self._get(key, pos, etag, end)
-
-    async def _read(self, body: Any, key: str) -> bytes:
-        try:
-            chunk: bytes = await body.read(CHUNK)
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-            raise translate(exc, self._where(key), "get", key=key) from exc
-        return chunk
+            _, body = await self._get(key, pos, etag, end)
 
     # -- writing ----------------------------------------------------------------
 
@@ -1066,9 +1333,10 @@ class S3Store:
             self._client = None
             await self._stack.aclose()
             self._stack = contextlib.AsyncExitStack()
-            if self._http_session is not None:
-                await self._http_session.close()
-                self._http_session = None
+            for session in (self._http_session, self._read_session):
+                if session is not None:
+                    await session.close()
+            self._http_session = self._read_session = None
 
 
 def aws_credentials(integration: AwsIntegration | None) -> tuple[dict[str, str], str | None]:

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -27,23 +27,24 @@ import structlog
 from bucketsync import metrics
 from bucketsync.config import DatasetConfig
 from bucketsync.core import failpoints
-from bucketsync.core.diff import diff
+from bucketsync.core.diff import Step, diff_pages
 from bucketsync.core.errors import BucketsyncError, LedgerError
 from bucketsync.core.gate import removal_guard
 from bucketsync.core.keys import KeyFilter
-from bucketsync.core.model import ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
+from bucketsync.core.model import Change, ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.logs import debug_enabled
-from bucketsync.stores import SplitListing, Store, listing_with_gaps
+from bucketsync.stores import SplitListing, Store, listing_pages
 from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.pacing import Pacer
 
 log = structlog.get_logger("bucketsync.sync")
 
 BATCH = 5000
-#: a run checks every this many keys whether its slice of the event loop is used up
-#: (pacing.py: the API, /healthz and the other datasets' runs share the loop)
-CHECK_EVERY = 32
+#: a run checks every this many keys (one step of ``diff_pages``, a fraction of a millisecond)
+#: whether its slice of the event loop is used up (pacing.py: the API, /healthz and the
+#: other datasets' runs share the loop)
+CHECK_EVERY = 128
 #: over-quota objects kept as possible rename targets; past this many, a rename in a
 #: full dataset is reported as a removal (memory stays bounded on huge buckets)
 MAX_DEFERRED = 50_000
@@ -53,6 +54,7 @@ SPLITS_FROM_LEDGER = 2000
 #: split points kept from one listing for the next (``stores.parallel.Quantiles``)
 SPLIT_SAMPLES = 64
 LIVE = ItemState.LIVE
+ADDED, MODIFIED, REMOVED = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
 
 
 class Interrupted(BucketsyncError):
@@ -136,11 +138,11 @@ class _Pending:
 
 
 async def _filtered(
-    listing: AsyncIterable[ObjectInfo | ListingGap], keep: Callable[[str], bool]
-) -> AsyncIterator[ObjectInfo | ListingGap]:
-    async for obj in listing:
-        if isinstance(obj, ListingGap) or keep(obj.key):  # a gap may hide kept keys: it always passes
-            yield obj
+    pages: AsyncIterable[Sequence[ObjectInfo | ListingGap]], keep: Callable[[str], bool]
+) -> AsyncIterator[Sequence[ObjectInfo | ListingGap]]:
+    async for page in pages:
+        # a gap may hide kept keys: it always passes
+        yield [o for o in page if isinstance(o, ListingGap) or keep(o.key)]
 
 
 class SyncLoop:
@@ -330,59 +332,76 @@ class SyncLoop:
     async def _diff(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
     ) -> None:
-        listing = listing_with_gaps(self.store, "", self.splits)
+        listing = listing_pages(self.store, "", self.splits)
         if not self.filter.trivial:
             listing = _filtered(listing, self.filter)
-        added, modified, removed = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
         t0 = time.monotonic()
         self.touched = {k: t for k, t in self.touched.items() if t >= t0}
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
-        keys = debug_enabled()  # per-key lines only when someone reads them: a bulk sync adds millions
         sample = p.sample
-        async for ch in diff(listing, self.ledger.snapshot(ds_id), p.gaps):
+        # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
+        async for step in diff_pages(listing, self.ledger.snapshot_pages(ds_id), p.gaps, CHECK_EVERY):
             await turns.tick()
-            kind, new, old = ch.kind, ch.new, ch.old
-            if new is not None:
-                counts.listed += 1
-                sample.see(new.key)
-            if (self.in_flight or self.touched) and (ch.key in self.in_flight or self.touched.get(ch.key, -1.0) >= t0):
-                continue  # downstream owns this key right now; the next run sees it settled
-            if kind is added:
-                if quota is not None and live + counts.added >= quota:
-                    p.over_quota += 1
-                    assert new is not None
-                    if len(p.deferred) < MAX_DEFERRED:  # bounded: a rename target at quota, maybe
-                        p.deferred.append(new)
-                    continue
-                assert new is not None
-                counts.added += 1
-                p.adds.append(new)
-                if keys:
-                    log.debug("added", key=new.key, size=new.size)
-            elif old is not None and old.state != LIVE:
-                # A tombstone: upstream never brings it back (invariant 3). Keep its info
-                # current for a later restore; forget it once the object itself is gone.
-                if kind is modified and new is not None:
-                    p.updates.append((old.id, new))
-                elif kind is removed:
-                    p.purges.append(old)
-            elif kind is modified:
-                assert new is not None and old is not None
-                counts.modified += 1
-                p.updates.append((old.id, new))
-                if keys:
-                    log.debug("modified", key=new.key, size=new.size)
-            elif kind is removed:
-                assert old is not None
-                p.removals.append(old)
-            else:
-                counts.unchanged += 1
+            counts.listed += len(step.listed)
+            sample.see_all(step.keys)
+            changes, unchanged = step.changes, step.unchanged
+            if self.in_flight or self.touched:
+                changes, unchanged = self._settled(step, t0)
+            counts.unchanged += unchanged
+            for ch in changes:
+                self._take(ch, counts, p, quota, live)
             if len(p.adds) + len(p.updates) >= BATCH:
                 async with turns.paused():  # a commit waits for the disk, not for the CPU
                     await self._flush(ds_id, run_id, counts, p)
                 if stop is not None and stop.is_set():
                     raise Interrupted("interrupted by shutdown or reload; nothing was removed")
+
+    def _owned(self, key: str, t0: float) -> bool:
+        """Downstream owns ``key`` right now (writing it, or wrote it during this run): the run
+        leaves it alone, and the next run sees it settled."""
+        return key in self.in_flight or self.touched.get(key, -1.0) >= t0
+
+    def _settled(self, step: Step, t0: float) -> tuple[list[Change], int]:
+        """The step's changes and unchanged count without the keys downstream owns."""
+        owned = {k for k in step.keys if self._owned(k, t0)}
+        changes = [ch for ch in step.changes if ch.key not in owned and not self._owned(ch.key, t0)]
+        # an owned key the diff found unchanged is in the count, not in the changes
+        listed_changes = sum(1 for ch in step.changes if ch.new is not None and ch.key in owned)
+        return changes, step.unchanged - (len(owned) - listed_changes)
+
+    def _take(self, ch: Change, counts: Counts, p: _Pending, quota: int | None, live: int) -> None:
+        """One key that is not an unchanged live item: into the batch, the removals or the counts."""
+        kind, new, old = ch.kind, ch.new, ch.old
+        if kind is ADDED:
+            assert new is not None
+            if quota is not None and live + counts.added >= quota:
+                p.over_quota += 1
+                if len(p.deferred) < MAX_DEFERRED:  # bounded: a rename target at quota, maybe
+                    p.deferred.append(new)
+                return
+            counts.added += 1
+            p.adds.append(new)
+            if debug_enabled():  # per-key lines only when someone reads them: a bulk sync adds millions
+                log.debug("added", key=new.key, size=new.size)
+        elif old is not None and old.state != LIVE:
+            # A tombstone: upstream never brings it back (invariant 3). Keep its info
+            # current for a later restore; forget it once the object itself is gone.
+            if kind is MODIFIED and new is not None:
+                p.updates.append((old.id, new))
+            elif kind is REMOVED:
+                p.purges.append(old)
+        elif kind is MODIFIED:
+            assert new is not None and old is not None
+            counts.modified += 1
+            p.updates.append((old.id, new))
+            if debug_enabled():
+                log.debug("modified", key=new.key, size=new.size)
+        elif kind is REMOVED:
+            assert old is not None
+            p.removals.append(old)
+        else:
+            counts.unchanged += 1
 
     async def _flush(self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending) -> None:
         if not p.adds and not p.updates:
@@ -551,7 +570,6 @@ class _Turns:
         self.pacer = pacer
         self.held = False
         self.since = 0.0
-        self.steps = CHECK_EVERY
 
     async def __aenter__(self) -> _Turns:
         self.since = await self.pacer.acquire()
@@ -567,10 +585,7 @@ class _Turns:
             self.pacer.release()
 
     async def tick(self) -> None:
-        self.steps -= 1
-        if self.steps:
-            return
-        self.steps = CHECK_EVERY
+        """Between two steps of the diff: give the loop up if the slice is used up."""
         if self.pacer.due(self.since):
             self._give_up()
             await asyncio.sleep(0)
