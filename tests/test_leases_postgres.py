@@ -126,20 +126,40 @@ async def test_a_write_under_a_lost_lease_is_refused_and_writes_nothing(ledger: 
     assert [i.key for i in await ledger.items(ds)] == ["k1", "k3"]
 
 
-async def test_a_fenced_write_holds_the_lease_row_so_no_claim_takes_it_mid_transaction(ledger: Ledger) -> None:
+async def test_a_claim_never_waits_for_a_fenced_write_and_the_old_owners_commit_comes_first(ledger: Ledger) -> None:
+    """Renewals and claims take no turn behind a sync's batch (the fence holds no row lock);
+    the write lock still orders the old owner's open transaction before the new owner's first
+    write, and the old owner's next transaction is refused."""
     a, b = leases(ledger, "a", seconds=0.5), leases(ledger, "b")
     await a.register(["photos"])
     epoch = (await a.claim(["photos"], 1))["photos"]
+    order: list[str] = []
+
+    async def write_as(owner: str, at: int, name: str) -> None:
+        FENCE.set(Fence("photos", owner, at))  # this task's own context
+        async with ledger.transaction() as tx:
+            await tx.execute("UPDATE datasets SET meta = NULL WHERE name = 'none'")
+            order.append(name)
+
     token = FENCE.set(Fence("photos", "a", epoch))
     try:
         async with ledger.transaction() as tx:
-            await asyncio.sleep(0.6)  # past the 0.5 s lease, on the server's clock too:
+            await asyncio.sleep(0.6)  # past the 0.5 s lease, on the server's clock too
             assert (await a.owners())["photos"][2] is False
-            assert await b.claim(["photos"], 1) == {}, "the row is held FOR SHARE: SKIP LOCKED passes over it"
+            claimed = await asyncio.wait_for(b.claim(["photos"], 1), 5)  # does not wait for A's commit
+            assert claimed == {"photos": epoch + 1}
+            later = asyncio.create_task(write_as("b", epoch + 1, "b's first write"))
+            await asyncio.sleep(0.2)
+            assert not later.done(), "B's write waits for the write lock A's transaction holds"
             await tx.execute("UPDATE datasets SET meta = NULL WHERE name = 'none'")
+            order.append("a's last write")
+        await later
+        with pytest.raises(LeaseLost):
+            async with ledger.transaction():
+                pass
     finally:
         FENCE.reset(token)
-    assert await b.claim(["photos"], 1) == {"photos": epoch + 1}, "after A's commit, the expired lease is free"
+    assert order == ["a's last write", "b's first write"]
 
 
 class Tasks:

@@ -73,8 +73,7 @@ class LeaseKeeper:
             while not stop.is_set():
                 self.wake.clear()
                 try:
-                    async with asyncio.timeout(period * 2):  # a stuck turn must not outlive the leases
-                        await self.turn()
+                    await self._bounded_turn(period * 2)  # a stuck turn must not outlive the leases
                     renewed_at = time.monotonic()
                 except Exception as exc:  # the database unreachable, a lost connection, a server error
                     log.warning("lease turn failed", error=f"{type(exc).__name__}: {exc}", agent=self.agent)
@@ -85,7 +84,24 @@ class LeaseKeeper:
                             await self._drop(name, "lost", at_once=True)
                 await _wait_any(stop, self.wake, period)
         finally:
+            if not stop.is_set():
+                log.error("the lease loop ended before the agent stopped", agent=self.agent)
             await self._leave()
+
+    async def _bounded_turn(self, limit: float) -> None:
+        """One turn in a task of its own, cancelled after ``limit`` seconds. Not a timeout on
+        this task: that works by cancelling it, and a cancellation swallowed below (Python
+        3.11's ``wait_for``, which asyncpg uses, can lose one) surfaced at a later await and
+        ended the lease loop in silence, its datasets left to fail on fenced writes."""
+        task = asyncio.create_task(self.turn(), name="lease-turn")
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=limit)  # a turn that ignores it is left behind, not awaited
+            raise TimeoutError(f"a lease turn took over {limit:.1f} s")
+        if task.cancelled():  # by no one here: the loop goes on, the turn counts as failed
+            raise RuntimeError("the lease turn was cancelled")
+        task.result()
 
     async def turn(self) -> None:
         """One heartbeat, renewal, release and claim."""

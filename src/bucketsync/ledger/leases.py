@@ -10,9 +10,12 @@ so two agents claiming at once never both win a dataset. A renewal matches owner
 an unexpired lease: once a lease expired, only a new claim (and a new epoch) revives it.
 
 Fencing: a task that writes for a dataset (its sync loop, an outbox op) runs with ``FENCE``
-set; the PostgreSQL backend's write transaction then first runs ``check``, which holds the
-lease row ``FOR SHARE`` to the commit. No claim can take the row meanwhile, and a write whose
-lease moved on is refused with ``LeaseLost`` before it writes anything.
+set; the PostgreSQL backend's write transaction takes the database's advisory write lock and
+then runs ``check``: a write whose lease moved on is refused with ``LeaseLost`` before it
+writes anything. The check takes no lock on the lease row: a row lock held to the commit made
+every renewal wait behind a sync's batch, and a renewal that waited past its lock timeout lost
+every lease of the agent. None is needed: every write transaction holds the one write lock, so
+a transaction that passed its check commits before the next owner's first write begins.
 """
 
 from __future__ import annotations
@@ -45,10 +48,9 @@ _SECONDS = "make_interval(secs => $%d::float8)"
 
 
 async def check(conn: asyncpg.Connection, fence: Fence) -> None:
-    """Inside a write transaction: hold the lease row until the commit, or raise ``LeaseLost``."""
+    """Inside a write transaction, under the write lock: ``LeaseLost`` unless the lease is still ours."""
     ok = await conn.fetchval(
-        "SELECT 1 FROM leases WHERE dataset = $1 AND owner = $2 AND epoch = $3 AND expires > clock_timestamp() "
-        "FOR SHARE",
+        "SELECT 1 FROM leases WHERE dataset = $1 AND owner = $2 AND epoch = $3 AND expires > clock_timestamp()",
         fence.dataset,
         fence.owner,
         fence.epoch,

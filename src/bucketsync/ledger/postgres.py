@@ -640,19 +640,32 @@ class _Tx:
             await self._tx.start()
             await self.conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
             if (fence := leases.FENCE.get()) is not None:
-                await leases.check(self.conn, fence)  # held FOR SHARE to the commit; LeaseLost if moved on
+                await leases.check(self.conn, fence)  # LeaseLost if the lease moved on
         except BaseException as exc:
-            await self._rollback()
-            self.db.write_lock.release()
+            try:
+                with contextlib.suppress(Exception):
+                    await self._rollback(exc)
+            finally:
+                self.db.write_lock.release()
             if _operational(exc):
                 raise self._failed(exc) from exc
             raise
         return self
 
-    async def _rollback(self) -> None:
-        if self._tx is not None:
-            with contextlib.suppress(Exception):
-                await self._tx.rollback()
+    async def _rollback(self, exc: BaseException) -> None:
+        """End the transaction (asyncpg first cancels a query still running on the server). A
+        ROLLBACK that fails or is itself interrupted (a lost lease stops a dataset's task at once,
+        mid-batch, and a second cancellation can land here) would leave the transaction open on
+        an idle connection, and with it the advisory write lock that every agent's writers wait
+        for. Then the connection is closed instead: the server ends the transaction and frees the
+        lock at once, and the next transaction connects afresh."""
+        if self._tx is None:
+            return
+        try:
+            await self._tx.rollback()
+        except BaseException:
+            self.conn.terminate()
+            raise
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
@@ -661,13 +674,15 @@ class _Tx:
                     await self.conn.execute("UPDATE commit_seq SET seq = seq + 1 WHERE id = 1")
                     await self._tx.commit()
                 except BaseException as failed:
-                    await self._rollback()
+                    with contextlib.suppress(Exception):
+                        await self._rollback(failed)
                     if _operational(failed):
                         raise self._failed(failed) from failed
                     raise
                 self.db.committed()
             else:
-                await self._rollback()
+                with contextlib.suppress(Exception):
+                    await self._rollback(exc)
                 if _operational(exc):
                     raise self._failed(exc) from exc
         finally:
