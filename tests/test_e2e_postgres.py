@@ -1,5 +1,5 @@
 """A real ``bucketsync run`` daemon on a PostgreSQL ledger (the suite's own server): a sync and an API
-put land in the database, a second agent on the same database is refused, the CLI reads the ledger
+put land in the database, the CLI's own agent beside the daemon is refused, the CLI reads the ledger
 beside the daemon, and the password is in no log line."""
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ row). What every backend does is in the ledger conformance suite."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -69,6 +71,37 @@ async def test_one_agent_per_database(postgres_server: PostgresServer) -> None:
     try:
         await second.claim()  # the server dropped the lock with the first agent's connection
     finally:
+        await second.close()
+
+
+async def test_a_write_cancelled_mid_query_frees_the_write_lock_for_every_agent(
+    postgres_server: PostgresServer,
+) -> None:
+    """A lost lease cancels a dataset's task mid-batch: the transaction must end on the server,
+    or its advisory write lock would hold every agent's writers. (asyncpg cancels the running
+    query and the ROLLBACK goes through; a ROLLBACK that fails or is interrupted closes the
+    connection instead, which this test does not reach.)"""
+    url = postgres_server.new_database()
+    first, second = await Ledger.open(url), await Ledger.open(url)
+    try:
+        started = asyncio.Event()
+
+        async def long_write() -> None:
+            async with first.transaction() as tx:
+                started.set()
+                await tx.execute("SELECT pg_sleep(30)")
+
+        task = asyncio.create_task(long_write())
+        await started.wait()
+        await asyncio.sleep(0.2)  # the sleep is running on the server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Another agent's write gets the lock (a deadlock would wait the full 30 s and more).
+        await asyncio.wait_for(second.dataset_id("after"), 20)
+        assert await asyncio.wait_for(first.dataset_id("again"), 20) > 0  # the first writer reconnected
+    finally:
+        await first.close()
         await second.close()
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -30,12 +31,21 @@ from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.probe import ProbeResult
 from bucketsync.upstream.sync import SyncLoop
 
+if TYPE_CHECKING:
+    from bucketsync.daemon.leases import LeaseKeeper
+
 log = structlog.get_logger("bucketsync.agent")
 
 
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, shared: bool = False) -> None:
         self.settings = settings
+        #: one of several daemons dividing a PostgreSQL ledger's datasets by leases (``leases``)
+        self.shared = shared
+        #: the lease loop when ``shared``: which datasets this agent syncs, and their fences
+        self.leases: LeaseKeeper | None = None
+        #: closed before the ledger when the agent closes (the lease loop's connections)
+        self.closing: list[Callable[[], Awaitable[None]]] = []
         #: one agent per SQLite file (invariant 10); a PostgreSQL ledger's is a lock in the database
         self.lock = InstanceLock(file) if (file := settings.agent.ledger_file) is not None else None
         self.ledger: Ledger | None = None
@@ -72,13 +82,14 @@ class Agent:
             self._created_folder = created_folder
         try:
             self.ledger = await Ledger.open(conf.ledger, password=conf.ledger_password())
-            await self.ledger.claim()
+            await self.ledger.claim(shared=self.shared)
             if self.ledger.rolled_back is not None:
                 seq, mirrored = self.ledger.rolled_back
                 await self.ledger.mark_resync(
                     self.settings.datasets, f"the ledger lost committed transactions (seq {seq} < sidecar {mirrored})"
                 )
-            if n := await self.ledger.fail_stale_runs():
+            # Shared: another agent's runs are its own; a dataset's claimer fails its stale runs.
+            if not self.shared and (n := await self.ledger.fail_stale_runs()):
                 log.warning("marked runs left running by a previous agent as failed", runs=n)
             resync = await self.ledger.resync_pending()
             for name in self.settings.datasets:
@@ -105,6 +116,9 @@ class Agent:
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
             await self.triggers.aclose()
+        for close in self.closing:
+            with contextlib.suppress(Exception):
+                await close()
         for store in self.stores.values():
             try:
                 await store.aclose()

@@ -512,6 +512,26 @@ class AgentConfig(_Strict):
     ledger_password_file: SecretFile | None = _doc(
         "File holding the PostgreSQL ledger's password (a bare name is a systemd credential).", default=None
     )
+    id: str | None = _doc(
+        "This agent's name among the agents sharing a PostgreSQL ledger (shown as the owner of its leases). "
+        "Default: hostname-pid-random, new at every start.",
+        default=None,
+        min_length=1,
+        max_length=200,
+    )
+    lease_seconds: Duration = _doc(
+        "PostgreSQL ledger: how long a dataset's lease lasts unrenewed (renewed every third of it). A dead "
+        "agent's datasets move to another within this time; a paused one cannot write after it.",
+        default=15.0,
+        ge=1.0,
+        le=3600.0,
+    )
+    max_datasets: int = _doc(
+        "PostgreSQL ledger: the most datasets this agent syncs at once (0: no cap beyond its fair share, "
+        "the datasets divided by the live agents).",
+        default=0,
+        ge=0,
+    )
     state_dir: Path | None = _doc(
         "Where local state is kept besides the ledger (staged uploads, content-hash memos). Default: the "
         "SQLite ledger's folder; `var` with a PostgreSQL ledger.",

@@ -100,6 +100,20 @@ LOOP_RESTARTS = Counter(
     ["dataset"],
     registry=REGISTRY,
 )
+#: what happened to a lease held by this agent (a PostgreSQL ledger shared by several agents)
+LEASE_CHANGES_KINDS = ("claimed", "released", "lost")
+LEASE_CHANGES = Counter(
+    "bucketsync_lease_changes_total",
+    "This agent's lease changes per dataset: claimed (it took the dataset), released (it gave it up to "
+    "rebalance or on stopping), lost (a renewal or a fenced write found another owner or the lease expired).",
+    ["dataset", "change"],
+    registry=REGISTRY,
+)
+LEASES_OWNED = Gauge(
+    "bucketsync_leases_owned",
+    "Datasets whose lease this agent holds now (a PostgreSQL ledger shared by agents; 0 on SQLite).",
+    registry=REGISTRY,
+)
 LEDGER_WRITE_ERRORS = Counter(
     "bucketsync_ledger_write_errors_total",
     "Ledger writes that failed, by reason (disk_full, permission, damaged, io, busy, other).",
@@ -326,6 +340,8 @@ def init(datasets: Iterable[str]) -> None:
             DATASET_ITEMS.labels(ds, str(state))
         for counter in (LISTED, RUN_ERRORS, LOOP_ERRORS, LOOP_RESTARTS, QUOTA_SKIPPED, TOMBSTONES):
             counter.labels(ds)
+        for change in LEASE_CHANGES_KINDS:
+            LEASE_CHANGES.labels(ds, change)
         for counter in (EVENTS_RECEIVED, EVENTS_APPLIED):
             counter.labels(ds)
         for reason in EVENT_DROP_REASONS:

@@ -24,6 +24,12 @@ class LedgerError(BucketsyncError):
     """The ledger cannot be opened, read or written; the message names the file and the fix."""
 
 
+class LeaseLost(BucketsyncError):
+    """This agent no longer holds the lease of the dataset it writes for (it expired, or another
+    agent took it): the write was refused in its own transaction and nothing of it committed.
+    The dataset's loop stops; the lease's new owner does the work."""
+
+
 class DiskFull(LedgerError):
     """A write to the ledger (or its staging folder) failed for lack of space.
 

@@ -32,12 +32,16 @@ from bucketsync import metrics
 from bucketsync.agent import Agent
 from bucketsync.config import AgentConfig, Settings
 from bucketsync.core import failpoints
-from bucketsync.core.errors import BucketsyncError, ConfigError, LedgerError
+from bucketsync.core.errors import BucketsyncError, ConfigError, LeaseLost, LedgerError
+from bucketsync.core.leases import Fence, default_agent_id
 from bucketsync.core.model import RunStatus
 from bucketsync.core.retry import backoff
+from bucketsync.daemon.leases import LeaseKeeper
 from bucketsync.daemon.notify import Notifier
 from bucketsync.daemon.reload import ReloadPlan, apply, driver_fingerprints
 from bucketsync.ledger import durability, retention
+from bucketsync.ledger.leases import FENCE, Leases
+from bucketsync.ledger.postgres import PostgresDb
 from bucketsync.logs import AccessLog
 from bucketsync.server import front
 from bucketsync.server.api import HEARTBEAT, RELOAD, TASKS, make_app
@@ -148,7 +152,15 @@ async def _run_dataset(
         log.info("dataset ready", dataset=name, attempts=attempt + 1)
     await agent.refresh_item_gauges(name)
 
+    if (fence := FENCE.get()) is not None:
+        # The lease was just claimed: a run its previous owner left 'running' ended with it.
+        assert agent.ledger is not None
+        if n := await agent.ledger.fail_stale_runs(await agent.ledger.dataset_id(name)):
+            log.warning("marked runs left running by the dataset's previous owner as failed", dataset=name, runs=n)
+
     def on_error(exc: Exception) -> None:
+        if isinstance(exc, LeaseLost) and fence is not None and agent.leases is not None:
+            agent.leases.lost(name, fence.epoch)  # the keeper stops this loop now
         agent.set_ready(name, f"sync loop error: {_describe(exc)}")
 
     def on_result(result: RunResult) -> None:
@@ -282,32 +294,48 @@ class _DatasetTasks:
         self.stops: dict[str, asyncio.Event] = {}
         self.probed: dict[str, asyncio.Event] = {}
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, fence: Fence | None = None) -> None:
+        """Start a dataset's task. Shared (leases): only a dataset whose lease this agent holds,
+        its task running under the lease's fence; the lease keeper starts the others as it claims them."""
+        if (keeper := self.agent.leases) is not None:
+            fence = fence or keeper.fence(name)
+            if fence is None:
+                return
+            self.agent.set_ready(name, "permission probe not run yet")
         stop, probed = asyncio.Event(), asyncio.Event()
         if self.all_stop.is_set():
             stop.set()
         self.stops[name], self.probed[name] = stop, probed
-        self.tasks[name] = asyncio.create_task(self._run(name, stop, probed), name=f"dataset:{name}")
+        self.tasks[name] = asyncio.create_task(self._run(name, stop, probed, fence), name=f"dataset:{name}")
 
-    async def _run(self, name: str, stop: asyncio.Event, probed: asyncio.Event) -> None:
+    async def _run(self, name: str, stop: asyncio.Event, probed: asyncio.Event, fence: Fence | None) -> None:
+        FENCE.set(fence)  # this task's context (and its children's): every write it makes is fenced
         try:
             await _dataset(self.agent, name, stop, probed)
         finally:
             probed.set()
 
-    async def stop(self, name: str) -> None:
-        """Stop one dataset: its run ends after the current batch; cancelled after ``agent.grace``."""
+    async def stop(self, name: str, at_once: bool = False) -> None:
+        """Stop one dataset: its run ends after the current batch; cancelled after ``agent.grace``,
+        or at once (``at_once``: its lease is lost, so it could commit nothing anyway)."""
         stop, task = self.stops.pop(name, None), self.tasks.pop(name, None)
         self.probed.pop(name, None)
         if stop is not None:
             stop.set()
+        if self.agent.leases is not None:
+            self.agent.set_ready(name, None)  # another agent's to sync now: not this one's readiness
         if task is None:
             return
-        _, pending = await asyncio.wait({task}, timeout=self.agent.settings.agent.grace)
+        _, pending = await asyncio.wait({task}, timeout=0 if at_once else self.agent.settings.agent.grace)
         if pending:
             task.cancel()
-            log.warning("grace period over: cancelled", tasks=[task.get_name()])
-        await asyncio.gather(task, return_exceptions=True)
+            if not at_once:
+                log.warning("grace period over: cancelled", tasks=[task.get_name()])
+        # Bounded: a task that swallows its cancellation (Python 3.11's wait_for can) must not
+        # hold up the caller, the lease keeper above all; a lost lease's writes are refused anyway.
+        _, pending = await asyncio.wait({task}, timeout=self.agent.settings.agent.grace)
+        if pending:
+            log.warning("a cancelled dataset task has not ended yet", tasks=[task.get_name()])
 
     def stop_all(self) -> None:
         for stop in self.stops.values():
@@ -434,7 +462,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Agent(settings) as agent:
+    shared = conf.ledger_file is None  # a PostgreSQL ledger: agents divide its datasets by leases
+    async with Agent(settings, shared=shared) as agent:
         # Not ready until probed, before the first request can ask (the site starts below).
         metrics.init(agent.settings.datasets)
         metrics.init_hooks(agent.settings)
@@ -442,6 +471,8 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             agent.set_ready(name, "permission probe not run yet")
         await _guard_gauges(agent)
         tasks = _DatasetTasks(agent, stop)
+        if shared:
+            agent.leases = await _keeper(agent, tasks)
         reloader = _Reloader(agent, tasks, load or (lambda: settings), notifier, stop)
         app = make_app(agent, stop)
         app[RELOAD] = reloader
@@ -470,8 +501,16 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
             raise ConfigError(f"agent.listen: cannot listen on {conf.listen}: {exc.strerror}") from None
         beat = asyncio.create_task(heartbeat.run(stop), name="heartbeat")
         check = await _check_ledger(agent)
-        for name in agent.loops:
-            tasks.start(name)
+        keeper: set[asyncio.Task[None]] = set()
+        if agent.leases is not None:  # the keeper starts each dataset as it claims its lease
+            await agent.leases.turn()  # ready only once it knows which datasets are its own
+            for name in agent.settings.datasets:
+                if name not in agent.leases.held:
+                    agent.set_ready(name, None)  # another agent's to sync
+            keeper.add(asyncio.create_task(agent.leases.run(stop), name="leases"))
+        else:
+            for name in agent.loops:
+                tasks.start(name)
         outbox = asyncio.create_task(agent.outbox.run(stop), name="outbox")
         heal = asyncio.create_task(_heal_ledger(agent, stop), name="ledger-heal")
         enricher = asyncio.create_task(agent.enricher.run(stop), name="enrich")
@@ -498,6 +537,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         api_runs: set[asyncio.Task[Any]] = app[TASKS]
         busy: set[asyncio.Task[Any]] = {
             *tasks.tasks.values(),
+            *keeper,
             outbox,
             heal,
             enricher,
@@ -523,6 +563,24 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     notifier.close()
     log.info("agent stopped")
     return 0
+
+
+async def _keeper(agent: Agent, tasks: _DatasetTasks) -> LeaseKeeper:
+    """The lease loop of a daemon sharing a PostgreSQL ledger (see daemon/leases.py), on
+    connections of its own (closed with the ledger's)."""
+    conf = agent.settings.agent
+    assert agent.ledger is not None and isinstance(agent.ledger.db, PostgresDb)
+    agent_id = conf.id or default_agent_id()
+    log.info("sharing the ledger's datasets by leases", agent=agent_id, lease_seconds=conf.lease_seconds)
+    pool = await agent.ledger.db.side_pool(2)
+    agent.closing.append(pool.close)
+    return LeaseKeeper(
+        Leases(pool, agent_id, conf.lease_seconds),
+        lambda: list(agent.settings.datasets),
+        tasks.start,
+        tasks.stop,
+        max_datasets=conf.max_datasets,
+    )
 
 
 async def _tell_systemd(

@@ -42,6 +42,7 @@ from bucketsync import metrics
 from bucketsync.core import failpoints, gate
 from bucketsync.core.errors import (
     AlreadyExists,
+    LeaseLost,
     NotFound,
     PreconditionFailed,
     StorageError,
@@ -51,6 +52,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.model import CREATE, OVERWRITE, Item, ItemState, Op, OpKind, OpState, PutMode
 from bucketsync.core.retry import backoff
 from bucketsync.downstream import ownwrite
+from bucketsync.ledger.leases import FENCE
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
@@ -61,6 +63,8 @@ log = structlog.get_logger("bucketsync.outbox")
 CHUNK = 1 << 20
 #: attempts after which an op that keeps crashing (not a storage error) is failed
 CRASH_ATTEMPTS = 5
+#: how often a waiter on an agent sharing the ledger looks whether another agent settled its op
+SHARED_POLL = 0.2
 
 
 async def file_chunks(path: str) -> AsyncIterator[bytes]:
@@ -131,10 +135,24 @@ class Outbox:
         if op is not None and op.state is not OpState.PENDING:
             return op
         fut = self._future(op_id)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            return None
+        if self.agent.leases is None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except TimeoutError:
+                return None
+        # Shared by agents: the dataset's owner (maybe another agent) settles the op; the
+        # ledger says when. Woken at once when this agent settles it itself.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(
+                    asyncio.shield(fut), SHARED_POLL if deadline is None else min(left, SHARED_POLL)
+                )
+            op = await self.ledger.op(op_id)
+            if op is not None and op.state is not OpState.PENDING:
+                self._settled.pop(op_id, None)
+                return op
+        return None
 
     async def settle(self, op_id: int) -> Op:
         """Run one op to its end in this process (the CLI without a daemon; burst mode)."""
@@ -160,7 +178,10 @@ class Outbox:
                 self.wake.clear()
                 if len(running) < limit:
                     # Running ops are still pending in the ledger: ask for enough to see past them.
-                    due = await self.ledger.due_ops(time.time(), limit=len(running) + limit)
+                    # Shared by agents: only the ops of the datasets whose leases this agent holds.
+                    keeper = self.agent.leases
+                    owned = sorted(keeper.held) if keeper is not None else None
+                    due = await self.ledger.due_ops(time.time(), limit=len(running) + limit, datasets=owned)
                     metrics.set_backlog(await self.ledger.backlog_by_dataset())
                     for op in due:
                         if len(running) >= limit or stop.is_set():
@@ -183,8 +204,17 @@ class Outbox:
         An unexpected error (a bug, the ledger in trouble, the staged body unreadable)
         is retried a few times, then fails the op: nothing is retried forever.
         """
+        if (keeper := self.agent.leases) is not None:
+            fence = keeper.fence(op.dataset)
+            if fence is None:
+                return  # the lease moved on since the op was listed: its new owner runs it
+            FENCE.set(fence)  # this op's task: its attempt, completion and retries are fenced
         try:
             await self.execute(op)
+        except LeaseLost as exc:
+            # Refused before anything was written; storage may have been written, and the
+            # lease's new owner retries the op, which finds its own write (ownwrite.landed).
+            log.info("outbox op stopped: this agent lost the dataset's lease", op=op.id, error=str(exc))
         except Exception as exc:
             with contextlib.suppress(Exception):
                 if op.attempts + 1 >= CRASH_ATTEMPTS:

@@ -99,9 +99,11 @@ class Db(Protocol):
         """Run a ``CREATE INDEX IF NOT EXISTS``; True when the index was new."""
         ...
 
-    async def claim(self) -> None:
+    async def claim(self, shared: bool = False) -> None:
         """Make this process the ledger's one agent (invariant 10), or raise ``LedgerLocked``.
-        SQLite's is the file lock the agent takes before opening (``InstanceLock``)."""
+        SQLite's is the file lock the agent takes before opening (``InstanceLock``). ``shared``
+        (PostgreSQL): one of the daemons that divide the datasets by leases; they exclude an
+        exclusive claimer (the CLI's own agent) and it excludes them."""
         ...
 
     async def probe_write(self) -> None:

@@ -197,9 +197,9 @@ class Ledger:
         """One write transaction, for the queues that keep their SQL beside their code (enrich/)."""
         return self.db.transaction()
 
-    async def claim(self) -> None:
+    async def claim(self, shared: bool = False) -> None:
         """Make this process the ledger's one agent, or raise ``LedgerLocked`` (see ``Db.claim``)."""
-        await self.db.claim()
+        await self.db.claim(shared)
 
     async def probe_write(self) -> None:
         """An empty write transaction: the cheapest way to learn whether the ledger takes
@@ -528,13 +528,17 @@ class Ledger:
             ),
         )
 
-    async def fail_stale_runs(self) -> int:
-        """Runs left 'running' by a crash are failed on start-up; their batches stay committed."""
-        return await self._write(
+    async def fail_stale_runs(self, dataset_id: int | None = None) -> int:
+        """Runs left 'running' by a crash are failed on start-up; their batches stay committed.
+        With ``dataset_id``, only that dataset's: an agent that claims a dataset's lease fails the
+        runs its previous owner left (others' runs on a shared ledger are theirs)."""
+        sql = (
             "UPDATE runs SET status = 'failed', ended = ?, error = 'the agent stopped during this run' "
-            "WHERE status = 'running'",
-            (time.time(),),
+            "WHERE status = 'running'"
         )
+        if dataset_id is None:
+            return await self._write(sql, (time.time(),))
+        return await self._write(sql + " AND dataset_id = ?", (time.time(), dataset_id))
 
     async def runs(self, dataset_id: int, limit: int = 20) -> list[RunRecord]:
         rows = await self._read(
@@ -793,15 +797,19 @@ class Ledger:
         args.append(limit)
         return [_op(r) for r in await self._read_primary(sql, args)]
 
-    async def due_ops(self, now: float, limit: int = 16) -> list[Op]:
+    async def due_ops(self, now: float, limit: int = 16, datasets: Sequence[str] | None = None) -> list[Op]:
         """Pending ops due by ``now``, oldest first; only the oldest pending op of each
-        (dataset, key): a later op on a key waits for the earlier one, even one backing off."""
+        (dataset, key): a later op on a key waits for the earlier one, even one backing off.
+        ``datasets``: only theirs (the datasets whose leases this agent holds)."""
+        if datasets is not None and not datasets:
+            return []
+        only = f" AND d.name IN ({', '.join('?' * len(datasets))})" if datasets is not None else ""
         rows = await self._read_primary(
             f"SELECT {_OP_COLS} FROM ops o JOIN datasets d ON d.id = o.dataset_id "
-            "WHERE o.state = 'pending' AND o.next_at <= ? AND NOT EXISTS ("
+            f"WHERE o.state = 'pending' AND o.next_at <= ?{only} AND NOT EXISTS ("
             "SELECT 1 FROM ops e WHERE e.state = 'pending' AND e.dataset_id = o.dataset_id "
             "AND e.key = o.key AND e.id < o.id) ORDER BY o.id LIMIT ?",
-            (now, limit),
+            (now, *(datasets or ()), limit),
         )
         return [_op(r) for r in rows]
 

@@ -41,7 +41,7 @@ import asyncpg
 
 from bucketsync import metrics
 from bucketsync.core.errors import DiskFull, LedgerError, LedgerLocked
-from bucketsync.ledger import durability
+from bucketsync.ledger import durability, leases
 from bucketsync.ledger.db import Row, numbered, rowcount
 
 #: the schema version this code writes; equal to ``len(sqlite.MIGRATIONS)`` (a test holds them together).
@@ -639,18 +639,33 @@ class _Tx:
             self._tx = self.conn.transaction()
             await self._tx.start()
             await self.conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            if (fence := leases.FENCE.get()) is not None:
+                await leases.check(self.conn, fence)  # LeaseLost if the lease moved on
         except BaseException as exc:
-            await self._rollback()
-            self.db.write_lock.release()
+            try:
+                with contextlib.suppress(Exception):
+                    await self._rollback(exc)
+            finally:
+                self.db.write_lock.release()
             if _operational(exc):
                 raise self._failed(exc) from exc
             raise
         return self
 
-    async def _rollback(self) -> None:
-        if self._tx is not None:
-            with contextlib.suppress(Exception):
-                await self._tx.rollback()
+    async def _rollback(self, exc: BaseException) -> None:
+        """End the transaction (asyncpg first cancels a query still running on the server). A
+        ROLLBACK that fails or is itself interrupted (a lost lease stops a dataset's task at once,
+        mid-batch, and a second cancellation can land here) would leave the transaction open on
+        an idle connection, and with it the advisory write lock that every agent's writers wait
+        for. Then the connection is closed instead: the server ends the transaction and frees the
+        lock at once, and the next transaction connects afresh."""
+        if self._tx is None:
+            return
+        try:
+            await self._tx.rollback()
+        except BaseException:
+            self.conn.terminate()
+            raise
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
@@ -659,13 +674,15 @@ class _Tx:
                     await self.conn.execute("UPDATE commit_seq SET seq = seq + 1 WHERE id = 1")
                     await self._tx.commit()
                 except BaseException as failed:
-                    await self._rollback()
+                    with contextlib.suppress(Exception):
+                        await self._rollback(failed)
                     if _operational(failed):
                         raise self._failed(failed) from failed
                     raise
                 self.db.committed()
             else:
-                await self._rollback()
+                with contextlib.suppress(Exception):
+                    await self._rollback(exc)
                 if _operational(exc):
                     raise self._failed(exc) from exc
         finally:
@@ -713,6 +730,8 @@ class PostgresDb:
         self._url, self._password = url, password
         #: whether this process holds the one-agent lock (taken again with a new writer connection)
         self.claimed = False
+        #: the one-agent lock is held shared (daemons dividing the datasets by leases)
+        self.shared = False
         self.write_lock = asyncio.Lock()
         self.fault: str | None = None
         self.rolled_back: tuple[int, int] | None = None
@@ -761,6 +780,17 @@ class PostgresDb:
         finally:
             await self.conn.close()
 
+    async def side_pool(self, size: int) -> asyncpg.Pool:
+        """Connections of their own for a loop that must never queue behind the readers (the
+        lease loop: a renewal stuck behind busy snapshot reads would lose every lease)."""
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                self._url, password=self._password, min_size=1, max_size=size, init=_init_connection
+            )
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise ledger_error(self.where, exc, "open") from None
+        return pool
+
     def committed(self) -> None:
         if self.fault is not None:
             self.fault = None
@@ -775,9 +805,12 @@ class PostgresDb:
     def transaction(self) -> _Tx:
         return _Tx(self)
 
-    async def claim(self) -> None:
+    async def claim(self, shared: bool = False) -> None:
         """A session advisory lock on the writer connection: held while this agent runs, and
-        dropped by the server when its connection ends, however the process died."""
+        dropped by the server when its connection ends, however the process died. Daemons that
+        divide the datasets by leases hold it shared: they run side by side, and keep out an
+        agent that would write every dataset unfenced (the CLI's own), which holds it exclusive."""
+        self.shared = shared
         await self._lock_instance(self.conn)
         self.claimed = True
 
@@ -801,7 +834,8 @@ class PostgresDb:
         return conn
 
     async def _lock_instance(self, conn: asyncpg.Connection) -> None:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", INSTANCE_LOCK):
+        take = "pg_try_advisory_lock_shared" if self.shared else "pg_try_advisory_lock"
+        if not await conn.fetchval(f"SELECT {take}($1)", INSTANCE_LOCK):
             holder = await conn.fetchval(
                 "SELECT a.client_addr || ' pid ' || a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                 "WHERE l.locktype = 'advisory' AND l.objid = $1 AND l.granted LIMIT 1",
@@ -903,6 +937,7 @@ async def _prepare_schema(conn: asyncpg.Connection, where: str, readonly: bool) 
             return
         if not exists:
             await conn.execute(SCHEMA)
+            await conn.execute(leases.SCHEMA)
         await conn.execute(FUNCTIONS)
         if not exists:
             await conn.execute(TRIGGERS)

@@ -467,7 +467,7 @@ class SqliteDb:
     def transaction(self) -> _Tx:
         return _Tx(self)
 
-    async def claim(self) -> None:
+    async def claim(self, shared: bool = False) -> None:
         """Nothing more: the agent holds the file's ``InstanceLock`` before it opens the ledger."""
 
     async def probe_write(self) -> None:

@@ -9,6 +9,7 @@ stay open for probes and scrapers.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import re
 from typing import Any, Protocol
@@ -48,6 +49,7 @@ from bucketsync.downstream import opsctl
 from bucketsync.downstream.ops import Downstream
 from bucketsync.enrich import Deliveries, EnrichQueue
 from bucketsync.enrich.thumbs import MIME as THUMB_MIME
+from bucketsync.ledger.leases import FENCE
 from bucketsync.server import schemas
 from bucketsync.server.front import Heartbeat
 from bucketsync.server.openapi import API, LEDGER, STORAGE, Handler, Param, Route, build_spec, schema_ref
@@ -524,8 +526,21 @@ async def start_sync(request: web.Request) -> web.Response:
     dry_run, force, wait = _bool(request, "dry_run"), _bool(request, "force"), _bool(request, "wait")
     if loop.busy:
         raise ApiError(409, "run_in_progress", f"dataset {name!r} has a run in progress (run {loop.current_run})")
+    fence = None
+    if (keeper := _agent(request).leases) is not None and (fence := keeper.fence(name)) is None:
+        owner = (await keeper.leases.owners()).get(name, (None, 0, False))[0]
+        raise ApiError(
+            409,
+            "not_owner",
+            f"dataset {name!r} is synced by agent {owner or '(none yet)'}, not this one ({keeper.agent}); "
+            "ask that agent to sync it",
+        )
     started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(loop.run_once(dry_run=dry_run, force=force, stop=request.app[STOP], started=started))
+    ctx = contextvars.copy_context()
+    ctx.run(FENCE.set, fence)  # on a shared ledger, the run's writes are fenced by this agent's lease
+    task = asyncio.create_task(
+        loop.run_once(dry_run=dry_run, force=force, stop=request.app[STOP], started=started), context=ctx
+    )
     request.app[TASKS].add(task)
     task.add_done_callback(request.app[TASKS].discard)
     if wait or dry_run:
