@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bucketsync.catalog.query import field_pattern
+from bucketsync.catalog.query import SYSTEM, field_pattern
 from bucketsync.core.keys import KEY_PATTERN, MAX_KEY_BYTES
 from bucketsync.upstream.events.webhook import Accepted as Accepted
 from bucketsync.upstream.events.webhook import PubSubPush as PubSubPush
@@ -120,8 +120,9 @@ class IndexList(_Body):
 
 class IndexRequest(_Body):
     field: str = Field(
-        description="metadata.NAME or a system field (key, size, modified, mimetype, ...)",
-        pattern=f"^{field_pattern()}$",
+        description="metadata.NAME or a system field of the item's row (key, size, modified, mimetype, ...); "
+        "enrichment's fields (width, height, ...) are kept beside the item and cannot be indexed",
+        pattern=f"^{field_pattern({n: f for n, f in SYSTEM.items() if not f.beside})}$",
     )
 
 
