@@ -87,6 +87,18 @@ async def keys(
     return [i.key for i in items]
 
 
+async def walk(catalog: tuple[Ledger, int], q: Query) -> list[str]:
+    """Every page of ``q`` from its first, through the cursors it hands out: the keys in order."""
+    ledger, ds = catalog
+    walked: list[str] = []
+    while True:
+        page, q.cursor = await catalog_items.page(ledger, ds, q)
+        assert len(page) <= q.limit
+        walked += [i.key for i in page]
+        if q.cursor is None:
+            return walked
+
+
 @pytest.mark.parametrize(
     ("flt", "expected"),
     [
@@ -185,16 +197,9 @@ async def test_sort_and_every_page_size_walk_the_same_order(
 ) -> None:
     """A cursor continues exactly after the last item, across NULLs, types and ties."""
     assert await keys(catalog, sort=sort, state=None) == expected
-    ledger, ds = catalog
     for size in (1, 2, 4):
         q = Query(sort=query.parse_sort(sort), state=None, limit=size)
-        walked: list[str] = []
-        while True:
-            page, q.cursor = await catalog_items.page(ledger, ds, q)
-            assert len(page) <= size
-            walked += [i.key for i in page]
-            if q.cursor is None:
-                break
+        walked = await walk(catalog, q)
         assert walked == expected, f"page size {size}"
 
 
@@ -202,19 +207,13 @@ async def test_sort_and_every_page_size_walk_the_same_order(
 async def test_a_sort_the_filter_pins_walks_by_key(catalog: tuple[Ledger, int], size: int) -> None:
     """Held to one value by the filter, the sort field orders as the key does (SQLite then
     walks the field's index instead of sorting every match), across pages."""
-    ledger, ds = catalog
     flt = {"metadata.camera": {"$eq": "x100"}, "size": {"$gt": 0}}
     assert query.pinned(flt, query.field("metadata.camera"))
     assert not query.pinned({"metadata.camera": {"$gt": "x"}}, query.field("metadata.camera"))
     assert not query.pinned({"$or": [{"metadata.camera": "x"}]}, query.field("metadata.camera"))
     for sort in ("metadata.camera", "-metadata.camera"):
         q = Query(filter=flt, sort=query.parse_sort(sort), limit=size)
-        walked: list[str] = []
-        while True:
-            page, q.cursor = await catalog_items.page(ledger, ds, q)
-            walked += [i.key for i in page]
-            if q.cursor is None:
-                break
+        walked = await walk(catalog, q)
         assert walked == (["a/1.jpg", "a/2.jpg"] if sort[0] != "-" else ["a/2.jpg", "a/1.jpg"])
 
 
@@ -263,12 +262,7 @@ async def test_a_sort_on_enrichments_metadata_pages_with_its_cursor(
     ledger, ds = catalog
     for size in (1, 2, 4):
         q = Query(sort=query.parse_sort(sort), state=None, limit=size)
-        walked: list[str] = []
-        while True:
-            page, q.cursor = await catalog_items.page(ledger, ds, q)
-            walked += [i.key for i in page]
-            if q.cursor is None:
-                break
+        walked = await walk(catalog, q)
         assert walked == expected, f"page size {size}"
     with pytest.raises(InvalidFilter) as err:
         await catalog_items.ensure_index(ledger, ds, "width")
@@ -326,12 +320,7 @@ async def test_pages_through_an_index_seek_the_ties_then_the_rest(
     assert "metadata.camera" in await catalog_items.indexed_fields(ledger, ds)
     for size in (1, 2, 4):
         q = Query(sort=query.parse_sort(sort), state=None, limit=size)
-        walked: list[str] = []
-        while True:
-            page, q.cursor = await catalog_items.page(ledger, ds, q)
-            walked += [i.key for i in page]
-            if q.cursor is None:
-                break
+        walked = await walk(catalog, q)
         assert walked == expected, f"page size {size}"
     q = Query(sort=query.parse_sort(sort), state=None, limit=1)
     _page, q.cursor = await catalog_items.page(ledger, ds, q)
