@@ -302,7 +302,7 @@ def test_cli_beside_the_daemon(tmp_path: Path) -> None:
         assert st["ready"] is True
         assert st["items"]["live"] == 3
         assert daemon.running
-    # agent.dataset_status: "the same shape for `bucketsync status --json` and GET /datasets"
+    # agent.datasets_status: "the same shape for `bucketsync status --json` and GET /datasets"
     assert set(st) == set(offline), f"status --json changes shape with a running agent: {set(st) ^ set(offline)}"
 
 

@@ -220,7 +220,7 @@ class Agent:
         return self.inboxes.setdefault(dataset, asyncio.Event())
 
     def live_status(self, dataset: str) -> dict[str, Any]:
-        """The fields of ``dataset_status`` only a running agent can fill in."""
+        """The fields of ``datasets_status`` only a running agent can fill in."""
         h = self.health(dataset)
         return {
             "ready": h["ready"],
@@ -244,11 +244,6 @@ def remove_ledger_files(ledger: Path, *, folder: bool) -> None:
     for path in (ledger.parent / "staging", ledger.parent) if folder else ():
         with contextlib.suppress(OSError):  # only when empty: never anything of the user's
             path.rmdir()
-
-
-async def dataset_status(settings: Settings, ledger: Ledger | None, name: str, loop: SyncLoop | None) -> dict[str, Any]:
-    """One dataset's status: the same shape for ``bucketsync status --json`` and ``GET /datasets``."""
-    return (await datasets_status(settings, ledger, {name: loop} if loop is not None else {}, [name]))[0]
 
 
 async def datasets_status(

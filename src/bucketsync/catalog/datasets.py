@@ -32,8 +32,7 @@ async def matching(ledger: Ledger, flt: Any, sort: str | None, among: list[str])
     """
     where = compile_filter(flt if flt is not None else {}, DATASET_FIELDS)
     order = parse_sort(sort, DATASET_FIELDS)
-    way = " DESC" if order.desc else ""
-    names = await ledger.select_datasets(where.sql, where.params, f"{order.field.sql}{way}, name{way}")
+    names = await ledger.select_datasets(where.sql, where.params, order.order_sql(tiebreak="name"))
     wanted = set(among)
     out = [n for n in names if n in wanted]
     if flt is None or flt == {}:

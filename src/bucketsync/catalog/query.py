@@ -280,13 +280,14 @@ class Sort:
     def by_key(self) -> bool:
         return self.field.sql == "key"
 
-    def order_sql(self, pinned: bool = False) -> str:
-        """ORDER BY; ``pinned`` when the filter holds the field to one value: then key order
-        is the same order, and SQLite walks the field's index without sorting the matches."""
+    def order_sql(self, pinned: bool = False, tiebreak: str = "key") -> str:
+        """ORDER BY, then by ``tiebreak`` (an item's key, a dataset's name); ``pinned`` when the
+        filter holds the field to one value: then key order is the same order, and SQLite
+        walks the field's index without sorting the matches."""
         way = " DESC" if self.desc else ""
         if self.by_key or pinned:
             return f"key{way}"
-        return f"{self.field.sql}{way}, key{way}"
+        return f"{self.field.sql}{way}, {tiebreak}{way}"
 
 
 def fields_of(doc: Any, fields: Mapping[str, Field] = SYSTEM) -> list[Field]:

@@ -24,31 +24,29 @@ STATES = ("pending", "done", "failed")
 # atomically. They exist only while some dataset uses them (``set_datasets`` creates and drops
 # them), so a ledger without enrichment or triggers pays nothing on its writes. A link made through
 # the API (``link = 'api'``) has no object in the bucket to read: it is never queued.
-_SQL_TRIGGERS = {
-    "enrich_item_insert": """
-    CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
-    WHEN NEW.state = 'live' AND NEW.link IS NOT 'api'
-    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+#: an item added or changed: its old thumbnail goes to the trash, and it is queued (again)
+_REQUEUE = """
         INSERT INTO thumbnail_trash (dataset_id, key, local, created)
             SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
             WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
         INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
             VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
-    END;
+"""
+_SQL_TRIGGERS = {
+    "enrich_item_insert": f"""
+    CREATE TRIGGER enrich_item_insert AFTER INSERT ON items
+    WHEN NEW.state = 'live' AND NEW.link IS NOT 'api'
+    AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
+{_REQUEUE}    END;
     """,
-    "enrich_item_update": """
+    "enrich_item_update": f"""
     CREATE TRIGGER enrich_item_update AFTER UPDATE OF key, etag, size, modified, state ON items
     WHEN NEW.state = 'live' AND NEW.link IS NOT 'api'
     AND (OLD.key IS NOT NEW.key OR OLD.etag IS NOT NEW.etag OR OLD.size IS NOT NEW.size
         OR (NEW.etag IS NULL AND OLD.modified IS NOT NEW.modified)
         OR NOT EXISTS (SELECT 1 FROM enrichment WHERE item_id = NEW.id))
     AND EXISTS (SELECT 1 FROM enrich_datasets WHERE dataset_id = NEW.dataset_id) BEGIN
-        INSERT INTO thumbnail_trash (dataset_id, key, local, created)
-            SELECT dataset_id, thumbnail, thumbnail_local, NEW.updated FROM enrichment
-            WHERE item_id = NEW.id AND thumbnail IS NOT NULL;
-        INSERT OR REPLACE INTO enrichment (item_id, dataset_id, etag, state, updated)
-            VALUES (NEW.id, NEW.dataset_id, NEW.etag, 'pending', NEW.updated);
-    END;
+{_REQUEUE}    END;
     """,
     "enrich_item_delete": """
     CREATE TRIGGER enrich_item_delete AFTER DELETE ON items BEGIN
