@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
+from bucketsync.core.keys import HIDDEN
 from e2e import Daemon, Response, cli, describe, json_lines, local_driver, parallel, poll, write_config, write_files
 from emulators.s3 import REGION, S3Emulator
 from linkserver import BODY, LinkServer
@@ -33,10 +34,20 @@ class Env:
     bucket: str
 
     def storage(self) -> dict[str, Any]:
-        """What is in storage now: the local folder's files and the bucket's keys (with etags)."""
-        files = {str(p.relative_to(self.root / "files")) for p in (self.root / "files").rglob("*") if p.is_file()}
+        """What is in storage now: the local folder's files and the bucket's keys (with etags).
+        Not the agent's permission probes: it writes and deletes one in its hidden folder whenever
+        it re-probes, so a snapshot taken meanwhile would hold a key the next one does not."""
+        files = {
+            str(p.relative_to(self.root / "files"))
+            for p in (self.root / "files").rglob("*")
+            if p.is_file() and not _probe(str(p.relative_to(self.root / "files")))
+        }
         listed = self.emulator.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])
-        return {"local": files, "cloud": {(o["Key"], o["ETag"]) for o in listed}}
+        return {"local": files, "cloud": {(o["Key"], o["ETag"]) for o in listed if not _probe(o["Key"])}}
+
+
+def _probe(key: str) -> bool:
+    return key.startswith(f"{HIDDEN}probe-")
 
 
 def link_doc(ref: str, **more: Any) -> bytes:
