@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -31,7 +31,17 @@ from bucketsync.core.diff import Step, diff_pages
 from bucketsync.core.errors import BucketsyncError, LedgerError
 from bucketsync.core.gate import removal_guard
 from bucketsync.core.keys import KeyFilter
-from bucketsync.core.model import Change, ChangeKind, Counts, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
+from bucketsync.core.model import (
+    Change,
+    ChangeKind,
+    Counts,
+    Indexed,
+    ItemState,
+    ListingGap,
+    ObjectInfo,
+    RunStatus,
+    SnapshotRow,
+)
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.logs import debug_enabled
 from bucketsync.stores import SplitListing, Store, listing_pages
@@ -326,11 +336,26 @@ class SyncLoop:
     async def _walk(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None
     ) -> None:
-        async with _Turns(self.pacer) as turns:
-            await self._diff(ds_id, run_id, counts, p, stop, turns)
+        # The snapshot holds a read connection for the whole diff (PostgreSQL: one of a bounded
+        # pool): it is opened before the run takes a turn, never while holding one. A run that
+        # held a turn while it waited for a connection, held by runs that waited for a turn,
+        # was a deadlock as soon as more datasets synced at once than the pool had connections.
+        snapshot = await _opened(self.ledger.snapshot_pages(ds_id))
+        try:
+            async with _Turns(self.pacer) as turns:
+                await self._diff(ds_id, run_id, counts, p, stop, turns, snapshot)
+        finally:
+            await snapshot.aclose()
 
     async def _diff(
-        self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
+        self,
+        ds_id: int,
+        run_id: int | None,
+        counts: Counts,
+        p: _Pending,
+        stop: asyncio.Event | None,
+        turns: _Turns,
+        snapshot: AsyncIterator[list[SnapshotRow]],
     ) -> None:
         listing = listing_pages(self.store, "", self.splits)
         if not self.filter.trivial:
@@ -341,7 +366,7 @@ class SyncLoop:
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         sample = p.sample
         # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
-        async for step in diff_pages(listing, self.ledger.snapshot_pages(ds_id), p.gaps, CHECK_EVERY):
+        async for step in diff_pages(listing, snapshot, p.gaps, CHECK_EVERY):
             await turns.tick()
             counts.listed += len(step.listed)
             sample.see_all(step.keys)
@@ -560,6 +585,24 @@ class SyncLoop:
                     log.exception("sync loop error", dataset=self.name)
                 if on_error is not None:
                     on_error(exc)
+
+
+async def _opened(pages: AsyncIterator[list[SnapshotRow]]) -> AsyncGenerator[list[SnapshotRow]]:
+    """``pages`` with its first page already fetched (the query sent, its connection taken)."""
+    first = await anext(pages, None)
+
+    async def rest() -> AsyncGenerator[list[SnapshotRow]]:
+        try:
+            if first is None:
+                return
+            yield first
+            async for page in pages:
+                yield page
+        finally:
+            if isinstance(pages, AsyncGenerator):
+                await pages.aclose()  # an abandoned walk gives its connection back now, not at GC
+
+    return rest()
 
 
 class _Turns:
