@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -355,15 +356,17 @@ async def main_async(args: argparse.Namespace, work: Path) -> tuple[Results, lis
     for n in range(args.datasets):
         make_folder(work / "folders" / f"ds{n:02d}", args.files)
     print(f"folders made in {time.perf_counter() - t0:.1f} s under {work}", file=sys.stderr)
-    codes: list[tuple[str, Path | None]] = [("", None)]
+    # A copy of this tree's src/: editing the sources while the benchmark runs changes nothing in it.
+    codes: list[tuple[str, Path | None]] = [("", Path(shutil.copytree(ROOT / "src", work / "this" / "src")))]
     if args.baseline:
-        codes.insert(0, (args.baseline, export(args.baseline, work)))
+        (work / "baseline").mkdir()
+        codes.insert(0, (args.baseline, export(args.baseline, work / "baseline")))
     res = Results(load=[os.getloadavg()[0]])
     with running_postgres(fsync="on", synchronous_commit="on", full_page_writes="on") as server:
         for rep in range(args.repeat):
             for code, src in codes:
                 for n in args.agents:
-                    tag = f"r{rep}{'b' if src else 'c'}"
+                    tag = f"r{rep}{'b' if code else 'c'}"
                     got = await repetition(server, work, n, args.datasets, src, tag)
                     for rnd, r in got.items():
                         res.rounds.setdefault((code, n, rnd), []).append(r)
@@ -389,8 +392,6 @@ def main() -> None:
         res, codes, version = asyncio.run(main_async(args, work))
     finally:
         if not args.keep:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     table = render(res, args, codes, version, time.perf_counter() - t0)
     print(table)
