@@ -902,6 +902,27 @@ class PostgresDb:
         return not known
 
 
+async def agent_running(url: str, password: str | None = None) -> bool:
+    """Whether an agent runs on this database: one holds the one-agent lock (shared by the
+    daemons that divide the datasets, or exclusive). An unreachable database says no; the
+    command that then opens the ledger says why it cannot."""
+    try:
+        conn = await asyncpg.connect(url, password=password)
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        return False
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = $1 "
+                "AND l.objsubid = 1 AND d.datname = current_database())",
+                INSTANCE_LOCK,
+            )
+        )
+    finally:
+        await conn.close()
+
+
 def _index_nulls_first(sql: str) -> str:
     """The catalog's ``(dataset_id, FIELD, key)`` index with the field's NULLs first, as its
     queries sort (see ``_order_nulls``): an index in the query's order is walked, not sorted."""
