@@ -14,6 +14,7 @@ from typing import TypeVar
 import asyncpg
 import pytest
 
+from bucketsync.config import AgentConfig
 from bucketsync.core.errors import LeaseLost, LedgerLocked
 from bucketsync.core.leases import Fence
 from bucketsync.core.model import Counts, ItemState, ObjectInfo, OpKind, RunStatus
@@ -21,6 +22,7 @@ from bucketsync.daemon.leases import LeaseKeeper
 from bucketsync.ledger.leases import FENCE, Leases
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.postgres import PostgresDb
+from bucketsync.ledger.retention import prune_once
 from emulators.postgres import PostgresServer
 
 NAMES = [f"ds{i:02}" for i in range(12)]
@@ -429,3 +431,31 @@ async def test_with_pointer_items_fenced_writes_of_different_datasets_take_turns
     await asyncio.wait_for(asyncio.gather(_fenced(fa, change(one, fa, "a")), _fenced(fb, change(other, fb, "b"))), 60)
     counts = await one.counts_by_state(merged)
     assert (counts["live"], counts["stale"]) == (0, 40), counts
+
+
+async def test_retention_prunes_the_datasets_an_agent_holds_under_their_fences(ledger: Ledger) -> None:
+    """Each agent prunes the datasets it holds (a write of one dataset, fenced), never another
+    agent's, and every agent the datasets no configuration names any more; a lease lost
+    meanwhile leaves that dataset's history to its new owner."""
+    a, _ = keeper(ledger, "a", ["mine", "theirs"])
+    b = leases(ledger, "b")
+    await a.leases.register(["mine", "theirs"])
+    await b.claim(["theirs"], 1)
+    await a.turn()
+    assert sorted(a.held) == ["mine"]
+    ids = {name: await ledger.dataset_id(name) for name in ("mine", "theirs", "gone")}
+    for ds in ids.values():
+        for _ in range(4):
+            run = await ledger.begin_run(ds, forced=False)
+            await ledger.finish_run(run, Counts(), RunStatus.OK, None)
+
+    async def kept() -> dict[str, int]:
+        return {name: len(await ledger.runs(ds)) for name, ds in ids.items()}
+
+    await prune_once(ledger, AgentConfig.model_validate({"keep_runs": 2}), shares=a)
+    assert await kept() == {"mine": 2, "theirs": 4, "gone": 2}
+
+    await expire(ledger, "mine")
+    await b.claim(["mine"], 1)  # a has not noticed yet: its fence of "mine" is stale
+    await prune_once(ledger, AgentConfig.model_validate({"keep_runs": 1}), shares=a)
+    assert await kept() == {"mine": 2, "theirs": 4, "gone": 1}

@@ -54,7 +54,7 @@ async def lock(conn: asyncpg.Connection, fence: Fence, write_lock: int) -> None:
     A fenced write touches one dataset, so it takes the database's write lock *shared* and
     the dataset's own lock (``write_lock`` and the name's hash, a key space of its own):
     writers of different datasets run side by side, writers of one dataset take turns, and
-    a write that may touch any dataset (unfenced: the API's, enrichment's, retention's) takes
+    a write that may touch any dataset (unfenced: the API's, enrichment's) takes
     the write lock exclusive and waits for all of them, and they for it.
 
     The exception is pointer items (clones and merges): a dataset's batch then also updates

@@ -11,10 +11,10 @@ What is PostgreSQL's own lives here; the ledger's logic is ``Ledger`` (ledger/le
   and dropped by ``EnrichQueue.set_datasets`` like SQLite's (``ENRICH_TRIGGERS``).
 - Writes: one writer connection per process, one transaction at a time, and each
   transaction first takes transaction-scoped advisory locks. A write that may touch any
-  dataset (the API's, enrichment's, retention's) takes the write lock exclusive: it runs
-  alone, as SQLite's single writer does. A write of one dataset (fenced by its lease: a sync
-  run's batch, an outbox op) takes the write lock shared and the dataset's own lock, so
-  agents commit their datasets' batches side by side (``leases.lock``). The ledger's logic
+  dataset (the API's, enrichment's) takes the write lock exclusive: it runs alone, as
+  SQLite's single writer does. A write of one dataset (fenced by its lease: a sync run's
+  batch, an outbox op, retention's) takes the write lock shared and the dataset's own lock,
+  so agents commit their datasets' batches side by side (``leases.lock``). The ledger's logic
   reads then writes inside a transaction (``dataset_id``, ``adopt``, merge-patches,
   ``start_attempt``); under these locks it needs no retry loop, which SERIALIZABLE would
   need around every method (and a retried 5,000-row batch is costly). The wait is short: no
