@@ -352,6 +352,10 @@ def write_doc(path: Path, table: str) -> None:
 
 
 async def main_async(args: argparse.Namespace, work: Path) -> tuple[Results, list[str], str]:
+    # SIGTERM cancels the benchmark: the agents and the server are stopped on the way out.
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     t0 = time.perf_counter()
     for n in range(args.datasets):
         make_folder(work / "folders" / f"ds{n:02d}", args.files)
@@ -385,7 +389,6 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="write the results into this markdown file (its generated block)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (folders, agents' logs)")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the agents and the server on the way out
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bucketsync-scaleout-"))
     try:
