@@ -32,6 +32,7 @@ from emulators.s3 import PREFIX, S3Emulator
 # --- the signature ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
 @pytest.mark.parametrize("token", [None, "FQoGZXIvYXdzEJr//////////wEaDEXAMPLE+token="])
 @pytest.mark.parametrize(
     ("host", "key", "headers"),
@@ -42,15 +43,15 @@ from emulators.s3 import PREFIX, S3Emulator
     ],
 )
 def test_signature_is_botocores(
-    monkeypatch: pytest.MonkeyPatch, host: str, key: str, headers: dict[str, str], token: str | None
+    monkeypatch: pytest.MonkeyPatch, host: str, key: str, headers: dict[str, str], token: str | None, method: str
 ) -> None:
     when = dt.datetime(2026, 11, 29, 23, 59, 58)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
     path = "/" + encode_key(key)
-    request = AWSRequest(method="GET", url=f"http://{host}{path}", headers=dict(headers))
+    request = AWSRequest(method=method, url=f"http://{host}{path}", headers=dict(headers))
     botocore.auth.S3SigV4Auth(Credentials("AKIDEXAMPLE", "wJalr/SECRET", token), "s3", "eu-west-1").add_auth(request)
     ours = Signer("eu-west-1").sign(
-        host, path, headers, "AKIDEXAMPLE", "wJalr/SECRET", token, when.replace(tzinfo=dt.UTC).timestamp()
+        host, path, headers, "AKIDEXAMPLE", "wJalr/SECRET", token, when.replace(tzinfo=dt.UTC).timestamp(), method
     )
     assert ours["authorization"] == request.headers["Authorization"]
     assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
@@ -86,6 +87,39 @@ async def test_reads_skip_the_sdk(server: str, request: pytest.FixtureRequest, m
             await read_all(store, "missing")
         assert store.lean_get
     finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+async def test_heads_skip_the_sdk_and_say_what_it_says(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD (after every put, and for each event's check) is a lean request too; its answer is the
+    SDK's: the same size, modified time and etag, the same NotFound."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    bucket = emulator.new_bucket()
+    sdk = emulator.store(bucket, lean_get=False)
+    store = emulator.store(bucket)
+    try:
+        await sdk.put("dir/a b+c.bin", one_chunk(b"x" * 5000))
+        want = await sdk.head("dir/a b+c.bin")
+        with pytest.raises(NotFound) as sdk_missing:
+            await sdk.head("missing")
+        client = await store._get_client()
+
+        async def no_sdk_heads(**kwargs: Any) -> Any:
+            raise AssertionError(f"HEAD through the SDK: {kwargs}")
+
+        monkeypatch.setattr(client, "head_object", no_sdk_heads)
+        assert await store.head("dir/a b+c.bin") == want
+        with pytest.raises(NotFound) as lean_missing:
+            await store.head("missing")
+        assert str(lean_missing.value) == str(sdk_missing.value)
+        written = await store.put("dir/new", one_chunk(b"y" * 10))  # the put's own HEAD is lean
+        assert written.size == 10 and written.etag == (await sdk.head("dir/new")).etag
+        assert store.lean_get
+    finally:
+        await sdk.aclose()
         await store.aclose()
 
 
@@ -262,6 +296,56 @@ async def test_errors_are_the_sdks(scripted: Any, raw: bytes, kind: type[Storage
     assert not script.sdk(0) and script.sdk(1)
     lean_exc, sdk_exc = raised
     assert type(lean_exc) is type(sdk_exc) and str(lean_exc) == str(sdk_exc)
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [(answer(404), NotFound), (answer(403), PermissionDenied), (answer(503), Transient)],
+    ids=lambda v: v if isinstance(v, type) else None,
+)
+async def test_head_errors_are_the_sdks(scripted: Any, raw: bytes, kind: type[StorageError]) -> None:
+    """A HEAD's answer has no body to name the error: lean and SDK make the same one of the status."""
+    script = await scripted(raw, raw)
+    raised: list[StorageError] = []
+    for lean in (True, False):
+        store = fake_store(script, lean_get=lean, attempts=1)
+        try:
+            with pytest.raises(kind) as exc:
+                await store.head("k")
+            raised.append(exc.value)
+        finally:
+            await store.aclose()
+    assert script.requests[0]["line"] == "HEAD /bkt/p/k HTTP/1.1" and not script.sdk(0) and script.sdk(1)
+    assert str(raised[0]) == str(raised[1])
+
+
+async def test_a_head_answered_400_goes_to_the_sdk(scripted: Any) -> None:
+    """AWS answers a HEAD sent to the wrong region with a bare 400 (no body to say so): the SDK,
+    which finds the bucket's region, takes HEADs over from then on."""
+    modified = "Sun, 29 Nov 2026 23:00:00 GMT"
+    script = await scripted(answer(400, close=True), answer(200, ETag='"v1"', Last_Modified=modified))
+    store = fake_store(script)
+    try:
+        assert (await store.head("k")).etag == "v1"
+        assert not store.lean_get
+    finally:
+        await store.aclose()
+    assert [script.sdk(i) for i in range(2)] == [False, True]
+
+
+async def test_a_head_without_the_headers_it_needs_asks_the_sdk(scripted: Any) -> None:
+    modified = "Sun, 29 Nov 2026 23:00:00 GMT"
+    script = await scripted(
+        answer(200, ETag='"v1"', close=True),  # no Last-Modified: not an answer to trust
+        answer(200, ETag='"v1"', Last_Modified=modified),
+    )
+    store = fake_store(script)
+    try:
+        info = await store.head("k")
+    finally:
+        await store.aclose()
+    assert (info.size, info.etag, info.modified) == (0, "v1", dt.datetime(2026, 11, 29, 23, tzinfo=dt.UTC).timestamp())
+    assert [script.sdk(i) for i in range(2)] == [False, True]
 
 
 async def test_a_redirect_hands_reads_to_the_sdk(scripted: Any) -> None:

@@ -38,6 +38,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
@@ -956,6 +957,10 @@ class S3Store:
                 yield _given(batch)
 
     async def head(self, key: str) -> ObjectInfo:
+        if self.lean_get:
+            info: ObjectInfo | None = await self._retry(lambda: self._lean_head(key))
+            if info is not None:
+                return info
         full = self.prefix + key
         resp = await self._retry(lambda: self._call("head_object", "head", key, Key=full))
         return _info(key, resp["ContentLength"], resp["LastModified"], resp.get("ETag"))
@@ -997,35 +1002,62 @@ class S3Store:
         return resp.get("ETag"), _SdkBody(resp["Body"], self._where(key), key)
 
     async def _lean_get(self, key: str, rng: str | None, etag: str | None) -> tuple[str | None, _LeanBody] | None:
-        """GetObject without the SDK's per-request machinery (most of a small read's CPU): signed
-        by ``sigv4`` with the client's own credentials (refreshed as the SDK would), sent on the
-        shared aiohttp session (a pool of kept-alive connections), to where botocore said
-        (``_lean_target``). Errors become what the SDK's would (``_status_error``, ``translate``).
+        """GetObject as a lean request (``_lean``); None hands it to the SDK."""
+        headers: dict[str, str] = {}
+        if rng is not None:
+            headers["range"] = rng
+        if etag is not None:
+            headers["if-match"] = _quoted(etag)
+        resp = await self._lean("GET", key, headers, "get")
+        if resp is None:
+            return None
+        return resp.headers.get("ETag"), _LeanBody(resp, self._where(key), key)
+
+    async def _lean_head(self, key: str) -> ObjectInfo | None:
+        """HeadObject as a lean request (``_lean``): after every put (``_stat_written``, a thumbnail's
+        included) and for each event's check, where the SDK's machinery cost more than the request.
+        None hands it to the SDK (also when an answer lacks a header it should have)."""
+        resp = await self._lean("HEAD", key, {}, "head")
+        if resp is None:
+            return None
+        try:
+            length, modified = resp.headers.get("Content-Length"), resp.headers.get("Last-Modified")
+            if length is None or modified is None:
+                return None
+            try:
+                return _info(key, int(length), parsedate_to_datetime(modified), resp.headers.get("ETag"))
+            except (TypeError, ValueError):
+                return None
+        finally:
+            resp.release()
+
+    async def _lean(self, method: str, key: str, headers: dict[str, str], op: str) -> aiohttp.ClientResponse | None:
+        """A bodiless request (GET, HEAD) without the SDK's per-request machinery (most of a small
+        read's CPU): signed by ``sigv4`` with the client's own credentials (refreshed as the SDK
+        would), sent on the shared aiohttp session (a pool of kept-alive connections), to where
+        botocore said (``_lean_target``). A 200 or 206 answer is returned; errors become what the
+        SDK's would (``_status_error``, ``translate``).
 
         None hands the request to the SDK: no target, TLS trouble (the SDK may know a CA bundle
         we do not), or a redirect (a bucket in another region: the SDK follows it). Those turn
-        lean reads off for the store, logged once. The signed request is never logged.
+        lean requests off for the store, logged once. The signed request is never logged.
         """
         target = await self._lean_target()
         if target is None:
             return None
         where = self._where(key)
         path = target.path + sigv4.encode_key(self.prefix + key)
-        headers: dict[str, str] = {}
-        if rng is not None:
-            headers["range"] = rng
-        if etag is not None:
-            headers["if-match"] = _quoted(etag)
         try:
             creds = await self._signing.get_frozen_credentials()
         except BotoCoreError as exc:
-            raise translate(exc, where, "get", key=key) from exc
+            raise translate(exc, where, op, key=key) from exc
         signed = target.signer.sign(
-            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time()
+            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time(), method
         )
         signed["accept-encoding"] = "identity"  # the stored bytes, never a compressed transfer of them
         try:
-            resp = await (await self._reads()).get(
+            resp = await (await self._reads()).request(
+                method,
                 yarl.URL(target.origin + path, encoded=True),
                 headers=signed,
                 allow_redirects=False,
@@ -1037,9 +1069,9 @@ class S3Store:
             self._lean_off("TLS error", error=type(exc).__name__)
             return None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise translate(exc, where, "get", key=key) from exc
+            raise translate(exc, where, op, key=key) from exc
         if resp.status in (200, 206):
-            return resp.headers.get("ETag"), _LeanBody(resp, where, key)
+            return resp
         try:
             body = await resp.content.read(1 << 16)
         except (aiohttp.ClientError, TimeoutError):
@@ -1048,10 +1080,11 @@ class S3Store:
             resp.close()
         err = _status_error(resp.status, body)
         code = err.response["Error"].get("Code")
-        if 300 <= resp.status < 400 or code in _WRONG_PLACE:
+        # A HEAD has no body to name its error: AWS answers one sent to the wrong region with a bare 400.
+        if 300 <= resp.status < 400 or code in _WRONG_PLACE or (method == "HEAD" and resp.status == 400):
             self._lean_off("the server sends reads elsewhere", status=resp.status, code=code)
             return None
-        raise translate(err, where, "get", key=key) from None
+        raise translate(err, where, op, key=key) from None
 
     async def _lean_target(self) -> _Target | None:
         """Where lean reads go: learned once from a URL botocore presigns for a probe key (so its
