@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,16 @@ from aiobotocore.session import AioSession
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from bucketsync.core.errors import NotFound, PermissionDenied, StorageError, Transient, Unreachable
+from bucketsync.core.errors import (
+    AlreadyExists,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+    Unreachable,
+)
+from bucketsync.core.model import CREATE, OVERWRITE, PutMode
 from bucketsync.stores import one_chunk, read_all
 from bucketsync.stores.s3 import BucketNotFound, S3Store, _Target
 from bucketsync.stores.sigv4 import Signer, encode_key
@@ -55,6 +65,24 @@ def test_signature_is_botocores(
     )
     assert ours["authorization"] == request.headers["Authorization"]
     assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "image/jpeg", "if-none-match": "*"}])
+def test_a_put_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, headers: dict[str, str]) -> None:
+    """A PUT signs the SHA-256 of its body (botocore does so over plain HTTP, and may over TLS)."""
+    when = dt.datetime(2026, 11, 29, 23, 59, 58)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
+    body = b"\xff\xd8 a thumbnail" * 100
+    path = "/bkt/" + encode_key(".bucketsync/thumbnails/a b.jpg.1234.jpg")
+    request = AWSRequest(method="PUT", url=f"http://127.0.0.1:8333{path}", headers=dict(headers), data=body)
+    botocore.auth.S3SigV4Auth(Credentials("AKIDEXAMPLE", "wJalr/SECRET"), "s3", "us-east-1").add_auth(request)
+    payload = hashlib.sha256(body).hexdigest()
+    ours = Signer("us-east-1").sign(
+        "127.0.0.1:8333", path, headers, "AKIDEXAMPLE", "wJalr/SECRET", None,
+        when.replace(tzinfo=dt.UTC).timestamp(), "PUT", payload,
+    )  # fmt: skip
+    assert request.headers["X-Amz-Content-SHA256"] == payload
+    assert ours["authorization"] == request.headers["Authorization"]
 
 
 def test_signing_key_is_cached_per_day_and_secret() -> None:
@@ -120,6 +148,37 @@ async def test_heads_skip_the_sdk_and_say_what_it_says(
         assert store.lean_get
     finally:
         await sdk.aclose()
+        await store.aclose()
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+async def test_small_puts_skip_the_sdk_conditions_included(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single PutObject is a lean request with the SDK's headers: content type, create-only and
+    if-match conditions (enforced by the server: the same errors as through the SDK)."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    store = emulator.store(emulator.new_bucket())
+    try:
+        client = await store._get_client()
+
+        async def no_sdk_puts(**kwargs: Any) -> Any:
+            raise AssertionError(f"PutObject through the SDK: {kwargs}")
+
+        monkeypatch.setattr(client, "put_object", no_sdk_puts)
+        info = await store.put("t/a b.jpg", one_chunk(b"thumb"), OVERWRITE, "image/jpeg")
+        assert info.etag == hashlib.md5(b"thumb").hexdigest() and info.size == 5
+        assert await read_all(store, "t/a b.jpg") == b"thumb"
+        head = await client.head_object(Bucket=store.bucket, Key=store.prefix + "t/a b.jpg")
+        assert head["ContentType"] == "image/jpeg"
+        with pytest.raises(AlreadyExists):
+            await store.put("t/a b.jpg", one_chunk(b"again"), CREATE)
+        with pytest.raises(PreconditionFailed):
+            await store.put("t/a b.jpg", one_chunk(b"again"), PutMode.matching("0" * 32))
+        changed = await store.put("t/a b.jpg", one_chunk(b"again"), PutMode.matching(str(info.etag)))
+        assert changed.etag == hashlib.md5(b"again").hexdigest()
+        assert store.lean_get
+    finally:
         await store.aclose()
 
 

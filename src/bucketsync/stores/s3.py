@@ -145,6 +145,13 @@ _TRANSIENT = frozenset(
         "504",
     }
 )
+#: PutObject's arguments (``_write_args``) as the headers of a lean PUT
+_LEAN_PUT_HEADERS = {
+    "StorageClass": "x-amz-storage-class",
+    "ContentType": "content-type",
+    "IfNoneMatch": "if-none-match",
+    "IfMatch": "if-match",
+}
 #: the request reached a server that says it belongs elsewhere (another region or endpoint)
 _WRONG_PLACE = frozenset(
     {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "InvalidRegion"}
@@ -609,7 +616,8 @@ class S3Store:
         self._listing = listing
         #: parse ListObjectsV2 responses ourselves (see ``_page_raw``)
         self.fast_list = fast_list
-        #: read objects with our own signed GETs (see ``_lean_get``); off: through the SDK
+        #: read objects (GET, HEAD) and write small ones (a single PutObject) with our own signed
+        #: requests (see ``_lean``); off: through the SDK
         self.lean_get = lean_get
         self._target: _Target | None = None
         #: the credentials the client signs with (refreshable ones refresh themselves), for lean reads
@@ -1031,9 +1039,28 @@ class S3Store:
         finally:
             resp.release()
 
-    async def _lean(self, method: str, key: str, headers: dict[str, str], op: str) -> aiohttp.ClientResponse | None:
-        """A bodiless request (GET, HEAD) without the SDK's per-request machinery (most of a small
-        read's CPU): signed by ``sigv4`` with the client's own credentials (refreshed as the SDK
+    async def _lean_put(self, key: str, body: bytes, headers: dict[str, str], mode: PutMode) -> dict[str, Any] | None:
+        """PutObject of a buffered body as a lean request (``_lean``), as the SDK's answer: the ETag.
+        A thumbnail is one, and the SDK's machinery cost more than sending it. None hands it to the SDK."""
+        resp = await self._lean("PUT", key, headers, "put", body, mode)
+        if resp is None:
+            return None
+        try:
+            return {"ETag": resp.headers.get("ETag")}
+        finally:
+            resp.release()
+
+    async def _lean(
+        self,
+        method: str,
+        key: str,
+        headers: dict[str, str],
+        op: str,
+        body: bytes | None = None,
+        mode: PutMode | None = None,
+    ) -> aiohttp.ClientResponse | None:
+        """A request (GET, HEAD, a PUT of ``body``) without the SDK's per-request machinery (most of
+        a small read's or write's CPU): signed by ``sigv4`` with the client's own credentials (refreshed as the SDK
         would), sent on the shared aiohttp session (a pool of kept-alive connections), to where
         botocore said (``_lean_target``). A 200 or 206 answer is returned; errors become what the
         SDK's would (``_status_error``, ``translate``).
@@ -1051,8 +1078,9 @@ class S3Store:
             creds = await self._signing.get_frozen_credentials()
         except BotoCoreError as exc:
             raise translate(exc, where, op, key=key) from exc
+        payload = sigv4.EMPTY_SHA256 if body is None else hashlib.sha256(body).hexdigest()
         signed = target.signer.sign(
-            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time(), method
+            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time(), method, payload
         )
         signed["accept-encoding"] = "identity"  # the stored bytes, never a compressed transfer of them
         try:
@@ -1060,6 +1088,8 @@ class S3Store:
                 method,
                 yarl.URL(target.origin + path, encoded=True),
                 headers=signed,
+                data=body,
+                skip_auto_headers=("Content-Type",),  # none unless asked, as the SDK: storage picks its default
                 allow_redirects=False,
                 auto_decompress=False,
                 proxy=target.proxy,
@@ -1069,7 +1099,7 @@ class S3Store:
             self._lean_off("TLS error", error=type(exc).__name__)
             return None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise translate(exc, where, op, key=key) from exc
+            raise translate(exc, where, op, key=key, mode=mode) from exc
         if resp.status in (200, 206):
             return resp
         try:
@@ -1082,9 +1112,9 @@ class S3Store:
         code = err.response["Error"].get("Code")
         # A HEAD has no body to name its error: AWS answers one sent to the wrong region with a bare 400.
         if 300 <= resp.status < 400 or code in _WRONG_PLACE or (method == "HEAD" and resp.status == 400):
-            self._lean_off("the server sends reads elsewhere", status=resp.status, code=code)
+            self._lean_off("the server sends requests elsewhere", status=resp.status, code=code)
             return None
-        raise translate(err, where, op, key=key) from None
+        raise translate(err, where, op, key=key, mode=mode) from None
 
     async def _lean_target(self) -> _Target | None:
         """Where lean reads go: learned once from a URL botocore presigns for a probe key (so its
@@ -1205,11 +1235,16 @@ class S3Store:
     async def _put_single(self, key: str, body: bytes, mode: PutMode, content_type: str | None) -> str | None:
         full = self.prefix + key
         create, commit = self._write_args(mode, content_type)
-        return await self._committed(
-            key,
-            lambda: self._call("put_object", "put", key, mode, Key=full, Body=body, **create, **commit),
-            lambda: hashlib.md5(body, usedforsecurity=False).hexdigest(),
-        )
+
+        async def put() -> Any:
+            args = {**create, **commit}
+            if self.lean_get and args.keys() <= _LEAN_PUT_HEADERS.keys():
+                headers = {_LEAN_PUT_HEADERS[name]: str(value) for name, value in args.items()}
+                if (resp := await self._lean_put(key, body, headers, mode)) is not None:
+                    return resp
+            return await self._call("put_object", "put", key, mode, Key=full, Body=body, **create, **commit)
+
+        return await self._committed(key, put, lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
 
     async def _check_before_upload(self, key: str, mode: PutMode) -> None:
         """Fail a conditional multipart put before uploading gigabytes; the
