@@ -1,6 +1,6 @@
 """The ``webhook`` source: events posted to the API, through a durable inbox in the ledger.
 
-Two routes take them (server/api.py):
+Two routes take them (server/routes/events.py):
 
 - ``POST /api/v1/events/s3/{dataset}``: S3 event records, as MinIO and Ceph RGW post
   them (``{"Records": [...]}``; MinIO adds ``EventName`` and ``Key``). Keys arrive
