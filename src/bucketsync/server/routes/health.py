@@ -6,11 +6,7 @@ from aiohttp import web
 
 from bucketsync import metrics
 from bucketsync.server import schemas
-from bucketsync.server.http import (
-    HEARTBEAT,
-    SPEC,
-    agent_of,
-)
+from bucketsync.server.http import HEARTBEAT, SPEC, agent_of
 from bucketsync.server.openapi import API, Route
 
 

@@ -9,15 +9,7 @@ from aiohttp import web
 from bucketsync.catalog import imports, links
 from bucketsync.core.errors import InvalidKey
 from bucketsync.server import schemas
-from bucketsync.server.http import (
-    DOWNSTREAM,
-    DS_PATH,
-    ApiError,
-    agent_of,
-    json_body,
-    synced_dataset,
-    text_param,
-)
+from bucketsync.server.http import DOWNSTREAM, DS_PATH, ApiError, agent_of, json_body, synced_dataset, text_param
 from bucketsync.server.openapi import LEDGER, Param, Route, schema_ref
 
 

@@ -8,15 +8,7 @@ from bucketsync.core.errors import ConfigError
 from bucketsync.core.model import OpState
 from bucketsync.downstream import opsctl
 from bucketsync.server import schemas
-from bucketsync.server.http import (
-    RELOAD,
-    STOP,
-    ApiError,
-    agent_of,
-    id_param,
-    int_param,
-    query_limit,
-)
+from bucketsync.server.http import RELOAD, STOP, ApiError, agent_of, id_param, int_param, query_limit
 from bucketsync.server.openapi import API, LEDGER, Param, Route
 
 
