@@ -5,16 +5,16 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import structlog
 from aiohttp import web
 
+from bucketsync import metrics
 from bucketsync.server import schemas
-from bucketsync.server.http import (
-    ApiError,
-    agent_of,
-    synced_dataset,
-)
+from bucketsync.server.http import ApiError, agent_of, synced_dataset
 from bucketsync.server.openapi import API, LEDGER, Route, schema_ref
 from bucketsync.upstream.events import webhook
+
+log = structlog.get_logger("bucketsync.api")
 
 
 async def post_s3_events(request: web.Request) -> web.Response:
@@ -55,11 +55,29 @@ async def _accept_events(request: web.Request, scheme: str, parse: Any) -> web.R
         events, ignored = parse(body, loc)
     except webhook.BadPayload as exc:
         raise ApiError(400, "invalid_event", str(exc)) from None
-    if events:
-        assert agent.ledger is not None
-        await agent.ledger.inbox_put(await agent.ledger.dataset_id(name), webhook.to_inbox(events))
+    if not events:
+        return web.json_response({"accepted": 0, "ignored": ignored}, status=202)
+    assert agent.ledger is not None and driver.events is not None
+    ds_id = await agent.ledger.dataset_id(name)
+    if await agent.ledger.inbox_put(ds_id, webhook.to_inbox(events), cap=driver.events.inbox_max):
         agent.inbox(name).set()
-    return web.json_response({"accepted": len(events), "ignored": ignored}, status=202)
+        if name in agent.inbox_full:
+            agent.inbox_full.discard(name)
+            log.info("event inbox takes events again", dataset=name)
+        return web.json_response({"accepted": len(events), "ignored": ignored}, status=202)
+    # Full: keeping more would grow the ledger without bound while nothing drains it. What the
+    # events said is in storage, so a listing finds it: ask for one, count them, keep nothing.
+    metrics.EVENTS_DROPPED.labels(name, "inbox_full").inc(len(events))
+    if name not in agent.inbox_full:  # once per episode, not once per post
+        agent.inbox_full.add(name)
+        log.warning(
+            "event inbox full: events are counted, not kept, and a reconcile listing is requested",
+            dataset=name,
+            inbox_max=driver.events.inbox_max,
+        )
+    if (loop := agent.loops.get(name)) is not None:
+        loop.wake.set()
+    return web.json_response({"accepted": 0, "ignored": ignored, "deferred": len(events)}, status=202)
 
 
 def _check_secret(request: web.Request, secret: str | None) -> None:

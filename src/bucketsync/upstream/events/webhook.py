@@ -102,6 +102,11 @@ class PubSubPush(_Open):
 class Accepted(BaseModel):
     accepted: int = Field(description="events written to the inbox")
     ignored: int = Field(description="records for another bucket or outside the driver's prefix")
+    deferred: int = Field(
+        0,
+        description="events not kept because the dataset's inbox is full (events.inbox_max); the reconcile "
+        "listing asked for instead brings in what they said",
+    )
 
 
 # -- parsing (pure) ----------------------------------------------------------------
