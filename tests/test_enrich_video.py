@@ -24,6 +24,7 @@ from PIL import Image
 import videos
 from bucketsync import metrics
 from bucketsync.agent import Agent
+from bucketsync.core.errors import Transient
 from bucketsync.enrich import ranged, video
 from bucketsync.enrich.ranged import BLOCK, CACHE_BLOCKS, RangeFile, ReadBudget, ReadStopped
 from bucketsync.server.api import make_app
@@ -341,3 +342,23 @@ async def test_a_read_that_stalls_in_the_decoders_thread_fails_the_item_at_the_t
         assert slow.state == "failed" and slow.error == "took longer than enrich.timeout=1s"
     finally:
         await proxy.close()
+
+
+async def test_a_storage_error_in_ffmpegs_thread_reaches_the_worker_as_itself(clips: dict[str, bytes]) -> None:
+    """PyAV keeps an exception raised by the file's read and raises it again: a ``Transient`` from the
+    store stays one (the worker retries the item), never a 'corrupt video' failure."""
+    data = clips["end.mp4"]
+    calls = 0
+
+    async def hiccup(offset: int, length: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the seek to the moov index at the end
+            raise Transient("connection reset")
+        return data[offset : offset + length]
+
+    reader = RangeFile(hiccup, len(data), asyncio.get_running_loop(), 1 << 26)
+    with pytest.raises(Transient, match="connection reset"):
+        await asyncio.to_thread(
+            video.analyse, reader, thumbnail_size=None, fmt="jpeg", max_pixels=CAP, max_memory=1 << 28
+        )
