@@ -34,7 +34,7 @@ from bucketsync.core.errors import (
 )
 from bucketsync.core.model import CREATE, OVERWRITE, PutMode
 from bucketsync.stores import one_chunk, read_all
-from bucketsync.stores.s3 import BucketNotFound, S3Store, _Target
+from bucketsync.stores.s3 import LEAN_PUT_MAX, BucketNotFound, S3Store, _Target
 from bucketsync.stores.sigv4 import Signer, encode_key
 from emulators import free_port
 from emulators.s3 import PREFIX, S3Emulator
@@ -178,6 +178,19 @@ async def test_small_puts_skip_the_sdk_conditions_included(
         changed = await store.put("t/a b.jpg", one_chunk(b"again"), PutMode.matching(str(info.etag)))
         assert changed.etag == hashlib.md5(b"again").hexdigest()
         assert store.lean_get
+        # A body above LEAN_PUT_MAX (hashed on the event loop) goes through the SDK, as before.
+        monkeypatch.undo()
+        big = b"z" * (LEAN_PUT_MAX + 1)
+        sdk_puts: list[str] = []
+        real_put = client.put_object
+
+        async def counted(**kwargs: Any) -> Any:
+            sdk_puts.append(kwargs["Key"])
+            return await real_put(**kwargs)
+
+        monkeypatch.setattr(client, "put_object", counted)
+        assert (await store.put("t/big", one_chunk(big))).size == len(big)
+        assert sdk_puts == [store.prefix + "t/big"]
     finally:
         await store.aclose()
 

@@ -101,6 +101,10 @@ MiB = 1 << 20
 #: Multipart part size. S3 wants >= 5 MiB for every part but the last; a body
 #: smaller than one part is sent with a single PutObject.
 PART_SIZE = 8 * MiB
+#: the largest body a PutObject sends as a lean request: its SHA-256 is computed on the event loop
+#: (well under a millisecond at this size); a larger one goes through the SDK, whose per-request
+#: cost is small next to its transfer
+LEAN_PUT_MAX = 1 * MiB
 #: Parts uploaded at once: memory held by one put is about (PARTS_IN_FLIGHT + 2) * part_size.
 PARTS_IN_FLIGHT = 4
 CHUNK = 1 * MiB
@@ -1238,7 +1242,7 @@ class S3Store:
 
         async def put() -> Any:
             args = {**create, **commit}
-            if self.lean_get and args.keys() <= _LEAN_PUT_HEADERS.keys():
+            if self.lean_get and len(body) <= LEAN_PUT_MAX and args.keys() <= _LEAN_PUT_HEADERS.keys():
                 headers = {_LEAN_PUT_HEADERS[name]: str(value) for name, value in args.items()}
                 if (resp := await self._lean_put(key, body, headers, mode)) is not None:
                     return resp
