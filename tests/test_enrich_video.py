@@ -220,6 +220,13 @@ async def test_metadata_only_reads_no_more_than_with_a_thumbnail(clips: dict[str
     assert reader.fetched < len(clips["end.mp4"]) / 3
 
 
+async def test_an_audio_only_mp4_gets_its_duration_and_codec(tmp_path: Path) -> None:
+    found, _ = await analysed(videos.audio_only(tmp_path / "a.mp4"))
+    assert found.error is None and found.thumbnail is None
+    assert found.meta["codec"] == "aac" and found.meta["duration"] == pytest.approx(1.28, abs=0.05)
+    assert "width" not in found.meta
+
+
 async def test_a_truncated_video_fails_with_the_reason(clips: dict[str, bytes]) -> None:
     found, _ = await analysed(clips["cut.mp4"])  # its moov index was at the end: gone
     assert found.error is not None and found.error.startswith("corrupt or truncated video: ")

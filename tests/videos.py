@@ -6,6 +6,7 @@ frames: a test can tell a read of the index and one frame from a read of the who
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -39,6 +40,23 @@ def encode(
         for i in range(frames):
             picture = Image.effect_noise((width, height), 30 + i % 40).convert("RGB")
             frame = av.VideoFrame.from_image(picture)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path.read_bytes()
+
+
+def audio_only(path: Path, *, frames: int = 10, rate: int = 8000) -> bytes:
+    """An MP4 holding one AAC stream of silence and no video (``frames`` x 1024 samples)."""
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        for i in range(frames):
+            frame = av.AudioFrame(format="fltp", layout="mono", samples=1024)
+            for plane in frame.planes:
+                plane.update(bytes(plane.buffer_size))
+            frame.sample_rate, frame.pts, frame.time_base = rate, i * 1024, Fraction(1, rate)
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
