@@ -197,6 +197,14 @@ class EventsConfig(_Strict):
     secret_file: SecretFile | None = _doc(
         "`webhook`: file holding the shared secret (a bare name is a systemd credential).", default=None
     )
+    inbox_max: int = _doc(
+        "`webhook`: most events a dataset's inbox holds before they are applied (events are small rows in "
+        "the ledger). Past it, a post is answered 202 with its events counted as `deferred`, not kept, and a "
+        "reconcile listing is asked for instead: it brings in what they said. Bounds the ledger while a "
+        "dataset is not ready and nothing drains its inbox.",
+        default=100_000,
+        ge=1,
+    )
 
     @model_validator(mode="after")
     def _one_secret(self) -> EventsConfig:
@@ -427,11 +435,15 @@ class EnrichConfig(_Strict):
         "objects and writes thumbnails into the hidden folder of the bucket.",
         default=False,
     )
-    thumbnails: bool = _doc("Make a thumbnail of each image (reads the whole object, up to `max_bytes`).", default=True)
+    thumbnails: bool = _doc(
+        "Make a thumbnail of each image (reads the whole object, up to `max_bytes`) and video (its first frame).",
+        default=True,
+    )
     thumbnail_size: int = _doc("Longest side of a thumbnail, in pixels.", default=256, ge=16, le=4096)
     thumbnail_format: Literal["jpeg", "webp"] = _doc("`jpeg` or `webp`.", default="jpeg")
     max_bytes: int = _doc(
-        "Largest object read whole for a thumbnail (bytes); a larger one gets metadata only.",
+        "Largest object read whole for a thumbnail (bytes); a larger one gets metadata only. A video is never "
+        "read whole: this caps what is read of it in all (its index and first frame).",
         default=64 * 1024 * 1024,
         ge=65536,
     )
