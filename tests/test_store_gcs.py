@@ -26,13 +26,14 @@ from bucketsync.core.errors import (
     AlreadyExists,
     ConfigError,
     NotFound,
+    OrderError,
     PermissionDenied,
     PreconditionFailed,
     StorageError,
     Transient,
 )
 from bucketsync.core.model import CREATE, ObjectInfo, PutMode
-from bucketsync.stores import Store, open_store, read_all
+from bucketsync.stores import PagedListing, Store, listing_pages, open_store, read_all
 from bucketsync.stores.gcs import UPLOAD_CHUNK, GcsStore, endpoint, translate
 from conformance import CHECKS, Check, Delegating, check_missing_root
 from emulators import free_port
@@ -167,6 +168,41 @@ async def test_list_pages_in_code_point_order_and_skips_non_items(fake_gcs: Fake
     assert "a-c" < "a/b" < "a0"  # code-point order, as a bucket lists
     assert await listed(gcs_store, "k1") == [f"k1{i}" for i in range(10)]
     assert await listed(gcs_store, "nothing-here") == []
+
+
+async def test_list_pages_are_the_servers_pages(fake_gcs: FakeGcs, gcs_store: GcsStore) -> None:
+    """``list_pages`` (``PagedListing``, what a sync reads) hands over one list per objects.list page."""
+    assert isinstance(gcs_store, PagedListing)
+    keys = [f"k{i:02d}" for i in range(23)] + ["k05/"]  # a folder marker: on its page, not an item
+    for key in keys:
+        await gcs_store.put(key, body(key.encode()))
+    gcs_store.list_concurrency = 1  # one page after another: the pages are the server's
+    pages = [page async for page in listing_pages(gcs_store)]
+    assert [len(p) for p in pages] == [9, 10, 4]  # k05/ is the first page's tenth name
+    assert [i.key for p in pages for i in p] == sorted(k for k in keys if not k.endswith("/"))
+    assert [i for p in pages for i in p] == [i async for i in gcs_store.list()]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["p/a", "p/c", "p/b"], "'p/b' came after 'p/c'"),
+        (["p/a", "p/a"], "'p/a' came after 'p/a'"),
+        (["p/a", "q/b"], "returned 'q/b', outside the prefix"),
+    ],
+)
+async def test_a_page_out_of_order_or_outside_the_prefix_fails(
+    gcs_store: GcsStore, monkeypatch: pytest.MonkeyPatch, names: list[str], message: str
+) -> None:
+    now = "2026-11-29T22:59:18.124913Z"
+
+    async def page(params: dict[str, str]) -> dict[str, Any]:
+        return {"items": [{"name": n, "size": "1", "updated": now, "md5Hash": "x", "generation": "1"} for n in names]}
+
+    monkeypatch.setattr(gcs_store, "_list_page", page)
+    gcs_store.prefix, gcs_store.list_concurrency = "p/", 1
+    with pytest.raises((StorageError, OrderError), match=message):
+        await listed(gcs_store)
 
 
 async def test_empty_prefix_store_lists_the_whole_bucket(fake_gcs: FakeGcs) -> None:

@@ -26,8 +26,10 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import mimetypes
+import operator
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -422,21 +424,36 @@ class GcsStore:
         the part between two split points is ``startOffset`` (inclusive) to ``endOffset``
         (exclusive). Without split points (``splits``, keys relative to the driver), a listing
         longer than one page is cut at the folders of its first levels."""
+        async for page in self.list_pages(prefix, splits):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list_split`` a page at a time (``PagedListing``, for ``diff_pages``): one list per
+        objects.list page, checked and converted in a few passes, with no generator per object."""
         full = self.prefix + prefix
         plen = len(self.prefix)
         last: str | None = None
         async for page in self._pages(full, [self.prefix + s for s in splits]):
-            for res in page:
-                name: str = res["name"]
-                # GCS sorts by UTF-8 bytes, which is code-point order; check every page.
-                if last is not None and name <= last:
-                    raise OrderError(f"list {self.url}: {name!r} came after {last!r}")
-                last = name
-                if not name.startswith(full):
-                    raise StorageError(f"list {self.url}: the server returned {name!r}, outside the prefix")
-                key = name[plen:]
-                if indexable(key):
-                    yield object_info(key, res)
+            if not page:
+                continue
+            names: builtins.list[str] = [res["name"] for res in page]
+            # GCS sorts by UTF-8 bytes, which is code-point order; check every page, at C speed,
+            # and look for the culprit only when it is out of order.
+            if (last is not None and names[0] <= last) or not all(
+                map(operator.lt, names, itertools.islice(names, 1, None))
+            ):
+                for name in names:
+                    if last is not None and name <= last:
+                        raise OrderError(f"list {self.url}: {name!r} came after {last!r}")
+                    last = name
+            if not (names[0].startswith(full) and names[-1].startswith(full)):  # ascending: the ends bound the rest
+                outside = next(n for n in names if not n.startswith(full))
+                raise StorageError(f"list {self.url}: the server returned {outside!r}, outside the prefix")
+            last = names[-1]
+            yield [object_info(key, res) for res in page if indexable(key := res["name"][plen:])]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[dict[str, Any]]]:
         first: dict[str, Any] | None = None
