@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import gzip
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.core.pipeline import PipelineContext, PipelineRequest
 from azure.core.rest import HttpRequest
+from azure.storage.blob import ContentSettings
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from azure.storage.blob.aio import BlobClient, ContainerClient
 from hypothesis import given, settings
@@ -368,3 +370,13 @@ async def test_a_range_of_an_empty_blob_is_no_bytes(azure_store: AzureStore) -> 
     assert azure_store.lean
     assert [c async for c in azure_store.open("empty", 0, 10)] == []
     assert await read_all(azure_store, "empty") == b""
+
+
+async def test_a_gzip_encoded_blob_reads_as_stored(azurite: Azurite, azure_store: AzureStore) -> None:
+    """The stored bytes, as the listing's size counts them (no transfer decoding of Content-Encoding)."""
+    stored = gzip.compress(b"hello " * 1000)
+    azurite.container(azure_store.container).upload_blob(
+        PREFIX + "z.txt", stored, content_settings=ContentSettings(content_encoding="gzip")
+    )
+    assert [(i.key, i.size) for i in await listing(azure_store)] == [("z.txt", len(stored))]
+    assert await read_all(azure_store, "z.txt") == stored
