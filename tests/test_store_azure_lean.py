@@ -15,6 +15,8 @@ import datetime as dt
 import email.utils
 import gzip
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -40,7 +42,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.model import ObjectInfo
 from bucketsync.stores import one_chunk, read_all
 from bucketsync.stores.azure import AzureStore, CodePointOrder
-from bucketsync.stores.azure_lean import parse_page, scan_page, timestamp
+from bucketsync.stores.azure_lean import API_VERSION, parse_page, scan_page, timestamp
 from bucketsync.stores.sharedkey import SharedKey, encode_name
 from conformance import AWKWARD_KEYS, listing
 from emulators.azure import ACCOUNT, ACCOUNT_KEY, PREFIX, Azurite, make_store
@@ -380,3 +382,22 @@ async def test_a_gzip_encoded_blob_reads_as_stored(azurite: Azurite, azure_store
     )
     assert [(i.key, i.size) for i in await listing(azure_store)] == [("z.txt", len(stored))]
     assert await read_all(azure_store, "z.txt") == stored
+
+
+def test_the_api_version_is_one_the_sdk_supports() -> None:
+    from azure.storage.blob._serialize import _SUPPORTED_API_VERSIONS
+
+    assert API_VERSION in _SUPPORTED_API_VERSIONS
+
+
+def test_lean_listing_and_reads_do_not_load_the_sdk() -> None:
+    """The SDK's import is most of an Azure driver's start-up; only SDK calls (writes, head) load it."""
+    code = (
+        "import sys; import bucketsync.stores.azure as a; from bucketsync.config import DriverConfig;"
+        f"d = DriverConfig(url='az://{ACCOUNT}/c/', endpoint_url='http://127.0.0.1:1/{ACCOUNT}');"
+        "from bucketsync.config import AzureIntegration; from pydantic import SecretStr;"
+        f"s = a.open_azure(d.location, d, AzureIntegration(kind='azure', account_key=SecretStr('{ACCOUNT_KEY}')));"
+        "s._rest(); assert s.lean; print(sorted(m for m in sys.modules if m.startswith('azure.storage')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

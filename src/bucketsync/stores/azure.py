@@ -48,8 +48,6 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobBlock, ContentSettings, StandardBlobTier
-from azure.storage.blob.aio import BlobClient, ContainerClient
 
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -68,12 +66,14 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
-from bucketsync.stores.azure_lean import Entry, Rest, RestError, Target, UnreadablePage
+from bucketsync.stores.azure_lean import API_VERSION, Entry, Rest, RestError, Target, UnreadablePage
 from bucketsync.stores.parallel import in_order
 from bucketsync.stores.sharedkey import SharedKey
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
+    from azure.storage.blob import ContentSettings, StandardBlobTier
+    from azure.storage.blob.aio import BlobClient, ContainerClient
 
     from bucketsync.config import AzureIntegration, DriverConfig
 
@@ -99,8 +99,9 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 #: keys held back by ``CodePointOrder`` before it gives up with ``OrderError``
 REORDER_LIMIT = 100_000
-_TIER_LIST = (StandardBlobTier.HOT, StandardBlobTier.COOL, StandardBlobTier.COLD, StandardBlobTier.ARCHIVE)
-TIERS = {t.value.lower(): t for t in _TIER_LIST}
+#: access tiers by lower-case name (the SDK's ``StandardBlobTier`` values; the SDK itself is imported only
+#: where it is used: a listing or a read with a key or a SAS never loads it, 0.2-0.5 s of start-up)
+TIERS = {t.lower(): t for t in ("Hot", "Cool", "Cold", "Archive")}
 
 # Errors the SDK (or aiohttp underneath it) raises for one call; anything else is a bug and propagates.
 _SDK_ERRORS = (AzureError, aiohttp.ClientError, TimeoutError, ConnectionError, RestError, UnreadablePage)
@@ -365,7 +366,7 @@ class AzureStore:
         *,
         account_url: str,
         credential: Credential,
-        tier: StandardBlobTier | None = None,
+        tier: str | None = None,
         close_credential: bool = False,
         page_size: int = 1000,
         block_size: int = BLOCK_SIZE,
@@ -409,7 +410,7 @@ class AzureStore:
             assert auth is not None
             self._rest_client = Rest(
                 Target.of(self._account_url, self.container),
-                api_version=self._container().api_version,  # the SDK's own: the same answers
+                api_version=API_VERSION,
                 key=auth if isinstance(auth, SharedKey) else None,
                 sas=auth if isinstance(auth, str) else None,
                 connect_timeout=self._connect_timeout,
@@ -426,6 +427,8 @@ class AzureStore:
 
     def _container(self) -> ContainerClient:
         if self._client is None:
+            from azure.storage.blob.aio import ContainerClient
+
             self._client = ContainerClient(
                 self._account_url,
                 self.container,
@@ -660,9 +663,16 @@ class AzureStore:
         if mode.if_match is not None and (current is None or current.etag != normalize_etag(mode.if_match)):
             raise PreconditionFailed(f"cannot write {self.url}{key}: changed in storage, etag mismatch", key=key)
 
+    def _blob_tier(self) -> StandardBlobTier | None:
+        from azure.storage.blob import StandardBlobTier
+
+        return StandardBlobTier(self.tier) if self.tier is not None else None
+
     def _settings(self, content_type: str | None, md5: bytes) -> ContentSettings:
         # The MD5 is stored with the blob (x-ms-blob-content-md5) for block uploads too: it
         # lets a retried conditional write recognise that its first attempt had landed.
+        from azure.storage.blob import ContentSettings
+
         return ContentSettings(content_type=content_type or "application/octet-stream", content_md5=bytearray(md5))
 
     async def _put_single(
@@ -676,7 +686,7 @@ class AzureStore:
                 length=len(data),
                 overwrite=not mode.create,
                 content_settings=self._settings(ctype, md5),
-                standard_blob_tier=self.tier,
+                standard_blob_tier=self._blob_tier(),
                 **_conditions(mode),
             )
 
@@ -685,6 +695,8 @@ class AzureStore:
     async def _put_blocks(
         self, blob: BlobClient, key: str, blocks: AsyncIterator[bytes], mode: PutMode, ctype: str | None
     ) -> ObjectInfo:
+        from azure.storage.blob import BlobBlock
+
         upload_id = uuid.uuid4().hex  # per upload: two writers of one key never mix their uncommitted blocks
         ids: list[BlobBlock] = []
         md5 = hashlib.md5()
@@ -714,7 +726,10 @@ class AzureStore:
 
         async def commit() -> dict[str, Any]:
             return await blob.commit_block_list(
-                ids, content_settings=self._settings(ctype, digest), standard_blob_tier=self.tier, **_conditions(mode)
+                ids,
+                content_settings=self._settings(ctype, digest),
+                standard_blob_tier=self._blob_tier(),
+                **_conditions(mode),
             )
 
         return await self._write(key, size, digest, mode, commit)
@@ -885,7 +900,7 @@ def credentials(
     return default_url, AzureSasCredential(value.strip().lstrip("?")), False
 
 
-def _tier(storage_class: str | None) -> StandardBlobTier | None:
+def _tier(storage_class: str | None) -> str | None:
     if storage_class is None:
         return None
     tier = TIERS.get(storage_class.strip().lower())
