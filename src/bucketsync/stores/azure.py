@@ -557,7 +557,11 @@ class AzureStore:
                     raise
                 log.info("resuming an interrupted download", url=self.url + key, offset=pos)
             finally:
-                resp.close()
+                # A body read to its end gives its connection back to the pool; an abandoned one closes it.
+                if resp.content.at_eof():
+                    resp.release()
+                else:
+                    resp.close()
             got = await self._retry("read", key, functools.partial(self._lean_get, key, pos, last, etag))
             resp = got[0] if got is not None else None
             if resp is None:
