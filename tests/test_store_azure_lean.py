@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from aiohttp import web
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.core.pipeline import PipelineContext, PipelineRequest
 from azure.core.rest import HttpRequest
@@ -401,3 +402,29 @@ def test_lean_listing_and_reads_do_not_load_the_sdk() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+async def test_reads_reuse_their_connection() -> None:
+    """A body read to its end gives its connection back to the pool: the next read needs no new one."""
+    peers: list[Any] = []
+
+    async def blob(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(body=b"data" * 1000, headers={"ETag": '"0x8D1"'})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", blob)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    store = fake_store(f"http://127.0.0.1:{port}/{ACCOUNT}")
+    try:
+        for key in ("a", "b", "c"):
+            assert await read_all(store, key) == b"data" * 1000
+    finally:
+        await store.aclose()
+        await runner.cleanup()
+    assert len(peers) == 3 and len(set(peers)) == 1, peers
