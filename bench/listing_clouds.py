@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -133,10 +134,28 @@ def start_fake_gcs(data: Path, n: int) -> Server:
     argv += ["-log-level", "warn"]
     t0 = time.monotonic()
     server = start(argv, port, data.parent / f"{data.name}.log")
-    while asyncio.run(_gcs_floor(url)) < n:
-        time.sleep(2)
+    try:
+        # The server holds requests while it loads: one listing waits for all of it.
+        while (got := _gcs_count(url)) < n:
+            print(f"gcs: {got:,} of {n:,} objects loaded", file=sys.stderr)
+            time.sleep(5)
+    except BaseException:
+        server.stop()
+        raise
     print(f"gcs: {n:,} objects loaded from {data} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     return server
+
+
+def _gcs_count(url: str) -> int:
+    n, token = 0, ""
+    while True:
+        query = f"maxResults=1000&fields=items(name),nextPageToken{'&pageToken=' + token if token else ''}"
+        with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{query}", timeout=1800) as resp:
+            page = json.load(resp)
+        n += len(page.get("items") or ())
+        token = page.get("nextPageToken") or ""
+        if not token:
+            return n
 
 
 # --- the listers (run as their own processes: ``--lister NAME ENDPOINT``) ------------------------------
@@ -229,17 +248,17 @@ LISTERS = {"az-floor": _az_floor, "az-sdk": _az_sdk, "gcs-floor": _gcs_floor, "g
 # --- measuring ---------------------------------------------------------------------------------------
 
 
-def bucketsync_config(work: Path, cloud: str, endpoint: str, ledger: Path) -> Path:
+def bucketsync_config(work: Path, cloud: str, endpoint: str, ledger: Path, concurrency: int) -> Path:
     if cloud == "azure":
         integration = f'[integrations.bench]\nkind = "azure"\nconnection_string = "{az_connection_string(endpoint)}"\n'
         driver = f'url = "az://{AZ_ACCOUNT}/{CONTAINER}/"\nintegration = "bench"'
     else:
         integration = ""
         driver = f'url = "gs://{BUCKET}/"\nendpoint_url = "{endpoint}"'
-    path = work / f"bucketsync-{cloud}.toml"
+    path = work / f"bucketsync-{cloud}-{concurrency}.toml"
     path.write_text(
-        f'[agent]\nledger = "{ledger}"\nlog_level = "warning"\n\n{integration}\n[drivers.d]\n{driver}\n\n'
-        '[datasets.ds]\ndriver = "d"\nsync = "manual"\nmax_delete_ratio = 1.0\n'
+        f'[agent]\nledger = "{ledger}"\nlog_level = "warning"\n\n{integration}\n[drivers.d]\n{driver}\n'
+        f'list_concurrency = {concurrency}\n\n[datasets.ds]\ndriver = "d"\nsync = "manual"\nmax_delete_ratio = 1.0\n'
     )
     return path
 
@@ -280,13 +299,17 @@ def measure(cloud: str, endpoint: str, n: int, repeat: int, work: Path) -> list[
     if (BIN / "rclone").exists():
         argv, renv = rclone(cloud, endpoint)
         rows.append(("`rclone lsf -R`", timed(argv, renv, None, repeat)))
-    ledger, base = work / f"ledger-{cloud}.db", work / f"ledger-{cloud}-base.db"
-    argv = [str(BIN / "bucketsync"), "-c", str(bucketsync_config(work, cloud, endpoint, ledger)), "sync", "ds"]
-    rows.append(("bucketsync initial sync", timed(argv, env, functools.partial(drop_ledger, ledger), repeat)))
-    copy_ledger(ledger, base)  # the last initial sync's ledger
-    rows.append(
-        ("bucketsync no-change re-sync", timed(argv, env, functools.partial(copy_ledger, base, ledger), repeat))
-    )
+    # Azure lists one page after another whatever list_concurrency says (List Blobs has no start key).
+    for concurrency in (8, 1) if cloud == "gcs" else (8,):
+        what = "" if cloud == "azure" else f", list_concurrency {concurrency}"
+        ledger, base = work / f"ledger-{cloud}-{concurrency}.db", work / f"ledger-{cloud}-{concurrency}-base.db"
+        cfg = bucketsync_config(work, cloud, endpoint, ledger, concurrency)
+        argv = [str(BIN / "bucketsync"), "-c", str(cfg), "sync", "ds"]
+        fresh = functools.partial(drop_ledger, ledger)
+        rows.append((f"bucketsync initial sync{what}", timed(argv, env, fresh, repeat)))
+        copy_ledger(ledger, base)  # the last initial sync's ledger
+        again = functools.partial(copy_ledger, base, ledger)
+        rows.append((f"bucketsync no-change re-sync{what}", timed(argv, env, again, repeat)))
     return rows
 
 
