@@ -1,5 +1,11 @@
 """Azure Blob store (``az://ACCOUNT/CONTAINER/prefix``) on azure-storage-blob's aio client.
 
+Two paths. With a shared key or a SAS, listings and reads are our own signed GETs
+(``azure_lean``: the SDK's pipeline and XML models were most of their cost); head,
+writes, deletes, and everything with a token credential go through the SDK, which is
+imported only then. Both paths give the same objects and the same errors: the SDK
+path is the reference in the tests.
+
 Listing order. Azure (and Azurite) list blob names in UTF-16 code-unit order, not
 in code-point order: a character above U+FFFF is sent as a surrogate pair
 (0xD800-0xDFFF), so it sorts *before* U+E000..U+FFFF, where code-point order puts
