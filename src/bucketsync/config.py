@@ -591,6 +591,16 @@ class AgentConfig(_Strict):
         ge=1,
         le=256,
     )
+    sync_workers: int = _doc(
+        "Processes that list storage and diff it against the ledger for the sync runs (0: the agent's own "
+        "process does it). Listing and diffing every key is CPU work; in the agent's process it competes with "
+        "the API, /healthz and the other runs. Raise it (to 1 or 2, at most the cores you can spare) for an "
+        "agent with many polled datasets or a few large ones whose API must stay fast while they sync. Each "
+        "worker serves many runs at once; writes to the ledger stay in the agent.",
+        default=0,
+        ge=0,
+        le=64,
+    )
 
     @field_validator("ledger", mode="before")
     @classmethod
