@@ -172,11 +172,18 @@ async def listing_steps(
     snapshot, in steps of at most ``step`` keys; listed keys are fed to ``sample`` for the
     next run's split points. The same code in this process and in a sync worker."""
     listing = listing_pages(store, "", splits)
-    if not keep.trivial:
-        listing = _filtered(listing, keep)
-    async for s in diff_pages(listing, snapshot, gaps, step):
-        sample.see_all(s.keys)
-        yield s
+    pages = listing if keep.trivial else _filtered(listing, keep)
+    steps = diff_pages(pages, snapshot, gaps, step)
+    try:
+        async for s in steps:
+            sample.see_all(s.keys)
+            yield s
+    finally:
+        # A run that stops early ends its listing and its snapshot (a read transaction that pins
+        # the WAL) now, outermost first, not whenever the garbage collector gets to them.
+        for part in (steps, pages, listing, snapshot):
+            if (aclose := getattr(part, "aclose", None)) is not None:
+                await aclose()
 
 
 async def _filtered(

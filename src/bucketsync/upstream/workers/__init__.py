@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import signal
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -48,6 +49,10 @@ log = structlog.get_logger("bucketsync.workers")
 STEP = 512
 #: a run tops its job's credit up by this many steps at a time (of ``child.WINDOW``)
 CREDIT = child.WINDOW // 2
+#: the running interpreter's binary (Linux): a worker runs this very file, even when its path is
+#: not reachable for the agent's user (an interpreter under a private home, exec'd by root for it)
+#: or the file on disk was replaced by an upgrade since the agent started
+_SELF = "/proc/self/exe"
 #: seconds a new worker may take to import and say it is ready
 START_TIMEOUT = 60.0
 #: seconds a worker may take to end once its stdin is closed, before it is killed
@@ -69,13 +74,14 @@ class _Worker:
     @classmethod
     async def spawn(cls, level: str, fmt: str) -> _Worker:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
+            sys.executable,  # argv[0]: what the worker's interpreter finds its venv and packages from
             "-m",
             "bucketsync.upstream.workers",
             level,
             fmt,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            executable=_SELF if os.path.exists(_SELF) else None,
         )
         worker = cls(proc)
         assert proc.stdout is not None
