@@ -31,6 +31,7 @@ from bucketsync.core.model import ListingGap, RunStatus
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import StoreSpec, store_spec
 from bucketsync.stores.parallel import Quantiles
+from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.sync import SyncLoop
 from bucketsync.upstream.workers import SyncWorkers, WorkerDiff
 from bucketsync.upstream.workers.wire import JoinedKeys, WireError
@@ -204,7 +205,8 @@ async def _until(check: Any, what: str) -> None:
 
 
 class AfterFirstStep:
-    """A ``RemoteDiff`` that calls ``then`` once its first step has been taken."""
+    """A ``RemoteDiff`` that calls ``then`` once its first step has been taken (and awaits what
+    ``then`` returns, if anything, before it takes the next: a worker that is slow to answer)."""
 
     def __init__(self, inner: WorkerDiff, then: Any) -> None:
         self.inner, self.then = inner, then
@@ -219,7 +221,8 @@ class AfterFirstStep:
                 yield step
                 if first:
                     first = False
-                    self.then()
+                    if (wait := self.then()) is not None:
+                        await wait
 
 
 def _deaths() -> float:
@@ -291,6 +294,40 @@ async def test_shutdown_mid_run_cancels_the_job_in_the_worker(
     assert (done.status, done.counts.unchanged) == (RunStatus.OK, 5000), done.error
     assert done.counts.added == done.counts.listed - 5000 > 1000
     assert pool.pids() == [pid], "the same worker throughout: nothing died"
+
+
+async def test_a_run_waiting_on_its_worker_holds_no_turn(pool: SyncWorkers, local: Target, tmp_path: Path) -> None:
+    """Waiting for a worker's next step is no CPU work of the agent: other runs take the turns
+    (pacing.py) meanwhile. One turn in all here: a run holding it while it waits would stall the other."""
+    big_folder(local, {})
+    other_root = tmp_path / "other"
+    write_files(other_root, {"x.txt": "x"})
+    other_spec = store_spec(DriverConfig(url=other_root.as_uri()), Settings(agent=AgentConfig(ledger=local.ledger)))
+    pacer = Pacer(concurrent=1)
+    led = await Ledger.open(local.ledger)
+    try:
+        slow = worker_loop(pool, local, led)
+        slow.pacer = pacer
+        assert isinstance(slow.remote, WorkerDiff)
+        release = asyncio.Event()
+        slow.remote = AfterFirstStep(slow.remote, release.wait)
+        waiting = asyncio.create_task(slow.run_once())
+        other = SyncLoop(
+            "other",
+            DatasetConfig(driver="o"),
+            other_spec.open(),
+            led,
+            pacer,
+            remote=WorkerDiff(pool, "other", next(_generations), other_spec, (), (), str(local.ledger), None),
+        )
+        # A guard against a hang, not a measure: the run takes well under a second.
+        quick = await asyncio.wait_for(other.run_once(), 60)
+        assert (quick.status, quick.counts.added) == (RunStatus.OK, 1)
+        assert not waiting.done()
+        release.set()
+        assert (await waiting).status is RunStatus.OK
+    finally:
+        await led.close()
 
 
 # ---------------------------------------------------------------------- the wire

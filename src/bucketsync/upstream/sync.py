@@ -397,7 +397,7 @@ class SyncLoop:
             steps = listing_steps(self.store, self.filter, snapshot, self.splits, p.gaps, p.sample, CHECK_EVERY)
         # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
         async with contextlib.aclosing(steps):  # a run that stops early ends its listing (and its worker job) now
-            async for step in steps:
+            while (step := await self._next(steps, turns)) is not None:
                 await turns.tick()
                 counts.listed += len(step.keys)
                 changes, unchanged = step.changes, step.unchanged
@@ -411,6 +411,15 @@ class SyncLoop:
                         await self._flush(ds_id, run_id, counts, p)
                     if stop is not None and stop.is_set():
                         raise Interrupted("interrupted by shutdown or reload; nothing was removed")
+
+    async def _next(self, steps: AsyncIterator[Step], turns: _Turns) -> Step | None:
+        """The next step. In process, making it is this run's CPU work on the loop: within its
+        turn. From a worker, it is a wait like a commit's: the turn goes to other runs meanwhile,
+        or two runs waiting on their workers would hold every turn while the loop sits idle."""
+        if self.remote is None:
+            return await anext(steps, None)
+        async with turns.paused():
+            return await anext(steps, None)
 
     def _owned(self, key: str, t0: float) -> bool:
         """Downstream owns ``key`` right now (writing it, or wrote it during this run): the run
