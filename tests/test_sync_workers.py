@@ -36,6 +36,7 @@ from bucketsync.upstream.sync import SyncLoop
 from bucketsync.upstream.workers import SyncWorkers, WorkerDiff
 from bucketsync.upstream.workers.wire import JoinedKeys, WireError
 from e2e import many_files, write_files
+from emulators.postgres import PostgresServer
 from emulators.s3 import REGION, S3Emulator
 from test_sync import Bucket, fill, table
 
@@ -44,11 +45,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 DATASET = "photos"
 KEYS = ["a.jpg", "b/c.jpg", "b/d e.png", "x/y/z.txt", "ü/日本.jpg"]
 _generations = itertools.count(1)
+NICE = 5
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pool() -> AsyncIterator[SyncWorkers]:
-    workers = SyncWorkers(1, "warning", "json")
+    workers = SyncWorkers(1, "warning", "json", nice=NICE)
     await workers.start()
     try:
         yield workers
@@ -72,7 +74,8 @@ class Target:
 
     bucket: Bucket
     spec: StoreSpec
-    ledger: Path
+    #: a SQLite file or a PostgreSQL URL
+    ledger: str
 
 
 @pytest.fixture(params=["local", "seaweedfs"])
@@ -82,14 +85,14 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
         root = tmp_path / "root"
         root.mkdir()
         spec = store_spec(DriverConfig(url=root.as_uri()), Settings(agent=AgentConfig(ledger=led)))
-        return Target(Bucket("local", spec.open()), spec, led)
+        return Target(Bucket("local", spec.open()), spec, str(led))
     emu: S3Emulator = request.getfixturevalue("seaweedfs")
     driver = DriverConfig(
         url=f"s3://{emu.new_bucket()}/some/prefix/", endpoint_url=emu.endpoint_url, region=REGION, integration="aws"
     )
     aws = AwsIntegration(kind="aws", access_key_id=emu.access_key_id, secret_access_key=emu.secret_access_key)
     spec = store_spec(driver, Settings(agent=AgentConfig(ledger=led), integrations={"aws": aws}))
-    return Target(Bucket("s3", spec.open()), spec, led)
+    return Target(Bucket("s3", spec.open()), spec, str(led))
 
 
 @pytest.fixture
@@ -98,14 +101,12 @@ def local(tmp_path: Path) -> Target:
     root.mkdir()
     led = tmp_path / "ledger.db"
     spec = store_spec(DriverConfig(url=root.as_uri()), Settings(agent=AgentConfig(ledger=led)))
-    return Target(Bucket("local", spec.open()), spec, led)
+    return Target(Bucket("local", spec.open()), spec, str(led))
 
 
 def worker_loop(pool: SyncWorkers, t: Target, ledger: Ledger, **config: Any) -> SyncLoop:
     ds = DatasetConfig(driver="d", **config)
-    remote = WorkerDiff(
-        pool, DATASET, next(_generations), t.spec, tuple(ds.include), tuple(ds.exclude), str(t.ledger), None
-    )
+    remote = WorkerDiff(pool, DATASET, next(_generations), t.spec, tuple(ds.include), tuple(ds.exclude), t.ledger, None)
     return SyncLoop(DATASET, ds, t.bucket.store, ledger, remote=remote)
 
 
@@ -147,6 +148,21 @@ async def test_changes_come_through_a_worker(pool: SyncWorkers, target: Target, 
     third = await loop.run_once()
     assert counts(third) == {"listed": 5, "unchanged": 5}
     assert loop.splits == sorted(after), "the worker sampled the listed keys for the next run's split points"
+
+
+async def test_a_postgresql_ledger(pool: SyncWorkers, local: Target, postgres_server: PostgresServer) -> None:
+    """The worker reads the snapshot of a PostgreSQL ledger read-only, on connections of its own."""
+    url = postgres_server.new_database()
+    led = await Ledger.open(url)
+    try:
+        await fill(local.bucket, KEYS)
+        loop = worker_loop(pool, Target(local.bucket, local.spec, url), led)
+        assert counts(await loop.run_once()) == {"listed": 5, "added": 5}
+        await local.bucket.delete("a.jpg")
+        assert counts(await loop.run_once()) == {"listed": 4, "removed": 1, "unchanged": 4}
+        assert set(await keys(led)) == set(KEYS) - {"a.jpg"}
+    finally:
+        await led.close()
 
 
 async def test_filters_apply_in_the_worker(pool: SyncWorkers, local: Target, ledger: Ledger) -> None:
@@ -318,7 +334,7 @@ async def test_a_run_waiting_on_its_worker_holds_no_turn(pool: SyncWorkers, loca
             other_spec.open(),
             led,
             pacer,
-            remote=WorkerDiff(pool, "other", next(_generations), other_spec, (), (), str(local.ledger), None),
+            remote=WorkerDiff(pool, "other", next(_generations), other_spec, (), (), local.ledger, None),
         )
         # A guard against a hang, not a measure: the run takes well under a second.
         quick = await asyncio.wait_for(other.run_once(), 60)
@@ -328,6 +344,11 @@ async def test_a_run_waiting_on_its_worker_holds_no_turn(pool: SyncWorkers, loca
         assert (await waiting).status is RunStatus.OK
     finally:
         await led.close()
+
+
+async def test_a_worker_runs_at_a_lower_cpu_priority(pool: SyncWorkers) -> None:
+    (pid,) = pool.pids()
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
 
 
 # ---------------------------------------------------------------------- the wire

@@ -105,7 +105,7 @@ class Agent:
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
             if self.sync_workers:
-                self.workers = SyncWorkers(self.sync_workers, conf.log_level, conf.log_format)
+                self.workers = SyncWorkers(self.sync_workers, conf.log_level, conf.log_format, conf.sync_workers_nice)
                 await self.workers.start()
             for name, ds in self.settings.datasets.items():
                 loop = self.loops[name] = self.make_loop(name, ds, self.stores[ds.driver])

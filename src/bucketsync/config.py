@@ -601,6 +601,14 @@ class AgentConfig(_Strict):
         ge=0,
         le=64,
     )
+    sync_workers_nice: int = _doc(
+        "How much lower the sync workers' CPU priority is than the agent's (`nice`, 0-19): when the cores are "
+        "busy, the API and the agent's writes go first and the listing takes what is left. Where a sandbox "
+        "forbids it (the shipped systemd unit's SystemCallFilter), the workers warn and run at the agent's.",
+        default=10,
+        ge=0,
+        le=19,
+    )
 
     @field_validator("ledger", mode="before")
     @classmethod

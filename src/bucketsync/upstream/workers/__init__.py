@@ -72,13 +72,14 @@ class _Worker:
         self.reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def spawn(cls, level: str, fmt: str) -> _Worker:
+    async def spawn(cls, level: str, fmt: str, nice: int) -> _Worker:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,  # argv[0]: what the worker's interpreter finds its venv and packages from
             "-m",
             "bucketsync.upstream.workers",
             level,
             fmt,
+            str(nice),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             executable=_SELF if os.path.exists(_SELF) else None,
@@ -156,9 +157,11 @@ def _exit(code: int | None) -> str:
 class SyncWorkers:
     """``agent.sync_workers`` worker processes; a run's job goes to the one serving the fewest."""
 
-    def __init__(self, count: int, log_level: str = "info", log_format: str = "auto") -> None:
+    def __init__(self, count: int, log_level: str = "info", log_format: str = "auto", nice: int = 0) -> None:
         self.count = count
         self.log_level, self.log_format = log_level, log_format
+        #: how much lower than the agent's the workers' CPU priority is (``agent.sync_workers_nice``)
+        self.nice = nice
         self.workers: list[_Worker | None] = [None] * count
         self._ids = itertools.count(1)
         self._spawning = asyncio.Lock()
@@ -182,7 +185,7 @@ class SyncWorkers:
             return worker
         if self.closed:
             raise WorkerDied("the agent is stopping: no sync worker takes new runs")
-        worker = await _Worker.spawn(self.log_level, self.log_format)
+        worker = await _Worker.spawn(self.log_level, self.log_format, self.nice)
         if self.closed:  # stopped while it started
             await worker.stop()
             raise WorkerDied("the agent is stopping: no sync worker takes new runs")

@@ -1,4 +1,4 @@
-"""``python -m bucketsync.upstream.workers LEVEL FORMAT``: a sync worker process (child.py)."""
+"""``python -m bucketsync.upstream.workers LEVEL FORMAT NICE``: a sync worker process (child.py)."""
 
 import sys
 

@@ -1,11 +1,14 @@
 """A sync worker process: lists storage and diffs it against the ledger, for the agent's runs.
 
-Started by the agent as ``python -m bucketsync.upstream.workers LEVEL FORMAT`` with its
+Started by the agent as ``python -m bucketsync.upstream.workers LEVEL FORMAT NICE`` with its
 stdin and stdout as the pipes (wire.py); it logs to the agent's stderr. One asyncio loop
 serves many jobs at once, each a task: ``listing_steps`` (the same code the agent runs in
 process) over the dataset's store and a read-only snapshot of the ledger, each step sent
 as it is made. A job sends at most the credit the agent gave it (``WINDOW`` steps ahead),
 so a slow agent holds the listing back instead of filling memory.
+
+A worker lowers its CPU priority by NICE (``agent.sync_workers_nice``): when the cores are
+busy, the agent's API and writes go first and the listing takes what is left.
 
 The agent owns the worker's life: SIGINT and SIGTERM are ignored (a shutdown lets the
 runs' batches commit, then cancels the jobs and closes the pipe), and the end of stdin
@@ -192,6 +195,11 @@ def main(argv: list[str]) -> int:
     structlog.contextvars.bind_contextvars(worker=os.getpid())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    if nice := int(argv[2]) if len(argv) > 2 else 0:
+        try:
+            os.nice(nice)
+        except OSError as exc:  # a sandbox that forbids it (systemd's SystemCallFilter=~@resources)
+            log.warning("sync worker runs at the agent's CPU priority: lowering it was refused", error=str(exc))
     asyncio.run(_main())
     return 0
 
