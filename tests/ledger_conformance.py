@@ -677,6 +677,13 @@ async def check_event_inbox(open_ledger: Opener) -> None:
         await ledger.inbox_done([i for i, _ in taken])
         assert [e for _, e in await ledger.inbox_take(ds, 0, 10)] == events[3:], "done entries are forgotten"
         assert [e for _, e in await ledger.inbox_take(other, 0, 10)] == [("o", "removed", None, None, None, None)]
+        # a cap counts this dataset's entries only, and refuses a whole post that would pass it
+        assert await ledger.inbox_put(other, [("p", "created", None, None, None, None)], cap=2)
+        assert not await ledger.inbox_put(other, [("q", "created", None, None, None, None)], cap=2)
+        assert await ledger.inbox_put(ds, events[:1], cap=3)
+        assert not await ledger.inbox_put(ds, events[:2], cap=4), "3 held + 2 would pass 4: none kept"
+        assert [e[0] for _, e in await ledger.inbox_take(ds, 0, 10)] == ["k3", "k4", "k0"]
+        assert [e[0] for _, e in await ledger.inbox_take(other, 0, 10)] == ["o", "p"]
 
 
 async def check_retention(open_ledger: Opener) -> None:

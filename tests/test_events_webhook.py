@@ -1,16 +1,25 @@
-"""Parsing what storage posts to the webhook routes: pure functions, no server."""
+"""Parsing what storage posts to the webhook routes (pure functions), and the inbox's bound."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
 
+from bucketsync import metrics
+from bucketsync.agent import Agent
+from bucketsync.config import Settings
 from bucketsync.core.location import parse_location
+from bucketsync.server.api import make_app
 from bucketsync.upstream.events import EventKind
 from bucketsync.upstream.events.webhook import BadPayload, gcs_events, s3_events
+from emulators.gcs import FakeGcs
 
 S3 = parse_location("s3://bkt/in/")
 GS = parse_location("gs://bkt/in/")
@@ -100,3 +109,61 @@ def test_gcs_push_kinds_generations_and_places() -> None:
 def test_bad_gcs_pushes_name_the_culprit(body: Any, culprit: str) -> None:
     with pytest.raises(BadPayload, match=culprit):
         gcs_events(body, GS)
+
+
+# -- the inbox is bounded (a real ledger and agent, real HTTP, fake-gcs-server) ----------------
+
+
+def push_of(key: str, generation: int) -> dict[str, Any]:
+    resource = {"kind": "storage#object", "bucket": "bkt", "name": f"in/{key}", "generation": str(generation)}
+    attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "bkt", "objectId": f"in/{key}",
+                  "objectGeneration": str(generation), "payloadFormat": "JSON_API_V1"}  # fmt: skip
+    data = base64.b64encode(json.dumps(resource).encode()).decode()
+    return {"message": {"attributes": attributes, "data": data, "messageId": str(generation)}}
+
+
+async def test_a_full_inbox_keeps_nothing_more_counts_the_events_and_asks_for_a_reconcile(
+    tmp_path: Path, fake_gcs: FakeGcs
+) -> None:
+    """Nothing drains an inbox while its dataset is not ready; past ``inbox_max`` a post keeps
+    nothing (202, ``deferred``), the events are counted and a reconcile listing is asked for,
+    and the warning is logged once per episode, not once per post."""
+    fake_gcs.create_bucket("bkt")
+    events = {"source": "webhook", "inbox_max": 3}
+    settings = Settings(
+        agent={"ledger": tmp_path / "ledger.db"},
+        drivers={"g": {"url": "gs://bkt/in/", "endpoint_url": fake_gcs.url, "events": events}},
+        datasets={"cat": {"driver": "g", "sync": "events"}},
+    )
+    metrics.init(settings.datasets)
+    deferred = metrics.EVENTS_DROPPED.labels("cat", "inbox_full")
+    before = deferred._value.get()
+    async with Agent(settings) as agent, TestClient(TestServer(make_app(agent, asyncio.Event()))) as client:
+        assert agent.ledger is not None
+        ds = await agent.ledger.dataset_id("cat")
+
+        async def post(*keys: str) -> dict[str, Any]:
+            resp = await client.post("/api/v1/events/gcs/cat", json=push_of(keys[0], 1))
+            for key in keys[1:]:  # one push is one event; the rest one by one
+                assert (await client.post("/api/v1/events/gcs/cat", json=push_of(key, 1))).status == 202
+            assert resp.status == 202
+            body: dict[str, Any] = await resp.json()
+            return body
+
+        assert await post("a", "b", "c") == {"accepted": 1, "ignored": 0}
+        loop = agent.loop("cat")
+        loop.wake.clear()
+        with capture_logs() as logs:
+            assert await post("d") == {"accepted": 0, "ignored": 0, "deferred": 1}
+            assert await post("e") == {"accepted": 0, "ignored": 0, "deferred": 1}
+        taken = await agent.ledger.inbox_take(ds, 0, 10)
+        assert [e[0] for _, e in taken] == ["a", "b", "c"], "nothing past the cap is kept"
+        assert deferred._value.get() == before + 2
+        assert loop.wake.is_set(), "a reconcile listing is asked for"
+        assert [r["event"] for r in logs if r["log_level"] == "warning"] == [
+            "event inbox full: events are counted, not kept, and a reconcile listing is requested"
+        ]
+        await agent.ledger.inbox_done([i for i, _ in taken])  # the consumer applied them
+        with capture_logs() as logs:
+            assert await post("f") == {"accepted": 1, "ignored": 0}
+        assert [r["event"] for r in logs] == ["event inbox takes events again"]

@@ -76,6 +76,8 @@ class Agent:
         self.event_sources: dict[str, tuple[str, str | None]] = {}
         #: events-mode dataset -> set when events land in its durable inbox (the webhook routes)
         self.inboxes: dict[str, asyncio.Event] = {}
+        #: webhook datasets whose inbox is at events.inbox_max (posted events are deferred to a reconcile)
+        self.inbox_full: set[str] = set()
         #: set when a start fails: a ledger this agent created is removed when it closes
         self.discard_new_ledger = False
         self._created_ledger = self._created_folder = False

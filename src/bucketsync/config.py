@@ -197,6 +197,14 @@ class EventsConfig(_Strict):
     secret_file: SecretFile | None = _doc(
         "`webhook`: file holding the shared secret (a bare name is a systemd credential).", default=None
     )
+    inbox_max: int = _doc(
+        "`webhook`: most events a dataset's inbox holds before they are applied (events are small rows in "
+        "the ledger). Past it, a post is answered 202 with its events counted as `deferred`, not kept, and a "
+        "reconcile listing is asked for instead: it brings in what they said. Bounds the ledger while a "
+        "dataset is not ready and nothing drains its inbox.",
+        default=100_000,
+        ge=1,
+    )
 
     @model_validator(mode="after")
     def _one_secret(self) -> EventsConfig:

@@ -236,7 +236,8 @@ EVENTS_DROPPED = Counter(
     "bucketsync_events_dropped_total",
     "Events not applied, by dataset and reason: stale (an older ordering token), filtered (hidden folder, "
     "folder marker, include/exclude), in_flight (an outbox write owns the key), quota, guard (a burst of "
-    "removals held for a reconcile), head_error (left to a reconcile).",
+    "removals held for a reconcile), head_error (left to a reconcile), inbox_full (a webhook dataset's inbox "
+    "was at events.inbox_max: left to the reconcile listing requested then).",
     ["dataset", "reason"],
     registry=REGISTRY,
 )
@@ -261,7 +262,7 @@ RECONCILE_DRIFT = Counter(
     ["dataset", "change"],
     registry=REGISTRY,
 )
-EVENT_DROP_REASONS = ("stale", "filtered", "in_flight", "quota", "guard", "head_error")
+EVENT_DROP_REASONS = ("stale", "filtered", "in_flight", "quota", "guard", "head_error", "inbox_full")
 ENRICH_TOTAL = Counter(
     "bucketsync_enrich_total",
     "Items enriched, by dataset and result (done, failed, retry).",

@@ -157,7 +157,7 @@ async def ensure_index(ledger: Ledger, dataset_id: int, name: str) -> bool:
     f = field_named(name, "index")
     if f.beside:
         raise InvalidFilter("index", f"{name} is enrichment's metadata, kept beside the item: it cannot be indexed")
-    return await ledger.create_index(index_name(f, dataset_id), index_sql(f, dataset_id))
+    return await ledger.create_index(index_name(f, dataset_id), index_sql(f, dataset_id, ledger.db.dialect))
 
 
 async def indexed_fields(ledger: Ledger, dataset_id: int) -> list[str]:

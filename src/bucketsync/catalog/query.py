@@ -29,9 +29,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bucketsync.core.errors import InvalidFilter
+
+if TYPE_CHECKING:
+    from bucketsync.ledger.db import Dialect
 
 #: user metadata names, as ``PATCH .../items/{key}`` accepts them
 META_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -287,7 +290,11 @@ class Sort:
         way = " DESC" if self.desc else ""
         if self.by_key or pinned:
             return f"key{way}"
-        return f"{self.field.sql}{way}, {tiebreak}{way}"
+        # A missing value sorts first ascending and last descending, as SQLite does unasked and
+        # the keyset cursor (``after_sql``) counts on; PostgreSQL does the opposite unless told.
+        # The clause states SQLite's own default, so its planner still walks the field's index.
+        nulls = (" NULLS LAST" if self.desc else " NULLS FIRST") if self.field.nullable else ""
+        return f"{self.field.sql}{way}{nulls}, {tiebreak}{way}"
 
 
 def fields_of(doc: Any, fields: Mapping[str, Field] = SYSTEM) -> list[Field]:
@@ -425,7 +432,7 @@ def index_name(f: Field, dataset_id: int) -> str:
     return f"items_by_{slug}_{hashlib.sha1(f.sql.encode()).hexdigest()[:8]}_d{int(dataset_id)}"
 
 
-def index_sql(f: Field, dataset_id: int) -> str:
+def index_sql(f: Field, dataset_id: int, dialect: Dialect) -> str:
     """``CREATE INDEX`` on (dataset, the field's expression, key) over one dataset's rows (a
     partial index): it serves a filter on the field and its sort order with the key
     tiebreak, and costs nothing to the other datasets' writes (a clone of a million items
@@ -433,5 +440,5 @@ def index_sql(f: Field, dataset_id: int) -> str:
     same literal, so ``Ledger.select_items`` writes the (integer) dataset id into its SQL;
     the leading dataset column makes the planner prefer it to the (dataset, key) index."""
     ds = int(dataset_id)
-    cols = f"dataset_id, {f.sql}, key"
+    cols = f"dataset_id, {dialect.index_term(f.sql, f.nullable)}, key"
     return f"CREATE INDEX IF NOT EXISTS {index_name(f, ds)} ON items ({cols}) WHERE dataset_id = {ds}"

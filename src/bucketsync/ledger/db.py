@@ -55,6 +55,10 @@ class Dialect(Protocol):
         """``column`` as an expression the planner will not match to an index on it."""
         ...
 
+    def index_term(self, expr: str, nullable: bool) -> str:
+        """An index column in the catalog's sort order (``Sort.order_sql``): NULLs first."""
+        ...
+
 
 class Db(Protocol):
     """A ledger database. Reads see every commit before them; writes go through

@@ -688,15 +688,26 @@ class Ledger:
 
     # -- the webhook inbox (events accepted, not yet applied) ------------------------
 
-    async def inbox_put(self, dataset_id: int, events: Sequence[InboxEvent]) -> None:
-        """Accept events durably: once this commits, a crash loses none of them."""
+    async def inbox_put(self, dataset_id: int, events: Sequence[InboxEvent], cap: int | None = None) -> bool:
+        """Accept events durably: once this commits, a crash loses none of them. With ``cap``, a
+        dataset's inbox holds at most that many entries: events that would pass it are all refused
+        (False, nothing written), so an inbox nobody drains (a dataset that is not ready) stays bounded."""
         now = time.time()
         async with self.db.transaction() as tx:
+            if cap is not None:
+                # counted up to the cap only: the (dataset_id, id) index, never the whole table
+                held = await tx.fetch(
+                    "SELECT count(*) FROM (SELECT 1 FROM event_inbox WHERE dataset_id = ? LIMIT ?) AS held",
+                    (dataset_id, cap),
+                )
+                if int(held[0][0]) + len(events) > cap:
+                    return False
             await tx.executemany(
                 "INSERT INTO event_inbox (dataset_id, key, kind, token, etag, size, at, received) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(dataset_id, *e, now) for e in events],
             )
+        return True
 
     async def inbox_take(self, dataset_id: int, after: int, limit: int) -> list[tuple[int, InboxEvent]]:
         """Up to ``limit`` inbox entries after id ``after``, oldest first: (id, event)."""

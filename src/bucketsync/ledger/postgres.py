@@ -428,6 +428,10 @@ class PostgresDialect:
     def no_index(self, column: str) -> str:
         return f"({column} + 0)"
 
+    def index_term(self, expr: str, nullable: bool) -> str:
+        # NULLs sort last ascending here unless told: an index in the query's order is walked, not sorted
+        return f"{expr} NULLS FIRST" if nullable else expr
+
 
 DIALECT = PostgresDialect()
 
@@ -436,53 +440,11 @@ DIALECT = PostgresDialect()
 # serves the same queries).
 _META_TEXT = re.compile(r"CAST\(json_extract\((\w+), '\$\.\"([A-Za-z0-9_.-]+)\"'\) AS TEXT\)")
 _META = re.compile(r"json_extract\((\w+), '\$\.\"([A-Za-z0-9_.-]+)\"'\)")
-#: the columns the catalog may sort by that can be NULL (besides metadata)
-_NULLABLE = ("etag", "version", "content_type")
-
-
-def _nullable(expr: str) -> bool:
-    expr = expr.strip()
-    # "(SELECT": a field kept beside the item (enrichment's), missing until it is enriched
-    return expr in _NULLABLE or expr.startswith(("json_extract(", "bs_meta(", "(SELECT "))
-
-
-def _order_nulls(sql: str) -> str:
-    """SQLite sorts NULL first ascending and last descending; the catalog's keyset pagination
-    (``after_sql``) counts on it, so an ORDER BY term that can be NULL says so here. (Terms
-    that cannot be NULL stay as they are: a NULLS clause would keep the planner off their index.)"""
-    out, pos = [], 0
-    while (at := sql.find("ORDER BY ", pos)) != -1:
-        start = begin = i = at + len("ORDER BY ")
-        depth, terms = 0, []
-        while i < len(sql):
-            ch = sql[i]
-            if depth == 0 and (ch == ")" or sql.startswith(" LIMIT", i)):
-                break
-            if depth == 0 and ch == ",":
-                terms.append(sql[begin:i])
-                begin = i + 1
-            depth += (ch == "(") - (ch == ")")
-            i += 1
-        terms.append(sql[begin:i])
-        fixed = []
-        for t in terms:
-            bare = t.strip()
-            desc = bare.upper().endswith(" DESC")
-            expr = bare[: -len(" DESC")] if desc else bare
-            if " NULLS " not in bare.upper() and _nullable(expr):
-                bare += " NULLS LAST" if desc else " NULLS FIRST"
-            fixed.append(bare)
-        out.append(sql[pos:start] + ", ".join(fixed))
-        pos = i
-    out.append(sql[pos:])
-    return "".join(out)
 
 
 @functools.lru_cache(maxsize=4096)
 def translate(sql: str) -> str:
     """A statement of the ledger's shared SQL as PostgreSQL runs it (cached per statement)."""
-    if "ORDER BY" in sql:
-        sql = _order_nulls(sql)
     if "json_extract(" in sql:
         sql = _META_TEXT.sub(lambda m: f"bs_meta_text({m[1]}, '{m[2]}')", sql)
         sql = _META.sub(lambda m: f"bs_meta({m[1]}, '{m[2]}')", sql)
@@ -890,22 +852,10 @@ class PostgresDb:
         async with self.transaction() as tx:
             known = bool(await tx.fetch("SELECT 1 FROM pg_class WHERE relkind = 'i' AND relname = ?", (name,)))
             if not known:
-                await tx.execute(_index_nulls_first(sql))
+                await tx.execute(sql)
                 comment = sql.replace("'", "''")
                 await tx.execute(f"COMMENT ON INDEX {name} IS '{comment}'")
         return not known
-
-
-def _index_nulls_first(sql: str) -> str:
-    """The catalog's ``(dataset_id, FIELD, key)`` index with the field's NULLs first, as its
-    queries sort (see ``_order_nulls``): an index in the query's order is walked, not sorted."""
-    head, sep, rest = sql.partition("(dataset_id, ")
-    if not sep or ", key)" not in rest:
-        return sql
-    field, _, tail = rest.rpartition(", key)")
-    if not _nullable(field):
-        return sql
-    return f"{head}{sep}{field} NULLS FIRST, key){tail}"
 
 
 def _array_type(data_type: str) -> str:

@@ -338,6 +338,9 @@ class SqliteDialect:
     def no_index(self, column: str) -> str:
         return f"+{column}"  # SQLite's unary plus: the same value, no longer the indexed column
 
+    def index_term(self, expr: str, nullable: bool) -> str:
+        return expr  # an index keeps NULLs first, and CREATE INDEX takes no NULLS clause
+
 
 DIALECT = SqliteDialect()
 

@@ -1,6 +1,6 @@
 """The ``webhook`` source: events posted to the API, through a durable inbox in the ledger.
 
-Two routes take them (server/api.py):
+Two routes take them (server/routes/events.py):
 
 - ``POST /api/v1/events/s3/{dataset}``: S3 event records, as MinIO and Ceph RGW post
   them (``{"Records": [...]}``; MinIO adds ``EventName`` and ``Key``). Keys arrive
@@ -102,6 +102,11 @@ class PubSubPush(_Open):
 class Accepted(BaseModel):
     accepted: int = Field(description="events written to the inbox")
     ignored: int = Field(description="records for another bucket or outside the driver's prefix")
+    deferred: int = Field(
+        0,
+        description="events not kept because the dataset's inbox is full (events.inbox_max); the reconcile "
+        "listing asked for instead brings in what they said",
+    )
 
 
 # -- parsing (pure) ----------------------------------------------------------------
