@@ -1,7 +1,7 @@
 """A real daemon with ``agent.sync_workers = 2``: its runs list and diff in two worker processes.
 
 It runs as an unprivileged user over a folder with a sub-folder it may not read, so the
-listing's gaps cross the pipe too; the workers end with the agent.
+listing's gaps cross the pipe too; the workers end with the agent, also when it is killed.
 """
 
 from __future__ import annotations
@@ -81,7 +81,17 @@ def test_a_daemon_with_two_sync_workers(shared_dir: Path) -> None:
         assert [i["key"] for i in other] == ["x"], "the polled dataset synced through the workers too"
         assert daemon.stop() == 0
     for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"worker {pid} outlived the agent"
+        assert _gone(pid), f"worker {pid} outlived the agent"
+
+    with Daemon(cfg, run_as=NOBODY) as daemon:  # killed outright: its workers see their pipe close and end
+        orphans = poll(lambda: c if len(c := _children(daemon.pid)) == 2 else None, what="two workers")
+        daemon.kill()
+        for pid in orphans:
+            poll(lambda pid=pid: _gone(pid) or None, what=f"worker {pid} ended after the agent was killed")
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}") or _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:
