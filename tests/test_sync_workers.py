@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import pickle
 import shutil
 import signal
 import sqlite3
@@ -27,14 +28,14 @@ from bucketsync import metrics
 from bucketsync.config import AgentConfig, AwsIntegration, DatasetConfig, DriverConfig, Settings
 from bucketsync.core.diff import Step
 from bucketsync.core.errors import ListingFailed, NotFound, Refused, StorageError
-from bucketsync.core.model import ListingGap, RunStatus
+from bucketsync.core.model import Change, ChangeKind, Indexed, ItemState, ListingGap, ObjectInfo, RunStatus
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import StoreSpec, store_spec
 from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.sync import SyncLoop
 from bucketsync.upstream.workers import SyncWorkers, WorkerDiff
-from bucketsync.upstream.workers.wire import JoinedKeys, WireError
+from bucketsync.upstream.workers.wire import JoinedKeys, WireError, pack, unpack
 from e2e import many_files, write_files
 from emulators.postgres import PostgresServer
 from emulators.s3 import REGION, S3Emulator
@@ -361,6 +362,20 @@ async def test_errors_cross_as_their_own_class() -> None:
     assert type(gone) is NotFound and isinstance(gone, StorageError) and gone.key == "k"
     other = WireError.of(OSError(5, "Input/output error")).rebuild()
     assert type(other) is ListingFailed and str(other) == "OSError: [Errno 5] Input/output error"
+
+
+async def test_changes_cross_as_tuples_and_come_back_equal() -> None:
+    new = ObjectInfo("k", 3, 1.5, "e", "v1")
+    old = Indexed(7, "k", 2, 1.0, None, None, ItemState.TOMBSTONE)
+    changes = [
+        Change(ChangeKind.ADDED, "k", new, None),
+        Change(ChangeKind.MODIFIED, "k", new, old),
+        Change(ChangeKind.REMOVED, "k", None, old),
+        Change(ChangeKind.UNCHANGED, "k", new, Indexed(8, "k", 3, 1.5, "e", "v1", ItemState.LIVE)),
+    ]
+    back = unpack(pickle.loads(pickle.dumps(pack(changes))))
+    assert back == changes
+    assert all(type(c.kind) is ChangeKind and (c.old is None or type(c.old.state) is ItemState) for c in back)
 
 
 async def test_joined_keys() -> None:

@@ -40,7 +40,7 @@ from bucketsync.core.model import ListingGap
 from bucketsync.stores import StoreSpec
 from bucketsync.stores.parallel import Quantiles
 from bucketsync.upstream.workers import child
-from bucketsync.upstream.workers.wire import Job, JoinedKeys, WireError, frame, read_frame
+from bucketsync.upstream.workers.wire import Job, JoinedKeys, WireError, frame, read_frame, unpack
 
 log = structlog.get_logger("bucketsync.workers")
 
@@ -283,7 +283,7 @@ class WorkerDiff:
                 if kind == "step":
                     _, _, joined, n, changes, unchanged, fresh = message
                     gaps.extend(fresh)
-                    yield Step((), JoinedKeys(joined, n), changes, unchanged)
+                    yield Step((), JoinedKeys(joined, n), unpack(changes), unchanged)
                     taken += 1
                     if taken % CREDIT == 0:
                         worker.send(("credit", jid, CREDIT))

@@ -33,7 +33,7 @@ from bucketsync.core.keys import KeyFilter
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import Store
 from bucketsync.upstream.sync import listing_steps
-from bucketsync.upstream.workers.wire import SEP, Job, WireError, frame, read_frame
+from bucketsync.upstream.workers.wire import SEP, Job, WireError, frame, pack, read_frame
 
 log = structlog.get_logger("bucketsync.worker")
 
@@ -110,7 +110,8 @@ class Worker:
                         await running.credits.acquire()
                         fresh, sent = gaps[sent:], len(gaps)
                         keys = SEP.join(step.keys)
-                        await self.send(("step", jid, keys, len(step.keys), step.changes, step.unchanged, fresh))
+                        changes = pack(step.changes)
+                        await self.send(("step", jid, keys, len(step.keys), changes, step.unchanged, fresh))
             await self.send(("end", jid, job.sample.keys, gaps[sent:]))
         except asyncio.CancelledError:
             raise  # the agent asked (its run stopped) or the worker is ending: nobody waits for an answer
