@@ -60,7 +60,8 @@ def test_a_daemon_with_two_sync_workers(shared_dir: Path) -> None:
     _chown_tree(shared_dir, NOBODY)
     with Daemon(cfg, run_as=NOBODY) as daemon:
         daemon.wait_ready()
-        assert "bucketsync_sync_workers 2.0" in daemon.get("/metrics").text
+        # they start beside the agent, not before it: ready once they have said so
+        poll(lambda: "bucketsync_sync_workers 2.0" in daemon.get("/metrics").text or None, what="two workers")
         # the daemon runs under setpriv, which execs: the agent's pid is the daemon's
         workers = _children(daemon.pid)
         assert len(workers) == 2, workers

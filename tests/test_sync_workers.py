@@ -347,6 +347,19 @@ async def test_a_run_waiting_on_its_worker_holds_no_turn(pool: SyncWorkers, loca
         await led.close()
 
 
+async def test_a_worker_that_cannot_start_fails_the_runs_not_the_agent(local: Target, ledger: Ledger) -> None:
+    broken = SyncWorkers(1, "no-such-level", "json")  # the worker exits before it says it is ready
+    await broken.start(wait=False)  # as the agent starts them: nothing to wait for, nothing raised
+    try:
+        await fill(local.bucket, KEYS)
+        result = await worker_loop(broken, local, ledger).run_once()
+        assert result.status is RunStatus.FAILED and counts(result) == {"errors": 1}
+        assert result.error is not None and "a sync worker process did not start (exit code 1)" in result.error
+        assert await keys(ledger) == {}
+    finally:
+        await broken.aclose()
+
+
 async def test_a_worker_runs_at_a_lower_cpu_priority(pool: SyncWorkers) -> None:
     (pid,) = pool.pids()
     assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE)

@@ -108,7 +108,7 @@ class Agent:
                 self.stores[name] = open_store(driver, self.settings)
             if self.sync_workers:
                 self.workers = SyncWorkers(self.sync_workers, conf.log_level, conf.log_format, conf.sync_workers_nice)
-                await self.workers.start()
+                await self.workers.start(wait=False)  # they start while the agent does
             for name, ds in self.settings.datasets.items():
                 loop = self.loops[name] = self.make_loop(name, ds, self.stores[ds.driver])
                 loop.resync = name in resync

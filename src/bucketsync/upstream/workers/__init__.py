@@ -88,8 +88,10 @@ class _Worker:
         assert proc.stdout is not None
         try:
             hello = await asyncio.wait_for(read_frame(proc.stdout), START_TIMEOUT)
-        except Exception as exc:  # a timeout, a broken pipe, a frame that is no hello
+        except BaseException as exc:  # a timeout, a broken pipe, a frame that is no hello; or the agent stops
             await worker._kill()
+            if not isinstance(exc, Exception):
+                raise
             raise WorkerDied(f"a sync worker process did not start: {type(exc).__name__}: {exc}") from None
         if hello is None or hello[0] != "ready":
             code = await worker._kill()
@@ -166,15 +168,32 @@ class SyncWorkers:
         self._ids = itertools.count(1)
         self._spawning = asyncio.Lock()
         self._respawns: set[asyncio.Task[None]] = set()
+        self._starting: asyncio.Task[None] | None = None
         self.closed = False
 
-    async def start(self) -> None:
+    async def start(self, *, wait: bool = True) -> None:
+        """Start the workers. ``wait=False`` (the agent): in the background, so importing them
+        does not hold up the agent's start; the first runs wait for them instead, and a worker
+        that cannot start fails those runs (and is logged) rather than the start."""
+        if not wait:
+            self._starting = asyncio.create_task(self._start_quietly(), name="sync-workers-start")
+            return
         try:
-            await asyncio.gather(*(self._ensure(i) for i in range(self.count)))
+            await self._start_all()
         except WorkerDied as exc:
             await self.aclose()
             raise ConfigError(f"agent.sync_workers: {exc}") from None
+
+    async def _start_all(self) -> None:
+        async with self._spawning:
+            await asyncio.gather(*(self._ensure(i) for i in range(self.count)))
         log.info("sync workers started", pids=self.pids())
+
+    async def _start_quietly(self) -> None:
+        try:
+            await self._start_all()
+        except WorkerDied as exc:  # the next run tries again, and fails with this if it must
+            log.error("could not start the sync workers", error=str(exc))
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers if w is not None and w.alive]
@@ -210,6 +229,8 @@ class SyncWorkers:
             log.error("could not replace a sync worker", error=str(exc))
 
     async def _pick(self) -> _Worker:
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
         live = [w for w in self.workers if w is not None and w.alive]
         if len(live) < self.count:
             async with self._spawning:
@@ -238,9 +259,10 @@ class SyncWorkers:
     async def aclose(self) -> None:
         """Stop every worker: stdin closed (their jobs are cancelled and they end), killed if slow."""
         self.closed = True
-        for task in list(self._respawns):
+        pending = [*self._respawns, *([self._starting] if self._starting is not None else [])]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._respawns, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self.workers if w is not None))
         metrics.SYNC_WORKERS.set(0)
 
