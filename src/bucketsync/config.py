@@ -435,11 +435,15 @@ class EnrichConfig(_Strict):
         "objects and writes thumbnails into the hidden folder of the bucket.",
         default=False,
     )
-    thumbnails: bool = _doc("Make a thumbnail of each image (reads the whole object, up to `max_bytes`).", default=True)
+    thumbnails: bool = _doc(
+        "Make a thumbnail of each image (reads the whole object, up to `max_bytes`) and video (its first frame).",
+        default=True,
+    )
     thumbnail_size: int = _doc("Longest side of a thumbnail, in pixels.", default=256, ge=16, le=4096)
     thumbnail_format: Literal["jpeg", "webp"] = _doc("`jpeg` or `webp`.", default="jpeg")
     max_bytes: int = _doc(
-        "Largest object read whole for a thumbnail (bytes); a larger one gets metadata only.",
+        "Largest object read whole for a thumbnail (bytes); a larger one gets metadata only. A video is never "
+        "read whole: this caps what is read of it in all (its index and first frame).",
         default=64 * 1024 * 1024,
         ge=65536,
     )
