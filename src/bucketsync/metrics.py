@@ -136,6 +136,16 @@ LEDGER_ROLLBACKS = Counter(
     "Start-ups that found the ledger older than its commit-sequence sidecar (a lost -wal or a restored copy).",
     registry=REGISTRY,
 )
+SYNC_WORKER_DEATHS = Counter(
+    "bucketsync_sync_worker_deaths_total",
+    "Sync worker processes (agent.sync_workers) that ended unasked; each is replaced, and its runs fail.",
+    registry=REGISTRY,
+)
+SYNC_WORKERS = Gauge(
+    "bucketsync_sync_workers",
+    "Sync worker processes running now (agent.sync_workers; 0: runs list and diff in the agent's process).",
+    registry=REGISTRY,
+)
 for _reason in ("disk_full", "permission", "damaged", "io", "busy", "other"):
     LEDGER_WRITE_ERRORS.labels(_reason)
 LEDGER_WRITABLE.set(1)
