@@ -465,7 +465,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     shared = conf.ledger_file is None  # a PostgreSQL ledger: agents divide its datasets by leases
     async with Agent(settings, shared=shared, sync_workers=conf.sync_workers) as agent:
         # Not ready until probed, before the first request can ask (the site starts below).
-        metrics.init(agent.settings.datasets)
+        metrics.init(agent.settings.datasets, shared=shared)
         metrics.init_hooks(agent.settings)
         for name in agent.settings.datasets:
             agent.set_ready(name, "permission probe not run yet")
