@@ -22,8 +22,12 @@ from bucketsync.cli.main import cmd_enrich, parse_args
 from bucketsync.config import Settings
 from bucketsync.core.errors import ConfigError, NotFound
 from bucketsync.core.keys import HIDDEN
+from bucketsync.core.model import Counts, ObjectInfo
 from bucketsync.downstream.ops import Downstream
 from bucketsync.enrich import Enrichment, EnrichQueue, worker
+from bucketsync.enrich.queue import Result
+from bucketsync.enrich.triggers import Deliveries
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.server.api import make_app
 from bucketsync.stores import Store, one_chunk, read_all
 from faults import Action, FaultProxy, Rule
@@ -361,3 +365,50 @@ async def test_thumbnail_cleanup_never_deletes_outside_the_hidden_folder(tmp_pat
         await agent.enricher.empty_trash()
         assert await exists(store, "keep.jpg")
         assert await EnrichQueue(agent.ledger).trash() == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_result_for_a_version_that_is_gone_is_not_recorded(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The queue on both ledgers, a batch at a time: a result is recorded (with its ``enriched``
+    event) only while its row still waits for the version the worker read. An item replaced while
+    it was enriched keeps waiting for its new version, and the thumbnail made of the old one goes
+    to the trash; a removed item's result is dropped the same way. A job for a version that is gone
+    is not claimed."""
+    where = request.getfixturevalue("postgres_server").new_database() if backend == "postgresql" else tmp_path / "l.db"
+    ledger = await Ledger.open(where)
+    try:
+        ds = await ledger.dataset_id("d")
+        queue = EnrichQueue(ledger)
+        await queue.set_datasets([ds], [ds])
+        run = await ledger.begin_run(ds, False)
+        await ledger.write_batch(ds, run, [ObjectInfo(k, 1, 1.0, f"e-{k}") for k in "abc"], [], Counts())
+        jobs = await queue.claim(await queue.due(10))
+        a, b, c = jobs
+        assert [(j.key, j.etag) for j in jobs] == [("a", "e-a"), ("b", "e-b"), ("c", "e-c")]
+        # Meanwhile a gets a new version and c is removed.
+        item_a, item_c = await ledger.item(ds, "a"), await ledger.item(ds, "c")
+        assert item_a is not None and item_c is not None
+        await ledger.write_batch(ds, run, [], [(item_a.id, ObjectInfo("a", 2, 2.0, "e-a2"))], Counts())
+        await ledger.remove(run, [item_c.id], Counts())
+        assert await queue.claim([a]) == []  # the version it names is gone
+
+        results = [
+            Result(a, "done", {"mimetype": "image/png"}, None, ".bucketsync/thumbnails/a.1.jpg", False),
+            Result(b, "failed", {"mimetype": "image/png"}, "truncated image: x", None, False),
+            Result(c, "done", {}, None, ".bucketsync/thumbnails/c.1.jpg", False),
+        ]
+        assert sorted(await queue.finish(results)) == ["a", "c"]
+        found = await queue.of_items([item_a.id, b.item_id])
+        assert found[b.item_id].state == "failed" and found[b.item_id].error == "truncated image: x"
+        assert found[item_a.id].state == "pending" and found[item_a.id].meta == {}
+        assert [(j.key, j.etag, j.attempts) for j in await queue.due(10)] == [("a", "e-a2", 0)]
+        assert sorted(t.key for t in await queue.trash()) == [
+            ".bucketsync/thumbnails/a.1.jpg",
+            ".bucketsync/thumbnails/c.1.jpg",
+        ]
+        enriched = [e[4] for e in await Deliveries(ledger).events() if e[3] == "enriched"]
+        assert enriched == ["b"]
+    finally:
+        await ledger.close()

@@ -143,3 +143,11 @@ def test_memory_limit_skips_the_thumbnail_after_draft_scaling() -> None:
     thumb = make_thumbnail(images.jpeg(1500, 1000), 64, "jpeg", CAP, 4 << 20)
     with Image.open(io.BytesIO(thumb)) as im:
         assert im.size == (64, 43)
+
+
+def test_a_jpeg_is_decoded_at_the_scale_of_its_thumbnail_not_of_the_box() -> None:
+    """A 900x600 JPEG for a 100 px thumbnail (100x67): draft() may decode at 1/8 (112x75, 34 KB of
+    pixels), since the thumbnail is 66-67 high, not 100; the square box would allow only 1/4 (135 KB)."""
+    thumb = make_thumbnail(images.jpeg(900, 600), 100, "jpeg", CAP, 100_000)
+    with Image.open(io.BytesIO(thumb)) as im:
+        assert im.size[0] == 100 and im.size[1] in (66, 67)

@@ -326,22 +326,37 @@ async def test_storage_class_and_content_type(moto_s3: S3Emulator) -> None:
         await store.aclose()
 
 
+@pytest.mark.parametrize("lean", [True, False])
 async def test_retried_conditional_put_whose_first_attempt_landed(
-    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, lean: bool
 ) -> None:
-    """The first PutObject reaches storage but its answer is lost; the retry then fails its
-    precondition on our own write. The store must recognise its bytes and report success."""
-    real_call = s3_store._call
+    """The first PutObject (a lean request, or through the SDK) reaches storage but its answer is
+    lost; the retry then fails its precondition on our own write. The store must recognise its
+    bytes and report success."""
     lost: list[str] = []
+    if lean:
+        real_put = s3_store._lean_put
 
-    async def lossy(method: str, op: str, key: str | None, mode: PutMode | None = None, **kw: Any) -> Any:
-        result = await real_call(method, op, key, mode, **kw)
-        if method == "put_object" and not lost:
-            lost.append(method)
-            raise Transient("connection reset after the request was sent")
-        return result
+        async def lossy_put(*args: Any) -> Any:
+            result = await real_put(*args)
+            if not lost:
+                lost.append("put")
+                raise Transient("connection reset after the request was sent")
+            return result
 
-    monkeypatch.setattr(s3_store, "_call", lossy)
+        monkeypatch.setattr(s3_store, "_lean_put", lossy_put)
+    else:
+        s3_store.lean_get = False
+        real_call = s3_store._call
+
+        async def lossy(method: str, op: str, key: str | None, mode: PutMode | None = None, **kw: Any) -> Any:
+            result = await real_call(method, op, key, mode, **kw)
+            if method == "put_object" and not lost:
+                lost.append(method)
+                raise Transient("connection reset after the request was sent")
+            return result
+
+        monkeypatch.setattr(s3_store, "_call", lossy)
     s3_store.retry_base = 0.001
     first = await s3_store.put("once", one_chunk(b"first"), CREATE)
     assert lost and first.size == 5

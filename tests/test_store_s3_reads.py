@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +23,18 @@ from aiobotocore.session import AioSession
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from bucketsync.core.errors import NotFound, PermissionDenied, StorageError, Transient, Unreachable
+from bucketsync.core.errors import (
+    AlreadyExists,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+    Unreachable,
+)
+from bucketsync.core.model import CREATE, OVERWRITE, PutMode
 from bucketsync.stores import one_chunk, read_all
-from bucketsync.stores.s3 import BucketNotFound, S3Store, _Target
+from bucketsync.stores.s3 import LEAN_PUT_MAX, BucketNotFound, S3Store, _Target
 from bucketsync.stores.sigv4 import Signer, encode_key
 from emulators import free_port
 from emulators.s3 import PREFIX, S3Emulator
@@ -32,6 +42,7 @@ from emulators.s3 import PREFIX, S3Emulator
 # --- the signature ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
 @pytest.mark.parametrize("token", [None, "FQoGZXIvYXdzEJr//////////wEaDEXAMPLE+token="])
 @pytest.mark.parametrize(
     ("host", "key", "headers"),
@@ -42,18 +53,36 @@ from emulators.s3 import PREFIX, S3Emulator
     ],
 )
 def test_signature_is_botocores(
-    monkeypatch: pytest.MonkeyPatch, host: str, key: str, headers: dict[str, str], token: str | None
+    monkeypatch: pytest.MonkeyPatch, host: str, key: str, headers: dict[str, str], token: str | None, method: str
 ) -> None:
     when = dt.datetime(2026, 11, 29, 23, 59, 58)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
     path = "/" + encode_key(key)
-    request = AWSRequest(method="GET", url=f"http://{host}{path}", headers=dict(headers))
+    request = AWSRequest(method=method, url=f"http://{host}{path}", headers=dict(headers))
     botocore.auth.S3SigV4Auth(Credentials("AKIDEXAMPLE", "wJalr/SECRET", token), "s3", "eu-west-1").add_auth(request)
     ours = Signer("eu-west-1").sign(
-        host, path, headers, "AKIDEXAMPLE", "wJalr/SECRET", token, when.replace(tzinfo=dt.UTC).timestamp()
+        host, path, headers, "AKIDEXAMPLE", "wJalr/SECRET", token, when.replace(tzinfo=dt.UTC).timestamp(), method
     )
     assert ours["authorization"] == request.headers["Authorization"]
     assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "image/jpeg", "if-none-match": "*"}])
+def test_a_put_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, headers: dict[str, str]) -> None:
+    """A PUT signs the SHA-256 of its body (botocore does so over plain HTTP, and may over TLS)."""
+    when = dt.datetime(2026, 11, 29, 23, 59, 58)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
+    body = b"\xff\xd8 a thumbnail" * 100
+    path = "/bkt/" + encode_key(".bucketsync/thumbnails/a b.jpg.1234.jpg")
+    request = AWSRequest(method="PUT", url=f"http://127.0.0.1:8333{path}", headers=dict(headers), data=body)
+    botocore.auth.S3SigV4Auth(Credentials("AKIDEXAMPLE", "wJalr/SECRET"), "s3", "us-east-1").add_auth(request)
+    payload = hashlib.sha256(body).hexdigest()
+    ours = Signer("us-east-1").sign(
+        "127.0.0.1:8333", path, headers, "AKIDEXAMPLE", "wJalr/SECRET", None,
+        when.replace(tzinfo=dt.UTC).timestamp(), "PUT", payload,
+    )  # fmt: skip
+    assert request.headers["X-Amz-Content-SHA256"] == payload
+    assert ours["authorization"] == request.headers["Authorization"]
 
 
 def test_signing_key_is_cached_per_day_and_secret() -> None:
@@ -85,6 +114,83 @@ async def test_reads_skip_the_sdk(server: str, request: pytest.FixtureRequest, m
         with pytest.raises(NotFound):
             await read_all(store, "missing")
         assert store.lean_get
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+async def test_heads_skip_the_sdk_and_say_what_it_says(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD (after every put, and for each event's check) is a lean request too; its answer is the
+    SDK's: the same size, modified time and etag, the same NotFound."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    bucket = emulator.new_bucket()
+    sdk = emulator.store(bucket, lean_get=False)
+    store = emulator.store(bucket)
+    try:
+        await sdk.put("dir/a b+c.bin", one_chunk(b"x" * 5000))
+        want = await sdk.head("dir/a b+c.bin")
+        with pytest.raises(NotFound) as sdk_missing:
+            await sdk.head("missing")
+        client = await store._get_client()
+
+        async def no_sdk_heads(**kwargs: Any) -> Any:
+            raise AssertionError(f"HEAD through the SDK: {kwargs}")
+
+        monkeypatch.setattr(client, "head_object", no_sdk_heads)
+        assert await store.head("dir/a b+c.bin") == want
+        with pytest.raises(NotFound) as lean_missing:
+            await store.head("missing")
+        assert str(lean_missing.value) == str(sdk_missing.value)
+        written = await store.put("dir/new", one_chunk(b"y" * 10))  # the put's own HEAD is lean
+        assert written.size == 10 and written.etag == (await sdk.head("dir/new")).etag
+        assert store.lean_get
+    finally:
+        await sdk.aclose()
+        await store.aclose()
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+async def test_small_puts_skip_the_sdk_conditions_included(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single PutObject is a lean request with the SDK's headers: content type, create-only and
+    if-match conditions (enforced by the server: the same errors as through the SDK)."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    store = emulator.store(emulator.new_bucket())
+    try:
+        client = await store._get_client()
+
+        async def no_sdk_puts(**kwargs: Any) -> Any:
+            raise AssertionError(f"PutObject through the SDK: {kwargs}")
+
+        monkeypatch.setattr(client, "put_object", no_sdk_puts)
+        info = await store.put("t/a b.jpg", one_chunk(b"thumb"), OVERWRITE, "image/jpeg")
+        assert info.etag == hashlib.md5(b"thumb").hexdigest() and info.size == 5
+        assert await read_all(store, "t/a b.jpg") == b"thumb"
+        head = await client.head_object(Bucket=store.bucket, Key=store.prefix + "t/a b.jpg")
+        assert head["ContentType"] == "image/jpeg"
+        with pytest.raises(AlreadyExists):
+            await store.put("t/a b.jpg", one_chunk(b"again"), CREATE)
+        with pytest.raises(PreconditionFailed):
+            await store.put("t/a b.jpg", one_chunk(b"again"), PutMode.matching("0" * 32))
+        changed = await store.put("t/a b.jpg", one_chunk(b"again"), PutMode.matching(str(info.etag)))
+        assert changed.etag == hashlib.md5(b"again").hexdigest()
+        assert store.lean_get
+        # A body above LEAN_PUT_MAX (hashed on the event loop) goes through the SDK, as before.
+        monkeypatch.undo()
+        big = b"z" * (LEAN_PUT_MAX + 1)
+        sdk_puts: list[str] = []
+        real_put = client.put_object
+
+        async def counted(**kwargs: Any) -> Any:
+            sdk_puts.append(kwargs["Key"])
+            return await real_put(**kwargs)
+
+        monkeypatch.setattr(client, "put_object", counted)
+        assert (await store.put("t/big", one_chunk(big))).size == len(big)
+        assert sdk_puts == [store.prefix + "t/big"]
     finally:
         await store.aclose()
 
@@ -262,6 +368,56 @@ async def test_errors_are_the_sdks(scripted: Any, raw: bytes, kind: type[Storage
     assert not script.sdk(0) and script.sdk(1)
     lean_exc, sdk_exc = raised
     assert type(lean_exc) is type(sdk_exc) and str(lean_exc) == str(sdk_exc)
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [(answer(404), NotFound), (answer(403), PermissionDenied), (answer(503), Transient)],
+    ids=lambda v: v if isinstance(v, type) else None,
+)
+async def test_head_errors_are_the_sdks(scripted: Any, raw: bytes, kind: type[StorageError]) -> None:
+    """A HEAD's answer has no body to name the error: lean and SDK make the same one of the status."""
+    script = await scripted(raw, raw)
+    raised: list[StorageError] = []
+    for lean in (True, False):
+        store = fake_store(script, lean_get=lean, attempts=1)
+        try:
+            with pytest.raises(kind) as exc:
+                await store.head("k")
+            raised.append(exc.value)
+        finally:
+            await store.aclose()
+    assert script.requests[0]["line"] == "HEAD /bkt/p/k HTTP/1.1" and not script.sdk(0) and script.sdk(1)
+    assert str(raised[0]) == str(raised[1])
+
+
+async def test_a_head_answered_400_goes_to_the_sdk(scripted: Any) -> None:
+    """AWS answers a HEAD sent to the wrong region with a bare 400 (no body to say so): the SDK,
+    which finds the bucket's region, takes HEADs over from then on."""
+    modified = "Sun, 29 Nov 2026 23:00:00 GMT"
+    script = await scripted(answer(400, close=True), answer(200, ETag='"v1"', Last_Modified=modified))
+    store = fake_store(script)
+    try:
+        assert (await store.head("k")).etag == "v1"
+        assert not store.lean_get
+    finally:
+        await store.aclose()
+    assert [script.sdk(i) for i in range(2)] == [False, True]
+
+
+async def test_a_head_without_the_headers_it_needs_asks_the_sdk(scripted: Any) -> None:
+    modified = "Sun, 29 Nov 2026 23:00:00 GMT"
+    script = await scripted(
+        answer(200, ETag='"v1"', close=True),  # no Last-Modified: not an answer to trust
+        answer(200, ETag='"v1"', Last_Modified=modified),
+    )
+    store = fake_store(script)
+    try:
+        info = await store.head("k")
+    finally:
+        await store.aclose()
+    assert (info.size, info.etag, info.modified) == (0, "v1", dt.datetime(2026, 11, 29, 23, tzinfo=dt.UTC).timestamp())
+    assert [script.sdk(i) for i in range(2)] == [False, True]
 
 
 async def test_a_redirect_hands_reads_to_the_sdk(scripted: Any) -> None:

@@ -92,6 +92,9 @@ SYSTEM: dict[str, Field] = {
         # enrichment's system metadata (docs/enrichment.md): missing until an item is enriched
         *(_enriched(n, "number") for n in ("width", "height", "orientation", "display_width", "display_height")),
         *(_enriched(n, "text") for n in ("format", "encoding")),
+        # a video's (enrich/video.py): seconds, frames per second, clockwise degrees; FFmpeg's codec name
+        *(_enriched(n, "number") for n in ("duration", "frame_rate", "rotation")),
+        _enriched("codec", "text"),
     )
 }
 #: the fields of a dataset (``GET /datasets?filter=``), besides its metadata.NAME

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from bucketsync.ledger.db import Tx
 from bucketsync.ledger.ledger import Ledger
 
 STATES = ("pending", "done", "failed")
@@ -200,30 +201,30 @@ class EnrichQueue:
         transaction; the jobs whose row still waits for their version."""
         if not jobs:
             return []
-        claimed = []
         async with self.ledger.db.transaction() as tx:
-            for job in jobs:
-                n = await tx.execute(
-                    "UPDATE enrichment SET attempts = attempts + 1 "
-                    "WHERE item_id = ? AND state = 'pending' AND etag IS NOT DISTINCT FROM ?",
-                    (job.item_id, job.etag),
-                )
-                if n == 1:
-                    claimed.append(job)
-        return claimed
+            await tx.executemany(
+                "UPDATE enrichment SET attempts = attempts + 1 "
+                "WHERE item_id = ? AND state = 'pending' AND etag IS NOT DISTINCT FROM ?",
+                [(job.item_id, job.etag) for job in jobs],
+            )
+            waiting = await self._rows(tx, jobs)
+        return [job for job in jobs if waiting.get(job.item_id) == ("pending", job.etag)]
 
     async def finish(self, results: list[Result]) -> list[str]:
         """Record results in one transaction, each only if its row still waits for its version;
         returns the keys of the others (a newer version was queued meanwhile: their fresh
-        thumbnails are trashed). An ``enriched`` event for triggers goes with each recorded one."""
+        thumbnails are trashed). An ``enriched`` event for triggers goes with each recorded one.
+
+        Three statements for the whole batch, not two per item: every statement is a round trip to
+        the database's thread, and this runs for every item enriched."""
+        if not results:
+            return []
         now = time.time()
-        stale: list[str] = []
         async with self.ledger.db.transaction() as tx:
-            for r in results:
-                job = r.job
-                n = await tx.execute(
-                    "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
-                    "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS NOT DISTINCT FROM ?",
+            await tx.executemany(
+                "UPDATE enrichment SET state = ?, meta = ?, error = ?, thumbnail = ?, thumbnail_local = ?, "
+                "updated = ? WHERE item_id = ? AND state = 'pending' AND etag IS NOT DISTINCT FROM ?",
+                [
                     (
                         r.state,
                         json.dumps(r.meta, ensure_ascii=False),
@@ -231,28 +232,48 @@ class EnrichQueue:
                         r.thumbnail,
                         int(r.local),
                         now,
-                        job.item_id,
-                        job.etag,
-                    ),
-                )
-                if n != 1:
-                    stale.append(job.key)
-                    if r.thumbnail is not None:
-                        await tx.execute(
-                            "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
-                            "SELECT id, CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION) "
-                            "FROM datasets WHERE name = ?",
-                            (r.thumbnail, int(r.local), now, job.dataset),
-                        )
-                    continue
-                await tx.execute(
+                        r.job.item_id,
+                        r.job.etag,
+                    )
+                    for r in results
+                ],
+            )
+            # Recorded: the row now holds the result for the job's version. (Results are done or
+            # failed, never pending; a row requeued for a newer version is pending, a removed
+            # item's row is gone: both are stale.)
+            rows = await self._rows(tx, [r.job for r in results])
+            recorded = [r for r in results if rows.get(r.job.item_id) == (r.state, r.job.etag)]
+            done = {id(r) for r in recorded}
+            stale = [r for r in results if id(r) not in done]
+            if recorded:
+                await tx.executemany(
                     "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
                     "SELECT i.dataset_id, i.id, 'enriched', i.key, i.etag, i.size, CAST(? AS DOUBLE PRECISION) "
                     "FROM items i "
                     "WHERE i.id = ? AND i.dataset_id IN (SELECT dataset_id FROM trigger_datasets)",
-                    (now, job.item_id),
+                    [(now, r.job.item_id) for r in recorded],
                 )
-        return stale
+            if trash := [(r.thumbnail, int(r.local), now, r.job.dataset) for r in stale if r.thumbnail is not None]:
+                await tx.executemany(
+                    "INSERT INTO thumbnail_trash (dataset_id, key, local, created) "
+                    "SELECT id, CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS DOUBLE PRECISION) "
+                    "FROM datasets WHERE name = ?",
+                    trash,
+                )
+        return [r.job.key for r in stale]
+
+    async def _rows(self, tx: Tx, jobs: list[Job]) -> dict[int, tuple[str, str | None]]:
+        """item id -> (state, etag) of the jobs' enrichment rows, as this transaction sees them."""
+        ids = [job.item_id for job in jobs]
+        out: dict[int, tuple[str, str | None]] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            for row in await tx.fetch(
+                f"SELECT item_id, state, etag FROM enrichment WHERE item_id IN ({','.join('?' * len(part))})",
+                tuple(part),
+            ):
+                out[row[0]] = (row[1], row[2])
+        return out
 
     async def retry_later(self, job: Job, error: str) -> None:
         await self._write(

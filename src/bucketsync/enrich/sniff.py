@@ -47,6 +47,11 @@ class Sniffed:
     def image(self) -> bool:
         return "width" in self.meta
 
+    @property
+    def video(self) -> bool:
+        """A video container by its magic (mp4, mov, webm, mkv, avi, ...): PyAV reads the rest."""
+        return str(self.meta.get("mimetype", "")).startswith("video/")
+
 
 def sniff(head: bytes, size: int, max_pixels: int) -> Sniffed:
     """System metadata from ``head``, the first bytes of an object of ``size`` bytes.

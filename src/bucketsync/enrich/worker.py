@@ -28,8 +28,9 @@ from bucketsync.core.errors import NotFound, PermissionDenied, StorageError, Tra
 from bucketsync.core.model import OVERWRITE
 from bucketsync.core.retry import backoff
 from bucketsync.enrich import sniff as sniffing
-from bucketsync.enrich import thumbs
+from bucketsync.enrich import thumbs, video
 from bucketsync.enrich.queue import EnrichQueue, Job, Result, Trash
+from bucketsync.enrich.ranged import RangeFile
 from bucketsync.stores import Store, one_chunk
 
 if TYPE_CHECKING:
@@ -245,6 +246,8 @@ class Enricher:
         store = self._store(job.dataset)
         head, found = await self._head(store, job)
         meta = dict(found.meta)
+        if found.error is None and found.video:
+            return await self._video(store, job, meta)
         if found.error is not None or not found.image or not conf.thumbnails:
             state = "failed" if found.error is not None else "done"
             await self._finish(job, state, meta, found.error)
@@ -271,17 +274,62 @@ class Enricher:
             await self._finish(job, "done", meta, None)
             return "done"
         del data
-        key = thumbs.thumbnail_key(job.key, job.etag, job.size, job.modified, conf.thumbnail_format)
+        key, local = await self._save_thumbnail(store, job, thumb)
+        await self._finish(job, "done", meta, None, thumbnail=key, local=local)
+        return "done"
+
+    async def _video(self, store: Store, job: Job, meta: dict[str, Any]) -> str:
+        """A video's metadata (and first frame's thumbnail) through PyAV, over ranged reads of
+        the object (``RangeFile``): the head, the index wherever it is, the first frame's packets."""
+        conf = self.agent.settings.enrich
+        why = video.missing()
+        if why is not None:  # the optional extra is not installed: the mimetype, and why no more
+            meta["video_skipped"] = why
+            await self._finish(job, "done", meta, None)
+            return "done"
+
+        async def fetch(offset: int, length: int) -> bytes:
+            return await self._read(store, job, offset, length, b"")
+
+        reader = RangeFile(fetch, job.size, asyncio.get_running_loop(), conf.max_bytes)
+        try:
+            found = await asyncio.to_thread(
+                video.analyse,
+                reader,
+                thumbnail_size=conf.thumbnail_size if conf.thumbnails else None,
+                fmt=conf.thumbnail_format,
+                max_pixels=conf.max_pixels,
+                max_memory=conf.max_memory,
+            )
+        finally:
+            reader.stop()  # a timed-out item: its thread's next read fails, and the thread ends
+        meta.update(found.meta)
+        if found.error is not None:
+            await self._finish(job, "failed", meta, found.error)
+            return "failed"
+        if found.thumbnail_skipped is not None:
+            meta["thumbnail_skipped"] = found.thumbnail_skipped
+        if found.thumbnail is None:
+            await self._finish(job, "done", meta, None)
+            return "done"
+        key, local = await self._save_thumbnail(store, job, found.thumbnail)
+        await self._finish(job, "done", meta, None, thumbnail=key, local=local)
+        return "done"
+
+    async def _save_thumbnail(self, store: Store, job: Job, thumb: bytes) -> tuple[str, bool]:
+        """Write the item's thumbnail into the hidden folder, or the local cache for a dataset
+        that may not write; its key, and whether it is local."""
+        fmt = self.agent.settings.enrich.thumbnail_format
+        key = thumbs.thumbnail_key(job.key, job.etag, job.size, job.modified, fmt)
         local = self._local(job.dataset)
         if not local:
             try:
-                await store.put(key, one_chunk(thumb), OVERWRITE, thumbs.MIME[conf.thumbnail_format])
+                await store.put(key, one_chunk(thumb), OVERWRITE, thumbs.MIME[fmt])
             except PermissionDenied:  # a read-only driver the probe has not flagged (yet): the cache
                 local = True
         if local:
             await asyncio.to_thread(_write_file, self.cache_dir(job.dataset) / key, thumb)
-        await self._finish(job, "done", meta, None, thumbnail=key, local=local)
-        return "done"
+        return key, local
 
     async def _head(self, store: Store, job: Job) -> tuple[bytes, sniffing.Sniffed]:
         """Ranged reads of the head until the sniff can tell; then, if still not, the whole

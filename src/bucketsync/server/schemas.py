@@ -65,7 +65,7 @@ class Item(_Body):
 
 
 class SystemMetadata(BaseModel):
-    """What enrichment found (read-only to users); image fields only for images."""
+    """What enrichment found (read-only to users); image fields for images and videos, video fields for videos."""
 
     model_config = ConfigDict(extra="allow")
     enrichment: Literal["pending", "done", "failed"]
@@ -76,9 +76,17 @@ class SystemMetadata(BaseModel):
     format: str | None = None
     width: int | None = None
     height: int | None = None
-    orientation: int | None = Field(default=None, description="EXIF orientation, 1-8 (1 when absent)")
-    display_width: int | None = Field(default=None, description="width once turned upright per EXIF")
-    display_height: int | None = Field(default=None, description="height once turned upright per EXIF")
+    orientation: int | None = Field(
+        default=None, description="EXIF orientation, 1-8 (1 when absent); a video's rotation as EXIF says it"
+    )
+    display_width: int | None = Field(default=None, description="width once turned upright per EXIF (or rotation)")
+    display_height: int | None = Field(default=None, description="height once turned upright per EXIF (or rotation)")
+    duration: float | None = Field(default=None, description="video: seconds")
+    frame_rate: float | None = Field(default=None, description="video: frames per second")
+    codec: str | None = Field(default=None, description="video: FFmpeg's name of the video codec (h264, vp9, ...)")
+    rotation: int | None = Field(
+        default=None, description="video: degrees clockwise a player turns the picture (0, 90, 180, 270)"
+    )
 
 
 class EnrichStatus(_Body):

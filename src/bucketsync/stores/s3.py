@@ -38,6 +38,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
@@ -100,6 +101,10 @@ MiB = 1 << 20
 #: Multipart part size. S3 wants >= 5 MiB for every part but the last; a body
 #: smaller than one part is sent with a single PutObject.
 PART_SIZE = 8 * MiB
+#: the largest body a PutObject sends as a lean request: its SHA-256 is computed on the event loop
+#: (well under a millisecond at this size); a larger one goes through the SDK, whose per-request
+#: cost is small next to its transfer
+LEAN_PUT_MAX = 1 * MiB
 #: Parts uploaded at once: memory held by one put is about (PARTS_IN_FLIGHT + 2) * part_size.
 PARTS_IN_FLIGHT = 4
 CHUNK = 1 * MiB
@@ -144,6 +149,13 @@ _TRANSIENT = frozenset(
         "504",
     }
 )
+#: PutObject's arguments (``_write_args``) as the headers of a lean PUT
+_LEAN_PUT_HEADERS = {
+    "StorageClass": "x-amz-storage-class",
+    "ContentType": "content-type",
+    "IfNoneMatch": "if-none-match",
+    "IfMatch": "if-match",
+}
 #: the request reached a server that says it belongs elsewhere (another region or endpoint)
 _WRONG_PLACE = frozenset(
     {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "InvalidRegion"}
@@ -608,7 +620,8 @@ class S3Store:
         self._listing = listing
         #: parse ListObjectsV2 responses ourselves (see ``_page_raw``)
         self.fast_list = fast_list
-        #: read objects with our own signed GETs (see ``_lean_get``); off: through the SDK
+        #: read objects (GET, HEAD) and write small ones (a single PutObject) with our own signed
+        #: requests (see ``_lean``); off: through the SDK
         self.lean_get = lean_get
         self._target: _Target | None = None
         #: the credentials the client signs with (refreshable ones refresh themselves), for lean reads
@@ -956,6 +969,10 @@ class S3Store:
                 yield _given(batch)
 
     async def head(self, key: str) -> ObjectInfo:
+        if self.lean_get:
+            info: ObjectInfo | None = await self._retry(lambda: self._lean_head(key))
+            if info is not None:
+                return info
         full = self.prefix + key
         resp = await self._retry(lambda: self._call("head_object", "head", key, Key=full))
         return _info(key, resp["ContentLength"], resp["LastModified"], resp.get("ETag"))
@@ -997,37 +1014,86 @@ class S3Store:
         return resp.get("ETag"), _SdkBody(resp["Body"], self._where(key), key)
 
     async def _lean_get(self, key: str, rng: str | None, etag: str | None) -> tuple[str | None, _LeanBody] | None:
-        """GetObject without the SDK's per-request machinery (most of a small read's CPU): signed
-        by ``sigv4`` with the client's own credentials (refreshed as the SDK would), sent on the
-        shared aiohttp session (a pool of kept-alive connections), to where botocore said
-        (``_lean_target``). Errors become what the SDK's would (``_status_error``, ``translate``).
+        """GetObject as a lean request (``_lean``); None hands it to the SDK."""
+        headers: dict[str, str] = {}
+        if rng is not None:
+            headers["range"] = rng
+        if etag is not None:
+            headers["if-match"] = _quoted(etag)
+        resp = await self._lean("GET", key, headers, "get")
+        if resp is None:
+            return None
+        return resp.headers.get("ETag"), _LeanBody(resp, self._where(key), key)
+
+    async def _lean_head(self, key: str) -> ObjectInfo | None:
+        """HeadObject as a lean request (``_lean``): after every put (``_stat_written``, a thumbnail's
+        included) and for each event's check, where the SDK's machinery cost more than the request.
+        None hands it to the SDK (also when an answer lacks a header it should have)."""
+        resp = await self._lean("HEAD", key, {}, "head")
+        if resp is None:
+            return None
+        try:
+            length, modified = resp.headers.get("Content-Length"), resp.headers.get("Last-Modified")
+            if length is None or modified is None:
+                return None
+            try:
+                return _info(key, int(length), parsedate_to_datetime(modified), resp.headers.get("ETag"))
+            except (TypeError, ValueError):
+                return None
+        finally:
+            resp.release()
+
+    async def _lean_put(self, key: str, body: bytes, headers: dict[str, str], mode: PutMode) -> dict[str, Any] | None:
+        """PutObject of a buffered body as a lean request (``_lean``), as the SDK's answer: the ETag.
+        A thumbnail is one, and the SDK's machinery cost more than sending it. None hands it to the SDK."""
+        resp = await self._lean("PUT", key, headers, "put", body, mode)
+        if resp is None:
+            return None
+        try:
+            return {"ETag": resp.headers.get("ETag")}
+        finally:
+            resp.release()
+
+    async def _lean(
+        self,
+        method: str,
+        key: str,
+        headers: dict[str, str],
+        op: str,
+        body: bytes | None = None,
+        mode: PutMode | None = None,
+    ) -> aiohttp.ClientResponse | None:
+        """A request (GET, HEAD, a PUT of ``body``) without the SDK's per-request machinery (most of
+        a small read's or write's CPU): signed by ``sigv4`` with the client's own credentials (refreshed as the SDK
+        would), sent on the shared aiohttp session (a pool of kept-alive connections), to where
+        botocore said (``_lean_target``). A 200 or 206 answer is returned; errors become what the
+        SDK's would (``_status_error``, ``translate``).
 
         None hands the request to the SDK: no target, TLS trouble (the SDK may know a CA bundle
         we do not), or a redirect (a bucket in another region: the SDK follows it). Those turn
-        lean reads off for the store, logged once. The signed request is never logged.
+        lean requests off for the store, logged once. The signed request is never logged.
         """
         target = await self._lean_target()
         if target is None:
             return None
         where = self._where(key)
         path = target.path + sigv4.encode_key(self.prefix + key)
-        headers: dict[str, str] = {}
-        if rng is not None:
-            headers["range"] = rng
-        if etag is not None:
-            headers["if-match"] = _quoted(etag)
         try:
             creds = await self._signing.get_frozen_credentials()
         except BotoCoreError as exc:
-            raise translate(exc, where, "get", key=key) from exc
+            raise translate(exc, where, op, key=key) from exc
+        payload = sigv4.EMPTY_SHA256 if body is None else hashlib.sha256(body).hexdigest()
         signed = target.signer.sign(
-            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time()
+            target.host, path, headers, creds.access_key, creds.secret_key, creds.token, time.time(), method, payload
         )
         signed["accept-encoding"] = "identity"  # the stored bytes, never a compressed transfer of them
         try:
-            resp = await (await self._reads()).get(
+            resp = await (await self._reads()).request(
+                method,
                 yarl.URL(target.origin + path, encoded=True),
                 headers=signed,
+                data=body,
+                skip_auto_headers=("Content-Type",),  # none unless asked, as the SDK: storage picks its default
                 allow_redirects=False,
                 auto_decompress=False,
                 proxy=target.proxy,
@@ -1037,9 +1103,9 @@ class S3Store:
             self._lean_off("TLS error", error=type(exc).__name__)
             return None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise translate(exc, where, "get", key=key) from exc
+            raise translate(exc, where, op, key=key, mode=mode) from exc
         if resp.status in (200, 206):
-            return resp.headers.get("ETag"), _LeanBody(resp, where, key)
+            return resp
         try:
             body = await resp.content.read(1 << 16)
         except (aiohttp.ClientError, TimeoutError):
@@ -1048,10 +1114,11 @@ class S3Store:
             resp.close()
         err = _status_error(resp.status, body)
         code = err.response["Error"].get("Code")
-        if 300 <= resp.status < 400 or code in _WRONG_PLACE:
-            self._lean_off("the server sends reads elsewhere", status=resp.status, code=code)
+        # A HEAD has no body to name its error: AWS answers one sent to the wrong region with a bare 400.
+        if 300 <= resp.status < 400 or code in _WRONG_PLACE or (method == "HEAD" and resp.status == 400):
+            self._lean_off("the server sends requests elsewhere", status=resp.status, code=code)
             return None
-        raise translate(err, where, "get", key=key) from None
+        raise translate(err, where, op, key=key, mode=mode) from None
 
     async def _lean_target(self) -> _Target | None:
         """Where lean reads go: learned once from a URL botocore presigns for a probe key (so its
@@ -1172,11 +1239,16 @@ class S3Store:
     async def _put_single(self, key: str, body: bytes, mode: PutMode, content_type: str | None) -> str | None:
         full = self.prefix + key
         create, commit = self._write_args(mode, content_type)
-        return await self._committed(
-            key,
-            lambda: self._call("put_object", "put", key, mode, Key=full, Body=body, **create, **commit),
-            lambda: hashlib.md5(body, usedforsecurity=False).hexdigest(),
-        )
+
+        async def put() -> Any:
+            args = {**create, **commit}
+            if self.lean_get and len(body) <= LEAN_PUT_MAX and args.keys() <= _LEAN_PUT_HEADERS.keys():
+                headers = {_LEAN_PUT_HEADERS[name]: str(value) for name, value in args.items()}
+                if (resp := await self._lean_put(key, body, headers, mode)) is not None:
+                    return resp
+            return await self._call("put_object", "put", key, mode, Key=full, Body=body, **create, **commit)
+
+        return await self._committed(key, put, lambda: hashlib.md5(body, usedforsecurity=False).hexdigest())
 
     async def _check_before_upload(self, key: str, mode: PutMode) -> None:
         """Fail a conditional multipart put before uploading gigabytes; the

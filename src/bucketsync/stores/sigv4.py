@@ -1,4 +1,4 @@
-"""AWS Signature Version 4 for one kind of request: a GET with no body (the S3 store's lean reads).
+"""AWS Signature Version 4 for the S3 store's lean requests: GET and HEAD (no body), PUT of a buffered body.
 
 botocore signs each request through an event chain, a request model and its own header
 classes, and aiobotocore parses the answer the same way: 4 ms of CPU for one small ranged GET
@@ -33,7 +33,7 @@ def amz_date(now: float) -> str:
 
 @dataclass(slots=True)
 class Signer:
-    """Signs bodiless GETs for one region and service; the derived key is cached per day and secret."""
+    """Signs requests (no query string) for one region and service; the derived key is cached per day and secret."""
 
     region: str
     service: str = "s3"
@@ -58,16 +58,19 @@ class Signer:
         secret_key: str,
         token: str | None,
         now: float,
+        method: str = "GET",
+        payload: str = EMPTY_SHA256,
     ) -> dict[str, str]:
-        """The headers of a signed ``GET host path`` (no query string): ``headers`` (names in lower
-        case, all signed) plus ``host``, ``x-amz-date``, ``x-amz-content-sha256``, the session
-        token if any, and ``authorization``. ``path`` is already encoded (``encode_key``)."""
+        """The headers of a signed ``GET host path`` (or ``method``; no query string), whose body has
+        the SHA-256 ``payload`` (hex; none by default): ``headers`` (names in lower case, all signed)
+        plus ``host``, ``x-amz-date``, ``x-amz-content-sha256``, the session token if any, and
+        ``authorization``. ``path`` is already encoded (``encode_key``)."""
         stamp = amz_date(now)
         day = stamp[:8]
         signed = {
             **headers,
             "host": host,
-            "x-amz-content-sha256": EMPTY_SHA256,
+            "x-amz-content-sha256": payload,
             "x-amz-date": stamp,
         }
         if token:
@@ -75,7 +78,7 @@ class Signer:
         names = sorted(signed)
         canonical_headers = "".join(f"{n}:{' '.join(signed[n].split())}\n" for n in names)
         signed_names = ";".join(names)
-        canonical = f"GET\n{path}\n\n{canonical_headers}\n{signed_names}\n{EMPTY_SHA256}"
+        canonical = f"{method}\n{path}\n\n{canonical_headers}\n{signed_names}\n{payload}"
         scope = f"{day}/{self.region}/{self.service}/aws4_request"
         to_sign = f"{ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         signature = hmac.new(self.signing_key(secret_key, day), to_sign.encode(), hashlib.sha256).hexdigest()
