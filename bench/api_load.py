@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/api_load.py                          # the full load below, prints a table
     .venv/bin/python bench/api_load.py --datasets 5 --big 10000 --duration 10   # a quick run
-    .venv/bin/python bench/api_load.py --write docs/benchmarks.md
+    .venv/bin/python bench/api_load.py --sync-workers 2 --write docs/benchmarks.md   # with sync workers
 
 The load (issue 13, point 14): 50 local-folder datasets of 1,000 files each, polled
 every 5 s; a 100,000-file dataset re-synced back to back (no changes) through
@@ -72,12 +72,13 @@ def make_folder(root: Path, files: int, per_dir: int = 1000) -> None:
         os.link(source, folder / f"f{i % per_dir:04d}.bin")
 
 
-def write_config(path: Path, work: Path, port: int, small: int, interval: str) -> None:
+def write_config(path: Path, work: Path, port: int, small: int, interval: str, sync_workers: int = 0) -> None:
     lines = [
         "[agent]",
         f'ledger = "{work / "var" / "ledger.db"}"',
         f'listen = "127.0.0.1:{port}"',
         'log_format = "json"',
+        f"sync_workers = {sync_workers}",
         "",
         f"[drivers.{BIG}]",
         f'url = "{(work / "folders" / BIG).as_uri()}"',
@@ -261,7 +262,9 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"{args.datasets} datasets x 1,000 files polled every {args.interval}, a {args.big:,}-file dataset "
         f"re-synced back to back, {args.rate:g} API requests/s (half `GET /api/v1/datasets`, half a 100-item page) "
-        f"plus `/healthz` at 10/s and `/metrics` at 1/s, for {args.duration:g} s.",
+        f"plus `/healthz` at 10/s and `/metrics` at 1/s, for {args.duration:g} s; "
+        f"`agent.sync_workers = {args.sync_workers}`"
+        + (" (runs list and diff in the agent's process)." if not args.sync_workers else " (worker processes)."),
         "",
         "| route | requests | failed | p50 (ms) | p99 (ms) | max (ms) | target p99 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -342,7 +345,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     idle: list[float] = []
     port = free_port()
     alone = work / "alone.toml"
-    write_config(alone, work, port, 0, args.interval)
+    write_config(alone, work, port, 0, args.interval, args.sync_workers)
     async with Daemon(alone, port, work / "daemon-idle.log") as d, aiohttp.ClientSession() as s:
         first = await sync_big(s, d.url)
         print(f"initial sync of {args.big:,} files: {first:.2f} s", file=sys.stderr)
@@ -352,7 +355,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     port = free_port()
     full = work / "full.toml"
-    write_config(full, work, port, args.datasets, args.interval)
+    write_config(full, work, port, args.datasets, args.interval, args.sync_workers)
     async with Daemon(full, port, work / "daemon-load.log", args.profile_daemon) as d:
         async with aiohttp.ClientSession() as s:
             await wait_synced(s, d.url, args.datasets)
@@ -372,6 +375,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50.0, help="API requests per second (default 50)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
     ap.add_argument("--idle-runs", type=int, default=3, help="idle no-change syncs of the big dataset (default 3)")
+    ap.add_argument(
+        "--sync-workers",
+        type=int,
+        default=0,
+        help="agent.sync_workers of both daemons (default 0: listing and diffing in the agent's process)",
+    )
     ap.add_argument("--write", type=Path, help="write the results into this markdown file (its generated block)")
     ap.add_argument("--json", type=Path, help="also dump the raw measurements here")
     ap.add_argument("--profile-daemon", type=Path, help="cProfile the loaded daemon's event loop into this file")

@@ -227,6 +227,6 @@ async def test_each_fetch_is_counted_by_its_result(server: LinkServer) -> None:
     with refused("loopback"):
         await read(server.url("/files/counted"), Policy())
     assert (fetches("ok"), fetches("loopback")) == (ok + 1, loopback + 1)
-    metrics.init([])
+    metrics.init({})
     for result in metrics.FETCH_RESULTS:  # every series exists from the start, at 0 if nothing happened
         assert metrics.REGISTRY.get_sample_value("bucketsync_link_fetches_total", {"result": result}) is not None

@@ -140,10 +140,10 @@ async def test_a_dataset_a_reload_starts_is_built_like_one_at_start(tmp_path: Pa
     old = old.model_copy(update={"agent": old.agent.model_copy(update={"no_change_log_level": "debug"})})
     async with Agent(old) as agent:
         metrics.init(old.datasets)
-        new = load_settings(_cfg(tmp_path, {"one": {"driver": "a"}, "three": {"driver": "c"}}))
+        new = load_settings(_cfg(tmp_path, {"one": {"driver": "a", "sync": "events"}, "three": {"driver": "c"}}))
         runner = _Runner()
         await apply(agent, runner, new, driver_fingerprints(old))
-        assert runner.started == ["three"] and runner.stopped == ["two"]
+        assert runner.started == ["three", "one"] and runner.stopped == ["two", "one"]
         loop = agent.loops["three"]
         assert loop.pacer is agent.pacer is agent.loops["one"].pacer
         assert loop.no_change_log_level == "debug"  # the running [agent] section, as at start
@@ -153,6 +153,11 @@ async def test_a_dataset_a_reload_starts_is_built_like_one_at_start(tmp_path: Pa
         assert 'bucketsync_runs_total{dataset="three",status="aborted"} 0.0' in text
         assert 'bucketsync_dataset_ready{dataset="two"}' not in text
         assert 'bucketsync_guard_blocked{dataset="two"}' not in text
+        # Event series exist only where events can come: "one" is in events mode now, "three" polls.
+        assert 'bucketsync_events_received_total{dataset="one"} 0.0' in text
+        assert 'bucketsync_event_latency_seconds_count{dataset="one"} 0.0' in text
+        assert 'bucketsync_events_received_total{dataset="three"}' not in text
+        assert 'bucketsync_lease_changes_total{dataset="three"' not in text  # a ledger of its own: no leases
 
 
 @pytest.mark.slow

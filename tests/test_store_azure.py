@@ -71,7 +71,18 @@ def everything_about(exc: BaseException) -> str:
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 async def test_conformance(check: Check, azure_store: AzureStore) -> None:
+    assert azure_store.lean  # lists and reads with its own signed requests (azure_lean)
     await check(azure_store)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+async def test_conformance_through_the_sdk(check: Check, azurite: Azurite, azure_container: str) -> None:
+    """The SDK path stays the fallback (token credentials) and the reference."""
+    store = make_store(azurite, azure_container, lean=False)
+    try:
+        await check(store)
+    finally:
+        await store.aclose()
 
 
 async def test_conformance_permission_denied(azure_store: AzureStore, azure_readonly_store: AzureStore) -> None:
@@ -325,7 +336,9 @@ async def test_retried_conditional_put_whose_first_attempt_landed(
         await azure_store.put("landed", one_chunk(b"other"), CREATE)
 
 
-async def test_open_streams_ranges_pinned_to_the_first_etag(azure_store: AzureStore) -> None:
+async def test_open_streams_ranges_pinned_to_the_first_etag(azurite: Azurite, azure_container: str) -> None:
+    """Through the SDK (a token credential, or lean requests off); lean reads: test_store_azure_lean.py."""
+    azure_store = make_store(azurite, azure_container, lean=False)
     data = random.Random(3).randbytes(azure_mod.FIRST_READ + azure_mod.READ_CHUNK + 10)
     await azure_store.put("ranged", chunks_of(data, MiB))
     chunks = [len(c) async for c in azure_store.open("ranged")]
@@ -336,6 +349,7 @@ async def test_open_streams_ranges_pinned_to_the_first_etag(azure_store: AzureSt
     await azure_store.put("ranged", one_chunk(b"rewritten while being read"))
     with pytest.raises(PreconditionFailed):
         await anext(it)
+    await azure_store.aclose()
 
 
 # --- credentials, endpoints, secrets --------------------------------------------------------------

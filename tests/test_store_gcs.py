@@ -7,16 +7,21 @@ other test talks to the running server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import gcloud.aio.auth.token as gcloud_token
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -24,15 +29,17 @@ import bucketsync.core.retry
 from bucketsync.config import GcpIntegration, Settings, load_settings
 from bucketsync.core.errors import (
     AlreadyExists,
+    BadEndpoint,
     ConfigError,
     NotFound,
+    OrderError,
     PermissionDenied,
     PreconditionFailed,
     StorageError,
     Transient,
 )
 from bucketsync.core.model import CREATE, ObjectInfo, PutMode
-from bucketsync.stores import Store, open_store, read_all
+from bucketsync.stores import PagedListing, Store, listing_pages, open_store, read_all
 from bucketsync.stores.gcs import UPLOAD_CHUNK, GcsStore, endpoint, translate
 from conformance import CHECKS, Check, Delegating, check_missing_root
 from emulators import free_port
@@ -167,6 +174,41 @@ async def test_list_pages_in_code_point_order_and_skips_non_items(fake_gcs: Fake
     assert "a-c" < "a/b" < "a0"  # code-point order, as a bucket lists
     assert await listed(gcs_store, "k1") == [f"k1{i}" for i in range(10)]
     assert await listed(gcs_store, "nothing-here") == []
+
+
+async def test_list_pages_are_the_servers_pages(fake_gcs: FakeGcs, gcs_store: GcsStore) -> None:
+    """``list_pages`` (``PagedListing``, what a sync reads) hands over one list per objects.list page."""
+    assert isinstance(gcs_store, PagedListing)
+    keys = [f"k{i:02d}" for i in range(23)] + ["k05/"]  # a folder marker: on its page, not an item
+    for key in keys:
+        await gcs_store.put(key, body(key.encode()))
+    gcs_store.list_concurrency = 1  # one page after another: the pages are the server's
+    pages = [page async for page in listing_pages(gcs_store)]
+    assert [len(p) for p in pages] == [9, 10, 4]  # k05/ is the first page's tenth name
+    assert [i.key for p in pages for i in p] == sorted(k for k in keys if not k.endswith("/"))
+    assert [i for p in pages for i in p] == [i async for i in gcs_store.list()]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["p/a", "p/c", "p/b"], "'p/b' came after 'p/c'"),
+        (["p/a", "p/a"], "'p/a' came after 'p/a'"),
+        (["p/a", "q/b"], "returned 'q/b', outside the prefix"),
+    ],
+)
+async def test_a_page_out_of_order_or_outside_the_prefix_fails(
+    gcs_store: GcsStore, monkeypatch: pytest.MonkeyPatch, names: list[str], message: str
+) -> None:
+    now = "2026-11-29T22:59:18.124913Z"
+
+    async def page(params: dict[str, str]) -> dict[str, Any]:
+        return {"items": [{"name": n, "size": "1", "updated": now, "md5Hash": "x", "generation": "1"} for n in names]}
+
+    monkeypatch.setattr(gcs_store, "_list_page", page)
+    gcs_store.prefix, gcs_store.list_concurrency = "p/", 1
+    with pytest.raises((StorageError, OrderError), match=message):
+        await listed(gcs_store)
 
 
 async def test_empty_prefix_store_lists_the_whole_bucket(fake_gcs: FakeGcs) -> None:
@@ -490,3 +532,85 @@ async def test_md5_hash_starting_with_w_slash_is_kept_whole(gcs_store: GcsStore)
     assert [(o.key, o.etag) async for o in gcs_store.list()] == [("weak.bin", want)]
     info, md5 = await gcs_store.content_md5("weak.bin")
     assert info.etag == want and md5 == hashlib.md5(data).digest()
+
+
+# --- listing on the store's own session -----------------------------------------------------------
+
+
+@asynccontextmanager
+async def json_api(answer: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get("/storage/v1/b/{bucket}/o", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_listing_sends_the_token_and_reads_the_page() -> None:
+    """objects.list goes on the store's session with the store's token (not through gcloud-aio)."""
+    seen: list[dict[str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append({"auth": request.headers.get("Authorization", ""), **request.query})
+        item = {
+            "name": "p/a",
+            "size": "3",
+            "updated": "2026-11-29T22:59:18.124913Z",
+            "md5Hash": "bWQ1",
+            "generation": "7",
+        }
+        return web.json_response({"kind": "storage#objects", "items": [item]})
+
+    class FixedToken:
+        async def get(self) -> str:
+            return TOKEN
+
+    async with json_api(answer) as url:
+        store = GcsStore("bkt", "p/", endpoint_url=url)
+        store._session, store._token = aiohttp.ClientSession(), FixedToken()  # type: ignore[assignment]
+        try:
+            assert [(i.key, i.size, i.etag, i.version) async for i in store.list()] == [("a", 3, "bWQ1", "7")]
+        finally:
+            await store.aclose()
+    assert seen == [
+        {
+            "auth": f"Bearer {TOKEN}",
+            "prefix": "p/",
+            "maxResults": "1000",
+            "fields": "items(name,size,updated,md5Hash,etag,generation),nextPageToken",
+        }
+    ]
+
+
+async def test_a_listing_that_is_not_json_is_a_bad_endpoint() -> None:
+    async def login_page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>a login page</html>", content_type="text/html")
+
+    async with json_api(login_page) as url:
+        store = GcsStore("bkt", "p/", endpoint_url=url)
+        try:
+            with pytest.raises(BadEndpoint, match="does not answer as the GCS JSON API"):
+                await listed(store)
+        finally:
+            await store.aclose()
+
+
+async def test_listing_does_not_load_gcloud_aio(fake_gcs: FakeGcs) -> None:
+    """gcloud-aio (and JWT and cryptography under it) is loaded for a token or the SDK's calls only."""
+    bucket = fake_gcs.create_bucket()
+    code = (
+        "import asyncio, sys; from bucketsync.stores.gcs import GcsStore\n"
+        "async def main():\n"
+        f"    s = GcsStore({bucket!r}, endpoint_url={fake_gcs.url!r})\n"
+        "    assert [i async for i in s.list()] == []\n"
+        "    await s.aclose()\n"
+        "asyncio.run(main()); print(sorted(m for m in sys.modules if m.startswith('gcloud')))"
+    )
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

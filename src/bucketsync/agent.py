@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,10 +27,11 @@ from bucketsync.downstream.outbox import Outbox
 from bucketsync.enrich import Enricher, Triggers
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.sqlite import InstanceLock
-from bucketsync.stores import Store, open_store
+from bucketsync.stores import Store, open_store, store_spec
 from bucketsync.upstream.pacing import Pacer
 from bucketsync.upstream.probe import ProbeResult
 from bucketsync.upstream.sync import SyncLoop
+from bucketsync.upstream.workers import SyncWorkers, WorkerDiff
 
 if TYPE_CHECKING:
     from bucketsync.daemon.leases import LeaseKeeper
@@ -38,8 +40,13 @@ log = structlog.get_logger("bucketsync.agent")
 
 
 class Agent:
-    def __init__(self, settings: Settings, *, shared: bool = False) -> None:
+    def __init__(self, settings: Settings, *, shared: bool = False, sync_workers: int = 0) -> None:
         self.settings = settings
+        #: worker processes for the runs' listing and diff (the daemon's ``agent.sync_workers``;
+        #: the CLI's one-off commands run in process)
+        self.sync_workers = sync_workers
+        self.workers: SyncWorkers | None = None
+        self._generations = itertools.count(1)
         #: one of several daemons dividing a PostgreSQL ledger's datasets by leases (``leases``)
         self.shared = shared
         #: the lease loop when ``shared``: which datasets this agent syncs, and their fences
@@ -99,6 +106,9 @@ class Agent:
             await self.ensure_indexes()
             for name, driver in self.settings.drivers.items():
                 self.stores[name] = open_store(driver, self.settings)
+            if self.sync_workers:
+                self.workers = SyncWorkers(self.sync_workers, conf.log_level, conf.log_format, conf.sync_workers_nice)
+                await self.workers.start(wait=False)  # they start while the agent does
             for name, ds in self.settings.datasets.items():
                 loop = self.loops[name] = self.make_loop(name, ds, self.stores[ds.driver])
                 loop.resync = name in resync
@@ -118,6 +128,8 @@ class Agent:
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
             await self.triggers.aclose()
+        if self.workers is not None:
+            await self.workers.aclose()
         for close in self.closing:
             with contextlib.suppress(Exception):
                 await close()
@@ -160,7 +172,30 @@ class Agent:
         """A dataset's loop, the same whether built at start or by a reload: the shared pacer and log level."""
         assert self.ledger is not None
         return SyncLoop(
-            name, ds, store, self.ledger, self.pacer, no_change_log_level=self.settings.agent.no_change_log_level
+            name,
+            ds,
+            store,
+            self.ledger,
+            self.pacer,
+            no_change_log_level=self.settings.agent.no_change_log_level,
+            remote=self._remote(name, ds),
+        )
+
+    def _remote(self, name: str, ds: DatasetConfig) -> WorkerDiff | None:
+        """With sync workers, where the dataset's runs list and diff: a new generation per loop
+        (a reload builds a new store here, so the worker opens a new one too)."""
+        if self.workers is None:
+            return None
+        conf = self.settings.agent
+        return WorkerDiff(
+            self.workers,
+            name,
+            next(self._generations),
+            store_spec(self.settings.drivers[ds.driver], self.settings),
+            tuple(ds.include),
+            tuple(ds.exclude),
+            str(conf.ledger),
+            conf.ledger_password(),
         )
 
     def loop(self, dataset: str) -> SyncLoop:

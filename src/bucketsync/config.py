@@ -603,6 +603,24 @@ class AgentConfig(_Strict):
         ge=1,
         le=256,
     )
+    sync_workers: int = _doc(
+        "Processes that list storage and diff it against the ledger for the sync runs (0: the agent's own "
+        "process does it). Listing and diffing every key is CPU work; in the agent's process it competes with "
+        "the API, /healthz and the other runs. Raise it (to 1 or 2, at most the cores you can spare) for an "
+        "agent with many polled datasets or a few large ones whose API must stay fast while they sync. Each "
+        "worker serves many runs at once; writes to the ledger stay in the agent.",
+        default=0,
+        ge=0,
+        le=64,
+    )
+    sync_workers_nice: int = _doc(
+        "How much lower the sync workers' CPU priority is than the agent's (`nice`, 0-19): when the cores are "
+        "busy, the API and the agent's writes go first and the listing takes what is left. Where a sandbox "
+        "forbids it (the shipped systemd unit's SystemCallFilter), the workers warn and run at the agent's.",
+        default=10,
+        ge=0,
+        le=19,
+    )
 
     @field_validator("ledger", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -24,7 +24,7 @@ from bucketsync.core.errors import FetchRefused
 from bucketsync.core.model import COUNTED_STATES, Counts, OpKind, RunStatus
 
 if TYPE_CHECKING:
-    from bucketsync.config import Settings
+    from bucketsync.config import DatasetConfig, Settings
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape for no use here
 REGISTRY = CollectorRegistry()
@@ -134,6 +134,16 @@ LEDGER_CHECK = Gauge(
 LEDGER_ROLLBACKS = Counter(
     "bucketsync_ledger_rollbacks_detected_total",
     "Start-ups that found the ledger older than its commit-sequence sidecar (a lost -wal or a restored copy).",
+    registry=REGISTRY,
+)
+SYNC_WORKER_DEATHS = Counter(
+    "bucketsync_sync_worker_deaths_total",
+    "Sync worker processes (agent.sync_workers) that ended unasked; each is replaced, and its runs fail.",
+    registry=REGISTRY,
+)
+SYNC_WORKERS = Gauge(
+    "bucketsync_sync_workers",
+    "Sync worker processes running now (agent.sync_workers; 0: runs list and diff in the agent's process).",
     registry=REGISTRY,
 )
 for _reason in ("disk_full", "permission", "damaged", "io", "busy", "other"):
@@ -319,8 +329,11 @@ OP_RESULTS = (
 FETCH_RESULTS = ("ok", *FetchRefused.REASONS)
 
 
-def init(datasets: Iterable[str]) -> None:
-    """Create every series with a known label value at 0 (and the gauges at their start values)."""
+def init(datasets: Mapping[str, DatasetConfig], *, shared: bool = False) -> None:
+    """Create every series a dataset can have at 0 (and the gauges at their start values), so that
+    ``rate()`` works from the first scrape. The event series only for a dataset in events mode, the
+    lease series only for agents sharing a ledger: a series that can never move would only make
+    every scrape longer (an agent of 50 polled datasets rendered 1,500 such lines each time)."""
     for kind in ("runs", "ops"):
         PRUNED.labels(kind)
     for reason in REFUSAL_REASONS:
@@ -341,8 +354,19 @@ def init(datasets: Iterable[str]) -> None:
             DATASET_ITEMS.labels(ds, str(state))
         for counter in (LISTED, RUN_ERRORS, LOOP_ERRORS, LOOP_RESTARTS, QUOTA_SKIPPED, TOMBSTONES):
             counter.labels(ds)
-        for change in LEASE_CHANGES_KINDS:
+        for change in LEASE_CHANGES_KINDS if shared else ():
             LEASE_CHANGES.labels(ds, change)
+        RUN_SECONDS.labels(ds)
+        OUTBOX_BACKLOG.labels(ds).set(0)
+        DATASET_READY.labels(ds).set(0)  # until its probe passes
+        DOWNSTREAM_AVAILABLE.labels(ds).set(1)
+        GUARD_BLOCKED.labels(ds).set(0)
+    init_events(ds for ds, conf in datasets.items() if conf.sync == "events")
+
+
+def init_events(datasets: Iterable[str]) -> None:
+    """The event series at 0 for datasets in events mode (at start, or when a reload puts one there)."""
+    for ds in datasets:
         for counter in (EVENTS_RECEIVED, EVENTS_APPLIED):
             counter.labels(ds)
         for reason in EVENT_DROP_REASONS:
@@ -350,11 +374,6 @@ def init(datasets: Iterable[str]) -> None:
         for change in CHANGES:
             RECONCILE_DRIFT.labels(ds, change)
         EVENT_LATENCY.labels(ds)
-        RUN_SECONDS.labels(ds)
-        OUTBOX_BACKLOG.labels(ds).set(0)
-        DATASET_READY.labels(ds).set(0)  # until its probe passes
-        DOWNSTREAM_AVAILABLE.labels(ds).set(1)
-        GUARD_BLOCKED.labels(ds).set(0)
 
 
 def init_hooks(settings: Settings) -> None:

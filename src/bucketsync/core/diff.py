@@ -137,6 +137,8 @@ class Step:
     as indexed, which is only counted in ``unchanged``: on a re-sync where little changed,
     no per-key object is built. ``listed`` and ``keys`` are the listed objects of the
     stretch and their keys (gaps left out; a gap goes to the ``gaps`` list it was given).
+    A step that crossed from a sync worker process carries the keys only (``listed`` is
+    empty): count what was listed with ``keys``.
     """
 
     listed: Sequence[ObjectInfo]

@@ -42,6 +42,16 @@ class OrderError(BucketsyncError):
     """A listing or snapshot was not in ascending code-point order of key."""
 
 
+class WorkerDied(BucketsyncError):
+    """A sync worker process (``agent.sync_workers``) ended while it listed for a run: the run
+    fails like a failed listing (nothing removed) and the next one goes to a new worker."""
+
+
+class ListingFailed(BucketsyncError):
+    """A sync worker's listing failed with an error of no class here (an SDK's, a bug): the
+    message is the one the run records, ``"TypeName: text"``, as if it had failed in the agent."""
+
+
 class InvalidKey(BucketsyncError, ValueError):
     """A key that could escape its folder or is otherwise unusable."""
 

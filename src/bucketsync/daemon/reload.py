@@ -171,7 +171,8 @@ async def apply(agent: Agent, runner: DatasetRunner, new: Settings, running: dic
     agent.settings = new
     agent.stores = stores
     await agent.ensure_indexes()  # a reload may name new indexes; existing ones are kept
-    metrics.init(p.added)  # a new dataset's series start at 0, as at start-up
+    metrics.init({n: new.datasets[n] for n in p.added}, shared=agent.leases is not None)  # at 0, as at start-up
+    metrics.init_events(n for n in p.changed if new.datasets[n].sync == "events")  # now in events mode
     metrics.init_hooks(agent.settings)
     await agent.enricher.sync_datasets()  # before the new loops commit anything
     for name in (*p.added, *p.changed):

@@ -463,9 +463,9 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     shared = conf.ledger_file is None  # a PostgreSQL ledger: agents divide its datasets by leases
-    async with Agent(settings, shared=shared) as agent:
+    async with Agent(settings, shared=shared, sync_workers=conf.sync_workers) as agent:
         # Not ready until probed, before the first request can ask (the site starts below).
-        metrics.init(agent.settings.datasets)
+        metrics.init(agent.settings.datasets, shared=shared)
         metrics.init_hooks(agent.settings)
         for name in agent.settings.datasets:
             agent.set_ready(name, "permission probe not run yet")

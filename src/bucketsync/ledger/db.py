@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -82,7 +82,7 @@ class Db(Protocol):
         SQLite the writer's connection; the same as any read elsewhere)."""
         ...
 
-    def stream(self, sql: str, params: Sequence[Any], batch: int) -> AsyncIterator[list[Row]]:
+    def stream(self, sql: str, params: Sequence[Any], batch: int) -> AsyncGenerator[list[Row], None]:
         """A query's rows in batches, all from one consistent snapshot however long the
         walk takes (the run's own commits meanwhile do not shift it)."""
         ...

@@ -9,6 +9,7 @@ writes (``Db.stream``). Durability (invariant 8) is the backend's: one transacti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -483,15 +484,17 @@ class Ledger:
         """``snapshot`` as the rows the database hands over, ``SNAPSHOT_BATCH`` at a time:
         (id, key, size, modified, etag, version, state) tuples, for ``diff_pages``, which
         builds an object only for a row that changed."""
-        async for rows in self.db.stream(
+        stream = self.db.stream(
             # Linked items made through the API have no object in the bucket: no listing would
             # see them, so no run may count them as removed.
             "SELECT id, key, size, modified, etag, version, state FROM items WHERE dataset_id = ? "
             "AND link IS DISTINCT FROM 'api' ORDER BY key",
             (dataset_id,),
             SNAPSHOT_BATCH,
-        ):
-            yield cast(list[SnapshotRow], rows)
+        )
+        async with contextlib.aclosing(stream):  # closed with this one: its read transaction ends
+            async for rows in stream:
+                yield cast(list[SnapshotRow], rows)
 
     # -- runs ---------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import functools
 import json
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -825,7 +825,7 @@ class PostgresDb:
         except (asyncpg.InterfaceError, OSError, asyncpg.PostgresConnectionError) as exc:
             raise ledger_error(self.where, exc, "read") from exc
 
-    async def stream(self, sql: str, params: Sequence[Any], batch: int) -> AsyncIterator[list[Row]]:
+    async def stream(self, sql: str, params: Sequence[Any], batch: int) -> AsyncGenerator[list[Row], None]:
         """A server-side cursor in one REPEATABLE READ transaction: one snapshot for the whole walk."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             cur = await conn.cursor(translate(sql), *params)

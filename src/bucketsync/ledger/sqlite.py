@@ -16,7 +16,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -489,7 +489,7 @@ class SqliteDb:
         conn = self.conn if primary else self.reader
         return list(await conn.execute_fetchall(sql, params))
 
-    async def stream(self, sql: str, params: Sequence[Any], batch: int) -> AsyncIterator[list[Row]]:
+    async def stream(self, sql: str, params: Sequence[Any], batch: int) -> AsyncGenerator[list[Row], None]:
         """A separate read-only connection holds one read transaction for the whole walk."""
         reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from bucketsync.core.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
 
 if TYPE_CHECKING:
-    from bucketsync.config import DriverConfig, Settings
+    from bucketsync.config import DriverConfig, Integration, Settings
 
 
 @runtime_checkable
@@ -153,18 +155,36 @@ _FACTORIES = {
 _KEEP_STATE = {"file"}
 
 
-def open_store(driver: DriverConfig, settings: Settings) -> Store:
-    """Build the store for ``driver``; the integration (credentials) comes from ``settings``."""
-    loc = driver.location
-    module, _, func = _FACTORIES[loc.scheme].partition(":")
-    factory = getattr(importlib.import_module(module), func)
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """What it takes to build a driver's store, and nothing bound to this process: a sync worker
+    process (upstream/workers) gets one through a pipe and opens the same store there."""
+
+    driver: DriverConfig
+    integration: Integration | None
+    #: the content-hash memos live beside the SQLite ledger, or in the local state folder
+    memo_base: Path
+
+    def open(self) -> Store:
+        loc = self.driver.location
+        module, _, func = _FACTORIES[loc.scheme].partition(":")
+        factory = getattr(importlib.import_module(module), func)
+        extra = {"ledger": self.memo_base} if loc.scheme in _KEEP_STATE else {}
+        store: Store = factory(loc, self.driver, self.integration, **extra)
+        return store
+
+
+def store_spec(driver: DriverConfig, settings: Settings) -> StoreSpec:
+    """The driver's ``StoreSpec``; the integration (credentials) comes from ``settings``."""
     integration = settings.integrations.get(driver.integration) if driver.integration else None
-    # The content-hash memos live beside the SQLite ledger, or in the local state folder.
     conf = settings.agent
     memo_base = conf.ledger_file if conf.ledger_file is not None else conf.local_state / "ledger"
-    extra = {"ledger": memo_base} if loc.scheme in _KEEP_STATE else {}
-    store: Store = factory(loc, driver, integration, **extra)
-    return store
+    return StoreSpec(driver, integration, memo_base)
+
+
+def open_store(driver: DriverConfig, settings: Settings) -> Store:
+    """Build the store for ``driver``; the integration (credentials) comes from ``settings``."""
+    return store_spec(driver, settings).open()
 
 
 def listing_with_gaps(

@@ -1,5 +1,11 @@
 """Azure Blob store (``az://ACCOUNT/CONTAINER/prefix``) on azure-storage-blob's aio client.
 
+Two paths. With a shared key or a SAS, listings and reads are our own signed GETs
+(``azure_lean``: the SDK's pipeline and XML models were most of their cost); head,
+writes, deletes, and everything with a token credential go through the SDK, which is
+imported only then. Both paths give the same objects and the same errors: the SDK
+path is the reference in the tests.
+
 Listing order. Azure (and Azurite) list blob names in UTF-16 code-unit order, not
 in code-point order: a character above U+FFFF is sent as a surrogate pair
 (0xD800-0xDFFF), so it sorts *before* U+E000..U+FFFF, where code-point order puts
@@ -21,17 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import functools
 import hashlib
 import heapq
+import itertools
+import operator
 import re
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
+import structlog
 from azure.core import MatchConditions
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.core.exceptions import (
@@ -44,8 +54,6 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobBlock, BlobProperties, ContentSettings, StandardBlobTier
-from azure.storage.blob.aio import BlobClient, ContainerClient
 
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -64,16 +72,21 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
+from bucketsync.stores.azure_lean import API_VERSION, Entry, Rest, RestError, Target, UnreadablePage
 from bucketsync.stores.parallel import in_order
+from bucketsync.stores.sharedkey import SharedKey
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
+    from azure.storage.blob import ContentSettings, StandardBlobTier
+    from azure.storage.blob.aio import BlobClient, ContainerClient
 
     from bucketsync.config import AzureIntegration, DriverConfig
 
     Credential = AzureNamedKeyCredential | AzureSasCredential | AsyncTokenCredential
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 MiB = 1 << 20
 #: bodies up to one block go up in a single Put Blob; larger ones are staged block by block
@@ -84,17 +97,20 @@ MAX_BLOCKS = 50_000
 #: objects), then larger ones for throughput. The SDK's default first GET would buffer 32 MiB.
 FIRST_READ = 1 * MiB
 READ_CHUNK = 4 * MiB
+#: the most a lean read hands over at once (what has arrived, up to this)
+CHUNK = 1 * MiB
 #: default seconds to connect, and to wait for each read of a response (no limit on a whole
 #: transfer); a driver's ``connect_timeout`` / ``read_timeout`` override them
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 #: keys held back by ``CodePointOrder`` before it gives up with ``OrderError``
 REORDER_LIMIT = 100_000
-_TIER_LIST = (StandardBlobTier.HOT, StandardBlobTier.COOL, StandardBlobTier.COLD, StandardBlobTier.ARCHIVE)
-TIERS = {t.value.lower(): t for t in _TIER_LIST}
+#: access tiers by lower-case name (the SDK's ``StandardBlobTier`` values; the SDK itself is imported only
+#: where it is used: a listing or a read with a key or a SAS never loads it, 0.2-0.5 s of start-up)
+TIERS = {t.lower(): t for t in ("Hot", "Cool", "Cold", "Archive")}
 
 # Errors the SDK (or aiohttp underneath it) raises for one call; anything else is a bug and propagates.
-_SDK_ERRORS = (AzureError, aiohttp.ClientError, TimeoutError, ConnectionError)
+_SDK_ERRORS = (AzureError, aiohttp.ClientError, TimeoutError, ConnectionError, RestError, UnreadablePage)
 _NETWORK_ERRORS = (
     ServiceRequestError,
     ServiceResponseError,
@@ -130,8 +146,22 @@ def translate(exc: BaseException, action: str, where: str, key: str | None = Non
     text quotes the request. Other errors keep a scrubbed, shortened text.
     """
     msg = f"cannot {action} {where}"
+    if isinstance(exc, RestError):  # an error answer to a lean request: the same rules as the SDK's
+        return _translate_status(exc.status, exc.code, msg, key, listing=action == "list")
+    if isinstance(exc, UnreadablePage):
+        return BadEndpoint(f"{msg}: an unreadable List Blobs answer, not Azure Blob storage? ({exc})", key=key)
     if isinstance(exc, HttpResponseError) and exc.status_code is not None and exc.status_code >= 400:
-        return _translate_http(exc, msg, key, listing=action == "list")
+        return _translate_status(
+            exc.status_code,
+            _code(exc),
+            msg,
+            key,
+            listing=action == "list",
+            missing=isinstance(exc, ResourceNotFoundError),
+            denied=isinstance(exc, ClientAuthenticationError),
+            modified=isinstance(exc, ResourceModifiedError),
+            exists=isinstance(exc, ResourceExistsError),
+        )
     reason = f"{type(exc).__name__}: {_scrub(str(exc)) or 'no details'}"
     if isinstance(exc, ClientAuthenticationError):  # no HTTP status: a token credential found nothing to use
         return PermissionDenied(f"{msg}: no usable Azure credential ({reason})", key=key)
@@ -144,9 +174,20 @@ def translate(exc: BaseException, action: str, where: str, key: str | None = Non
     return StorageError(f"{msg}: {reason}", key=key)
 
 
-def _translate_http(exc: HttpResponseError, msg: str, key: str | None, *, listing: bool = False) -> StorageError:
-    status = exc.status_code
-    code = _code(exc)
+def _translate_status(
+    status: int,
+    code: str,
+    msg: str,
+    key: str | None,
+    *,
+    listing: bool = False,
+    missing: bool = False,
+    denied: bool = False,
+    modified: bool = False,
+    exists: bool = False,
+) -> StorageError:
+    """An error answer (status, Azure's error code) -> the bucketsync error; the flags say what the
+    SDK's exception class said besides (a lean request has only the status and the code)."""
     detail = f"HTTP {status}{' ' + code if code else ''}"
     if code == "ContainerNotFound":
         return NotFound(f"{msg}: the container does not exist ({detail})", key=key)
@@ -154,15 +195,15 @@ def _translate_http(exc: HttpResponseError, msg: str, key: str | None, *, listin
         # Blob storage names every error of a listing (x-ms-error-code): a bare 4xx came from
         # something that is not Blob storage, or from a wrong account path.
         return BadEndpoint(f"{msg}: the endpoint does not answer as Azure Blob storage ({detail})", key=key)
-    if status == 404 or isinstance(exc, ResourceNotFoundError):
+    if status == 404 or missing:
         return NotFound(f"{msg}: not found ({detail})", key=key)
-    if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
+    if status in (401, 403) or denied:
         return PermissionDenied(f"{msg}: permission denied, check the azure integration ({detail})", key=key)
     if status == 412 and code in _LEASE_CODES:
         return StorageError(f"{msg}: the blob is leased by another client ({detail})", key=key)
-    if status == 412 or isinstance(exc, ResourceModifiedError):
+    if status == 412 or modified:
         return PreconditionFailed(f"{msg}: changed in storage, etag mismatch ({detail})", key=key)
-    if code in ("BlobAlreadyExists", "ContainerAlreadyExists") or (isinstance(exc, ResourceExistsError) and not code):
+    if code in ("BlobAlreadyExists", "ContainerAlreadyExists") or (exists and not code):
         return AlreadyExists(f"{msg}: already exists ({detail})", key=key)
     if code == "BlobArchived":
         return NotSupported(f"{msg}: the blob is in the Archive tier; rehydrate it first ({detail})", key=key)
@@ -238,6 +279,23 @@ class CodePointOrder:
                 "code-point order within the memory bound"
             )
 
+    def page(self, entries: Sequence[tuple[str, ObjectInfo | None]]) -> list[ObjectInfo]:
+        """``push`` of a page of the server's keys at once. The usual page (nothing held, no item
+        with a character above U+FFFF, ascending) is released whole after a few C-level passes;
+        any other goes key by key, and fails there if it is out of order."""
+        if not self._heap:
+            infos = [info for _, info in entries if info is not None]
+            keys = [info.key for info in infos]
+            if (
+                (all(map(str.isascii, keys)) or all(_guard(k) is None for k in keys))
+                and (not keys or self._last is None or keys[0] > self._last)
+                and all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
+            ):
+                if keys:
+                    self._last = keys[-1]
+                return infos
+        return [out for key, info in entries for out in self.push(key, info)]
+
     def finish(self) -> Iterator[ObjectInfo]:
         """The listing ended: everything held is safe now."""
         while self._heap:
@@ -287,6 +345,20 @@ async def _blocks(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[byte
         yield bytes(buf)
 
 
+def _lean_auth(credential: Credential) -> SharedKey | str | None:
+    """What lean requests sign with: the shared key, or the SAS; None for a token credential
+    (Entra ID tokens stay with the SDK, which fetches and refreshes them)."""
+    if isinstance(credential, AzureNamedKeyCredential):
+        name, key = credential.named_key
+        try:
+            return SharedKey(name, key)
+        except ValueError:  # not base64: the SDK reports it as it always has
+            return None
+    if isinstance(credential, AzureSasCredential):
+        return credential.signature
+    return None
+
+
 class AzureStore:
     """One container + prefix. The SDK client is created on first use, closed by ``aclose``."""
 
@@ -300,7 +372,7 @@ class AzureStore:
         *,
         account_url: str,
         credential: Credential,
-        tier: StandardBlobTier | None = None,
+        tier: str | None = None,
         close_credential: bool = False,
         page_size: int = 1000,
         block_size: int = BLOCK_SIZE,
@@ -310,6 +382,7 @@ class AzureStore:
         reorder_limit: int = REORDER_LIMIT,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
+        lean: bool = True,
     ) -> None:
         self.url = f"az://{account}/{container}/{prefix}"
         self.account = account
@@ -328,14 +401,40 @@ class AzureStore:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._client: ContainerClient | None = None
+        #: list and read with our own signed GETs (``azure_lean``) where the credential allows it
+        #: (a shared key or a SAS); off, or with a token credential: through the SDK
+        self.lean = lean and _lean_auth(credential) is not None and "?" not in self._account_url
+        self._rest_client: Rest | None = None
 
     def __repr__(self) -> str:
         return f"AzureStore({self.url!r})"
+
+    def _rest(self) -> Rest:
+        """The lean requests' client, signed with the credential the SDK client holds."""
+        if self._rest_client is None:
+            auth = _lean_auth(self._credential)
+            assert auth is not None
+            self._rest_client = Rest(
+                Target.of(self._account_url, self.container),
+                api_version=API_VERSION,
+                key=auth if isinstance(auth, SharedKey) else None,
+                sas=auth if isinstance(auth, str) else None,
+                connect_timeout=self._connect_timeout,
+                read_timeout=self._read_timeout,
+            )
+        return self._rest_client
+
+    def _lean_off(self, why: str) -> None:
+        if self.lean:
+            log.warning(f"lean Azure requests disabled: {why}; listing and reading through the SDK", url=self.url)
+        self.lean = False
 
     # -- plumbing
 
     def _container(self) -> ContainerClient:
         if self._client is None:
+            from azure.storage.blob.aio import ContainerClient
+
             self._client = ContainerClient(
                 self._account_url,
                 self.container,
@@ -366,41 +465,64 @@ class AzureStore:
 
     # -- listing
 
-    async def _page(self, start: str, token: str | None) -> tuple[list[BlobProperties], str | None]:
+    async def _sdk_page(self, start: str, token: str | None) -> tuple[list[Entry], str | None]:
         pages = (
             self._container()
             .list_blobs(name_starts_with=start or None, results_per_page=self.page_size)
             .by_page(continuation_token=token)
         )
         page = await pages.__anext__()
-        blobs = [b async for b in page]
+        entries: list[Entry] = [
+            (b.name, b.size, b.last_modified.timestamp(), normalize_etag(b.etag), b.version_id) async for b in page
+        ]
         token_after: str | None = getattr(pages, "continuation_token", None)  # AsyncPageIterator's, untyped
-        return blobs, token_after or None
+        return entries, token_after or None
 
-    async def _pages(self, start: str) -> AsyncIterator[list[BlobProperties]]:
+    async def _page(self, start: str, token: str | None) -> tuple[list[Entry], str | None]:
+        """One page of blobs (names relative to the container) and the token of the next: lean
+        where it can be (the marker is the same token either way), else through the SDK."""
+        if self.lean:
+            try:
+                return await self._rest().list_page(start, token, self.page_size)
+            except aiohttp.ClientSSLError as exc:  # the SDK may know a CA bundle we do not
+                self._lean_off(f"TLS error ({type(exc).__name__})")
+        return await self._sdk_page(start, token)
+
+    async def _pages(self, start: str) -> AsyncIterator[list[Entry]]:
         token: str | None = None
         while True:
             # Each page is retried on its own, from its continuation token: a blip never restarts the listing.
-            blobs, token = await self._retry("list", None, functools.partial(self._page, start, token))
-            yield blobs
+            entries, token = await self._retry("list", None, functools.partial(self._page, start, token))
+            yield entries
             if token is None:
                 return
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        async for page in self.list_pages(prefix):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list`` a page at a time (``PagedListing``), for ``diff_pages``. ``splits`` are not used:
+        List Blobs has neither a start key nor an end key, so the listing is pipelined, not parallel."""
         start = self.prefix + prefix
         cut = len(self.prefix)
         order = CodePointOrder(self.url, self._reorder_limit)
         # Pipelined (``stores.parallel``): the next page is on the wire while this one is read.
-        async for blobs in in_order([functools.partial(self._pages, start)], 1):
-            for b in blobs:
-                if not b.name.startswith(start):  # never trust a page to honour the prefix
-                    raise StorageError(f"cannot list {self.url}: the service returned {b.name!r} outside {start!r}")
-                key = b.name[cut:]
-                info = _info(key, b.size, b.last_modified, b.etag, b.version_id) if indexable(key) else None
-                for out in order.push(key, info):
-                    yield out
-        for out in order.finish():
-            yield out
+        async for entries in in_order([functools.partial(self._pages, start)], 1):
+            names = [e[0] for e in entries]
+            if not all(map(str.startswith, names, itertools.repeat(start))):  # never trust a page to honour it
+                outside = next(n for n in names if not n.startswith(start))
+                raise StorageError(f"cannot list {self.url}: the service returned {outside!r} outside {start!r}")
+            yield order.page(
+                [
+                    (key := name[cut:], ObjectInfo(key, size, modified, etag, version) if indexable(key) else None)
+                    for name, size, modified, etag, version in entries
+                ]
+            )
+        yield list(order.finish())
 
     # -- reads
 
@@ -417,6 +539,66 @@ class AzureStore:
         return info, bytes(stored) if stored else None
 
     async def open(self, key: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        last = None if length is None else offset + length - 1
+        got = await self._retry("read", key, functools.partial(self._lean_get, key, offset, last, None))
+        if got is None:  # lean requests are off (a token credential, or TLS trouble): the SDK reads
+            async for chunk in self._sdk_open(key, offset, length):
+                yield chunk
+            return
+        resp, etag = got
+        pos, failures = offset, 0
+        while resp is not None:
+            # One GET streamed to its end. A body cut short (or a reset) resumes from where it broke,
+            # pinned to the first answer's ETag: a blob rewritten in between fails the read
+            # (PreconditionFailed) instead of splicing two versions.
+            try:
+                while chunk := await self._chunk(resp, key):
+                    pos += len(chunk)
+                    failures = 0
+                    yield chunk
+                return
+            except Transient:
+                failures += 1
+                if failures >= self._attempts or etag is None:
+                    raise
+                log.info("resuming an interrupted download", url=self.url + key, offset=pos)
+            finally:
+                # A body read to its end gives its connection back to the pool; an abandoned one closes it.
+                if resp.content.at_eof():
+                    resp.release()
+                else:
+                    resp.close()
+            got = await self._retry("read", key, functools.partial(self._lean_get, key, pos, last, etag))
+            resp = got[0] if got is not None else None
+            if resp is None:
+                raise Transient(f"cannot read {self.url}{key}: the service returned no data at byte {pos}", key=key)
+
+    async def _lean_get(
+        self, key: str, first: int, last: int | None, etag: str | None
+    ) -> tuple[aiohttp.ClientResponse | None, str | None] | None:
+        """Get Blob lean: (the answer, or None for an empty blob's; its ETag), or None when lean
+        requests are off."""
+        if not self.lean:
+            return None
+        try:
+            resp = await self._rest().get(self.prefix + key, first, last, _quoted(etag) if etag else None)
+        except aiohttp.ClientSSLError as exc:  # the SDK may know a CA bundle we do not
+            self._lean_off(f"TLS error ({type(exc).__name__})")
+            return None
+        except RestError as exc:
+            if exc.status == 416 and first == 0 and etag is None:  # a range of an empty blob: "0 bytes"
+                return None, None
+            raise
+        return resp, resp.headers.get("ETag")
+
+    async def _chunk(self, resp: aiohttp.ClientResponse, key: str) -> bytes:
+        try:
+            return await resp.content.read(CHUNK)
+        except _SDK_ERRORS as exc:
+            error = translate(exc, "read", self.url + key, key)
+        raise error
+
+    async def _sdk_open(self, key: str, offset: int, length: int | None) -> AsyncIterator[bytes]:
         # Ranged GETs we drive ourselves: a small first one, then READ_CHUNK at a time, each
         # pinned to the first response's etag (a blob rewritten mid-read fails with
         # PreconditionFailed instead of mixing versions) and each retried on its own.
@@ -491,9 +673,16 @@ class AzureStore:
         if mode.if_match is not None and (current is None or current.etag != normalize_etag(mode.if_match)):
             raise PreconditionFailed(f"cannot write {self.url}{key}: changed in storage, etag mismatch", key=key)
 
+    def _blob_tier(self) -> StandardBlobTier | None:
+        from azure.storage.blob import StandardBlobTier
+
+        return StandardBlobTier(self.tier) if self.tier is not None else None
+
     def _settings(self, content_type: str | None, md5: bytes) -> ContentSettings:
         # The MD5 is stored with the blob (x-ms-blob-content-md5) for block uploads too: it
         # lets a retried conditional write recognise that its first attempt had landed.
+        from azure.storage.blob import ContentSettings
+
         return ContentSettings(content_type=content_type or "application/octet-stream", content_md5=bytearray(md5))
 
     async def _put_single(
@@ -507,7 +696,7 @@ class AzureStore:
                 length=len(data),
                 overwrite=not mode.create,
                 content_settings=self._settings(ctype, md5),
-                standard_blob_tier=self.tier,
+                standard_blob_tier=self._blob_tier(),
                 **_conditions(mode),
             )
 
@@ -516,6 +705,8 @@ class AzureStore:
     async def _put_blocks(
         self, blob: BlobClient, key: str, blocks: AsyncIterator[bytes], mode: PutMode, ctype: str | None
     ) -> ObjectInfo:
+        from azure.storage.blob import BlobBlock
+
         upload_id = uuid.uuid4().hex  # per upload: two writers of one key never mix their uncommitted blocks
         ids: list[BlobBlock] = []
         md5 = hashlib.md5()
@@ -545,7 +736,10 @@ class AzureStore:
 
         async def commit() -> dict[str, Any]:
             return await blob.commit_block_list(
-                ids, content_settings=self._settings(ctype, digest), standard_blob_tier=self.tier, **_conditions(mode)
+                ids,
+                content_settings=self._settings(ctype, digest),
+                standard_blob_tier=self._blob_tier(),
+                **_conditions(mode),
             )
 
         return await self._write(key, size, digest, mode, commit)
@@ -593,6 +787,9 @@ class AzureStore:
             return  # idempotent; also what a retry after a lost 202 sees
 
     async def aclose(self) -> None:
+        rest, self._rest_client = self._rest_client, None
+        if rest is not None:
+            await rest.aclose()
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -713,7 +910,7 @@ def credentials(
     return default_url, AzureSasCredential(value.strip().lstrip("?")), False
 
 
-def _tier(storage_class: str | None) -> StandardBlobTier | None:
+def _tier(storage_class: str | None) -> str | None:
     if storage_class is None:
         return None
     tier = TIERS.get(storage_class.strip().lower())

@@ -26,17 +26,16 @@ import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import json
 import mimetypes
+import operator
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import aiohttp
-from gcloud.aio.auth import Token
-from gcloud.aio.auth.token import Type as TokenType
-from gcloud.aio.storage import Storage
 
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -57,6 +56,8 @@ from bucketsync.core.retry import retrying
 from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, gather_bounded, in_order, ranges, usable_splits
 
 if TYPE_CHECKING:
+    from gcloud.aio.auth import Token
+
     from bucketsync.config import DriverConfig, GcpIntegration
 
 T = TypeVar("T")
@@ -167,16 +168,23 @@ async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
 # --- credentials and endpoint ---------------------------------------------------------------------
 
 
-class _Token(Token):
-    """A Token that fetches once per call: bucketsync's ``retrying`` is the retry policy.
+@functools.cache
+def _token_class() -> type[Token]:
+    """gcloud-aio-auth's Token, fetching once per call: bucketsync's ``retrying`` is the retry policy.
 
-    The library retries a failed token fetch 5 times with waits of up to 60 s
-    (tenacity); calling the undecorated method keeps the behaviour ours.
+    The library retries a failed token fetch 5 times with waits of up to 60 s (tenacity); calling
+    the undecorated method keeps the behaviour ours. Made on first use: gcloud-aio (and the JWT and
+    cryptography libraries under it) is imported only by a driver that needs a token or the SDK's
+    calls, not by every start (0.1-0.2 s); a listing goes through ``_request``.
     """
+    from gcloud.aio.auth import Token
 
-    # The library's signature, hence the timeout argument and the override.
-    async def acquire_access_token(self, timeout: int = 10) -> None:  # type: ignore[override]
-        await getattr(Token.acquire_access_token, "__wrapped__")(self, timeout)  # noqa: B009
+    class _Token(Token):
+        # The library's signature, hence the timeout argument and the override.
+        async def acquire_access_token(self, timeout: int = 10) -> None:  # type: ignore[override]
+            await getattr(Token.acquire_access_token, "__wrapped__")(self, timeout)  # noqa: B009
+
+    return _Token
 
 
 def endpoint(endpoint_url: str | None) -> tuple[str, bool]:
@@ -217,7 +225,7 @@ def _make_token(source: str | IO[str] | None, session: Any, field: str) -> Token
     # ``session`` is our aiohttp.ClientSession; the library annotates it as a union
     # that mypy resolves to requests' Session, hence Any.
     try:
-        return _Token(service_file=source, scopes=SCOPES, session=session)
+        return _token_class()(service_file=cast(Any, source), scopes=SCOPES, session=session)
     except (OSError, ValueError, KeyError) as exc:
         where = f" {source!r}" if isinstance(source, str) else ""
         reason = getattr(exc, "strerror", None) or "not a usable Google credentials file"
@@ -237,6 +245,8 @@ def _credentials_field(integration: GcpIntegration | None, name: str | None) -> 
 
 
 def _token_error(exc: BaseException, token: Token, what: str) -> StorageError:
+    from gcloud.aio.auth.token import Type as TokenType
+
     err = translate(exc, what)
     if isinstance(exc, aiohttp.ClientConnectorError) and token.token_type == TokenType.GCE_METADATA:
         # No key and no ADC file: the library fell back to the GCE metadata server,
@@ -323,9 +333,10 @@ class GcsStore:
     def _where(self, key: str = "") -> str:
         return f"{self.url}{key}"
 
-    async def _client(self) -> Any:
-        """The Storage client, created on first use (the factory is sync; aiohttp needs a loop)."""
-        if self._storage is None:
+    async def _http(self) -> aiohttp.ClientSession:
+        """The session (and the token, when there is one), created on first use (the factory is
+        sync; aiohttp needs a loop)."""
+        if self._session is None:
             session = aiohttp.ClientSession(timeout=self.timeout)
             try:
                 if not self._emulator:
@@ -336,6 +347,14 @@ class GcsStore:
                 await session.close()
                 raise
             self._session = session
+        return self._session
+
+    async def _client(self) -> Any:
+        """The Storage client, created on first use, on the store's session."""
+        if self._storage is None:
+            session = await self._http()
+            from gcloud.aio.storage import Storage
+
             # An emulator gets a token that is never asked for: Storage calls the
             # token only outside dev mode, and building a real one would read
             # GOOGLE_APPLICATION_CREDENTIALS for nothing.
@@ -384,6 +403,17 @@ class GcsStore:
 
         return await retrying(once)
 
+    async def _retry(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """One idempotent request of our own (``_request``), errors translated, retried on Transient."""
+
+        async def once() -> T:
+            try:
+                return await call()
+            except _SDK_ERRORS as exc:
+                raise translate(exc, what) from None
+
+        return await retrying(once)
+
     async def _request(
         self,
         method: str,
@@ -398,9 +428,8 @@ class GcsStore:
         Bytes go in a fresh BytesIO per request: aiohttp then writes large bodies
         without blocking the loop, and a retried request re-reads from the start.
         """
-        await self._client()
-        assert self._session is not None
-        resp = await self._session.request(
+        session = await self._http()
+        resp = await session.request(
             method,
             url,
             params=params,
@@ -422,21 +451,36 @@ class GcsStore:
         the part between two split points is ``startOffset`` (inclusive) to ``endOffset``
         (exclusive). Without split points (``splits``, keys relative to the driver), a listing
         longer than one page is cut at the folders of its first levels."""
+        async for page in self.list_pages(prefix, splits):
+            for info in page:
+                yield info
+
+    async def list_pages(
+        self, prefix: str = "", splits: Sequence[str] = ()
+    ) -> AsyncIterator[builtins.list[ObjectInfo]]:
+        """``list_split`` a page at a time (``PagedListing``, for ``diff_pages``): one list per
+        objects.list page, checked and converted in a few passes, with no generator per object."""
         full = self.prefix + prefix
         plen = len(self.prefix)
         last: str | None = None
         async for page in self._pages(full, [self.prefix + s for s in splits]):
-            for res in page:
-                name: str = res["name"]
-                # GCS sorts by UTF-8 bytes, which is code-point order; check every page.
-                if last is not None and name <= last:
-                    raise OrderError(f"list {self.url}: {name!r} came after {last!r}")
-                last = name
-                if not name.startswith(full):
-                    raise StorageError(f"list {self.url}: the server returned {name!r}, outside the prefix")
-                key = name[plen:]
-                if indexable(key):
-                    yield object_info(key, res)
+            if not page:
+                continue
+            names: builtins.list[str] = [res["name"] for res in page]
+            # GCS sorts by UTF-8 bytes, which is code-point order; check every page, at C speed,
+            # and look for the culprit only when it is out of order.
+            if (last is not None and names[0] <= last) or not all(
+                map(operator.lt, names, itertools.islice(names, 1, None))
+            ):
+                for name in names:
+                    if last is not None and name <= last:
+                        raise OrderError(f"list {self.url}: {name!r} came after {last!r}")
+                    last = name
+            if not (names[0].startswith(full) and names[-1].startswith(full)):  # ascending: the ends bound the rest
+                outside = next(n for n in names if not n.startswith(full))
+                raise StorageError(f"list {self.url}: the server returned {outside!r}, outside the prefix")
+            last = names[-1]
+            yield [object_info(key, res) for res in page if indexable(key := res["name"][plen:])]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[dict[str, Any]]]:
         first: dict[str, Any] | None = None
@@ -501,10 +545,23 @@ class GcsStore:
         return found
 
     async def _list_page(self, params: dict[str, str]) -> dict[str, Any]:
+        """One objects.list page: the request gcloud-aio-storage's ``list_objects`` sends, on the same
+        session with the same token, without loading the library for it (see ``_token_class``)."""
+        url = f"{self._api_root}/storage/v1/b/{self.bucket}/o"
+        what = f"list {self.url}"
+
+        async def get() -> dict[str, Any]:
+            resp = await self._request("GET", url, params=params)
+            try:
+                got: dict[str, Any] = await resp.json(content_type=None)
+            except ValueError:  # not JSON
+                raise BadEndpoint(f"{what}: the endpoint does not answer as the GCS JSON API (not JSON)") from None
+            finally:
+                resp.release()
+            return got
+
         try:
-            page: dict[str, Any] = await self._call(
-                lambda s: s.list_objects(self.bucket, params=params, timeout=self.timeout), f"list {self.url}"
-            )
+            page: dict[str, Any] = await self._retry(get, what)
         except NotFound:
             # objects.list answers 404 only when the bucket is missing: an error, never an empty listing.
             raise NotFound(f"list {self.url}: bucket {self.bucket!r} does not exist") from None

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import structlog
 
@@ -147,6 +148,44 @@ class _Pending:
     sample: Quantiles = field(default_factory=lambda: Quantiles(0))
 
 
+class RemoteDiff(Protocol):
+    """Listing and diffing done elsewhere (a sync worker process: upstream/workers): the same
+    steps ``listing_steps`` yields, with the listing's gaps appended to ``gaps`` as they come
+    and, once the last step is taken, the listed keys' sample in ``sample``. A step from there
+    carries the keys of what was listed but not the objects (``Step.listed`` is empty)."""
+
+    def steps(
+        self, ds_id: int, splits: Sequence[str], gaps: list[ListingGap], sample: Quantiles
+    ) -> AsyncGenerator[Step, None]: ...
+
+
+async def listing_steps(
+    store: Store,
+    keep: KeyFilter,
+    snapshot: AsyncIterable[Sequence[SnapshotRow]],
+    splits: Sequence[str],
+    gaps: list[ListingGap],
+    sample: Quantiles,
+    step: int,
+) -> AsyncGenerator[Step, None]:
+    """A run's diff: the store's listing (cut at ``splits``, filtered) against the ledger's
+    snapshot, in steps of at most ``step`` keys; listed keys are fed to ``sample`` for the
+    next run's split points. The same code in this process and in a sync worker."""
+    listing = listing_pages(store, "", splits)
+    pages = listing if keep.trivial else _filtered(listing, keep)
+    steps = diff_pages(pages, snapshot, gaps, step)
+    try:
+        async for s in steps:
+            sample.see_all(s.keys)
+            yield s
+    finally:
+        # A run that stops early ends its listing and its snapshot (a read transaction that pins
+        # the WAL) now, outermost first, not whenever the garbage collector gets to them.
+        for part in (steps, pages, listing, snapshot):
+            if (aclose := getattr(part, "aclose", None)) is not None:
+                await aclose()
+
+
 async def _filtered(
     pages: AsyncIterable[Sequence[ObjectInfo | ListingGap]], keep: Callable[[str], bool]
 ) -> AsyncIterator[Sequence[ObjectInfo | ListingGap]]:
@@ -165,8 +204,11 @@ class SyncLoop:
         pacer: Pacer | None = None,
         *,
         no_change_log_level: str = "info",
+        remote: RemoteDiff | None = None,
     ) -> None:
         self.name = name
+        #: where listing and diffing run when not in this process (``agent.sync_workers``)
+        self.remote = remote
         self.pacer = pacer or Pacer()  # an agent's runs share one
         #: the level of the one line a run that changed nothing logs (busy polls make it noise)
         self.no_change_log_level = no_change_log_level
@@ -340,12 +382,14 @@ class SyncLoop:
         # pool): it is opened before the run takes a turn, never while holding one. A run that
         # held a turn while it waited for a connection, held by runs that waited for a turn,
         # was a deadlock as soon as more datasets synced at once than the pool had connections.
-        snapshot = await _opened(self.ledger.snapshot_pages(ds_id))
+        # (A sync worker process reads the snapshot itself.)
+        snapshot = await _opened(self.ledger.snapshot_pages(ds_id)) if self.remote is None else None
         try:
             async with _Turns(self.pacer) as turns:
                 await self._diff(ds_id, run_id, counts, p, stop, turns, snapshot)
         finally:
-            await snapshot.aclose()
+            if snapshot is not None:
+                await snapshot.aclose()
 
     async def _diff(
         self,
@@ -355,32 +399,44 @@ class SyncLoop:
         p: _Pending,
         stop: asyncio.Event | None,
         turns: _Turns,
-        snapshot: AsyncIterator[list[SnapshotRow]],
+        snapshot: AsyncGenerator[list[SnapshotRow]] | None,
     ) -> None:
-        listing = listing_pages(self.store, "", self.splits)
-        if not self.filter.trivial:
-            listing = _filtered(listing, self.filter)
         t0 = time.monotonic()
         self.touched = {k: t for k, t in self.touched.items() if t >= t0}
         quota = self.config.quota
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
-        sample = p.sample
+        # The one seam between listing + diffing and everything else: the steps come from this
+        # process, or from a sync worker process (upstream/workers) that does the same there.
+        if self.remote is not None:
+            steps = self.remote.steps(ds_id, self.splits, p.gaps, p.sample)
+        else:
+            assert snapshot is not None  # opened by _walk before the run took its turn
+            steps = listing_steps(self.store, self.filter, snapshot, self.splits, p.gaps, p.sample, CHECK_EVERY)
         # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
-        async for step in diff_pages(listing, snapshot, p.gaps, CHECK_EVERY):
-            await turns.tick()
-            counts.listed += len(step.listed)
-            sample.see_all(step.keys)
-            changes, unchanged = step.changes, step.unchanged
-            if self.in_flight or self.touched:
-                changes, unchanged = self._settled(step, t0)
-            counts.unchanged += unchanged
-            for ch in changes:
-                self._take(ch, counts, p, quota, live)
-            if len(p.adds) + len(p.updates) >= BATCH:
-                async with turns.paused():  # a commit waits for the disk, not for the CPU
-                    await self._flush(ds_id, run_id, counts, p)
-                if stop is not None and stop.is_set():
-                    raise Interrupted("interrupted by shutdown or reload; nothing was removed")
+        async with contextlib.aclosing(steps):  # a run that stops early ends its listing (and its worker job) now
+            while (step := await self._next(steps, turns)) is not None:
+                await turns.tick()
+                counts.listed += len(step.keys)
+                changes, unchanged = step.changes, step.unchanged
+                if self.in_flight or self.touched:
+                    changes, unchanged = self._settled(step, t0)
+                counts.unchanged += unchanged
+                for ch in changes:
+                    self._take(ch, counts, p, quota, live)
+                if len(p.adds) + len(p.updates) >= BATCH:
+                    async with turns.paused():  # a commit waits for the disk, not for the CPU
+                        await self._flush(ds_id, run_id, counts, p)
+                    if stop is not None and stop.is_set():
+                        raise Interrupted("interrupted by shutdown or reload; nothing was removed")
+
+    async def _next(self, steps: AsyncIterator[Step], turns: _Turns) -> Step | None:
+        """The next step. In process, making it is this run's CPU work on the loop: within its
+        turn. From a worker, it is a wait like a commit's: the turn goes to other runs meanwhile,
+        or two runs waiting on their workers would hold every turn while the loop sits idle."""
+        if self.remote is None:
+            return await anext(steps, None)
+        async with turns.paused():
+            return await anext(steps, None)
 
     def _owned(self, key: str, t0: float) -> bool:
         """Downstream owns ``key`` right now (writing it, or wrote it during this run): the run
