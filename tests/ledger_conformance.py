@@ -93,7 +93,7 @@ async def check_datasets(open_ledger: Opener) -> None:
         b = await ledger.dataset_id("docs")
         assert a != b, "each dataset has its own id"
         assert await ledger.find_dataset("docs") == b
-        assert set(await ledger.dataset_ids()) == {a, b}
+        assert await ledger.dataset_names() == [(a, "photos"), (b, "docs")]
 
 
 async def check_write_batch_and_reads(open_ledger: Opener) -> None:

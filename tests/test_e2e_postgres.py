@@ -71,4 +71,11 @@ async def test_a_daemon_syncs_and_puts_on_a_postgresql_ledger(postgres_server: P
         second = one_json(cli(cfg, "sync", "docs", "--json", env=env))
         assert (second["run"], second["status"], second["unchanged"]) == (2, "ok", 4), second
         assert daemon.api("GET", "/datasets/docs/runs").body["runs"][0]["id"] == 2
+
+        # The CLI finds the daemon through the database's one-agent lock, as through SQLite's
+        # file lock: a command that needs a daemon goes to it (it said none was running).
+        reload = cli(cfg, "reload", env=env)
+        assert reload.returncode == 0, describe(reload)
+    gone = cli(cfg, "reload", env=env)
+    assert gone.returncode != 0 and "no agent is running" in gone.stderr, describe(gone)
     assert PASSWORD not in daemon.log

@@ -8,6 +8,7 @@ import asyncio
 import io
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -162,6 +163,20 @@ async def test_a_restart_mid_queue_resumes_and_runs_nothing_twice(tmp_path: Path
     with sqlite3.connect(settings.agent.ledger) as db:
         rows = db.execute("SELECT state, attempts FROM enrichment").fetchall()
     assert rows == [("done", 1)] * 6  # each item (each etag) was enriched once
+
+
+async def test_agents_sharing_a_ledger_enrich_only_the_datasets_they_hold(tmp_path: Path) -> None:
+    """On a ledger shared by agents, each dataset's enrichment is taken by the agent that holds its
+    lease (the one that syncs it), as its outbox ops are: not raced for by every agent."""
+    settings = make_settings(tmp_path, local_driver(tmp_path))
+    async with Agent(settings) as agent:
+        await put_all(agent.stores["d"], {f"img{i}.jpg": images.jpeg(seed=i) for i in range(3)})
+        await agent.loop(DS).run_once()
+        agent.leases = SimpleNamespace(held={"other": 1})  # type: ignore[assignment]
+        assert await agent.enricher.drain() == 0, "another agent's dataset: not this one's to enrich"
+        agent.leases.held[DS] = 4
+        assert await agent.enricher.drain() == 3
+        agent.leases = None
 
 
 async def test_bomb_and_oversized_objects_are_never_decoded(tmp_path: Path) -> None:

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import asyncpg
 import pytest
 
+from bucketsync.config import AgentConfig
 from bucketsync.core.errors import LeaseLost, LedgerLocked
 from bucketsync.core.leases import Fence
-from bucketsync.core.model import Counts, ObjectInfo, OpKind, RunStatus
+from bucketsync.core.model import Counts, ItemState, ObjectInfo, OpKind, RunStatus
 from bucketsync.daemon.leases import LeaseKeeper
 from bucketsync.ledger.leases import FENCE, Leases
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.postgres import PostgresDb
+from bucketsync.ledger.retention import prune_once
 from emulators.postgres import PostgresServer
 
 NAMES = [f"ds{i:02}" for i in range(12)]
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -284,3 +288,174 @@ async def test_a_keeper_that_cannot_reach_the_database_stops_its_loops_before_it
     await keeper
     assert sorted(tasks.stopped) == [(n, True) for n in NAMES[:2]], "cancelled at once: unrenewed, maybe another's"
     assert a.held == {}
+
+
+async def _fenced(fence: Fence | None, work: Awaitable[T]) -> T:
+    """``work`` in a task of its own whose writes are fenced by ``fence`` (None: unfenced)."""
+
+    async def run() -> T:
+        FENCE.set(fence)
+        return await work
+
+    return await asyncio.create_task(run())
+
+
+async def _held_open(ledger: Ledger, fence: Fence, key: str, opened: asyncio.Event, done: asyncio.Event) -> None:
+    """A fenced write transaction of ``fence.dataset`` that stays open until ``done``."""
+    ds = await ledger.dataset_id(fence.dataset)
+    async with ledger.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO items (dataset_id, key, size, modified, updated) VALUES (?, ?, 1, 1.0, 1.0)", (ds, key)
+        )
+        opened.set()
+        await done.wait()
+
+
+@pytest.fixture
+async def two(postgres_server: PostgresServer) -> AsyncIterator[tuple[Ledger, Ledger]]:
+    """Two ledgers on one database: two agents' writer connections."""
+    url = postgres_server.new_database()
+    first = await Ledger.open(url)
+    second = await Ledger.open(url)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_writers_of_different_datasets_commit_side_by_side_and_a_catalog_wide_write_waits(
+    two: tuple[Ledger, Ledger],
+) -> None:
+    """A fenced write takes the write lock shared and its dataset's lock: agent B commits its
+    batches of dataset "b" while agent A's transaction of "a" is open (under one database-wide
+    lock, B waited for it). An unfenced write (the API's: it may touch any dataset) still
+    takes the write lock whole and waits for A's transaction. Every commit of either moves the
+    data version, and no write is lost."""
+    one, other = two
+    la, lb = leases(one, "A"), leases(other, "B")
+    await la.register(["a", "b"])
+    fa = Fence("a", "A", (await la.claim(["a"], 1))["a"])
+    fb = Fence("b", "B", (await lb.claim(["b"], 1))["b"])
+    ids = {n: await one.dataset_id(n) for n in ("a", "b")}
+    opened, done = asyncio.Event(), asyncio.Event()
+    held = asyncio.create_task(_fenced(fa, _held_open(one, fa, "held", opened, done)))
+    await opened.wait()
+    try:
+        before = await other.db.version()
+
+        async def b_writes() -> None:
+            run = await other.begin_run(ids["b"], forced=False)
+            for i in range(3):
+                await other.write_batch(ids["b"], run, [ObjectInfo(f"k{i}", 1, 1.0, f"e{i}", None)], [], Counts())
+
+        # bounded only so that a lock wait fails the test instead of hanging it
+        await asyncio.wait_for(_fenced(fb, b_writes()), 30)
+        assert await other.db.version() == before + 4, "each of B's commits moved the data version"
+        assert not held.done()
+        wide = asyncio.create_task(_fenced(None, other.merge_dataset_meta(ids["a"], {"team": "x"})))
+        await asyncio.sleep(0.3)
+        assert not wide.done(), "a catalog-wide write waits for every open dataset write"
+    finally:
+        done.set()
+    await held
+    assert await wide == {"team": "x"}
+    assert [i.key for i in await other.items(ids["a"])] == ["held"]
+    assert [i.key for i in await other.items(ids["b"])] == ["k0", "k1", "k2"]
+    assert (await one.counts_by_state(ids["b"]))["live"] == 3
+
+
+async def test_one_datasets_writers_on_two_connections_take_turns_and_the_old_owner_is_fenced(
+    two: tuple[Ledger, Ledger],
+) -> None:
+    """Across agents (two writer connections, no process lock between them): the old owner's
+    open transaction of a dataset, which passed its check, commits before the new owner's
+    first write of it begins; the old owner's next transaction is refused."""
+    one, other = two
+    la, lb = leases(one, "A", seconds=0.5), leases(other, "B")
+    await la.register(["a"])
+    old = Fence("a", "A", (await la.claim(["a"], 1))["a"])
+    ds = await other.dataset_id("a")
+    opened, done = asyncio.Event(), asyncio.Event()
+    held = asyncio.create_task(_fenced(old, _held_open(one, old, "old", opened, done)))
+    await opened.wait()
+    await expire(one, "a")
+    new = Fence("a", "B", (await lb.claim(["a"], 1))["a"])
+    later = asyncio.create_task(_fenced(new, other.begin_run(ds, forced=False)))
+    await asyncio.sleep(0.3)
+    assert not later.done(), "the new owner's write waits for the dataset's lock the old owner's transaction holds"
+    done.set()
+    await held
+    run = await later
+    with pytest.raises(LeaseLost):
+        await _fenced(old, one.set_state((await one.items(ds))[0].id, ItemState.LIVE))
+    assert [i.key for i in await other.items(ds)] == ["old"]
+    assert (await other.run(run)).status == "running"  # type: ignore[union-attr]
+
+
+async def test_with_pointer_items_fenced_writes_of_different_datasets_take_turns(two: tuple[Ledger, Ledger]) -> None:
+    """A merge points into "a" and "b": a batch of either also updates the merge's pointers and
+    counts, rows the other's batch may update too. Then fenced writes take turns (one more lock),
+    and concurrent batches that change both sources leave the merge's counts right."""
+    one, other = two
+    la, lb = leases(one, "A"), leases(other, "B")
+    await la.register(["a", "b"])
+    fa = Fence("a", "A", (await la.claim(["a"], 1))["a"])
+    fb = Fence("b", "B", (await lb.claim(["b"], 1))["b"])
+    ids = {n: await one.dataset_id(n) for n in ("a", "b")}
+    runs = {}
+    for name, led, fence in (("a", one, fa), ("b", other, fb)):
+        runs[name] = await _fenced(fence, led.begin_run(ids[name], forced=False))
+        rows = [ObjectInfo(f"{name}{i}", 1, 1.0, "e0", None) for i in range(20)]
+        await _fenced(fence, led.write_batch(ids[name], runs[name], rows, [], Counts()))
+    merged, n = await one.create_merge("both", [(ids["a"], "a"), (ids["b"], "b")], "folder")
+    assert n == 40
+
+    opened, done = asyncio.Event(), asyncio.Event()
+    held = asyncio.create_task(_fenced(fa, _held_open(one, fa, "held", opened, done)))
+    await opened.wait()
+    batch = [ObjectInfo("x", 1, 1.0, "e", None)]
+    later = asyncio.create_task(_fenced(fb, other.write_batch(ids["b"], runs["b"], batch, [], Counts())))
+    await asyncio.sleep(0.3)
+    assert not later.done(), "with pointer items, a write of b waits for the open write of a"
+    done.set()
+    await held
+    await later
+
+    async def change(led: Ledger, fence: Fence, name: str) -> None:
+        rows = {i.key: i.id for i in await led.items(ids[name], limit=100)}
+        for round_ in range(1, 6):
+            updates = [(rows[f"{name}{i}"], ObjectInfo(f"{name}{i}", 2, 2.0, f"e{round_}", None)) for i in range(20)]
+            await led.write_batch(ids[name], runs[name], [], updates, Counts())
+
+    await asyncio.wait_for(asyncio.gather(_fenced(fa, change(one, fa, "a")), _fenced(fb, change(other, fb, "b"))), 60)
+    counts = await one.counts_by_state(merged)
+    assert (counts["live"], counts["stale"]) == (0, 40), counts
+
+
+async def test_retention_prunes_the_datasets_an_agent_holds_under_their_fences(ledger: Ledger) -> None:
+    """Each agent prunes the datasets it holds (a write of one dataset, fenced), never another
+    agent's, and every agent the datasets no configuration names any more; a lease lost
+    meanwhile leaves that dataset's history to its new owner."""
+    a, _ = keeper(ledger, "a", ["mine", "theirs"])
+    b = leases(ledger, "b")
+    await a.leases.register(["mine", "theirs"])
+    await b.claim(["theirs"], 1)
+    await a.turn()
+    assert sorted(a.held) == ["mine"]
+    ids = {name: await ledger.dataset_id(name) for name in ("mine", "theirs", "gone")}
+    for ds in ids.values():
+        for _ in range(4):
+            run = await ledger.begin_run(ds, forced=False)
+            await ledger.finish_run(run, Counts(), RunStatus.OK, None)
+
+    async def kept() -> dict[str, int]:
+        return {name: len(await ledger.runs(ds)) for name, ds in ids.items()}
+
+    await prune_once(ledger, AgentConfig.model_validate({"keep_runs": 2}), shares=a)
+    assert await kept() == {"mine": 2, "theirs": 4, "gone": 2}
+
+    await expire(ledger, "mine")
+    await b.claim(["mine"], 1)  # a has not noticed yet: its fence of "mine" is stale
+    await prune_once(ledger, AgentConfig.model_validate({"keep_runs": 1}), shares=a)
+    assert await kept() == {"mine": 2, "theirs": 4, "gone": 1}

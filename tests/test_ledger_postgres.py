@@ -6,18 +6,25 @@ row). What every backend does is in the ledger conformance suite."""
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from bucketsync.config import AgentConfig
+from bucketsync.config import AgentConfig, DatasetConfig
 from bucketsync.core.errors import LedgerError, LedgerLocked
 from bucketsync.core.model import Counts, ObjectInfo
 from bucketsync.enrich.queue import EnrichQueue
 from bucketsync.enrich.triggers import Deliveries
+from bucketsync.ledger import postgres
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.ledger.postgres import SCHEMA_VERSION, bulk, redact, translate
 from bucketsync.ledger.sqlite import MIGRATIONS
+from bucketsync.stores.memory import MemoryStore
+from bucketsync.upstream.pacing import Pacer
+from bucketsync.upstream.sync import SyncLoop
+from conformance import Delegating
 from emulators.postgres import PostgresServer
 
 
@@ -218,3 +225,60 @@ async def test_a_lost_writer_connection_fails_one_write_then_heals(postgres_serv
     finally:
         await other.close()
         await ledger.close()
+
+
+class _Gated(Delegating):
+    """A store whose listing starts once ``gate`` is set."""
+
+    def __init__(self, inner: MemoryStore, gate: asyncio.Event) -> None:
+        super().__init__(inner)
+        self.gate = gate
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        await self.gate.wait()
+        async for obj in self.inner.list(prefix):
+            yield obj
+
+
+def _open_gate() -> asyncio.Event:
+    gate = asyncio.Event()
+    gate.set()
+    return gate
+
+
+async def test_more_datasets_syncing_at_once_than_read_connections(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run's snapshot holds one of the pool's read connections for its whole diff. A run
+    that took its turn on the event loop (the agent's ``Pacer``) and then waited for a
+    connection, while the run holding it waited for a turn, was a deadlock: an agent syncing
+    more datasets at once than ``POOL_SIZE`` hung on its first no-change round.
+
+    Made certain here: one read connection, one turn given up at every step of a diff, and A's
+    listing held back until B's run began, so B waits for the turn A holds with its snapshot open."""
+    monkeypatch.setattr(postgres, "POOL_SIZE", 1)
+    ledger = await Ledger.open(postgres_server.new_database())
+    names = [f"pool-{uuid.uuid4().hex}" for _ in range(2)]
+    pacer = Pacer(concurrent=1, slice=0.0)
+    b_started = asyncio.Event()
+    try:
+        loops = []
+        for i, name in enumerate(names):
+            store = MemoryStore(name)
+            store.load((f"k{n:03}", b"x", 1.0) for n in range(300))  # three steps of the diff each
+            gate = b_started if i == 0 else _open_gate()
+            loops.append(SyncLoop(name, DatasetConfig(driver="d"), _Gated(store, gate), ledger, pacer))
+        b_started.set()
+        for loop in loops:  # the initial syncs, one after the other
+            assert (await loop.run_once()).counts.added == 300
+        b_started.clear()
+        started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        started.add_done_callback(lambda _: b_started.set())
+        runs = [asyncio.ensure_future(loops[0].run_once()), asyncio.ensure_future(loops[1].run_once(started=started))]
+        # A deadlock never ends: the bound only turns it into a failure instead of a hung suite.
+        again = await asyncio.wait_for(asyncio.gather(*runs), 60)
+        assert [r.counts.unchanged for r in again] == [300, 300]
+    finally:
+        await ledger.close()
+        for name in names:
+            MemoryStore.drop(name)

@@ -75,13 +75,18 @@ async def _read_ledger(settings: Settings) -> Ledger | None:
     return await Ledger.open(conf.ledger, readonly=True, password=conf.ledger_password())
 
 
-def _daemon_running(settings: Settings) -> bool:
-    from bucketsync.ledger.sqlite import InstanceLock
-
-    # A PostgreSQL ledger takes concurrent readers; a command that writes opens an agent, which
-    # then meets the running one's lock in the database and says so.
+async def _daemon_running(settings: Settings) -> bool:
+    """Whether an agent runs on the ledger: then a command goes through the API (``agent.listen``).
+    On PostgreSQL, any agent on the database counts: the one at ``agent.listen`` serves the whole
+    API, and asks the dataset's owner to run what only the owner may."""
     file = settings.agent.ledger_file
-    return file is not None and InstanceLock(file).held_by_other()
+    if file is not None:
+        from bucketsync.ledger.sqlite import InstanceLock
+
+        return InstanceLock(file).held_by_other()
+    from bucketsync.ledger.postgres import agent_running
+
+    return await agent_running(str(settings.agent.ledger), settings.agent.ledger_password())
 
 
 # -- sync ------------------------------------------------------------------------
@@ -110,7 +115,7 @@ async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
 
     settings.dataset(args.dataset)
     show = sys.stderr.isatty() and not args.json
-    if _daemon_running(settings):
+    if await _daemon_running(settings):
         out = await _remote_sync(settings, args, show)
     else:
         try:
@@ -237,7 +242,7 @@ async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.agent import datasets_status
     from bucketsync.cli.client import AgentClient
 
-    if _daemon_running(settings):
+    if await _daemon_running(settings):
         async with AgentClient(settings) as client:
             rows = (await client.call("GET", "/datasets"))["datasets"]
     else:
@@ -335,7 +340,7 @@ async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     for name in names:
         query.field(name if name.startswith(query.META_PREFIX) else query.META_PREFIX + name, "--columns")
-    if _daemon_running(settings):
+    if await _daemon_running(settings):
         params = {k: v for k, v in (("filter", args.where), ("sort", args.sort)) if v}
         async with AgentClient(settings) as client:
             rows = (await client.call("GET", "/datasets", params=params))["datasets"]
@@ -399,7 +404,7 @@ async def cmd_enrich(settings: Settings, args: argparse.Namespace) -> int:
     mode = "all" if args.all else "failed" if args.failed else "missing"
     progress = ProgressLine() if sys.stderr.isatty() and not args.json else None
     out: dict[str, Any] | None = None
-    if not _daemon_running(settings):
+    if not await _daemon_running(settings):
         try:
             out = await _enrich_local(settings, args.dataset, mode, progress)
         except LedgerLocked:
@@ -460,7 +465,7 @@ async def _downstream(
     from bucketsync.agent import Agent
     from bucketsync.cli.client import AgentClient
 
-    if not _daemon_running(settings):
+    if not await _daemon_running(settings):
         from bucketsync.downstream.ops import Downstream
 
         try:
@@ -480,7 +485,7 @@ async def _runtime_op(
     from bucketsync.agent import Agent
     from bucketsync.cli.client import AgentClient
 
-    if not _daemon_running(settings):
+    if not await _daemon_running(settings):
         try:
             async with Agent(settings) as agent:
                 return await local(agent)
@@ -570,7 +575,7 @@ async def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     settings.dataset(args.dataset)
     if not os.path.isfile(args.file):
         raise UsageError(f"{args.file}: no such file")
-    if not _daemon_running(settings):
+    if not await _daemon_running(settings):
         raise BucketsyncError("import needs the running agent (bucketsync run): it imports through its API")
     report: dict[str, Any] = {}
     # A CLI command owns its thread: a blocking open of the local report file stalls nothing else.
@@ -747,7 +752,7 @@ async def _ops_remote(settings: Settings, args: argparse.Namespace) -> dict[str,
 
 async def cmd_ops(settings: Settings, args: argparse.Namespace) -> int:
     out: dict[str, Any] | None = None
-    if not _daemon_running(settings):
+    if not await _daemon_running(settings):
         try:
             out = await _ops_local(settings, args)
         except LedgerLocked:
@@ -883,7 +888,7 @@ async def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
     """What SIGHUP does, through the running agent's API (it re-reads its own config file)."""
     from bucketsync.cli.client import AgentClient
 
-    if not _daemon_running(settings):
+    if not await _daemon_running(settings):
         raise BucketsyncError(f"no agent is running on ledger {settings.agent.ledger}; nothing to reload")
     async with AgentClient(settings) as client:
         out = await client.call("POST", "/reload")

@@ -517,7 +517,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
         triggers = asyncio.create_task(agent.triggers.run(stop), name="triggers")
         link_files = asyncio.create_task(agent.link_files.run(stop), name="link-files")
         assert agent.ledger is not None
-        pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop), name="retention")
+        pruner = asyncio.create_task(retention.run(agent.ledger, conf, stop, agent.leases), name="retention")
         log.info(
             "agent started",
             listen=conf.listen,

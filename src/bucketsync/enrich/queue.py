@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,16 +183,20 @@ class EnrichQueue:
                 if name in wanted:
                     await tx.execute(sql)
 
-    async def due(self, limit: int, skip: Iterable[int] = ()) -> list[Job]:
-        """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now."""
+    async def due(self, limit: int, skip: Iterable[int] = (), datasets: Sequence[str] | None = None) -> list[Job]:
+        """Pending items, oldest id first, of the datasets that enrich; ``skip``: those running now;
+        ``datasets``: only these (agents sharing a ledger: the ones whose leases this agent holds)."""
         skip = list(skip)
-        not_running = f"AND e.item_id NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        if datasets is not None and not datasets:
+            return []
+        not_running = f"AND e.item_id NOT IN ({','.join('?' * len(skip))}) " if skip else ""
+        owned = f"AND d.name IN ({','.join('?' * len(datasets))}) " if datasets is not None else ""
         rows = await self._read(
             "SELECT e.item_id, d.name, i.key, i.size, i.modified, e.etag, e.attempts FROM enrichment e "
             "JOIN items i ON i.id = e.item_id JOIN datasets d ON d.id = e.dataset_id "
             "WHERE e.state = 'pending' AND e.dataset_id IN (SELECT dataset_id FROM enrich_datasets) "
-            f"{not_running} ORDER BY e.item_id LIMIT ?",
-            (*skip, limit),
+            f"{not_running}{owned}ORDER BY e.item_id LIMIT ?",
+            (*skip, *(datasets or ()), limit),
         )
         return [Job(*row) for row in rows]
 

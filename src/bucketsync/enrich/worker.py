@@ -145,7 +145,11 @@ class Enricher:
             await self.sync_datasets()
             now = time.monotonic()
             self._later = {i: t for i, t in self._later.items() if t > now}
-            due = await self.queue.due(want, skip=[*self.running, *self._later])
+            # Shared by agents: only the items of the datasets whose leases this agent holds, so
+            # an item is enriched by one agent, not raced for by all (a handover may repeat one).
+            keeper = self.agent.leases
+            owned = sorted(keeper.held) if keeper is not None else None
+            due = await self.queue.due(want, skip=[*self.running, *self._later], datasets=owned)
             claimed = await self.queue.claim(due)
         except Exception:
             log.exception("enrichment could not take items from the queue")

@@ -10,12 +10,13 @@ so two agents claiming at once never both win a dataset. A renewal matches owner
 an unexpired lease: once a lease expired, only a new claim (and a new epoch) revives it.
 
 Fencing: a task that writes for a dataset (its sync loop, an outbox op) runs with ``FENCE``
-set; the PostgreSQL backend's write transaction takes the database's advisory write lock and
-then runs ``check``: a write whose lease moved on is refused with ``LeaseLost`` before it
-writes anything. The check takes no lock on the lease row: a row lock held to the commit made
-every renewal wait behind a sync's batch, and a renewal that waited past its lock timeout lost
-every lease of the agent. None is needed: every write transaction holds the one write lock, so
-a transaction that passed its check commits before the next owner's first write begins.
+set; the PostgreSQL backend's write transaction takes the locks of ``lock`` (the dataset's
+own, and the database's write lock shared) and then runs ``check``: a write whose lease moved
+on is refused with ``LeaseLost`` before it writes anything. The check takes no lock on the
+lease row: a row lock held to the commit made every renewal wait behind a sync's batch, and a
+renewal that waited past its lock timeout lost every lease of the agent. None is needed: every
+write of a dataset holds its lock, so a transaction that passed its check commits before the
+next owner's first write of that dataset begins.
 """
 
 from __future__ import annotations
@@ -47,19 +48,48 @@ FENCE: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("bucketsync
 _SECONDS = "make_interval(secs => $%d::float8)"
 
 
-async def check(conn: asyncpg.Connection, fence: Fence) -> None:
-    """Inside a write transaction, under the write lock: ``LeaseLost`` unless the lease is still ours."""
-    ok = await conn.fetchval(
-        "SELECT 1 FROM leases WHERE dataset = $1 AND owner = $2 AND epoch = $3 AND expires > clock_timestamp()",
+async def lock(conn: asyncpg.Connection, fence: Fence, write_lock: int) -> None:
+    """Begin a fenced write transaction: the locks that order it, then ``check``.
+
+    A fenced write touches one dataset, so it takes the database's write lock *shared* and
+    the dataset's own lock (``write_lock`` and the name's hash, a key space of its own):
+    writers of different datasets run side by side, writers of one dataset take turns, and
+    a write that may touch any dataset (unfenced: the API's, enrichment's) takes
+    the write lock exclusive and waits for all of them, and they for it.
+
+    The exception is pointer items (clones and merges): a dataset's batch then also updates
+    the pointers into it (their state, their dataset's counts), rows that another dataset's
+    batch may be updating too. While the ledger has any, fenced writes also take one more
+    lock, exclusive, and take turns as they all did before (a deadlock between two batches
+    over a merge's count rows is otherwise possible). A clone made meanwhile is made under
+    the exclusive write lock, so the look below, after the shared lock, sees it.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock_shared($1::int8), pg_advisory_xact_lock($1::int4, hashtext($2))",
+        write_lock,
+        fence.dataset,
+    )
+    if await check(conn, fence):
+        await conn.execute("SELECT pg_advisory_xact_lock($1::int4, 0)", write_lock)
+
+
+async def check(conn: asyncpg.Connection, fence: Fence) -> bool:
+    """Inside a write transaction, under the dataset's lock (a statement of its own, so its
+    snapshot is taken after the lock was granted): ``LeaseLost`` unless the lease is still
+    ours. Returns whether the ledger holds pointer items (see ``lock``)."""
+    row = await conn.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM leases WHERE dataset = $1 AND owner = $2 AND epoch = $3 "
+        "AND expires > clock_timestamp()), EXISTS (SELECT 1 FROM items WHERE source_item IS NOT NULL)",
         fence.dataset,
         fence.owner,
         fence.epoch,
     )
-    if ok is None:
+    if not row[0]:
         raise LeaseLost(
             f"agent {fence.owner} no longer holds the lease of dataset {fence.dataset!r} (epoch {fence.epoch}); "
             "nothing was written"
         )
+    return bool(row[1])
 
 
 class Leases:

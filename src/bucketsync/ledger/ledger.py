@@ -570,9 +570,9 @@ class Ledger:
 
     # -- retention (see retention.py) -------------------------------------------
 
-    async def dataset_ids(self) -> list[int]:
-        """Every dataset the ledger knows, configured or not any more."""
-        return [int(r[0]) for r in await self._read_primary("SELECT id FROM datasets ORDER BY id")]
+    async def dataset_names(self) -> list[tuple[int, str]]:
+        """(id, name) of every dataset the ledger knows, configured or not any more."""
+        return [(int(r[0]), str(r[1])) for r in await self._read_primary("SELECT id, name FROM datasets ORDER BY id")]
 
     async def prune_runs(self, dataset_id: int, keep: int, before: float, limit: int = 500) -> int:
         """Delete up to ``limit`` of the dataset's runs past retention; how many went.

@@ -10,12 +10,15 @@ What is PostgreSQL's own lives here; the ledger's logic is ``Ledger`` (ledger/le
   per batch statement, not one per row); the enrichment and item-event triggers are created
   and dropped by ``EnrichQueue.set_datasets`` like SQLite's (``ENRICH_TRIGGERS``).
 - Writes: one writer connection per process, one transaction at a time, and each
-  transaction first takes a transaction-scoped advisory lock, so writers of every process
-  on the database serialise as SQLite's single writer does. The ledger's logic reads then
-  writes inside a transaction (``dataset_id``, ``adopt``, merge-patches, ``start_attempt``);
-  under this lock it needs no retry loop, which SERIALIZABLE would need around every
-  method (and a retried 5,000-row batch is costly). The wait is short: no transaction
-  holds the lock across I/O to storage.
+  transaction first takes transaction-scoped advisory locks. A write that may touch any
+  dataset (the API's, enrichment's) takes the write lock exclusive: it runs alone, as
+  SQLite's single writer does. A write of one dataset (fenced by its lease: a sync run's
+  batch, an outbox op, retention's) takes the write lock shared and the dataset's own lock,
+  so agents commit their datasets' batches side by side (``leases.lock``). The ledger's logic
+  reads then writes inside a transaction (``dataset_id``, ``adopt``, merge-patches,
+  ``start_attempt``); under these locks it needs no retry loop, which SERIALIZABLE would
+  need around every method (and a retried 5,000-row batch is costly). The wait is short: no
+  transaction holds a lock across I/O to storage.
 - Bulk writes: ``executemany`` of a plain ``INSERT ... VALUES``, ``UPDATE ... WHERE id = ?``
   or ``DELETE ... WHERE id = ?`` becomes ONE statement over ``unnest`` of typed arrays (the
   whole batch in one round trip, binary-encoded, and one firing of the statement triggers).
@@ -48,7 +51,8 @@ from bucketsync.ledger.db import Row, numbered, rowcount
 #: v12: pointer items are counted by the statement that creates them, not the insert trigger.
 #: v13: linked items (``items.ref``, ``items.link``) and the queue of link files to read.
 SCHEMA_VERSION = 13
-#: the advisory lock every write transaction takes (one per database): b"bsyn"
+#: the advisory lock every write transaction takes (one per database; shared by the writes of one
+#: dataset, which also take (WRITE_LOCK, hash of the dataset's name)): b"bsyn"
 WRITE_LOCK = 0x6273796E
 #: the advisory lock the one agent holds for as long as it runs: b"bsag"
 INSTANCE_LOCK = 0x62736167
@@ -587,7 +591,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 class _Tx:
     """One write transaction on the writer connection: the process's lock, then BEGIN and the
-    database's advisory write lock; the commit bumps the commit sequence (the data version)."""
+    database's advisory write lock (shared, with the dataset's lock, for a fenced write of one
+    dataset); the commit bumps the commit sequence (the data version)."""
 
     def __init__(self, db: PostgresDb) -> None:
         self.db = db
@@ -600,9 +605,10 @@ class _Tx:
             self.conn = await self.db.writer()
             self._tx = self.conn.transaction()
             await self._tx.start()
-            await self.conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
             if (fence := leases.FENCE.get()) is not None:
-                await leases.check(self.conn, fence)  # LeaseLost if the lease moved on
+                await leases.lock(self.conn, fence, WRITE_LOCK)  # LeaseLost if the lease moved on
+            else:
+                await self.conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
         except BaseException as exc:
             try:
                 with contextlib.suppress(Exception):
@@ -856,6 +862,27 @@ class PostgresDb:
                 comment = sql.replace("'", "''")
                 await tx.execute(f"COMMENT ON INDEX {name} IS '{comment}'")
         return not known
+
+
+async def agent_running(url: str, password: str | None = None) -> bool:
+    """Whether an agent runs on this database: one holds the one-agent lock (shared by the
+    daemons that divide the datasets, or exclusive). An unreachable database says no; the
+    command that then opens the ledger says why it cannot."""
+    try:
+        conn = await asyncpg.connect(url, password=password)
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        return False
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = $1 "
+                "AND l.objsubid = 1 AND d.datname = current_database())",
+                INSTANCE_LOCK,
+            )
+        )
+    finally:
+        await conn.close()
 
 
 def _array_type(data_type: str) -> str:

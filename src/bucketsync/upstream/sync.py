@@ -378,11 +378,28 @@ class SyncLoop:
     async def _walk(
         self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None
     ) -> None:
-        async with _Turns(self.pacer) as turns:
-            await self._diff(ds_id, run_id, counts, p, stop, turns)
+        # The snapshot holds a read connection for the whole diff (PostgreSQL: one of a bounded
+        # pool): it is opened before the run takes a turn, never while holding one. A run that
+        # held a turn while it waited for a connection, held by runs that waited for a turn,
+        # was a deadlock as soon as more datasets synced at once than the pool had connections.
+        # (A sync worker process reads the snapshot itself.)
+        snapshot = await _opened(self.ledger.snapshot_pages(ds_id)) if self.remote is None else None
+        try:
+            async with _Turns(self.pacer) as turns:
+                await self._diff(ds_id, run_id, counts, p, stop, turns, snapshot)
+        finally:
+            if snapshot is not None:
+                await snapshot.aclose()
 
     async def _diff(
-        self, ds_id: int, run_id: int | None, counts: Counts, p: _Pending, stop: asyncio.Event | None, turns: _Turns
+        self,
+        ds_id: int,
+        run_id: int | None,
+        counts: Counts,
+        p: _Pending,
+        stop: asyncio.Event | None,
+        turns: _Turns,
+        snapshot: AsyncGenerator[list[SnapshotRow]] | None,
     ) -> None:
         t0 = time.monotonic()
         self.touched = {k: t for k, t in self.touched.items() if t >= t0}
@@ -393,7 +410,7 @@ class SyncLoop:
         if self.remote is not None:
             steps = self.remote.steps(ds_id, self.splits, p.gaps, p.sample)
         else:
-            snapshot = self.ledger.snapshot_pages(ds_id)
+            assert snapshot is not None  # opened by _walk before the run took its turn
             steps = listing_steps(self.store, self.filter, snapshot, self.splits, p.gaps, p.sample, CHECK_EVERY)
         # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
         async with contextlib.aclosing(steps):  # a run that stops early ends its listing (and its worker job) now
@@ -624,6 +641,24 @@ class SyncLoop:
                     log.exception("sync loop error", dataset=self.name)
                 if on_error is not None:
                     on_error(exc)
+
+
+async def _opened(pages: AsyncIterator[list[SnapshotRow]]) -> AsyncGenerator[list[SnapshotRow]]:
+    """``pages`` with its first page already fetched (the query sent, its connection taken)."""
+    first = await anext(pages, None)
+
+    async def rest() -> AsyncGenerator[list[SnapshotRow]]:
+        try:
+            if first is None:
+                return
+            yield first
+            async for page in pages:
+                yield page
+        finally:
+            if isinstance(pages, AsyncGenerator):
+                await pages.aclose()  # an abandoned walk gives its connection back now, not at GC
+
+    return rest()
 
 
 class _Turns:
