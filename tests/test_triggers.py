@@ -303,3 +303,46 @@ async def test_finished_deliveries_are_pruned_pending_ones_never(tmp_path: Path,
         assert await store.prune(time.time() + 1, keep=1) == 2  # the newest finished one is kept
         left = sorted((d.key, d.state) for d in await store.list())
         assert left == [("f2.txt", "done"), ("late.txt", "pending")]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_each_item_event_is_fanned_out_once_by_whichever_agent_takes_it(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two agents that read the same events (a lease moved between one's read and its write, or
+    both read before either wrote) fan them out once: only the events a transaction deletes get
+    deliveries. And an agent on a shared ledger reads only the events and deliveries of its datasets."""
+    place: Any = tmp_path / "ledger.db"
+    if backend == "postgresql":
+        place = request.getfixturevalue("postgres_server").new_database()
+    from bucketsync.ledger.ledger import Ledger
+
+    ledgers = [await Ledger.open(place)]
+    if backend == "postgresql":
+        ledgers.append(await Ledger.open(place))  # a second agent: its own connections
+    try:
+        mine, other = await ledgers[0].dataset_id("mine"), await ledgers[0].dataset_id("other")
+        async with ledgers[0].db.transaction() as tx:
+            await tx.executemany(
+                "INSERT INTO item_events (dataset_id, item_id, kind, key, etag, size, created) "
+                "VALUES (?, ?, 'created', ?, NULL, 1, 0)",
+                [(ds, i, f"k{i}") for i, ds in enumerate([mine, mine, mine, other])],
+            )
+        a, b = Deliveries(ledgers[0]), Deliveries(ledgers[-1])
+        seen = await a.events(datasets=["mine"])
+        assert [e[1] for e in seen] == ["mine"] * 3, "another agent's dataset is not read"
+        assert await a.events(datasets=[]) == []
+
+        def rows(events: list[tuple[Any, ...]]) -> list[tuple[int, int, str, str, str, str]]:
+            return [(e[0], e[8], "hook", "created", e[4], "{}") for e in events]
+
+        ids = [e[0] for e in seen]
+        taken = await asyncio.gather(a.fan_out(ids, rows(seen)), b.fan_out(ids, rows(seen)))
+        assert sorted(taken) == [0, 3], "one of the two takes every event, the other none"
+        due = await a.due(time.time() + 1, 100, [])
+        assert sorted(d.key for d in due) == ["k0", "k1", "k2"], "one delivery per event"
+        assert await a.due(time.time() + 1, 100, [], datasets=["other"]) == []
+        assert [e[4] for e in await b.events()] == ["k3"], "the other dataset's event waits for its owner"
+    finally:
+        for ledger in ledgers:
+            await ledger.close()

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,15 @@ class Delivery:
 _COLS = "v.id, d.name, v.trigger, v.event, v.key, v.body, v.state, v.attempts, v.error, v.created, v.updated, v.next_at"
 
 
+def _of(datasets: Sequence[str] | None, word: str) -> str:
+    """The condition that keeps the rows of ``datasets`` (all rows when None)."""
+    if datasets is None:
+        return ""
+    if not datasets:
+        return f"{word} 1 = 0"
+    return f"{word} d.name IN ({','.join('?' * len(datasets))})"
+
+
 class Deliveries:
     """The ledger side: events to deliveries, due deliveries, results."""
 
@@ -93,31 +103,46 @@ class Deliveries:
         """A read of what is committed, run whole in one step (see ``Ledger._read``)."""
         return list(await self.ledger.db.read(sql, params))
 
-    async def events(self, limit: int = 500) -> list[tuple[Any, ...]]:
+    async def events(self, limit: int = 500, datasets: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
+        """Item events not yet fanned out, oldest first; with ``datasets``, of those datasets only."""
         rows = await self._read(
             "SELECT e.id, d.name, e.item_id, e.kind, e.key, e.etag, e.size, e.created, e.dataset_id "
-            "FROM item_events e JOIN datasets d ON d.id = e.dataset_id ORDER BY e.id LIMIT ?",
-            (limit,),
+            f"FROM item_events e JOIN datasets d ON d.id = e.dataset_id {_of(datasets, 'WHERE')} "
+            "ORDER BY e.id LIMIT ?",
+            (*(datasets or ()), limit),
         )
         return [tuple(r) for r in rows]
 
-    async def fan_out(self, upto: int, rows: list[tuple[int, str, str, str, str]]) -> None:
-        """Insert deliveries (dataset_id, trigger, event, key, body) and drop the events up to ``upto``."""
+    async def fan_out(self, events: Sequence[int], rows: Sequence[tuple[int, int, str, str, str, str]]) -> int:
+        """Take ``events`` and insert their deliveries, rows of (event id, dataset_id, trigger, event,
+        key, body), in one transaction; how many events this call took. Only the events it deletes get
+        deliveries: an agent that read the same events (its lease moved on meanwhile) inserts nothing,
+        so an event is never fanned out twice, on one ledger or shared."""
         now = time.time()
+        taken: set[int] = set()
         async with self.ledger.db.transaction() as tx:
+            for i in range(0, len(events), 500):  # SQLite's host-parameter limit
+                part = events[i : i + 500]
+                sql = f"DELETE FROM item_events WHERE id IN ({','.join('?' * len(part))}) RETURNING id"
+                taken.update(int(r[0]) for r in await tx.fetch(sql, part))
             await tx.executemany(
                 "INSERT INTO deliveries (dataset_id, trigger, event, key, body, created, updated, next_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*r, now, now, now) for r in rows],
+                [(*r[1:], now, now, now) for r in rows if r[0] in taken],
             )
-            await tx.execute("DELETE FROM item_events WHERE id <= ?", (upto,))
+        return len(taken)
 
-    async def due(self, now: float, limit: int, skip: list[int]) -> list[Delivery]:
+    async def due(
+        self, now: float, limit: int, skip: list[int], datasets: Sequence[str] | None = None
+    ) -> list[Delivery]:
+        """Pending deliveries whose time has come, but those in ``skip`` (running); with ``datasets``,
+        of those datasets only."""
         not_running = f"AND v.id NOT IN ({','.join('?' * len(skip))})" if skip else ""
         rows = await self._read(
             f"SELECT {_COLS} FROM deliveries v JOIN datasets d ON d.id = v.dataset_id "
-            f"WHERE v.state = 'pending' AND v.next_at <= ? {not_running} ORDER BY v.next_at, v.id LIMIT ?",
-            (now, *skip, limit),
+            f"WHERE v.state = 'pending' AND v.next_at <= ? {not_running} {_of(datasets, 'AND')} "
+            "ORDER BY v.next_at, v.id LIMIT ?",
+            (now, *skip, *(datasets or ()), limit),
         )
         return [Delivery(*r) for r in rows]
 
@@ -188,11 +213,18 @@ class Triggers:
                 return t
         return None
 
+    def _owned(self) -> list[str] | None:
+        """On a ledger shared by agents, the datasets whose leases this agent holds: their events and
+        deliveries are this agent's to handle, as their syncs and outbox ops are (None: every dataset)."""
+        keeper = self.agent.leases
+        return sorted(keeper.held) if keeper is not None else None
+
     async def dispatch(self) -> int:
         """Turn recorded item events into deliveries; how many events were handled."""
         handled = 0
-        while events := await self.store.events():
-            rows: list[tuple[int, str, str, str, str]] = []
+        owned = self._owned()
+        while events := await self.store.events(datasets=owned):
+            rows: list[tuple[int, int, str, str, str, str]] = []
             for ev_id, dataset, item_id, kind, key, etag, size, created, ds_id in events:
                 ds = self.agent.settings.datasets.get(dataset)
                 if ds is None:
@@ -203,9 +235,8 @@ class Triggers:
                         continue
                     if body is None:
                         body = await self._body(ev_id, dataset, item_id, kind, key, etag, size, created)
-                    rows.append((ds_id, name, kind, key, body))
-            await self.store.fan_out(events[-1][0], rows)
-            handled += len(events)
+                    rows.append((ev_id, ds_id, name, kind, key, body))
+            handled += await self.store.fan_out([e[0] for e in events], rows)
         return handled
 
     async def _body(
@@ -240,7 +271,8 @@ class Triggers:
                     await self.dispatch()
                     limit = self.agent.settings.agent.trigger_concurrency
                     if len(running) < limit:
-                        for d in await self.store.due(time.time(), limit - len(running), list(self.running)):
+                        due = await self.store.due(time.time(), limit - len(running), list(self.running), self._owned())
+                        for d in due:
                             self.running.add(d.id)
                             running.add(asyncio.create_task(self._one(d), name=f"delivery-{d.id}"))
                     await self._gauges()
@@ -260,8 +292,8 @@ class Triggers:
     async def drain(self) -> int:
         """Burst mode (tests, the CLI): dispatch, then make every delivery that is due now; how many."""
         await self.dispatch()
-        n = 0
-        while due := await self.store.due(time.time(), self.agent.settings.agent.trigger_concurrency, []):
+        n, limit = 0, self.agent.settings.agent.trigger_concurrency
+        while due := await self.store.due(time.time(), limit, [], self._owned()):
             await asyncio.gather(*(self._one(d) for d in due))
             n += len(due)
         return n
