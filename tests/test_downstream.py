@@ -629,7 +629,7 @@ def _asks_the_gate(func: ast.AST) -> bool:
 
 def test_store_delete_is_called_only_from_the_outbox_the_probe_and_thumbnail_cleanup_behind_the_gate() -> None:
     #: `.delete(` calls outside the stores that are not on a store: Downstream.delete
-    downstream_receivers = {("cli/main.py", "d"), ("server/api.py", "request.app[DOWNSTREAM]")}
+    downstream_receivers = {("cli/main.py", "d"), ("server/routes/items.py", "request.app[DOWNSTREAM]")}
     #: acknowledged queue messages, not objects: the event sources' queue clients
     message_deletes = {
         ("upstream/events/sqs.py", "sqs", "delete_message_batch"),

@@ -26,7 +26,10 @@ def test_enrich_cli_in_process_then_through_the_daemon(tmp_path: Path) -> None:
     )
     with Daemon(cfg) as d:
         d.wait_ready()  # its start-up run indexes the three files; its worker enriches them
-        write_files(root, {"new.jpg": images.jpeg(90, 30)})
+        # Whole, as a careful writer puts a file (a poll in the middle of a plain write may index,
+        # and enrich, the file empty: done without dimensions, until the next poll sees it grown).
+        write_files(tmp_path / "staging", {"new.jpg": images.jpeg(90, 30)})
+        (tmp_path / "staging" / "new.jpg").replace(root / "new.jpg")
 
         def enriched() -> dict[str, object] | None:
             resp = d.api("GET", "/datasets/photos/items/new.jpg")
