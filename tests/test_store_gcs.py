@@ -192,8 +192,8 @@ async def test_list_pages_are_the_servers_pages(fake_gcs: FakeGcs, gcs_store: Gc
 @pytest.mark.parametrize(
     ("names", "message"),
     [
-        (["p/a", "p/c", "p/b"], "'p/b' came after 'p/c'"),
-        (["p/a", "p/a"], "'p/a' came after 'p/a'"),
+        (["p/a", "p/c", "p/b"], "'p/b' after 'p/c'"),
+        (["p/a", "p/a"], "'p/a' after 'p/a'"),
         (["p/a", "q/b"], "returned 'q/b', outside the prefix"),
     ],
 )

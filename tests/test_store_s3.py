@@ -501,7 +501,7 @@ async def test_out_of_order_listing_is_an_order_error(pages: list[dict[str, Any]
 
 async def test_key_outside_the_prefix_is_an_error() -> None:
     client = StubClient({"Contents": [obj("q/a")], "IsTruncated": False})
-    with pytest.raises(StorageError, match="outside prefix"):
+    with pytest.raises(StorageError, match="outside the prefix"):
         _ = [i async for i in stub_store(client).list()]
 
 

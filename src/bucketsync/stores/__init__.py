@@ -8,11 +8,14 @@ takes or yields is relative to that prefix. ``list`` yields indexable objects on
 from __future__ import annotations
 
 import importlib
+import itertools
+import operator
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from bucketsync.core.errors import OrderError, StorageError
 from bucketsync.core.model import OVERWRITE, ListingGap, ObjectInfo, PutMode
 
 if TYPE_CHECKING:
@@ -133,6 +136,22 @@ class KnowsContentMd5(Protocol):
         """The object's info and its content MD5, or None where the provider has none it
         vouches for (an S3 multipart or SSE-KMS ETag, a GCS composite object); ``NotFound``."""
         ...
+
+
+def check_page(where: str, keys: Sequence[str], last: str | None, prefix: str) -> str:
+    """A page of a listing that must ascend in code point order after ``last`` and stay under
+    ``prefix`` (every key of it, hidden ones too): OrderError naming the first key out of order,
+    StorageError the first outside. The page's last key, the next call's ``last``. One pass at C
+    speed; the culprit is looked for only when the page is wrong."""
+    if (last is not None and keys[0] <= last) or not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        for key in keys:
+            if last is not None and key <= last:
+                raise OrderError(f"list {where}: the server returned {key!r} after {last!r}")
+            last = key
+    if not (keys[0].startswith(prefix) and keys[-1].startswith(prefix)):  # ascending: the ends bound the rest
+        outside = next(k for k in keys if not k.startswith(prefix))
+        raise StorageError(f"list {where}: the server returned {outside!r}, outside the prefix {prefix!r}")
+    return keys[-1]
 
 
 def check_storable(store: Store, key: str) -> None:

@@ -26,10 +26,8 @@ import contextlib
 import functools
 import hashlib
 import io
-import itertools
 import json
 import mimetypes
-import operator
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -42,7 +40,6 @@ from bucketsync.core.errors import (
     BadEndpoint,
     ConfigError,
     NotFound,
-    OrderError,
     PermissionDenied,
     PreconditionFailed,
     StorageError,
@@ -53,6 +50,7 @@ from bucketsync.core.keys import indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
+from bucketsync.stores import check_page
 from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, gather_bounded, in_order, ranges, usable_splits
 
 if TYPE_CHECKING:
@@ -466,20 +464,8 @@ class GcsStore:
         async for page in self._pages(full, [self.prefix + s for s in splits]):
             if not page:
                 continue
-            names: builtins.list[str] = [res["name"] for res in page]
-            # GCS sorts by UTF-8 bytes, which is code-point order; check every page, at C speed,
-            # and look for the culprit only when it is out of order.
-            if (last is not None and names[0] <= last) or not all(
-                map(operator.lt, names, itertools.islice(names, 1, None))
-            ):
-                for name in names:
-                    if last is not None and name <= last:
-                        raise OrderError(f"list {self.url}: {name!r} came after {last!r}")
-                    last = name
-            if not (names[0].startswith(full) and names[-1].startswith(full)):  # ascending: the ends bound the rest
-                outside = next(n for n in names if not n.startswith(full))
-                raise StorageError(f"list {self.url}: the server returned {outside!r}, outside the prefix")
-            last = names[-1]
+            # GCS sorts by UTF-8 bytes, which is code point order
+            last = check_page(self.url, [res["name"] for res in page], last, full)
             yield [object_info(key, res) for res in page if indexable(key := res["name"][plen:])]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[dict[str, Any]]]:

@@ -31,7 +31,6 @@ import hashlib
 import heapq
 import http.client
 import itertools
-import operator
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -70,7 +69,6 @@ from bucketsync.core.errors import (
     BadEndpoint,
     ConfigError,
     NotFound,
-    OrderError,
     PermissionDenied,
     PreconditionFailed,
     StorageError,
@@ -81,7 +79,7 @@ from bucketsync.core.keys import HIDDEN, indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
-from bucketsync.stores import sigv4
+from bucketsync.stores import check_page, sigv4
 from bucketsync.stores.parallel import (
     PARTS_PER_LISTER,
     SPLIT_LEVELS,
@@ -810,20 +808,7 @@ class S3Store:
         async for page in self._pages(full, [self.prefix + s for s in splits]):
             if not page:
                 continue
-            keys = [e[0] for e in page]
-            # Every key counts for the order check, hidden ones too: one pass at C speed, and
-            # the culprit found only when the page is out of order.
-            if (last is not None and keys[0] <= last) or not all(
-                map(operator.lt, keys, itertools.islice(keys, 1, None))
-            ):
-                for key in keys:
-                    if last is not None and key <= last:
-                        raise OrderError(f"list {self.url}: server returned {key!r} after {last!r}")
-                    last = key
-            if not (keys[0].startswith(full) and keys[-1].startswith(full)):  # ascending: the ends bound the rest
-                outside = next(k for k in keys if not k.startswith(full))
-                raise StorageError(f"list {self.url}: server returned {outside!r} outside prefix {full!r}")
-            last = keys[-1]
+            last = check_page(self.url, [e[0] for e in page], last, full)
             yield [
                 ObjectInfo(key[plen:], size, modified, etag)
                 for key, size, modified, etag in page
