@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +28,18 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
         yield led
     finally:
         await led.close()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder an unprivileged user can reach (pytest's tmp_path is private to root); removed
+    after the test whatever modes the test left on its sub-folders."""
+    base = Path(tempfile.mkdtemp(prefix="bucketsync-shared-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        for folder, dirs, _ in os.walk(base):
+            for d in dirs:
+                os.chmod(os.path.join(folder, d), 0o755)
+        shutil.rmtree(base)

@@ -120,6 +120,14 @@ def to_toml(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def chown_tree(root: Path, uid: int) -> None:
+    """Give ``root`` and everything under it to ``uid`` (a daemon run as that user writes there)."""
+    os.chown(root, uid, uid)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, uid)
+
+
 def local_driver(folder: Path | str, **options: Any) -> dict[str, Any]:
     """A driver over a local folder: ``{"url": "file:///abs/folder", **options}``."""
     return {"url": Path(folder).resolve().as_uri(), **options}

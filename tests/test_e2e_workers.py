@@ -8,37 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from e2e import NOBODY, Daemon, local_driver, poll, write_config, write_files
+from e2e import NOBODY, Daemon, chown_tree, local_driver, poll, write_config, write_files
 
 DATASET = "photos"
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder the unprivileged user can reach (pytest's tmp_path is private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="bucketsync-workers-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        for folder, dirs, _ in os.walk(base):
-            for d in dirs:
-                os.chmod(os.path.join(folder, d), 0o755)
-        shutil.rmtree(base)
-
-
-def _chown_tree(root: Path, uid: int) -> None:
-    os.chown(root, uid, uid)
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(folder, name), uid, uid)
 
 
 def _children(pid: int) -> set[int]:
@@ -57,7 +33,7 @@ def test_a_daemon_with_two_sync_workers(shared_dir: Path) -> None:
         agent={"sync_workers": 2},
     )
     (shared_dir / "var").mkdir()
-    _chown_tree(shared_dir, NOBODY)
+    chown_tree(shared_dir, NOBODY)
     with Daemon(cfg, run_as=NOBODY) as daemon:
         daemon.wait_ready()
         # they start beside the agent, not before it: ready once they have said so
@@ -71,7 +47,7 @@ def test_a_daemon_with_two_sync_workers(shared_dir: Path) -> None:
         (data / "b").chmod(0)  # the agent's user loses b/: a gap, listed by a worker
         (data / "c" / "1.txt").unlink()
         write_files(data, {"d/1.txt": "d1"})
-        _chown_tree(data / "d", NOBODY)
+        chown_tree(data / "d", NOBODY)
         run = daemon.api("POST", f"/datasets/{DATASET}/sync", params={"wait": "true"}).body
         assert run["status"] == "partial" and [g["prefix"] for g in run["gaps"]] == ["b/"], run
         assert (run["added"], run["removed"], run["unchanged"]) == (1, 1, 1), run

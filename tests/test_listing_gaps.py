@@ -12,8 +12,6 @@ Two levels:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from bucketsync.stores import one_chunk
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.upstream.sync import SyncLoop
 from conformance import Delegating
-from e2e import NOBODY, Daemon, cli, describe, json_lines, local_driver, one_json, write_config, write_files
+from e2e import NOBODY, Daemon, chown_tree, cli, describe, json_lines, local_driver, one_json, write_config, write_files
 
 DATASET = "photos"
 
@@ -147,27 +145,6 @@ async def test_a_dry_run_reports_gaps_and_writes_nothing(memory: MemoryStore, le
 
 
 # ---------------------------------------------------------------------- for real: a folder nobody may read
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder the unprivileged user can reach (pytest's tmp_path is private to root)."""
-    base = Path(tempfile.mkdtemp(prefix="bucketsync-gaps-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        for folder, dirs, _ in os.walk(base):
-            for d in dirs:
-                os.chmod(os.path.join(folder, d), 0o755)
-        shutil.rmtree(base)
-
-
-def chown_tree(root: Path, uid: int) -> None:
-    os.chown(root, uid, uid)
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(folder, name), uid, uid)
 
 
 def keys_of(cfg: Path) -> set[str]:
