@@ -5,6 +5,7 @@ real ledgers, local folders; one real daemon for the progress line on a real ter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pty
@@ -205,14 +206,17 @@ def read_pty(fd: int, proc: subprocess.Popen[bytes]) -> bytes:
     return out
 
 
-def test_tty_progress_is_cleared_before_the_summary(tmp_path: Path) -> None:
-    """``sync`` beside a running agent shows a progress line on a terminal and erases it
-    before the summary, so the summary does not end up after the progress text."""
+@pytest.mark.parametrize("through", ["daemon", "in process"])
+def test_tty_progress_is_cleared_before_the_summary(tmp_path: Path, through: str) -> None:
+    """``sync`` shows a progress line on a terminal and erases it before the summary, so the
+    summary does not end up after the progress text: beside a running agent (polling its API)
+    and in process (reading the run's own progress), with the one ``ProgressLine``."""
     folder = tmp_path / "big"
     many_files(folder, 40, 1000, links=True)  # a run long enough for progress polls
     cfg = write_config(tmp_path, {"b": local_driver(folder)}, {"big": {"driver": "b", "sync": "manual"}})
-    with Daemon(cfg) as daemon:
-        daemon.wait_ready()
+    with contextlib.ExitStack() as stack:
+        if through == "daemon":
+            stack.enter_context(Daemon(cfg)).wait_ready()
         master, slave = pty.openpty()
         proc = subprocess.Popen(
             [*CLI, "-c", str(cfg), "sync", "big"], stdin=slave, stdout=slave, stderr=slave, env=clean_env()

@@ -97,16 +97,15 @@ async def _with_progress(loop: SyncLoop | None, work: Awaitable[RunResult], show
 
     if not show or loop is None:
         return await work
-    from rich.console import Console
-    from rich.live import Live
-
-    console = Console(stderr=True)
     task = asyncio.ensure_future(work)
-    with Live(console=console, refresh_per_second=8, transient=True) as live:
+    progress = ProgressLine()
+    try:
         while not task.done():
             p = loop.progress
-            live.update(f"[bold]{label}[/] " + (_human_counts(p.as_dict()) if p else "starting..."))
+            progress.update(f"{label} " + (_human_counts(p.as_dict()) if p else "starting..."))
             await asyncio.wait([task], timeout=0.125)
+    finally:
+        progress.clear()  # the summary (or an error) starts on a clean line
     return task.result()
 
 
