@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from bucketsync.config import DatasetConfig
+from bucketsync.core.model import SnapshotRow
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores.memory import MemoryStore
 from bucketsync.upstream.pacing import Pacer
@@ -62,6 +63,24 @@ async def test_runs_take_turns(stores: list[MemoryStore], tmp_path: Path) -> Non
         loops = [SyncLoop(f"ds{i}", DatasetConfig(driver="d"), s, ledger, pacer) for i, s in enumerate(stores)]
         for lp in loops:
             await lp.run_once()
+        # A run opens its snapshot before it asks for a turn (sync.py, _walk), in a thread that
+        # a busy loop may keep waiting: "started together" means both snapshots are open.
+        opened, both_open = 0, asyncio.Event()
+        snapshot_pages = ledger.snapshot_pages
+
+        async def open_together(ds_id: int) -> AsyncIterator[list[SnapshotRow]]:
+            nonlocal opened
+            pages = snapshot_pages(ds_id)
+            first = await anext(pages)
+            opened += 1
+            if opened == len(loops):
+                both_open.set()
+            await both_open.wait()
+            yield first
+            async for page in pages:
+                yield page
+
+        ledger.snapshot_pages = open_together  # type: ignore[method-assign]
         runs = [asyncio.create_task(lp.run_once()) for lp in loops]
         both_midway = False
         while not all(r.done() for r in runs):
