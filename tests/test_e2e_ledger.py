@@ -494,6 +494,25 @@ def test_a_deleted_wal_is_detected_and_every_dataset_resynced(tmp_path: Path) ->
         assert metric(daemon, "bucketsync_ledger_rollbacks_detected_total") == 0
 
 
+async def test_a_reader_never_writes_the_sidecar(tmp_path: Path) -> None:
+    """A read-only ledger (the CLI's reads, a sync worker's snapshot) closed while the agent runs
+    used to write 0 over the agent's number, so a -wal lost after that went unnoticed."""
+    from bucketsync.ledger.ledger import Ledger
+
+    path = tmp_path / "ledger.db"
+    writer = await Ledger.open(path)
+    try:
+        await writer.dataset_id("d")  # a write transaction: the sequence moves on
+        await writer.db.mirror.close()
+        mirrored = int(Path(f"{path}.seq").read_text())
+        assert mirrored > 0
+        for _ in range(2):
+            await (await Ledger.open(path, readonly=True)).close()
+        assert int(Path(f"{path}.seq").read_text()) == mirrored
+    finally:
+        await writer.close()
+
+
 def test_clean_restarts_and_cli_runs_raise_no_alarm(tmp_path: Path) -> None:
     cfg, ledger = synced_ledger(tmp_path)
     for _ in range(2):

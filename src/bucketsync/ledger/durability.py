@@ -187,7 +187,9 @@ class SeqMirror:
 
     def __init__(self, ledger: Path) -> None:
         self.path = Path(f"{ledger}.seq")
-        self._latest = 0
+        # -1 until a writer's commit or start-up check gives a value: a read-only ledger (the CLI's
+        # reads, a sync worker's snapshot) closes without writing, never over a writer's number
+        self._latest = -1
         self._written = -1
         self._last_write = 0.0
         self._task: asyncio.Task[None] | None = None
