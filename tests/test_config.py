@@ -586,3 +586,23 @@ def test_events_mode_without_a_fitting_source_names_the_dataset_and_the_fix(
         load_settings(_events_config(tmp_path, driver))
     for name in names:
         assert name in str(err.value), str(err.value)
+
+
+def test_auto_asks_for_a_worker_per_usable_core_up_to_two() -> None:
+    from bucketsync.upstream.workers import usable_cpus, workers_for
+
+    assert [workers_for("auto", cpus) for cpus in (1, 1.5, 2, 3, 16)] == [0, 0, 2, 2, 2]
+    assert workers_for(0, 16) == 0 and workers_for(5, 1) == 5, "a number is taken as it is"
+    assert 0 < usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_the_default_is_auto_and_a_bad_value_names_the_field() -> None:
+    from pydantic import ValidationError
+
+    from bucketsync.config import AgentConfig
+
+    assert AgentConfig().sync_workers == "auto"
+    assert AgentConfig(sync_workers=3).sync_workers == 3
+    for bad in ("some", -1, 65):
+        with pytest.raises(ValidationError, match="sync_workers"):
+            AgentConfig(sync_workers=bad)

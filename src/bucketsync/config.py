@@ -603,15 +603,14 @@ class AgentConfig(_Strict):
         ge=1,
         le=256,
     )
-    sync_workers: int = _doc(
-        "Processes that list storage and diff it against the ledger for the sync runs (0: the agent's own "
-        "process does it). Listing and diffing every key is CPU work; in the agent's process it competes with "
-        "the API, /healthz and the other runs. Raise it (to 1 or 2, at most the cores you can spare) for an "
-        "agent with many polled datasets or a few large ones whose API must stay fast while they sync. Each "
-        "worker serves many runs at once; writes to the ledger stay in the agent.",
-        default=0,
-        ge=0,
-        le=64,
+    sync_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = _doc(
+        "Processes that list storage and diff it against the ledger for the daemon's sync runs (0: the agent's "
+        "own process does it). Listing and diffing every key is CPU work; in the agent's process it competes "
+        "with the API, /healthz and the other runs. `auto`: one per usable core (CPU affinity and a container's "
+        "CPU quota), at most 2, and 0 with fewer than 2 cores. Each worker is a Python process of about 40 MB "
+        "that serves many runs at once, at a lower CPU priority (`sync_workers_nice`); writes to the ledger "
+        "stay in the agent. 0 saves that memory where the API's latency under load does not matter.",
+        default="auto",
     )
     sync_workers_nice: int = _doc(
         "How much lower the sync workers' CPU priority is than the agent's (`nice`, 0-19): when the cores are "

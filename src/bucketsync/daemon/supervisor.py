@@ -51,6 +51,7 @@ from bucketsync.upstream.events import SourceContext, open_source
 from bucketsync.upstream.events.consumer import Consumer
 from bucketsync.upstream.probe import ProbeResult, probe
 from bucketsync.upstream.sync import RunResult
+from bucketsync.upstream.workers import workers_for
 
 log = structlog.get_logger("bucketsync.supervisor")
 
@@ -470,7 +471,7 @@ async def serve(settings: Settings, load: Callable[[], Settings] | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     shared = conf.ledger_file is None  # a PostgreSQL ledger: agents divide its datasets by leases
-    async with Agent(settings, shared=shared, sync_workers=conf.sync_workers) as agent:
+    async with Agent(settings, shared=shared, sync_workers=workers_for(conf.sync_workers)) as agent:
         # Not ready until probed, before the first request can ask (the site starts below).
         metrics.init(agent.settings.datasets, shared=shared)
         metrics.init_hooks(agent.settings)

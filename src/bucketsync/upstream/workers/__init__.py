@@ -29,6 +29,7 @@ import signal
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -57,6 +58,30 @@ _SELF = "/proc/self/exe"
 START_TIMEOUT = 60.0
 #: seconds a worker may take to end once its stdin is closed, before it is killed
 STOP_TIMEOUT = 5.0
+#: ``sync_workers = "auto"``: this many workers at most, and none below AUTO_MIN_CPUS usable cores
+AUTO_MAX = 2
+AUTO_MIN_CPUS = 2
+
+
+def usable_cpus() -> float:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 quota (a container's
+    ``--cpus``), which the affinity does not show."""
+    cpus: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    return cpus
+
+
+def workers_for(setting: int | str, cpus: float | None = None) -> int:
+    """How many sync workers ``agent.sync_workers`` asks for. ``auto``: as many as there are usable
+    cores, at most AUTO_MAX, and none on fewer than AUTO_MIN_CPUS (one core gains nothing from a
+    second process, and each worker is an interpreter: about 40 MB)."""
+    if setting != "auto":
+        return int(setting)
+    cpus = usable_cpus() if cpus is None else cpus
+    return 0 if cpus < AUTO_MIN_CPUS else min(AUTO_MAX, int(cpus))
 
 
 class _Worker:
