@@ -347,6 +347,31 @@ async def test_a_run_waiting_on_its_worker_holds_no_turn(pool: SyncWorkers, loca
         await led.close()
 
 
+async def test_a_large_dataset_gets_a_worker_and_the_small_ones_share_the_other(local: Target, ledger: Ledger) -> None:
+    """Jobs go by the keys their run expects (the last run's), not by count: a 100k-key run keeps
+    its worker to itself, so its diff does not take turns with a dozen small runs in one process."""
+    from bucketsync.upstream.workers.wire import Job
+
+    ds_id = await ledger.dataset_id(DATASET)
+
+    def job(expected: int) -> Job:
+        return Job(DATASET, 1, local.spec, (), (), local.ledger, None, ds_id, (), Quantiles(expected), 512)
+
+    two = SyncWorkers(2, "warning", "json")
+    await two.start()
+    try:
+        async with contextlib.AsyncExitStack() as jobs:
+            big, _, _ = await jobs.enter_async_context(two.job(job(100_000)))
+            small = [(await jobs.enter_async_context(two.job(job(n))))[0] for n in (1_000, 0, 5_000, 1_000)]
+            assert all(w is not big for w in small), "every small run went to the other worker"
+            assert big.load == 100_000 and small[0].load == 1_000 + 1 + 5_000 + 1_000
+        assert big.load == 0 and small[0].load == 0, "a job's keys leave its worker's load when it ends"
+        async with two.job(job(10)) as (first, _, _), two.job(job(10)) as (second, _, _):
+            assert first is not second, "with nothing known, runs are spread by count"
+    finally:
+        await two.aclose()
+
+
 async def test_a_worker_that_cannot_start_fails_the_runs_not_the_agent(local: Target, ledger: Ledger) -> None:
     broken = SyncWorkers(1, "no-such-level", "json")  # the worker exits before it says it is ready
     await broken.start(wait=False)  # as the agent starts them: nothing to wait for, nothing raised

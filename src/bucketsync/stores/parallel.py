@@ -197,9 +197,11 @@ class Quantiles:
     between ``count`` and ``2 x count`` evenly spaced keys are kept however large the listing.
     """
 
-    __slots__ = ("_left", "count", "keys", "stride")
+    __slots__ = ("_left", "count", "expected", "keys", "stride")
 
     def __init__(self, expected: int, count: int = 64) -> None:
+        #: the keys the listing is expected to hold (the last run's)
+        self.expected = expected
         self.count = count
         self.stride = max(1, expected // (count + 1))
         self._left = self.stride

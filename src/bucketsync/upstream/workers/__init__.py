@@ -92,6 +92,8 @@ class _Worker:
         self.pid = proc.pid
         #: job id -> the messages for that run, as they arrive
         self.jobs: dict[int, asyncio.Queue[tuple[Any, ...]]] = {}
+        #: the keys its running jobs are expected to list, together
+        self.load = 0
         self.alive = True
         self.stopping = False
         self.reader: asyncio.Task[None] | None = None
@@ -182,7 +184,7 @@ def _exit(code: int | None) -> str:
 
 
 class SyncWorkers:
-    """``agent.sync_workers`` worker processes; a run's job goes to the one serving the fewest."""
+    """``agent.sync_workers`` worker processes; a run's job goes to the one expecting the fewest keys."""
 
     def __init__(self, count: int, log_level: str = "info", log_format: str = "auto", nice: int = 0) -> None:
         self.count = count
@@ -262,7 +264,9 @@ class SyncWorkers:
                 for slot in range(self.count):
                     await self._ensure(slot)
             live = [w for w in self.workers if w is not None and w.alive]
-        return min(live, key=lambda w: len(w.jobs))
+        # By keys, not runs: a large dataset's run then has a worker to itself while the small ones
+        # share the other, instead of its diff taking turns with half of them in one process.
+        return min(live, key=lambda w: w.load)
 
     @contextlib.asynccontextmanager
     async def job(self, job: Job) -> AsyncIterator[tuple[_Worker, int, asyncio.Queue[tuple[Any, ...]]]]:
@@ -271,6 +275,8 @@ class SyncWorkers:
         jid = next(self._ids)
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         worker.jobs[jid] = queue
+        weight = max(1, job.sample.expected)  # an initial sync expects 0: it counts as a run
+        worker.load += weight
         worker.send(("job", jid, job))
         done = False
         try:
@@ -278,6 +284,7 @@ class SyncWorkers:
             done = True
         finally:
             del worker.jobs[jid]
+            worker.load -= weight
             if not done:
                 worker.send(("cancel", jid))
 
