@@ -77,7 +77,7 @@ def usable_cpus() -> float:
 def workers_for(setting: int | str, cpus: float | None = None) -> int:
     """How many sync workers ``agent.sync_workers`` asks for. ``auto``: as many as there are usable
     cores, at most AUTO_MAX, and none on fewer than AUTO_MIN_CPUS (one core gains nothing from a
-    second process, and each worker is an interpreter: about 40 MB)."""
+    second process, and each worker is an interpreter: about 55 MB resident)."""
     if setting != "auto":
         return int(setting)
     cpus = usable_cpus() if cpus is None else cpus
