@@ -73,13 +73,16 @@ def make_folder(root: Path, files: int, per_dir: int = 1000) -> None:
         os.link(source, folder / f"f{i % per_dir:04d}.bin")
 
 
-def write_config(path: Path, work: Path, port: int, small: int, interval: str, sync_workers: int | None) -> None:
+def write_config(
+    path: Path, work: Path, port: int, small: int, interval: str, sync_workers: int | None, nice: int | None = None
+) -> None:
     lines = [
         "[agent]",
         f'ledger = "{work / "var" / "ledger.db"}"',
         f'listen = "127.0.0.1:{port}"',
         'log_format = "json"',
         *([f"sync_workers = {sync_workers}"] if sync_workers is not None else []),
+        *([f"sync_workers_nice = {nice}"] if nice is not None else []),
         "",
         f"[drivers.{BIG}]",
         f'url = "{(work / "folders" / BIG).as_uri()}"',
@@ -277,7 +280,9 @@ def render(res: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"{args.datasets} datasets x 1,000 files polled every {args.interval}, a {args.big:,}-file dataset "
         f"re-synced back to back, {args.rate:g} API requests/s (half `GET /api/v1/datasets`, half a 100-item page) "
-        f"plus `/healthz` at 10/s and `/metrics` at 1/s, for {args.duration:g} s; " + workers_said(args.sync_workers),
+        f"plus `/healthz` at 10/s and `/metrics` at 1/s, for {args.duration:g} s; "
+        + workers_said(args.sync_workers)
+        + (f" `agent.sync_workers_nice = {args.sync_workers_nice}`." if args.sync_workers_nice is not None else ""),
         "",
         "| route | requests | failed | p50 (ms) | p99 (ms) | max (ms) | target p99 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -390,7 +395,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     idle: list[float] = []
     port = free_port()
     alone = work / "alone.toml"
-    write_config(alone, work, port, 0, args.interval, args.sync_workers)
+    write_config(alone, work, port, 0, args.interval, args.sync_workers, args.sync_workers_nice)
     async with Daemon(alone, port, work / "daemon-idle.log") as d, aiohttp.ClientSession() as s:
         first = await sync_big(s, d.url)
         print(f"initial sync of {args.big:,} files: {first:.2f} s", file=sys.stderr)
@@ -400,7 +405,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     port = free_port()
     full = work / "full.toml"
-    write_config(full, work, port, args.datasets, args.interval, args.sync_workers)
+    write_config(full, work, port, args.datasets, args.interval, args.sync_workers, args.sync_workers_nice)
     async with Daemon(full, port, work / "daemon-load.log", args.profile_daemon) as d:
         async with aiohttp.ClientSession() as s:
             await wait_synced(s, d.url, args.datasets)
@@ -426,6 +431,7 @@ def main() -> None:
         help="agent.sync_workers of both daemons (default: the agent's own, auto; 0: listing and diffing in "
         "the agent's process)",
     )
+    ap.add_argument("--sync-workers-nice", type=int, help="agent.sync_workers_nice of both daemons (default: agent's)")
     ap.add_argument("--write", type=Path, help="write the results into this markdown file (its generated block)")
     ap.add_argument("--json", type=Path, help="also dump the raw measurements here")
     ap.add_argument("--profile-daemon", type=Path, help="cProfile the loaded daemon's event loop into this file")

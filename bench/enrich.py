@@ -203,6 +203,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(pid: int, idle: float = 0.05, window: float = 2.0, limit: float = 300.0) -> float:
+    """Wait until the server has finished its own work on the upload (after gigabytes, SeaweedFS
+    keeps a core busy for minutes): its CPU below ``idle`` of a core over ``window`` seconds, or
+    ``limit`` seconds. Seconds waited; the measurements start after it."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        before = cpu_seconds(pid)
+        time.sleep(window)
+        if cpu_seconds(pid) - before < idle * window:
+            break
+    return round(time.monotonic() - start, 1)
+
+
 def export(rev: str, into: Path) -> Path:
     """``src/`` at git revision ``rev``, in a folder of its own."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True, capture_output=True)
@@ -266,6 +279,7 @@ def main() -> int:
             asyncio.run(wait_for_s3(port, tmp))
             bucket = f"enrich-{random.randrange(1 << 30):x}"
             data = asyncio.run(upload(port, bucket, args.items, tmp))
+            data["settle_s"] = settle(proc.pid)
             print(json.dumps(data), file=sys.stderr)
             codes: list[tuple[str, Path | None]] = [("", None)]
             if args.baseline:
