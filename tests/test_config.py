@@ -596,6 +596,29 @@ def test_auto_asks_for_a_worker_per_usable_core_up_to_two() -> None:
     assert 0 < usable_cpus() <= len(os.sched_getaffinity(0))
 
 
+def test_usable_cpus_take_the_tightest_cgroup_v2_quota_on_the_path(tmp_path: Path) -> None:
+    """A systemd unit's CPUQuota= is its own cgroup's cpu.max, a slice's is its parent's, and a
+    container sees its own cgroup as the root: each caps the cores, the tightest wins."""
+    from bucketsync.upstream.workers import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    proc, sysfs = tmp_path / "cgroup", tmp_path / "sys"
+    unit = sysfs / "system.slice" / "bucketsync.service"
+    unit.mkdir(parents=True)
+    proc.write_text("0::/system.slice/bucketsync.service\n")
+    assert usable_cpus(proc, sysfs) == affinity, "no cpu.max anywhere: the affinity"
+    (unit / "cpu.max").write_text("max 100000\n")
+    (sysfs / "system.slice" / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(proc, sysfs) == min(affinity, 0.5), "the slice's quota applies to the unit"
+    (unit / "cpu.max").write_text("25000 100000\n")
+    assert usable_cpus(proc, sysfs) == min(affinity, 0.25)
+    proc.write_text("0::/\n")
+    (sysfs / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(proc, sysfs) == min(affinity, 1.5), "a container's own root"
+    proc.write_text("4:memory:/x\n")
+    assert usable_cpus(proc, sysfs) == affinity, "cgroup v1 only: no quota read"
+
+
 def test_the_default_is_auto_and_a_bad_value_names_the_field() -> None:
     from pydantic import ValidationError
 

@@ -606,10 +606,11 @@ class AgentConfig(_Strict):
     sync_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = _doc(
         "Processes that list storage and diff it against the ledger for the daemon's sync runs (0: the agent's "
         "own process does it). Listing and diffing every key is CPU work; in the agent's process it competes "
-        "with the API, /healthz and the other runs. `auto`: one per usable core (CPU affinity and a container's "
-        "CPU quota), at most 2, and 0 with fewer than 2 cores. Each worker is a Python process of about 55 MB resident "
-        "that serves many runs at once, at a lower CPU priority (`sync_workers_nice`); writes to the ledger "
-        "stay in the agent. 0 saves that memory where the API's latency under load does not matter.",
+        "with the API, /healthz and the other runs. `auto`: one per usable core (the CPU affinity, capped by a "
+        "cgroup v2 quota: a container's --cpus, a systemd CPUQuota=), at most 2, and 0 with fewer than 2 cores. "
+        "Each worker is a Python process of about 55 MB resident that serves many runs at once, at a lower CPU "
+        "priority (`sync_workers_nice`); writes to the ledger stay in the agent. 0 saves that memory where the "
+        "API's latency under load does not matter.",
         default="auto",
     )
     sync_workers_nice: int = _doc(

@@ -63,14 +63,23 @@ AUTO_MAX = 2
 AUTO_MIN_CPUS = 2
 
 
-def usable_cpus() -> float:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 quota (a container's
-    ``--cpus``), which the affinity does not show."""
+def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"), sysfs: Path = Path("/sys/fs/cgroup")) -> float:
+    """The cores this process may use: its CPU affinity, capped by the tightest cgroup v2 quota
+    (``cpu.max``) on its cgroup's path, which the affinity does not show: a container's ``--cpus``
+    (its cgroup is the root it sees) or a systemd unit's ``CPUQuota=`` (its own, or its slice's)."""
     cpus: float = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, int(quota) / int(period))
+    with contextlib.suppress(OSError):
+        own = next((line[3:] for line in proc_cgroup.read_text().splitlines() if line.startswith("0::")), None)
+        if own is None:  # no cgroup v2 hierarchy
+            return cpus
+        folder = sysfs / own.strip().strip("/")
+        for at in (folder, *folder.parents):
+            with contextlib.suppress(OSError, ValueError):
+                quota, period = (at / "cpu.max").read_text().split()[:2]
+                if quota != "max":
+                    cpus = min(cpus, int(quota) / int(period))
+            if at == sysfs:
+                break
     return cpus
 
 
