@@ -197,7 +197,40 @@ async def test_bomb_and_oversized_objects_are_never_decoded(tmp_path: Path) -> N
     large = found["big.jpg"]
     assert large.state == "done" and large.thumbnail is None and "max_bytes" in large.meta["thumbnail_skipped"]
     assert (large.meta["width"], large.meta["height"]) == (1500, 1000)
-    assert read == 2 * 2048  # one ranged read of the head each: nothing else was read
+    # big.jpg: one ranged read of the head, nothing else. bomb.png is named like an image and
+    # within max_bytes, so it was read whole at once for its thumbnail, and never decoded.
+    assert read == 2048 + len(images.bomb())
+
+
+async def test_an_image_for_a_thumbnail_is_read_in_one_request_and_its_type_still_comes_from_the_bytes(
+    tmp_path: Path,
+) -> None:
+    jpeg = images.jpeg(600, 400, orientation=6)
+    assert len(jpeg) > 2048
+    files = {"named.jpg": jpeg, "unnamed.bin": jpeg, "png-named.JPG": images.png(), "text.png": b"not an image\n"}
+    async with Agent(make_settings(tmp_path, local_driver(tmp_path))) as agent:
+        store = agent.stores["d"]
+        await put_all(store, files)
+        await agent.loop(DS).run_once()
+        reads: dict[str, list[tuple[int, int | None]]] = {}
+        real_open = store.open
+
+        def counting_open(key: str, offset: int = 0, length: int | None = None) -> Any:
+            reads.setdefault(key, []).append((offset, length))
+            return real_open(key, offset, length)
+
+        store.open = counting_open  # type: ignore[method-assign]
+        assert await agent.enricher.drain() == 4
+        found = await enrichment(agent)
+    assert reads["named.jpg"] == [(0, None)] and reads["png-named.JPG"] == [(0, None)]
+    assert reads["unnamed.bin"] == [(0, 2048), (2048, None)]  # the head first: its name says nothing
+    assert reads["text.png"] == [(0, None)]
+    for key in ("named.jpg", "unnamed.bin"):
+        assert found[key].state == "done" and found[key].thumbnail is not None
+        assert (found[key].meta["mimetype"], found[key].meta["orientation"]) == ("image/jpeg", 6)
+    assert found["png-named.JPG"].meta["mimetype"] == "image/png"
+    assert found["text.png"].state == "done" and found["text.png"].thumbnail is None
+    assert found["text.png"].meta["mimetype"] == "text/plain"
 
 
 async def test_read_only_dataset_keeps_thumbnails_in_the_local_cache(tmp_path: Path) -> None:

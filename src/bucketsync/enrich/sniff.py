@@ -1,7 +1,8 @@
 """What an object is, from the head of its bytes: mimetype, encoding, dimensions, EXIF orientation.
 
 Pure functions over bytes (no I/O): the worker reads 2 KiB, then 16 KiB, then 64 KiB of
-the object (CVAT's header-first downloader) and asks ``sniff`` each time until it answers.
+the object (CVAT's header-first downloader) and asks ``sniff`` each time until it answers;
+when it will make a thumbnail of a key named like an image, it reads the whole object at once.
 The mimetype comes from the bytes (``filetype``'s magic numbers), never from the key's
 extension; dimensions and EXIF come from Pillow's lazy ``Image.open``, which parses the
 header only and decodes no pixels.
@@ -30,6 +31,16 @@ Image.MAX_IMAGE_PIXELS = None
 
 # A header that ends early raises one of these while Pillow parses it.
 _SHORT = (OSError, SyntaxError, EOFError, ValueError, IndexError, KeyError, TypeError)
+
+
+#: names of the image formats Pillow decodes for a thumbnail (lower case): only a hint of what
+#: to read, never of what the object is
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def named_like_image(key: str) -> bool:
+    """Whether ``key``'s extension is an image's (the worker then reads it whole at once)."""
+    return key.lower().endswith(IMAGE_SUFFIXES)
 
 
 class NeedMore(Exception):
