@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterable
-from typing import Any
-
-import asyncpg
+from typing import TYPE_CHECKING, Any
 
 from bucketsync.core.errors import LeaseLost
 from bucketsync.core.leases import Fence
+
+if TYPE_CHECKING:  # the outbox imports FENCE on every ledger; a SQLite one never loads asyncpg
+    import asyncpg
 
 C = 'COLLATE "C"'
 
