@@ -35,7 +35,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.model import CREATE, OVERWRITE, PutMode
 from bucketsync.stores import one_chunk, read_all
 from bucketsync.stores.s3 import LEAN_PUT_MAX, BucketNotFound, S3Store, _Target
-from bucketsync.stores.sigv4 import Signer, encode_key
+from bucketsync.stores.sigv4 import Signer, encode_key, encode_query
 from emulators import free_port
 from emulators.s3 import PREFIX, S3Emulator
 
@@ -85,6 +85,28 @@ def test_a_put_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, headers: 
     assert ours["authorization"] == request.headers["Authorization"]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"list-type": "2", "encoding-type": "url", "max-keys": "1000", "prefix": "images/2020/01/", "delimiter": "/"},
+        {"list-type": "2", "prefix": "a b/c+d/100%/~x/日本", "start-after": "a b/c+d/100%/~x/日本/z&y=1"},
+        {"list-type": "2", "continuation-token": "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM="},
+    ],
+)
+def test_a_listing_signature_is_botocores(monkeypatch: pytest.MonkeyPatch, params: dict[str, str]) -> None:
+    """A lean listing signs its query string; botocore signs the same request the same way."""
+    when = dt.datetime(2026, 11, 29, 23, 59, 58)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
+    query = encode_query(params)
+    request = AWSRequest(method="GET", url=f"http://127.0.0.1:8333/bkt?{query}")
+    botocore.auth.S3SigV4Auth(Credentials("AKIDEXAMPLE", "wJalr/SECRET"), "s3", "us-east-1").add_auth(request)
+    ours = Signer("us-east-1").sign(
+        "127.0.0.1:8333", "/bkt", {}, "AKIDEXAMPLE", "wJalr/SECRET", None,
+        when.replace(tzinfo=dt.UTC).timestamp(), query=query,
+    )  # fmt: skip
+    assert ours["authorization"] == request.headers["Authorization"]
+
+
 def test_signing_key_is_cached_per_day_and_secret() -> None:
     signer = Signer("us-east-1")
     first = signer.signing_key("s1", "20261129")
@@ -116,6 +138,36 @@ async def test_reads_skip_the_sdk(server: str, request: pytest.FixtureRequest, m
         assert store.lean_get
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+async def test_listings_skip_the_sdk_and_its_presigning(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every page of a listing, flat or folder by folder, in parallel or not, is a lean request:
+    neither the SDK's list call nor its presigner (after the one probe that finds the endpoint)."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    bucket = emulator.new_bucket()
+    keys = sorted(f"{d}/{n} x+y%.txt" for d in ("a", "a b", "b/c") for n in range(7))
+    client = emulator.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    for width in (1, 4):
+        store = emulator.store(bucket, page_size=3, list_concurrency=width)
+        try:
+            await store._lean_target()  # the one presigned probe
+            sdk = await store._get_client()
+
+            async def no_sdk(*args: Any, **kwargs: Any) -> Any:
+                raise AssertionError(f"listed through the SDK: {args} {kwargs}")
+
+            monkeypatch.setattr(sdk, "list_objects_v2", no_sdk)
+            monkeypatch.setattr(sdk, "generate_presigned_url", no_sdk)
+            assert [i.key async for i in store.list()] == keys
+            assert [i.key async for i in store.list("a")] == [k for k in keys if k.startswith("a")]
+            assert store.lean_get
+        finally:
+            await store.aclose()
 
 
 @pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])

@@ -25,6 +25,8 @@ seen (the ledger's sorted keys, sampled by the last run).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
@@ -159,6 +161,53 @@ async def _get(queue: asyncio.Queue[list[T] | None], failed: asyncio.Future[Base
     if getter.done() and not getter.cancelled():
         return getter.result()  # a page that arrived with a failure elsewhere: the failure wins next time
     raise failed.result()
+
+
+class Slots:
+    """At most ``n`` requests of one listing at a time; of the requests waiting for a slot, the
+    one for the keys that come first goes first.
+
+    A parallel walk lists the subfolders of several parts at once. With first-come slots,
+    the part the reader waits for shares them with parts it reads later, and the reader
+    idles while they all progress together. Ranked by key (a folder's prefix: everything
+    under ``a/`` sorts before everything under ``b/``), the slots go to the head first, and
+    the parts behind it use what the head does not.
+    """
+
+    __slots__ = ("_arrival", "_free", "_waiting")
+
+    def __init__(self, n: int) -> None:
+        self._free = max(1, n)
+        self._waiting: list[tuple[str, int, asyncio.Future[None]]] = []  # a heap: (rank, arrival, grant)
+        self._arrival = 0
+
+    @contextlib.asynccontextmanager
+    async def take(self, rank: str) -> AsyncIterator[None]:
+        """Hold a slot for the block; ``rank``: the first key the request is for (its prefix)."""
+        if self._free and not self._waiting:
+            self._free -= 1
+        else:
+            grant: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._arrival += 1
+            heapq.heappush(self._waiting, (rank, self._arrival, grant))
+            try:
+                await grant
+            except asyncio.CancelledError:
+                if grant.done() and not grant.cancelled():  # granted, then cancelled: pass the slot on
+                    self._release()
+                raise  # (a waiter cancelled before its grant stays in the heap, skipped by _release)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            grant = heapq.heappop(self._waiting)[2]
+            if not grant.done():
+                grant.set_result(None)  # the slot goes straight to the first waiter by rank
+                return
+        self._free += 1
 
 
 async def gather_bounded(calls: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R]:

@@ -1,4 +1,5 @@
-"""AWS Signature Version 4 for the S3 store's lean requests: GET and HEAD (no body), PUT of a buffered body.
+"""AWS Signature Version 4 for the S3 store's lean requests: GET and HEAD (no body), PUT of a buffered body,
+and ListObjectsV2 (a GET with a query string).
 
 botocore signs each request through an event chain, a request model and its own header
 classes, and aiobotocore parses the answer the same way: 4 ms of CPU for one small ranged GET
@@ -27,13 +28,19 @@ def encode_key(key: str) -> str:
     return quote(key, safe="/~")
 
 
+def encode_query(params: dict[str, str]) -> str:
+    """A query string in SigV4's canonical form, which is also what is sent: names sorted, names
+    and values percent-encoded except ``A-Z a-z 0-9 - _ . ~`` (so ``/`` and space are encoded)."""
+    return "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
+
+
 def amz_date(now: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
 
 
 @dataclass(slots=True)
 class Signer:
-    """Signs requests (no query string) for one region and service; the derived key is cached per day and secret."""
+    """Signs requests for one region and service; the derived key is cached per day and secret."""
 
     region: str
     service: str = "s3"
@@ -60,11 +67,12 @@ class Signer:
         now: float,
         method: str = "GET",
         payload: str = EMPTY_SHA256,
+        query: str = "",
     ) -> dict[str, str]:
-        """The headers of a signed ``GET host path`` (or ``method``; no query string), whose body has
-        the SHA-256 ``payload`` (hex; none by default): ``headers`` (names in lower case, all signed)
+        """The headers of a signed ``GET host path?query`` (or ``method``), whose body has the
+        SHA-256 ``payload`` (hex; none by default): ``headers`` (names in lower case, all signed)
         plus ``host``, ``x-amz-date``, ``x-amz-content-sha256``, the session token if any, and
-        ``authorization``. ``path`` is already encoded (``encode_key``)."""
+        ``authorization``. ``path`` is already encoded (``encode_key``), ``query`` too (``encode_query``)."""
         stamp = amz_date(now)
         day = stamp[:8]
         signed = {
@@ -78,7 +86,7 @@ class Signer:
         names = sorted(signed)
         canonical_headers = "".join(f"{n}:{' '.join(signed[n].split())}\n" for n in names)
         signed_names = ";".join(names)
-        canonical = f"{method}\n{path}\n\n{canonical_headers}\n{signed_names}\n{payload}"
+        canonical = f"{method}\n{path}\n{query}\n{canonical_headers}\n{signed_names}\n{payload}"
         scope = f"{day}/{self.region}/{self.service}/aws4_request"
         to_sign = f"{ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         signature = hmac.new(self.signing_key(secret_key, day), to_sign.encode(), hashlib.sha256).hexdigest()
