@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bucketsync.core.errors import PermissionDenied
-from bucketsync.stores.parallel import Part, Quantiles, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import Part, Quantiles, Slots, in_order, ranges, usable_splits
 
 
 def pages_of(name: str, n: int, produced: list[str], gate: asyncio.Event | None = None) -> Part[str]:
@@ -106,6 +106,65 @@ async def test_parts_may_come_from_an_async_iterable_pulled_on_demand() -> None:
     assert await anext(it) == ["p0-0"]
     assert len(pulled) <= 3  # two running, one started after the first finished: not all six
     assert [k async for page in it for k in page] == [f"p{i}-0" for i in range(1, 6)]
+
+
+async def test_slots_bound_the_requests_and_serve_the_first_keys_first() -> None:
+    slots = Slots(2)
+    running: list[str] = []
+    order: list[str] = []
+    peak = 0
+    release = asyncio.Event()
+
+    async def request(rank: str) -> None:
+        nonlocal peak
+        async with slots.take(rank):
+            running.append(rank)
+            order.append(rank)
+            peak = max(peak, len(running))
+            await release.wait()
+            running.remove(rank)
+
+    first = [asyncio.create_task(request(r)) for r in ("m/", "n/")]
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(request(r)) for r in ("z/", "b/", "k/", "a/")]
+    await asyncio.sleep(0.01)
+    assert order == ["m/", "n/"]  # the others wait
+    release.set()
+    await asyncio.gather(*first, *waiting)
+    assert peak == 2
+    assert order == ["m/", "n/", "a/", "b/", "k/", "z/"]  # by rank, not by arrival
+
+
+async def test_a_cancelled_waiter_never_keeps_a_slot() -> None:
+    slots = Slots(1)
+    hold, granted = asyncio.Event(), asyncio.Event()
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def holder() -> None:
+        async with slots.take("a"):
+            await hold.wait()
+        # The slot was just handed to "c" (b was cancelled while it waited); "c" has not run yet.
+        tasks["c"].cancel()
+
+    async def waiter(rank: str, started: asyncio.Event | None = None) -> None:
+        async with slots.take(rank):
+            if started is not None:
+                started.set()
+
+    h = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    tasks["b"] = asyncio.create_task(waiter("b"))
+    tasks["c"] = asyncio.create_task(waiter("c"))
+    await asyncio.sleep(0)
+    tasks["b"].cancel()
+    await asyncio.sleep(0)
+    hold.set()
+    await h
+    for rank in "bc":
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[rank]
+    await asyncio.wait_for(waiter("d", granted), 1)  # neither kept the one slot
+    assert granted.is_set()
 
 
 def test_ranges_cover_every_key_once() -> None:

@@ -7,6 +7,7 @@ provoked on either server: those are unit tests against a stub client.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -152,6 +153,43 @@ async def test_seaweedfs_parallel_walk_keeps_key_order(seaweedfs: S3Emulator) ->
         finally:
             await store.aclose()
     assert listed[1] == listed[2] == listed[8] == sorted(keys)
+
+
+async def test_seaweedfs_walk_lists_a_parts_subfolders_at_once_within_the_bound(
+    seaweedfs: S3Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part of the walk (a top folder) lists its subfolders several at a time, and the whole
+    listing never has more than ``list_concurrency`` requests out."""
+    bucket = seaweedfs.new_bucket()
+    keys = sorted(f"t{top}/{sub:02d}/k{n}" for top in range(6) for sub in range(5) for n in range(2))
+    client = seaweedfs.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    store = seaweedfs.store(bucket, list_concurrency=4)
+    out: list[str] = []
+    peak, peak_in_part = 0, 0
+    page = store._page
+
+    async def slow_page(prefix: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal peak, peak_in_part
+        out.append(prefix)
+        peak = max(peak, len(out))
+        part = prefix[len(PREFIX) :].split("/")[0]
+        peak_in_part = max(peak_in_part, sum(1 for p in out if part and p[len(PREFIX) :].startswith(part + "/")))
+        try:
+            await asyncio.sleep(0.02)  # every request overlaps the ones sent with it
+            return await page(prefix, *args, **kwargs)
+        finally:
+            out.remove(prefix)
+
+    monkeypatch.setattr(store, "_page", slow_page)
+    try:
+        assert [i.key async for i in store.list()] == keys
+        assert store._listing == "walk"
+    finally:
+        await store.aclose()
+    assert peak == 4
+    assert peak_in_part >= 2
 
 
 async def test_a_server_ignoring_start_after_is_slow_not_wrong() -> None:
