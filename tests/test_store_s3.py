@@ -35,7 +35,7 @@ from bucketsync.core.errors import (
     StorageError,
     Transient,
 )
-from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode
+from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.stores import Store, one_chunk, open_store, read_all
 from bucketsync.stores import s3 as s3_module
 from bucketsync.stores.s3 import S3Store, _parse_list, open_s3, translate
@@ -780,3 +780,23 @@ def test_the_page_scan_reads_seaweedfs_layout_without_the_xml_parser(monkeypatch
     monkeypatch.setattr(s3_module, "_parse_list", no_parser)
     got = s3_module._scan_list(SEAWEED_XML, "SeaweedFS")
     assert (got.entries, got.folders, got.truncated, got.token) == (want.entries, want.folders, True, "t1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "&quot;9e107d9d372bb6826bd81d3542a419d6&quot;",
+        "&#34;d41d8cd98f00b204e9800998ecf8427e-2&#34;",
+        '"9e107d9d372bb6826bd81d3542a419d6"',
+        "9e107d9d372bb6826bd81d3542a419d6",
+        "W/&quot;weak&quot;",
+        "&quot;with space&quot;",
+        "&quot;a&amp;b&quot;",
+        " &quot;padded&quot; ",
+        "&quot;&quot;",
+        "",
+    ],
+)
+def test_a_listed_etag_is_what_unescaping_and_normalizing_give(text: str) -> None:
+    """The scan's one-step ETag (``_listed_etag``) against the long way round it replaces."""
+    assert s3_module._listed_etag(text) == normalize_etag(s3_module._unescape(text))

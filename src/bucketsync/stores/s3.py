@@ -390,13 +390,15 @@ def _unescape(text: str) -> str:
 _PLAIN_ETAG = re.compile(r"[0-9A-Za-z-]+").fullmatch
 
 
-def _etag_text(text: str) -> str:
-    """``_unescape`` for the usual ``&quot;md5&quot;`` at a tenth of its cost."""
-    if text.startswith("&quot;") and text.endswith("&quot;") and "&" not in text[6:-6]:
-        return f'"{text[6:-6]}"'
-    if text.startswith("&#34;") and text.endswith("&#34;") and "&" not in text[5:-5]:  # SeaweedFS
-        return f'"{text[5:-5]}"'
-    return _unescape(text)
+def _listed_etag(text: str) -> str | None:
+    """A listed ``<ETag>``'s text as ``normalize_etag`` leaves it: for the usual ``&quot;md5&quot;``
+    (``&#34;`` on SeaweedFS, or bare quotes), the md5 itself, in one step instead of three."""
+    for quote in ("&quot;", "&#34;", '"'):
+        if text.startswith(quote) and text.endswith(quote) and _PLAIN_ETAG(inner := text[len(quote) : -len(quote)]):
+            return inner
+    if _PLAIN_ETAG(text):
+        return text
+    return normalize_etag(_unescape(text))
 
 
 def _url_decode(text: str) -> str:
@@ -433,10 +435,10 @@ def _scan_list(raw: bytes, server: str) -> _Page:
         found = [(key, modified, etag, size) for key, etag, size, _, modified in _CONTENTS_KES.findall(body)]
     for key, modified, etag, size in found:
         if esc:
-            key, modified, etag = _unescape(key), _unescape(modified), _etag_text(etag)
+            key, modified = _unescape(key), _unescape(modified)
         if url:
             key = _url_decode(key)
-        append((key, int(size), float(int(_timestamp(modified))), etag if _PLAIN_ETAG(etag) else normalize_etag(etag)))
+        append((key, int(size), _seconds(modified), _listed_etag(etag)))
     folders = [_unescape(f) for f in _FOLDER.findall(body)]
     if url:
         folders = [_url_decode(f) for f in folders]
@@ -444,6 +446,13 @@ def _scan_list(raw: bytes, server: str) -> _Page:
         return _parse_list(raw, server)  # a layout the scan does not know: the parser reads it all
     truncated = (_tag_text(body, "IsTruncated") or "").strip().lower() == "true"
     return _Page(entries, folders, truncated, _tag_text(body, "NextContinuationToken"), server)
+
+
+@functools.lru_cache(maxsize=4096)
+def _seconds(text: str) -> float:
+    """A listed ``LastModified`` in whole seconds (as ``ObjectInfo.modified`` keeps it). Cached:
+    objects written together share their timestamps, and a listing meets each many times."""
+    return float(int(_timestamp(text)))
 
 
 def _timestamp(text: str) -> float:
@@ -466,9 +475,12 @@ def _given(entries: builtins.list[_Entry]) -> Part[_Entry]:
     return pages
 
 
-def _runs(chunk: builtins.list[tuple[str, _Entry | None]]) -> Iterator[builtins.list[_Entry] | str]:
-    """A chunk of one folder level (``_level``) as it is walked, in order: each run of objects
-    between two subfolders as a list, each subfolder as its key."""
+#: a run of a folder level, as it is walked: objects between two subfolders, or a subfolder's key
+_Run = builtins.list[_Entry] | str
+
+
+def _runs(chunk: builtins.list[tuple[str, _Entry | None]]) -> Iterator[_Run]:
+    """Entries of one folder level in key order (``(key, entry)``, or ``(folder, None)``) as runs."""
     batch: builtins.list[_Entry] = []
     for key, entry in chunk:
         if entry is not None:
@@ -924,18 +936,17 @@ class S3Store:
             level = found[: self.list_concurrency * PARTS_PER_LISTER]
         return found
 
-    async def _level(
-        self, prefix: str, slots: Slots | None = None
-    ) -> AsyncIterator[builtins.list[tuple[str, _Entry | None]]]:
-        """One folder level (``Delimiter="/"``) in key order, a chunk per page: ``(key, entry)``
-        for an object, ``(folder, None)`` for a subfolder (the hidden folder left out). Each
-        request takes one of ``slots`` (a parallel walk's bound on requests), if given.
+    async def _level(self, prefix: str, slots: Slots | None = None) -> AsyncIterator[builtins.list[_Run]]:
+        """One folder level (``Delimiter="/"``) in key order, a chunk of runs per page (``_runs``):
+        the objects between two subfolders as a list, each subfolder as its key (the hidden
+        folder left out). Each request takes one of ``slots`` (a parallel walk's bound), if given.
 
         Correct whether the server orders a level by key (S3: ``a-c`` < ``a/``) or by
         bare name (SeaweedFS: folder ``a`` first). Entries wait in a heap until the
         server has gone past them: ``bound`` is the largest name seen so far, a folder
         counted without its ``/``; nothing unseen can sort below it in either order.
-        The heap holds about one page.
+        The heap holds about one page. A page of objects only, with nothing waiting, is
+        already in key order in both: it is one run, with no per-object work.
         """
         hidden = self.prefix + HIDDEN
         heap: builtins.list[tuple[str, int, _Entry | None]] = []  # (key, arrival, entry or None for a folder)
@@ -945,21 +956,26 @@ class S3Store:
         while True:
             async with slots.take(prefix) if slots is not None else contextlib.nullcontext():
                 page = await self._page(prefix, token, "/")
-            for entry in page.entries:
-                heapq.heappush(heap, (entry[0], next(arrival), entry))
-                bound = max(bound, entry[0])
-            for folder in page.folders:
-                heapq.heappush(heap, (folder, next(arrival), None))
-                bound = max(bound, folder[:-1])
             if page.truncated:
                 token = self._next_token(page)
-            chunk = []
-            while heap and (not page.truncated or heap[0][0] <= bound):
-                key, _, item = heapq.heappop(heap)
-                if item is not None or key != hidden:
-                    chunk.append((key, item))
-            if chunk:
-                yield chunk
+            if not page.folders and not heap:
+                if page.entries:
+                    bound = max(bound, page.entries[-1][0])
+                    yield [page.entries]
+            else:
+                for entry in page.entries:
+                    heapq.heappush(heap, (entry[0], next(arrival), entry))
+                    bound = max(bound, entry[0])
+                for folder in page.folders:
+                    heapq.heappush(heap, (folder, next(arrival), None))
+                    bound = max(bound, folder[:-1])
+                chunk = []
+                while heap and (not page.truncated or heap[0][0] <= bound):
+                    key, _, item = heapq.heappop(heap)
+                    if item is not None or key != hidden:
+                        chunk.append((key, item))
+                if chunk:
+                    yield list(_runs(chunk))
             if not page.truncated:
                 return
 
@@ -973,17 +989,17 @@ class S3Store:
         parallel walk (a month of day folders) is then not 28 requests one after another.
         ``slots`` keeps the whole walk to ``list_concurrency`` requests at a time, the folders
         that come first in key order served first."""
-        async for chunk in self._level(prefix, slots):
+        async for runs in self._level(prefix, slots):
             if fan > 1:
                 parts = [
                     _given(run) if isinstance(run, list) else functools.partial(self._walk_pages, run, slots)
-                    for run in _runs(chunk)
+                    for run in runs
                 ]
                 # A subfolder may run BUFFER // fan entries ahead: a part holds about 2 x BUFFER at most.
                 async for page in in_order(parts, fan, max(1, BUFFER // fan)):
                     yield page
                 continue
-            for run in _runs(chunk):
+            for run in runs:
                 if isinstance(run, list):
                     yield run
                 else:
@@ -997,9 +1013,9 @@ class S3Store:
         levels looked into are listed by the reader itself (one request each, in turn), so
         only the first levels are; each part then walks its own subfolders ``list_concurrency``
         at a time (``fan``), all of them within the ``slots`` of the listing."""
-        async for chunk in self._level(prefix, slots):
-            folders = sum(1 for _, entry in chunk if entry is None)
-            for run in _runs(chunk):
+        async for runs in self._level(prefix, slots):
+            folders = sum(1 for run in runs if isinstance(run, str))
+            for run in runs:
                 if isinstance(run, list):
                     yield _given(run)
                 elif depth + 1 < SPLIT_LEVELS and folders < self.list_concurrency:
