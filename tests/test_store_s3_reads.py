@@ -247,6 +247,33 @@ async def test_small_puts_skip_the_sdk_conditions_included(
         await store.aclose()
 
 
+@pytest.mark.parametrize("server", ["seaweedfs", "moto_s3"])
+async def test_a_put_in_the_hidden_folder_asks_no_head(
+    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put's HEAD learns what a listing will report; no listing reports the hidden folder, so a
+    thumbnail costs one request. Elsewhere the HEAD stays, and its answer is what put returns."""
+    emulator: S3Emulator = request.getfixturevalue(server)
+    store = emulator.store(emulator.new_bucket())
+    heads: list[str] = []
+    real_head = store.head
+
+    async def counted(key: str) -> Any:
+        heads.append(key)
+        return await real_head(key)
+
+    monkeypatch.setattr(store, "head", counted)
+    try:
+        thumb = await store.put(".bucketsync/thumbnails/a.jpg.0123.jpg", one_chunk(b"thumb"), OVERWRITE, "image/jpeg")
+        assert heads == []
+        assert (thumb.size, thumb.etag) == (5, hashlib.md5(b"thumb").hexdigest())
+        item = await store.put("a.jpg", one_chunk(b"image"))
+        assert heads == ["a.jpg"]
+        assert item == await real_head("a.jpg")
+    finally:
+        await store.aclose()
+
+
 async def test_credentials_are_the_clients_and_refresh(seaweedfs: S3Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
     """Default-chain credentials that expire: each lean read asks them first, so an expired set is
     refreshed before it signs (SeaweedFS rejects the stale keys, accepts both fresh identities)."""

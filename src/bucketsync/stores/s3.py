@@ -1082,8 +1082,8 @@ class S3Store:
         return resp.headers.get("ETag"), _LeanBody(resp, self._where(key), key)
 
     async def _lean_head(self, key: str) -> ObjectInfo | None:
-        """HeadObject as a lean request (``_lean``): after every put (``_stat_written``, a thumbnail's
-        included) and for each event's check, where the SDK's machinery cost more than the request.
+        """HeadObject as a lean request (``_lean``): after every put outside the hidden folder
+        (``_stat_written``) and for each event's check, where the SDK's machinery cost more than the request.
         None hands it to the SDK (also when an answer lacks a header it should have)."""
         resp = await self._lean("HEAD", key, {}, "head")
         if resp is None:
@@ -1427,7 +1427,12 @@ class S3Store:
     async def _stat_written(self, key: str, etag: str | None, size: int) -> ObjectInfo:
         """What a listing will report for the object just written (PutObject returns
         no Last-Modified). If someone replaced or deleted it in between, describe
-        our write rather than theirs."""
+        our write rather than theirs.
+
+        No listing reports the hidden folder (thumbnails, probes): there, no HEAD is asked
+        for what nothing will compare, and the write is described from what was sent."""
+        if key.startswith(HIDDEN):
+            return ObjectInfo(key, size, float(int(time.time())), etag)
         try:
             info = await self.head(key)
         except NotFound:
