@@ -340,12 +340,12 @@ class Enricher:
         """Ranged reads of the head until the sniff can tell; then, if still not, the whole
         object (at most ``enrich.max_bytes``)."""
         conf = self.agent.settings.enrich
-        head = b""
         if conf.thumbnails and 0 < job.size <= conf.max_bytes and sniffing.named_like_image(job.key):
             # Its thumbnail will need every byte: one request instead of a head read and then
             # the rest (a request costs the server more than the first 2 KiB it sends).
             # The name only picks the read; the type still comes from the bytes.
             return await self._whole(store, job, b"")
+        head = b""
         for step in sniffing.HEAD_STEPS:
             if len(head) >= job.size and job.size:
                 break

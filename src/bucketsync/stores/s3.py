@@ -1429,9 +1429,9 @@ class S3Store:
         no Last-Modified). If someone replaced or deleted it in between, describe
         our write rather than theirs.
 
-        No listing reports the hidden folder (thumbnails, probes): there, no HEAD is asked
-        for what nothing will compare, and the write is described from what was sent."""
-        if key.startswith(HIDDEN):
+        A key no listing reports (``indexable``: the hidden folder's thumbnails and probes) asks
+        no HEAD for what nothing will compare; the write is described from what was sent."""
+        if not indexable(key):
             return ObjectInfo(key, size, float(int(time.time())), etag)
         try:
             info = await self.head(key)
