@@ -347,6 +347,32 @@ async def test_a_run_waiting_on_its_worker_holds_no_turn(pool: SyncWorkers, loca
         await led.close()
 
 
+async def test_a_stop_ends_a_run_waiting_on_its_worker_and_keeps_what_it_listed(
+    pool: SyncWorkers, local: Target, ledger: Ledger
+) -> None:
+    """The agent's grace period is for batches being committed: a run waiting on a worker (still
+    starting, or listing on a busy machine) ends when told to stop, and writes what it had."""
+    big_folder(local, {})
+    loop = worker_loop(pool, local, ledger)
+    assert isinstance(loop.remote, WorkerDiff)
+    took_first, never = asyncio.Event(), asyncio.Event()
+
+    def stall() -> Any:
+        took_first.set()
+        return never.wait()  # the worker's next step never comes
+
+    loop.remote = AfterFirstStep(loop.remote, stall)
+    stop = asyncio.Event()
+    run = asyncio.create_task(loop.run_once(stop=stop))
+    await asyncio.wait_for(took_first.wait(), 60)
+    stop.set()
+    # A guard against a hang, not a measure: without the stop, the run would wait forever.
+    result = await asyncio.wait_for(run, 30)
+    assert result.status is RunStatus.FAILED and "interrupted" in str(result.error)
+    assert result.counts.added == 512 and result.counts.removed == 0  # the first step, written
+    assert len(await keys(ledger)) == 512
+
+
 async def test_a_large_dataset_gets_a_worker_and_the_small_ones_share_the_other(local: Target, ledger: Ledger) -> None:
     """Jobs go by the keys their run expects (the last run's), not by count: a 100k-key run keeps
     its worker to itself, so its diff does not take turns with a dozen small runs in one process."""

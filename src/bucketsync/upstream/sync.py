@@ -414,7 +414,7 @@ class SyncLoop:
             steps = listing_steps(self.store, self.filter, snapshot, self.splits, p.gaps, p.sample, CHECK_EVERY)
         # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
         async with contextlib.aclosing(steps):  # a run that stops early ends its listing (and its worker job) now
-            while (step := await self._next(steps, turns)) is not None:
+            while (step := await self._next(steps, turns, stop)) is not None:
                 await turns.tick()
                 counts.listed += len(step.keys)
                 changes, unchanged = step.changes, step.unchanged
@@ -429,14 +429,34 @@ class SyncLoop:
                     if stop is not None and stop.is_set():
                         raise Interrupted("interrupted by shutdown or reload; nothing was removed")
 
-    async def _next(self, steps: AsyncIterator[Step], turns: _Turns) -> Step | None:
+    async def _next(self, steps: AsyncIterator[Step], turns: _Turns, stop: asyncio.Event | None) -> Step | None:
         """The next step. In process, making it is this run's CPU work on the loop: within its
         turn. From a worker, it is a wait like a commit's: the turn goes to other runs meanwhile,
-        or two runs waiting on their workers would hold every turn while the loop sits idle."""
+        or two runs waiting on their workers would hold every turn while the loop sits idle.
+
+        A stop that comes during that wait ends it (``Interrupted``; what was listed before is
+        still written): the agent's grace period is for batches being committed, not for a worker
+        still starting or listing on a busy machine. Once stopped, a run goes on to the end of its
+        batch as before (``_diff`` checks after each commit)."""
         if self.remote is None:
             return await anext(steps, None)
         async with turns.paused():
-            return await anext(steps, None)
+            if stop is None or stop.is_set():
+                return await anext(steps, None)
+            step = asyncio.ensure_future(anext(steps, None))
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait((step, stopping), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                if not step.done():
+                    step.cancel()
+                    await asyncio.gather(step, return_exceptions=True)
+            if step.cancelled():
+                raise Interrupted(
+                    "interrupted by shutdown or reload while waiting for a sync worker; nothing was removed"
+                )
+            return step.result()
 
     def _owned(self, key: str, t0: float) -> bool:
         """Downstream owns ``key`` right now (writing it, or wrote it during this run): the run
