@@ -513,6 +513,28 @@ async def test_a_reader_never_writes_the_sidecar(tmp_path: Path) -> None:
         await writer.close()
 
 
+def test_a_command_waits_for_an_agent_that_holds_the_lock_but_does_not_answer_yet(tmp_path: Path) -> None:
+    """Between taking the ledger's lock and listening (a start, or one failing on a damaged ledger) an
+    agent does not answer: a command waits until it does or lets the lock go, then runs on its own,
+    instead of failing with "the agent holds the ledger lock but its API does not answer"."""
+    import threading
+
+    from bucketsync.ledger.sqlite import InstanceLock
+
+    cfg, ledger = synced_ledger(tmp_path)
+    lock = InstanceLock(ledger)
+    lock.acquire()  # an "agent" that never listens, and lets go after a while
+    release = threading.Timer(1.5, lock.release)
+    release.start()
+    try:
+        proc = cli(cfg, "status", timeout=60)
+    finally:
+        release.cancel()
+        lock.release()
+    assert proc.returncode == 0, describe(proc)
+    assert "does not answer" not in proc.stderr and "d" in proc.stdout, describe(proc)
+
+
 def test_clean_restarts_and_cli_runs_raise_no_alarm(tmp_path: Path) -> None:
     cfg, ledger = synced_ledger(tmp_path)
     for _ in range(2):

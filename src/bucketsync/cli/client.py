@@ -35,6 +35,17 @@ def agent_url(settings: Settings) -> str:
 
 async def probe_health(settings: Settings, path: str, timeout: float) -> tuple[bool, str]:
     """(healthy?, one line): GET ``path`` on the local agent; 200 is healthy."""
+    status, line = await _get(settings, path, timeout)
+    return status == 200, line
+
+
+async def answers(settings: Settings, timeout: float) -> bool:
+    """Whether the local agent's API answers at all (any HTTP status)."""
+    return (await _get(settings, "/healthz", timeout))[0] is not None
+
+
+async def _get(settings: Settings, path: str, timeout: float) -> tuple[int | None, str]:
+    """(status, or None without an answer; one line): GET ``path`` on the local agent."""
     url = agent_url(settings) + path
     ssl_ctx = client_context(settings.agent)
     try:
@@ -46,9 +57,9 @@ async def probe_health(settings: Settings, path: str, timeout: float) -> tuple[b
             session.get(url) as resp,
         ):
             body = await resp.text()
-            return resp.status == 200, f"{url}: {resp.status} {body.strip()[:300]}"
+            return resp.status, f"{url}: {resp.status} {body.strip()[:300]}"
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return False, f"{url}: no answer ({type(exc).__name__}: {exc})"
+        return None, f"{url}: no answer ({type(exc).__name__}: {exc})"
 
 
 class AgentClient:

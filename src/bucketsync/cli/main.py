@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bucketsync.config import Settings
     from bucketsync.core.model import Item
     from bucketsync.ledger.ledger import Ledger
+    from bucketsync.ledger.sqlite import InstanceLock
     from bucketsync.upstream.sync import RunResult, SyncLoop
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
@@ -83,10 +84,32 @@ async def _daemon_running(settings: Settings) -> bool:
     if file is not None:
         from bucketsync.ledger.sqlite import InstanceLock
 
-        return InstanceLock(file).held_by_other()
+        return await _agent_settled(InstanceLock(file), settings)
     from bucketsync.ledger.postgres import agent_running
 
     return await agent_running(str(settings.agent.ledger), settings.agent.ledger_password())
+
+
+#: how long a command waits for an agent that holds the ledger's lock but whose API does not answer
+AGENT_SETTLE = 10.0
+
+
+async def _agent_settled(lock: InstanceLock, settings: Settings) -> bool:
+    """Whether an agent holds the lock and serves its API. Between taking the lock and listening
+    (a start, or one that fails on a damaged ledger and exits) an agent does not answer yet: the
+    command waits, up to AGENT_SETTLE, until it answers (the API) or lets the lock go (the command
+    runs here). Past that, the lock's holder is taken for an agent; the API call says it is mute."""
+    import asyncio
+    import time
+
+    from bucketsync.cli.client import answers
+
+    deadline = time.monotonic() + AGENT_SETTLE
+    while lock.held_by_other():
+        if await answers(settings, 1.0) or time.monotonic() > deadline:
+            return True
+        await asyncio.sleep(0.1)
+    return False
 
 
 # -- sync ------------------------------------------------------------------------
