@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -555,3 +557,105 @@ def test_where_reads_go_is_learned_from_a_presigned_url(url: str, want: tuple[st
     target = _Target.from_presigned(url)
     got = None if target is None else (target.origin, target.host, target.path, target.signer.region)
     assert got == want
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:8333",
+        "http://127.0.0.1:8333/",
+        "http://minio.internal",
+        "http://minio.internal:80",
+        "https://minio.example.com:443",
+        "https://minio.example.com:9000/",
+        "https://gw.example.com/s3",
+        "https://gw.example.com/s3/",
+    ],
+)
+@pytest.mark.parametrize(("bucket", "region"), [("bkt", "us-east-1"), ("my.data-2", "eu-west-1")])
+async def test_an_endpoints_target_is_what_botocore_presigns(endpoint: str, bucket: str, region: str) -> None:
+    """Where a store with an endpoint and keys sends lean requests, worked out without botocore,
+    is where botocore's own presigned URL points, signed for the same region and service."""
+    store = S3Store(bucket, PREFIX, endpoint_url=endpoint, region=region, access_key_id="AK", secret_access_key="SK")
+    try:
+        static = store._static_target()
+        assert static is not None and static[0] == ("AK", "SK", None)
+        client = await store._get_client()
+        url = await client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": "bucketsync-where-reads-go"}, ExpiresIn=60
+        )
+        learned = _Target.from_presigned(url)
+        assert learned is not None
+        fields = ("origin", "host", "path", "proxy", "proxy_auth")
+        assert [getattr(static[1], f) for f in fields] == [getattr(learned, f) for f in fields]
+        assert (static[1].signer.region, static[1].signer.service) == (learned.signer.region, learned.signer.service)
+    finally:
+        await store.aclose()
+
+
+def test_only_a_store_of_its_own_endpoint_and_keys_skips_the_probe() -> None:
+    """Without an endpoint (AWS: its endpoint rules), keys (the default chain) or with a profile
+    (whose config may say more), where requests go is still learned from botocore."""
+    keys = {"access_key_id": "AK", "secret_access_key": "SK"}
+    assert S3Store("bkt", endpoint_url="http://h:1", **keys)._static_target() is not None
+    assert S3Store("bkt", **keys)._static_target() is None
+    assert S3Store("bkt", endpoint_url="http://h:1")._static_target() is None
+    assert S3Store("bkt", endpoint_url="http://h:1", profile="p", **keys)._static_target() is None
+    assert S3Store("Bkt_old", endpoint_url="http://h:1", **keys)._static_target() is None  # not a DNS name
+    assert S3Store("bkt", endpoint_url="http://u:p@h:1", **keys)._static_target() is None
+
+
+def test_a_sync_of_an_endpoint_with_keys_never_loads_botocore(seaweedfs: S3Emulator, tmp_path: Any) -> None:
+    """A real `bucketsync sync` process (list, index, commit) on SeaweedFS, then a read and a small
+    write through the same store: botocore is never imported, so never a client (0.35 s of CPU)."""
+    bucket = seaweedfs.new_bucket()
+    client = seaweedfs.client()
+    for n in range(5):
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}d{n % 2}/k{n}", Body=b"x" * n)
+    script = f"""
+import asyncio, sys
+from bucketsync.cli.main import main
+from bucketsync.stores import one_chunk, read_all
+from bucketsync.stores.s3 import S3Store
+
+try:
+    main(["-c", {str(tmp_path / "c.toml")!r}, "sync", "ds"])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+
+async def more() -> None:
+    store = S3Store({bucket!r}, {PREFIX!r}, endpoint_url={seaweedfs.endpoint_url!r},
+                    access_key_id={seaweedfs.access_key_id!r}, secret_access_key={seaweedfs.secret_access_key!r})
+    try:
+        assert await read_all(store, "d1/k3") == b"xxx"
+        await store.put("new", one_chunk(b"written"))
+        assert (await store.head("new")).size == 7
+    finally:
+        await store.aclose()
+
+asyncio.run(more())
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("botocore", "aiobotocore")))
+"""
+    (tmp_path / "c.toml").write_text(
+        f"""[agent]
+ledger = "{tmp_path / "l.db"}"
+
+[integrations.s]
+kind = "aws"
+access_key_id = "{seaweedfs.access_key_id}"
+secret_access_key = "{seaweedfs.secret_access_key}"
+
+[drivers.d]
+url = "s3://{bucket}/{PREFIX}"
+endpoint_url = "{seaweedfs.endpoint_url}"
+integration = "s"
+
+[datasets.ds]
+driver = "d"
+sync = "manual"
+"""
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "listed 5, added 5" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -18,6 +18,10 @@ Behaviour that is ours, not the SDK's:
   listing pages (``_page_raw``) and reads (``open``, ``_lean_get``). botocore still
   decides where requests go and which credentials sign them; errors still go through
   ``translate``; anything unexpected is handed back to the SDK.
+- botocore is imported, and its client made, on first need (``_sdk``): 0.35 s of CPU a
+  process. A store with an ``endpoint_url`` and keys of its own (an S3-compatible server)
+  knows where requests go without it (``_Target.for_endpoint``), so a sync that only lists
+  and reads never loads it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import heapq
 import http.client
 import itertools
 import re
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -44,25 +49,7 @@ from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 import aiohttp
 import structlog
 import yarl
-from aiobotocore.credentials import AioCredentials
-from aiobotocore.session import AioSession
 from aiohttp.helpers import get_env_proxy_for_url
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    CredentialRetrievalError,
-    EndpointConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ProfileNotFound,
-    SSLError,
-)
-from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.utils import parse_timestamp
 
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -93,6 +80,9 @@ from bucketsync.stores.parallel import (
 )
 
 if TYPE_CHECKING:
+    from aiobotocore.session import AioSession
+    from botocore.config import Config
+
     from bucketsync.config import AwsIntegration, DriverConfig
 
 log = structlog.get_logger(__name__)
@@ -168,18 +158,27 @@ _LEAN_PUT_HEADERS = {
 _WRONG_PLACE = frozenset(
     {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "InvalidRegion"}
 )
-_UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, aiohttp.ClientConnectorError)
-_CREDENTIALS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, ProfileNotFound)
-_RETRYABLE_EXCEPTIONS = (BotoConnectionError, HTTPClientError, IncompleteReadError, aiohttp.ClientError, TimeoutError)
 _LOADER: Any = None
 _MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
 _USERINFO = re.compile(r"://[^/@\s]+@")
 _SIGNED_QUERY = re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s'\"]+", re.IGNORECASE)
 
 
+@functools.cache
+def _sdk_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """botocore's two error roots (and ``more``), for ``except`` clauses of the SDK's paths.
+    Imported on first need (an ``except`` clause is evaluated only when an exception reaches
+    it): a store that never calls the SDK never loads botocore."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError, *more)
+
+
 def _session(profile: str | None) -> AioSession:
     """A botocore session; the model loader (parsed service JSON, about 0.1 s to build)
     is shared by every store in the process. Credentials and config stay per session."""
+    from aiobotocore.session import AioSession
+
     global _LOADER
     session = AioSession(profile=profile)
     if _LOADER is None:
@@ -207,33 +206,45 @@ def translate(
     """
     if isinstance(exc, StorageError):
         return exc
-    if isinstance(exc, ClientError):
-        return _translate_client_error(exc, where, op, key, mode)
-    if isinstance(exc, _CREDENTIALS):
-        return PermissionDenied(
-            f"{op} {where}: no usable AWS credentials ({type(exc).__name__}: {_redact(str(exc))}); set "
-            "access_key_id/secret_access_key or profile on the aws integration, or configure the default chain",
-            key=key,
-        )
-    if isinstance(exc, SSLError):  # a certificate problem does not heal by retrying
-        return StorageError(f"{op} {where}: TLS error: {_redact(str(exc))}", key=key)
-    if isinstance(exc, _UNREACHABLE):  # the request never reached a server: DNS, refused, connect timeout
-        return Unreachable(f"{op} {where}: storage is unreachable ({type(exc).__name__}: {_redact(str(exc))})", key=key)
-    if isinstance(exc, _RETRYABLE_EXCEPTIONS):
-        return Transient(f"{op} {where}: {type(exc).__name__}: {_redact(str(exc))}", key=key)
-    if isinstance(exc, BotoCoreError):
-        return StorageError(f"{op} {where}: {type(exc).__name__}: {_redact(str(exc))}", key=key)
-    return StorageError(f"{op} {where}: unexpected {type(exc).__name__}: {_redact(str(exc))}", key=key)
+    named = f"{type(exc).__name__}: {_redact(str(exc))}"
+    # A process that never loaded botocore cannot hold one of its errors (and need not load it to know).
+    if "botocore.exceptions" in sys.modules:
+        from botocore import exceptions as sdk
+
+        if isinstance(exc, sdk.ClientError):
+            return _translate_answer(exc.response or {}, where, op, key, mode)
+        if isinstance(
+            exc,
+            (sdk.NoCredentialsError, sdk.PartialCredentialsError, sdk.CredentialRetrievalError, sdk.ProfileNotFound),
+        ):
+            return PermissionDenied(
+                f"{op} {where}: no usable AWS credentials ({named}); set access_key_id/secret_access_key or "
+                "profile on the aws integration, or configure the default chain",
+                key=key,
+            )
+        if isinstance(exc, sdk.SSLError):  # a certificate problem does not heal by retrying
+            return StorageError(f"{op} {where}: TLS error: {_redact(str(exc))}", key=key)
+        if isinstance(exc, (sdk.EndpointConnectionError, sdk.ConnectTimeoutError)):
+            return Unreachable(f"{op} {where}: storage is unreachable ({named})", key=key)
+        if isinstance(exc, (sdk.ConnectionError, sdk.HTTPClientError, sdk.IncompleteReadError)):
+            return Transient(f"{op} {where}: {named}", key=key)
+        if isinstance(exc, sdk.BotoCoreError):
+            return StorageError(f"{op} {where}: {named}", key=key)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # never reached a server: DNS, refused, connect timeout
+        return Unreachable(f"{op} {where}: storage is unreachable ({named})", key=key)
+    if isinstance(exc, (aiohttp.ClientError, TimeoutError)):
+        return Transient(f"{op} {where}: {named}", key=key)
+    return StorageError(f"{op} {where}: unexpected {named}", key=key)
 
 
 class BucketNotFound(NotFound):
     """The bucket itself is missing (``NoSuchBucket``), not just one key."""
 
 
-def _translate_client_error(
-    exc: ClientError, where: str, op: str, key: str | None, mode: PutMode | None
+def _translate_answer(
+    response: dict[str, Any], where: str, op: str, key: str | None, mode: PutMode | None
 ) -> StorageError:
-    response: dict[str, Any] = exc.response or {}
+    """An error answer (a ``ClientError``'s ``response``, or ``_status_answer``'s) as bucketsync's error."""
     err = response.get("Error") or {}
     code = str(err.get("Code") or "")
     status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
@@ -459,6 +470,8 @@ def _timestamp(text: str) -> float:
     try:
         return datetime.fromisoformat(text).timestamp()  # 2024-05-01T12:00:00.000Z (Python >= 3.11)
     except ValueError:
+        from botocore.utils import parse_timestamp
+
         return float(parse_timestamp(text).timestamp())  # whatever else botocore accepts
 
 
@@ -544,29 +557,55 @@ class _Target:
             or "@" in parts.netloc
         ):
             return None
-        host = parts.netloc
-        default = _DEFAULT_PORT.get(parts.scheme, "")
+        return cls._at(parts.scheme, parts.netloc, parts.path[: -len(_PROBE_KEY)], sigv4.Signer(scope[2], scope[3]))
+
+    @classmethod
+    def for_endpoint(cls, endpoint_url: str, bucket: str, region: str) -> _Target | None:
+        """Where a path-style client of ``endpoint_url`` sends requests for ``bucket``, signed for
+        ``region``: what ``from_presigned`` learns from botocore there (a test holds the two
+        equal), without loading it. None for an endpoint botocore would read otherwise."""
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in _DEFAULT_PORT or not parts.hostname or "@" in parts.netloc or parts.query:
+            return None
+        if parts.fragment or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", bucket):
+            return None
+        path = parts.path.rstrip("/") + f"/{bucket}/"
+        return cls._at(parts.scheme, parts.netloc, path, sigv4.Signer(region, "s3"))
+
+    @classmethod
+    def _at(cls, scheme: str, netloc: str, path: str, signer: sigv4.Signer) -> _Target:
+        host = netloc
+        default = _DEFAULT_PORT.get(scheme, "")
         if default and host.endswith(default):
             host = host[: -len(default)]
-        origin = f"{parts.scheme}://{parts.netloc}"
+        origin = f"{scheme}://{netloc}"
         try:
             proxy, proxy_auth = get_env_proxy_for_url(yarl.URL(origin))
         except LookupError:
             proxy, proxy_auth = None, None
-        signer = sigv4.Signer(scope[2], scope[3])
-        return cls(origin, host, parts.path[: -len(_PROBE_KEY)], signer, proxy, proxy_auth)
+        return cls(origin, host, path, signer, proxy, proxy_auth)
 
 
-def _status_error(status: int, body: bytes) -> ClientError:
-    """The ``ClientError`` botocore's parser makes of an S3 error answer, for ``translate``: the
-    ``Code`` and ``Message`` of its XML body, or the bare status when there is none (as botocore)."""
+@dataclass(frozen=True, slots=True)
+class _StaticKeys:
+    """Keys that never change (the store's own), shaped as botocore's frozen credentials."""
+
+    access_key: str
+    secret_key: str
+    token: str | None
+
+    async def get_frozen_credentials(self) -> _StaticKeys:
+        return self
+
+
+def _status_answer(status: int, body: bytes) -> dict[str, Any]:
+    """What botocore's parser makes of an S3 error answer (a ``ClientError``'s ``response``), for
+    ``_translate_answer``: the ``Code`` and ``Message`` of its XML body, or the bare status when
+    there is none (as botocore)."""
     fields = dict(_ERROR_FIELD.findall(body.decode("utf-8", "replace")))
     code = _unescape(fields.get("Code", "")) or str(status)
     message = _unescape(fields.get("Message", "")) or http.client.responses.get(status, "")
-    return ClientError(
-        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
-        "GetObject",
-    )
+    return {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
 class _SdkBody:
@@ -580,7 +619,7 @@ class _SdkBody:
     async def read(self, n: int) -> bytes:
         try:
             chunk: bytes = await self.raw.read(n)
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+        except _sdk_errors(aiohttp.ClientError, TimeoutError) as exc:
             raise translate(exc, self.where, "get", key=self.key) from exc
         return chunk
 
@@ -692,6 +731,8 @@ class S3Store:
     # -- plumbing ---------------------------------------------------------------
 
     def _botocore_config(self) -> Config:
+        from botocore.config import Config
+
         options: dict[str, Any] = {
             # One attempt: retries are ours (see module docstring).
             "retries": {"total_max_attempts": 1, "mode": "standard"},
@@ -731,7 +772,7 @@ class S3Store:
                                 **self._credentials,
                             )
                         )
-                    except (BotoCoreError, ClientError) as exc:
+                    except _sdk_errors() as exc:
                         raise translate(exc, self.url, "connect") from exc
         return self._client
 
@@ -743,7 +784,7 @@ class S3Store:
         client = await self._get_client()
         try:
             return await getattr(client, method)(Bucket=self.bucket, **kwargs)
-        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+        except _sdk_errors(aiohttp.ClientError, TimeoutError) as exc:
             raise translate(exc, self._where(key), op, key=key, mode=mode) from exc
 
     async def _retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -806,7 +847,7 @@ class S3Store:
             )
             self.fast_list = False
             return None
-        except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+        except _sdk_errors(aiohttp.ClientError, TimeoutError) as exc:
             raise translate(exc, self.url, "list") from exc
         return self._scanned(body, server)
 
@@ -1124,7 +1165,7 @@ class S3Store:
         a small read's or write's CPU): signed by ``sigv4`` with the client's own credentials (refreshed as the SDK
         would), sent on the shared aiohttp session (a pool of kept-alive connections), to where
         botocore said (``_lean_target``). A 200 or 206 answer is returned; errors become what the
-        SDK's would (``_status_error``, ``translate``).
+        SDK's would (``_status_answer``, ``_translate_answer``).
 
         None hands the request to the SDK: no target, TLS trouble (the SDK may know a CA bundle
         we do not), or a redirect (a bucket in another region: the SDK follows it). Those turn
@@ -1141,7 +1182,7 @@ class S3Store:
         qs = sigv4.encode_query(query) if query else ""
         try:
             creds = await self._signing.get_frozen_credentials()
-        except BotoCoreError as exc:
+        except _sdk_errors() as exc:  # only botocore's refreshing credentials fail here
             raise translate(exc, where, op, key=key) from exc
         payload = sigv4.EMPTY_SHA256 if body is None else hashlib.sha256(body).hexdigest()
         signed = target.signer.sign(
@@ -1182,33 +1223,33 @@ class S3Store:
             body = b""
         finally:
             resp.close()
-        err = _status_error(resp.status, body)
-        code = err.response["Error"].get("Code")
+        answer = _status_answer(resp.status, body)
+        code = answer["Error"].get("Code")
         # A HEAD has no body to name its error: AWS answers one sent to the wrong region with a bare 400.
         if 300 <= resp.status < 400 or code in _WRONG_PLACE or (method == "HEAD" and resp.status == 400):
             self._lean_off("the server sends requests elsewhere", status=resp.status, code=code)
             return None
-        raise translate(err, where, op, key=key, mode=mode) from None
+        raise _translate_answer(answer, where, op, key, mode)
 
     async def _lean_target(self) -> _Target | None:
-        """Where lean reads go: learned once from a URL botocore presigns for a probe key (so its
-        endpoint rules, addressing style and region apply), with the credentials its client uses."""
+        """Where lean reads go. With an ``endpoint_url`` and keys of its own, the store knows
+        (``_Target.for_endpoint``: path style, its region) and never needs botocore. Otherwise it is
+        learned once from a URL botocore presigns for a probe key (so its endpoint rules,
+        addressing style and region apply), with the credentials its client uses."""
+        if self._target is None and self.lean_get and (static := self._static_target()) is not None:
+            self._signing, self._target = _StaticKeys(*static[0]), static[1]
         if self._target is None and self.lean_get:
             client = await self._get_client()
             try:
                 url = await client.generate_presigned_url(
                     "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=60
                 )
-                if self._credentials:  # explicit keys: the client made exactly these
-                    creds: Any = AioCredentials(
-                        self._credentials["aws_access_key_id"],
-                        self._credentials["aws_secret_access_key"],
-                        self._credentials.get("aws_session_token"),
-                    )
-                else:  # the default chain: the session's (cached) credentials, the client's own
-                    assert self._botocore_session is not None
-                    creds = await self._botocore_session.get_credentials()
-            except (BotoCoreError, ClientError):  # no credentials and the like: the SDK says so
+                assert self._botocore_session is not None
+                # explicit keys are exactly what the client signs with; else the session's (cached) chain
+                creds: Any = (
+                    _StaticKeys(*self._keys()) if self._credentials else await self._botocore_session.get_credentials()
+                )
+            except _sdk_errors():  # no credentials and the like: the SDK says so
                 url, creds = "", None
             target = _Target.from_presigned(url) if url and creds is not None else None
             if target is None:
@@ -1216,6 +1257,19 @@ class S3Store:
                 return None
             self._signing, self._target = creds, target
         return self._target if self.lean_get else None
+
+    def _keys(self) -> tuple[str, str, str | None]:
+        c = self._credentials
+        return c["aws_access_key_id"], c["aws_secret_access_key"], c.get("aws_session_token")
+
+    def _static_target(self) -> tuple[tuple[str, str, str | None], _Target] | None:
+        """Keys and target without botocore, where botocore would decide nothing: an
+        ``endpoint_url`` (always path style here, ``_botocore_config``), keys of the store's own
+        and no profile (whose config could say more)."""
+        if not (self.endpoint_url and self._credentials and self._profile is None and self.region):
+            return None
+        target = _Target.for_endpoint(self.endpoint_url, self.bucket, self.region)
+        return None if target is None else (self._keys(), target)
 
     def _lean_off(self, why: str, **fields: Any) -> None:
         if self.lean_get:
