@@ -28,14 +28,17 @@ from bucketsync.core import gate
 from bucketsync.core.errors import NotFound, PermissionDenied, StorageError, Transient
 from bucketsync.core.model import OVERWRITE
 from bucketsync.core.retry import backoff
-from bucketsync.enrich import sniff as sniffing
-from bucketsync.enrich import thumbs, video
 from bucketsync.enrich.queue import EnrichQueue, Job, Result, Trash
 from bucketsync.enrich.ranged import RangeFile
 from bucketsync.stores import Store, one_chunk
 
 if TYPE_CHECKING:
     from bucketsync.agent import Agent
+    from bucketsync.enrich import sniff as sniffing
+
+# Pillow, filetype and the modules on them (sniff, thumbs, video) are imported by the methods
+# that use them: every agent builds an Enricher, most processes (a CLI sync) never enrich, and
+# the import is 50-70 ms of CPU.
 
 log = structlog.get_logger("bucketsync.enrich")
 #: how often the worker looks at the queue when nobody wakes it
@@ -246,6 +249,8 @@ class Enricher:
         return "retry"
 
     async def _enrich(self, job: Job) -> str:
+        from bucketsync.enrich import thumbs
+
         settings = self.agent.settings
         conf = settings.enrich
         store = self._store(job.dataset)
@@ -286,6 +291,8 @@ class Enricher:
     async def _video(self, store: Store, job: Job, meta: dict[str, Any]) -> str:
         """A video's metadata (and first frame's thumbnail) through PyAV, over ranged reads of
         the object (``RangeFile``): the head, the index wherever it is, the first frame's packets."""
+        from bucketsync.enrich import video
+
         conf = self.agent.settings.enrich
         why = video.missing()
         if why is not None:  # the optional extra is not installed: the mimetype, and why no more
@@ -324,6 +331,8 @@ class Enricher:
     async def _save_thumbnail(self, store: Store, job: Job, thumb: bytes) -> tuple[str, bool]:
         """Write the item's thumbnail into the hidden folder, or the local cache for a dataset
         that may not write; its key, and whether it is local."""
+        from bucketsync.enrich import thumbs
+
         fmt = self.agent.settings.enrich.thumbnail_format
         key = thumbs.thumbnail_key(job.key, job.etag, job.size, job.modified, fmt)
         local = self._local(job.dataset)
@@ -339,6 +348,8 @@ class Enricher:
     async def _head(self, store: Store, job: Job) -> tuple[bytes, sniffing.Sniffed]:
         """Ranged reads of the head until the sniff can tell; then, if still not, the whole
         object (at most ``enrich.max_bytes``)."""
+        from bucketsync.enrich import sniff as sniffing
+
         conf = self.agent.settings.enrich
         if conf.thumbnails and 0 < job.size <= conf.max_bytes and sniffing.named_like_image(job.key):
             # Its thumbnail will need every byte: one request instead of a head read and then
@@ -364,6 +375,8 @@ class Enricher:
 
     async def _whole(self, store: Store, job: Job, head: bytes) -> tuple[bytes, sniffing.Sniffed]:
         """The object (``head`` and the rest of it), and what the sniff finds in all of it."""
+        from bucketsync.enrich import sniff as sniffing
+
         data = await self._read(store, job, len(head), None, head)
         try:
             return data, sniffing.sniff(data, len(data), self.agent.settings.enrich.max_pixels)
@@ -419,6 +432,8 @@ class Enricher:
 
     async def _delete_thumbnail(self, t: Trash) -> bool:
         """True once the thumbnail is gone (or there is nothing left to delete it from)."""
+        from bucketsync.enrich import thumbs
+
         name = await self._dataset_name(t.dataset_id)
         settings = self.agent.settings
         if name is None or name not in settings.datasets:
