@@ -158,14 +158,15 @@ async def test_seaweedfs_parallel_walk_keeps_key_order(seaweedfs: S3Emulator) ->
 async def test_seaweedfs_walk_lists_a_parts_subfolders_at_once_within_the_bound(
     seaweedfs: S3Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A part of the walk (a top folder) lists its subfolders several at a time, and the whole
-    listing never has more than ``list_concurrency`` requests out."""
+    """A part of the walk (a top folder) too big to sort in memory lists its subfolders several
+    at a time, and the whole listing never has more than ``list_concurrency`` requests out."""
     bucket = seaweedfs.new_bucket()
     keys = sorted(f"t{top}/{sub:02d}/k{n}" for top in range(6) for sub in range(5) for n in range(2))
     client = seaweedfs.client()
     for key in keys:
         client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
-    store = seaweedfs.store(bucket, list_concurrency=4)
+    monkeypatch.setattr(s3_module, "FLAT_PART", 3)  # every part (10 keys) is too big to list flat
+    store = seaweedfs.store(bucket, list_concurrency=4, page_size=3)
     out: list[str] = []
     peak, peak_in_part = 0, 0
     page = store._page
@@ -190,6 +191,43 @@ async def test_seaweedfs_walk_lists_a_parts_subfolders_at_once_within_the_bound(
         await store.aclose()
     assert peak == 4
     assert peak_in_part >= 2
+
+
+@pytest.mark.parametrize("flat_part", [2, 8000])
+async def test_seaweedfs_walk_lists_a_part_flat_and_sorts_it(
+    seaweedfs: S3Emulator, monkeypatch: pytest.MonkeyPatch, flat_part: int
+) -> None:
+    """A part of the walk that fits in ``FLAT_PART`` keys is listed without a delimiter (a request
+    per page, none per folder) and sorted: SeaweedFS's own flat order (folder ``a`` before
+    ``a.txt``, ``a-1``, ``a b``) comes out in S3 key order. A part that does not fit is walked
+    folder by folder after all, with the same result."""
+    bucket = seaweedfs.new_bucket()
+    inner = ["a/b/1", "a/b/2", "a/c", "a.txt", "a-1/x", "a b", "a0/y", "b/z/1", "b/z-2", "b/z.q"]
+    keys = sorted(f"{top}/{key}" for top in ("p", "q", "r") for key in inner)
+    client = seaweedfs.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    monkeypatch.setattr(s3_module, "FLAT_PART", flat_part)
+    store = seaweedfs.store(bucket, list_concurrency=2, page_size=3)  # 3 top folders: the parts
+    asked: list[str | None] = []
+    page = store._page
+
+    async def counted(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
+        asked.append(delimiter)
+        return await page(prefix, token, delimiter, **kwargs)
+
+    monkeypatch.setattr(store, "_page", counted)
+    try:
+        assert [i.key async for i in store.list()] == keys
+        assert store._listing == "walk"
+    finally:
+        await store.aclose()
+    flat = asked.count(None) - 1  # the first page, which finds the server
+    if flat_part > len(inner):
+        # the root's level, then each of the three parts: its 10 keys in 4 pages of 3
+        assert (flat, asked.count("/")) == (3 * 4, 1)
+    else:  # each part gave up after its first page of 3 (not fewer than FLAT_PART) and walked
+        assert flat == 3 and asked.count("/") > 1 + 3 * 3
 
 
 async def test_a_server_ignoring_start_after_is_slow_not_wrong() -> None:

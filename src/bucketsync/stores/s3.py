@@ -325,6 +325,9 @@ _Entry = tuple[str, int, float, str | None]
 #: ``Server`` headers of servers that list a folder's subtree at the folder's bare
 #: name (``a/b`` before ``a-c``), not in S3 key order: listed folder by folder.
 _FOLDER_ORDERED_SERVERS = ("SeaweedFS",)
+#: the most keys a part of a walk lists flat and sorts in memory (``_subtree_pages``): as many as
+#: a part may hold ahead of the reader anyway (``BUFFER``)
+FLAT_PART = BUFFER
 
 
 @dataclass(slots=True)
@@ -1063,7 +1066,32 @@ class S3Store:
                     async for part in self._walk_parts(run, depth + 1, slots):
                         yield part
                 else:
-                    yield functools.partial(self._walk_pages, run, slots, self.list_concurrency)
+                    yield functools.partial(self._subtree_pages, run, slots)
+
+    async def _subtree_pages(self, prefix: str, slots: Slots) -> AsyncIterator[builtins.list[_Entry]]:
+        """A part of a walk (a folder's whole subtree) listed flat, without a delimiter, and put in
+        key order in memory: one request for each 1,000 keys instead of one for each folder (a
+        month of 28 day folders, 4,200 keys: 5 requests, not 29). The server's flat order is its
+        own (folder ``a`` before ``a.txt``), so the part is sorted whole, which it can be only up to
+        ``FLAT_PART`` keys; a bigger one is walked folder by folder after all (``_walk_pages``,
+        its subfolders ``list_concurrency`` at a time), the pages listed so far dropped."""
+        entries: builtins.list[_Entry] = []
+        token: str | None = None
+        while True:
+            async with slots.take(prefix):
+                page = await self._page(prefix, token)
+            entries += page.entries
+            if not page.truncated:
+                break
+            if len(entries) >= FLAT_PART:
+                del entries
+                async for walked in self._walk_pages(prefix, slots, self.list_concurrency):
+                    yield walked
+                return
+            token = self._next_token(page)
+        entries.sort(key=_entry_key)  # equal keys stay side by side: check_page then refuses them
+        for start in range(0, len(entries), self.page_size):
+            yield entries[start : start + self.page_size]
 
     async def head(self, key: str) -> ObjectInfo:
         if self.lean_get:
