@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 from bucketsync import __version__
 from bucketsync.cli.display import ProgressLine, dumps, print_json, safe_text, shown
 from bucketsync.core.errors import BucketsyncError, ConfigError, InvalidKey, LedgerError, LedgerLocked, NotFound
-from bucketsync.core.model import ItemState
 
 # Everything else is imported by the command that needs it: ``--version`` and ``--help`` stay
 # instant, and no command pays for the cloud SDKs, the HTTP server or pydantic it does not use.
 if TYPE_CHECKING:
     from bucketsync.cli.client import AgentClient
     from bucketsync.config import Settings
-    from bucketsync.core.model import Item
+    from bucketsync.core.model import Item, ItemState
     from bucketsync.ledger.ledger import Ledger
     from bucketsync.ledger.sqlite import InstanceLock
     from bucketsync.upstream.sync import RunResult, SyncLoop
@@ -214,6 +213,7 @@ async def _remote_sync(settings: Settings, args: argparse.Namespace, show: bool)
 
 
 async def cmd_items(settings: Settings, args: argparse.Namespace) -> int:
+    from bucketsync.core.model import ItemState
 
     settings.dataset(args.dataset)
     ledger = await _read_ledger(settings)
@@ -263,6 +263,7 @@ async def _query(ledger: Ledger, ds_id: int, args: argparse.Namespace, state: It
 async def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.agent import datasets_status
     from bucketsync.cli.client import AgentClient
+    from bucketsync.core.model import ItemState
 
     if await _daemon_running(settings):
         async with AgentClient(settings) as client:
@@ -319,6 +320,7 @@ async def cmd_ls(settings: Settings, args: argparse.Namespace) -> int:
     """``ls DS[/PREFIX]``: the folders directly under PREFIX (with '/'), then its items, as
     ``rclone lsf`` shows them; from the ledger, beside a running agent too."""
     from bucketsync.catalog import folders
+    from bucketsync.core.model import ItemState
 
     dataset, _, prefix = args.path.partition("/")
     settings.dataset(dataset)
@@ -358,6 +360,7 @@ async def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     from bucketsync.catalog import datasets as catalog_datasets
     from bucketsync.catalog import query
     from bucketsync.cli.client import AgentClient
+    from bucketsync.core.model import ItemState
 
     names = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     for name in names:
