@@ -135,6 +135,16 @@ async def test_conformance_listing_at_split_points(check: Check, moto_s3: S3Emul
         await inner.aclose()
 
 
+async def walked(store: S3Store) -> list[str]:
+    """Every key ``store`` lists, which it must have walked folder by folder; the store is closed."""
+    try:
+        keys = [i.key async for i in store.list()]
+        assert store._listing == "walk"
+        return keys
+    finally:
+        await store.aclose()
+
+
 async def test_seaweedfs_parallel_walk_keeps_key_order(seaweedfs: S3Emulator) -> None:
     """SeaweedFS lists a folder at its bare name (``a/b`` before ``a-c``): listed a folder per
     part, in parallel, the stream is still in S3 key order and whole, as listed sequentially."""
@@ -146,12 +156,7 @@ async def test_seaweedfs_parallel_walk_keeps_key_order(seaweedfs: S3Emulator) ->
         client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
     listed = {}
     for width in (1, 2, 8):
-        store = seaweedfs.store(bucket, page_size=2, list_concurrency=width)
-        try:
-            listed[width] = [i.key async for i in store.list()]
-            assert store._listing == "walk"
-        finally:
-            await store.aclose()
+        listed[width] = await walked(seaweedfs.store(bucket, page_size=2, list_concurrency=width))
     assert listed[1] == listed[2] == listed[8] == sorted(keys)
 
 
@@ -184,11 +189,7 @@ async def test_seaweedfs_walk_lists_a_parts_subfolders_at_once_within_the_bound(
             out.remove(prefix)
 
     monkeypatch.setattr(store, "_page", slow_page)
-    try:
-        assert [i.key async for i in store.list()] == keys
-        assert store._listing == "walk"
-    finally:
-        await store.aclose()
+    assert await walked(store) == keys
     assert peak == 4
     assert peak_in_part >= 2
 
@@ -217,11 +218,7 @@ async def test_seaweedfs_walk_lists_a_part_flat_and_sorts_it(
         return await page(prefix, token, delimiter, **kwargs)
 
     monkeypatch.setattr(store, "_page", counted)
-    try:
-        assert [i.key async for i in store.list()] == keys
-        assert store._listing == "walk"
-    finally:
-        await store.aclose()
+    assert await walked(store) == keys
     flat = asked.count(None) - 1  # the first page, which finds the server
     if flat_part > len(inner):
         # the root's level, then each of the three parts: its 10 keys in 4 pages of 3
