@@ -36,9 +36,11 @@ from bucketsync.core.errors import (
     Transient,
 )
 from bucketsync.core.model import CREATE, OVERWRITE, ObjectInfo, PutMode, normalize_etag
-from bucketsync.stores import Store, one_chunk, open_store, read_all
+from bucketsync.stores import Store, one_chunk, open_store, read_all, s3_lean
 from bucketsync.stores import s3 as s3_module
-from bucketsync.stores.s3 import S3Store, _parse_list, open_s3, translate
+from bucketsync.stores.lean import unescape
+from bucketsync.stores.s3 import S3Store, open_s3, translate
+from bucketsync.stores.s3_lean import parse_list
 from conformance import CHECKS, Check, Delegating, check_missing_root, check_permission_denied, list_keys
 from emulators.s3 import PREFIX, S3Emulator
 
@@ -668,7 +670,7 @@ LIST_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
 
 
 def test_parse_list_matches_botocore() -> None:
-    page = _parse_list(LIST_XML, "AmazonS3")
+    page = parse_list(LIST_XML, "AmazonS3")
     t0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC).timestamp()
     assert page.entries == [
         ("p/a b", 43, t0, "9e107d9d372bb6826bd81d3542a419d6"),
@@ -681,7 +683,7 @@ def test_parse_list_matches_botocore() -> None:
         "AmazonS3",
     )
     # Without <EncodingType>url</EncodingType> keys are taken as they are.
-    plain = _parse_list(LIST_XML.replace(b"<EncodingType>url</EncodingType>", b""), "")
+    plain = parse_list(LIST_XML.replace(b"<EncodingType>url</EncodingType>", b""), "")
     assert plain.entries[0][0] == "p%2Fa+b"
 
 
@@ -806,14 +808,14 @@ SEAWEED_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
 
 def test_the_page_scan_reads_seaweedfs_layout_without_the_xml_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     """SeaweedFS writes a <Contents>'s fields in another order: the scan reads it as the parser does."""
-    want = _parse_list(SEAWEED_XML, "SeaweedFS")
+    want = parse_list(SEAWEED_XML, "SeaweedFS")
     assert want.entries[1] == ("p/b & c", 0, datetime(2024, 5, 1, 12, 0, 1, tzinfo=UTC).timestamp(), want.entries[1][3])
 
     def no_parser(body: bytes, server: str) -> None:
         raise AssertionError("the page went to the XML parser")
 
-    monkeypatch.setattr(s3_module, "_parse_list", no_parser)
-    got = s3_module._scan_list(SEAWEED_XML, "SeaweedFS")
+    monkeypatch.setattr(s3_lean, "parse_list", no_parser)
+    got = s3_lean.scan_list(SEAWEED_XML, "SeaweedFS")
     assert (got.entries, got.folders, got.truncated, got.token) == (want.entries, want.folders, True, "t1")
 
 
@@ -834,4 +836,4 @@ def test_the_page_scan_reads_seaweedfs_layout_without_the_xml_parser(monkeypatch
 )
 def test_a_listed_etag_is_what_unescaping_and_normalizing_give(text: str) -> None:
     """The scan's one-step ETag (``_listed_etag``) against the long way round it replaces."""
-    assert s3_module._listed_etag(text) == normalize_etag(s3_module._unescape(text))
+    assert s3_lean.listed_etag(text) == normalize_etag(unescape(text))

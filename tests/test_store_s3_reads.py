@@ -36,7 +36,8 @@ from bucketsync.core.errors import (
 )
 from bucketsync.core.model import CREATE, OVERWRITE, PutMode
 from bucketsync.stores import one_chunk, read_all
-from bucketsync.stores.s3 import LEAN_PUT_MAX, BucketNotFound, S3Store, _Target
+from bucketsync.stores.s3 import LEAN_PUT_MAX, BucketNotFound, S3Store
+from bucketsync.stores.s3_lean import Target
 from bucketsync.stores.sigv4 import Signer, encode_key, encode_query
 from emulators import free_port
 from emulators.s3 import PREFIX, S3Emulator
@@ -554,7 +555,7 @@ async def test_an_unreachable_endpoint_is_unreachable() -> None:
     ],
 )
 def test_where_reads_go_is_learned_from_a_presigned_url(url: str, want: tuple[str, str, str, str] | None) -> None:
-    target = _Target.from_presigned(url)
+    target = Target.from_presigned(url)
     got = None if target is None else (target.origin, target.host, target.path, target.signer.region)
     assert got == want
 
@@ -584,7 +585,7 @@ async def test_an_endpoints_target_is_what_botocore_presigns(endpoint: str, buck
         url = await client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": "bucketsync-where-reads-go"}, ExpiresIn=60
         )
-        learned = _Target.from_presigned(url)
+        learned = Target.from_presigned(url)
         assert learned is not None
         fields = ("origin", "host", "path", "proxy", "proxy_auth")
         assert [getattr(static[1], f) for f in fields] == [getattr(learned, f) for f in fields]

@@ -17,7 +17,8 @@ from bucketsync.config import DatasetConfig
 from bucketsync.core.errors import PermissionDenied
 from bucketsync.core.model import RunStatus
 from bucketsync.ledger.ledger import Ledger
-from bucketsync.stores.s3 import S3Store, _Page
+from bucketsync.stores.s3 import S3Store
+from bucketsync.stores.s3_lean import Page
 from bucketsync.upstream import sync
 from bucketsync.upstream.sync import SyncLoop
 from emulators.s3 import PREFIX, S3Emulator
@@ -44,9 +45,7 @@ def record_starts(store: S3Store, fail_after: str | None = None) -> list[str | N
     starts: list[str | None] = []
     page = store._page
 
-    async def spy(
-        prefix: str, token: str | None, delimiter: str | None = None, start_after: str | None = None
-    ) -> _Page:
+    async def spy(prefix: str, token: str | None, delimiter: str | None = None, start_after: str | None = None) -> Page:
         if token is None and delimiter is None:
             starts.append(start_after)
             if fail_after is not None and start_after is not None and start_after >= fail_after:

@@ -15,13 +15,14 @@ Behaviour that is ours, not the SDK's:
   report the same ``ObjectInfo`` for the same object. ``modified`` is whole
   seconds for the same reason: HEAD's ``Last-Modified`` has no fraction.
 - Two hot paths skip the SDK's per-request machinery (milliseconds of CPU a request):
-  listing pages (``_page_raw``) and reads (``open``, ``_lean_get``). botocore still
-  decides where requests go and which credentials sign them; errors still go through
-  ``translate``; anything unexpected is handed back to the SDK.
-- botocore is imported, and its client made, on first need (``_sdk``): 0.35 s of CPU a
-  process. A store with an ``endpoint_url`` and keys of its own (an S3-compatible server)
-  knows where requests go without it (``_Target.for_endpoint``), so a sync that only lists
-  and reads never loads it.
+  listing pages (``_page_raw``), reads, HEADs and small PUTs (``_lean``); what they read
+  and where they go is ``s3_lean``. botocore still decides where requests go and which
+  credentials sign them; errors still go through ``translate``; anything unexpected is
+  handed back to the SDK.
+- botocore is imported, and its client made, on first need (``_get_client``,
+  ``_sdk_errors``): 0.35 s of CPU a process. A store with an ``endpoint_url`` and keys of
+  its own (an S3-compatible server) knows where requests go without it
+  (``s3_lean.Target.for_endpoint``), so a sync that only lists and reads never loads it.
 """
 
 from __future__ import annotations
@@ -33,23 +34,19 @@ import contextlib
 import functools
 import hashlib
 import heapq
-import http.client
 import itertools
 import re
 import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 import aiohttp
 import structlog
 import yarl
-from aiohttp.helpers import get_env_proxy_for_url
 
 from bucketsync.core.errors import (
     AlreadyExists,
@@ -67,6 +64,7 @@ from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
 from bucketsync.stores import check_page, sigv4
+from bucketsync.stores.lean import error_body
 from bucketsync.stores.parallel import (
     BUFFER,
     PARTS_PER_LISTER,
@@ -77,6 +75,15 @@ from bucketsync.stores.parallel import (
     in_order,
     ranges,
     usable_splits,
+)
+from bucketsync.stores.s3_lean import (
+    PROBE_KEY,
+    Entry,
+    Page,
+    StaticKeys,
+    Target,
+    scan_list,
+    status_answer,
 )
 
 if TYPE_CHECKING:
@@ -244,7 +251,7 @@ class BucketNotFound(NotFound):
 def _translate_answer(
     response: dict[str, Any], where: str, op: str, key: str | None, mode: PutMode | None
 ) -> StorageError:
-    """An error answer (a ``ClientError``'s ``response``, or ``_status_answer``'s) as bucketsync's error."""
+    """An error answer (a ``ClientError``'s ``response``, or ``status_answer``'s) as bucketsync's error."""
     err = response.get("Error") or {}
     code = str(err.get("Code") or "")
     status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
@@ -320,8 +327,6 @@ async def _parts(chunks: AsyncIterable[bytes], size: int) -> AsyncGenerator[byte
         yield bytes(buf)
 
 
-#: (key, size, modified, etag) of one listed object, key relative to the bucket
-_Entry = tuple[str, int, float, str | None]
 #: ``Server`` headers of servers that list a folder's subtree at the folder's bare
 #: name (``a/b`` before ``a-c``), not in S3 key order: listed folder by folder.
 _FOLDER_ORDERED_SERVERS = ("SeaweedFS",)
@@ -330,174 +335,39 @@ _FOLDER_ORDERED_SERVERS = ("SeaweedFS",)
 FLAT_PART = BUFFER
 
 
-@dataclass(slots=True)
-class _Page:
-    """One ListObjectsV2 page, reduced to what listing needs."""
-
-    entries: list[_Entry]
-    folders: list[str]
-    truncated: bool
-    token: str | None
-    server: str
-
-    @classmethod
-    def from_sdk(cls, resp: dict[str, Any]) -> _Page:
-        entries = [_entry(o["Key"], o["Size"], o["LastModified"], o.get("ETag")) for o in resp.get("Contents") or ()]
-        headers = (resp.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
-        return cls(
-            entries,
-            [p["Prefix"] for p in resp.get("CommonPrefixes") or ()],
-            bool(resp.get("IsTruncated")),
-            resp.get("NextContinuationToken"),
-            str(headers.get("server") or ""),
-        )
+def _page_from_sdk(resp: dict[str, Any]) -> Page:
+    """A ListObjectsV2 page as the SDK parsed it."""
+    entries = [_entry(o["Key"], o["Size"], o["LastModified"], o.get("ETag")) for o in resp.get("Contents") or ()]
+    headers = (resp.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+    return Page(
+        entries,
+        [p["Prefix"] for p in resp.get("CommonPrefixes") or ()],
+        bool(resp.get("IsTruncated")),
+        resp.get("NextContinuationToken"),
+        str(headers.get("server") or ""),
+    )
 
 
-def _parse_list(body: bytes, server: str) -> _Page:
-    """A ListObjectsV2 response body -> ``_Page``, as botocore would parse it (keys
-    url-decoded when the server says it encoded them), minus the cost."""
-    root = ET.fromstring(body)
-    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-    decode = unquote_plus if root.findtext(f"{ns}EncodingType") == "url" else str
-    key_tag, size_tag, modified_tag, etag_tag = (f"{ns}{t}" for t in ("Key", "Size", "LastModified", "ETag"))
-    entries: list[_Entry] = []
-    for el in root.iterfind(f"{ns}Contents"):
-        fields = {child.tag: child.text for child in el}
-        entries.append(
-            (
-                decode(fields[key_tag] or ""),
-                int(fields[size_tag] or 0),
-                float(int(_timestamp(fields[modified_tag] or ""))),
-                normalize_etag(fields.get(etag_tag)),
-            )
-        )
-    folders = [decode(el.findtext(f"{ns}Prefix") or "") for el in root.iterfind(f"{ns}CommonPrefixes")]
-    truncated = (root.findtext(f"{ns}IsTruncated") or "").strip().lower() == "true"
-    return _Page(entries, folders, truncated, root.findtext(f"{ns}NextContinuationToken"), server)
-
-
-#: one ``<Contents>`` element's fields as S3 and the servers we know write them; another
-#: layout (other order, a namespace prefix, CDATA) goes to ``_parse_list``
-_CONTENTS = re.compile(
-    r"<Contents>\s*<Key>([^<]*)</Key>\s*<LastModified>([^<]*)</LastModified>\s*<ETag>([^<]*)</ETag>\s*"
-    r"(?:<Checksum\w*>[^<]*</Checksum\w*>\s*)*<Size>(\d+)</Size>"
-)
-#: the same fields as SeaweedFS writes them (Key, ETag, Size, then simple fields such as StorageClass, then
-#: LastModified): without it every SeaweedFS page went to the XML parser, 12 ms a page on the event loop
-_CONTENTS_KES = re.compile(
-    r"<Contents>\s*<Key>([^<]*)</Key>\s*<ETag>([^<]*)</ETag>\s*<Size>(\d+)</Size>\s*"
-    r"(?:<(\w+)>[^<]*</\4>\s*)*?<LastModified>([^<]*)</LastModified>"
-)
-_ENTITY = re.compile(r"&(?:#x([0-9a-fA-F]+)|#(\d+)|(amp|lt|gt|quot|apos));")
-_NAMED = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
-_FOLDER = re.compile(r"<CommonPrefixes><Prefix>([^<]*)</Prefix></CommonPrefixes>")
-
-
-def _unescape(text: str) -> str:
-    """XML character and entity references (the five named ones, decimal, hex) to characters."""
-    if "&" not in text:
-        return text
-    return _ENTITY.sub(lambda m: chr(int(m[1], 16)) if m[1] else chr(int(m[2])) if m[2] else _NAMED[m[3]], text)
-
-
-#: an ETag that ``normalize_etag`` leaves as it is (no quotes, no ``W/``, no spaces)
-_PLAIN_ETAG = re.compile(r"[0-9A-Za-z-]+").fullmatch
-
-
-def _listed_etag(text: str) -> str | None:
-    """A listed ``<ETag>``'s text as ``normalize_etag`` leaves it: for the usual ``&quot;md5&quot;``
-    (``&#34;`` on SeaweedFS, or bare quotes), the md5 itself, in one step instead of three."""
-    for quote in ("&quot;", "&#34;", '"'):
-        if text.startswith(quote) and text.endswith(quote) and _PLAIN_ETAG(inner := text[len(quote) : -len(quote)]):
-            return inner
-    if _PLAIN_ETAG(text):
-        return text
-    return normalize_etag(_unescape(text))
-
-
-def _url_decode(text: str) -> str:
-    """``unquote_plus`` (6 us a key) with the common cases first: ``+`` and an encoded ``/``."""
-    if "+" in text:
-        text = text.replace("+", " ")
-    if "%" not in text:
-        return text
-    text = text.replace("%2F", "/")
-    return unquote(text) if "%" in text else text
-
-
-def _tag_text(body: str, tag: str) -> str | None:
-    start = body.find(f"<{tag}>")
-    if start < 0:
-        return None
-    start += len(tag) + 2
-    return _unescape(body[start : body.index("<", start)])
-
-
-def _scan_list(raw: bytes, server: str) -> _Page:
-    """``_parse_list`` at a third of the cost: one regex over the page for the objects, plain
-    string searches for the rest. It accepts only the usual layout and checks that it saw
-    every ``<Contents>`` and ``<CommonPrefixes>``; anything else goes to the XML parser."""
-    body = raw.decode("utf-8")
-    if "<![CDATA[" in body or "<!ENTITY" in body:
-        return _parse_list(raw, server)
-    url = _tag_text(body, "EncodingType") == "url"
-    esc = "&" in body  # entities anywhere (an ETag's &quot;): unescape every field
-    entries: list[_Entry] = []
-    append = entries.append
-    found = _CONTENTS.findall(body)
-    if not found and "<Contents>" in body:
-        found = [(key, modified, etag, size) for key, etag, size, _, modified in _CONTENTS_KES.findall(body)]
-    for key, modified, etag, size in found:
-        if esc:
-            key, modified = _unescape(key), _unescape(modified)
-        if url:
-            key = _url_decode(key)
-        append((key, int(size), _seconds(modified), _listed_etag(etag)))
-    folders = [_unescape(f) for f in _FOLDER.findall(body)]
-    if url:
-        folders = [_url_decode(f) for f in folders]
-    if len(entries) != body.count("<Contents>") or len(folders) != body.count("<CommonPrefixes>"):
-        return _parse_list(raw, server)  # a layout the scan does not know: the parser reads it all
-    truncated = (_tag_text(body, "IsTruncated") or "").strip().lower() == "true"
-    return _Page(entries, folders, truncated, _tag_text(body, "NextContinuationToken"), server)
-
-
-@functools.lru_cache(maxsize=4096)
-def _seconds(text: str) -> float:
-    """A listed ``LastModified`` in whole seconds (as ``ObjectInfo.modified`` keeps it). Cached:
-    objects written together share their timestamps, and a listing meets each many times."""
-    return float(int(_timestamp(text)))
-
-
-def _timestamp(text: str) -> float:
-    try:
-        return datetime.fromisoformat(text).timestamp()  # 2024-05-01T12:00:00.000Z (Python >= 3.11)
-    except ValueError:
-        from botocore.utils import parse_timestamp
-
-        return float(parse_timestamp(text).timestamp())  # whatever else botocore accepts
-
-
-def _entry_key(entry: _Entry) -> str:
+def _entry_key(entry: Entry) -> str:
     return entry[0]
 
 
-def _given(entries: builtins.list[_Entry]) -> Part[_Entry]:
+def _given(entries: builtins.list[Entry]) -> Part[Entry]:
     """A part whose one page is already listed (the objects of a level between two folders)."""
 
-    async def pages() -> AsyncIterator[builtins.list[_Entry]]:
+    async def pages() -> AsyncIterator[builtins.list[Entry]]:
         yield entries
 
     return pages
 
 
 #: a run of a folder level, as it is walked: objects between two subfolders, or a subfolder's key
-_Run = builtins.list[_Entry] | str
+_Run = builtins.list[Entry] | str
 
 
-def _runs(chunk: builtins.list[tuple[str, _Entry | None]]) -> Iterator[_Run]:
+def _runs(chunk: builtins.list[tuple[str, Entry | None]]) -> Iterator[_Run]:
     """Entries of one folder level in key order (``(key, entry)``, or ``(folder, None)``) as runs."""
-    batch: builtins.list[_Entry] = []
+    batch: builtins.list[Entry] = []
     for key, entry in chunk:
         if entry is not None:
             batch.append(entry)
@@ -508,107 +378,6 @@ def _runs(chunk: builtins.list[tuple[str, _Entry | None]]) -> Iterator[_Run]:
         yield key
     if batch:
         yield batch
-
-
-#: the key botocore presigns once to show where a store's reads go (never requested)
-_PROBE_KEY = "bucketsync-where-reads-go"
-#: the query parameters of a presigned URL; any other means a layout the lean reads do not sign
-_PRESIGN_PARAMS = frozenset(
-    {
-        "X-Amz-Algorithm",
-        "X-Amz-Credential",
-        "X-Amz-Date",
-        "X-Amz-Expires",
-        "X-Amz-SignedHeaders",
-        "X-Amz-Signature",
-        "X-Amz-Security-Token",
-    }
-)
-_DEFAULT_PORT = {"http": ":80", "https": ":443"}
-_ERROR_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """Where a store's lean reads go, as botocore resolved it (endpoint, addressing style, signing region)."""
-
-    #: ``scheme://netloc`` of every read
-    origin: str
-    #: the ``Host`` header, as signed (no default port)
-    host: str
-    #: the encoded path before the key: ``/bucket/`` (path style) or ``/`` (virtual-hosted)
-    path: str
-    signer: sigv4.Signer
-    #: the proxy from HTTP(S)_PROXY / NO_PROXY, as botocore honours them; looked up once here,
-    #: not per request (aiohttp's ``trust_env`` asks a thread for it, and for .netrc, each time)
-    proxy: yarl.URL | None = None
-    proxy_auth: aiohttp.BasicAuth | None = None
-
-    @classmethod
-    def from_presigned(cls, url: str) -> _Target | None:
-        """From a GetObject URL botocore presigned for ``_PROBE_KEY``; None when its layout is not
-        the one ``sigv4`` signs (another algorithm, the key not at the end of the path, more query)."""
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        scope = (query.get("X-Amz-Credential") or [""])[0].split("/")
-        suffix = "/" + _PROBE_KEY
-        if (
-            query.get("X-Amz-Algorithm") != [sigv4.ALGORITHM]
-            or len(scope) != 5
-            or not set(query) <= _PRESIGN_PARAMS
-            or not parts.path.endswith(suffix)
-            or "@" in parts.netloc
-        ):
-            return None
-        return cls._at(parts.scheme, parts.netloc, parts.path[: -len(_PROBE_KEY)], sigv4.Signer(scope[2], scope[3]))
-
-    @classmethod
-    def for_endpoint(cls, endpoint_url: str, bucket: str, region: str) -> _Target | None:
-        """Where a path-style client of ``endpoint_url`` sends requests for ``bucket``, signed for
-        ``region``: what ``from_presigned`` learns from botocore there (a test holds the two
-        equal), without loading it. None for an endpoint botocore would read otherwise."""
-        parts = urlsplit(endpoint_url)
-        if parts.scheme not in _DEFAULT_PORT or not parts.hostname or "@" in parts.netloc or parts.query:
-            return None
-        if parts.fragment or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", bucket):
-            return None
-        path = parts.path.rstrip("/") + f"/{bucket}/"
-        return cls._at(parts.scheme, parts.netloc, path, sigv4.Signer(region, "s3"))
-
-    @classmethod
-    def _at(cls, scheme: str, netloc: str, path: str, signer: sigv4.Signer) -> _Target:
-        host = netloc
-        default = _DEFAULT_PORT.get(scheme, "")
-        if default and host.endswith(default):
-            host = host[: -len(default)]
-        origin = f"{scheme}://{netloc}"
-        try:
-            proxy, proxy_auth = get_env_proxy_for_url(yarl.URL(origin))
-        except LookupError:
-            proxy, proxy_auth = None, None
-        return cls(origin, host, path, signer, proxy, proxy_auth)
-
-
-@dataclass(frozen=True, slots=True)
-class _StaticKeys:
-    """Keys that never change (the store's own), shaped as botocore's frozen credentials."""
-
-    access_key: str
-    secret_key: str
-    token: str | None
-
-    async def get_frozen_credentials(self) -> _StaticKeys:
-        return self
-
-
-def _status_answer(status: int, body: bytes) -> dict[str, Any]:
-    """What botocore's parser makes of an S3 error answer (a ``ClientError``'s ``response``), for
-    ``_translate_answer``: the ``Code`` and ``Message`` of its XML body, or the bare status when
-    there is none (as botocore)."""
-    fields = dict(_ERROR_FIELD.findall(body.decode("utf-8", "replace")))
-    code = _unescape(fields.get("Code", "")) or str(status)
-    message = _unescape(fields.get("Message", "")) or http.client.responses.get(status, "")
-    return {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
 class _SdkBody:
@@ -701,7 +470,7 @@ class S3Store:
         #: read objects (GET, HEAD) and write small ones (a single PutObject) with our own signed
         #: requests (see ``_lean``); off: through the SDK
         self.lean_get = lean_get
-        self._target: _Target | None = None
+        self._target: Target | None = None
         #: the credentials the client signs with (refreshable ones refresh themselves), for lean reads
         self._signing: Any = None
         self._botocore_session: AioSession | None = None
@@ -797,7 +566,7 @@ class S3Store:
 
     async def _page(
         self, prefix: str, token: str | None, delimiter: str | None = None, start_after: str | None = None
-    ) -> _Page:
+    ) -> Page:
         """One ListObjectsV2 page (retried on its own): parsed by us when possible, else by the SDK."""
         kwargs: dict[str, Any] = {"Prefix": prefix, "MaxKeys": self.page_size}
         if token is not None:
@@ -807,15 +576,15 @@ class S3Store:
         if start_after is not None and token is None:  # a token carries its own position
             kwargs["StartAfter"] = start_after
         if self.fast_list:
-            page: _Page | None = await self._retry(lambda: self._page_raw(kwargs))
+            page: Page | None = await self._retry(lambda: self._page_raw(kwargs))
             if page is not None:
                 return page
         resp = await self._retry(lambda: self._call("list_objects_v2", "list", None, **kwargs))
-        return _Page.from_sdk(resp)
+        return _page_from_sdk(resp)
 
-    async def _page_raw(self, kwargs: dict[str, Any]) -> _Page | None:
+    async def _page_raw(self, kwargs: dict[str, Any]) -> Page | None:
         """The fast path: a lean request (``_lean``: signed by ``sigv4``, on the kept-alive pool)
-        or, with lean requests off, a URL botocore presigns; ``_scan_list`` reads the XML
+        or, with lean requests off, a URL botocore presigns; ``scan_list`` reads the XML
         (botocore's parser is most of a listing's time). ``None`` hands the page to the SDK:
         a presigned request answered with anything but 200 (errors, redirects) and TLS trouble
         (the SDK may know a CA bundle we do not). The URL carries a signature: it is never logged.
@@ -854,9 +623,9 @@ class S3Store:
             raise translate(exc, self.url, "list") from exc
         return self._scanned(body, server)
 
-    def _scanned(self, body: bytes, server: str) -> _Page:
+    def _scanned(self, body: bytes, server: str) -> Page:
         try:
-            return _scan_list(body, server)
+            return scan_list(body, server)
         except (ET.ParseError, ValueError, TypeError) as exc:
             raise BadEndpoint(f"list {self.url}: unreadable ListObjectsV2 response, not an S3 API? ({exc})") from None
 
@@ -869,14 +638,14 @@ class S3Store:
 
     async def _reads(self) -> aiohttp.ClientSession:
         """The session of lean reads: a pool of kept-alive connections; no ``trust_env``, whose
-        per-request lookups (in a thread) cost more than the request (``_Target`` has the proxy)."""
+        per-request lookups (in a thread) cost more than the request (``Target`` has the proxy)."""
         if self._read_session is None:
             timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=self.read_timeout)
             connector = aiohttp.TCPConnector(limit=READ_CONNECTIONS, keepalive_timeout=30)
             self._read_session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         return self._read_session
 
-    def _next_token(self, page: _Page) -> str:
+    def _next_token(self, page: Page) -> str:
         if not page.token:
             # Stopping here would look like a complete listing and turn every
             # later key into a removal (invariant 1).
@@ -915,9 +684,9 @@ class S3Store:
                 if indexable(key[plen:])
             ]
 
-    async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[_Entry]]:
+    async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[Entry]]:
         """Every object under ``prefix``, in pages: flat by key ranges, or folder by folder (``listing``)."""
-        first: _Page | None = None
+        first: Page | None = None
         if self._listing == "auto":
             first = await self._page(prefix, None)
             self._listing = "walk" if first.server.startswith(_FOLDER_ORDERED_SERVERS) else "flat"
@@ -925,7 +694,7 @@ class S3Store:
                 log.info("server lists folders out of S3 key order; listing folder by folder", url=self.url)
                 first = None  # the flat page is dropped, once per store
         width = self.list_concurrency
-        parts: AsyncIterator[Part[_Entry]] | builtins.list[Part[_Entry]]
+        parts: AsyncIterator[Part[Entry]] | builtins.list[Part[Entry]]
         if self._listing == "walk":
             if width > 1:
                 parts = self._walk_parts(prefix, 0, Slots(width))
@@ -949,8 +718,8 @@ class S3Store:
             yield page
 
     async def _range_pages(
-        self, prefix: str, after: str | None, upto: str | None, first: _Page | None = None
-    ) -> AsyncIterator[builtins.list[_Entry]]:
+        self, prefix: str, after: str | None, upto: str | None, first: Page | None = None
+    ) -> AsyncIterator[builtins.list[Entry]]:
         """The keys in ``(after, upto]`` (None: unbounded), a page at a time."""
         page = first if first is not None else await self._page(prefix, None, start_after=after)
         while True:
@@ -993,7 +762,7 @@ class S3Store:
         already in key order in both: it is one run, with no per-object work.
         """
         hidden = self.prefix + HIDDEN
-        heap: builtins.list[tuple[str, int, _Entry | None]] = []  # (key, arrival, entry or None for a folder)
+        heap: builtins.list[tuple[str, int, Entry | None]] = []  # (key, arrival, entry or None for a folder)
         arrival = itertools.count()
         bound = ""
         token: str | None = None
@@ -1025,7 +794,7 @@ class S3Store:
 
     async def _walk_pages(
         self, prefix: str, slots: Slots | None = None, fan: int = 1
-    ) -> AsyncIterator[builtins.list[_Entry]]:
+    ) -> AsyncIterator[builtins.list[Entry]]:
         """A folder's whole subtree in key order, descending into each subfolder at its place.
 
         With ``fan`` > 1, up to ``fan`` of the folder's subfolders are walked at once and read
@@ -1050,7 +819,7 @@ class S3Store:
                     async for page in self._walk_pages(run, slots):
                         yield page
 
-    async def _walk_parts(self, prefix: str, depth: int, slots: Slots) -> AsyncIterator[Part[_Entry]]:
+    async def _walk_parts(self, prefix: str, depth: int, slots: Slots) -> AsyncIterator[Part[Entry]]:
         """``_walk_pages`` cut into parts: a subfolder per part, the objects between them as
         parts of their own. A level with fewer folders than listers is looked into, down to
         ``SPLIT_LEVELS``, so that one big folder does not make a sequential listing. The
@@ -1068,14 +837,14 @@ class S3Store:
                 else:
                     yield functools.partial(self._subtree_pages, run, slots)
 
-    async def _subtree_pages(self, prefix: str, slots: Slots) -> AsyncIterator[builtins.list[_Entry]]:
+    async def _subtree_pages(self, prefix: str, slots: Slots) -> AsyncIterator[builtins.list[Entry]]:
         """A part of a walk (a folder's whole subtree) listed flat, without a delimiter, and put in
         key order in memory: one request for each 1,000 keys instead of one for each folder (a
         month of 28 day folders, 4,200 keys: 5 requests, not 29). The server's flat order is its
         own (folder ``a`` before ``a.txt``), so the part is sorted whole, which it can be only up to
         ``FLAT_PART`` keys; a bigger one is walked folder by folder after all (``_walk_pages``,
         its subfolders ``list_concurrency`` at a time), the pages listed so far dropped."""
-        entries: builtins.list[_Entry] = []
+        entries: builtins.list[Entry] = []
         token: str | None = None
         while True:
             async with slots.take(prefix):
@@ -1193,7 +962,7 @@ class S3Store:
         a small read's or write's CPU): signed by ``sigv4`` with the client's own credentials (refreshed as the SDK
         would), sent on the shared aiohttp session (a pool of kept-alive connections), to where
         botocore said (``_lean_target``). A 200 or 206 answer is returned; errors become what the
-        SDK's would (``_status_answer``, ``_translate_answer``).
+        SDK's would (``status_answer``, ``_translate_answer``).
 
         None hands the request to the SDK: no target, TLS trouble (the SDK may know a CA bundle
         we do not), or a redirect (a bucket in another region: the SDK follows it). Those turn
@@ -1245,13 +1014,7 @@ class S3Store:
             raise translate(exc, where, op, key=key, mode=mode) from exc
         if resp.status in (200, 206):
             return resp
-        try:
-            body = await resp.content.read(1 << 16)
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        finally:
-            resp.close()
-        answer = _status_answer(resp.status, body)
+        answer = status_answer(resp.status, await error_body(resp))
         code = answer["Error"].get("Code")
         # A HEAD has no body to name its error: AWS answers one sent to the wrong region with a bare 400.
         if 300 <= resp.status < 400 or code in _WRONG_PLACE or (method == "HEAD" and resp.status == 400):
@@ -1259,27 +1022,27 @@ class S3Store:
             return None
         raise _translate_answer(answer, where, op, key, mode)
 
-    async def _lean_target(self) -> _Target | None:
+    async def _lean_target(self) -> Target | None:
         """Where lean reads go. With an ``endpoint_url`` and keys of its own, the store knows
-        (``_Target.for_endpoint``: path style, its region) and never needs botocore. Otherwise it is
+        (``Target.for_endpoint``: path style, its region) and never needs botocore. Otherwise it is
         learned once from a URL botocore presigns for a probe key (so its endpoint rules,
         addressing style and region apply), with the credentials its client uses."""
         if self._target is None and self.lean_get and (static := self._static_target()) is not None:
-            self._signing, self._target = _StaticKeys(*static[0]), static[1]
+            self._signing, self._target = StaticKeys(*static[0]), static[1]
         if self._target is None and self.lean_get:
             client = await self._get_client()
             try:
                 url = await client.generate_presigned_url(
-                    "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=60
+                    "get_object", Params={"Bucket": self.bucket, "Key": PROBE_KEY}, ExpiresIn=60
                 )
                 assert self._botocore_session is not None
                 # explicit keys are exactly what the client signs with; else the session's (cached) chain
                 creds: Any = (
-                    _StaticKeys(*self._keys()) if self._credentials else await self._botocore_session.get_credentials()
+                    StaticKeys(*self._keys()) if self._credentials else await self._botocore_session.get_credentials()
                 )
             except _sdk_errors():  # no credentials and the like: the SDK says so
                 url, creds = "", None
-            target = _Target.from_presigned(url) if url and creds is not None else None
+            target = Target.from_presigned(url) if url and creds is not None else None
             if target is None:
                 self._lean_off("no presignable GetObject URL")
                 return None
@@ -1290,13 +1053,13 @@ class S3Store:
         c = self._credentials
         return c["aws_access_key_id"], c["aws_secret_access_key"], c.get("aws_session_token")
 
-    def _static_target(self) -> tuple[tuple[str, str, str | None], _Target] | None:
+    def _static_target(self) -> tuple[tuple[str, str, str | None], Target] | None:
         """Keys and target without botocore, where botocore would decide nothing: an
         ``endpoint_url`` (always path style here, ``_botocore_config``), keys of the store's own
         and no profile (whose config could say more)."""
         if not (self.endpoint_url and self._credentials and self._profile is None and self.region):
             return None
-        target = _Target.for_endpoint(self.endpoint_url, self.bucket, self.region)
+        target = Target.for_endpoint(self.endpoint_url, self.bucket, self.region)
         return None if target is None else (self._keys(), target)
 
     def _lean_off(self, why: str, **fields: Any) -> None:
