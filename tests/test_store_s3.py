@@ -225,8 +225,35 @@ async def test_seaweedfs_walk_lists_a_part_flat_and_sorts_it(
     if flat_part > len(inner):
         # the root's level, then each of the three parts: its 10 keys in 4 pages of 3
         assert (flat, asked.count("/")) == (3 * 4, 1)
-    else:  # each part gave up after its first page of 3 (not fewer than FLAT_PART) and walked
-        assert flat == 3 and asked.count("/") > 1 + 3 * 3
+    else:  # the parts running at once gave up after a page of 3 (not fewer than FLAT_PART); all walked
+        assert 1 <= flat <= 2 and asked.count("/") > 1 + 3 * 3
+
+
+async def test_seaweedfs_walk_stops_listing_parts_flat_when_they_do_not_fit(
+    seaweedfs: S3Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts each just over ``FLAT_PART``: every flat try is dropped, so once the dropped keys
+    outweigh what flat parts saved, the rest are walked without one. Without that, the whole
+    tree is listed twice (flat, then folder by folder)."""
+    bucket = seaweedfs.new_bucket()
+    keys = sorted(f"t{top}/{sub}/k" for top in range(10) for sub in range(4))
+    client = seaweedfs.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    monkeypatch.setattr(s3_module, "FLAT_PART", 2)
+    store = seaweedfs.store(bucket, list_concurrency=2, page_size=3)  # 10 top folders: the parts
+    asked: list[str | None] = []
+    page = store._page
+
+    async def counted(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
+        asked.append(delimiter)
+        return await page(prefix, token, delimiter, **kwargs)
+
+    monkeypatch.setattr(store, "_page", counted)
+    assert await walked(store) == keys
+    tried = asked.count(None) - 1  # the first page, which finds the server
+    assert 1 <= tried <= 2  # the parts running when the first gave up; none after
+    assert store._flat_dropped == 3 * tried and store._flat_listed == 0
 
 
 async def test_a_server_ignoring_start_after_is_slow_not_wrong() -> None:

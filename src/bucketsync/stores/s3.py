@@ -465,6 +465,8 @@ class S3Store:
         #: "flat": one recursive listing (S3 order); "walk": folder by folder (any server);
         #: "auto": flat, unless the first page comes from a server known to need "walk".
         self._listing = listing
+        #: keys of walk parts listed flat and used, and listed flat then dropped (``_subtree_pages``)
+        self._flat_listed = self._flat_dropped = 0
         #: parse ListObjectsV2 responses ourselves (see ``_page_raw``)
         self.fast_list = fast_list
         #: read objects (GET, HEAD) and write small ones (a single PutObject) with our own signed
@@ -837,13 +839,28 @@ class S3Store:
                 else:
                     yield functools.partial(self._subtree_pages, run, slots)
 
+    def _flat_worth_it(self) -> bool:
+        """Whether a walk part should be tried flat: while the keys listed flat and dropped (parts
+        over ``FLAT_PART``) stay within one part's worth and a tenth of those listed flat and
+        used, over the store's life. The parts already running finish their try, so a listing
+        drops at most about ``list_concurrency`` x ``FLAT_PART`` keys more than that."""
+        return self._flat_dropped <= FLAT_PART + self._flat_listed // 10
+
     async def _subtree_pages(self, prefix: str, slots: Slots) -> AsyncIterator[builtins.list[Entry]]:
         """A part of a walk (a folder's whole subtree) listed flat, without a delimiter, and put in
         key order in memory: one request for each 1,000 keys instead of one for each folder (a
         month of 28 day folders, 4,200 keys: 5 requests, not 29). The server's flat order is its
         own (folder ``a`` before ``a.txt``), so the part is sorted whole, which it can be only up to
         ``FLAT_PART`` keys; a bigger one is walked folder by folder after all (``_walk_pages``,
-        its subfolders ``list_concurrency`` at a time), the pages listed so far dropped."""
+        its subfolders ``list_concurrency`` at a time), the pages listed so far dropped.
+
+        Those dropped pages are work for nothing, so the store stops trying once they outweigh
+        what flat parts saved (``_flat_worth_it``): a tree of parts just over ``FLAT_PART`` keys
+        is otherwise listed about twice."""
+        if not self._flat_worth_it():
+            async for walked in self._walk_pages(prefix, slots, self.list_concurrency):
+                yield walked
+            return
         entries: builtins.list[Entry] = []
         token: str | None = None
         while True:
@@ -853,11 +870,13 @@ class S3Store:
             if not page.truncated:
                 break
             if len(entries) >= FLAT_PART:
+                self._flat_dropped += len(entries)
                 del entries
                 async for walked in self._walk_pages(prefix, slots, self.list_concurrency):
                     yield walked
                 return
             token = self._next_token(page)
+        self._flat_listed += len(entries)
         entries.sort(key=_entry_key)  # equal keys stay side by side: check_page then refuses them
         for start in range(0, len(entries), self.page_size):
             yield entries[start : start + self.page_size]
