@@ -147,6 +147,19 @@ async def walked(store: S3Store) -> list[str]:
         await store.aclose()
 
 
+def delimiters_asked(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The delimiter of every ListObjectsV2 page ``store`` asks for from now on (None: flat)."""
+    asked: list[str | None] = []
+    page = store._page
+
+    async def counted(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
+        asked.append(delimiter)
+        return await page(prefix, token, delimiter, **kwargs)
+
+    monkeypatch.setattr(store, "_page", counted)
+    return asked
+
+
 async def test_seaweedfs_parallel_walk_keeps_key_order(seaweedfs: S3Emulator) -> None:
     """SeaweedFS lists a folder at its bare name (``a/b`` before ``a-c``): listed a folder per
     part, in parallel, the stream is still in S3 key order and whole, as listed sequentially."""
@@ -212,14 +225,7 @@ async def test_seaweedfs_walk_lists_a_part_flat_and_sorts_it(
         client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
     monkeypatch.setattr(s3_module, "FLAT_PART", flat_part)
     store = seaweedfs.store(bucket, list_concurrency=2, page_size=3)  # 3 top folders: the parts
-    asked: list[str | None] = []
-    page = store._page
-
-    async def counted(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
-        asked.append(delimiter)
-        return await page(prefix, token, delimiter, **kwargs)
-
-    monkeypatch.setattr(store, "_page", counted)
+    asked = delimiters_asked(store, monkeypatch)
     assert await walked(store) == keys
     flat = asked.count(None) - 1  # the first page, which finds the server
     if flat_part > len(inner):
@@ -242,14 +248,7 @@ async def test_seaweedfs_walk_stops_listing_parts_flat_when_they_do_not_fit(
         client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
     monkeypatch.setattr(s3_module, "FLAT_PART", 2)
     store = seaweedfs.store(bucket, list_concurrency=2, page_size=3)  # 10 top folders: the parts
-    asked: list[str | None] = []
-    page = store._page
-
-    async def counted(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
-        asked.append(delimiter)
-        return await page(prefix, token, delimiter, **kwargs)
-
-    monkeypatch.setattr(store, "_page", counted)
+    asked = delimiters_asked(store, monkeypatch)
     assert await walked(store) == keys
     tried = asked.count(None) - 1  # the first page, which finds the server
     assert 1 <= tried <= 2  # the parts running when the first gave up; none after
