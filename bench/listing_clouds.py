@@ -43,7 +43,6 @@ from listing_peers import (  # noqa: E402  (this folder, on the path above)
     BIN,
     Measured,
     Server,
-    bucketsync_exe,
     copy_ledger,
     drop_ledger,
     free_port,
@@ -286,7 +285,7 @@ def rclone(cloud: str, endpoint: str) -> tuple[list[str], dict[str, str]]:
 Row = tuple[str, Measured]
 
 
-def measure(cloud: str, endpoint: str, n: int, repeat: int, work: Path) -> list[Row]:
+def measure(cloud: str, endpoint: str, n: int, repeat: int, work: Path, bucketsync: str) -> list[Row]:
     py, me = sys.executable, __file__
     env = dict(os.environ)
     rows: list[Row] = []
@@ -306,7 +305,7 @@ def measure(cloud: str, endpoint: str, n: int, repeat: int, work: Path) -> list[
         what = "" if cloud == "azure" else f", list_concurrency {concurrency}"
         ledger, base = work / f"ledger-{cloud}-{concurrency}.db", work / f"ledger-{cloud}-{concurrency}-base.db"
         cfg = bucketsync_config(work, cloud, endpoint, ledger, concurrency)
-        argv = [bucketsync_exe(), "-c", str(cfg), "sync", "ds"]
+        argv = [bucketsync, "-c", str(cfg), "sync", "ds"]
         fresh = functools.partial(drop_ledger, ledger)
         rows.append((f"bucketsync initial sync{what}", timed(argv, env, fresh, repeat)))
         copy_ledger(ledger, base)  # the last initial sync's ledger
@@ -363,7 +362,7 @@ def main() -> None:
     # bucketsync's own modules byte-compiled, as an installed package's are: with PYTHONDONTWRITEBYTECODE
     # set (some shells do) an editable install would compile ~50 modules from source in every process.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True)
-    use_venv(args.venv, args.cache)
+    bucketsync = use_venv(args.venv, args.cache)
     sections: list[tuple[str, list[Row]]] = []
     with tempfile.TemporaryDirectory(prefix="bucketsync-bench-") as tmp:
         work = Path(tmp)
@@ -374,13 +373,14 @@ def main() -> None:
                 try:
                     ensure_azure(server, n, data / "loaded")
                     endpoint = f"{server.endpoint}/{AZ_ACCOUNT}"
-                    sections.append((f"Azure on Azurite, {n:,} blobs", measure(cloud, endpoint, n, args.repeat, work)))
+                    rows = measure(cloud, endpoint, n, args.repeat, work, bucketsync)
+                    sections.append((f"Azure on Azurite, {n:,} blobs", rows))
                 finally:
                     server.stop()
             elif cloud == "gcs":
                 server = start_fake_gcs(args.cache / f"fake-gcs-{n}", n)
                 try:
-                    rows = measure(cloud, server.endpoint, n, args.repeat, work)
+                    rows = measure(cloud, server.endpoint, n, args.repeat, work, bucketsync)
                     sections.append((f"GCS on fake-gcs-server (memory backend), {n:,} objects", rows))
                 finally:
                     server.stop()

@@ -39,11 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-#: the ``bucketsync`` command measured (``use_venv``)
-_BUCKETSYNC = [BIN / "bucketsync"]
 
 
-def use_venv(kind: str, cache: Path) -> Path:
+def use_venv(kind: str, cache: Path) -> str:
     """Measure bucketsync as a user installs it ("runtime", the default): a venv of its own under
     ``cache`` with the runtime dependencies only, this checkout installed editable in it (so the
     code measured is the working tree's; ``main`` byte-compiles it). Or "test":
@@ -52,20 +50,13 @@ def use_venv(kind: str, cache: Path) -> Path:
     every bucketsync process, which no user pays. The first run builds the venv (about a
     minute, from the package index); later runs only check it."""
     if kind == "test":
-        exe = BIN / "bucketsync"
-    else:
-        venv = cache / "venv-runtime"
-        py = venv / "bin" / "python"
-        if not py.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
-        exe = venv / "bin" / "bucketsync"
-    _BUCKETSYNC[0] = exe
-    return exe
-
-
-def bucketsync_exe() -> str:
-    return str(_BUCKETSYNC[0])
+        return str(BIN / "bucketsync")
+    venv = cache / "venv-runtime"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
+    return str(venv / "bin" / "bucketsync")
 
 
 KEY_ID, SECRET = "bench-key", "bench-secret"
@@ -401,7 +392,9 @@ class Row:
     measured: Measured
 
 
-def measure_s3(server: Server, endpoint: str, n: int, repeat: int, work: Path, label: str) -> list[Row]:
+def measure_s3(
+    server: Server, endpoint: str, n: int, repeat: int, work: Path, label: str, bucketsync: str
+) -> list[Row]:
     """Every lister against ``endpoint`` (SeaweedFS itself, or the proxy in front of it)."""
     rows: list[Row] = []
     env = s3_env()
@@ -443,7 +436,6 @@ def measure_s3(server: Server, endpoint: str, n: int, repeat: int, work: Path, l
         )
     )
     rows.append(Row(label, "aiobotocore paginator", timed([py, me, "--paginator", endpoint], env, None, repeat)))
-    bucketsync = bucketsync_exe()
     for concurrency in (8, 1):
         what = "parallel (8)" if concurrency > 1 else "sequential (1)"
         ledger = work / f"ledger-{concurrency}.db"
@@ -523,7 +515,7 @@ def main() -> None:
     # bucketsync's own modules byte-compiled, as an installed package's are: with PYTHONDONTWRITEBYTECODE
     # set (some shells do) an editable install would compile them from source in every process (~0.4 s).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "src")], check=True)
-    use_venv(args.venv, args.cache)
+    bucketsync = use_venv(args.venv, args.cache)
     server = start_seaweedfs(data)
     proxy = None
     try:
@@ -534,7 +526,7 @@ def main() -> None:
             sections.append(
                 (
                     f"S3 on SeaweedFS, {n:,} objects, no added latency",
-                    measure_s3(server, server.endpoint, n, args.repeat, work, "direct"),
+                    measure_s3(server, server.endpoint, n, args.repeat, work, "direct", bucketsync),
                 )
             )
             # the 1% scenario: from the base ledgers, after the changes
@@ -553,7 +545,7 @@ def main() -> None:
                     Row(
                         "direct",
                         f"bucketsync re-sync after 1% added, modified, removed, {what}",
-                        timed([bucketsync_exe(), "-c", str(cfg), "sync", "ds"], s3_env(), from_base, args.repeat),
+                        timed([bucketsync, "-c", str(cfg), "sync", "ds"], s3_env(), from_base, args.repeat),
                     )
                 )
             ensure_loaded(server, n, data / "loaded", work)  # back to the base state
@@ -563,7 +555,7 @@ def main() -> None:
                 sections.append(
                     (
                         f"S3 on SeaweedFS, {n:,} objects, {args.delay_ms:.0f} ms added per request",
-                        measure_s3(server, proxy.endpoint, n, args.repeat, work, "proxy"),
+                        measure_s3(server, proxy.endpoint, n, args.repeat, work, "proxy", bucketsync),
                     )
                 )
     finally:

@@ -592,8 +592,8 @@ class S3Store:
         (the SDK may know a CA bundle we do not). The URL carries a signature: it is never logged.
 
         Lean, a request costs about 2 ms of CPU less than presigned (0.6 ms of botocore's signing
-        chain, 1.3 ms of aiohttp's per-request proxy lookup in a thread): a folder-by-folder walk of
-        100,000 keys is 700 requests (bench/listing_peers.py).
+        chain, 1.3 ms of aiohttp's per-request proxy lookup in a thread), which a walk of many
+        small folders pays once per folder (bench/listing_peers.py).
         """
         if self.lean_get:
             query = {_LIST_QUERY[k]: str(v) for k, v in kwargs.items()}
@@ -857,10 +857,18 @@ class S3Store:
         Those dropped pages are work for nothing, so the store stops trying once they outweigh
         what flat parts saved (``_flat_worth_it``): a tree of parts just over ``FLAT_PART`` keys
         is otherwise listed about twice."""
-        if not self._flat_worth_it():
+        entries = await self._flat_subtree(prefix, slots) if self._flat_worth_it() else None
+        if entries is None:
             async for walked in self._walk_pages(prefix, slots, self.list_concurrency):
                 yield walked
             return
+        entries.sort(key=_entry_key)  # equal keys stay side by side: check_page then refuses them
+        for start in range(0, len(entries), self.page_size):
+            yield entries[start : start + self.page_size]
+
+    async def _flat_subtree(self, prefix: str, slots: Slots) -> builtins.list[Entry] | None:
+        """Every key under ``prefix`` from a listing without a delimiter, in the server's order;
+        None once it passes ``FLAT_PART`` keys (counted as dropped)."""
         entries: builtins.list[Entry] = []
         token: str | None = None
         while True:
@@ -868,18 +876,12 @@ class S3Store:
                 page = await self._page(prefix, token)
             entries += page.entries
             if not page.truncated:
-                break
+                self._flat_listed += len(entries)
+                return entries
             if len(entries) >= FLAT_PART:
                 self._flat_dropped += len(entries)
-                del entries
-                async for walked in self._walk_pages(prefix, slots, self.list_concurrency):
-                    yield walked
-                return
+                return None
             token = self._next_token(page)
-        self._flat_listed += len(entries)
-        entries.sort(key=_entry_key)  # equal keys stay side by side: check_page then refuses them
-        for start in range(0, len(entries), self.page_size):
-            yield entries[start : start + self.page_size]
 
     async def head(self, key: str) -> ObjectInfo:
         if self.lean_get:
@@ -1047,7 +1049,7 @@ class S3Store:
         learned once from a URL botocore presigns for a probe key (so its endpoint rules,
         addressing style and region apply), with the credentials its client uses."""
         if self._target is None and self.lean_get and (static := self._static_target()) is not None:
-            self._signing, self._target = StaticKeys(*static[0]), static[1]
+            self._signing, self._target = StaticKeys(*self._keys()), static
         if self._target is None and self.lean_get:
             client = await self._get_client()
             try:
@@ -1072,14 +1074,13 @@ class S3Store:
         c = self._credentials
         return c["aws_access_key_id"], c["aws_secret_access_key"], c.get("aws_session_token")
 
-    def _static_target(self) -> tuple[tuple[str, str, str | None], Target] | None:
-        """Keys and target without botocore, where botocore would decide nothing: an
-        ``endpoint_url`` (always path style here, ``_botocore_config``), keys of the store's own
-        and no profile (whose config could say more)."""
+    def _static_target(self) -> Target | None:
+        """The target without botocore, where botocore would decide nothing: an ``endpoint_url``
+        (always path style here, ``_botocore_config``), keys of the store's own (``_keys``) and
+        no profile (whose config could say more)."""
         if not (self.endpoint_url and self._credentials and self._profile is None and self.region):
             return None
-        target = Target.for_endpoint(self.endpoint_url, self.bucket, self.region)
-        return None if target is None else (self._keys(), target)
+        return Target.for_endpoint(self.endpoint_url, self.bucket, self.region)
 
     def _lean_off(self, why: str, **fields: Any) -> None:
         if self.lean_get:

@@ -172,7 +172,8 @@ _ERROR_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a store's lean reads go, as botocore resolved it (endpoint, addressing style, signing region)."""
+    """Where a store's lean requests go (endpoint, addressing style, signing region): as botocore
+    resolved it (``from_presigned``), or as it would for an endpoint (``for_endpoint``)."""
 
     #: ``scheme://netloc`` of every read
     origin: str
