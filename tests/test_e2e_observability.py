@@ -88,8 +88,10 @@ def test_no_change_runs_can_go_to_debug_and_debug_shows_keys_and_requests(tmp_pa
     with Daemon(cfg) as daemon:
         poll(lambda: len(run_ids(cfg, "docs")) >= 4, what="four runs")
         assert daemon.stop() == 0
-    finished = [r for r in daemon.events("run finished")]
-    assert [r["added"] for r in finished] == [2], "only the run that changed something logs at info"
+    # A poll still waiting on its sync worker when the stop comes ends there, logged as interrupted
+    # (a warning): it is not a no-change run, and whether one is under way then is timing.
+    finished = [r for r in daemon.events("run finished") if "interrupted by shutdown" not in (r.get("error") or "")]
+    assert [r["added"] for r in finished] == [2], f"only the run that changed something logs at info: {finished}"
 
     debug_cfg = write_config(
         tmp_path,
