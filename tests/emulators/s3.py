@@ -163,6 +163,10 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Emulator]:
         "-s3.port.lance=0",
         "-master.telemetry=false",
         "-s3.autoCreateBucket=false",
+        # A bucket is a collection with a volume of its own, and by default the number of volumes is
+        # free disk / volume size (60 here): past that a suite's worker gets InternalError on every
+        # new bucket. Test volumes are small and grow as written (not preallocated).
+        "-volume.max=2000",
         f"-s3.config={root / 'identities.json'}",
         *(f"-{name}.port={port}" for name, port in ports.items()),
     ]
