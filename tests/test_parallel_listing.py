@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bucketsync.core.errors import PermissionDenied
-from bucketsync.stores.parallel import Part, Quantiles, Slots, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import Cut, Part, Quantiles, Slots, cut_parts, in_order, ranges, usable_splits
 
 
 def pages_of(name: str, n: int, produced: list[str], gate: asyncio.Event | None = None) -> Part[str]:
@@ -196,3 +196,111 @@ def test_quantiles_stay_bounded_and_evenly_spaced() -> None:
     for key in keys:
         known.see(key)
     assert known.keys == ["001999", "003999", "005999", "007999", "009999"]
+
+
+# --- an initial listing that goes on while its split points are found (cut_parts) ---------------
+
+KEYS = [f"k{i:03d}" for i in range(40)]
+
+
+class Ranged:
+    """A key range lister as the stores write theirs: pages of 4 keys in ``(after, upto]``; with a
+    ``Cut``, ``upto`` is read before each page and ``seen`` kept. ``listed`` holds every page it
+    gave out, ``progress`` is set after each. The first part (the one with a ``Cut``) waits for
+    ``go`` before any page past its third: a server slow to answer it."""
+
+    def __init__(self) -> None:
+        self.listed: list[list[str]] = []
+        self.progress = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def pages(self, after: str | None, upto: str | None, cut: Cut | None = None) -> AsyncIterator[list[str]]:
+        keys = [k for k in KEYS if after is None or k > after]
+        for at in range(0, len(keys), 4):
+            page = keys[at : at + 4]
+            await asyncio.sleep(0)
+            if cut is not None:
+                if at >= 12:
+                    await self.go.wait()
+                upto = cut.upto
+            if upto is not None and page[-1] > upto:
+                page = [k for k in page if k <= upto]
+                self.listed.append(page)
+                yield page
+                return
+            if cut is not None:
+                cut.seen = page[-1]
+            self.listed.append(page)
+            self.progress.set()
+            yield page
+
+    def parts(self, discover: asyncio.Future[list[str]], concurrency: int = 2) -> AsyncIterator[list[str]]:
+        async def found() -> list[str]:
+            return await discover
+
+        return in_order(
+            cut_parts(
+                lambda cut: self.pages(None, None, cut),
+                found,
+                lambda after, upto: lambda: self.pages(after, upto),
+                "",
+                concurrency,
+            ),
+            concurrency,
+        )
+
+    async def until_listed(self, n: int) -> None:
+        while sum(map(len, self.listed)) < n:
+            self.progress.clear()
+            await self.progress.wait()
+
+
+async def test_the_first_part_lists_on_while_split_points_are_found_and_is_cut_past_what_it_has() -> None:
+    ranged = Ranged()
+    discover: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+    reading = asyncio.ensure_future(_all(ranged.parts(discover)))
+    await ranged.until_listed(12)  # three pages listed with no split point known
+    assert ranged.listed == [KEYS[0:4], KEYS[4:8], KEYS[8:12]]
+    # split points inside what the first part has listed are passed over: it is cut at k021
+    discover.set_result(["k005", "k010", "k021", "k030"])
+    await ranged.until_listed(16)
+    assert ranged.listed[3] == KEYS[22:26]  # the part after the cut, (k021, k030], while the first waits
+    ranged.go.set()
+    assert await reading == KEYS  # every key once, in order
+    assert [KEYS[20], KEYS[21]] in ranged.listed  # the first part's last page, cut after k021
+    assert sum(map(len, ranged.listed)) == len(KEYS)  # nothing listed twice
+
+
+async def test_a_first_part_that_reaches_the_end_first_is_the_whole_listing() -> None:
+    ranged = Ranged()
+    ranged.go.set()
+    discover: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+    assert await _all(ranged.parts(discover)) == KEYS
+    assert sum(map(len, ranged.listed)) == len(KEYS)  # nothing listed twice
+    assert discover.cancelled()  # split points no longer needed: not waited for
+
+
+async def test_no_split_point_past_the_first_part_leaves_it_unbounded() -> None:
+    ranged = Ranged()
+    discover: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+    reading = asyncio.ensure_future(_all(ranged.parts(discover)))
+    await ranged.until_listed(12)
+    discover.set_result(["k001", "k002"])  # all behind it
+    await asyncio.sleep(0.01)
+    ranged.go.set()
+    assert await reading == KEYS
+    assert sum(map(len, ranged.listed)) == len(KEYS)
+
+
+async def test_split_points_that_cannot_be_found_fail_the_listing() -> None:
+    ranged = Ranged()
+    discover: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+    reading = asyncio.ensure_future(_all(ranged.parts(discover)))
+    await ranged.progress.wait()
+    discover.set_exception(PermissionDenied("list with a delimiter: denied"))
+    with pytest.raises(PermissionDenied, match="delimiter"):
+        await reading
+
+
+async def _all(pages: AsyncIterator[list[str]]) -> list[str]:
+    return [key async for page in pages for key in page]

@@ -118,6 +118,42 @@ async def test_conformance_listing_in_parts(check: Check, mode: str, fake_gcs: F
         await store.aclose()
 
 
+async def test_an_initial_listing_goes_on_while_its_split_points_are_found(
+    fake_gcs: FakeGcs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no split points, the first part pages on from the first page while the folders are
+    listed for them, and is then cut at the first folder past what it has: every key once, in order."""
+    store = GcsStore(fake_gcs.create_bucket(), PREFIX, endpoint_url=fake_gcs.url, page_size=3, list_concurrency=4)
+    keys = [f"{folder}/{i}" for folder in "abcdefgh" for i in range(5)]
+    asked: list[dict[str, str]] = []
+    list_page, discover = store._list_page, store._discover_splits
+
+    async def recorded(params: dict[str, str]) -> dict[str, Any]:
+        asked.append(params)
+        return await list_page(params)
+
+    async def slow(prefix: str) -> list[str]:
+        for _ in range(300):  # the folders answer after 4 pages (or 3 s, for a listing that waits for them)
+            if not sum("delimiter" not in p for p in asked) < 4:
+                break
+            await asyncio.sleep(0.01)
+        return await discover(prefix)
+
+    try:
+        for key in keys:
+            await store.put(key, body(b"x"))
+        monkeypatch.setattr(store, "_list_page", recorded)
+        monkeypatch.setattr(store, "_discover_splits", slow)
+        assert await listed(store) == keys
+        folders_from = ["delimiter" in p for p in asked].index(True)
+        assert folders_from >= 4  # the first part went on with page tokens, not waiting for the folders
+        first_part = [p for p in asked if "delimiter" not in p and "startOffset" not in p]
+        assert all("endOffset" not in p for p in first_part)  # a page token keeps its request's bounds
+        assert {p["startOffset"] for p in asked if "startOffset" in p} <= {f"{PREFIX}{f}/" for f in "defgh"}
+    finally:
+        await store.aclose()
+
+
 async def test_offsets_bound_the_listing_on_the_server(fake_gcs: FakeGcs) -> None:
     """fake-gcs-server honours startOffset/endOffset: a part costs only its own pages."""
     store = GcsStore(fake_gcs.create_bucket(), PREFIX, endpoint_url=fake_gcs.url, page_size=100)

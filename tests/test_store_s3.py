@@ -137,6 +137,44 @@ async def test_conformance_listing_at_split_points(check: Check, moto_s3: S3Emul
         await inner.aclose()
 
 
+async def test_an_initial_flat_listing_goes_on_while_its_split_points_are_found(
+    moto_s3: S3Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no split points, the first part pages on from the first page while the folders are
+    listed for them, and is then cut at the first folder past what it has: every key once, in order."""
+    bucket = moto_s3.new_bucket()
+    keys = [f"{folder}/{i}" for folder in "abcdefgh" for i in range(5)]
+    client = moto_s3.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    store = moto_s3.store(bucket, page_size=3, list_concurrency=4)
+    asked: list[tuple[str | None, str | None, str | None]] = []  # (delimiter, token, start after)
+    page, discover = store._page, store._discover_splits
+
+    async def recorded(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
+        asked.append((delimiter, token, kwargs.get("start_after")))
+        return await page(prefix, token, delimiter, **kwargs)
+
+    async def slow(prefix: str) -> list[str]:
+        for _ in range(300):  # the folders answer after 4 pages (or 3 s, for a listing that waits for them)
+            if not sum(d is None for d, _, _ in asked) < 4:
+                break
+            await asyncio.sleep(0.01)
+        return await discover(prefix)
+
+    monkeypatch.setattr(store, "_page", recorded)
+    monkeypatch.setattr(store, "_discover_splits", slow)
+    try:
+        assert [i.key async for i in store.list()] == keys
+        assert store._listing == "flat"
+    finally:
+        await store.aclose()
+    folders_from = [a[0] for a in asked].index("/")
+    assert folders_from >= 4  # the first part went on with continuation tokens, not waiting for the folders
+    # the parts after the cut start after a folder past what the first part had listed
+    assert {a[2] for a in asked if a[2] is not None} <= {f"{PREFIX}{f}/" for f in "defgh"}
+
+
 async def walked(store: S3Store) -> list[str]:
     """Every key ``store`` lists, which it must have walked folder by folder; the store is closed."""
     try:

@@ -51,7 +51,17 @@ from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
 from bucketsync.stores import check_page
-from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, gather_bounded, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import (
+    PARTS_PER_LISTER,
+    SPLIT_LEVELS,
+    Cut,
+    Part,
+    cut_parts,
+    gather_bounded,
+    in_order,
+    ranges,
+    usable_splits,
+)
 
 if TYPE_CHECKING:
     from gcloud.aio.auth import Token
@@ -469,16 +479,26 @@ class GcsStore:
             yield [object_info(key, res) for res in page if indexable(key := res["name"][plen:])]
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[dict[str, Any]]]:
-        first: dict[str, Any] | None = None
-        if not splits and self.list_concurrency > 1:
+        width = self.list_concurrency
+        parts: AsyncIterator[Part[dict[str, Any]]] | builtins.list[Part[dict[str, Any]]]
+        if not splits and width > 1:
             first = await self._list_page(self._list_params(prefix))
             if not first.get("nextPageToken"):  # one page is the whole listing
                 yield first.get("items") or []
                 return
-            splits = await self._discover_splits(prefix)
-        cut = ranges(usable_splits(splits, prefix, self.list_concurrency))
-        parts = [functools.partial(self._range_pages, prefix, lo, hi, first if lo is None else None) for lo, hi in cut]
-        async for page in in_order(parts, self.list_concurrency):
+            parts = cut_parts(
+                functools.partial(self._range_pages, prefix, None, None, first),
+                functools.partial(self._discover_splits, prefix),
+                lambda lo, hi: functools.partial(self._range_pages, prefix, lo, hi),
+                prefix,
+                width,
+            )
+        else:
+            parts = [
+                functools.partial(self._range_pages, prefix, lo, hi)
+                for lo, hi in ranges(usable_splits(splits, prefix, width))
+            ]
+        async for page in in_order(parts, width):
             yield page
 
     def _list_params(self, prefix: str, **extra: str) -> dict[str, str]:
@@ -488,9 +508,16 @@ class GcsStore:
         return params
 
     async def _range_pages(
-        self, prefix: str, lo: str | None, hi: str | None, first: dict[str, Any] | None = None
+        self,
+        prefix: str,
+        lo: str | None,
+        hi: str | None,
+        first: dict[str, Any] | None = None,
+        cut: Cut | None = None,
     ) -> AsyncIterator[builtins.list[dict[str, Any]]]:
-        """The objects named in ``[lo, hi)`` (None: unbounded), a page at a time."""
+        """The objects named in ``[lo, hi)`` (None: unbounded), a page at a time; with ``cut``,
+        ``hi`` is decided while the part lists (``parallel.cut_parts``): its pages go on with the
+        first page's parameters, since a page token only holds for the request that gave it."""
         bounds = {k: v for k, v in (("startOffset", lo), ("endOffset", hi)) if v is not None}
         params = self._list_params(prefix, **bounds)
         page = first if first is not None else await self._list_page(dict(params))
@@ -499,9 +526,13 @@ class GcsStore:
             # A server that ignores the offsets costs pages, never correctness.
             if lo is not None and items and items[0]["name"] < lo:
                 items = [i for i in items if i["name"] >= lo]
+            if cut is not None:
+                hi = cut.upto
             if hi is not None and items and items[-1]["name"] >= hi:
                 yield [i for i in items if i["name"] < hi]
                 return
+            if cut is not None and items:
+                cut.seen = items[-1]["name"]
             yield items
             token = page.get("nextPageToken")
             if not token:

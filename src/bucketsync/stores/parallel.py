@@ -210,6 +210,67 @@ class Slots:
         self._free += 1
 
 
+class Cut:
+    """Where the first part of a listing ends, decided while it lists (``cut_parts``).
+
+    The part reads ``upto`` before each page it keeps (None: no bound yet, or none at all) and
+    records in ``seen`` the last key it has kept, so the bound chosen is always past every key it
+    has already given out: no key is listed twice or skipped, whenever the split points arrive.
+    """
+
+    __slots__ = ("ended", "seen", "upto")
+
+    def __init__(self) -> None:
+        self.seen: str | None = None
+        self.upto: str | None = None
+        #: set when the part has listed its last page (or failed): nothing is left to cut
+        self.ended = asyncio.Event()
+
+
+async def cut_parts(
+    first: Callable[[Cut], AsyncIterator[list[T]]],
+    discover: Callable[[], Awaitable[list[str]]],
+    part: Callable[[str | None, str | None], Part[T]],
+    prefix: str,
+    concurrency: int,
+) -> AsyncIterator[Part[T]]:
+    """The parts of a listing with no split points yet: ``first`` lists on from the listing's first
+    page at once while ``discover`` finds split points (a request or more per folder level), instead
+    of the listing waiting for them. Then ``first`` is cut at the first split point past what it has
+    listed, and the ranges after it are parts of their own (``part(after, upto)``, bounds as in
+    ``ranges``). If ``first`` reaches the end of the listing before that, it was the whole listing.
+    """
+    cut = Cut()
+    found = asyncio.ensure_future(discover())
+
+    async def listed_by_first() -> AsyncIterator[list[T]]:
+        try:
+            async for page in first(cut):
+                yield page
+        finally:
+            cut.ended.set()
+
+    try:
+        yield listed_by_first
+        ended = asyncio.ensure_future(cut.ended.wait())
+        try:
+            await asyncio.wait((found, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if cut.ended.is_set():
+            return  # the first part listed everything (or failed, and in_order reports it)
+        later = [s for s in found.result() if cut.seen is None or s > cut.seen]
+        picked = usable_splits(later, prefix, concurrency)
+        if not picked:
+            return  # nothing to cut at: the first part lists on to the end
+        cut.upto = picked[0]
+        for after, upto in ranges(picked)[1:]:
+            yield part(after, upto)
+    finally:
+        found.cancel()
+        await asyncio.gather(found, return_exceptions=True)  # a failure the listing did not wait for
+
+
 async def gather_bounded(calls: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R]:
     """``asyncio.gather`` of ``calls``, at most ``limit`` running at once (a level of folder listings)."""
     gate = asyncio.Semaphore(max(1, limit))

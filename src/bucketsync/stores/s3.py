@@ -69,8 +69,10 @@ from bucketsync.stores.parallel import (
     BUFFER,
     PARTS_PER_LISTER,
     SPLIT_LEVELS,
+    Cut,
     Part,
     Slots,
+    cut_parts,
     gather_bounded,
     in_order,
     ranges,
@@ -710,27 +712,38 @@ class S3Store:
                     yield first.entries
                 return
             if not splits and width > 1:
-                splits = await self._discover_splits(prefix)
-            cut = ranges(usable_splits(splits, prefix, width))
-            parts = [
-                functools.partial(self._range_pages, prefix, after, upto, first if after is None else None)
-                for after, upto in cut
-            ]
+                parts = cut_parts(
+                    functools.partial(self._range_pages, prefix, None, None, first),
+                    functools.partial(self._discover_splits, prefix),
+                    lambda after, upto: functools.partial(self._range_pages, prefix, after, upto),
+                    prefix,
+                    width,
+                )
+            else:
+                parts = [
+                    functools.partial(self._range_pages, prefix, after, upto, first if after is None else None)
+                    for after, upto in ranges(usable_splits(splits, prefix, width))
+                ]
         async for page in in_order(parts, width):
             yield page
 
     async def _range_pages(
-        self, prefix: str, after: str | None, upto: str | None, first: Page | None = None
+        self, prefix: str, after: str | None, upto: str | None, first: Page | None = None, cut: Cut | None = None
     ) -> AsyncIterator[builtins.list[Entry]]:
-        """The keys in ``(after, upto]`` (None: unbounded), a page at a time."""
+        """The keys in ``(after, upto]`` (None: unbounded), a page at a time; with ``cut``, ``upto``
+        is decided while the part lists (``parallel.cut_parts``)."""
         page = first if first is not None else await self._page(prefix, None, start_after=after)
         while True:
             entries = page.entries
             if after is not None and entries and entries[0][0] <= after:
                 entries = [e for e in entries if e[0] > after]  # a server that ignores StartAfter: slow, not wrong
+            if cut is not None:
+                upto = cut.upto
             if upto is not None and entries and entries[-1][0] > upto:
                 yield entries[: bisect.bisect_right(entries, upto, key=_entry_key)]
                 return
+            if cut is not None and entries:
+                cut.seen = entries[-1][0]
             yield entries
             if not page.truncated:
                 return
