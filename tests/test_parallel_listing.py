@@ -8,12 +8,23 @@ test_store_s3.py / test_store_gcs.py and through a real sync in test_sync_parall
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 import pytest
 
 from bucketsync.core.errors import PermissionDenied
-from bucketsync.stores.parallel import Cut, Part, Quantiles, Slots, cut_parts, in_order, ranges, usable_splits
+from bucketsync.stores.parallel import (
+    Cut,
+    Part,
+    Quantiles,
+    Slots,
+    cut_parts,
+    in_order,
+    ranges,
+    spread,
+    usable_splits,
+)
 
 
 def pages_of(name: str, n: int, produced: list[str], gate: asyncio.Event | None = None) -> Part[str]:
@@ -180,8 +191,19 @@ def test_usable_splits_are_under_the_prefix_ascending_and_few() -> None:
     assert usable_splits(["p/b", "q/a", "p/a", "p/a", "p/"], "p/", 8) == ["p/a", "p/b"]
     # 4 parts per lister: 8 parts for 2 listers
     picked = usable_splits([f"p/{i:03d}" for i in range(100)], "p/", 2)
-    assert picked == ["p/012", "p/025", "p/037", "p/050", "p/062", "p/075", "p/087"]
+    assert picked == ["p/011", "p/024", "p/036", "p/049", "p/061", "p/074", "p/086"]
     assert usable_splits(["p/a", "p/b"], "p/", 1) == []  # one lister: one part
+
+
+def test_spread_cuts_parts_of_most_of_a_page() -> None:
+    # 400 keys sampled from 20,000 as Quantiles picks them: the last of every 50
+    samples = [f"{i:05d}" for i in range(49, 20_000, 50)]
+    picked = spread(samples, 20_000, 1000)
+    bounds = [-1, *map(int, picked), 19_999]
+    sizes = {b - a for a, b in itertools.pairwise(bounds)}
+    assert sizes == {900, 200}  # 22 parts of 900 keys (9/10 of a page), then the rest
+    assert spread(samples, 2_000_000, 1000) == samples  # parts of 5,000 keys: every point kept
+    assert spread([], 20_000, 1000) == []
 
 
 def test_quantiles_stay_bounded_and_evenly_spaced() -> None:

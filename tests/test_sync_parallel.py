@@ -70,6 +70,27 @@ async def test_the_next_run_is_cut_at_the_last_runs_keys(store: S3Store, ledger:
     assert len(parts) >= 3 and all(s.startswith(PREFIX) for s in parts)  # cut at ledger keys
 
 
+async def test_no_part_is_smaller_than_a_page(store: S3Store, ledger: Ledger) -> None:
+    """24 keys in pages of 6 are cut in parts of 5 keys (9/10 of a page), a request each: 5
+    requests, not a part per sampled key (12 parts: 12 requests for what 4 pages hold)."""
+    store.page_size = 6
+    loop = SyncLoop(DATASET, DatasetConfig(driver="d"), store, ledger)
+    assert (await loop.run_once()).status is RunStatus.OK
+    assert loop.splits == KEYS  # every key sampled; the cut is chosen from them
+    requests = 0
+    page = store._page
+
+    async def counted(*args: Any, **kwargs: Any) -> Page:
+        nonlocal requests
+        requests += 1
+        return await page(*args, **kwargs)
+
+    store._page = counted  # type: ignore[method-assign]
+    again = await loop.run_once()
+    assert again.status is RunStatus.OK and again.counts.unchanged == len(KEYS)
+    assert requests == 5
+
+
 async def test_a_failing_part_fails_the_run_with_no_removals(
     store: S3Store, ledger: Ledger, moto_s3: S3Emulator
 ) -> None:

@@ -99,7 +99,11 @@ class SplitListing(Protocol):
     ``list_split`` is ``list`` (same objects, same order, same errors), with ``splits`` as a
     hint: ascending keys (relative to the driver) where the listing may be cut into parts,
     the quantiles of the last run's keys. Any keys are correct; good ones make even parts.
+    ``page_size``: the keys one list request returns at most. A part holding fewer still costs
+    a request, so callers give no more than a split point per ``page_size`` keys.
     """
+
+    page_size: int
 
     def list_split(self, prefix: str, splits: Sequence[str]) -> AsyncIterator[ObjectInfo]: ...
 

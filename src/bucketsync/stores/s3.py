@@ -739,7 +739,7 @@ class S3Store:
                 entries = [e for e in entries if e[0] > after]  # a server that ignores StartAfter: slow, not wrong
             if cut is not None:
                 upto = cut.upto
-            if upto is not None and entries and entries[-1][0] > upto:
+            if upto is not None and entries and entries[-1][0] >= upto:  # the part ends in this page
                 yield entries[: bisect.bisect_right(entries, upto, key=_entry_key)]
                 return
             if cut is not None and entries:

@@ -46,7 +46,7 @@ from bucketsync.core.model import (
 from bucketsync.ledger.ledger import Ledger
 from bucketsync.logs import debug_enabled
 from bucketsync.stores import SplitListing, Store, listing_pages
-from bucketsync.stores.parallel import Quantiles
+from bucketsync.stores.parallel import Quantiles, spread
 from bucketsync.upstream.pacing import Pacer
 
 log = structlog.get_logger("bucketsync.sync")
@@ -62,8 +62,9 @@ MAX_DEFERRED = 50_000
 #: a run with no split points of its own (the first of this process) reads them from the ledger
 #: when the dataset has more items than this (a few pages: a smaller listing is one or two requests)
 SPLITS_FROM_LEDGER = 2000
-#: split points kept from one listing for the next (``stores.parallel.Quantiles``)
-SPLIT_SAMPLES = 64
+#: split points kept from one listing for the next (``stores.parallel.Quantiles``): enough that
+#: the parts picked from them (``parallel.spread``) come out close to a page each
+SPLIT_SAMPLES = 256
 LIVE = ItemState.LIVE
 ADDED, MODIFIED, REMOVED = ChangeKind.ADDED, ChangeKind.MODIFIED, ChangeKind.REMOVED
 
@@ -391,6 +392,13 @@ class SyncLoop:
             if snapshot is not None:
                 await snapshot.aclose()
 
+    def _cut_at(self, live: int) -> list[str]:
+        """Where this run's listing is cut: the last run's split points (``live`` keys then),
+        spread out to parts of about a page of the store's listing (``parallel.spread``)."""
+        if isinstance(self.store, SplitListing):
+            return spread(self.splits, live, self.store.page_size)
+        return self.splits
+
     async def _diff(
         self,
         ds_id: int,
@@ -407,11 +415,12 @@ class SyncLoop:
         live = await self.ledger.live_count(ds_id) if quota is not None else 0
         # The one seam between listing + diffing and everything else: the steps come from this
         # process, or from a sync worker process (upstream/workers) that does the same there.
+        splits = self._cut_at(p.sample.expected)
         if self.remote is not None:
-            steps = self.remote.steps(ds_id, self.splits, p.gaps, p.sample)
+            steps = self.remote.steps(ds_id, splits, p.gaps, p.sample)
         else:
             assert snapshot is not None  # opened by _walk before the run took its turn
-            steps = listing_steps(self.store, self.filter, snapshot, self.splits, p.gaps, p.sample, CHECK_EVERY)
+            steps = listing_steps(self.store, self.filter, snapshot, splits, p.gaps, p.sample, CHECK_EVERY)
         # A stretch of at most CHECK_EVERY keys between two looks at the slice (pacing.py).
         async with contextlib.aclosing(steps):  # a run that stops early ends its listing (and its worker job) now
             while (step := await self._next(steps, turns, stop)) is not None:
