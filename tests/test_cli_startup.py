@@ -42,3 +42,23 @@ def test_version_and_help_load_no_heavy_module(argv: list[str]) -> None:
     assert "bucketsync" in proc.stdout or "usage" in proc.stdout
     loaded = proc.stderr.rsplit("LOADED", 1)[1].strip()
     assert loaded == "", f"{argv} loaded {loaded}"
+
+
+def test_the_command_freezes_what_is_left_for_a_quick_exit() -> None:
+    """``bucketsync`` (``entry``) returns ``main``'s code with the objects left frozen, so the
+    interpreter's exit skips its last full collection; ``main`` alone leaves collection as it was."""
+    probe = (
+        "import gc, sys\n"
+        "from bucketsync.cli.main import entry, main\n"
+        "for name, run in (('MAIN', main), ('ENTRY', entry)):\n"
+        "    try:\n"
+        "        code = run(['--version'])\n"
+        "    except SystemExit as stop:  # argparse's --version exits\n"
+        "        code = stop.code\n"
+        "    print(name, code, gc.get_freeze_count())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("MAIN", "ENTRY")))
+    assert lines["MAIN"] == "0 0"
+    code, frozen = lines["ENTRY"].split()
+    assert code == "0" and int(frozen) > 1000

@@ -1,5 +1,5 @@
 """``python -m bucketsync.cli``."""
 
-from bucketsync.cli.main import main
+from bucketsync.cli.main import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

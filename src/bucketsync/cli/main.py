@@ -1197,6 +1197,23 @@ USAGE_CODES = (
 )
 
 
+def entry(argv: list[str] | None = None) -> int:
+    """The ``bucketsync`` command: ``main``, then the objects left are frozen (``gc.freeze``).
+
+    An interpreter's exit ends with a full collection over every object still alive: 0.2-0.3 s
+    of CPU after a sync of 20,000 objects, a tenth of the whole process. By then the command
+    has closed what it opened (ledger, sessions, logs), so freezing them leaves the exit to
+    free them by reference count alone. Not in ``main``: a process that calls it and goes on
+    (the tests) must keep collecting.
+    """
+    try:
+        return main(argv)
+    finally:
+        import gc
+
+        gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "doctor":  # reports a broken config instead of stopping at it
