@@ -18,8 +18,11 @@ part by part, so the diff still sees one ascending stream (invariant 6).
 
 Split points: any ascending list of keys cuts the key space into ranges
 ``(None, s1], (s1, s2], ..., (sn, None)`` that together hold every key exactly once;
-good ones only make the parts even. ``quantiles`` picks them from keys a run has
-seen (the ledger's sorted keys, sampled by the last run).
+good ones only make the parts even. ``Quantiles`` picks them from keys a run has
+seen (the ledger's sorted keys, sampled by the last run), and ``spread`` keeps parts
+near a page each (a part costs at least a request). A listing with none (an initial
+sync) does not wait for the folders it is cut at: ``cut_parts`` lists its first part
+meanwhile.
 """
 
 from __future__ import annotations
