@@ -883,6 +883,45 @@ def test_the_page_scan_reads_seaweedfs_layout_without_the_xml_parser(monkeypatch
     assert (got.entries, got.folders, got.truncated, got.token) == (want.entries, want.folders, True, "t1")
 
 
+ETAG_TEXTS = [
+    "&quot;9e107d9d372bb6826bd81d3542a419d6&quot;",
+    "&#34;d41d8cd98f00b204e9800998ecf8427e-2&#34;",
+    '"9e107d9d372bb6826bd81d3542a419d6"',
+    "9e107d9d372bb6826bd81d3542a419d6",
+    "&quot;9e107d9d&quot;&quot;",
+    "9e107d9d&quot;",
+    "&quot;9e107d9d",
+    "W/&quot;weak&quot;",
+    "&quot;with space&quot;",
+    "&quot;a&amp;b&quot;",
+    " &quot;padded&quot; ",
+    "&quot;&quot;",
+    "&quot;",
+    "",
+]
+
+
+@pytest.mark.parametrize("layout", ["s3", "seaweedfs"])
+@pytest.mark.parametrize("text", ETAG_TEXTS)
+def test_the_page_scan_reads_an_etag_as_the_parser_does(
+    text: str, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan folds the usual quoted ETag in its regex and hands any other text to
+    ``listed_etag``: either way the entry is the XML parser's, read without it."""
+    if layout == "s3":
+        fields = f"<Key>p/a</Key><LastModified>2024-05-01T12:00:00Z</LastModified><ETag>{text}</ETag><Size>3</Size>"
+    else:
+        fields = f"<Key>p/a</Key><ETag>{text}</ETag><Size>3</Size><LastModified>2024-05-01T12:00:00Z</LastModified>"
+    page = (
+        '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        f"<IsTruncated>false</IsTruncated><Contents>{fields}</Contents></ListBucketResult>"
+    ).encode()
+    want = parse_list(page, "S3")
+    monkeypatch.setattr(s3_lean, "parse_list", None)  # the scan must not need it
+    assert s3_lean.scan_list(page, "S3").entries == want.entries
+    assert want.entries[0][3] == normalize_etag(unescape(text))
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -63,18 +63,22 @@ def parse_list(body: bytes, server: str) -> Page:
     return Page(entries, folders, truncated, root.findtext(f"{ns}NextContinuationToken"), server)
 
 
+#: an ``<ETag>``: the usual quoted hex (``&quot;md5&quot;``, ``&#34;md5-2&#34;``, bare quotes or
+#: none) in the first group, already as ``normalize_etag`` leaves it; any other text in the second
+_ETAG = r'<ETag>(?:(?:&quot;|&#34;|")?([0-9A-Za-z-]+)(?:&quot;|&#34;|")?|([^<]*))</ETag>'
+
 #: one ``<Contents>`` element's fields as S3 and the servers we know write them; another
 #: layout (other order, a namespace prefix, CDATA) goes to ``parse_list``
 _CONTENTS = re.compile(
-    r"<Contents>\s*<Key>([^<]*)</Key>\s*<LastModified>([^<]*)</LastModified>\s*<ETag>([^<]*)</ETag>\s*"
+    r"<Contents>\s*<Key>([^<]*)</Key>\s*<LastModified>([^<]*)</LastModified>\s*" + _ETAG + r"\s*"
     r"(?:<Checksum\w*>[^<]*</Checksum\w*>\s*)*<Size>(\d+)</Size>"
 )
 
 #: the same fields as SeaweedFS writes them (Key, ETag, Size, then simple fields such as StorageClass, then
 #: LastModified): without it every SeaweedFS page went to the XML parser, 12 ms a page on the event loop
 _CONTENTS_KES = re.compile(
-    r"<Contents>\s*<Key>([^<]*)</Key>\s*<ETag>([^<]*)</ETag>\s*<Size>(\d+)</Size>\s*"
-    r"(?:<(\w+)>[^<]*</\4>\s*)*?<LastModified>([^<]*)</LastModified>"
+    r"<Contents>\s*<Key>([^<]*)</Key>\s*" + _ETAG + r"\s*<Size>(\d+)</Size>\s*"
+    r"(?:<(\w+)>[^<]*</\5>\s*)*?<LastModified>([^<]*)</LastModified>"
 )
 
 _FOLDER = re.compile(r"<CommonPrefixes><Prefix>([^<]*)</Prefix></CommonPrefixes>")
@@ -117,13 +121,15 @@ def scan_list(raw: bytes, server: str) -> Page:
     append = entries.append
     found = _CONTENTS.findall(body)
     if not found and "<Contents>" in body:
-        found = [(key, modified, etag, size) for key, etag, size, _, modified in _CONTENTS_KES.findall(body)]
-    for key, modified, etag, size in found:
+        found = [
+            (key, modified, plain, etag, size) for key, plain, etag, size, _, modified in _CONTENTS_KES.findall(body)
+        ]
+    for key, modified, plain, etag, size in found:
         if esc:
             key, modified = unescape(key), unescape(modified)
         if url:
             key = url_decode(key)
-        append((key, int(size), seconds(modified), listed_etag(etag)))
+        append((key, int(size), seconds(modified), plain or listed_etag(etag)))
     folders = [unescape(f) for f in _FOLDER.findall(body)]
     if url:
         folders = [url_decode(f) for f in folders]
