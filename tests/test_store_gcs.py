@@ -127,17 +127,26 @@ async def test_an_initial_listing_goes_on_while_its_split_points_are_found(
     keys = [f"{folder}/{i}" for folder in "abcdefgh" for i in range(5)]
     asked: list[dict[str, str]] = []
     list_page, discover = store._list_page, store._discover_splits
+    folders_known = asyncio.Event()
+
+    def pages_asked() -> int:
+        return sum("delimiter" not in p for p in asked)
 
     async def recorded(params: dict[str, str]) -> dict[str, Any]:
         asked.append(params)
+        if "delimiter" not in params and pages_asked() > 4:
+            await folders_known.wait()  # past its 4th page, the first part waits: the cut lands inside
         return await list_page(params)
 
     async def slow(prefix: str) -> list[str]:
         for _ in range(300):  # the folders answer after 4 pages (or 3 s, for a listing that waits for them)
-            if not sum("delimiter" not in p for p in asked) < 4:
+            if pages_asked() >= 4:
                 break
             await asyncio.sleep(0.01)
-        return await discover(prefix)
+        try:
+            return await discover(prefix)
+        finally:
+            folders_known.set()
 
     try:
         for key in keys:

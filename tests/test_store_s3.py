@@ -150,17 +150,26 @@ async def test_an_initial_flat_listing_goes_on_while_its_split_points_are_found(
     store = moto_s3.store(bucket, page_size=3, list_concurrency=4)
     asked: list[tuple[str | None, str | None, str | None]] = []  # (delimiter, token, start after)
     page, discover = store._page, store._discover_splits
+    folders_known = asyncio.Event()
+
+    def pages_asked() -> int:
+        return sum(d is None for d, _, _ in asked)
 
     async def recorded(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
         asked.append((delimiter, token, kwargs.get("start_after")))
+        if delimiter is None and pages_asked() > 4:
+            await folders_known.wait()  # past its 4th page, the first part waits: the cut lands inside
         return await page(prefix, token, delimiter, **kwargs)
 
     async def slow(prefix: str) -> list[str]:
         for _ in range(300):  # the folders answer after 4 pages (or 3 s, for a listing that waits for them)
-            if not sum(d is None for d, _, _ in asked) < 4:
+            if pages_asked() >= 4:
                 break
             await asyncio.sleep(0.01)
-        return await discover(prefix)
+        try:
+            return await discover(prefix)
+        finally:
+            folders_known.set()
 
     monkeypatch.setattr(store, "_page", recorded)
     monkeypatch.setattr(store, "_discover_splits", slow)
