@@ -56,6 +56,34 @@ CLOCK_SLACK = 3600.0
 # --------------------------------------------------------------------------- helpers
 
 
+class SlowFolders:
+    """A split-point finder that answers once the listing has asked for ``pages`` pages, with the
+    first part held past them until it has: ``parallel.cut_parts`` then cuts inside the listing,
+    however quick the server. A listing that waits for its split points gets them after 3 s."""
+
+    def __init__(self, discover: Callable[[str], Awaitable[list[str]]], pages: int = 4) -> None:
+        self._discover = discover
+        self.pages = pages
+        self.asked = 0
+        self._known = asyncio.Event()
+
+    async def page(self) -> None:
+        """Called before each page asked for without a delimiter."""
+        self.asked += 1
+        if self.asked > self.pages:
+            await self._known.wait()
+
+    async def discover(self, prefix: str) -> list[str]:
+        for _ in range(300):
+            if self.asked >= self.pages:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            return await self._discover(prefix)
+        finally:
+            self._known.set()
+
+
 async def listing(store: Store, prefix: str = "") -> list[ObjectInfo]:
     """The whole listing as a list."""
     return [info async for info in store.list(prefix)]

@@ -41,7 +41,7 @@ from bucketsync.core.errors import (
 from bucketsync.core.model import CREATE, ObjectInfo, PutMode
 from bucketsync.stores import PagedListing, Store, listing_pages, open_store, read_all
 from bucketsync.stores.gcs import UPLOAD_CHUNK, GcsStore, endpoint, translate
-from conformance import CHECKS, Check, Delegating, check_missing_root
+from conformance import CHECKS, Check, Delegating, SlowFolders, check_missing_root
 from emulators import free_port
 from emulators.gcs import PREFIX, FakeGcs
 
@@ -126,33 +126,19 @@ async def test_an_initial_listing_goes_on_while_its_split_points_are_found(
     store = GcsStore(fake_gcs.create_bucket(), PREFIX, endpoint_url=fake_gcs.url, page_size=3, list_concurrency=4)
     keys = [f"{folder}/{i}" for folder in "abcdefgh" for i in range(5)]
     asked: list[dict[str, str]] = []
-    list_page, discover = store._list_page, store._discover_splits
-    folders_known = asyncio.Event()
-
-    def pages_asked() -> int:
-        return sum("delimiter" not in p for p in asked)
+    list_page, slow = store._list_page, SlowFolders(store._discover_splits)
 
     async def recorded(params: dict[str, str]) -> dict[str, Any]:
         asked.append(params)
-        if "delimiter" not in params and pages_asked() > 4:
-            await folders_known.wait()  # past its 4th page, the first part waits: the cut lands inside
+        if "delimiter" not in params:
+            await slow.page()
         return await list_page(params)
-
-    async def slow(prefix: str) -> list[str]:
-        for _ in range(300):  # the folders answer after 4 pages (or 3 s, for a listing that waits for them)
-            if pages_asked() >= 4:
-                break
-            await asyncio.sleep(0.01)
-        try:
-            return await discover(prefix)
-        finally:
-            folders_known.set()
 
     try:
         for key in keys:
             await store.put(key, body(b"x"))
         monkeypatch.setattr(store, "_list_page", recorded)
-        monkeypatch.setattr(store, "_discover_splits", slow)
+        monkeypatch.setattr(store, "_discover_splits", slow.discover)
         assert await listed(store) == keys
         folders_from = ["delimiter" in p for p in asked].index(True)
         assert folders_from >= 4  # the first part went on with page tokens, not waiting for the folders

@@ -41,7 +41,15 @@ from bucketsync.stores import s3 as s3_module
 from bucketsync.stores.lean import unescape
 from bucketsync.stores.s3 import S3Store, open_s3, translate
 from bucketsync.stores.s3_lean import parse_list
-from conformance import CHECKS, Check, Delegating, check_missing_root, check_permission_denied, list_keys
+from conformance import (
+    CHECKS,
+    Check,
+    Delegating,
+    SlowFolders,
+    check_missing_root,
+    check_permission_denied,
+    list_keys,
+)
 from emulators.s3 import PREFIX, S3Emulator
 
 MiB = 1 << 20
@@ -149,30 +157,16 @@ async def test_an_initial_flat_listing_goes_on_while_its_split_points_are_found(
         client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
     store = moto_s3.store(bucket, page_size=3, list_concurrency=4)
     asked: list[tuple[str | None, str | None, str | None]] = []  # (delimiter, token, start after)
-    page, discover = store._page, store._discover_splits
-    folders_known = asyncio.Event()
-
-    def pages_asked() -> int:
-        return sum(d is None for d, _, _ in asked)
+    page, slow = store._page, SlowFolders(store._discover_splits)
 
     async def recorded(prefix: str, token: str | None, delimiter: str | None = None, **kwargs: Any) -> Any:
         asked.append((delimiter, token, kwargs.get("start_after")))
-        if delimiter is None and pages_asked() > 4:
-            await folders_known.wait()  # past its 4th page, the first part waits: the cut lands inside
+        if delimiter is None:
+            await slow.page()
         return await page(prefix, token, delimiter, **kwargs)
 
-    async def slow(prefix: str) -> list[str]:
-        for _ in range(300):  # the folders answer after 4 pages (or 3 s, for a listing that waits for them)
-            if pages_asked() >= 4:
-                break
-            await asyncio.sleep(0.01)
-        try:
-            return await discover(prefix)
-        finally:
-            folders_known.set()
-
     monkeypatch.setattr(store, "_page", recorded)
-    monkeypatch.setattr(store, "_discover_splits", slow)
+    monkeypatch.setattr(store, "_discover_splits", slow.discover)
     try:
         assert [i.key async for i in store.list()] == keys
         assert store._listing == "flat"
