@@ -55,12 +55,9 @@ from bucketsync.stores.parallel import (
     PARTS_PER_LISTER,
     SPLIT_LEVELS,
     Cut,
-    Part,
-    cut_parts,
     gather_bounded,
     in_order,
-    ranges,
-    usable_splits,
+    range_parts,
 )
 
 if TYPE_CHECKING:
@@ -480,24 +477,15 @@ class GcsStore:
 
     async def _pages(self, prefix: str, splits: builtins.list[str]) -> AsyncIterator[builtins.list[dict[str, Any]]]:
         width = self.list_concurrency
-        parts: AsyncIterator[Part[dict[str, Any]]] | builtins.list[Part[dict[str, Any]]]
+        first: dict[str, Any] | None = None
+        discover = None
         if not splits and width > 1:
             first = await self._list_page(self._list_params(prefix))
             if not first.get("nextPageToken"):  # one page is the whole listing
                 yield first.get("items") or []
                 return
-            parts = cut_parts(
-                functools.partial(self._range_pages, prefix, None, None, first),
-                functools.partial(self._discover_splits, prefix),
-                lambda lo, hi: functools.partial(self._range_pages, prefix, lo, hi),
-                prefix,
-                width,
-            )
-        else:
-            parts = [
-                functools.partial(self._range_pages, prefix, lo, hi)
-                for lo, hi in ranges(usable_splits(splits, prefix, width))
-            ]
+            discover = functools.partial(self._discover_splits, prefix)
+        parts = range_parts(functools.partial(self._range_pages, prefix), splits, prefix, width, first, discover)
         async for page in in_order(parts, width):
             yield page
 

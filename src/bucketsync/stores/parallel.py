@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
@@ -36,6 +37,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+F = TypeVar("F")
 
 #: a part: a factory of its pages (lists of entries, ascending), started when its turn comes
 Part = Callable[[], AsyncIterator[list[T]]]
@@ -275,6 +277,32 @@ async def cut_parts(
     finally:
         found.cancel()
         await asyncio.gather(found, return_exceptions=True)  # a failure the listing did not wait for
+
+
+def range_parts(
+    pages: Callable[[str | None, str | None, F | None, Cut | None], AsyncIterator[list[T]]],
+    splits: Sequence[str],
+    prefix: str,
+    concurrency: int,
+    first: F | None = None,
+    discover: Callable[[], Awaitable[list[str]]] | None = None,
+) -> AsyncIterator[Part[T]] | list[Part[T]]:
+    """The parts of a listing by key ranges. ``pages(lo, hi, first, cut)`` lists one range (bounds
+    as in ``ranges``; ``first``: its first page, if already fetched; ``cut``: its upper bound
+    decided while it lists). Cut at ``splits``, or, with ``discover`` (no split points yet), at
+    the ones it finds while the first part lists (``cut_parts``)."""
+    if discover is not None:
+        return cut_parts(
+            lambda cut: pages(None, None, first, cut),
+            discover,
+            lambda lo, hi: functools.partial(pages, lo, hi, None, None),
+            prefix,
+            concurrency,
+        )
+    return [
+        functools.partial(pages, lo, hi, first if lo is None else None, None)
+        for lo, hi in ranges(usable_splits(splits, prefix, concurrency))
+    ]
 
 
 async def gather_bounded(calls: Sequence[Callable[[], Awaitable[R]]], limit: int) -> list[R]:

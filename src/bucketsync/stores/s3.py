@@ -72,11 +72,9 @@ from bucketsync.stores.parallel import (
     Cut,
     Part,
     Slots,
-    cut_parts,
     gather_bounded,
     in_order,
-    ranges,
-    usable_splits,
+    range_parts,
 )
 from bucketsync.stores.s3_lean import (
     PROBE_KEY,
@@ -711,19 +709,8 @@ class S3Store:
                 if first.entries:
                     yield first.entries
                 return
-            if not splits and width > 1:
-                parts = cut_parts(
-                    functools.partial(self._range_pages, prefix, None, None, first),
-                    functools.partial(self._discover_splits, prefix),
-                    lambda after, upto: functools.partial(self._range_pages, prefix, after, upto),
-                    prefix,
-                    width,
-                )
-            else:
-                parts = [
-                    functools.partial(self._range_pages, prefix, after, upto, first if after is None else None)
-                    for after, upto in ranges(usable_splits(splits, prefix, width))
-                ]
+            discover = functools.partial(self._discover_splits, prefix) if not splits and width > 1 else None
+            parts = range_parts(functools.partial(self._range_pages, prefix), splits, prefix, width, first, discover)
         async for page in in_order(parts, width):
             yield page
 
