@@ -145,6 +145,26 @@ async def test_conformance_listing_at_split_points(check: Check, moto_s3: S3Emul
         await inner.aclose()
 
 
+async def test_a_part_whose_page_ends_on_its_bound_asks_for_no_more(
+    moto_s3: S3Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut at ``d`` and ``h`` in pages of 4, each part is one page that ends on its bound: 3
+    requests, where asking on past each bound made 5."""
+    bucket = moto_s3.new_bucket()
+    client = moto_s3.client()
+    keys = list("abcdefghijkl")
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=f"{PREFIX}{key}", Body=b"x")
+    store = moto_s3.store(bucket, page_size=4, list_concurrency=2)
+    try:
+        assert [i.key async for i in store.list()] == keys  # the listing order is learned (flat)
+        asked = delimiters_asked(store, monkeypatch)
+        assert [i.key async for i in store.list_split("", ["d", "h"])] == keys
+        assert len(asked) == 3
+    finally:
+        await store.aclose()
+
+
 async def test_an_initial_flat_listing_goes_on_while_its_split_points_are_found(
     moto_s3: S3Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
