@@ -31,7 +31,7 @@ from bucketsync.ledger.ledger import Ledger
 Opener = Callable[[], Awaitable[Ledger]]
 Check = Callable[[Opener], Awaitable[None]]
 
-# A walk of more rows than one fetch of a snapshot (SQLite's reads 8,192 rows at a time).
+# A walk of more rows than one fetch of a snapshot (PostgreSQL fetches 8,192 rows at a time, SQLite 1,024).
 SNAPSHOT_ROWS = 9_000
 
 

@@ -347,3 +347,64 @@ async def test_a_writer_cancelled_while_it_begins_leaves_no_transaction_open(led
     await ledger.write_batch(ds, run, [ObjectInfo("after.txt", 1, 1.0, "e")], [], Counts())
     assert not ledger.db.conn.in_transaction
     assert await ledger.item(ds, "after.txt") is not None
+
+
+# ------------------------------------------------------------------ the snapshot's read connection
+
+
+def _checkpoint_blocked(path: Path) -> bool:
+    """Whether a reader still holds an old snapshot: a checkpoint cannot copy the frames
+    written after it began (a passive one, which does not wait for the reader)."""
+    _, log, copied = sql(path, "PRAGMA wal_checkpoint(PASSIVE)")[0]
+    return copied != log
+
+
+async def test_a_snapshot_walk_holds_its_read_transaction_until_closed(ledger: Ledger, db_path: Path) -> None:
+    """The walk's pages after the first are read on the loop from the same transaction; closing
+    the walk early (a run that stops) ends it, so the WAL can be checkpointed again."""
+    ds, run = await fill(ledger, "photos", [f"k{i:05d}" for i in range(3000)])
+    pages = ledger.snapshot_pages(ds)
+    first = await anext(pages)
+    await ledger.write_batch(ds, run, objs("zzz"), [], Counts())  # after the walk began
+    assert _checkpoint_blocked(db_path), "the walk's snapshot pins the frames before the write"
+    second = await anext(pages)
+    assert first[-1][1] < second[0][1], "the second page follows the first"
+    await pages.aclose()
+    assert not _checkpoint_blocked(db_path), "closed: no reader is left"
+
+
+async def test_a_snapshot_walk_cancelled_while_opening_closes_its_connection(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection is opened on a thread, which a cancellation does not stop: what it opens
+    after the walk was cancelled is closed, not left to the garbage collector."""
+    import threading
+
+    from bucketsync.ledger.sqlite import SqliteDb
+
+    ds, _ = await fill(ledger, "photos", ["a", "b"])
+    release = threading.Event()
+    opened: list[sqlite3.Connection] = []
+    real = SqliteDb._open_stream
+
+    def slow_open(self: SqliteDb, *args: object) -> tuple[sqlite3.Connection, sqlite3.Cursor, list[object]]:
+        release.wait(10)
+        out = real(self, *args)  # type: ignore[arg-type]
+        opened.append(out[0])
+        return out  # type: ignore[return-value]
+
+    monkeypatch.setattr(SqliteDb, "_open_stream", slow_open)
+    task = asyncio.ensure_future(anext(ledger.snapshot_pages(ds)))
+    await asyncio.sleep(0.05)  # the thread is waiting in slow_open
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(200):
+        if opened:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the done-callback runs on the loop
+    assert opened, "the thread opened its connection"
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[0].execute("SELECT 1")
