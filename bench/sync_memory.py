@@ -5,6 +5,7 @@
     .venv/bin/python bench/sync_memory.py --objects 100000     # a quick run
     .venv/bin/python bench/sync_memory.py --write docs/benchmarks.md
     .venv/bin/python bench/sync_memory.py --profile initial --profiler pyinstrument
+    .venv/bin/python bench/sync_memory.py --objects 100000 --instructions nochange   # needs valgrind
 
 Every scenario runs in a fresh child process (this same script with ``--child``):
 the child builds the fixture (a ``MemoryStore`` filled through its bulk ``load()``),
@@ -401,10 +402,41 @@ async def floors(spec: dict[str, Any]) -> dict[str, Any]:
 # -- the parent -------------------------------------------------------------------
 
 
-def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+def instructions(spec: dict[str, Any]) -> int:
+    """Machine instructions a child executes, all threads, counted by valgrind's cachegrind
+    (no cache simulation): unlike wall or CPU time, the count hardly moves with other work on
+    the machine, so two versions of the code compare on a busy one."""
+    with tempfile.NamedTemporaryFile(prefix="bucketsync-cachegrind-") as out:
+        run_child(spec, ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out.name}"])
+        for line in Path(out.name).read_text().splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    raise SystemExit("valgrind wrote no instruction count")
+
+
+def count_run(base: dict[str, Any], scenario: str, seed: Path) -> str:
+    """One run of ``scenario``, in instructions: a child that runs it once, less one that
+    only builds the fixture (its imports, fixture and exit are the same in both)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind on PATH (apt install valgrind)")
+    if scenario != "initial":
+        run_child({**base, "scenario": "initial", "reps": 1, "seed": str(seed)})
+    spec = {**base, "scenario": scenario, "seed": str(seed)}
+    whole, setup = instructions({**spec, "reps": 1}), instructions({**spec, "reps": 0})
+    net = whole - setup
+    return (
+        f"{scenario}, {base['objects']:,} objects: {net / 1e6:,.0f} M instructions for the run "
+        f"({net / base['objects']:,.0f} per object); the child {whole / 1e6:,.0f} M, its set-up {setup / 1e6:,.0f} M"
+    )
+
+
+def run_child(spec: dict[str, Any], wrap: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
+        [*(wrap or []), sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -572,6 +604,11 @@ def main() -> None:
     ap.add_argument("--profiler", choices=["cprofile", "pyinstrument"], default="cprofile")
     ap.add_argument("--profile-out", type=Path, help="where the profile report goes (default: a temp file)")
     ap.add_argument("--json", type=Path, help="also dump the raw per-run measurements here")
+    ap.add_argument(
+        "--instructions",
+        choices=["initial", "nochange", "changed", "churn"],
+        help="count one run's machine instructions under valgrind: steady on a busy machine, for A/B comparisons",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -590,6 +627,9 @@ def main() -> None:
         base = {"objects": n, "work": str(work)}
         print(f"bucketsync sync benchmark: {n:,} objects, {reps} runs per scenario, work dir {work}", file=sys.stderr)
         results: dict[str, dict[str, Any]] = {}
+        if args.instructions:
+            print(count_run(base, args.instructions, seed))
+            return
         if args.profile:
             out = args.profile_out or work.with_name(f"bucketsync-profile-{args.profile}-{args.profiler}.txt")
             if args.profile != "initial":
