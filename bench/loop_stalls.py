@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bucketsync.config import DatasetConfig
-from bucketsync.ledger.sqlite import Ledger
+from bucketsync.ledger.ledger import Ledger
 from bucketsync.stores import Store
 from bucketsync.stores.local import LocalStore
 from bucketsync.stores.memory import MemoryStore
