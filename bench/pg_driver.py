@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import psycopg
+
+try:
+    import psycopg
+except ImportError:  # a bench-only dependency: --help works without it, a run says how to get it
+    psycopg = None
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -285,6 +289,10 @@ def main() -> None:
     parser.add_argument("--scan", type=int, default=1_000_000, help="rows scanned (0: no scan runs)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if psycopg is None:
+        raise SystemExit(
+            "bench/pg_driver.py compares with psycopg, a bench-only dependency: .venv/bin/pip install -e '.[bench]'"
+        )
     with running_postgres(shared_buffers="256MB") as server:
         url = server.new_database()
         print(
