@@ -144,6 +144,16 @@ async def in_order(
         await source.aclose()
 
 
+def given(page: list[T]) -> Part[T]:
+    """A part whose one page is already listed: the objects of a folder level between two of its
+    subfolders, read with the level's own listing."""
+
+    async def pages() -> AsyncIterator[list[T]]:
+        yield page
+
+    return pages
+
+
 async def _aiter_parts(parts: AsyncIterable[Part[T]] | Sequence[Part[T]]) -> AsyncGenerator[Part[T], None]:
     if isinstance(parts, AsyncIterable):
         async for part in parts:

@@ -73,6 +73,7 @@ from bucketsync.stores.parallel import (
     Part,
     Slots,
     gather_bounded,
+    given,
     in_order,
     range_parts,
 )
@@ -350,15 +351,6 @@ def _page_from_sdk(resp: dict[str, Any]) -> Page:
 
 def _entry_key(entry: Entry) -> str:
     return entry[0]
-
-
-def _given(entries: builtins.list[Entry]) -> Part[Entry]:
-    """A part whose one page is already listed (the objects of a level between two folders)."""
-
-    async def pages() -> AsyncIterator[builtins.list[Entry]]:
-        yield entries
-
-    return pages
 
 
 #: a run of a folder level, as it is walked: objects between two subfolders, or a subfolder's key
@@ -807,7 +799,7 @@ class S3Store:
         async for runs in self._level(prefix, slots):
             if fan > 1:
                 parts = [
-                    _given(run) if isinstance(run, list) else functools.partial(self._walk_pages, run, slots)
+                    given(run) if isinstance(run, list) else functools.partial(self._walk_pages, run, slots)
                     for run in runs
                 ]
                 # A subfolder may run BUFFER // fan entries ahead: a part holds about 2 x BUFFER at most.
@@ -832,7 +824,7 @@ class S3Store:
             folders = sum(1 for run in runs if isinstance(run, str))
             for run in runs:
                 if isinstance(run, list):
-                    yield _given(run)
+                    yield given(run)
                 elif depth + 1 < SPLIT_LEVELS and folders < self.list_concurrency:
                     async for part in self._walk_parts(run, depth + 1, slots):
                         yield part
