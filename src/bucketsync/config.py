@@ -260,11 +260,10 @@ class DriverConfig(_Strict):
     )
 
     list_concurrency: int = _doc(
-        "List requests in flight at once for one listing (S3, GCS; Azure lists one page at a time): the "
-        "listing is cut into key ranges "
-        "(split where the last run's keys fall, or at the first folder levels) listed in parallel and read "
-        "back in key order. 1: one page after another (still fetching the next page while the current one "
-        "is diffed).",
+        "List requests in flight at once for one listing: the listing is cut into parts listed in parallel "
+        "and read back in key order. S3 and GCS cut it into key ranges (split where the last run's keys fall, "
+        "or at the first folder levels); Azure into the folders of its first levels, each listed under its own "
+        "prefix. 1: one page after another (still fetching the next page while the current one is diffed).",
         default=8,
         ge=1,
         le=64,

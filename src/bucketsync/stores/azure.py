@@ -68,12 +68,12 @@ from bucketsync.core.errors import (
     Transient,
     Unreachable,
 )
-from bucketsync.core.keys import indexable
+from bucketsync.core.keys import HIDDEN, indexable
 from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
 from bucketsync.stores.azure_lean import API_VERSION, Entry, Rest, RestError, Target, UnreadablePage
-from bucketsync.stores.parallel import in_order
+from bucketsync.stores.parallel import SPLIT_LEVELS, Part, given, in_order
 from bucketsync.stores.sharedkey import SharedKey
 
 if TYPE_CHECKING:
@@ -383,6 +383,7 @@ class AzureStore:
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         lean: bool = True,
+        list_concurrency: int = 8,
     ) -> None:
         self.url = f"az://{account}/{container}/{prefix}"
         self.account = account
@@ -405,6 +406,8 @@ class AzureStore:
         #: (a shared key or a SAS); off, or with a token credential: through the SDK
         self.lean = lean and _lean_auth(credential) is not None and "?" not in self._account_url
         self._rest_client: Rest | None = None
+        #: List Blobs requests of one listing in flight at once (``list_pages``)
+        self.list_concurrency = max(1, list_concurrency)
 
     def __repr__(self) -> str:
         return f"AzureStore({self.url!r})"
@@ -502,16 +505,78 @@ class AzureStore:
             for info in page:
                 yield info
 
+    async def _level(self, prefix: str, marker: str | None) -> tuple[builtins.list[Entry | str], str | None] | None:
+        """One page of a folder level; None after a TLS error (lean requests are then off)."""
+        try:
+            return await self._rest().list_level(prefix, marker, self.page_size)
+        except aiohttp.ClientSSLError as exc:  # the SDK may know a CA bundle we do not
+            self._lean_off(f"TLS error ({type(exc).__name__})")
+            return None
+
+    async def _walk_parts(self, prefix: str, depth: int) -> AsyncIterator[Part[Entry]]:
+        """The parts of a listing of ``prefix``, in the server's order: each subfolder of its first
+        levels listed flat under its own ``prefix`` (paged by its own markers), and the blobs
+        between two subfolders as parts of their own, read with the level's listing
+        (``delimiter=/``). A level with fewer subfolders than listers is looked into, down to
+        ``SPLIT_LEVELS``. Read one after another, the parts are the flat listing exactly: the
+        keys under a folder are contiguous in any order, the server's UTF-16 one included, so
+        ``CodePointOrder`` puts them in code-point order as it does a flat listing."""
+        marker: str | None = None
+        ahead: asyncio.Future[tuple[builtins.list[Entry | str], str | None] | None] | None = None
+        try:
+            page = await self._retry("list", None, functools.partial(self._level, prefix, None))
+            while True:
+                if page is None:
+                    if depth or marker is not None:
+                        raise StorageError(f"cannot list {self.url}: a TLS error in the middle of the listing")
+                    yield functools.partial(self._pages, prefix)  # nothing listed yet: all of it through the SDK
+                    return
+                items, marker = page
+                if marker is not None:  # the level's next page is on the wire while this one's parts are read
+                    ahead = asyncio.ensure_future(
+                        self._retry("list", None, functools.partial(self._level, prefix, marker))
+                    )
+                folders = sum(1 for item in items if isinstance(item, str))
+                run: builtins.list[Entry] = []
+                for item in items:
+                    if not isinstance(item, str):
+                        run.append(item)
+                        continue
+                    if run:
+                        yield given(run)
+                        run = []
+                    if item == self.prefix + HIDDEN:
+                        continue  # bucketsync's own folder: nothing in it is an item
+                    if depth + 1 < SPLIT_LEVELS and folders < self.list_concurrency:
+                        async for part in self._walk_parts(item, depth + 1):
+                            yield part
+                    else:
+                        yield functools.partial(self._pages, item)
+                if run:
+                    yield given(run)
+                if ahead is None:
+                    return
+                page, ahead = await ahead, None
+        finally:
+            if ahead is not None:  # the listing ended early (a failure elsewhere): the request goes
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
+
     async def list_pages(
         self, prefix: str = "", splits: Sequence[str] = ()
     ) -> AsyncIterator[builtins.list[ObjectInfo]]:
         """``list`` a page at a time (``PagedListing``), for ``diff_pages``. ``splits`` are not used:
-        List Blobs has neither a start key nor an end key, so the listing is pipelined, not parallel."""
+        List Blobs has neither a start key nor an end key. Parallel by folders instead
+        (``_walk_parts``, ``list_concurrency`` requests at a time) on the lean path; through the
+        SDK, or with ``list_concurrency = 1``, one page after another."""
         start = self.prefix + prefix
         cut = len(self.prefix)
         order = CodePointOrder(self.url, self._reorder_limit)
-        # Pipelined (``stores.parallel``): the next page is on the wire while this one is read.
-        async for entries in in_order([functools.partial(self._pages, start)], 1):
+        width = self.list_concurrency if self.lean else 1
+        parts: AsyncIterator[Part[Entry]] | builtins.list[Part[Entry]]
+        parts = self._walk_parts(start, 0) if width > 1 else [functools.partial(self._pages, start)]
+        # Pipelined (``stores.parallel``): the next pages are on the wire while this one is read.
+        async for entries in in_order(parts, width):
             names = [e[0] for e in entries]
             if not all(map(str.startswith, names, itertools.repeat(start))):  # never trust a page to honour it
                 outside = next(n for n in names if not n.startswith(start))
@@ -933,5 +998,12 @@ def open_azure(loc: Location, driver: DriverConfig, integration: AzureIntegratio
         credential=credential,
         tier=tier,
         close_credential=owned,
-        **({"connect_timeout": driver.connect_timeout, "read_timeout": driver.read_timeout} | options),
+        **(
+            {
+                "connect_timeout": driver.connect_timeout,
+                "read_timeout": driver.read_timeout,
+                "list_concurrency": driver.list_concurrency,
+            }
+            | options
+        ),
     )

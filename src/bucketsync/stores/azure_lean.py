@@ -99,6 +99,35 @@ def scan_page(raw: bytes) -> tuple[list[Entry], str | None]:
     body = raw.decode("utf-8")
     if "<![CDATA[" in body or "<!ENTITY" in body or "<EnumerationResults" not in body:
         return parse_page(raw)
+    entries = _scan_blobs(body)
+    if len(entries) != body.count("<Blob>") or "<BlobPrefix>" in body:
+        return parse_page(raw)
+    return entries, tag_text(body, "NextMarker") or None
+
+
+def scan_level(raw: bytes) -> tuple[list[Entry | str], str | None]:
+    """``parse_level`` by ``scan_page``'s regex, and one more for the folders: a container whose
+    first level holds many blobs is read this way whole. Any layout it does not know goes to
+    ``parse_level``."""
+    body = raw.decode("utf-8")
+    if "<![CDATA[" in body or "<!ENTITY" in body or "<EnumerationResults" not in body:
+        return parse_level(raw)
+    blobs = _scan_blobs(body)
+    esc = "&" in body
+    folders = [_name(unescape(name) if esc else name, encoded == "true") for encoded, name in _FOLDER.findall(body)]
+    if len(blobs) != body.count("<Blob>") or len(folders) != body.count("<BlobPrefix>"):
+        return parse_level(raw)
+    items: list[Entry | str] = [*blobs, *folders]
+    if folders:  # the blobs alone are in the service's order already
+        items.sort(key=_utf16)
+    return items, tag_text(body, "NextMarker") or None
+
+
+#: one ``<BlobPrefix>`` (a folder of a ``delimiter`` listing): its name, percent-encoded or not
+_FOLDER = re.compile(r'<BlobPrefix><Name(?: Encoded="(true|false)")?>([^<]*)</Name></BlobPrefix>')
+
+
+def _scan_blobs(body: str) -> list[Entry]:
     esc = "&" in body
     entries: list[Entry] = []
     append = entries.append
@@ -109,37 +138,66 @@ def scan_page(raw: bytes) -> tuple[list[Entry], str | None]:
         if esc:
             name, etag = unescape(name), unescape(etag)
         append((_name(name, encoded == "true"), int(size), timestamp(modified), normalize_etag(etag), version))
-    if len(entries) != body.count("<Blob>") or "<BlobPrefix>" in body:
-        return parse_page(raw)
-    return entries, tag_text(body, "NextMarker") or None
+    return entries
 
 
 def parse_page(raw: bytes) -> tuple[list[Entry], str | None]:
     """``scan_page`` by ``xml.etree``: slower, and reads any layout."""
+    root = _root(raw)
+    entries = [_blob(blob) for blob in root.iterfind("Blobs/Blob")]
+    if root.find("Blobs/BlobPrefix") is not None:
+        raise UnreadablePage("folders (<BlobPrefix>) in a listing that asked for none")
+    return entries, root.findtext("NextMarker") or None
+
+
+def parse_level(raw: bytes) -> tuple[list[Entry | str], str | None]:
+    """A List Blobs page asked with ``delimiter=/``: its blobs and its folders (a ``<BlobPrefix>``'s
+    name, ending in ``/``) in the listing's order, and the next marker. Read by ``xml.etree``:
+    only the first levels of a listing are listed this way, a few pages each.
+
+    A page is a stretch of the level in the service's order (UTF-16 code units, see
+    ``CodePointOrder``), but Azurite writes the page's folders before its blobs. Sorting the
+    page by that order puts each folder back where its keys fall among the blobs."""
+    root = _root(raw)
+    items: list[Entry | str] = []
+    for el in root.iterfind("Blobs/*"):
+        if el.tag == "Blob":
+            items.append(_blob(el))
+        elif el.tag == "BlobPrefix":
+            name = el.find("Name")
+            if name is None:
+                raise UnreadablePage("a <BlobPrefix> without <Name>")
+            items.append(_name(name.text or "", name.get("Encoded") == "true"))
+    items.sort(key=_utf16)
+    return items, root.findtext("NextMarker") or None
+
+
+def _utf16(item: Entry | str) -> bytes:
+    return (item if isinstance(item, str) else item[0]).encode("utf-16-be", "surrogatepass")
+
+
+def _root(raw: bytes) -> ET.Element:
     try:
         root = ET.fromstring(raw)
     except ET.ParseError as exc:
         raise UnreadablePage(f"not XML ({exc})") from None
     if root.tag != "EnumerationResults":
         raise UnreadablePage(f"<{root.tag}> where <EnumerationResults> was expected")
-    entries: list[Entry] = []
-    for blob in root.iterfind("Blobs/Blob"):
-        name = blob.find("Name")
-        props = blob.find("Properties")
-        if name is None or props is None:
-            raise UnreadablePage("a <Blob> without <Name> or <Properties>")
-        entries.append(
-            (
-                _name(name.text or "", name.get("Encoded") == "true"),
-                int(props.findtext("Content-Length") or 0),
-                timestamp(props.findtext("Last-Modified") or ""),
-                normalize_etag(props.findtext("Etag")),
-                blob.findtext("VersionId") or None,
-            )
-        )
-    if root.find("Blobs/BlobPrefix") is not None:
-        raise UnreadablePage("folders (<BlobPrefix>) in a listing that asked for none")
-    return entries, root.findtext("NextMarker") or None
+    return root
+
+
+def _blob(blob: ET.Element) -> Entry:
+    name = blob.find("Name")
+    props = blob.find("Properties")
+    if name is None or props is None:
+        raise UnreadablePage("a <Blob> without <Name> or <Properties>")
+    return (
+        _name(name.text or "", name.get("Encoded") == "true"),
+        int(props.findtext("Content-Length") or 0),
+        timestamp(props.findtext("Last-Modified") or ""),
+        normalize_etag(props.findtext("Etag")),
+        blob.findtext("VersionId") or None,
+    )
 
 
 # --------------------------------------------------------------------------- requests
@@ -227,14 +285,21 @@ class Rest:
 
     async def list_page(self, prefix: str, marker: str | None, size: int) -> tuple[list[Entry], str | None]:
         """One List Blobs page: (its blobs, the marker of the next page or None)."""
-        query = {"restype": "container", "comp": "list", "maxresults": str(size)}
+        return scan_page(await self._list(prefix, marker, size, {}))
+
+    async def list_level(self, prefix: str, marker: str | None, size: int) -> tuple[list[Entry | str], str | None]:
+        """One page of a folder level (``delimiter=/``): its blobs and subfolders in the server's
+        order, and the marker of the next page or None."""
+        return scan_level(await self._list(prefix, marker, size, {"delimiter": "/"}))
+
+    async def _list(self, prefix: str, marker: str | None, size: int, extra: Mapping[str, str]) -> bytes:
+        query = {"restype": "container", "comp": "list", "maxresults": str(size), **extra}
         if prefix:
             query["prefix"] = prefix
         if marker:
             query["marker"] = marker
         async with await self.send(self.target.path, query, {}) as resp:
-            body = await resp.read()
-        return scan_page(body)
+            return await resp.read()
 
     async def get(self, name: str, first: int, last: int | None, if_match: str | None) -> aiohttp.ClientResponse:
         """Get Blob of bytes ``first..last`` (inclusive; ``last`` None: to the end; no range at all

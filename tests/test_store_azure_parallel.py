@@ -1,0 +1,203 @@
+"""Parallel listing on Azure: the first folder levels listed with ``delimiter=/``, each subfolder
+listed flat under its own prefix, the parts read back in order (``AzureStore._walk_parts``).
+
+What must hold: the parallel listing is the flat listing, object for object, whatever the
+tree (blobs between folders, folders that sort among blobs, names Azure orders differently from
+code points, folder markers, the hidden folder, pages that end anywhere); more than one request
+is in flight; a folder that cannot be listed fails the listing; the SDK path lists flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bucketsync.core.errors import PermissionDenied
+from bucketsync.stores import one_chunk
+from bucketsync.stores.azure import AzureStore
+from bucketsync.stores.azure_lean import Rest, RestError, parse_level, scan_level
+from conformance import listing
+from emulators.azure import PREFIX, Azurite, make_store
+from test_store_azure import ORDER_KEYS
+
+#: folders three levels deep, blobs between folders at every level, names that sort around a
+#: folder's ``/`` (``a-c`` < ``a/`` < ``a0``), and the keys Azure orders by UTF-16 code units
+TREE = {
+    *ORDER_KEYS,  # a-c, a/b, a0 among them
+    "%41",
+    "b",
+    *(f"a/{m:02d}/{d:02d}/img{i}.jpg" for m in range(1, 4) for d in range(1, 4) for i in range(4)),
+    *(f"a/{m:02d}/between{m}" for m in range(1, 4)),
+    "a/top.txt",
+    *(f"c/{i:02d}/x" for i in range(12)),
+    "c/d",
+    "\uff01/x",
+}
+
+
+@pytest.fixture
+async def tree(azurite: Azurite, azure_container: str) -> AsyncIterator[list[str]]:
+    writer = make_store(azurite, azure_container, lean=False)
+    try:
+        await asyncio.gather(*(writer.put(key, one_chunk(key.encode())) for key in TREE))
+    finally:
+        await writer.aclose()
+    # Written around the store: a folder marker, bucketsync's hidden folder, neighbours of the prefix.
+    raw = azurite.container(azure_container)
+    for name in (PREFIX + "a/01/", PREFIX + ".bucketsync/perm-test", PREFIX[:-1], "some/prefix0", "other/x"):
+        raw.upload_blob(name, b"written around the store")
+    yield sorted(TREE)
+
+
+async def _listed(store: AzureStore, prefix: str = "") -> list[Any]:
+    try:
+        return await listing(store, prefix)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("page_size", [2, 3, 10, 1000])
+async def test_the_parallel_listing_is_the_flat_listing(
+    azurite: Azurite, azure_container: str, tree: list[str], page_size: int
+) -> None:
+    flat = await _listed(make_store(azurite, azure_container, page_size=page_size, list_concurrency=1))
+    assert [info.key for info in flat] == tree
+    for width in (2, 8):
+        parallel = await _listed(make_store(azurite, azure_container, page_size=page_size, list_concurrency=width))
+        assert parallel == flat
+    for sub in ("a/", "a/02/", "c/", "\U0001f600/", "x", "nothing/"):
+        store = make_store(azurite, azure_container, page_size=page_size)
+        assert [i.key for i in await _listed(store, sub)] == [k for k in tree if k.startswith(sub)]
+
+
+async def test_folders_are_listed_at_once(
+    azurite: Azurite, azure_container: str, tree: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_flight, most = 0, 0
+    flat: list[str] = []  # prefixes listed flat (a part), and those listed as a level
+    levels: list[str] = []
+
+    def counted(method: Any, seen: list[str]) -> Any:
+        async def call(self: Rest, prefix: str, marker: str | None, size: int) -> Any:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            seen.append(prefix)
+            try:
+                await asyncio.sleep(0.02)  # a little latency, as a real service has
+                return await method(self, prefix, marker, size)
+            finally:
+                in_flight -= 1
+
+        return call
+
+    monkeypatch.setattr(Rest, "list_page", counted(Rest.list_page, flat))
+    monkeypatch.setattr(Rest, "list_level", counted(Rest.list_level, levels))
+    store = make_store(azurite, azure_container, page_size=3, list_concurrency=4)
+    assert [i.key for i in await _listed(store)] == tree
+    # One request out per running part, and the reader's own level request.
+    assert 1 < most <= 5
+    # Pages of 3 hold fewer than 4 folders, so the walk looks three levels deep; below that, a
+    # folder is a part listed flat under its own prefix. The hidden folder is never listed.
+    assert levels[0] == PREFIX and PREFIX + "a/" in levels and PREFIX + "a/01/" in levels
+    assert PREFIX + "a/01/01/" in flat and PREFIX + "a/02/03/" in flat
+    assert not any(p.startswith(PREFIX + ".bucketsync") for p in flat + levels)
+
+
+async def test_a_folder_that_cannot_be_listed_fails_the_listing(
+    azurite: Azurite, azure_container: str, tree: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusing(method: Any) -> Any:
+        async def call(self: Rest, prefix: str, marker: str | None, size: int) -> Any:
+            if prefix.startswith(PREFIX + "c/"):
+                raise RestError(403, "AuthorizationPermissionMismatch")
+            return await method(self, prefix, marker, size)
+
+        return call
+
+    monkeypatch.setattr(Rest, "list_page", refusing(Rest.list_page))
+    monkeypatch.setattr(Rest, "list_level", refusing(Rest.list_level))
+    store = make_store(azurite, azure_container, page_size=3)
+    got: list[str] = []
+    with pytest.raises(PermissionDenied):
+        try:
+            async for info in store.list():
+                got.append(info.key)
+        finally:
+            await store.aclose()
+    # At most what comes before the folder, in order: never a listing that looks whole.
+    assert got == [k for k in tree if k < "c/"][: len(got)]
+
+
+async def test_the_sdk_path_lists_one_page_after_another(
+    azurite: Azurite, azure_container: str, tree: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_levels(*_: Any) -> None:
+        raise AssertionError("a level listing through the SDK path")
+
+    monkeypatch.setattr(Rest, "list_level", no_levels)
+    store = make_store(azurite, azure_container, lean=False, list_concurrency=8)
+    assert [i.key for i in await _listed(store)] == tree
+
+
+_BLOB = (
+    "<Blob><Name>{}</Name><Properties><Last-Modified>Mon, 01 Jan 2024 00:00:00 GMT</Last-Modified>"
+    "<Etag>0x1</Etag><Content-Length>1</Content-Length></Properties></Blob>"
+)
+
+
+def _level_page(*items: str, marker: str = "m2") -> bytes:
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><EnumerationResults><Blobs>'
+        + "".join(i if i.startswith("<") else _BLOB.format(i) for i in items)
+        + "</Blobs>"
+        + (f"<NextMarker>{marker}</NextMarker>" if marker else "<NextMarker/>")
+        + "</EnumerationResults>"
+    ).encode()
+
+
+LEVEL_PAGES = {
+    # Azurite writes a page's folders first; Azure's order is by UTF-16 code units.
+    "folders first": _level_page(
+        "<BlobPrefix><Name>p/a/</Name></BlobPrefix>",
+        '<BlobPrefix><Name Encoded="true">p/%F0%9F%98%80/</Name></BlobPrefix>',
+        "p/a-c",
+        "p/a0",
+        "p/\uff01",
+    ),
+    "interleaved": _level_page(
+        "p/a-c",
+        "<BlobPrefix><Name>p/a/</Name></BlobPrefix>",
+        "p/a0",
+        '<BlobPrefix><Name Encoded="true">p/%F0%9F%98%80/</Name></BlobPrefix>',
+        "p/\uff01",
+    ),
+    "escaped folder": _level_page(
+        "<BlobPrefix><Name>p/a&amp;b/</Name></BlobPrefix>",
+        "p/a&amp;b",
+        "p/\U0001f600",
+        "p/\ue000",
+    ),
+    "blobs only": _level_page("p/a", "p/b", "p/\U0001f600", "p/\uff01", marker=""),
+}
+
+
+@pytest.mark.parametrize("raw", LEVEL_PAGES.values(), ids=LEVEL_PAGES.keys())
+def test_a_level_page_is_read_in_the_services_order(raw: bytes) -> None:
+    items, marker = scan_level(raw)
+    assert (items, marker) == parse_level(raw)
+    assert scan_level(raw.replace(b"><", b">\n  <")) == (items, marker)  # another layout: the parser reads it
+    names = [i if isinstance(i, str) else i[0] for i in items]
+    assert names == sorted(names, key=lambda n: n.encode("utf-16-be"))
+
+
+def test_level_pages_keep_every_folder_and_blob() -> None:
+    items, marker = scan_level(LEVEL_PAGES["folders first"])
+    assert [i if isinstance(i, str) else i[0] for i in items] == ["p/a-c", "p/a/", "p/a0", "p/\U0001f600/", "p/\uff01"]
+    assert marker == "m2"
+    assert scan_level(LEVEL_PAGES["blobs only"])[1] is None
+    items, _ = scan_level(LEVEL_PAGES["escaped folder"])
+    assert "p/a&b/" in items
