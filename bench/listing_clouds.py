@@ -10,13 +10,17 @@ of the same server:
   each page read but not parsed (only the next marker or page token is looked for);
 - the SDK listing: azure-storage-blob's ``list_blobs``, gcloud-aio-storage's ``list_objects`` pages;
 - rclone ``lsf -R`` (``azureblob`` on Azurite; ``gcs`` with the API path in its endpoint);
-- ``bucketsync sync``: initial sync (fresh SQLite ledger) and no-change re-sync (from a copy of it).
+- ``bucketsync sync``: initial sync (fresh SQLite ledger) and no-change re-sync (from a copy of it),
+  with ``list_concurrency`` 8 (the default: parts listed in parallel) and 1 (one page after another);
+- with ``--delay-ms``, the raw floor and bucketsync again through a proxy that holds every request
+  that long (``listing_peers.py``'s), which is what a real cloud's round trip looks like.
 
 Issue 12's target: a full sync <= 1.3 x the raw floor of the same server. Not a test: run it by hand
 (``bench/README.md``); results in docs/benchmarks.md (``--write`` replaces the generated block).
 
     .venv/bin/python bench/listing_clouds.py                          # 20,000 objects, 3 runs each
     .venv/bin/python bench/listing_clouds.py --clouds azure --repeat 1
+    .venv/bin/python bench/listing_clouds.py --delay-ms 50             # also through a 50 ms proxy
     .venv/bin/python bench/listing_clouds.py --write docs/benchmarks.md
 """
 
@@ -48,6 +52,7 @@ from listing_peers import (  # noqa: E402  (this folder, on the path above)
     free_port,
     key_of,
     load_average,
+    start_proxy,
     timed,
     use_venv,
     wait_port,
@@ -285,7 +290,10 @@ def rclone(cloud: str, endpoint: str) -> tuple[list[str], dict[str, str]]:
 Row = tuple[str, Measured]
 
 
-def measure(cloud: str, endpoint: str, n: int, repeat: int, work: Path, bucketsync: str) -> list[Row]:
+def measure(
+    cloud: str, endpoint: str, n: int, repeat: int, work: Path, bucketsync: str, peers: bool = True
+) -> list[Row]:
+    """The raw floor, then (with ``peers``) the SDK listing and rclone, then bucketsync's syncs."""
     py, me = sys.executable, __file__
     env = dict(os.environ)
     rows: list[Row] = []
@@ -296,13 +304,13 @@ def measure(cloud: str, endpoint: str, n: int, repeat: int, work: Path, bucketsy
             timed([py, me, "--lister", f"{short}-floor", endpoint], env, None, repeat),
         )
     )
-    rows.append(("SDK listing", timed([py, me, "--lister", f"{short}-sdk", endpoint], env, None, repeat)))
-    if (BIN / "rclone").exists():
+    if peers:
+        rows.append(("SDK listing", timed([py, me, "--lister", f"{short}-sdk", endpoint], env, None, repeat)))
+    if peers and (BIN / "rclone").exists():
         argv, renv = rclone(cloud, endpoint)
         rows.append(("`rclone lsf -R`", timed(argv, renv, None, repeat)))
-    # Azure lists one page after another whatever list_concurrency says (List Blobs has no start key).
-    for concurrency in (8, 1) if cloud == "gcs" else (8,):
-        what = "" if cloud == "azure" else f", list_concurrency {concurrency}"
+    for concurrency in (8, 1):
+        what = f", list_concurrency {concurrency}"
         ledger, base = work / f"ledger-{cloud}-{concurrency}.db", work / f"ledger-{cloud}-{concurrency}-base.db"
         cfg = bucketsync_config(work, cloud, endpoint, ledger, concurrency)
         argv = [bucketsync, "-c", str(cfg), "sync", "ds"]
@@ -344,6 +352,7 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--clouds", default="azure,gcs", help="comma-separated: azure, gcs")
+    ap.add_argument("--delay-ms", type=float, default=0, help="also measure through a proxy adding this per request")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "bucketsync-bench")
     ap.add_argument("--write", type=Path, help="replace the generated block of this file (docs/benchmarks.md)")
     ap.add_argument("--json", type=Path, help="also write every run's raw figures here")
@@ -370,25 +379,33 @@ def main() -> None:
             if cloud == "azure":
                 data = args.cache / f"azurite-{n}"
                 server = start_azurite(data)
+                title, path = f"Azure on Azurite, {n:,} blobs", f"/{AZ_ACCOUNT}"
                 try:
                     ensure_azure(server, n, data / "loaded")
-                    endpoint = f"{server.endpoint}/{AZ_ACCOUNT}"
-                    rows = measure(cloud, endpoint, n, args.repeat, work, bucketsync)
-                    sections.append((f"Azure on Azurite, {n:,} blobs", rows))
-                finally:
+                except BaseException:
                     server.stop()
+                    raise
             elif cloud == "gcs":
                 server = start_fake_gcs(args.cache / f"fake-gcs-{n}", n)
-                try:
-                    rows = measure(cloud, server.endpoint, n, args.repeat, work, bucketsync)
-                    sections.append((f"GCS on fake-gcs-server (memory backend), {n:,} objects", rows))
-                finally:
-                    server.stop()
+                title, path = f"GCS on fake-gcs-server (memory backend), {n:,} objects", ""
             else:
                 raise SystemExit(f"unknown cloud {cloud!r} (azure, gcs)")
+            try:
+                rows = measure(cloud, server.endpoint + path, n, args.repeat, work, bucketsync)
+                sections.append((title, rows))
+                if args.delay_ms > 0:
+                    proxy = start_proxy(server, args.delay_ms)
+                    try:
+                        rows = measure(cloud, proxy.endpoint + path, n, args.repeat, work, bucketsync, peers=False)
+                        sections.append((f"{title}, {args.delay_ms:.0f} ms added per request", rows))
+                    finally:
+                        proxy.stop()
+            finally:
+                server.stop()
     out = [
         f"Generated by `.venv/bin/python bench/listing_clouds.py --objects {n} --repeat {args.repeat} "
-        f"--clouds {args.clouds} --venv {args.venv}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; "
+        f"--clouds {args.clouds} --delay-ms {args.delay_ms:.0f} --venv {args.venv}` "
+        f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; "
         f"{os.cpu_count()} cores; load average (1 min) at start {load0:.1f}, at end {load_average():.1f}; "
         f"whole run {time.time() - started:.0f} s. Target: bucketsync's full sync <= {TARGET} x the raw floor.",
         "",
