@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,37 @@ def test_the_command_freezes_what_is_left_for_a_quick_exit() -> None:
     assert lines["MAIN"] == "0 0"
     code, frozen = lines["ENTRY"].split()
     assert code == "0" and int(frozen) > 1000
+
+
+def test_the_collector_is_off_through_start_up_and_on_for_the_work(tmp_path: Path) -> None:
+    """``entry`` keeps the collector off while start-up builds what lives as long as the process,
+    then freezes that and turns it back on as the command's work starts (``asyncio.run``); a
+    process calling ``main`` (the tests) keeps collecting all along, with nothing frozen."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("a")
+    config = tmp_path / "bucketsync.toml"
+    config.write_text(
+        f'[agent]\nledger = "{tmp_path / "ledger.db"}"\n\n[drivers.d]\nurl = "file://{tmp_path / "data"}/"\n\n'
+        '[datasets.ds]\ndriver = "d"\nsync = "manual"\n'
+    )
+    probe = (
+        "import asyncio, gc, sys\n"
+        "run = asyncio.run\n"
+        "def watched(work, **kw):\n"
+        "    print('AT_WORK', gc.isenabled(), gc.get_freeze_count(), file=sys.stderr)\n"
+        "    return run(work, **kw)\n"
+        "asyncio.run = watched\n"
+        "from bucketsync.cli import main as cli\n"
+        "sys.exit(getattr(cli, sys.argv[1])(sys.argv[2:]))\n"
+    )
+    argv = ["-c", str(config), "sync", "ds"]
+    through_entry = subprocess.run(
+        [sys.executable, "-c", probe, "entry", *argv], capture_output=True, text=True, check=True
+    )
+    assert "ds: ok" in through_entry.stdout
+    enabled, frozen = through_entry.stderr.split("AT_WORK ", 1)[1].split()[:2]
+    assert enabled == "True" and int(frozen) > 10_000  # start-up's objects, frozen before the work
+    through_main = subprocess.run(
+        [sys.executable, "-c", probe, "main", *argv], capture_output=True, text=True, check=True
+    )
+    assert through_main.stderr.split("AT_WORK ", 1)[1].split()[:2] == ["True", "0"]
