@@ -4,7 +4,9 @@ listed flat under its own prefix, the parts read back in order (``AzureStore._wa
 What must hold: the parallel listing is the flat listing, object for object, whatever the
 tree (blobs between folders, folders that sort among blobs, names Azure orders differently from
 code points, folder markers, the hidden folder, pages that end anywhere); more than one request
-is in flight; a folder that cannot be listed fails the listing; the SDK path lists flat.
+is in flight; a level of more than a page or of many folders is listed flat, not a request per
+folder; a listing of one page is one request; a folder that cannot be listed fails the listing;
+the SDK path lists flat.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from emulators.azure import PREFIX, Azurite, make_store
 from test_store_azure import ORDER_KEYS
 
 #: folders three levels deep, blobs between folders at every level, names that sort around a
-#: folder's ``/`` (``a-c`` < ``a/`` < ``a0``), and the keys Azure orders by UTF-16 code units
+#: folder's ``/`` (``a-c`` < ``a/`` < ``a0``), the keys Azure orders by UTF-16 code units, a folder
+#: of three pages of 50 (``big/``) and one of 40 subfolders (``many/``)
 TREE = {
     *ORDER_KEYS,  # a-c, a/b, a0 among them
     "%41",
@@ -35,16 +38,22 @@ TREE = {
     *(f"c/{i:02d}/x" for i in range(12)),
     "c/d",
     "\uff01/x",
+    *(f"big/{i:03d}.jpg" for i in range(120)),
+    *(f"many/{i:02d}/x" for i in range(40)),
 }
+
+
+async def _put(azurite: Azurite, container: str, keys: set[str]) -> None:
+    writer = make_store(azurite, container, lean=False)
+    try:
+        await asyncio.gather(*(writer.put(key, one_chunk(key.encode())) for key in keys))
+    finally:
+        await writer.aclose()
 
 
 @pytest.fixture
 async def tree(azurite: Azurite, azure_container: str) -> AsyncIterator[list[str]]:
-    writer = make_store(azurite, azure_container, lean=False)
-    try:
-        await asyncio.gather(*(writer.put(key, one_chunk(key.encode())) for key in TREE))
-    finally:
-        await writer.aclose()
+    await _put(azurite, azure_container, TREE)
     # Written around the store: a folder marker, bucketsync's hidden folder, neighbours of the prefix.
     raw = azurite.container(azure_container)
     for name in (PREFIX + "a/01/", PREFIX + ".bucketsync/perm-test", PREFIX[:-1], "some/prefix0", "other/x"):
@@ -59,16 +68,41 @@ async def _listed(store: AzureStore, prefix: str = "") -> list[Any]:
         await store.aclose()
 
 
-@pytest.mark.parametrize("page_size", [2, 3, 10, 1000])
+class Requests:
+    """Every List Blobs request of the lean path, flat (a page) or by level, and how many were
+    in flight at once; each held 20 ms, a little latency as a real service has."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.flat: list[str] = []
+        self.levels: list[str] = []
+        self.in_flight = self.most = 0
+        monkeypatch.setattr(Rest, "list_page", self._counted(Rest.list_page, self.flat))
+        monkeypatch.setattr(Rest, "list_level", self._counted(Rest.list_level, self.levels))
+
+    def _counted(self, method: Any, seen: list[str]) -> Any:
+        async def call(rest: Rest, prefix: str, marker: str | None, size: int) -> Any:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            seen.append(prefix[len(PREFIX) :])
+            try:
+                await asyncio.sleep(0.02)
+                return await method(rest, prefix, marker, size)
+            finally:
+                self.in_flight -= 1
+
+        return call
+
+
+@pytest.mark.parametrize("page_size", [2, 3, 10, 50, 1000])
 async def test_the_parallel_listing_is_the_flat_listing(
     azurite: Azurite, azure_container: str, tree: list[str], page_size: int
 ) -> None:
     flat = await _listed(make_store(azurite, azure_container, page_size=page_size, list_concurrency=1))
     assert [info.key for info in flat] == tree
-    for width in (2, 8):
+    for width in (2, 4, 8):
         parallel = await _listed(make_store(azurite, azure_container, page_size=page_size, list_concurrency=width))
         assert parallel == flat
-    for sub in ("a/", "a/02/", "c/", "\U0001f600/", "x", "nothing/"):
+    for sub in ("a/", "a/02/", "c/", "big/", "\U0001f600/", "x", "nothing/"):
         store = make_store(azurite, azure_container, page_size=page_size)
         assert [i.key for i in await _listed(store, sub)] == [k for k in tree if k.startswith(sub)]
 
@@ -76,35 +110,31 @@ async def test_the_parallel_listing_is_the_flat_listing(
 async def test_folders_are_listed_at_once(
     azurite: Azurite, azure_container: str, tree: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    in_flight, most = 0, 0
-    flat: list[str] = []  # prefixes listed flat (a part), and those listed as a level
-    levels: list[str] = []
-
-    def counted(method: Any, seen: list[str]) -> Any:
-        async def call(self: Rest, prefix: str, marker: str | None, size: int) -> Any:
-            nonlocal in_flight, most
-            in_flight += 1
-            most = max(most, in_flight)
-            seen.append(prefix)
-            try:
-                await asyncio.sleep(0.02)  # a little latency, as a real service has
-                return await method(self, prefix, marker, size)
-            finally:
-                in_flight -= 1
-
-        return call
-
-    monkeypatch.setattr(Rest, "list_page", counted(Rest.list_page, flat))
-    monkeypatch.setattr(Rest, "list_level", counted(Rest.list_level, levels))
-    store = make_store(azurite, azure_container, page_size=3, list_concurrency=4)
+    requests = Requests(monkeypatch)
+    store = make_store(azurite, azure_container, page_size=50, list_concurrency=8)
     assert [i.key for i in await _listed(store)] == tree
-    # One request out per running part, and the reader's own level request.
-    assert 1 < most <= 5
-    # Pages of 3 hold fewer than 4 folders, so the walk looks three levels deep; below that, a
-    # folder is a part listed flat under its own prefix. The hidden folder is never listed.
-    assert levels[0] == PREFIX and PREFIX + "a/" in levels and PREFIX + "a/01/" in levels
-    assert PREFIX + "a/01/01/" in flat and PREFIX + "a/02/03/" in flat
-    assert not any(p.startswith(PREFIX + ".bucketsync") for p in flat + levels)
+    # The first page and the top level at once, then one request out per running part.
+    assert 1 < requests.most <= 9
+    # Seven folders at the top (the hidden one aside), fewer than 8 listers: each is looked into,
+    # down to three levels. Below that, a folder is a part listed flat under its own prefix ...
+    assert requests.levels[0] == "" and {"a/", "a/01/", "c/", "big/", "many/"} <= set(requests.levels)
+    assert {"a/01/01/", "a/03/03/", "c/00/", "c/11/"} <= set(requests.flat)
+    # ... but a level of more than a page (big/: 120 blobs) or of more subfolders than parts are
+    # worth (many/: 40 of them, for 8 listers x 4) is one part, listed flat.
+    assert requests.flat.count("big/") == 3 and "many/" in requests.flat
+    assert not any(p.startswith("many/") and p != "many/" for p in requests.flat + requests.levels)
+    assert not any(p.startswith(".bucketsync") for p in requests.flat + requests.levels)
+
+
+async def test_a_listing_of_one_page_is_one_request(
+    azurite: Azurite, azure_container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = {"a/1", "a/2", "b/1", "c"}
+    await _put(azurite, azure_container, keys)
+    requests = Requests(monkeypatch)
+    store = make_store(azurite, azure_container, page_size=50)
+    assert [i.key for i in await _listed(store)] == sorted(keys)
+    assert requests.flat == [""]  # the top level was asked for at once, and left unread
 
 
 async def test_a_folder_that_cannot_be_listed_fails_the_listing(
@@ -120,7 +150,7 @@ async def test_a_folder_that_cannot_be_listed_fails_the_listing(
 
     monkeypatch.setattr(Rest, "list_page", refusing(Rest.list_page))
     monkeypatch.setattr(Rest, "list_level", refusing(Rest.list_level))
-    store = make_store(azurite, azure_container, page_size=3)
+    store = make_store(azurite, azure_container, page_size=50)
     got: list[str] = []
     with pytest.raises(PermissionDenied):
         try:

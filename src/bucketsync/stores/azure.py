@@ -73,7 +73,7 @@ from bucketsync.core.location import Location
 from bucketsync.core.model import OVERWRITE, ObjectInfo, PutMode, normalize_etag
 from bucketsync.core.retry import retrying
 from bucketsync.stores.azure_lean import API_VERSION, Entry, Rest, RestError, Target, UnreadablePage
-from bucketsync.stores.parallel import SPLIT_LEVELS, Part, given, in_order
+from bucketsync.stores.parallel import PARTS_PER_LISTER, SPLIT_LEVELS, Part, given, in_order
 from bucketsync.stores.sharedkey import SharedKey
 
 if TYPE_CHECKING:
@@ -513,54 +513,67 @@ class AzureStore:
             self._lean_off(f"TLS error ({type(exc).__name__})")
             return None
 
-    async def _walk_parts(self, prefix: str, depth: int) -> AsyncIterator[Part[Entry]]:
-        """The parts of a listing of ``prefix``, in the server's order: each subfolder of its first
-        levels listed flat under its own ``prefix`` (paged by its own markers), and the blobs
-        between two subfolders as parts of their own, read with the level's listing
-        (``delimiter=/``). A level with fewer subfolders than listers is looked into, down to
-        ``SPLIT_LEVELS``. Read one after another, the parts are the flat listing exactly: the
-        keys under a folder are contiguous in any order, the server's UTF-16 one included, so
-        ``CodePointOrder`` puts them in code-point order as it does a flat listing."""
-        marker: str | None = None
-        ahead: asyncio.Future[tuple[builtins.list[Entry | str], str | None] | None] | None = None
-        try:
+    async def _walk_parts(
+        self, prefix: str, depth: int, page: tuple[builtins.list[Entry | str], str | None] | None = None
+    ) -> AsyncIterator[Part[Entry]]:
+        """The parts of a listing of ``prefix``, in the server's order, from its folder level
+        (``delimiter=/``; ``page``, if already listed): each subfolder listed flat under its own
+        ``prefix`` (paged by its own markers), and the blobs between two subfolders as parts of
+        their own. A level with fewer subfolders than listers is looked into, down to
+        ``SPLIT_LEVELS``. A level longer than one page, or with more subfolders than
+        ``PARTS_PER_LISTER`` per lister, is one part listed flat instead: a part per folder
+        costs a request even for a folder of three blobs, and a wide level of small folders
+        would cost a request per folder where the flat listing costs one per thousand blobs.
+
+        Read one after another, the parts are the flat listing exactly: the keys under a folder
+        are contiguous in any order, the server's UTF-16 one included, so ``CodePointOrder``
+        puts them in code-point order as it does a flat listing."""
+        if page is None:
             page = await self._retry("list", None, functools.partial(self._level, prefix, None))
-            while True:
-                if page is None:
-                    if depth or marker is not None:
-                        raise StorageError(f"cannot list {self.url}: a TLS error in the middle of the listing")
-                    yield functools.partial(self._pages, prefix)  # nothing listed yet: all of it through the SDK
-                    return
-                items, marker = page
-                if marker is not None:  # the level's next page is on the wire while this one's parts are read
-                    ahead = asyncio.ensure_future(
-                        self._retry("list", None, functools.partial(self._level, prefix, marker))
-                    )
-                folders = sum(1 for item in items if isinstance(item, str))
-                run: builtins.list[Entry] = []
-                for item in items:
-                    if not isinstance(item, str):
-                        run.append(item)
-                        continue
-                    if run:
-                        yield given(run)
-                        run = []
-                    if item == self.prefix + HIDDEN:
-                        continue  # bucketsync's own folder: nothing in it is an item
-                    if depth + 1 < SPLIT_LEVELS and folders < self.list_concurrency:
-                        async for part in self._walk_parts(item, depth + 1):
-                            yield part
-                    else:
-                        yield functools.partial(self._pages, item)
-                if run:
-                    yield given(run)
-                if ahead is None:
-                    return
-                page, ahead = await ahead, None
+        if page is None:
+            if depth:
+                raise StorageError(f"cannot list {self.url}: a TLS error in the middle of the listing")
+            yield functools.partial(self._pages, prefix)  # nothing listed yet: all of it through the SDK
+            return
+        items, marker = page
+        hidden = self.prefix + HIDDEN
+        folders = sum(1 for item in items if isinstance(item, str) and item != hidden)
+        if marker is not None or folders > self.list_concurrency * PARTS_PER_LISTER:
+            yield functools.partial(self._pages, prefix)
+            return
+        run: builtins.list[Entry] = []
+        for item in items:
+            if not isinstance(item, str):
+                run.append(item)
+                continue
+            if run:
+                yield given(run)
+                run = []
+            if item == hidden:
+                continue  # bucketsync's own folder: nothing in it is an item
+            if depth + 1 < SPLIT_LEVELS and folders < self.list_concurrency:
+                async for part in self._walk_parts(item, depth + 1):
+                    yield part
+            else:
+                yield functools.partial(self._pages, item)
+        if run:
+            yield given(run)
+
+    async def _parts(self, start: str) -> AsyncIterator[Part[Entry]] | builtins.list[Part[Entry]]:
+        """The parts of a listing of ``start`` on the lean path: the first flat page and the top
+        folder level are asked for at once. A first page with no marker is the whole listing
+        (one request, as before there were parts); otherwise the walk goes on from the level."""
+        flat = asyncio.ensure_future(self._retry("list", None, functools.partial(self._page, start, None)))
+        level = asyncio.ensure_future(self._retry("list", None, functools.partial(self._level, start, None)))
+        try:
+            entries, token = await flat
+            if token is None:
+                return [given(entries)]
+            return self._walk_parts(start, 0, await level)
         finally:
-            if ahead is not None:  # the listing ended early (a failure elsewhere): the request goes
-                ahead.cancel()
-                await asyncio.gather(ahead, return_exceptions=True)
+            for task in (flat, level):
+                task.cancel()
+            await asyncio.gather(flat, level, return_exceptions=True)
 
     async def list_pages(
         self, prefix: str = "", splits: Sequence[str] = ()
@@ -574,7 +587,7 @@ class AzureStore:
         order = CodePointOrder(self.url, self._reorder_limit)
         width = self.list_concurrency if self.lean else 1
         parts: AsyncIterator[Part[Entry]] | builtins.list[Part[Entry]]
-        parts = self._walk_parts(start, 0) if width > 1 else [functools.partial(self._pages, start)]
+        parts = await self._parts(start) if width > 1 else [functools.partial(self._pages, start)]
         # Pipelined (``stores.parallel``): the next pages are on the wire while this one is read.
         async for entries in in_order(parts, width):
             names = [e[0] for e in entries]
