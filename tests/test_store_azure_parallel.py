@@ -15,9 +15,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
-from bucketsync.core.errors import PermissionDenied
+from bucketsync.core.errors import PermissionDenied, StorageError
 from bucketsync.stores import one_chunk
 from bucketsync.stores.azure import AzureStore
 from bucketsync.stores.azure_lean import Rest, RestError, parse_level, scan_level
@@ -160,6 +162,39 @@ async def test_a_folder_that_cannot_be_listed_fails_the_listing(
             await store.aclose()
     # At most what comes before the folder, in order: never a listing that looks whole.
     assert got == [k for k in tree if k < "c/"][: len(got)]
+
+
+def _tls_error() -> aiohttp.ClientSSLError:
+    return aiohttp.ClientSSLError(ConnectionKey("h", 443, True, True, None, None, None, None), OSError("bad cert"))
+
+
+async def test_a_tls_error_before_anything_is_listed_hands_the_listing_to_the_sdk(
+    azurite: Azurite, azure_container: str, tree: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refused(*_: Any) -> Any:
+        raise _tls_error()
+
+    monkeypatch.setattr(Rest, "list_page", refused)
+    monkeypatch.setattr(Rest, "list_level", refused)
+    store = make_store(azurite, azure_container, page_size=50)
+    assert [i.key for i in await _listed(store)] == tree
+    assert not store.lean
+
+
+async def test_a_tls_error_in_the_middle_of_the_walk_fails_the_listing(
+    azurite: Azurite, azure_container: str, tree: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    list_level = Rest.list_level
+
+    async def refused(rest: Rest, prefix: str, marker: str | None, size: int) -> Any:
+        if prefix == PREFIX + "a/":
+            raise _tls_error()
+        return await list_level(rest, prefix, marker, size)
+
+    monkeypatch.setattr(Rest, "list_level", refused)
+    store = make_store(azurite, azure_container, page_size=50)
+    with pytest.raises(StorageError, match="a TLS error in the middle of the listing"):
+        await _listed(store)
 
 
 async def test_the_sdk_path_lists_one_page_after_another(

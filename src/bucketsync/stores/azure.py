@@ -530,11 +530,8 @@ class AzureStore:
         puts them in code-point order as it does a flat listing."""
         if page is None:
             page = await self._retry("list", None, functools.partial(self._level, prefix, None))
-        if page is None:
-            if depth:
+            if page is None:  # parts are listed already: the SDK cannot take over from here
                 raise StorageError(f"cannot list {self.url}: a TLS error in the middle of the listing")
-            yield functools.partial(self._pages, prefix)  # nothing listed yet: all of it through the SDK
-            return
         items, marker = page
         hidden = self.prefix + HIDDEN
         folders = sum(1 for item in items if isinstance(item, str) and item != hidden)
@@ -569,7 +566,10 @@ class AzureStore:
             entries, token = await flat
             if token is None:
                 return [given(entries)]
-            return self._walk_parts(start, 0, await level)
+            page = await level
+            if page is None:  # a TLS error, nothing listed yet: the SDK lists it all, one page after another
+                return [functools.partial(self._pages, start)]
+            return self._walk_parts(start, 0, page)
         finally:
             for task in (flat, level):
                 task.cancel()

@@ -106,9 +106,8 @@ def scan_page(raw: bytes) -> tuple[list[Entry], str | None]:
 
 
 def scan_level(raw: bytes) -> tuple[list[Entry | str], str | None]:
-    """``parse_level`` by ``scan_page``'s regex, and one more for the folders: a container whose
-    first level holds many blobs is read this way whole. Any layout it does not know goes to
-    ``parse_level``."""
+    """``parse_level`` by ``scan_page``'s regex, and one more for the folders: a level's page may
+    hold a thousand blobs. Any layout it does not know goes to ``parse_level``."""
     body = raw.decode("utf-8")
     if "<![CDATA[" in body or "<!ENTITY" in body or "<EnumerationResults" not in body:
         return parse_level(raw)
@@ -152,8 +151,8 @@ def parse_page(raw: bytes) -> tuple[list[Entry], str | None]:
 
 def parse_level(raw: bytes) -> tuple[list[Entry | str], str | None]:
     """A List Blobs page asked with ``delimiter=/``: its blobs and its folders (a ``<BlobPrefix>``'s
-    name, ending in ``/``) in the listing's order, and the next marker. Read by ``xml.etree``:
-    only the first levels of a listing are listed this way, a few pages each.
+    name, ending in ``/``) in the listing's order, and the next marker: ``scan_level`` by
+    ``xml.etree``, slower, and reads any layout.
 
     A page is a stretch of the level in the service's order (UTF-16 code units, see
     ``CodePointOrder``), but Azurite writes the page's folders before its blobs. Sorting the
